@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
+
+from launch.slurm import SlurmConfig
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
@@ -141,6 +143,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)  # used by submit.py and sweep.py --slurm
     # Lightning Trainer keyword arguments, passed through (checked against Trainer's signature).
     trainer: dict[str, Any] = field(default_factory=lambda: {
         "max_steps": 300, "accelerator": "cpu", "devices": 1, "precision": "32-true",

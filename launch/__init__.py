@@ -1,0 +1,1 @@
+"""Launching training runs: SLURM jobs (launch.slurm) and config sweeps (launch.sweep)."""
