@@ -1,0 +1,33 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config():
+    """The embedded tiny default's model section, as a plain dict."""
+    from omegaconf import OmegaConf
+
+    from configs.schema import load_config
+
+    return OmegaConf.to_container(load_config().model, resolve=True)
+
+
+def make_module(model_config, **overrides):
+    import copy
+
+    from lightning_modules.llm4gen import LLM4GenModule
+
+    cfg = copy.deepcopy(model_config)
+    for dotted, value in overrides.items():
+        node = cfg
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return LLM4GenModule(cfg)

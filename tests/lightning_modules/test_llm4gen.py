@@ -1,0 +1,176 @@
+import pytest
+import torch
+
+from lightning_modules.llm4gen import CheckpointKeyError, LLM4GenModule, check_checkpoint_keys, pad_tokens
+from encoders.llm import LLMFeatures
+from tests.conftest import make_module
+
+CAPTIONS = ["a red circle and a blue square", "a green triangle", "a yellow square on a black background",
+            "a white circle"]
+
+
+def fixed_batch(seed=0, n=4):
+    g = torch.Generator().manual_seed(seed)
+    return {"captions": CAPTIONS[:n], "pixel_values": torch.rand(n, 3, 32, 32, generator=g) * 2 - 1}
+
+
+def fixed_inputs(module, batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = len(batch["captions"])
+    noise = torch.randn(n, 4, 16, 16, generator=g)
+    timesteps = torch.randint(100, 900, (n,), generator=g)
+    return noise, timesteps
+
+
+@pytest.fixture(scope="module")
+def module(tiny_model_config):
+    return make_module(tiny_model_config)
+
+
+def test_only_the_adapter_trains_by_default(module):
+    trainable = module.trainable_state_keys()
+    assert trainable and all(k.startswith("adapter.") for k in trainable)
+    assert set(dict(module.adapter.named_parameters(prefix="adapter"))) == trainable
+    for part in (module.unet, module.vae, module.clip, module.llm):
+        assert not any(p.requires_grad for p in part.parameters())
+
+
+def test_context_shape_and_clip_passthrough(module):
+    batch = fixed_batch()
+    context, unet_kwargs = module.conditioning(batch)
+    assert context.shape == (4, 77 + module.cfg.llm.max_length, module.clip.hidden_size)
+    torch.testing.assert_close(context[:, :77], module.clip(batch["captions"]).hidden)
+    assert unet_kwargs == {}
+
+
+def test_caption_dropout_uses_the_empty_prompt(module):
+    batch = fixed_batch()
+    drop = torch.tensor([True, False, True, False])
+    context, _ = module.conditioning(batch, drop)
+    empty, _ = module.conditioning({"captions": [""] * 4})
+    kept, _ = module.conditioning(batch)
+    torch.testing.assert_close(context[drop], empty[drop])
+    torch.testing.assert_close(context[~drop], kept[~drop])
+
+
+def test_train_mode_keeps_frozen_parts_in_eval(module):
+    module.train()
+    assert module.adapter.training
+    assert not (module.unet.training or module.vae.training or module.clip.training or module.llm.training)
+
+
+def run_steps(module, steps, batch, lr=1e-3):
+    module.cfg.optim.lr = lr
+    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=lr, weight_decay=0.0)
+    noise, timesteps = fixed_inputs(module, batch)
+    drop = torch.zeros(len(batch["captions"]), dtype=torch.bool)
+    module.train()
+    losses = []
+    for _ in range(steps):
+        g = torch.Generator().manual_seed(1)  # same posterior sample every step: one fixed batch
+        loss = module.compute_losses(batch, noise=noise, timesteps=timesteps, drop=drop, generator=g)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, optimizer
+
+
+def test_frozen_weights_bitwise_unchanged_and_optimizer_holds_exactly_the_trainable(tiny_model_config):
+    module = make_module(tiny_model_config)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    _, optimizer = run_steps(module, 3, fixed_batch())
+    trainable = module.trainable_state_keys()
+    for name, p in module.named_parameters():
+        if name in trainable:
+            assert not torch.equal(p, before[name]), f"{name} did not change"
+        else:
+            assert torch.equal(p, before[name]), f"frozen {name} changed"
+            assert p.grad is None
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in module.trainable_parameters()}
+
+
+def test_lightning_optimizer_holds_exactly_the_trainable(module):
+    class FakeTrainer:
+        max_steps = 10
+
+    module.trainer_ = None
+    module._trainer = FakeTrainer()
+    try:
+        config = module.configure_optimizers()
+    finally:
+        module._trainer = None
+    params = [p for group in config["optimizer"].param_groups for p in group["params"]]
+    assert {id(p) for p in params} == {id(p) for p in module.trainable_parameters()}
+
+
+def test_overfitting_one_batch_with_the_adapter_alone(tiny_model_config):
+    torch.manual_seed(0)
+    module = make_module(tiny_model_config)
+    losses, _ = run_steps(module, 300, fixed_batch(), lr=1e-3)
+    print(f"adapter only: {losses[0]:.4f} -> {losses[-1]:.4f}")
+    assert losses[-1] <= 0.85 * losses[0]
+
+
+def test_overfitting_one_batch_with_the_unet_unfrozen(tiny_model_config):
+    torch.manual_seed(0)
+    module = make_module(tiny_model_config, unet_training="full")
+    assert any(k.startswith("unet.") for k in module.trainable_state_keys())
+    losses, _ = run_steps(module, 300, fixed_batch(), lr=1e-3)
+    print(f"unet unfrozen: {losses[0]:.4f} -> {losses[-1]:.4f}")
+    assert losses[-1] <= 0.5 * losses[0]
+
+
+def test_lora_trains_only_lora_weights(tiny_model_config):
+    module = make_module(tiny_model_config, unet_training="lora")
+    unet_keys = {k for k in module.trainable_state_keys() if k.startswith("unet.")}
+    assert unet_keys and all("lora" in k for k in unet_keys)
+    before = {n: p.detach().clone() for n, p in module.unet.named_parameters() if "lora" not in n}
+    run_steps(module, 2, fixed_batch())
+    assert all(torch.equal(p, before[n]) for n, p in module.unet.named_parameters() if "lora" not in n)
+
+
+def test_checkpoint_key_check():
+    check_checkpoint_keys({"a", "b"}, {"a", "b"})
+    with pytest.raises(CheckpointKeyError, match=r"missing \['b'\].*unexpected \['c'\]"):
+        check_checkpoint_keys({"a", "b"}, {"a", "c"})
+
+
+def test_load_state_dict_refuses_frozen_or_missing_keys(module):
+    state = {k: v for k, v in module.state_dict().items() if k in module.trainable_state_keys()}
+    module.load_state_dict(state)  # exactly the trainable keys: fine
+    with pytest.raises(CheckpointKeyError):
+        module.load_state_dict(module.state_dict())  # frozen weights are never loaded from a checkpoint
+    state.pop(next(iter(state)))
+    with pytest.raises(CheckpointKeyError):
+        module.load_state_dict(state)
+
+
+def test_pad_tokens():
+    f = LLMFeatures(torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.bool))
+    padded = pad_tokens(f, 5)
+    assert padded.features.shape == (2, 5, 4) and padded.features[:, 3:].abs().sum() == 0
+    assert padded.mask.tolist() == [[True] * 3 + [False] * 2] * 2
+    with pytest.raises(ValueError, match="max_length=2"):
+        pad_tokens(f, 2)
+
+
+def test_generate_is_deterministic_per_seed(module):
+    a = module.generate(["a red circle", "a blue square"], [3, 4], num_inference_steps=3)
+    b = module.generate(["a red circle", "a blue square"], [3, 4], num_inference_steps=3)
+    c = module.generate(["a red circle"], [5], num_inference_steps=3)
+    import numpy as np
+
+    assert a[0].size == (32, 32)
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0])) and np.array_equal(np.asarray(a[1]), np.asarray(b[1]))
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
+
+
+def test_export_pretrained_roundtrip(module, tmp_path):
+    from adapters.cross_adapter import CrossAdapter
+
+    module.export_pretrained(tmp_path / "export")
+    loaded = CrossAdapter.from_pretrained(tmp_path / "export" / "adapter")
+    for (n, p), (_, q) in zip(module.adapter.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(p, q), n
