@@ -113,7 +113,9 @@ class DataConfig:
     caption_keys: list[str] = field(default_factory=lambda: ["txt", "caption", "json:caption"])
     shuffle_buffer: int = 64
     resampled: bool = False
-    epoch_batches: Optional[int] = None
+    epoch_batches: Optional[int] = None  # batches per epoch per rank: set it under DDP (equal counts)
+    # Cached fields read from the shards instead of being computed: latent_moments, llm_features, entities.
+    precomputed_keys: list[str] = field(default_factory=list)
 
 
 @dataclass

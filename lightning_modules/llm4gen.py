@@ -208,6 +208,9 @@ class LLM4GenModule(L.LightningModule):
         return {"loss": diffusion, "diffusion": diffusion}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "on_batch_consumed"):  # the data position saved for exact resume
+            datamodule.on_batch_consumed(batch)
         losses = self.compute_losses(batch)
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=True, sync_dist=False)
         self._log_skipped(batch)

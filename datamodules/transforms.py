@@ -1,0 +1,201 @@
+"""Per-sample decoding and augmentation: raw WebDataset members -> caption string and pixel tensor.
+
+Pure functions, one step each, so each can be tested on its own and the datamodule only wires them.
+Every random choice takes an explicit ``random.Random``: the datamodule seeds one per sample from
+(seed, epoch, sample key), which makes a sample's augmentation reproducible and independent of which
+worker or rank happened to load it.
+
+A sample that cannot be used raises :class:`SampleError` with one reason from :data:`SKIP_REASONS`;
+the datamodule skips it and counts the reason instead of crashing a long run on one bad image.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+# Order matters: it is the index order of ``batch["skipped"]``.
+SKIP_REASONS: tuple[str, ...] = (
+    "bad_image",  # image member missing, not an image, truncated or undecodable
+    "missing_caption",  # none of the caption keys is present
+    "empty_caption",  # a caption key is present but holds only whitespace
+    "bad_precomputed",  # a precomputed member the config asks for is missing or undecodable
+    "bad_shard",  # the tar itself failed (truncated, unreadable, not a tar); rest of that shard lost
+)
+
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+DEFAULT_CAPTION_KEYS: tuple[str, ...] = ("txt", "caption", "json:caption")
+
+
+class SampleError(Exception):
+    """A sample (or shard) that must be skipped; ``reason`` is one of :data:`SKIP_REASONS`."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; expected one of {SKIP_REASONS}")
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+# ---------------------------------------------------------------- images
+
+
+def find_image_member(sample: Mapping[str, object]) -> bytes:
+    """The bytes of the sample's first image member (by extension), or ``SampleError("bad_image")``."""
+    for extension in IMAGE_EXTENSIONS:
+        data = sample.get(extension)
+        if data is not None:
+            return data  # type: ignore[return-value]
+    present = sorted(k for k in sample if not k.startswith("__"))
+    raise SampleError("bad_image", f"no image member (looked for {IMAGE_EXTENSIONS}, found {present})")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Image bytes -> upright RGB PIL image.
+
+    EXIF orientation is applied (phone photos are often stored sideways), palette/grey/CMYK modes
+    become RGB, and transparency is composited on white rather than dropped (dropping alpha turns
+    transparent regions into whatever colour the encoder left there, often black).
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # force the full decode here so truncated files fail here, not later
+        image = ImageOps.exif_transpose(image)
+        return composite_on_white(image)
+    except SampleError:
+        raise
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, DecompressionBomb...)
+        raise SampleError("bad_image", f"{type(error).__name__}: {error}") from error
+
+
+def composite_on_white(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB, with transparent pixels composited on a white background."""
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
+    """Resize so the shorter side equals ``resolution``, keeping the aspect ratio (bicubic)."""
+    if resolution <= 0:
+        raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if new_size == (width, height):
+        return image
+    return image.resize(new_size, resample=Image.Resampling.BICUBIC)
+
+
+def crop_box(size: tuple[int, int], resolution: int, center: bool, rng: Optional[random.Random]) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) box of a ``resolution`` square inside an image of ``size``."""
+    width, height = size
+    if width < resolution or height < resolution:
+        raise ValueError(f"image {size} is smaller than the crop {resolution}; resize it first")
+    if center:
+        left, top = (width - resolution) // 2, (height - resolution) // 2
+    else:
+        if rng is None:
+            raise ValueError("a random crop needs an explicit random.Random (rng) for reproducibility")
+        left, top = rng.randint(0, width - resolution), rng.randint(0, height - resolution)
+    return left, top, left + resolution, top + resolution
+
+
+def maybe_flip(image: Image.Image, random_flip: bool, rng: Optional[random.Random]) -> Image.Image:
+    """Mirror left-right with probability 1/2 when ``random_flip`` is on."""
+    if not random_flip:
+        return image
+    if rng is None:
+        raise ValueError("random_flip needs an explicit random.Random (rng) for reproducibility")
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 tensor (3, H, W) scaled from [0, 255] to [-1, 1] (the VAE's input range)."""
+    # numpy, not torch: elementwise torch ops on small tensors wake torch's intra-op thread pool,
+    # which in the main process (num_workers=0) competes with the training step for the cores.
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # (3, H, W)
+
+
+def preprocess_image(
+    data: bytes,
+    resolution: int,
+    center_crop: bool = True,
+    random_flip: bool = False,
+    rng: Optional[random.Random] = None,
+) -> torch.Tensor:
+    """Image bytes -> (3, resolution, resolution) float32 in [-1, 1]. Raises ``SampleError("bad_image")``."""
+    image = resize_shorter_side(decode_image(data), resolution)
+    image = image.crop(crop_box(image.size, resolution, center_crop, rng))
+    image = maybe_flip(image, random_flip, rng)
+    return image_to_tensor(image)  # (3, resolution, resolution)
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
+    """The augmentation RNG of one sample in one epoch: independent of worker, rank and load order."""
+    return random.Random(f"{seed}/{epoch}/{key}")
+
+
+# ---------------------------------------------------------------- captions
+
+
+def _as_text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+def read_json_member(sample: Mapping[str, object], extension: str = "json") -> Optional[object]:
+    """The parsed json member, or None when absent or not valid JSON."""
+    raw = sample.get(extension)
+    if raw is None:
+        return None
+    if not isinstance(raw, (bytes, str)):
+        return raw  # already decoded upstream
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def extract_caption(sample: Mapping[str, object], caption_keys: Sequence[str] = DEFAULT_CAPTION_KEYS) -> str:
+    """The first non-empty caption among ``caption_keys``, stripped.
+
+    A key is a member extension (``"txt"``) or ``"MEMBER:FIELD"`` for a field of a JSON member
+    (``"json:caption"``). Raises ``SampleError("missing_caption")`` when no key is present and
+    ``SampleError("empty_caption")`` when the keys present are all blank.
+    """
+    if isinstance(caption_keys, str):
+        caption_keys = (caption_keys,)
+    found_blank = False
+    for key in caption_keys:
+        if ":" in key:
+            member, field = key.split(":", 1)
+            parsed = read_json_member(sample, member)
+            if not isinstance(parsed, dict) or parsed.get(field) is None:
+                continue
+            value = parsed[field]
+        else:
+            value = sample.get(key)
+            if value is None:
+                continue
+        text = _as_text(value).strip()
+        if text:
+            return text
+        found_blank = True
+    if found_blank:
+        raise SampleError("empty_caption", f"caption keys {list(caption_keys)} are present but blank")
+    present = sorted(k for k in sample if not k.startswith("__"))
+    raise SampleError("missing_caption", f"none of {list(caption_keys)} in members {present}")
+

@@ -1,0 +1,777 @@
+"""WebDataset shards -> batches of (keys, captions, pixels or precomputed features), resumable mid-epoch.
+
+Why not ``wds.WebDataset`` as is: an exact restart needs every stage to be a deterministic function
+of (seed, epoch, rank, worker) and a cheap way to fast-forward. So the stream is built here from
+small generator stages (webdataset supplies URL opening, ``pipe:`` commands, brace expansion and the
+member naming), each of them deterministic:
+
+  shard order     ``random.Random(seed, epoch)`` shuffles the shard list, then rank ``r`` takes
+                  ``order[r::world_size]`` and logical worker ``w`` takes ``[w::num_workers]`` of that
+                  (resampled mode: each (rank, worker) draws shards with replacement from its own RNG)
+  raw samples     tar members grouped by key; a tar that breaks counts one ``bad_shard`` and the
+                  stream goes on with the next shard
+  shuffle buffer  seeded from (seed, epoch, rank, worker)
+  decode          caption, then pixels (skipped when latents are precomputed) or cached members; a
+                  bad sample raises ``SampleError`` and is counted, never fatal
+  batch           batching happens inside the worker (cheap IPC: one pickled batch, not B samples)
+
+Position and resume. Every batch carries ``batch["position"]``: its epoch, the logical worker that
+made it, that worker's batch count and its *cursor* (how many shuffled raw samples it had used). The
+trainer reports each batch it trains on with :meth:`WebDatasetDataModule.on_batch_consumed`; the
+datamodule keeps, per worker, the cursor of its last consumed batch and which worker is next.
+``state_dict()`` (stored by Lightning in every checkpoint, gathered from all ranks) holds this. On
+restore each worker replays its raw stream up to its cursor *without decoding* (reading tar bytes
+only) and continues, and the logical worker ids are rotated so that physical worker 0 is the one
+whose batch was due next. A DataLoader takes batches from its workers round-robin, dropping a
+worker once it is exhausted, so the resumed stream equals the uninterrupted one batch for batch.
+Requirements: the same shards, seed, batch size, shuffle buffer, num_workers and world size (a
+different num_workers or world size restarts the saved epoch from its beginning, with a warning),
+and ``persistent_workers`` off (the epoch and the resume position reach the workers when the
+DataLoader starts them, once per pass).
+
+Epochs. The data epoch is this module's own counter, not the trainer's: it advances when a pass
+over the train DataLoader runs to its end, so a pass stopped early (``limit_train_batches``, a
+``break``) is continued by the next pass. No ``reload_dataloaders_every_n_epochs`` is needed.
+
+DDP. Set ``epoch_batches``: every rank then yields exactly that many full batches per epoch
+(shards repeat within the epoch if needed), so ranks with fewer samples never leave the others
+waiting in a collective. Without it, ranks get ``len(shards) / world_size`` shards each and may
+finish at different times.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import itertools
+import json
+import os
+import random
+import tarfile
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import braceexpand
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext
+
+from datamodules.transforms import (
+    DEFAULT_CAPTION_KEYS,
+    SKIP_REASONS,
+    SampleError,
+    extract_caption,
+    find_image_member,
+    preprocess_image,
+    sample_rng,
+)
+
+__all__ = [
+    "PRECOMPUTED_MEMBERS",
+    "SKIP_REASONS",
+    "WebDatasetDataModule",
+    "collate_samples",
+    "encode_precomputed",
+    "pad_llm_features",
+    "resolve_shards",
+]
+
+# Batch field -> tar member extension written by the cache writer (``sample-000123.latent_moments.npy``).
+# ``.npy`` is canonical; a ``.pt`` member with the same stem (``latent_moments.pt``) is read as well.
+PRECOMPUTED_MEMBERS: dict[str, str] = {
+    "latent_moments": "latent_moments.npy",  # (2C, h, w) the VAE posterior's mean and log-variance (sampled at train time, like online encoding)
+    "llm_features": "llm_features.npy",  # (tokens, dim), unpadded: only the caption's real tokens
+    "entities": "entities.json",  # the entity parse of the caption, passed through as parsed JSON
+}
+
+_REASON_INDEX = {reason: i for i, reason in enumerate(SKIP_REASONS)}
+_MAX_CONSECUTIVE_FAILURES = 10_000
+
+
+# ---------------------------------------------------------------- shard lists
+
+
+def resolve_shards(shards: Union[str, Sequence[str]]) -> list[str]:
+    """Shard spec -> ordered list of shard URLs.
+
+    Accepts a list (each item resolved), a brace pattern (``data/shard-{000000..000009}.tar``), a
+    ``pipe:`` command or remote URL (brace-expanded, not checked), a directory (its ``manifest.json``
+    if it has one, else all ``*.tar`` in it, sorted) or a ``*.json`` manifest: a list, or ``{"shards": [...]}``, of paths (relative to the
+    manifest) or of objects with a ``"url"`` or ``"path"``.
+    """
+    if not isinstance(shards, str):
+        resolved = [url for item in shards for url in resolve_shards(str(item))]
+        if not resolved:
+            raise ValueError("the shard list is empty; give at least one shard path, pattern or directory")
+        return resolved
+    spec = shards.strip()
+    if spec.startswith("pipe:") or "://" in spec:
+        return list(braceexpand.braceexpand(spec))
+    if os.path.isdir(spec):
+        if os.path.isfile(os.path.join(spec, "manifest.json")):  # a prepare.py output folder
+            return _read_manifest(os.path.join(spec, "manifest.json"))
+        found = sorted(glob.glob(os.path.join(spec, "*.tar")))
+        if not found:
+            raise FileNotFoundError(f"directory {spec!r} holds no *.tar shards and no manifest.json")
+        return found
+    if spec.endswith(".json"):
+        return _read_manifest(spec)
+    expanded = list(braceexpand.braceexpand(spec))
+    missing = [path for path in expanded if not os.path.exists(path)]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(expanded)} shards named by {spec!r} do not exist (first: {missing[0]!r})"
+        )
+    return expanded
+
+
+def _read_manifest(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as handle:
+        manifest = json.load(handle)
+    entries = manifest.get("shards") if isinstance(manifest, dict) else manifest
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"manifest {path!r} must be a non-empty list or an object with a 'shards' list")
+    base = os.path.dirname(os.path.abspath(path))
+    urls = []
+    for entry in entries:
+        url = entry if isinstance(entry, str) else (entry.get("url") or entry.get("path"))
+        if not isinstance(url, str):
+            raise ValueError(f"manifest {path!r}: entry {entry!r} is neither a path nor an object with 'url'/'path'")
+        is_local = not (url.startswith("pipe:") or "://" in url)
+        urls.append(os.path.normpath(os.path.join(base, url)) if is_local and not os.path.isabs(url) else url)
+    return urls
+
+
+def epoch_shard_order(shards: Sequence[str], seed: int, epoch: int, round_index: int = 0) -> list[str]:
+    """The shard order of one epoch (and repeat round): the same on every rank and worker."""
+    order = list(shards)
+    random.Random(f"shards/{seed}/{epoch}/{round_index}").shuffle(order)
+    return order
+
+
+def assign_shards(order: Sequence[str], rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
+    """The shards one (rank, worker) reads: rank-strided, then worker-strided, so disjoint and covering."""
+    return list(order[rank::world_size][worker::num_workers])
+
+
+# ---------------------------------------------------------------- raw samples
+
+
+def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
+    """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one tar, members grouped by key.
+
+    Raises ``SampleError("bad_shard")`` when the tar cannot be opened or breaks part-way; the
+    samples completed before the break have been yielded, the one being read is dropped.
+    """
+    try:
+        stream = wds.gopen(url, "rb")
+    except Exception as error:
+        raise SampleError("bad_shard", f"cannot open {url}: {error}") from error
+    current: Optional[dict[str, Any]] = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                key, extension = base_plus_ext(member.name)
+                if key is None or os.path.basename(key).startswith("__"):
+                    continue
+                if current is not None and key != current["__key__"]:
+                    yield current  # complete before the next member is read, so a break there keeps it
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                current[extension.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError, ValueError) as error:
+        raise SampleError("bad_shard", f"{url}: {type(error).__name__}: {error}") from error
+    finally:
+        try:
+            stream.close()
+        except Exception:  # a pipe: command stopped early reports a non-zero status; nothing to do
+            pass
+    if current is not None:
+        yield current
+
+
+def shuffle_buffer(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Approximate shuffle through a buffer of ``size`` items; size <= 1 keeps the order."""
+    if size <= 1:
+        yield from samples
+        return
+    buffer: list[Any] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(size)
+        buffer[index], sample = sample, buffer[index]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+# ---------------------------------------------------------------- precomputed members
+
+
+def encode_precomputed(
+    latent_moments: Optional[Union[np.ndarray, torch.Tensor]] = None,
+    llm_features: Optional[Union[np.ndarray, torch.Tensor]] = None,
+    entities: Optional[Any] = None,
+) -> dict[str, bytes]:
+    """Tar members for one sample's cached values, named by :data:`PRECOMPUTED_MEMBERS`.
+
+    Arrays keep their dtype (write float16 to halve the cache); the loader returns float32.
+    ``llm_features`` is ``(tokens, dim)`` of the caption's real tokens only (no padding).
+    """
+    members: dict[str, bytes] = {}
+    for name, value in (("latent_moments", latent_moments), ("llm_features", llm_features)):
+        if value is None:
+            continue
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        expected_ndim = 3 if name == "latent_moments" else 2
+        if array.ndim != expected_ndim:
+            raise ValueError(f"{name} must have {expected_ndim} dims per sample, got shape {array.shape}")
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        members[PRECOMPUTED_MEMBERS[name]] = buffer.getvalue()
+    if entities is not None:
+        members[PRECOMPUTED_MEMBERS["entities"]] = json.dumps(entities).encode("utf-8")
+    return members
+
+
+def _load_array(sample: Mapping[str, Any], name: str) -> torch.Tensor:
+    extension = PRECOMPUTED_MEMBERS[name]
+    torch_extension = extension.rsplit(".", 1)[0] + ".pt"
+    if extension in sample:
+        array = np.load(io.BytesIO(sample[extension]), allow_pickle=False)
+        return torch.from_numpy(np.ascontiguousarray(array)).float()
+    if torch_extension in sample:
+        return torch.load(io.BytesIO(sample[torch_extension]), weights_only=True).float()
+    raise SampleError("bad_precomputed", f"member {extension!r} (or {torch_extension!r}) is missing")
+
+
+def decode_precomputed(sample: Mapping[str, Any], fields: Sequence[str]) -> dict[str, Any]:
+    """The requested cached fields of a raw sample, or ``SampleError("bad_precomputed")``."""
+    out: dict[str, Any] = {}
+    try:
+        for name in fields:
+            if name == "entities":
+                raw = sample.get(PRECOMPUTED_MEMBERS["entities"])
+                if raw is None:
+                    raise SampleError("bad_precomputed", f"member {PRECOMPUTED_MEMBERS['entities']!r} is missing")
+                out[name] = json.loads(raw)
+                continue
+            tensor = _load_array(sample, name)
+            expected_ndim = 3 if name == "latent_moments" else 2
+            if tensor.ndim != expected_ndim or tensor.shape[0] == 0:
+                raise SampleError("bad_precomputed", f"{name} has shape {tuple(tensor.shape)}")
+            out[name] = tensor
+    except SampleError:
+        raise
+    except Exception as error:
+        raise SampleError("bad_precomputed", f"{type(error).__name__}: {error}") from error
+    return out
+
+
+# ---------------------------------------------------------------- collation
+
+
+def pad_llm_features(features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpadded per-sample ``(tokens_i, dim)`` -> ``(batch, max_tokens, dim)`` zeros-padded + bool mask."""
+    dims = {f.shape[1] for f in features}
+    if len(dims) != 1:
+        raise ValueError(f"llm_features in one batch have different widths {sorted(dims)}; the cache mixes LLMs")
+    longest = max(f.shape[0] for f in features)
+    padded = features[0].new_zeros((len(features), longest, dims.pop()))  # (batch, tokens, dim)
+    mask = torch.zeros((len(features), longest), dtype=torch.bool)  # (batch, tokens)
+    for i, f in enumerate(features):
+        padded[i, : f.shape[0]] = f
+        mask[i, : f.shape[0]] = True
+    return padded, mask
+
+
+def collate_samples(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Decoded samples -> the batch dict (see :class:`WebDatasetDataModule` for the contract)."""
+    batch: dict[str, Any] = {
+        "keys": [s["key"] for s in samples],
+        "captions": [s["caption"] for s in samples],
+    }
+    if "pixel_values" in samples[0]:
+        # np.stack, not torch.stack: torch's parallel copy wakes its intra-op thread pool, which with
+        # num_workers=0 fights the training step for the cores (measured 100x slower on 2 busy cores).
+        pixels = np.stack([s["pixel_values"].numpy() for s in samples])
+        batch["pixel_values"] = torch.from_numpy(pixels)  # (batch, 3, H, W)
+    if "latent_moments" in samples[0]:
+        shapes = {tuple(s["latent_moments"].shape) for s in samples}
+        if len(shapes) != 1:
+            raise ValueError(f"latents in one batch have different shapes {sorted(shapes)}; cache one resolution")
+        batch["latent_moments"] = torch.stack([s["latent_moments"] for s in samples])  # (batch, C, h, w)
+    if "llm_features" in samples[0]:
+        batch["llm_features"], batch["llm_mask"] = pad_llm_features([s["llm_features"] for s in samples])
+    if "entities" in samples[0]:
+        batch["entities"] = [s["entities"] for s in samples]
+    return batch
+
+
+# ---------------------------------------------------------------- the stream
+
+
+@dataclass
+class WorkerPosition:
+    """How far one logical worker got: shuffled raw samples used, and batches made."""
+
+    cursor: int = 0
+    batches: int = 0
+
+
+@dataclass
+class PassPlan:
+    """Everything a worker needs to produce its part of one pass (pickled into each worker)."""
+
+    epoch: int
+    rank: int
+    world_size: int
+    num_workers: int
+    first_worker: int = 0  # logical id of physical worker 0 (rotation after a resume)
+    workers: list[WorkerPosition] = field(default_factory=list)
+
+
+@dataclass
+class StreamConfig:
+    shards: list[str]
+    batch_size: int
+    resolution: int
+    center_crop: bool
+    random_flip: bool
+    caption_keys: tuple[str, ...]
+    shuffle_buffer: int
+    shuffle_shards: bool
+    resampled: bool
+    seed: int
+    epoch_batches: Optional[int]
+    precomputed_keys: tuple[str, ...]
+
+
+class ShardStream(IterableDataset):
+    """The per-worker pipeline; ``plan`` is set by the DataLoader wrapper before each pass."""
+
+    def __init__(self, config: StreamConfig):
+        super().__init__()
+        self.config = config
+        self.plan: Optional[PassPlan] = None
+
+    def __len__(self) -> int:
+        if self.config.epoch_batches is None:
+            raise TypeError("the number of batches is only known when epoch_batches is set")
+        return self.config.epoch_batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.plan is None:
+            raise RuntimeError("iterate the DataLoader from WebDatasetDataModule.train_dataloader(), not the dataset")
+        info = get_worker_info()
+        physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if num_workers != self.plan.num_workers:
+            raise RuntimeError(f"plan made for {self.plan.num_workers} workers but the DataLoader runs {num_workers}")
+        worker = (physical + self.plan.first_worker) % num_workers
+        return self._worker_batches(worker, self.plan.workers[worker])
+
+    def worker_quota(self, worker: int) -> Optional[int]:
+        """Batches this logical worker makes per epoch under ``epoch_batches`` (None: until data ends)."""
+        total = self.config.epoch_batches
+        if total is None:
+            return None
+        workers = self.plan.num_workers
+        return total // workers + (1 if worker < total % workers else 0)
+
+    def _shard_stream(self, worker: int) -> Iterator[str]:
+        c, p = self.config, self.plan
+        if c.resampled:
+            rng = random.Random(f"resample/{c.seed}/{p.epoch}/{p.rank}/{worker}")
+            while True:
+                yield rng.choice(c.shards)
+        for round_index in itertools.count():
+            order = epoch_shard_order(c.shards, c.seed, p.epoch, round_index) if c.shuffle_shards else c.shards
+            yield from assign_shards(order, p.rank, p.world_size, worker, p.num_workers)
+            if c.epoch_batches is None:
+                return
+
+    def _raw_samples(self, worker: int, counts: list[int]) -> Iterator[dict[str, Any]]:
+        shards_without_samples = 0
+        for url in self._shard_stream(worker):
+            produced = 0
+            try:
+                for sample in iter_tar_samples(url):
+                    produced += 1
+                    yield sample
+            except SampleError as error:
+                counts[_REASON_INDEX[error.reason]] += 1
+            shards_without_samples = 0 if produced else shards_without_samples + 1
+            if shards_without_samples > max(len(self.config.shards), 1) * 2:
+                raise RuntimeError(f"no readable sample in the last {shards_without_samples} shards (last: {url})")
+
+    def _decode(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        c = self.config
+        key = raw["__key__"]
+        sample: dict[str, Any] = {"key": key, "caption": extract_caption(raw, c.caption_keys)}
+        if c.precomputed_keys:
+            sample.update(decode_precomputed(raw, c.precomputed_keys))
+        if "latent_moments" not in c.precomputed_keys:  # with cached latents the image is never decoded
+            rng = sample_rng(c.seed, self.plan.epoch, key)
+            sample["pixel_values"] = preprocess_image(
+                find_image_member(raw), c.resolution, c.center_crop, c.random_flip, rng
+            )  # (3, H, W)
+        return sample
+
+    def _worker_batches(self, worker: int, start: WorkerPosition) -> Iterator[dict[str, Any]]:
+        c, p = self.config, self.plan
+        quota = self.worker_quota(worker)
+        if quota is not None and start.batches >= quota:
+            return
+        counts = [0] * len(SKIP_REASONS)
+        raw = shuffle_buffer(
+            self._raw_samples(worker, counts), c.shuffle_buffer, random.Random(f"shuffle/{c.seed}/{p.epoch}/{p.rank}/{worker}")
+        )
+        # Fast-forward without decoding: the skips in this prefix were counted by the earlier run.
+        cursor = sum(1 for _ in itertools.islice(raw, start.cursor))
+        reported = list(counts)
+        batches = start.batches
+
+        def finish(samples: list[dict[str, Any]], cursor_after: int, counts_after: list[int]) -> dict[str, Any]:
+            batch = collate_samples(samples)
+            batch["skipped"] = torch.tensor([n - r for n, r in zip(counts_after, reported)], dtype=torch.long)
+            reported[:] = counts_after
+            batch["position"] = {
+                "epoch": p.epoch,
+                "rank": p.rank,
+                "worker": worker,
+                "num_workers": p.num_workers,
+                "cursor": cursor_after,
+                "worker_batches": batches,
+            }
+            return batch
+
+        # A full batch is held until the next good sample is found (or the data ends), so skips that
+        # follow it travel with it and its cursor points exactly where the next batch starts. It
+        # reports the counts as they stood *before* that sample was pulled (``counts_at_cursor``):
+        # a broken shard met while pulling it is replayed, and counted, by a resumed run.
+        held: Optional[list[dict[str, Any]]] = None
+        pending: list[dict[str, Any]] = []
+        counts_at_cursor = list(counts)
+        failures_in_a_row = 0
+        for raw_sample in raw:
+            try:
+                sample = self._decode(raw_sample)
+            except SampleError as error:
+                counts[_REASON_INDEX[error.reason]] += 1
+                cursor += 1
+                counts_at_cursor = list(counts)
+                failures_in_a_row += 1
+                if failures_in_a_row > _MAX_CONSECUTIVE_FAILURES:
+                    raise RuntimeError(
+                        f"{failures_in_a_row} samples in a row were unusable (counts {dict(zip(SKIP_REASONS, counts))}); "
+                        f"check caption_keys {list(c.caption_keys)} and precomputed_keys {list(c.precomputed_keys)}"
+                    ) from error
+                continue
+            failures_in_a_row = 0
+            if held is not None:
+                yield finish(held, cursor, counts_at_cursor)
+                held = None
+            pending.append(sample)
+            cursor += 1
+            counts_at_cursor = list(counts)
+            if len(pending) == c.batch_size:
+                batches += 1
+                if quota is not None and batches == quota:
+                    yield finish(pending, cursor, counts_at_cursor)
+                    return
+                held, pending = pending, []
+        # End of this worker's data: everything met so far is reported with its last batch.
+        if held is not None:
+            yield finish(held, cursor, list(counts))
+        if pending:
+            batches += 1
+            yield finish(pending, cursor, list(counts))
+
+
+class _PassDataLoader(DataLoader):
+    """A DataLoader that asks the datamodule for the pass plan (epoch, resume point) at each ``iter``."""
+
+    def __init__(self, dataset: ShardStream, datamodule: "WebDatasetDataModule", **kwargs: Any):
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._datamodule = datamodule
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        plan = self._datamodule._begin_pass(self.num_workers)
+        self.dataset.plan = plan
+        batches = super().__iter__()  # workers start here and receive the dataset with this plan
+        return self._datamodule._watch_pass(batches, plan.epoch)
+
+    # Lightning treats a loader with state_dict/load_state_dict as resumable mid-epoch. This one is:
+    # its position lives in the datamodule's state (gathered over ranks), so the loader's own is empty.
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- the datamodule
+
+
+class WebDatasetDataModule(L.LightningDataModule):
+    """Training batches from WebDataset shards.
+
+    Batch contract (a dict):
+      ``keys``          list[str], the samples' ``__key__``
+      ``captions``      list[str]
+      ``pixel_values``  (B, 3, H, W) float32 in [-1, 1]; absent when ``latents`` are precomputed
+      ``latent_moments`` (B, 2C, h, w) float32 VAE posterior mean and log-variance, when ``"latent_moments"`` is in ``precomputed_keys``
+      ``llm_features``  (B, L, D) float32 zero-padded to the batch's longest, with
+      ``llm_mask``      (B, L) bool, True on real tokens, when ``"llm_features"`` is enabled
+      ``entities``      list of parsed JSON, when ``"entities"`` is enabled
+      ``skipped``       (len(SKIP_REASONS),) long: samples skipped since the worker's previous batch
+      ``position``      dict of ints for :meth:`on_batch_consumed`; not model input
+
+    The LightningModule must call ``self.trainer.datamodule.on_batch_consumed(batch)`` once per
+    training batch, inside ``training_step`` (before ModelCheckpoint's ``on_train_batch_end``).
+    """
+
+    def __init__(
+        self,
+        shards: Union[str, Sequence[str]],
+        batch_size: int = 4,
+        num_workers: int = 0,
+        resolution: int = 512,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        caption_keys: Sequence[str] = DEFAULT_CAPTION_KEYS,
+        shuffle_buffer: int = 1000,
+        shuffle_shards: bool = True,
+        resampled: bool = False,
+        seed: int = 0,
+        epoch_batches: Optional[int] = None,
+        precomputed_keys: Sequence[str] = (),
+        pin_memory: bool = False,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if epoch_batches is not None and epoch_batches < 1:
+            raise ValueError(f"epoch_batches must be a positive number of batches per rank or None, got {epoch_batches}")
+        if resampled and epoch_batches is None:
+            raise ValueError("resampled=True draws shards forever: set epoch_batches (batches per epoch per rank)")
+        unknown = sorted(set(precomputed_keys) - set(PRECOMPUTED_MEMBERS))
+        if unknown:
+            raise ValueError(f"unknown precomputed_keys {unknown}; known: {sorted(PRECOMPUTED_MEMBERS)}")
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither (then they come from the trainer)")
+        self.shards_spec = shards if isinstance(shards, str) else [str(s) for s in shards]
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.resolution = int(resolution)
+        self.center_crop = bool(center_crop)
+        self.random_flip = bool(random_flip)
+        self.caption_keys = (caption_keys,) if isinstance(caption_keys, str) else tuple(caption_keys)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.shuffle_shards = bool(shuffle_shards)
+        self.resampled = bool(resampled)
+        self.seed = int(seed)
+        self.epoch_batches = None if epoch_batches is None else int(epoch_batches)
+        self.precomputed_keys = tuple(precomputed_keys)
+        self.pin_memory = bool(pin_memory)
+        self._explicit_rank = None if rank is None else (int(rank), int(world_size))
+        self._shards: Optional[list[str]] = None
+        # Data position (this rank), advanced by on_batch_consumed.
+        self._epoch = 0
+        self._consumed = 0
+        self._next_worker = 0
+        self._workers: list[WorkerPosition] = []
+        self._layout: Optional[tuple[int, int]] = None  # (num_workers, world_size) of the position
+        self._pass_finished = False
+        self._loaded_ranks: Optional[list[dict[str, Any]]] = None
+        self._skipped_totals = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+
+    # ---- Lightning hooks
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self._shards = resolve_shards(self.shards_spec)
+        rank, world_size = self.distributed_context()
+        if self.epoch_batches is None and world_size > 1:
+            warnings.warn(
+                "WebDatasetDataModule under DDP without epoch_batches: ranks may get different numbers of "
+                "batches and hang in a collective; set epoch_batches",
+                stacklevel=2,
+            )
+        slots = world_size * max(self.num_workers, 1)
+        if self.epoch_batches is not None and not self.resampled and len(self._shards) < slots:
+            raise ValueError(
+                f"epoch_batches needs at least one shard per (rank, worker): {len(self._shards)} shards for "
+                f"{world_size} ranks x {max(self.num_workers, 1)} workers; write smaller shards or use fewer workers"
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        if self._shards is None:
+            self.setup("fit")
+        config = StreamConfig(
+            shards=list(self._shards),
+            batch_size=self.batch_size,
+            resolution=self.resolution,
+            center_crop=self.center_crop,
+            random_flip=self.random_flip,
+            caption_keys=self.caption_keys,
+            shuffle_buffer=self.shuffle_buffer,
+            shuffle_shards=self.shuffle_shards,
+            resampled=self.resampled,
+            seed=self.seed,
+            epoch_batches=self.epoch_batches,
+            precomputed_keys=self.precomputed_keys,
+        )
+        return _PassDataLoader(
+            ShardStream(config),
+            self,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position of every rank (gathered: the checkpoint is written by rank 0 only).
+
+        Lightning calls this on all ranks while saving, as ``Trainer.save_checkpoint`` requires.
+        """
+        local = self._position_state()
+        ranks = [local]
+        if self._explicit_rank is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, local)
+        return {"seed": self.seed, "batch_size": self.batch_size, "ranks": ranks}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the position; it is applied when the train DataLoader is next iterated."""
+        if state_dict.get("seed") != self.seed or state_dict.get("batch_size") != self.batch_size:
+            warnings.warn(
+                f"data position saved with seed={state_dict.get('seed')}, batch_size={state_dict.get('batch_size')} "
+                f"but configured seed={self.seed}, batch_size={self.batch_size}: the resumed stream will differ",
+                stacklevel=2,
+            )
+        self._loaded_ranks = list(state_dict["ranks"])
+
+    # ---- position bookkeeping
+
+    def on_batch_consumed(self, batch: Mapping[str, Any]) -> None:
+        """Record that ``batch`` was trained on. Call once per training batch, in ``training_step``."""
+        position = batch.get("position") if isinstance(batch, Mapping) else None
+        if position is None:
+            raise ValueError("on_batch_consumed needs a batch from train_dataloader(), which carries 'position'")
+        if self._layout is None or position["epoch"] != self._epoch or position["num_workers"] != self._layout[0]:
+            raise ValueError(
+                f"batch from epoch {position['epoch']} with {position['num_workers']} workers does not belong to the "
+                f"current pass (epoch {self._epoch}, layout {self._layout}); was a batch reported twice or late?"
+            )
+        worker = position["worker"]
+        self._workers[worker] = WorkerPosition(cursor=int(position["cursor"]), batches=int(position["worker_batches"]))
+        self._next_worker = (worker + 1) % position["num_workers"]
+        self._consumed += 1
+
+    def skipped_totals(self) -> dict[str, int]:
+        """Skipped samples per reason over all batches this datamodule's loaders yielded (all workers)."""
+        return {reason: int(n) for reason, n in zip(SKIP_REASONS, self._skipped_totals)}
+
+    @property
+    def epoch(self) -> int:
+        """The data epoch that the next batch belongs to."""
+        return self._epoch + 1 if self._pass_finished else self._epoch
+
+    @property
+    def batches_consumed(self) -> int:
+        """Batches of the current data epoch reported through :meth:`on_batch_consumed`."""
+        return 0 if self._pass_finished else self._consumed
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next pass at the beginning of ``epoch`` (drops any mid-epoch position)."""
+        self._start_epoch(int(epoch), self._layout)
+
+    def distributed_context(self) -> tuple[int, int]:
+        """(rank, world_size): explicit constructor values, else the trainer's, else torch.distributed's."""
+        if self._explicit_rank is not None:
+            return self._explicit_rank
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _position_state(self) -> dict[str, Any]:
+        num_workers, world_size = self._layout or (max(self.num_workers, 1), self.distributed_context()[1])
+        if self._pass_finished:
+            return {"epoch": self._epoch + 1, "batches": 0, "next_worker": 0, "workers": [],
+                    "num_workers": num_workers, "world_size": world_size}
+        return {
+            "epoch": self._epoch,
+            "batches": self._consumed,
+            "next_worker": self._next_worker,
+            "workers": [[w.cursor, w.batches] for w in self._workers],
+            "num_workers": num_workers,
+            "world_size": world_size,
+        }
+
+    def _start_epoch(self, epoch: int, layout: Optional[tuple[int, int]]) -> None:
+        self._epoch, self._consumed, self._next_worker = epoch, 0, 0
+        self._workers = [WorkerPosition() for _ in range(layout[0])] if layout else []
+        self._layout = layout
+        self._pass_finished = False
+
+    def _begin_pass(self, loader_workers: int) -> PassPlan:
+        rank, world_size = self.distributed_context()
+        layout = (max(loader_workers, 1), world_size)
+        if self._loaded_ranks is not None:
+            self._restore_position(rank, layout)
+        if self._pass_finished or (self.epoch_batches is not None and self._consumed >= self.epoch_batches):
+            self._start_epoch(self._epoch + 1, layout)
+        elif self._layout != layout:
+            if self._consumed:
+                warnings.warn(f"data layout changed from {self._layout} to {layout}: restarting epoch {self._epoch}")
+            self._start_epoch(self._epoch, layout)
+        return PassPlan(
+            epoch=self._epoch,
+            rank=rank,
+            world_size=world_size,
+            num_workers=layout[0],
+            first_worker=self._next_worker,
+            workers=[WorkerPosition(w.cursor, w.batches) for w in self._workers],
+        )
+
+    def _restore_position(self, rank: int, layout: tuple[int, int]) -> None:
+        ranks, self._loaded_ranks = self._loaded_ranks, None
+        saved = ranks[rank] if rank < len(ranks) else ranks[0]
+        saved_layout = (saved["num_workers"], saved["world_size"])
+        if saved_layout != layout or len(ranks) != layout[1]:
+            warnings.warn(
+                f"data position saved with (num_workers, world_size)={saved_layout} but running with {layout}: "
+                f"cannot continue mid-epoch exactly, restarting epoch {saved['epoch']} from its beginning",
+                stacklevel=3,
+            )
+            self._start_epoch(int(saved["epoch"]), layout)
+            return
+        self._start_epoch(int(saved["epoch"]), layout)
+        self._consumed = int(saved["batches"])
+        self._next_worker = int(saved["next_worker"])
+        if saved["workers"]:
+            self._workers = [WorkerPosition(int(c), int(b)) for c, b in saved["workers"]]
+
+    def _watch_pass(self, batches: Iterator[dict[str, Any]], epoch: int) -> Iterator[dict[str, Any]]:
+        for batch in batches:
+            self._skipped_totals += batch["skipped"]
+            yield batch
+        if epoch == self._epoch:
+            self._pass_finished = True
