@@ -116,7 +116,7 @@ def run(cfg) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_path = resume_path(cfg)
     datamodule = build_datamodule(cfg)
-    module = LLM4GenModule(OmegaConf.to_container(cfg.model, resolve=True))
+    module = LLM4GenModule(OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed)
     trainer = build_trainer(cfg)
     if ckpt_path:
         print(f"resuming from {ckpt_path}")

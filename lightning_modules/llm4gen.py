@@ -63,10 +63,19 @@ def pad_tokens(features: LLMFeatures, length: int) -> LLMFeatures:
         mask=torch.cat([features.mask, features.mask.new_zeros(batch, pad)], dim=1))
 
 
+def step_generator(seed: int, step: int, micro_batch: int, rank: int, device: torch.device) -> torch.Generator:
+    """The random stream of one training batch (noise, timesteps, caption dropout, posterior sample): a
+    pure function of (seed, optimizer step, micro-batch, rank), so a resumed run draws exactly what an
+    uninterrupted one would have, with no RNG state to save."""
+    mixed = hash((seed, step, micro_batch, rank)) & 0x7FFF_FFFF_FFFF_FFFF
+    return torch.Generator(device).manual_seed(mixed)
+
+
 class LLM4GenModule(L.LightningModule):
-    def __init__(self, model: dict | DictConfig):
+    def __init__(self, model: dict | DictConfig, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
+        self.seed = seed
         cfg = model if isinstance(model, DictConfig) else OmegaConf.create(model)
         self.cfg = cfg
         base = LOADERS[cfg.base.family](cfg.base.pretrained, cfg.base.revision, DTYPES[cfg.base.dtype],
@@ -211,7 +220,9 @@ class LLM4GenModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if hasattr(datamodule, "on_batch_consumed"):  # the data position saved for exact resume
             datamodule.on_batch_consumed(batch)
-        losses = self.compute_losses(batch)
+        accumulate = self.trainer.accumulate_grad_batches
+        generator = step_generator(self.seed, self.global_step, batch_idx % accumulate, self.global_rank, self.device)
+        losses = self.compute_losses(batch, generator=generator)
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=True, sync_dist=False)
         self._log_skipped(batch)
         return losses["loss"]
