@@ -79,7 +79,9 @@ def build_datamodule(cfg):
     data = dict(cfg.data)
     if data.pop("synthetic_if_missing"):
         ensure_synthetic_shards(data["shards"], resolution=data["resolution"], seed=cfg.seed)
-    return WebDatasetDataModule(**data, seed=cfg.seed)
+    objective = cfg.model.objective
+    entity_parser = objective.entity_parser if objective.lambda_entity > 0 else None
+    return WebDatasetDataModule(**data, seed=cfg.seed, entity_parser=entity_parser)
 
 
 def build_trainer(cfg):

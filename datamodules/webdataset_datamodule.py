@@ -318,6 +318,19 @@ def collate_samples(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+_PARSERS: dict[str, Any] = {}
+
+
+def parse_entities(model: str, captions: Sequence[str]) -> list[list[dict]]:
+    """Entity groups of each caption as JSON, parsed in the worker that made the batch (one spaCy
+    pipeline per process, loaded on first use): parsing never runs inside the training step."""
+    from losses.entity_parser import EntityParser, groups_to_json
+
+    if model not in _PARSERS:
+        _PARSERS[model] = EntityParser(model)
+    return [groups_to_json(groups) for groups in _PARSERS[model].parse_many(captions)]
+
+
 # ---------------------------------------------------------------- the stream
 
 
@@ -355,6 +368,7 @@ class StreamConfig:
     seed: int
     epoch_batches: Optional[int]
     precomputed_keys: tuple[str, ...]
+    entity_parser: Optional[str] = None  # spaCy model: parse captions in the worker (unless cached)
 
 
 class ShardStream(IterableDataset):
@@ -443,6 +457,8 @@ class ShardStream(IterableDataset):
 
         def finish(samples: list[dict[str, Any]], cursor_after: int, counts_after: list[int]) -> dict[str, Any]:
             batch = collate_samples(samples)
+            if c.entity_parser and "entities" not in batch:
+                batch["entities"] = parse_entities(c.entity_parser, batch["captions"])
             batch["skipped"] = torch.tensor([n - r for n, r in zip(counts_after, reported)], dtype=torch.long)
             reported[:] = counts_after
             batch["position"] = {
@@ -556,6 +572,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         seed: int = 0,
         epoch_batches: Optional[int] = None,
         precomputed_keys: Sequence[str] = (),
+        entity_parser: Optional[str] = None,
         pin_memory: bool = False,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
@@ -587,6 +604,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.epoch_batches = None if epoch_batches is None else int(epoch_batches)
         self.precomputed_keys = tuple(precomputed_keys)
+        self.entity_parser = entity_parser
         self.pin_memory = bool(pin_memory)
         self._explicit_rank = None if rank is None else (int(rank), int(world_size))
         self._shards: Optional[list[str]] = None
@@ -634,6 +652,7 @@ class WebDatasetDataModule(L.LightningDataModule):
             seed=self.seed,
             epoch_batches=self.epoch_batches,
             precomputed_keys=self.precomputed_keys,
+            entity_parser=self.entity_parser,
         )
         return _PassDataLoader(
             ShardStream(config),

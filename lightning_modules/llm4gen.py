@@ -30,7 +30,10 @@ from torch import nn
 from adapters.cross_adapter import CrossAdapter
 from encoders.llm import LLMEncoder, LLMFeatures
 from encoders.stable_diffusion import LOADERS
+from losses.attention_capture import cross_attention_layer_names, install_attention_capture
 from losses.diffusion import diffusion_target, min_snr_weights, sample_noise, weighted_mse
+from losses.entity import EntityTargets, build_entity_targets_from_captions, entity_loss
+from losses.entity_parser import groups_from_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -94,6 +97,14 @@ class LLM4GenModule(L.LightningModule):
         self._setup_unet_training(cfg)
         self.ema = (EMAModel(self.trainable_parameters(), decay=cfg.ema.decay,
                              update_after_step=cfg.ema.update_after_step) if cfg.ema.enabled else None)
+        # The entity loss reads cross-attention maps; nothing is captured (and every layer keeps the fused
+        # kernel) when its weight is 0.
+        self.attention_store = None
+        if cfg.objective.lambda_entity > 0:
+            layers = cfg.objective.entity_layers
+            resolutions = layers if layers in ("lowest", "all") else [int(x) for x in str(layers).split(",")]
+            self.attention_store = install_attention_capture(
+                self.unet, cross_attention_layer_names(self.unet, resolutions), enabled=False)
         self.register_buffer("skipped_samples", torch.zeros(0, dtype=torch.long), persistent=False)
         self._null_text: tuple | None = None
 
@@ -209,12 +220,42 @@ class LLM4GenModule(L.LightningModule):
             timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,),
                                       device=self.device, generator=generator)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = self.unet(noisy.to(self.unet.dtype), timesteps, context.to(self.unet.dtype), **unet_kwargs).sample
+        capture = self.attention_store is not None and "entities" in batch
+        if capture:
+            self.attention_store.enabled = True
+        try:
+            prediction = self.unet(noisy.to(self.unet.dtype), timesteps, context.to(self.unet.dtype), **unet_kwargs).sample
+        finally:
+            if capture:
+                self.attention_store.enabled = False
         target = diffusion_target(self.noise_scheduler, latents, noise, timesteps)
         weights = (min_snr_weights(self.noise_scheduler, timesteps, objective.min_snr_gamma)
                    if objective.min_snr_gamma else None)
         diffusion = weighted_mse(prediction, target, weights)
-        return {"loss": diffusion, "diffusion": diffusion}
+        losses = {"loss": diffusion, "diffusion": diffusion}
+        if capture:
+            low, high = objective.entity_timesteps
+            applies = (timesteps >= low) & (timesteps < high)
+            if drop is not None:
+                applies &= ~drop  # a dropped caption has no words to bind
+            targets = self.entity_targets(batch, applies)
+            entity = entity_loss(self.attention_store.maps(), targets.to(self.device), objective.entity_negative_weight)
+            losses.update(loss=diffusion + objective.lambda_entity * entity.total, entity=entity.total,
+                          entity_positive=entity.positive, entity_negative=entity.negative,
+                          entity_pairs=torch.tensor(float(entity.num_pairs)))
+        return losses
+
+    def entity_targets(self, batch: dict, applies: torch.Tensor) -> EntityTargets:
+        """Word -> fused-sequence token positions and (attribute, entity) pairs for each caption; pairs of
+        samples where the loss does not apply (timestep window, dropped caption) are masked out."""
+        captions = list(batch["captions"])
+        groups = [groups_from_json(parsed, caption) for parsed, caption in zip(batch["entities"], captions)]
+        targets = build_entity_targets_from_captions(
+            captions, groups, self.clip.tokenizer, self.llm.tokenizer,
+            clip_max_length=self.clip.tokenizer.model_max_length, llm_max_length=self.cfg.llm.max_length,
+            llm_prefix=self.cfg.llm.prefix)
+        targets.pair_mask = targets.pair_mask & applies.cpu()[:, None]
+        return targets
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         datamodule = getattr(self.trainer, "datamodule", None)
