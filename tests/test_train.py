@@ -1,0 +1,172 @@
+"""train.py and generate.py as a user runs them: config refusal before any model loads, a short run
+over shards with corrupt samples, what a checkpoint holds, generation from it."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import generate
+import train
+from datamodules.synthetic import write_synthetic_shards
+
+FAST = ["validation.every_n_steps=0", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+        "data.batch_size=4", "model.optim.warmup_steps=0"]
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Any attempt to load weights fails the test: errors must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was refused")
+
+    import encoders.stable_diffusion as sd
+    import encoders.llm as llm
+
+    monkeypatch.setitem(sd.LOADERS, "sd15", refuse)
+    monkeypatch.setattr(llm.LLMEncoder, "__init__", refuse)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.adapter.num_head=4", "unknown config key 'model.adapter.num_head'.*model.adapter.num_heads"),
+    ("model.adapter.num_heads=four", "model.adapter.num_heads.*could not be converted"),
+    ("trainer.max_step=3", "trainer.max_step.*max_steps"),
+    ("model.base.pretrained=/no/such/folder", "model.base.pretrained.*'/no/such/folder' is not an existing folder"),
+    ("model.llm.pretrained=embedded:gpt9", "unknown embedded model 'embedded:gpt9'"),
+    ("model.unet_training=partial", "expected one of 'frozen', 'full', 'lora'"),
+    ("resume=/no/such.ckpt", "resume='/no/such.ckpt' is not a checkpoint file"),
+])
+def test_bad_config_is_refused_before_any_model_loads(override, message, no_model_loading, tmp_path, capsys):
+    assert train.main([f"output_dir={tmp_path}", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    import re
+    assert re.search(message, err), err
+
+
+def test_missing_config_file_is_refused(no_model_loading, capsys):
+    assert train.main(["--config", "configs/nope.yaml"]) == 2
+    assert "configs/nope.yaml" in capsys.readouterr().err
+
+
+def test_print_config_shows_the_resolved_values(capsys):
+    assert train.main(["--config", "configs/sd15_t5xl.yaml", "--print-config", "model.optim.lr=3e-5"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 3.0e-05" in out and "kalpeshk2011/rankgen-t5-xl-all" in out
+
+
+def write_corrupt_shard(path: Path) -> None:
+    def png(color):
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), color).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    good = png("red")
+    members = {
+        "truncated.png": good[: len(good) // 2], "truncated.txt": b"a red square",
+        "garbage.jpg": b"<html>not an image</html>", "garbage.txt": b"a blue square",
+        "nocaption.png": good,
+        "emptycaption.png": good, "emptycaption.txt": b"   ",
+    }
+    for i in range(4):  # a sample's members must be adjacent in the tar
+        members[f"good{i}.png"], members[f"good{i}.txt"] = good, b"a red square"
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One epoch (9 steps of 4) over 32 synthetic samples plus a shard with 4 corrupt and 4 good ones."""
+    root = tmp_path_factory.mktemp("run")
+    shards = root / "shards"
+    write_synthetic_shards(shards, num_samples=32, samples_per_shard=16, resolution=32)
+    write_corrupt_shard(shards / "shard-corrupt.tar")
+    out = root / "out"
+    assert train.main([f"output_dir={out}", f"data.shards={shards}", "data.synthetic_if_missing=false",
+                       "trainer.max_steps=9", "checkpoint.every_n_steps=3", "model.ema.enabled=true", *FAST]) == 0
+    return out
+
+
+def test_corrupt_samples_are_skipped_and_counted(trained_run):
+    metrics = json.loads((trained_run / "final_metrics.json").read_text())
+    assert metrics["global_step"] == 9
+    assert metrics["data/skipped_bad_image"] == 2  # truncated PNG, HTML named .jpg
+    assert metrics["data/skipped_missing_caption"] == 1
+    assert metrics["data/skipped_empty_caption"] == 1
+
+
+def test_run_folder_layout(trained_run):
+    assert (trained_run / "config.yaml").read_text().startswith("output_dir:")
+    names = {p.name for p in (trained_run / "checkpoints").iterdir()}
+    assert {"last.ckpt", "step=0000003.ckpt", "step=0000006.ckpt", "step=0000009.ckpt"} <= names
+    assert not any(n.startswith(".") for n in names)  # no temporary checkpoint files left behind
+    assert (trained_run / "samples" / "step_0000009.png").exists()  # validation grid at the end
+    assert (trained_run / "export" / "adapter" / "config.json").exists()
+    assert (trained_run / "logs" / "metrics.csv").read_text().count("\n") >= 6
+
+
+def test_checkpoint_holds_only_the_trainable_state(trained_run):
+    path = trained_run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    keys = set(ckpt["state_dict"])
+    assert keys and all(k.startswith("adapter.") for k in keys)
+    trainable_bytes = sum(v.numel() * v.element_size() for v in ckpt["state_dict"].values())
+    # weights + EMA + Adam's two moments = 4x the trainable bytes, plus pickling overhead
+    size = path.stat().st_size
+    print(f"checkpoint {size} bytes, trainable {trainable_bytes} bytes, ratio {size / trainable_bytes:.2f}")
+    assert 4 * trainable_bytes < size < 4 * trainable_bytes + 256 * 1024
+    assert ckpt["global_step"] == 9
+    assert len(ckpt["optimizer_states"]) == 1 and len(ckpt["lr_schedulers"]) == 1
+    assert ckpt["ema"]["optimization_step"] == 9
+    assert "WebDatasetDataModule" in ckpt  # the data position
+
+
+def test_resume_continues_at_the_saved_step_with_the_saved_optimizer(trained_run, tmp_path):
+    from lightning_modules.llm4gen import LLM4GenModule
+
+    step3 = torch.load(trained_run / "checkpoints" / "step=0000003.ckpt", map_location="cpu", weights_only=False)
+    seen = {}
+
+    import lightning as L
+
+    class Inspect(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if "step" not in seen:
+                seen["step"] = trainer.global_step
+                state = trainer.optimizers[0].state_dict()["state"]
+                seen["exp_avg"] = state[0]["exp_avg"].clone()
+
+    cfg = train.load_config(None, [f"output_dir={tmp_path}", f"data.shards={trained_run.parent / 'shards'}",
+                                   "data.synthetic_if_missing=false", "trainer.max_steps=4", *FAST,
+                                   "model.ema.enabled=true", f"resume={trained_run / 'checkpoints' / 'step=0000003.ckpt'}"])
+    module = LLM4GenModule(dict(cfg.model), seed=cfg.seed)
+    trainer = train.build_trainer(cfg)
+    trainer.callbacks.append(Inspect())
+    trainer.fit(module, datamodule=train.build_datamodule(cfg), ckpt_path=cfg.resume)
+    assert seen["step"] == 3 and trainer.global_step == 4
+    torch.testing.assert_close(seen["exp_avg"], step3["optimizer_states"][0]["state"][0]["exp_avg"])
+
+
+def test_generate_writes_the_same_images_for_the_same_seed(trained_run, tmp_path, capsys):
+    ckpt = str(trained_run / "checkpoints" / "last.ckpt")
+    args = ["--checkpoint", ckpt, "--prompt", "a red circle", "--prompt", "a blue square", "--steps", "3"]
+    assert generate.main([*args, "--output-dir", str(tmp_path / "a"), "--seed", "7"]) == 0
+    assert generate.main([*args, "--output-dir", str(tmp_path / "b"), "--seed", "7"]) == 0
+    a, b = sorted((tmp_path / "a").glob("*.png")), sorted((tmp_path / "b").glob("*.png"))
+    assert [p.name for p in a] == ["000-seed7-a-red-circle.png", "001-seed8-a-blue-square.png"]
+    for x, y in zip(a, b):
+        assert np.array_equal(np.asarray(Image.open(x)), np.asarray(Image.open(y)))
+    assert not np.array_equal(np.asarray(Image.open(a[0])), np.asarray(Image.open(a[1])))
+
+
+def test_generate_refuses_a_missing_checkpoint(tmp_path, capsys):
+    assert generate.main(["--checkpoint", str(tmp_path / "x.ckpt"), "--prompt", "p", "--output-dir", str(tmp_path)]) == 2
+    assert "is not a file" in capsys.readouterr().err
