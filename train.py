@@ -6,6 +6,10 @@
 
 The run folder is ``output_dir``: config.yaml, checkpoints/ (last.ckpt), samples/, logs/, export/,
 final_metrics.json. A restarted run (or a requeued SLURM job) resumes from its newest valid checkpoint.
+
+Set ``LLM4GEN_RECORD_KEYS=<path>`` to append the sample keys of every training batch (and a checksum
+of the trainable weights at the end) to ``<path>`` (``<path>.rank<R>`` per rank under DDP); see
+lightning_modules.callbacks.KeyRecorder. The cluster tests use it to compare runs.
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ def build_trainer(cfg):
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from lightning_modules.callbacks import AtomicCheckpointIO, ValidationImages
+    from lightning_modules.callbacks import AtomicCheckpointIO, KeyRecorder, ValidationImages
 
     out = Path(cfg.output_dir)
     checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", filename="step={step:07d}", auto_insert_metric_name=False,
@@ -98,10 +102,13 @@ def build_trainer(cfg):
                                   save_top_k=cfg.checkpoint.keep_last, monitor="step", mode="max")
     validation = ValidationImages(out / "samples", **dict(cfg.validation))
     logger = (TensorBoardLogger if cfg.logger == "tensorboard" else CSVLogger)(out, name="logs", version="")
+    callbacks = [checkpoints, validation]
+    if os.environ.get("LLM4GEN_RECORD_KEYS"):
+        callbacks.append(KeyRecorder(os.environ["LLM4GEN_RECORD_KEYS"]))
     plugins = [AtomicCheckpointIO()]
     if "SLURM_JOB_ID" in os.environ and SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=True))
-    return L.Trainer(**cfg.trainer, default_root_dir=out, callbacks=[checkpoints, validation], logger=logger,
+    return L.Trainer(**cfg.trainer, default_root_dir=out, callbacks=callbacks, logger=logger,
                      plugins=plugins)
 
 
@@ -143,6 +150,10 @@ def main(argv=None) -> int:
             print(to_yaml(cfg))
             return 0
         check_sources(cfg)
+        if cfg.data.precomputed_keys:  # a cache made with other settings is refused before models load
+            from datamodules.feature_cache import check_cache_key
+
+            check_cache_key(cfg.data.shards, cfg)
         resume_path(cfg)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

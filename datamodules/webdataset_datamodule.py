@@ -86,6 +86,7 @@ __all__ = [
 PRECOMPUTED_MEMBERS: dict[str, str] = {
     "latent_moments": "latent_moments.npy",  # (2C, h, w) the VAE posterior's mean and log-variance (sampled at train time, like online encoding)
     "llm_features": "llm_features.npy",  # (tokens, dim), unpadded: only the caption's real tokens
+    "clip_features": "clip_features.npy",  # (77, clip_dim) CLIP's last hidden state of the caption
     "entities": "entities.json",  # the entity parse of the caption, passed through as parsed JSON
 }
 
@@ -222,6 +223,7 @@ def encode_precomputed(
     latent_moments: Optional[Union[np.ndarray, torch.Tensor]] = None,
     llm_features: Optional[Union[np.ndarray, torch.Tensor]] = None,
     entities: Optional[Any] = None,
+    clip_features: Optional[Union[np.ndarray, torch.Tensor]] = None,
 ) -> dict[str, bytes]:
     """Tar members for one sample's cached values, named by :data:`PRECOMPUTED_MEMBERS`.
 
@@ -229,7 +231,7 @@ def encode_precomputed(
     ``llm_features`` is ``(tokens, dim)`` of the caption's real tokens only (no padding).
     """
     members: dict[str, bytes] = {}
-    for name, value in (("latent_moments", latent_moments), ("llm_features", llm_features)):
+    for name, value in (("latent_moments", latent_moments), ("llm_features", llm_features), ("clip_features", clip_features)):
         if value is None:
             continue
         array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
@@ -313,6 +315,8 @@ def collate_samples(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         batch["latent_moments"] = torch.stack([s["latent_moments"] for s in samples])  # (batch, C, h, w)
     if "llm_features" in samples[0]:
         batch["llm_features"], batch["llm_mask"] = pad_llm_features([s["llm_features"] for s in samples])
+    if "clip_features" in samples[0]:
+        batch["clip_features"] = torch.stack([s["clip_features"] for s in samples])  # (batch, 77, clip_dim)
     if "entities" in samples[0]:
         batch["entities"] = [s["entities"] for s in samples]
     return batch
@@ -549,6 +553,7 @@ class WebDatasetDataModule(L.LightningDataModule):
       ``latent_moments`` (B, 2C, h, w) float32 VAE posterior mean and log-variance, when ``"latent_moments"`` is in ``precomputed_keys``
       ``llm_features``  (B, L, D) float32 zero-padded to the batch's longest, with
       ``llm_mask``      (B, L) bool, True on real tokens, when ``"llm_features"`` is enabled
+      ``clip_features`` (B, 77, clip_dim) float32, when ``"clip_features"`` is enabled
       ``entities``      list of parsed JSON, when ``"entities"`` is enabled
       ``skipped``       (len(SKIP_REASONS),) long: samples skipped since the worker's previous batch
       ``position``      dict of ints for :meth:`on_batch_consumed`; not model input

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -382,7 +382,3 @@ class LLM4GenModule(L.LightningModule):
                 self.unet.save_pretrained(directory / "unet")
         OmegaConf.save(self.cfg, directory / "model_config.yaml")
         return directory
-
-
-def iter_frozen_parameters(module: LLM4GenModule) -> Iterator[tuple[str, nn.Parameter]]:
-    return ((n, p) for n, p in module.named_parameters() if not p.requires_grad)
