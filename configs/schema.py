@@ -9,6 +9,7 @@ wrong type, naming the closest valid keys, before any model is loaded.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,6 +219,9 @@ def check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"config key {key!r} is {value!r}; expected one of {', '.join(map(repr, choices))}.")
+    if cfg.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logger=tensorboard needs the tensorboard package: pip install tensorboard "
+                          "(or pip install -e '.[tensorboard]'), or use logger=csv")
     if not 0.0 <= cfg.model.objective.caption_dropout < 1.0:
         raise ConfigError(f"model.objective.caption_dropout={cfg.model.objective.caption_dropout}: expected a share in [0, 1)")
 
