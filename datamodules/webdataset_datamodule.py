@@ -34,8 +34,9 @@ over the train DataLoader runs to its end, so a pass stopped early (``limit_trai
 ``break``) is continued by the next pass. No ``reload_dataloaders_every_n_epochs`` is needed.
 
 DDP. Set ``epoch_batches``: every rank then yields exactly that many full batches per epoch
-(shards repeat within the epoch if needed), so ranks with fewer samples never leave the others
-waiting in a collective. Without it, ranks get ``len(shards) / world_size`` shards each and may
+(shards repeat within the epoch if needed, each repeat round going through the shuffle buffer on
+its own, so a rank whose shards hold exactly epoch_batches x batch_size samples uses each sample once
+per epoch), so ranks with fewer samples never leave the others waiting in a collective. Without it, ranks get ``len(shards) / world_size`` shards each and may
 finish at different times.
 """
 
@@ -199,20 +200,34 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
         yield current
 
 
+# Marks the end of one round over a (rank, worker)'s shards in the raw stream: the shuffle buffer
+# empties before the next round's samples enter, so with ``epoch_batches`` a rank that holds exactly
+# epoch_batches * batch_size samples uses each once per epoch (a repeat round never leaks in early).
+ROUND_END = object()
+
+
 def shuffle_buffer(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
-    """Approximate shuffle through a buffer of ``size`` items; size <= 1 keeps the order."""
-    if size <= 1:
-        yield from samples
-        return
+    """Approximate shuffle through a buffer of ``size`` items; size <= 1 keeps the order.
+    A ``ROUND_END`` item flushes the buffer (shuffled) and is not passed on."""
     buffer: list[Any] = []
     for sample in samples:
+        if sample is ROUND_END:
+            if size > 1:
+                rng.shuffle(buffer)
+            yield from buffer
+            buffer = []
+            continue
+        if size <= 1:
+            yield sample
+            continue
         if len(buffer) < size:
             buffer.append(sample)
             continue
         index = rng.randrange(size)
         buffer[index], sample = sample, buffer[index]
         yield sample
-    rng.shuffle(buffer)
+    if size > 1:
+        rng.shuffle(buffer)
     yield from buffer
 
 
@@ -406,7 +421,7 @@ class ShardStream(IterableDataset):
         workers = self.plan.num_workers
         return total // workers + (1 if worker < total % workers else 0)
 
-    def _shard_stream(self, worker: int) -> Iterator[str]:
+    def _shard_stream(self, worker: int) -> Iterator[Any]:
         c, p = self.config, self.plan
         if c.resampled:
             rng = random.Random(f"resample/{c.seed}/{p.epoch}/{p.rank}/{worker}")
@@ -417,10 +432,14 @@ class ShardStream(IterableDataset):
             yield from assign_shards(order, p.rank, p.world_size, worker, p.num_workers)
             if c.epoch_batches is None:
                 return
+            yield ROUND_END
 
     def _raw_samples(self, worker: int, counts: list[int]) -> Iterator[dict[str, Any]]:
         shards_without_samples = 0
         for url in self._shard_stream(worker):
+            if url is ROUND_END:
+                yield ROUND_END
+                continue
             produced = 0
             try:
                 for sample in iter_tar_samples(url):

@@ -174,10 +174,29 @@ def load_experiment_config(config_path: str | Path, overrides: list[str]) -> Dic
     validated by the same schema, so a bad key fails at submission rather than on a compute node."""
     from configs.schema import ConfigError, load_config
 
+    _check_time_is_text(config_path, overrides)
     try:
         return load_config(config_path, list(overrides))
     except ConfigError as error:
         raise SlurmError(str(error)) from error
+
+
+def _check_time_is_text(config_path: str | Path, overrides: list[str]) -> None:
+    """Refuse a `slurm.time` that YAML read as a number, before the schema turns 1800 into "1800"."""
+    layers = [OmegaConf.load(config_path)] if Path(config_path).is_file() else []
+    layers += [OmegaConf.from_dotlist([o]) for o in overrides if o.startswith("slurm.time=")]
+    for layer in layers:
+        _check_time_value(OmegaConf.select(layer, "slurm.time", default=None), "slurm")
+
+
+def _check_time_value(time, source: str) -> None:
+    if isinstance(time, (int, float)) and not isinstance(time, bool):
+        # YAML 1.1 reads an unquoted `30:00` as the base-60 number 1800, which sbatch would take as
+        # 1800 minutes; demand a string so the limit is what the user wrote.
+        raise SlurmError(
+            f"{source}.time is the number {time}; write it as a quoted string such as \"30:00\" or "
+            f"\"04:00:00\" (unquoted mm:ss is read by YAML as base-60 seconds)"
+        )
 
 
 def slurm_config_from_dict(section: dict | DictConfig | None, *, source: str = "slurm") -> SlurmConfig:
@@ -196,14 +215,7 @@ def slurm_config_from_dict(section: dict | DictConfig | None, *, source: str = "
                 f"unknown key {source}.{key}; did you mean {source}.{closest[0]}? "
                 f"Valid keys: {', '.join(valid)}"
             )
-    time = section.get("time")
-    if isinstance(time, (int, float)) and not isinstance(time, bool):
-        # YAML 1.1 reads an unquoted `30:00` as the base-60 number 1800, which sbatch would take as
-        # 1800 minutes; demand a string so the limit is what the user wrote.
-        raise SlurmError(
-            f"{source}.time is the number {time}; write it as a quoted string such as \"30:00\" or "
-            f"\"04:00:00\" (unquoted mm:ss is read by YAML as base-60 seconds)"
-        )
+    _check_time_value(section.get("time"), source)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(SlurmConfig), section)
         return OmegaConf.to_object(merged)

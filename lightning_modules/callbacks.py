@@ -64,13 +64,18 @@ class ValidationImages(L.Callback):
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file, then renames it into place: a job killed mid-save
-    leaves the previous checkpoint intact, never a truncated one under the real name."""
+    leaves the previous checkpoint intact, never a truncated one under the real name. A write that
+    fails with an exception removes its temporary file; one killed outright leaves ``.NAME.tmp-PID``,
+    which resuming ignores (it does not end in ``.ckpt``)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # only still there when the write failed
 
 
 class KeyRecorder(L.Callback):

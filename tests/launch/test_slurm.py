@@ -7,6 +7,7 @@ the real one does. Real jobs run in test_slurm_cluster.py.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -190,10 +191,16 @@ def test_missing_slurm_section_gives_defaults(tmp_path):
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ("gpu_per_node: 2", "unknown key slurm.gpu_per_node; did you mean slurm.gpus_per_node?"),
-        ("signal: 60", "did you mean slurm.signal_seconds?"),
-        ("nodes: many", "invalid value in slurm"),
-        ("time: 30:00", 'slurm.time is the number 1800; write it as a quoted string such as "30:00"'),
+        # checked by the run schema (configs/schema.py), which names the closest valid keys
+        ("gpu_per_node: 2", r"unknown config key 'slurm\.gpu_per_node' \(from .*experiment\.yaml\)\. "
+                            r"Closest valid keys: slurm\.gpus_per_node"),
+        ("signal: 60", r"unknown config key 'slurm\.signal' .*Closest valid keys: slurm\.signal_seconds"),
+        ("nodes: many", r"config key 'slurm\.nodes' .*Value 'many' of type 'str' could not be converted to Integer\. "
+                        r"The default is 1\."),
+        # checked by SlurmConfig itself
+        ("nodes: 0", r"slurm\.nodes must be >= 1, got 0"),
+        # checked before the schema, which would turn the number 1800 into the string "1800"
+        ("time: 30:00", re.escape('slurm.time is the number 1800; write it as a quoted string such as "30:00"')),
     ],
 )
 def test_bad_slurm_section_is_rejected_with_the_fix(tmp_path, section, message):
@@ -201,8 +208,15 @@ def test_bad_slurm_section_is_rejected_with_the_fix(tmp_path, section, message):
         load_slurm_section(write_config(tmp_path, f"slurm:\n  {section}\n"), [])
 
 
+def test_time_override_read_as_a_number_is_rejected(tmp_path):
+    config = write_config(tmp_path, "output_dir: runs/x\n")
+    with pytest.raises(SlurmError, match=re.escape("slurm.time is the number 1800; write it as a quoted string")):
+        load_slurm_section(config, ["slurm.time=30:00"])
+    assert load_slurm_section(config, ["slurm.time='30:00'"]).time == "30:00"
+
+
 def test_missing_config_file_is_named(tmp_path):
-    with pytest.raises(SlurmError, match="config file not found: .*nope.yaml"):
+    with pytest.raises(SlurmError, match=r"config file '.*nope\.yaml' does not exist; experiments live in configs/"):
         load_slurm_section(tmp_path / "nope.yaml", [])
 
 
@@ -241,7 +255,21 @@ def test_submit_cli_dry_run_prints_the_script_and_writes_nothing(tmp_path, fake_
     assert not (tmp_path / "run").exists() and not fake_sbatch.exists()
 
 
-def test_submit_cli_without_output_dir_asks_for_one(tmp_path, capsys):
+def test_submit_cli_without_output_dir_uses_the_schema_default_under_the_current_directory(
+    tmp_path, fake_sbatch, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path, "trainer: {max_steps: 1}\n")
-    assert submit_cli.main(["--config", str(config)]) == 2
+    assert submit_cli.main(["--config", str(config)]) == 0
+    script = (tmp_path / "runs" / "tiny" / "slurm.sbatch").read_text()  # output_dir's default: runs/tiny
+    srun = shlex.split(next(line for line in script.splitlines() if line.startswith("srun")))
+    assert srun[-1] == f"output_dir={tmp_path / 'runs' / 'tiny'}"
+
+
+def test_submit_cli_refuses_an_empty_output_dir(tmp_path, fake_sbatch, capsys):
+    config = write_config(tmp_path, "trainer: {max_steps: 1}\n")
+    assert submit_cli.main(["--config", str(config), "output_dir="]) == 2
+    assert "config key 'output_dir' (from command line): Incompatible value 'None'" in capsys.readouterr().err
+    assert submit_cli.main(["--config", str(config), "output_dir=''"]) == 2
     assert "sets no output_dir; pass one, e.g. output_dir=runs/my-run" in capsys.readouterr().err
+    assert not fake_sbatch.exists()

@@ -1,19 +1,22 @@
-"""Real SLURM jobs on a local one-node cluster: requeue and resume, two tasks per node, a sweep array.
+"""Real SLURM jobs on a local one-node cluster running the real train.py (the tiny default, CPU):
+a job requeued mid-run resumes from its checkpoint and ends with the weights of an uninterrupted run,
+a 2-task DDP job runs under srun, and a sweep runs as a job array and is skipped once finished.
 
 Runs only where `sbatch` is on PATH. That skip is acceptable only because CI starts the cluster
 first (`.ci/slurm-up.sh` as root: installs slurm-wlm + munge if missing, starts munged, slurmctld and
 slurmd, waits for the node to be idle; `.ci/slurm-down.sh` stops them), so in CI these tests always
 run. Where sbatch exists but the cluster does not answer, the tests fail instead of skipping, and
-every wait has a deadline so a broken cluster fails in seconds instead of hanging.
+every wait has a deadline so a broken cluster fails instead of hanging.
 
-The training command comes from the `train_command` fixture: a fake trainer (from test_sweep.py) that
-keeps train.py's contract until train.py lands; swapping in the real one is the one commented line.
+Jobs inherit the submitting environment (sbatch's default --export=ALL): HF_HUB_OFFLINE from
+tests/conftest.py and, where a test sets it, LLM4GEN_RECORD_KEYS (the sample keys of every batch).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -23,9 +26,11 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import torch
 
+import submit as submit_cli
 import sweep as sweep_cli
-from launch.slurm import SlurmConfig, render_sbatch_script, submit
+from datamodules.synthetic import write_synthetic_shards
 from launch.sweep import expand_runs, load_sweep
 
 pytestmark = pytest.mark.skipif(
@@ -33,14 +38,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
 SCONTROL_TIMEOUT_S = 10
+JOB_TIMEOUT_S = 300  # a tiny run takes 10-40 s on 2 busy cores; the deadline only catches a stuck job
 TERMINAL_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED",
 }  # fmt: skip
 
 
 def _load_test_sweep():
-    """test_sweep.py holds the fake trainer; load it by path so this works under any pytest import mode."""
+    """test_sweep.py holds write_sweep; load it by path so this works under any pytest import mode."""
     spec = importlib.util.spec_from_file_location("_launch_test_sweep", Path(__file__).with_name("test_sweep.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -130,81 +137,148 @@ def cluster() -> None:
         pytest.fail(f"no usable SLURM node (sinfo: {answer!r}); start the cluster with .ci/slurm-up.sh")
 
 
-@pytest.fixture
-def train_command(tmp_path: Path) -> list[str]:
-    """argv that starts training; `--config CFG overrides...` is appended."""
-    return [sys.executable, str(test_sweep.write_fake_trainer(tmp_path))]
-    # return [sys.executable, str(REPO_ROOT / "train.py")]  # once train.py lands
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """4 shards x 16 synthetic samples (32x32 px), shared by the module's jobs."""
+    directory = tmp_path_factory.mktemp("shards")
+    write_synthetic_shards(str(directory), num_samples=64, samples_per_shard=16, resolution=32, seed=0)
+    return directory
 
 
-@pytest.fixture
-def run_config(tmp_path: Path) -> Path:
-    return test_sweep.write_base_config(tmp_path)
+def fast(shards: Path) -> list[str]:
+    """Tiny-run overrides: batch 4, no sampling beyond one denoising step, lr high enough that a wrong
+    step shows far above the 1e-6 the weight comparison allows."""
+    return [f"data.shards={shards}", "data.synthetic_if_missing=false", "data.batch_size=4",
+            "validation.every_n_steps=0", "validation.num_inference_steps=1", "trainer.log_every_n_steps=1",
+            "trainer.enable_progress_bar=false", "model.optim.lr=1e-3", "model.optim.warmup_steps=6"]
 
 
-def submit_run(tmp_path: Path, cfg: SlurmConfig, command: list[str], run_dir: Path) -> str:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    script = run_dir / "slurm.sbatch"
-    script.write_text(render_sbatch_script(cfg, command, run_dir, workdir=REPO_ROOT))
-    return submit(script)
+def submit_tiny(capsys, *overrides: str) -> str:
+    """submit.py with the tiny default; returns the job id."""
+    capsys.readouterr()
+    assert submit_cli.main(["--config", str(TINY_CONFIG), *overrides]) == 0
+    return re.search(r"submitted job (\d+)", capsys.readouterr().out).group(1)
+
+
+def read_records(path: Path) -> list[dict]:
+    assert path.is_file(), f"no key record at {path}"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def trainable_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
 
 
 # ---------------------------------------------------------------- tests
 
 
-def test_requeued_job_restarts_and_resumes_from_its_checkpoint(tmp_path, train_command, run_config):
+def test_requeued_job_resumes_from_its_checkpoint_and_ends_with_the_uninterrupted_weights(
+    tmp_path, shards, capsys, monkeypatch
+):
+    steps = 10  # requeued once step 4 is saved: 6 steps of slack for the requeue to land mid-run
+    training = [*fast(shards), f"trainer.max_steps={steps}", "checkpoint.every_n_steps=2"]
     run_dir = tmp_path / "runs" / "requeue"
-    overrides = ["trainer.max_steps=20", "fake.step_seconds=0.2", f"output_dir={run_dir}"]
-    command = [*train_command, "--config", str(run_config), *overrides]
-    job_id = submit_run(tmp_path, SlurmConfig(time="00:05:00", job_name="requeue-test"), command, run_dir)
+    monkeypatch.setenv("LLM4GEN_RECORD_KEYS", str(tmp_path / "job-keys.jsonl"))
+    job_id = submit_tiny(capsys, *training, "slurm.time=00:10:00", "slurm.job_name=requeue-test", f"output_dir={run_dir}")
     log = run_dir / f"slurm-{job_id}.out"
-
-    wait_until((run_dir / "checkpoints" / "last.ckpt").exists, 30, job_id, "a first checkpoint", log)
-    requeue_now(job_id, log)
-    (record,) = wait_for_job(job_id, 60, log)
+    # The uninterrupted reference, alongside the job (not under SLURM: its environment has no SLURM_*).
+    baseline_dir = tmp_path / "runs" / "baseline"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["LLM4GEN_RECORD_KEYS"] = str(tmp_path / "baseline-keys.jsonl")
+    baseline = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "train.py"), "--config", str(TINY_CONFIG), *training,
+         f"output_dir={baseline_dir}"], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        wait_until((run_dir / "checkpoints" / "step=0000004.ckpt").exists, JOB_TIMEOUT_S, job_id, "step 4", log)
+        requeue_now(job_id, log)
+        (record,) = wait_for_job(job_id, JOB_TIMEOUT_S, log)
+        baseline_output, _ = baseline.communicate(timeout=JOB_TIMEOUT_S)
+    finally:
+        if baseline.poll() is None:
+            baseline.kill()
+            baseline.wait()
+    assert baseline.returncode == 0, baseline_output[-3000:]
 
     assert record["JobState"] == "COMPLETED", record
     assert record["Restarts"] == "1"
     text = log.read_text()
     # Both starts are in the one log (--open-mode=append), the second one with SLURM_RESTART_COUNT=1.
-    assert re.search(rf"job {job_id} restart 0 on", text) and re.search(rf"job {job_id} restart 1 on", text), text
-    assert json.loads((run_dir / "final_metrics.json").read_text())["global_step"] == 20
-    # fake-trainer record of where each start began (train.py: look for Lightning's "Restoring states")
-    starts = [json.loads(line) for line in (run_dir / "starts.log").read_text().splitlines()]
-    assert [(s["restart"], s["start_step"] > 0) for s in starts] == [(0, False), (1, True)], starts
+    second_start = re.search(rf"job {job_id} restart 1 on", text)
+    assert re.search(rf"job {job_id} restart 0 on", text) and second_start, text[-3000:]
+    assert f"resuming from {run_dir / 'checkpoints'}" in text[second_start.end():], text[-3000:]
+    assert json.loads((run_dir / "final_metrics.json").read_text())["global_step"] == steps
+
+    # The requeued start went on from a checkpoint taken mid-run (step 4 or later), not from the end.
+    job_steps = [r["global_step"] for r in read_records(tmp_path / "job-keys.jsonl") if "keys" in r]
+    restart = next(i for i in range(1, len(job_steps)) if job_steps[i] <= job_steps[i - 1])
+    assert job_steps[:restart] == list(range(restart)) and job_steps[restart:] == list(range(job_steps[restart], steps))
+    assert 4 <= job_steps[restart] < steps and job_steps[restart] % 2 == 0, job_steps
+    # Same samples per step as the uninterrupted run (a step trained twice counts from its last run).
+    job_keys, baseline_keys = {}, {}
+    for r in read_records(tmp_path / "job-keys.jsonl"):
+        job_keys.update({r["global_step"]: r["keys"]} if "keys" in r else {})
+    for r in read_records(tmp_path / "baseline-keys.jsonl"):
+        baseline_keys.update({r["global_step"]: r["keys"]} if "keys" in r else {})
+    assert sorted(baseline_keys) == list(range(steps)) and job_keys == baseline_keys
+    final, reference = trainable_weights(run_dir), trainable_weights(baseline_dir)
+    assert set(final) == set(reference)
+    difference = max(float((final[k] - reference[k]).abs().max()) for k in final)
+    print(f"requeued job resumed at step {job_steps[restart]}; max |requeued - uninterrupted| = {difference:.3g}")
+    assert difference <= 1e-6
 
 
-def test_two_tasks_per_node_run_both_ranks_under_srun(tmp_path, train_command, run_config):
-    run_dir = tmp_path / "runs" / "two-tasks"
-    command = [*train_command, "--config", str(run_config), "trainer.max_steps=2", f"output_dir={run_dir}"]
-    cfg = SlurmConfig(tasks_per_node=2, time="00:05:00", job_name="two-tasks")
-    job_id = submit_run(tmp_path, cfg, command, run_dir)
+def test_two_task_ddp_job_runs_both_ranks_under_srun(tmp_path, shards, capsys, monkeypatch):
+    run_dir = tmp_path / "runs" / "ddp"
+    record = tmp_path / "keys.jsonl"
+    monkeypatch.setenv("LLM4GEN_RECORD_KEYS", str(record))
+    job_id = submit_tiny(
+        capsys, *fast(shards), "trainer.max_steps=4", "data.epoch_batches=4", "trainer.devices=2",
+        "trainer.strategy=ddp", "slurm.tasks_per_node=2", "slurm.time=00:10:00", "slurm.job_name=ddp-test",
+        f"output_dir={run_dir}",
+    )  # fmt: skip
+    log = run_dir / f"slurm-{job_id}.out"
 
-    (record,) = wait_for_job(job_id, 60, run_dir / f"slurm-{job_id}.out")
+    (job,) = wait_for_job(job_id, JOB_TIMEOUT_S, log)
 
-    assert record["JobState"] == "COMPLETED", record
-    starts = [json.loads(line) for line in (run_dir / "starts.log").read_text().splitlines()]
-    assert sorted((s["rank"], s["ntasks"]) for s in starts) == [(0, 2), (1, 2)]
-    assert (run_dir / "final_metrics.json").exists()
+    assert job["JobState"] == "COMPLETED", (job, log.read_text()[-3000:])
+    text = log.read_text()
+    assert "MEMBER: 1/2" in text and "MEMBER: 2/2" in text, text[-3000:]  # two ranks, one per srun task
+    assert json.loads((run_dir / "final_metrics.json").read_text())["global_step"] == 4
+    ranks = {rank: read_records(record.with_name(f"{record.name}.rank{rank}")) for rank in (0, 1)}
+    keys = {rank: [k for r in lines if "keys" in r for k in r["keys"]] for rank, lines in ranks.items()}
+    assert len(keys[0]) == len(keys[1]) == 16 and not set(keys[0]) & set(keys[1])
+    ends = [next(r for r in lines if r.get("event") == "train_end") for lines in ranks.values()]
+    assert ends[0]["trainable_sha256"] == ends[1]["trainable_sha256"]  # DDP kept the ranks' weights equal
 
 
-def test_sweep_as_a_job_array_runs_every_task_and_summarizes(tmp_path, train_command, capsys):
-    counter = tmp_path / "invocations.txt"
-    config = test_sweep.write_base_config(tmp_path, counter_file=str(counter))
-    sweep_file = test_sweep.write_sweep(
-        tmp_path, config, test_sweep.GRID_2X2 + "    slurm: {time: '00:05:00'}\n"
-    )
+REAL_GRID_2X2 = """
+    base_overrides: [trainer.max_steps=3, {fast}]
+    grid:
+      model.optim.lr: [1.0e-4, 1.0e-3]
+      model.adapter.num_blocks: [1, 2]
+    slurm: {{time: '00:10:00'}}
+"""
 
-    assert sweep_cli.main([str(sweep_file), "--slurm", "--train-script", train_command[-1]]) == 0
+
+def test_sweep_as_a_job_array_runs_every_task_and_skips_them_once_finished(tmp_path, shards, capsys):
+    body = REAL_GRID_2X2.format(fast=", ".join(fast(shards)))
+    sweep_file = test_sweep.write_sweep(tmp_path, TINY_CONFIG, body)
+    runs = expand_runs(load_sweep(sweep_file))
+
+    assert sweep_cli.main([str(sweep_file), "--slurm"]) == 0  # the default train script: the real train.py
     job_id = re.search(r"submitted job array (\d+) with 4 tasks", capsys.readouterr().out).group(1)
-    records = wait_for_job(job_id, 90, tmp_path / "out" / "slurm-logs" / f"slurm-{job_id}_*.out")
+    records = wait_for_job(job_id, 2 * JOB_TIMEOUT_S, tmp_path / "out" / "slurm-logs" / f"slurm-{job_id}_*.out")
 
     assert sorted(r["ArrayTaskId"] for r in records) == ["0", "1", "2", "3"]
     assert all(r["JobState"] == "COMPLETED" for r in records), records
-    assert sorted(counter.read_text().splitlines()) == sorted(run.name for run in expand_runs(load_sweep(sweep_file)))
+    for run in runs:
+        assert json.loads((run.output_dir / "final_metrics.json").read_text())["global_step"] == 3
     assert sweep_cli.main([str(sweep_file), "--summary"]) == 0
     summary = (tmp_path / "out" / "summary.csv").read_text().splitlines()
     assert len(summary) == 5 and all(",finished," in row for row in summary[1:])
     # Everything finished, so a second --slurm submits nothing.
-    assert sweep_cli.main([str(sweep_file), "--slurm", "--train-script", train_command[-1]]) == 0
+    capsys.readouterr()
+    assert sweep_cli.main([str(sweep_file), "--slurm"]) == 0
     assert "all 4 runs finished; nothing to submit" in capsys.readouterr().out

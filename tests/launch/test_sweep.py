@@ -1,13 +1,14 @@
-"""Sweep expansion, run naming, local runs with a fake trainer, skipping finished runs, summaries.
+"""Sweep expansion, run naming, local runs (a fake trainer for the fast cases, the real train.py for a
+2x2 grid of tiny runs), skipping finished runs, summaries, the SLURM array script.
 
-The SLURM-array form of a sweep is tested on a real local cluster in test_slurm_cluster.py, which also
-uses the fake trainer defined here (write_fake_trainer).
+The SLURM-array form of a sweep runs on a real local cluster in test_slurm_cluster.py.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import textwrap
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import sweep as sweep_cli
+from datamodules.synthetic import write_synthetic_shards
 from launch.sweep import (
     MAX_NAME_LENGTH,
     SweepError,
@@ -29,7 +31,9 @@ from launch.sweep import (
     write_array_runs_file,
 )
 
-# Stands in for train.py until it exists, honouring the same contract: `--config CFG key=value ...`
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Stands in for train.py where a real run would only slow a test down, honouring the same contract: `--config CFG key=value ...`
 # read with OmegaConf, the run folder `output_dir` with checkpoints/last.ckpt (here: the step count),
 # resume from that checkpoint, final_metrics.json written last. It also records what the tests check:
 # each start (restart count, step resumed from, rank) in starts.log, and each invocation in
@@ -312,9 +316,16 @@ def test_dry_run_prints_commands_and_writes_nothing(tmp_path, fake_trainer, caps
 # ---------------------------------------------------------------- SLURM array (rendering only)
 
 
+def write_schema_config(directory: Path, text: str = "") -> Path:
+    """A run config train.py accepts (--slurm validates the config with the run schema at submission)."""
+    path = Path(directory) / "real-experiment.yaml"
+    path.write_text(f"output_dir: {Path(directory) / 'runs' / 'default'}\n{text}")
+    return path
+
+
 def test_slurm_dry_run_renders_one_array_over_unfinished_runs(tmp_path, fake_trainer, capsys):
     body = GRID_2X2 + "    max_parallel: 2\n    slurm: {time: '00:10:00'}\n"
-    sweep_file = write_sweep(tmp_path, write_base_config(tmp_path), body)
+    sweep_file = write_sweep(tmp_path, write_schema_config(tmp_path, "slurm: {cpus_per_task: 2}\n"), body)
     finished = tmp_path / "out" / expand_runs(load_sweep(sweep_file))[0].name
     finished.mkdir(parents=True)
     (finished / "final_metrics.json").write_text('{"global_step": 2}')
@@ -323,7 +334,8 @@ def test_slurm_dry_run_renders_one_array_over_unfinished_runs(tmp_path, fake_tra
 
     printed = capsys.readouterr().out
     assert "#SBATCH --array=0-2%2" in printed
-    assert "#SBATCH --time=00:10:00" in printed
+    assert "#SBATCH --time=00:10:00" in printed  # the sweep's slurm: over the config's
+    assert "#SBATCH --cpus-per-task=2" in printed  # the config's own slurm: section
     assert f"#SBATCH --output={tmp_path / 'out' / 'slurm-logs'}/slurm-%A_%a.out" in printed
     assert "--run-task" in printed
     assert not list((tmp_path / "out").glob("sweep-runs-*"))
@@ -344,3 +356,58 @@ def test_array_task_i_gets_run_i_and_the_runs_file_name_follows_its_content(tmp_
         resolve_array_task(runs_file, 3)
     with pytest.raises(SweepError, match="needs SLURM_ARRAY_TASK_ID"):
         resolve_array_task(runs_file, None)
+
+
+def test_slurm_submission_refuses_a_config_the_run_schema_rejects(tmp_path, fake_trainer, capsys):
+    sweep_file = write_sweep(tmp_path, write_schema_config(tmp_path, "optim: {lr: 0.1}\n"), GRID_2X2)
+
+    assert sweep_cli.main([str(sweep_file), "--slurm", "--train-script", str(fake_trainer)]) == 2
+
+    err = capsys.readouterr().err
+    assert "unknown config key 'optim'" in err and "Closest valid keys" in err, err
+    assert not list((tmp_path / "out").glob("*.sbatch"))  # nothing submitted
+
+
+# ---------------------------------------------------------------- real runs
+
+REAL_GRID_2X2 = """
+    base_overrides: [trainer.max_steps=3, data.shards={shards}, data.synthetic_if_missing=false, data.batch_size=4,
+                     model.optim.warmup_steps=0, validation.every_n_steps=0, validation.num_inference_steps=1,
+                     trainer.log_every_n_steps=1, trainer.enable_progress_bar=false]
+    grid:
+      model.optim.lr: [1.0e-4, 1.0e-3]
+      model.adapter.num_blocks: [1, 2]
+"""
+
+
+def test_local_sweep_of_real_tiny_runs_summarizes_their_final_loss_then_skips_them(tmp_path, capsys):
+    shards = tmp_path / "shards"
+    write_synthetic_shards(str(shards), num_samples=32, samples_per_shard=16, resolution=32, seed=0)
+    sweep_file = write_sweep(tmp_path, REPO_ROOT / "configs" / "tiny.yaml", REAL_GRID_2X2.format(shards=shards))
+    runs = expand_runs(load_sweep(sweep_file))
+
+    assert sweep_cli.main([str(sweep_file)]) == 0  # the default train script: the real train.py
+
+    with (tmp_path / "out" / "summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["run"] for row in rows] == [run.name for run in runs] == [
+        "model.optim.lr=0.0001_model.adapter.num_blocks=1", "model.optim.lr=0.0001_model.adapter.num_blocks=2",
+        "model.optim.lr=0.001_model.adapter.num_blocks=1", "model.optim.lr=0.001_model.adapter.num_blocks=2",
+    ]  # fmt: skip
+    assert [row["status"] for row in rows] == ["finished"] * 4
+    for run, row in zip(runs, rows):
+        metrics = json.loads((run.output_dir / "final_metrics.json").read_text())
+        assert metrics["global_step"] == 3
+        assert math.isfinite(metrics["train/loss"]) and float(row["train/loss"]) == pytest.approx(metrics["train/loss"])
+        config = OmegaConf.load(run.output_dir / "config.yaml")  # the overrides reached the run
+        assert config.model.optim.lr == run.overrides["model.optim.lr"]
+        assert config.model.adapter.num_blocks == run.overrides["model.adapter.num_blocks"]
+        assert config.trainer.max_steps == 3
+    assert len({row["train/loss"] for row in rows}) == 4  # four different trainings
+    finished_at = [(run.output_dir / "final_metrics.json").stat().st_mtime_ns for run in runs]
+    capsys.readouterr()
+
+    assert sweep_cli.main([str(sweep_file)]) == 0
+
+    assert capsys.readouterr().out.count("finished already, skipped") == 4
+    assert [(run.output_dir / "final_metrics.json").stat().st_mtime_ns for run in runs] == finished_at
