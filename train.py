@@ -99,7 +99,8 @@ def build_trainer(cfg):
     out = Path(cfg.output_dir)
     checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", filename="step={step:07d}", auto_insert_metric_name=False,
                                   every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True,
-                                  save_top_k=cfg.checkpoint.keep_last, monitor="step", mode="max")
+                                  save_top_k=cfg.checkpoint.keep_last, monitor="step", mode="max",
+                                  enable_version_counter=False)  # rewrite a step's file, never "-v1" beside a bad one
     validation = ValidationImages(out / "samples", **dict(cfg.validation))
     logger = (TensorBoardLogger if cfg.logger == "tensorboard" else CSVLogger)(out, name="logs", version="")
     callbacks = [checkpoints, validation]

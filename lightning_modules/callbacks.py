@@ -27,7 +27,8 @@ def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.I
 
 class ValidationImages(L.Callback):
     """Samples a fixed prompt list with fixed seeds every ``every_n_steps`` optimizer steps (and at the
-    end), with the EMA weights when there are any, and saves the grid to ``<run>/samples/``."""
+    end), with the EMA weights when there are any, and saves the grid to ``<run>/samples/``.
+    ``every_n_steps=0`` turns validation off, at the end too."""
 
     def __init__(self, directory: str | os.PathLike, prompts: list[str], seed: int, every_n_steps: int,
                  num_inference_steps: int, guidance_scale: float, scheduler: str):
@@ -42,7 +43,7 @@ class ValidationImages(L.Callback):
             self.sample(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self._last_step:
+        if self.every_n_steps > 0 and trainer.global_step != self._last_step:
             self.sample(trainer, pl_module)
 
     @rank_zero_only

@@ -91,7 +91,8 @@ def trained_run(tmp_path_factory):
     write_corrupt_shard(shards / "shard-corrupt.tar")
     out = root / "out"
     assert train.main([f"output_dir={out}", f"data.shards={shards}", "data.synthetic_if_missing=false",
-                       "trainer.max_steps=9", "checkpoint.every_n_steps=3", "model.ema.enabled=true", *FAST]) == 0
+                       "trainer.max_steps=9", "checkpoint.every_n_steps=3", "model.ema.enabled=true", *FAST,
+                       "validation.every_n_steps=9", "validation.num_inference_steps=2"]) == 0
     return out
 
 
