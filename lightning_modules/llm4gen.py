@@ -244,7 +244,7 @@ class LLM4GenModule(L.LightningModule):
             entity = entity_loss(self.attention_store.maps(), targets.to(self.device), objective.entity_negative_weight)
             losses.update(loss=diffusion + objective.lambda_entity * entity.total, entity=entity.total,
                           entity_positive=entity.positive, entity_negative=entity.negative,
-                          entity_pairs=torch.tensor(float(entity.num_pairs)))
+                          entity_pairs=torch.tensor(float(entity.num_pairs), device=self.device))
         return losses
 
     def entity_targets(self, batch: dict, applies: torch.Tensor) -> EntityTargets:
