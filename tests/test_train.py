@@ -1,9 +1,7 @@
 """train.py and generate.py as a user runs them: config refusal before any model loads, a short run
 over shards with corrupt samples, what a checkpoint holds, generation from it."""
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ from PIL import Image
 import generate
 import train
 from datamodules.synthetic import write_synthetic_shards
+from tests.shards import png_bytes, write_tar
 
 FAST = ["validation.every_n_steps=0", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
         "data.batch_size=4", "model.optim.warmup_steps=0"]
@@ -61,25 +60,14 @@ def test_print_config_shows_the_resolved_values(capsys):
 
 
 def write_corrupt_shard(path: Path) -> None:
-    def png(color):
-        buffer = io.BytesIO()
-        Image.new("RGB", (32, 32), color).save(buffer, format="PNG")
-        return buffer.getvalue()
-
-    good = png("red")
-    members = {
-        "truncated.png": good[: len(good) // 2], "truncated.txt": b"a red square",
-        "garbage.jpg": b"<html>not an image</html>", "garbage.txt": b"a blue square",
-        "nocaption.png": good,
-        "emptycaption.png": good, "emptycaption.txt": b"   ",
-    }
-    for i in range(4):  # a sample's members must be adjacent in the tar
-        members[f"good{i}.png"], members[f"good{i}.txt"] = good, b"a red square"
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    good = png_bytes(32, "red")
+    write_tar(path, [
+        ("truncated", {"png": good[: len(good) // 2], "txt": b"a red square"}),
+        ("garbage", {"jpg": b"<html>not an image</html>", "txt": b"a blue square"}),
+        ("nocaption", {"png": good}),
+        ("emptycaption", {"png": good, "txt": b"   "}),
+        *[(f"good{i}", {"png": good, "txt": b"a red square"}) for i in range(4)],
+    ])
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import cache
 import train
@@ -33,21 +32,11 @@ from tests.conftest import make_module
 
 ALL_FIELDS = "latent_moments,llm_features,clip_features,entities"
 SYNTHETIC_SHARDS = ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]  # 4 + 4 + 2 samples
+from tests.shards import png_bytes, write_tar
 
 
-def png_bytes(size=40, color=(10, 200, 30)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
-def write_tar(path, samples):
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for extension, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{extension}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +45,14 @@ def source_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("source")
     write_synthetic_shards(str(directory), num_samples=10, samples_per_shard=4, resolution=32, seed=0)
     write_tar(directory / "shard-000003.tar", [
-        ("good-0", {"png": png_bytes(), "txt": b"a green square"}),
+        ("good-0", {"png": png_bytes(40), "txt": b"a green square"}),
         ("truncated", {"png": png_bytes(48)[:60], "txt": b"a truncated png"}),
-        ("nocaption", {"png": png_bytes()}),
-        ("blank", {"png": png_bytes(), "txt": b"  \n"}),
-        ("good-1", {"png": png_bytes(color=(200, 0, 0)), "txt": b"a red square"}),
+        ("nocaption", {"png": png_bytes(40)}),
+        ("blank", {"png": png_bytes(40), "txt": b"  \n"}),
+        ("good-1", {"png": png_bytes(40, color=(200, 0, 0)), "txt": b"a red square"}),
     ])
     cut = directory / "shard-000004.tar"
-    write_tar(cut, [(f"cut-{i}", {"png": png_bytes(), "txt": f"cut caption {i}".encode()}) for i in range(5)])
+    write_tar(cut, [(f"cut-{i}", {"png": png_bytes(40), "txt": f"cut caption {i}".encode()}) for i in range(5)])
     with tarfile.open(cut) as tar:
         cut_at = next(m for m in tar.getmembers() if m.name == "cut-3.png").offset_data + 20
     with open(cut, "r+b") as handle:

@@ -6,7 +6,6 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from datamodules.synthetic import synthetic_sample, write_synthetic_shards
 from datamodules.webdataset_datamodule import (
@@ -17,24 +16,13 @@ from datamodules.webdataset_datamodule import (
     pad_llm_features,
     resolve_shards,
 )
+from tests.shards import png_bytes, write_tar
 
 NUM_SYNTHETIC = 44  # 6 shards of 8 (the last holds 4): uneven on purpose
 
 
-def png_bytes(size=12, color=(10, 200, 30)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
-def write_tar(path, samples):
-    """samples: list of (key, {extension: bytes}) written in this order."""
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for extension, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{extension}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +30,7 @@ def data_dir(tmp_path_factory):
     """Synthetic shards plus one shard of bad samples and one tar cut in half."""
     directory = tmp_path_factory.mktemp("shards")
     write_synthetic_shards(str(directory), num_samples=NUM_SYNTHETIC, samples_per_shard=8, resolution=16, seed=0)
-    good = lambda i: (f"good-{i}", {"png": png_bytes(), "txt": f"good caption {i}".encode()})  # noqa: E731
+    good = lambda i: (f"good-{i}", {"png": png_bytes(12), "txt": f"good caption {i}".encode()})  # noqa: E731
     write_tar(
         directory / "shard-bad.tar",
         [
@@ -51,8 +39,8 @@ def data_dir(tmp_path_factory):
             ("truncated", {"png": png_bytes(24)[:60], "txt": b"a truncated png"}),
             good(2),
             ("garbage", {"jpg": b"these bytes are not a jpeg", "txt": b"garbage named jpg"}),
-            ("nocaption", {"png": png_bytes()}),
-            ("emptycaption", {"png": png_bytes(), "txt": b"   \n"}),
+            ("nocaption", {"png": png_bytes(12)}),
+            ("emptycaption", {"png": png_bytes(12), "txt": b"   \n"}),
             good(3),
             good(4),
         ],
@@ -448,7 +436,7 @@ def test_state_dict_gathers_every_ranks_position_under_torch_distributed(data_di
 
 
 def test_a_broken_shard_right_after_a_batch_is_counted_once_across_a_resume(tmp_path):
-    good = lambda name: [(f"{name}-{i}", {"png": png_bytes(), "txt": b"caption"}) for i in range(3)]  # noqa: E731
+    good = lambda name: [(f"{name}-{i}", {"png": png_bytes(12), "txt": b"caption"}) for i in range(3)]  # noqa: E731
     write_tar(tmp_path / "a.tar", good("a"))
     (tmp_path / "b.tar").write_bytes(b"not a tar archive at all" * 40)
     write_tar(tmp_path / "c.tar", good("c"))
