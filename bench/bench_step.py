@@ -91,7 +91,7 @@ def main() -> None:
         rows.append((name, loop(LLM4GenModule(model_cfg), batches, args.steps, cfg.trainer.gradient_clip_val)))
     plain = (rows[0][1] + rows[2][1]) / 2
     print(f"\ntiny default, batch {args.batch_size}, {args.steps} timed steps, torch threads {torch.get_num_threads()}")
-    print(f"| loop | ms/step |\n| --- | --- |")
+    print("| loop | ms/step |\n| --- | --- |")
     for name, seconds in rows:
         print(f"| {name} | {seconds * 1e3:.1f} |")
     print(f"| ratio Lightning / plain | {rows[1][1] / plain:.3f} |")

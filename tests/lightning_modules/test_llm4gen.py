@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_modules.llm4gen import CheckpointKeyError, LLM4GenModule, check_checkpoint_keys, pad_tokens
+from lightning_modules.llm4gen import CheckpointKeyError, check_checkpoint_keys, pad_tokens
 from encoders.llm import LLMFeatures
 from tests.conftest import make_module
 
@@ -95,7 +95,6 @@ def test_lightning_optimizer_holds_exactly_the_trainable(module):
     class FakeTrainer:
         max_steps = 10
 
-    module.trainer_ = None
     module._trainer = FakeTrainer()
     try:
         config = module.configure_optimizers()
