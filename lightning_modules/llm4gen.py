@@ -90,12 +90,16 @@ class LLM4GenModule(L.LightningModule):
                               layer=cfg.llm.layer, max_length=cfg.llm.max_length, prefix=cfg.llm.prefix,
                               zero_padding=cfg.llm.zero_padding, dtype=DTYPES[cfg.llm.dtype], revision=cfg.llm.revision,
                               trust_remote_code=cfg.llm.trust_remote_code)
-        self.adapter = self._build_adapter(cfg.adapter)
         context_dim = self.unet.config.cross_attention_dim
         if context_dim != self.clip.hidden_size:
             raise ValueError(f"UNet cross_attention_dim {context_dim} != CLIP width {self.clip.hidden_size}: "
                              f"model.base.pretrained is not a consistent Stable Diffusion folder")
-        self._setup_unet_training(cfg)
+        # What trains starts from a function of the seed alone, whatever loading the frozen parts drew
+        # from the global RNG (building an embedded model on first use does).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.adapter = self._build_adapter(cfg.adapter)
+            self._setup_unet_training(cfg)
         self.ema = (EMAModel(self.trainable_parameters(), decay=cfg.ema.decay,
                              update_after_step=cfg.ema.update_after_step) if cfg.ema.enabled else None)
         # The entity loss reads cross-attention maps; nothing is captured (and every layer keeps the fused

@@ -173,3 +173,19 @@ def test_export_pretrained_roundtrip(module, tmp_path):
     loaded = CrossAdapter.from_pretrained(tmp_path / "export" / "adapter")
     for (n, p), (_, q) in zip(module.adapter.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(p, q), n
+
+
+def test_trainable_init_depends_on_the_seed_alone(tiny_model_config):
+    """Loading the frozen parts may draw from the global RNG (an embedded model is built on first use);
+    the CAM's initial weights must not depend on that, or a restarted run would start elsewhere."""
+    from lightning_modules.llm4gen import LLM4GenModule
+
+    torch.manual_seed(123)
+    a = LLM4GenModule(tiny_model_config, seed=5)
+    torch.manual_seed(456)
+    torch.randn(1000)
+    b = LLM4GenModule(tiny_model_config, seed=5)
+    c = LLM4GenModule(tiny_model_config, seed=6)
+    for name, p in a.adapter.state_dict().items():
+        assert torch.equal(p, b.adapter.state_dict()[name]), name
+    assert not all(torch.equal(p, c.adapter.state_dict()[n]) for n, p in a.adapter.state_dict().items())
