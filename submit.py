@@ -1,6 +1,6 @@
 """Submit one training run as a SLURM batch job.
 
-    python submit.py --config configs/experiment/x.yaml [--dry-run] [dotted.key=value ...]
+    python submit.py --config configs/sd15_t5xl.yaml [--dry-run] [dotted.key=value ...]
 
 Resources come from the config's `slurm:` section (fields of launch.slurm.SlurmConfig), which the
 same overrides can change (`slurm.time=01:00:00`). The script is written to
@@ -28,7 +28,7 @@ DEFAULT_TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/experiment/x.yaml")
+    parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/sd15_t5xl.yaml")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script, write and submit nothing")
     parser.add_argument(
         "--train-script", default=str(DEFAULT_TRAIN_SCRIPT), help="training entry point (default: train.py)"

@@ -2,7 +2,7 @@
 
 A sweep file (YAML; relative paths are relative to the current directory, like train.py's):
 
-    config: configs/experiment/x.yaml     # the experiment every run starts from
+    config: configs/sd15_t5xl.yaml        # the experiment every run starts from
     output_root: runs/lr-sweep            # run folders, the summary and SLURM logs go here
     base_overrides: [trainer.max_steps=200]   # optional, given to every run
     grid:                                 # optional: the cartesian product of these values
