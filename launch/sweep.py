@@ -6,11 +6,11 @@ A sweep file (YAML; relative paths are relative to the current directory, like t
     output_root: runs/lr-sweep            # run folders, the summary and SLURM logs go here
     base_overrides: [trainer.max_steps=200]   # optional, given to every run
     grid:                                 # optional: the cartesian product of these values
-      optim.lr: [1.0e-4, 3.0e-4]
+      model.optim.lr: [1.0e-4, 3.0e-4]
       model.adapter.num_blocks: [1, 2]
     runs:                                 # optional: an explicit list of override sets
-      - {data.name: coco}
-      - {data.name: laion, trainer.max_steps: 400}
+      - {data.shards: /data/coco}
+      - {data.shards: /data/laion, trainer.max_steps: 400}
     slurm: {time: "02:00:00"}             # optional, for --slurm: over the config's own slurm: section
     max_parallel: 4                       # optional, for --slurm: at most this many tasks at once
 
