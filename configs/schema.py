@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from encoders.sources import TORCH_DTYPES
 from launch.slurm import SlurmConfig
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -162,12 +163,12 @@ class ConfigError(ValueError):
     """A configuration mistake, with a message that says what to change."""
 
 
-TORCH_DTYPES = ("float32", "bfloat16", "float16")
 CHOICES = {
     "model.base.family": ("sd15",), "model.llm.kind": ("auto", "encoder", "encoder-decoder", "decoder"),
     "model.unet_training": ("frozen", "full", "lora"), "logger": ("csv", "tensorboard"),
     "model.optim.scheduler": ("constant_with_warmup", "cosine", "linear", "constant"),
-    "model.base.dtype": TORCH_DTYPES, "model.base.vae_dtype": TORCH_DTYPES, "model.llm.dtype": TORCH_DTYPES,
+    "model.base.dtype": tuple(TORCH_DTYPES), "model.base.vae_dtype": tuple(TORCH_DTYPES),
+    "model.llm.dtype": tuple(TORCH_DTYPES),
 }
 
 

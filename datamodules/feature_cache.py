@@ -370,27 +370,22 @@ class FeatureEncoders:
     """The frozen models the requested fields need (only those), built from the run config."""
 
     def __init__(self, cfg: DictConfig, fields: Sequence[str], device: str = "cpu", cache_dtype: str = "float16"):
-        from lightning_modules.llm4gen import DTYPES
-
         self.fields = tuple(fields)
         self.device = torch.device(device)
         self.cache_dtype = CACHE_DTYPES[cache_dtype]
         self.vae = self.clip = self.llm = self.parser = None
         base, llm = cfg.model.base, cfg.model.llm
         if {"latent_moments", "clip_features"} & set(fields):
-            from encoders.stable_diffusion import LOADERS
+            from encoders.stable_diffusion import load_base_model
 
-            loaded = LOADERS[base.family](base.pretrained, base.revision, DTYPES[base.dtype], DTYPES[base.vae_dtype])
+            loaded = load_base_model(base)
             self.vae = loaded.vae.to(self.device) if "latent_moments" in fields else None
             self.clip = loaded.text.to(self.device) if "clip_features" in fields else None
             del loaded  # the UNet is not needed: freed here
         if "llm_features" in fields:
             from encoders.llm import LLMEncoder
 
-            self.llm = LLMEncoder(llm.pretrained, tokenizer=llm.tokenizer, kind=llm.kind, layer=llm.layer,
-                                  max_length=llm.max_length, prefix=llm.prefix, zero_padding=llm.zero_padding,
-                                  dtype=DTYPES[llm.dtype], revision=llm.revision,
-                                  trust_remote_code=llm.trust_remote_code).to(self.device)
+            self.llm = LLMEncoder.from_config(llm).to(self.device)
         if "entities" in fields:
             from losses.entity_parser import EntityParser
 

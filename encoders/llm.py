@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from encoders.sources import load_pretrained
+from encoders.sources import TORCH_DTYPES, load_pretrained
 
 KINDS = ("auto", "encoder", "encoder-decoder", "decoder")
 
@@ -65,6 +65,13 @@ class LLMEncoder(nn.Module):
         self.model = model.get_encoder() if self.kind == "encoder-decoder" else model
         self.layer, self.max_length, self.prefix, self.zero_padding = layer, max_length, prefix, zero_padding
         self.requires_grad_(False).eval()
+
+    @classmethod
+    def from_config(cls, cfg) -> "LLMEncoder":
+        """From the ``model.llm`` config section."""
+        return cls(cfg.pretrained, tokenizer=cfg.tokenizer, kind=cfg.kind, layer=cfg.layer, max_length=cfg.max_length,
+                   prefix=cfg.prefix, zero_padding=cfg.zero_padding, dtype=TORCH_DTYPES[cfg.dtype],
+                   revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
 
     @property
     def hidden_size(self) -> int:

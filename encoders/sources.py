@@ -14,8 +14,12 @@ import re
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import torch
+
 from embedded.tiny import EMBEDDED_MODELS
 
+# Config dtype names -> torch dtypes: one table for every model loader.
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 T = TypeVar("T")
 

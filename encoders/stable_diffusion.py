@@ -14,7 +14,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from encoders.clip import ClipTextEncoder
-from encoders.sources import load_pretrained
+from encoders.sources import TORCH_DTYPES, load_pretrained
 
 
 @dataclass
@@ -41,3 +41,8 @@ def load_sd15(source: str, revision: str | None, dtype: torch.dtype, vae_dtype: 
 
 
 LOADERS = {"sd15": load_sd15}
+
+
+def load_base_model(cfg) -> BaseModel:
+    """From the ``model.base`` config section."""
+    return LOADERS[cfg.family](cfg.pretrained, cfg.revision, TORCH_DTYPES[cfg.dtype], TORCH_DTYPES[cfg.vae_dtype])

@@ -30,14 +30,11 @@ from torch import nn
 from adapters.cross_adapter import CrossAdapter
 from encoders.clip import ClipText
 from encoders.llm import LLMEncoder, LLMFeatures
-from encoders.stable_diffusion import LOADERS
+from encoders.stable_diffusion import load_base_model
 from losses.attention_capture import cross_attention_layer_names, install_attention_capture
 from losses.diffusion import diffusion_target, min_snr_weights, sample_noise, weighted_mse
 from losses.entity import EntityTargets, build_entity_targets_from_captions, entity_loss
 from losses.entity_parser import groups_from_json
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class CheckpointKeyError(KeyError):
     pass
@@ -82,14 +79,10 @@ class LLM4GenModule(L.LightningModule):
         self.seed = seed
         cfg = model if isinstance(model, DictConfig) else OmegaConf.create(model)
         self.cfg = cfg
-        base = LOADERS[cfg.base.family](cfg.base.pretrained, cfg.base.revision, DTYPES[cfg.base.dtype],
-                                        DTYPES[cfg.base.vae_dtype])
+        base = load_base_model(cfg.base)
         self.vae, self.unet, self.clip = base.vae, base.unet, base.text
         self.noise_scheduler = base.noise_scheduler
-        self.llm = LLMEncoder(cfg.llm.pretrained, tokenizer=cfg.llm.tokenizer, kind=cfg.llm.kind,
-                              layer=cfg.llm.layer, max_length=cfg.llm.max_length, prefix=cfg.llm.prefix,
-                              zero_padding=cfg.llm.zero_padding, dtype=DTYPES[cfg.llm.dtype], revision=cfg.llm.revision,
-                              trust_remote_code=cfg.llm.trust_remote_code)
+        self.llm = LLMEncoder.from_config(cfg.llm)
         context_dim = self.unet.config.cross_attention_dim
         if context_dim != self.clip.hidden_size:
             raise ValueError(f"UNet cross_attention_dim {context_dim} != CLIP width {self.clip.hidden_size}: "
