@@ -63,8 +63,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from datamodules import transforms
 
 MANIFEST_FORMAT = "llm4gen-webdataset-shards"
 MANIFEST_VERSION = 1
@@ -76,7 +77,6 @@ TABLE_KINDS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", "
 DEFAULT_SAMPLES_PER_SHARD = 1000
 DEFAULT_CHUNK_SIZE = 10_000  # inputs per chunk when the number of chunks is not given
 DEFAULT_JPEG_QUALITY = 95
-WHITE = (255, 255, 255)
 EXIF_ORIENTATION = 0x0112
 
 WRITTEN = "written"
@@ -283,26 +283,11 @@ def upright(image: Image.Image) -> Image.Image:
         return image
 
 
-def sixteen_bit_to_l(image: Image.Image) -> Image.Image:
-    """I;16*, I and F modes to 8-bit L: integers are read as 16-bit (0..65535 -> 0..255, rounded),
-    F as already 0..255. PIL's own convert clips 16-bit values at 255, turning most pixels white."""
-    values = np.asarray(image).astype(np.float64)  # (height, width)
-    if image.mode != "F":
-        values = values / 257.0
-    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
-
-
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB; transparency (alpha band or a palette/tRNS entry) is composited on white."""
-    if image.mode.startswith("I") or image.mode == "F":
-        image = sixteen_bit_to_l(image)
-    has_alpha = "A" in image.getbands() or "transparency" in image.info
+    """Any PIL mode to RGB, as training decodes it (``transforms.to_rgb``); a mode PIL cannot
+    convert is skipped with a reason."""
     try:
-        if has_alpha:
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, WHITE + (255,))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return transforms.to_rgb(image)
     except (ValueError, OSError) as err:
         raise SkipSample("unsupported_image_mode", f"mode {image.mode}: {err}") from None
 

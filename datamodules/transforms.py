@@ -68,21 +68,32 @@ def decode_image(data: bytes) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         image.load()  # force the full decode here so truncated files fail here, not later
         image = ImageOps.exif_transpose(image)
-        return composite_on_white(image)
+        return to_rgb(image)
     except SampleError:
         raise
     except Exception as error:  # PIL raises many types (OSError, SyntaxError, DecompressionBomb...)
         raise SampleError("bad_image", f"{type(error).__name__}: {error}") from error
 
 
-def composite_on_white(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB, with transparent pixels composited on a white background."""
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-    if has_alpha:
+def sixteen_bit_to_l(image: Image.Image) -> Image.Image:
+    """I;16*, I and F modes to 8-bit L: integers are read as 16-bit (0..65535 -> 0..255, rounded),
+    F as already 0..255. PIL's own convert clips 16-bit values at 255, turning most pixels white."""
+    values = np.asarray(image).astype(np.float64)  # (height, width)
+    if image.mode != "F":
+        values = values / 257.0
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB (16-bit scaled to 8-bit), with transparency (an alpha band or a palette/tRNS
+    entry) composited on white. Shared by shard writing (prepare) and training-time decoding."""
+    if image.mode.startswith("I") or image.mode == "F":
+        image = sixteen_bit_to_l(image)
+    if "A" in image.getbands() or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:

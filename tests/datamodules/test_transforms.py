@@ -117,6 +117,15 @@ def test_every_mode_decodes_to_rgb(mode):
     assert decode_image(encode(image, fmt)).mode == "RGB"
 
 
+def test_16_bit_png_keeps_its_grey_levels():
+    """Training decodes 16-bit images as prepare writes them: 0..65535 scaled to 0..255, not clipped."""
+    image = Image.new("I;16", (3, 1))
+    for x, value in enumerate((0, 32896, 65535)):
+        image.putpixel((x, 0), value)
+    decoded = decode_image(encode(image))
+    assert [decoded.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (128, 128, 128), (255, 255, 255)]
+
+
 def test_palette_transparency_is_composited_on_white():
     image = Image.new("P", (2, 1), 0)
     image.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
