@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.prepare import member_info, write_json
 from datamodules.transforms import (
     IMAGE_EXTENSIONS,
     SKIP_REASONS,
@@ -464,10 +465,7 @@ class _TarOut:
         self.tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
 
     def add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), 0, 0o644
-        info.uname = info.gname = "cache"
-        self.tar.addfile(info, io.BytesIO(data))
+        self.tar.addfile(member_info(name, len(data)), io.BytesIO(data))
 
     def close(self) -> None:
         self.tar.close()
@@ -523,7 +521,7 @@ def cache_shard(url: str, out_path: str, encoders: FeatureEncoders, *, caption_k
         os.remove(tmp)
         raise
     stats.seconds = time.perf_counter() - start
-    write_json_atomic(stats_path(out_path), asdict(stats))
+    write_json(Path(stats_path(out_path)), asdict(stats))
     os.replace(tmp, out_path)
     return stats
 
@@ -549,15 +547,6 @@ def _write_sample(writer: _TarOut, raw: Mapping[str, Any], cached: Mapping[str, 
 
 def stats_path(out_path: str) -> str:
     return os.path.join(os.path.dirname(out_path), STATS_DIR, os.path.basename(out_path)[: -len(".tar")] + ".json")
-
-
-def write_json_atomic(path: str, value: Any) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- storage report
@@ -648,7 +637,7 @@ def write_cache_key(directory: str, key: Mapping[str, Any]) -> None:
     if any(name.endswith(".tar") for name in os.listdir(directory)):
         raise CacheError(f"{directory} holds shards but no {CACHE_KEY_FILE}: it is not a cache.py output; "
                          f"choose an empty --output directory")
-    write_json_atomic(path, key)
+    write_json(Path(path), key)
 
 
 def run_cache(cfg: DictConfig, shards: Any, output: str, fields: Sequence[str] = DEFAULT_FIELDS,
@@ -692,7 +681,7 @@ def run_cache(cfg: DictConfig, shards: Any, output: str, fields: Sequence[str] =
                 f"{stats.seconds:.1f} s ({stats.samples / max(stats.seconds, 1e-9):.1f} samples/s)")
             written.append(url)
     report = storage_report(collect_stats(output))
-    write_json_atomic(os.path.join(output, STORAGE_REPORT_FILE), report)
+    write_json(Path(output) / STORAGE_REPORT_FILE, report)
     log(format_storage_report(report))
     return {"written": written, "skipped": done, "failed": failed, "report": report}
 
