@@ -18,6 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from configs.errors import UserError, entry_point
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--scheduler", default="DDIMScheduler", help="a diffusers scheduler class name")
     parser.add_argument("--panel-size", type=int, default=256, help="side of each panel in the PNG, pixels")
     parser.add_argument("--no-ema", action="store_true", help="use the trained weights, not their EMA")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     return parser.parse_args(argv)
 
 
@@ -53,7 +55,7 @@ def parse_layers(text: str) -> str | list[int]:
     except ValueError:
         sides = []
     if not sides:
-        raise ValueError(f"--layers {text!r}: use lowest, all or comma-separated feature-map sides such as 16,32")
+        raise UserError(f"--layers {text!r}: use lowest, all or comma-separated feature-map sides such as 16,32")
     return sides
 
 
@@ -94,17 +96,21 @@ def generate_with_maps(module, store, prompt: str, seed: int, steps: int, guidan
     return image, collected
 
 
+@entry_point("attention_maps.py")
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not Path(args.checkpoint).is_file():
-        print(f"error: --checkpoint {args.checkpoint!r} is not a file", file=sys.stderr)
-        return 2
+    from generate import check_checkpoint_sources, check_sampling_args
+    from lightning_modules.checkpoint_files import load_checkpoint_checked
+
     if args.layers is not None:
-        try:
-            parse_layers(args.layers)
-        except ValueError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        parse_layers(args.layers)
+    if args.panel_size < 16:
+        raise UserError(f"--panel-size {args.panel_size}: expected a side of at least 16 pixels (e.g. 256)")
+    if not args.prompt.strip():
+        raise UserError("--prompt is empty: give the prompt whose words' attention to show")
+    checkpoint = load_checkpoint_checked(args.checkpoint)
+    check_sampling_args(args)
+    check_checkpoint_sources(checkpoint)
     import contextlib
 
     from lightning_modules.llm4gen import LLM4GenModule
@@ -113,12 +119,11 @@ def main(argv=None) -> int:
     from losses.entity_parser import EntityParser, entity_words
     from losses.token_alignment import fused_word_token_positions
 
-    module = LLM4GenModule.load_from_checkpoint(args.checkpoint, map_location="cpu").to(args.device)
+    module = LLM4GenModule.load_from_checkpoint(args.checkpoint, map_location="cpu").to(args.device or ("cuda" if _cuda() else "cpu"))
     try:
         store = capture_store(module, args.layers)
-    except ValueError as error:
-        print(f"error: --layers {args.layers!r}: {error}", file=sys.stderr)
-        return 2
+    except ValueError as error:  # sides the UNet has no cross-attention layer at
+        raise UserError(f"--layers {args.layers!r}: {error}") from None
 
     words = entity_words(EntityParser(module.cfg.objective.entity_parser).parse(args.prompt))
     positions = fused_word_token_positions(

@@ -14,6 +14,8 @@ import re
 import sys
 from pathlib import Path
 
+from configs.errors import UserError, entry_point
+
 
 def slug(text: str, length: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length] or "prompt"
@@ -30,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--scheduler", default="DDIMScheduler", help="a diffusers scheduler class name")
     parser.add_argument("--no-ema", action="store_true", help="use the trained weights, not their EMA")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     return parser.parse_args(argv)
 
 
@@ -40,16 +42,49 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """The sampling options of generate.py and attention_maps.py, before any model loads."""
+    if args.steps < 1:
+        raise UserError(f"--steps {args.steps}: expected a number of denoising steps >= 1 (e.g. 30)")
+    if args.guidance_scale < 0:
+        raise UserError(f"--guidance-scale {args.guidance_scale}: expected a number >= 0 (1 turns guidance off; "
+                        f"7.5 is usual)")
+    import diffusers
+
+    schedulers = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("_"))
+    if args.scheduler not in schedulers:
+        import difflib
+
+        close = difflib.get_close_matches(args.scheduler, schedulers, n=3) or ["DDIMScheduler", "EulerDiscreteScheduler"]
+        raise UserError(f"--scheduler {args.scheduler!r} is not a diffusers scheduler class; closest: {', '.join(close)}")
+
+
+def check_checkpoint_sources(checkpoint: dict) -> None:
+    """The frozen models the checkpoint's config names must exist here before any of them loads."""
+    from encoders.sources import check_source
+
+    model = checkpoint["hyper_parameters"]["model"]
+    check_source(model["base"]["pretrained"], "the checkpoint's model.base.pretrained")
+    check_source(model["llm"]["pretrained"], "the checkpoint's model.llm.pretrained")
+    if model["llm"].get("tokenizer"):
+        check_source(model["llm"]["tokenizer"], "the checkpoint's model.llm.tokenizer")
+
+
+@entry_point("generate.py")
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not Path(args.checkpoint).is_file():
-        print(f"error: --checkpoint {args.checkpoint!r} is not a file", file=sys.stderr)
-        return 2
+    from lightning_modules.checkpoint_files import load_checkpoint_checked
+
+    if not [p for p in args.prompt if p.strip()]:
+        raise UserError("--prompt is empty: give at least one non-empty prompt")
+    checkpoint = load_checkpoint_checked(args.checkpoint)
+    check_sampling_args(args)
+    check_checkpoint_sources(checkpoint)
     import contextlib
 
     from lightning_modules.llm4gen import LLM4GenModule
 
-    module = LLM4GenModule.load_from_checkpoint(args.checkpoint, map_location="cpu").to(args.device)
+    module = LLM4GenModule.load_from_checkpoint(args.checkpoint, map_location="cpu").to(args.device or ("cuda" if _cuda() else "cpu"))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with (contextlib.nullcontext() if args.no_ema else module.ema_weights()):

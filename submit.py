@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from configs.errors import entry_point
 from launch.slurm import (
     SlurmError,
     load_experiment_config,
@@ -53,26 +54,26 @@ def train_command(train_script: str | Path, config: str | Path, overrides: list[
     ]
 
 
+@entry_point("submit.py")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
-    try:
-        slurm = load_slurm_section(args.config, args.overrides)
-        output_dir = load_experiment_config(args.config, args.overrides).get("output_dir")
-        if not output_dir:
-            raise SlurmError(f"{args.config} sets no output_dir; pass one, e.g. output_dir=runs/my-run")
-        output_dir = Path(str(output_dir)).absolute()
-        command = train_command(args.train_script, args.config, args.overrides, output_dir)
-        script = render_sbatch_script(slurm, command, output_dir)
-        if args.dry_run:
-            print(script)
-            return 0
-        output_dir.mkdir(parents=True, exist_ok=True)
-        script_path = output_dir / "slurm.sbatch"
-        script_path.write_text(script)
-        job_id = submit(script_path)
-    except SlurmError as error:
-        print(f"submit.py: {error}", file=sys.stderr)
-        return 2
+    slurm = load_slurm_section(args.config, args.overrides)
+    output_dir = load_experiment_config(args.config, args.overrides).get("output_dir")
+    if not output_dir:
+        raise SlurmError(f"{args.config} sets no output_dir; pass one, e.g. output_dir=runs/my-run")
+    from configs.paths import check_run_paths
+
+    check_run_paths(load_experiment_config(args.config, args.overrides))  # fail here, not after a queue wait
+    output_dir = Path(str(output_dir)).absolute()
+    command = train_command(args.train_script, args.config, args.overrides, output_dir)
+    script = render_sbatch_script(slurm, command, output_dir)
+    if args.dry_run:
+        print(script)
+        return 0
+    output_dir.mkdir(parents=True, exist_ok=True)
+    script_path = output_dir / "slurm.sbatch"
+    script_path.write_text(script)
+    job_id = submit(script_path)
     log = str(log_path_pattern(slurm, output_dir)).replace("%j", job_id).replace("%A", job_id)
     print(f"submitted job {job_id}")
     print(f"log: {log}")

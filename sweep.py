@@ -17,7 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from launch.slurm import SlurmError, submit
+from configs.errors import entry_point
+from launch.slurm import submit
 from launch.sweep import (
     SUMMARY_FILE,
     SweepError,
@@ -26,6 +27,7 @@ from launch.sweep import (
     expand_runs,
     format_summary_table,
     is_finished,
+    check_run_configs,
     load_sweep,
     render_array_script,
     run_locally,
@@ -51,63 +53,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@entry_point("sweep.py")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        if args.run_task:
-            return exec_array_task(args.run_task)
-        if not args.sweep:
-            parser.error("give a sweep file: python sweep.py SWEEP.yaml")
-        spec = load_sweep(args.sweep)
-        runs = expand_runs(spec)
-        pending = [run for run in runs if not is_finished(run)]
+    if args.run_task:
+        return exec_array_task(args.run_task)
+    if not args.sweep:
+        parser.error("give a sweep file: python sweep.py SWEEP.yaml")
+    spec = load_sweep(args.sweep)
+    runs = expand_runs(spec)
+    pending = [run for run in runs if not is_finished(run)]
 
-        if args.dry_run:
-            print(f"{len(runs)} runs, {len(runs) - len(pending)} finished, {len(pending)} to run")
-            for run in runs:
-                status = "finished" if run not in pending else "to run"
-                print(f"  {run.name} [{status}]: {' '.join(train_command(spec, run, args.train_script))}")
-            if args.slurm and pending:
-                runs_file = write_array_runs_file(spec, pending, args.train_script, dry_run=True)
-                print(render_array_script(spec, runs_file, len(pending), Path(__file__)))
-            return 0
-
-        if not args.summary and pending and not Path(spec.config).is_file():
-            raise SweepError(f"{args.sweep}: config {spec.config} not found (relative paths start at {Path.cwd()})")
-
-        if args.slurm:
-            if not pending:
-                print(f"all {len(runs)} runs finished; nothing to submit")
-            else:
-                runs_file = write_array_runs_file(spec, pending, args.train_script)
-                script = render_array_script(spec, runs_file, len(pending), Path(__file__))
-                array_log_dir(spec).mkdir(parents=True, exist_ok=True)  # sbatch does not create it
-                script_path = runs_file.with_suffix(".sbatch")
-                script_path.write_text(script)
-                job_id = submit(script_path)
-                print(
-                    f"submitted job array {job_id} with {len(pending)} tasks "
-                    f"({len(runs) - len(pending)} runs finished already)"
-                )
-                print(f"logs: {array_log_dir(spec)}/slurm-{job_id}_<task>.out")
-                print(f"summary once done: python sweep.py {args.sweep} --summary")
-            return 0
-
-        failed = {}
-        if not args.summary:
-            outcome = run_locally(spec, runs, args.train_script)
-            failed = {name: status for name, status in outcome.items() if status.startswith("failed")}
-        rows = write_summary(runs, spec.output_root / SUMMARY_FILE)
-        print(format_summary_table(runs, rows))
-        print(f"summary: {spec.output_root / SUMMARY_FILE}")
-        if failed:
-            print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
-            return 1
+    if args.dry_run:
+        print(f"{len(runs)} runs, {len(runs) - len(pending)} finished, {len(pending)} to run")
+        for run in runs:
+            status = "finished" if run not in pending else "to run"
+            print(f"  {run.name} [{status}]: {' '.join(train_command(spec, run, args.train_script))}")
+        if args.slurm and pending:
+            runs_file = write_array_runs_file(spec, pending, args.train_script, dry_run=True)
+            print(render_array_script(spec, runs_file, len(pending), Path(__file__)))
         return 0
-    except (SweepError, SlurmError) as error:
-        print(f"sweep.py: {error}", file=sys.stderr)
-        return 2
+
+    if not args.summary and pending and not Path(spec.config).is_file():
+        raise SweepError(f"{args.sweep}: config {spec.config} not found (relative paths start at {Path.cwd()})")
+    if not args.summary:
+        check_run_configs(spec, pending, args.sweep, args.train_script)  # every run's config, before any starts or is submitted
+
+    if args.slurm:
+        if not pending:
+            print(f"all {len(runs)} runs finished; nothing to submit")
+        else:
+            runs_file = write_array_runs_file(spec, pending, args.train_script)
+            script = render_array_script(spec, runs_file, len(pending), Path(__file__))
+            array_log_dir(spec).mkdir(parents=True, exist_ok=True)  # sbatch does not create it
+            script_path = runs_file.with_suffix(".sbatch")
+            script_path.write_text(script)
+            job_id = submit(script_path)
+            print(
+                f"submitted job array {job_id} with {len(pending)} tasks "
+                f"({len(runs) - len(pending)} runs finished already)"
+            )
+            print(f"logs: {array_log_dir(spec)}/slurm-{job_id}_<task>.out")
+            print(f"summary once done: python sweep.py {args.sweep} --summary")
+        return 0
+
+    failed = {}
+    if not args.summary:
+        outcome = run_locally(spec, runs, args.train_script)
+        failed = {name: status for name, status in outcome.items() if status.startswith("failed")}
+    rows = write_summary(runs, spec.output_root / SUMMARY_FILE)
+    print(format_summary_table(runs, rows))
+    print(f"summary: {spec.output_root / SUMMARY_FILE}")
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

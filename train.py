@@ -7,9 +7,8 @@
 The run folder is ``output_dir``: config.yaml, checkpoints/ (last.ckpt), samples/, logs/, export/,
 final_metrics.json. A restarted run (or a requeued SLURM job) resumes from its newest valid checkpoint.
 
-Set ``LLM4GEN_RECORD_KEYS=<path>`` to append the sample keys of every training batch (and a checksum
-of the trainable weights at the end) to ``<path>`` (``<path>.rank<R>`` per rank under DDP); see
-lightning_modules.callbacks.KeyRecorder. The cluster tests use it to compare runs.
+A mistake in the config, a path or a checkpoint is reported in one paragraph with exit code 2 before
+any model loads (configs/errors.py).
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from configs.errors import entry_point
 from configs.schema import ConfigError, load_config, to_yaml
 
 
@@ -73,6 +73,9 @@ def resume_path(cfg) -> str | None:
         return str(found) if found else None
     if not Path(cfg.resume).is_file():
         raise ConfigError(f"resume={cfg.resume!r} is not a checkpoint file; use 'auto', 'never' or a path")
+    from lightning_modules.checkpoint_files import load_checkpoint_checked
+
+    load_checkpoint_checked(cfg.resume, cfg.model, what="resume=")  # a checkpoint, and of this configuration
     return cfg.resume
 
 
@@ -88,13 +91,13 @@ def build_datamodule(cfg):
     return WebDatasetDataModule(**data, seed=cfg.seed, entity_parser=entity_parser)
 
 
-def build_trainer(cfg):
+def build_trainer(cfg, extra_callbacks=()):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from lightning_modules.callbacks import AtomicCheckpointIO, KeyRecorder, ValidationImages
+    from lightning_modules.callbacks import AtomicCheckpointIO, ValidationImages
 
     out = Path(cfg.output_dir)
     checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", filename="step={step:07d}", auto_insert_metric_name=False,
@@ -103,9 +106,7 @@ def build_trainer(cfg):
                                   enable_version_counter=False)  # rewrite a step's file, never "-v1" beside a bad one
     validation = ValidationImages(out / "samples", **dict(cfg.validation))
     logger = (TensorBoardLogger if cfg.logger == "tensorboard" else CSVLogger)(out, name="logs", version="")
-    callbacks = [checkpoints, validation]
-    if os.environ.get("LLM4GEN_RECORD_KEYS"):
-        callbacks.append(KeyRecorder(os.environ["LLM4GEN_RECORD_KEYS"]))
+    callbacks = [checkpoints, validation, *extra_callbacks]
     plugins = [AtomicCheckpointIO()]
     if "SLURM_JOB_ID" in os.environ and SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=True))
@@ -143,22 +144,22 @@ def run(cfg) -> dict:
     return metrics
 
 
+@entry_point("train.py")
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(to_yaml(cfg))
-            return 0
-        check_sources(cfg)
-        if cfg.data.precomputed_keys:  # a cache made with other settings is refused before models load
-            from datamodules.feature_cache import check_cache_key
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg))
+        return 0
+    check_sources(cfg)
+    from configs.paths import check_run_paths
 
-            check_cache_key(cfg.data.shards, cfg)
-        resume_path(cfg)
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    check_run_paths(cfg)
+    if cfg.data.precomputed_keys:  # a cache made with other settings is refused before models load
+        from datamodules.feature_cache import check_cache_key
+
+        check_cache_key(cfg.data.shards, cfg)
+    resume_path(cfg)
     run(cfg)
     return 0
 

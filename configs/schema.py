@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from encoders.sources import TORCH_DTYPES
+from configs import choices
+from configs.errors import UserError
 from launch.slurm import SlurmConfig
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -159,16 +160,16 @@ class Config:
         "log_every_n_steps": 10, "gradient_clip_val": 1.0, "accumulate_grad_batches": 1})
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration mistake, with a message that says what to change."""
 
 
 CHOICES = {
-    "model.base.family": ("sd15",), "model.llm.kind": ("auto", "encoder", "encoder-decoder", "decoder"),
-    "model.unet_training": ("frozen", "full", "lora"), "logger": ("csv", "tensorboard"),
-    "model.optim.scheduler": ("constant_with_warmup", "cosine", "linear", "constant"),
-    "model.base.dtype": tuple(TORCH_DTYPES), "model.base.vae_dtype": tuple(TORCH_DTYPES),
-    "model.llm.dtype": tuple(TORCH_DTYPES),
+    "model.base.family": choices.BASE_FAMILIES, "model.llm.kind": choices.LLM_KINDS,
+    "model.unet_training": choices.UNET_TRAINING, "logger": choices.LOGGERS,
+    "model.optim.scheduler": choices.LR_SCHEDULERS,
+    "model.base.dtype": choices.DTYPES, "model.base.vae_dtype": choices.DTYPES,
+    "model.llm.dtype": choices.DTYPES,
 }
 
 
@@ -213,18 +214,24 @@ def check_trainer_args(trainer_args: dict) -> None:
         if key in trainer_args:
             raise ConfigError(f"'trainer.{key}' is set by train.py from the config (the logger from the top-level "
                               f"'logger' key, checkpointing from 'checkpoint'); remove it from the config")
+    from configs.checks import check_trainer_values
+
+    check_trainer_values(trainer_args)
 
 
 def check_values(cfg: DictConfig) -> None:
-    for key, choices in CHOICES.items():
+    for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"config key {key!r} is {value!r}; expected one of {', '.join(map(repr, choices))}.")
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r} is {value!r}; expected one of {', '.join(map(repr, allowed))}.")
     if cfg.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("logger=tensorboard needs the tensorboard package: pip install tensorboard "
                           "(or pip install -e '.[tensorboard]'), or use logger=csv")
-    if not 0.0 <= cfg.model.objective.caption_dropout < 1.0:
-        raise ConfigError(f"model.objective.caption_dropout={cfg.model.objective.caption_dropout}: expected a share in [0, 1)")
+    from configs.checks import check_against_models, check_choices, check_ranges
+
+    check_ranges(cfg)
+    check_choices(cfg)
+    check_against_models(cfg)
 
 
 def load_config(config_path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:

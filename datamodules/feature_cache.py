@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from configs.errors import UserError, entry_point
 from datamodules.prepare import member_info, write_json
 from datamodules.transforms import (
     IMAGE_EXTENSIONS,
@@ -75,7 +76,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5
 FINGERPRINT_BYTES = 1 << 20  # bytes read at each end of a weight file
 
 
-class CacheError(ValueError):
+class CacheError(UserError, ValueError):
     """A cache that cannot be written or used as asked; the message says what to change."""
 
 
@@ -706,8 +707,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@entry_point("cache.py")
 def main(argv=None) -> int:
-    from configs.schema import ConfigError, load_config
+    from configs.schema import load_config
 
     args = parse_args(argv)
     try:
@@ -727,7 +729,6 @@ def main(argv=None) -> int:
         summary = run_cache(cfg, shards, args.output, fields, cache_dtype=args.dtype, batch_size=args.batch_size,
                             rank=rank, world_size=world_size, max_shards=args.num_shards_per_process, device=device,
                             drop_images=args.drop_images)
-    except (ConfigError, CacheError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except FileNotFoundError as error:  # input shards named by --shards or data.shards
+        raise CacheError(f"--shards / data.shards: {error}") from None
     return 1 if summary["failed"] else 0

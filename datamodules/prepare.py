@@ -65,12 +65,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from configs import choices
+from configs.errors import UserError, entry_point
 from datamodules import transforms
 
 MANIFEST_FORMAT = "llm4gen-webdataset-shards"
 MANIFEST_VERSION = 1
 SAMPLE_MEMBERS = ("jpg", "json", "txt")  # tar member extensions of every sample, in tar order
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset(f".{extension}" for extension in choices.IMAGE_EXTENSIONS)  # with the dot
 CAPTION_EXTENSION = ".txt"
 TABLE_KINDS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
                ".parquet": "parquet", ".pq": "parquet"}
@@ -80,23 +82,10 @@ DEFAULT_JPEG_QUALITY = 95
 EXIF_ORIENTATION = 0x0112
 
 WRITTEN = "written"
-SKIP_REASONS = {
-    "duplicate_key": "an earlier input in source order has the same key",
-    "bad_record": "the table row or JSONL line cannot be used (invalid JSON, empty image path or key)",
-    "missing_caption": "no caption sidecar / no caption value",
-    "empty_caption": "the caption is empty or only whitespace",
-    "caption_not_utf8": "the caption bytes are not valid UTF-8",
-    "missing_image": "the image path does not exist or cannot be read",
-    "empty_file": "the image file has zero bytes",
-    "not_an_image": "PIL cannot identify the file as an image",
-    "corrupt_image": "the image is truncated or fails to decode",
-    "image_too_large": "the image exceeds PIL's decompression-bomb limit",
-    "unsupported_image_mode": "the image's pixel mode cannot be converted to RGB",
-    "too_small": "the image's shorter side is below min_size",
-}
+SKIP_REASONS = choices.PREPARE_SKIP_REASONS
 
 
-class PrepareError(Exception):
+class PrepareError(UserError):
     """A problem with the arguments, the source or the output folder that the user must fix."""
 
 
@@ -1034,13 +1023,9 @@ def config_from_args(args: argparse.Namespace, environ: dict) -> PrepareConfig:
                          args.workers, args.on_duplicate, False, args.overwrite, args.quiet)
 
 
+@entry_point("prepare.py")
 def main(argv: Sequence[str] | None = None, environ: dict | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args, dict(os.environ) if environ is None else environ)
-        run_prepare(config)
-    except PrepareError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args, dict(os.environ) if environ is None else environ)
+    run_prepare(config)
     return 0

@@ -20,16 +20,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-# Order matters: it is the index order of ``batch["skipped"]``.
-SKIP_REASONS: tuple[str, ...] = (
-    "bad_image",  # image member missing, not an image, truncated or undecodable
-    "missing_caption",  # none of the caption keys is present
-    "empty_caption",  # a caption key is present but holds only whitespace
-    "bad_precomputed",  # a precomputed member the config asks for is missing or undecodable
-    "bad_shard",  # the tar itself failed (truncated, unreadable, not a tar); rest of that shard lost
-)
+from configs import choices
 
-IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+SKIP_REASONS: tuple[str, ...] = choices.SAMPLE_SKIP_REASONS  # index order of batch["skipped"]
+IMAGE_EXTENSIONS: tuple[str, ...] = choices.IMAGE_EXTENSIONS
 DEFAULT_CAPTION_KEYS: tuple[str, ...] = ("txt", "caption", "json:caption")
 
 

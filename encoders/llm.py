@@ -13,9 +13,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from configs.choices import LLM_KINDS
 from encoders.sources import TORCH_DTYPES, load_pretrained
 
-KINDS = ("auto", "encoder", "encoder-decoder", "decoder")
+KINDS = LLM_KINDS
 
 
 @dataclass

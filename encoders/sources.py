@@ -16,15 +16,17 @@ from typing import Callable, TypeVar
 
 import torch
 
+from configs.choices import DTYPES
+from configs.errors import UserError
 from embedded.tiny import EMBEDDED_MODELS
 
 # Config dtype names -> torch dtypes: one table for every model loader.
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 T = TypeVar("T")
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserError, ValueError):
     pass
 
 

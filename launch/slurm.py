@@ -23,10 +23,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from configs.errors import UserError
+
 SUBMIT_TIMEOUT_S = 60
 
 
-class SlurmError(RuntimeError):
+class SlurmError(UserError, RuntimeError):
     """sbatch is missing, refused the job, or the `slurm:` config section is invalid."""
 
 

@@ -46,6 +46,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from configs.errors import UserError
 from launch.slurm import (
     SlurmConfig,
     SlurmError,
@@ -61,7 +62,7 @@ SLURM_LOG_DIR = "slurm-logs"
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._=+-]")
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """The sweep file is malformed, or a run file / array task cannot be resolved."""
 
 
@@ -223,6 +224,26 @@ def train_command(spec: SweepSpec, run: SweepRun, train_script: str | Path, pyth
         *run.override_args,
         f"output_dir={run.output_dir}",
     ]
+
+
+def check_run_configs(spec: SweepSpec, runs: list[SweepRun], sweep_file: str | Path,
+                      train_script: str | Path | None = None) -> None:
+    """Validates every run's config exactly as train.py will (schema, values, paths) before any run starts or
+    is submitted, so one misspelt grid key costs seconds, not a sweep of failed jobs. A custom
+    ``--train-script`` has its own config rules and is not checked here."""
+    default_script = Path(__file__).resolve().parents[1] / "train.py"
+    if train_script is not None and Path(train_script).resolve() != default_script:
+        return
+    from configs.paths import check_run_paths
+    from configs.schema import ConfigError, load_config
+
+    for run in runs:
+        overrides = [*spec.base_overrides, *run.override_args, f"output_dir={run.output_dir}"]
+        try:
+            check_run_paths(load_config(spec.config, overrides))
+        except ConfigError as error:
+            raise SweepError(f"{sweep_file}: run {run.name!r} ({' '.join(run.override_args) or 'no overrides'}) has "
+                             f"a bad config, so no run was started: {error}") from None
 
 
 # ---------------------------------------------------------------- run status and summary

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from adapters.cross_adapter import CrossAdapter
+from configs.errors import UserError
 from encoders.clip import ClipText
 from encoders.llm import LLMEncoder, LLMFeatures
 from encoders.stable_diffusion import load_base_model
@@ -36,7 +37,7 @@ from losses.diffusion import diffusion_target, min_snr_weights, sample_noise, we
 from losses.entity import EntityTargets, build_entity_targets_from_captions, entity_loss
 from losses.entity_parser import groups_from_json
 
-class CheckpointKeyError(KeyError):
+class CheckpointKeyError(UserError, KeyError):
     pass
 
 

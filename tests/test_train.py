@@ -43,7 +43,7 @@ def no_model_loading(monkeypatch):
 def test_bad_config_is_refused_before_any_model_loads(override, message, no_model_loading, tmp_path, capsys):
     assert train.main([f"output_dir={tmp_path}", override]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert err.startswith("train.py: error: ") and len(err.strip().splitlines()) == 1
     import re
     assert re.search(message, err), err
 
@@ -158,4 +158,4 @@ def test_generate_writes_the_same_images_for_the_same_seed(trained_run, tmp_path
 
 def test_generate_refuses_a_missing_checkpoint(tmp_path, capsys):
     assert generate.main(["--checkpoint", str(tmp_path / "x.ckpt"), "--prompt", "p", "--output-dir", str(tmp_path)]) == 2
-    assert "is not a file" in capsys.readouterr().err
+    assert "x.ckpt' does not exist" in capsys.readouterr().err

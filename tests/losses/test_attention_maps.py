@@ -102,7 +102,9 @@ def test_render_attention_panels_layout_and_distinct_panels():
 def test_parse_layers():
     assert attention_maps.parse_layers("all") == "all"
     assert attention_maps.parse_layers("16,32") == [16, 32]
-    with pytest.raises(ValueError, match="comma-separated feature-map sides"):
+    from configs.errors import UserError
+
+    with pytest.raises(UserError, match="comma-separated feature-map sides"):
         attention_maps.parse_layers("low")
 
 
@@ -157,7 +159,7 @@ def test_command_writes_image_and_one_panel_per_word(checkpoint, tmp_path, capsy
 def test_command_refuses_bad_arguments(checkpoint, tmp_path, capsys):
     base = ["--prompt", PROMPT, "--output", str(tmp_path / "x.png")]
     assert attention_maps.main(["--checkpoint", str(tmp_path / "missing.ckpt"), *base]) == 2
-    assert "is not a file" in capsys.readouterr().err
+    assert "missing.ckpt' does not exist" in capsys.readouterr().err
     assert attention_maps.main(["--checkpoint", str(checkpoint), *base, "--layers", "nope"]) == 2
     assert "--layers 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()

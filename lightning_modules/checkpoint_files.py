@@ -1,0 +1,124 @@
+"""Checking a training checkpoint file before any model is built from it.
+
+``load_checkpoint_checked(path)`` is what every reader of a checkpoint calls first (generate.py,
+attention_maps.py, train.py's ``resume=PATH``, evaluation): it says plainly when the file is missing, is
+not a checkpoint at all, is truncated, is some other program's checkpoint, or (given the run's model
+config) was written with another configuration, naming the fields that differ. Only the checkpoint
+itself is read (memory-mapped); no model weights load.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from configs.errors import UserError
+
+ZIP_MAGIC = b"PK\x03\x04"
+
+# Model settings that decide which weights train and their shapes: a checkpoint written with other
+# values cannot be loaded into this model (dotted under the config's `model` section).
+ARCHITECTURE_FIELDS = (
+    "base.family", "base.pretrained", "base.revision", "llm.pretrained", "llm.revision", "llm.layer",
+    "adapter.num_heads", "adapter.num_blocks", "adapter.ffn_mult", "adapter.use_llm_mask", "unet_training",
+    "lora.rank", "lora.target_modules", "ema.enabled",
+)
+
+
+class CheckpointError(UserError):
+    """The file is not a usable LLM4GEN training checkpoint for what was asked."""
+
+
+def checkpoint_problem(path: str | Path) -> Optional[str]:
+    """Why the file cannot be a checkpoint (missing, empty, not a zip archive, truncated), or None."""
+    path = Path(path)
+    if not path.exists():
+        return "does not exist"
+    if path.is_dir():
+        return "is a folder, not a checkpoint file (give a .ckpt file, e.g. runs/x/checkpoints/last.ckpt)"
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as error:
+        return f"cannot be read ({error.strerror})"
+    if not head:
+        return "is empty (0 bytes): not a checkpoint"
+    if head != ZIP_MAGIC:
+        return "is not a checkpoint: torch checkpoints are zip archives and this file is not one"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                return "is a zip archive but not a torch checkpoint (no data.pkl inside)"
+    except (zipfile.BadZipFile, OSError):
+        return ("is truncated or corrupt: it starts like a checkpoint but its end is missing (a save that was "
+                "interrupted, or an incomplete copy)")
+    return None
+
+
+def read_checkpoint(path: str | Path, what: str = "--checkpoint") -> dict[str, Any]:
+    """The checkpoint's contents (tensors memory-mapped), or CheckpointError saying what is wrong."""
+    problem = checkpoint_problem(path)
+    if problem:
+        raise CheckpointError(f"{what} {str(path)!r} {problem}.")
+    import pickle
+
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(f"{what} {str(path)!r} is truncated or corrupt and cannot be read "
+                              f"({error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''}).") from None
+    hyper = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hyper, Mapping) or "model" not in hyper or "state_dict" not in checkpoint:
+        kind = "a Lightning checkpoint of another model" if isinstance(checkpoint, dict) and "state_dict" in checkpoint \
+            else "a torch file but not a training checkpoint"
+        raise CheckpointError(f"{what} {str(path)!r} is {kind}: an LLM4GEN checkpoint holds hyper_parameters.model "
+                              f"and a state_dict (train.py writes them to <output_dir>/checkpoints/). A trained CAM "
+                              f"folder goes to model.adapter.init_from instead.")
+    return checkpoint
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``model.<field>: checkpoint X, config Y`` for every architecture field that differs."""
+    saved_cfg, current_cfg = OmegaConf.create(dict(saved)), OmegaConf.create(dict(current))
+    differences = []
+    for field in ARCHITECTURE_FIELDS:
+        was = OmegaConf.select(saved_cfg, field, default=None)
+        now = OmegaConf.select(current_cfg, field, default=None)
+        was = OmegaConf.to_container(was) if isinstance(was, (DictConfig,)) or hasattr(was, "_content") else was
+        now = OmegaConf.to_container(now) if isinstance(now, (DictConfig,)) or hasattr(now, "_content") else now
+        if was != now:
+            differences.append(f"model.{field}: checkpoint {was!r}, this config {now!r}")
+    return differences
+
+
+def trainable_groups(keys) -> set[str]:
+    """Top-level module names of a checkpoint's trainable keys (adapter, unet, ...)."""
+    return {key.split(".", 1)[0] for key in keys}
+
+
+def load_checkpoint_checked(path: str | Path, model_config: Mapping[str, Any] | DictConfig | None = None,
+                            what: str = "--checkpoint") -> dict[str, Any]:
+    """Reads a training checkpoint and, given the model config it is meant for, refuses one written with
+    another configuration, naming the differing fields. Returns the checkpoint dict."""
+    checkpoint = read_checkpoint(path, what)
+    if model_config is not None:
+        current = OmegaConf.to_container(model_config, resolve=True) if isinstance(model_config, DictConfig) \
+            else dict(model_config)
+        saved = checkpoint["hyper_parameters"]["model"]
+        saved = OmegaConf.to_container(saved, resolve=True) if isinstance(saved, DictConfig) else dict(saved)
+        differences = config_differences(saved, current)
+        if differences:
+            raise CheckpointError(f"{what} {str(path)!r} was written with another configuration: "
+                                  f"{'; '.join(differences)}. Set these keys to the checkpoint's values, or start "
+                                  f"a new run (resume=never, or another output_dir).")
+        expected = {"adapter"} | ({"unet"} if current.get("unet_training", "frozen") != "frozen" else set())
+        found = trainable_groups(checkpoint["state_dict"])
+        if found != expected:
+            raise CheckpointError(f"{what} {str(path)!r} holds trainable weights of {sorted(found)}, this config "
+                                  f"trains {sorted(expected)}; was it written with another model.unet_training?")
+    return checkpoint
