@@ -1,10 +1,7 @@
-"""Callbacks: validation image grids at an interval, atomic checkpoint writes, and a record of the
-sample keys each training step consumed (for resume and DDP checks)."""
+"""Callbacks: validation image grids at an interval, and atomic checkpoint writes."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -77,43 +74,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)  # only still there when the write failed
-
-
-class KeyRecorder(L.Callback):
-    """Appends one JSON line per training batch to a file: ``{"global_step", "batch_idx", "rank", "keys"}``,
-    and at the end of training ``{"event": "train_end", "global_step", "rank", "trainable_sha256",
-    "trainable_sum"}`` over the trainable parameters (in name order).
-
-    Why: an exact resume or a DDP split is only proven by what was trained on, and equal weights
-    across ranks by a checksum each rank computes itself. train.py adds it when the environment
-    variable ``LLM4GEN_RECORD_KEYS=<path>`` is set. A single-process run writes ``<path>``; rank R of a
-    multi-process run writes ``<path>.rank<R>``. Lines are appended (a resumed run adds to the file)
-    and written with one ``write`` each, so a killed run leaves whole lines.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def _file(self, trainer) -> Path:
-        return self.path if trainer.world_size == 1 else self.path.with_name(f"{self.path.name}.rank{trainer.global_rank}")
-
-    def _append(self, trainer, record: dict) -> None:
-        target = self._file(trainer)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._append(trainer, {"global_step": trainer.global_step, "batch_idx": batch_idx,
-                               "rank": trainer.global_rank, "keys": list(batch["keys"])})
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        digest, total = hashlib.sha256(), 0.0
-        for name, param in sorted(pl_module.named_parameters()):
-            if param.requires_grad:
-                data = param.detach().float().cpu().contiguous()
-                digest.update(name.encode())
-                digest.update(data.numpy().tobytes())
-                total += float(data.double().sum())
-        self._append(trainer, {"event": "train_end", "global_step": trainer.global_step, "rank": trainer.global_rank,
-                               "trainable_sha256": digest.hexdigest(), "trainable_sum": total})

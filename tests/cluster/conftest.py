@@ -3,7 +3,7 @@
 Every run here is the embedded tiny default (CPU, fp32) with batch 4, validation sampling cut to one
 denoising step, and a learning rate high enough (1e-3) that one missed or repeated step moves the
 weights by far more than the 1e-6 the comparisons allow. Runs record the sample keys of every training
-batch through ``LLM4GEN_RECORD_KEYS`` (lightning_modules.callbacks.KeyRecorder).
+batch through ``LLM4GEN_RECORD_KEYS`` (tests/train_recording_keys.py: train.py plus a KeyRecorder).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TRAIN_SCRIPT = REPO_ROOT / "train.py"
+TRAIN_SCRIPT = REPO_ROOT / "tests" / "train_recording_keys.py"  # train.py + the key record
 RUN_TIMEOUT_S = 240  # one tiny run takes ~10-30 s on 2 busy cores; a hang fails instead of blocking CI
 FAST = [
     "data.synthetic_if_missing=false", "data.batch_size=4", "validation.every_n_steps=0",

@@ -39,6 +39,7 @@ pytestmark = pytest.mark.skipif(
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
+RECORDING_TRAIN_SCRIPT = REPO_ROOT / "tests" / "train_recording_keys.py"  # train.py + LLM4GEN_RECORD_KEYS
 SCONTROL_TIMEOUT_S = 10
 JOB_TIMEOUT_S = 300  # a tiny run takes 10-40 s on 2 busy cores; the deadline only catches a stuck job
 TERMINAL_STATES = {
@@ -156,7 +157,7 @@ def fast(shards: Path) -> list[str]:
 def submit_tiny(capsys, *overrides: str) -> str:
     """submit.py with the tiny default; returns the job id."""
     capsys.readouterr()
-    assert submit_cli.main(["--config", str(TINY_CONFIG), *overrides]) == 0
+    assert submit_cli.main(["--config", str(TINY_CONFIG), "--train-script", str(RECORDING_TRAIN_SCRIPT), *overrides]) == 0
     return re.search(r"submitted job (\d+)", capsys.readouterr().out).group(1)
 
 
@@ -186,7 +187,7 @@ def test_requeued_job_resumes_from_its_checkpoint_and_ends_with_the_uninterrupte
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["LLM4GEN_RECORD_KEYS"] = str(tmp_path / "baseline-keys.jsonl")
     baseline = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "train.py"), "--config", str(TINY_CONFIG), *training,
+        [sys.executable, str(RECORDING_TRAIN_SCRIPT), "--config", str(TINY_CONFIG), *training,
          f"output_dir={baseline_dir}"], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True,
     )  # fmt: skip
