@@ -165,47 +165,47 @@ def spacy_model_identity(model: str) -> str:
         return f"{model} (package {package} not installed)"
 
 
+# Data settings that decide which samples a run reads, not what any cached value is.
+DATA_NOT_IN_VALUES = ("shards", "synthetic_if_missing", "batch_size", "num_workers", "shuffle_buffer", "resampled",
+                      "epoch_batches", "precomputed_keys")
+IMAGE_SETTINGS = ("resolution", "center_crop", "random_flip")
+# What each cached field depends on: whole config sections minus the settings listed as not affecting it
+# (a dotted key names a single setting). A setting added to one of these sections later joins the key
+# by itself; leaving it out takes an entry here. ``revision`` is part of the model's identity.
+FIELD_DEPENDENCIES: dict[str, dict[str, tuple[str, ...]]] = {
+    "latent_moments": {"model.base": ("revision", "dtype"), "data": DATA_NOT_IN_VALUES + ("caption_keys",)},
+    "llm_features": {"model.llm": ("revision", "trust_remote_code"), "data": DATA_NOT_IN_VALUES + IMAGE_SETTINGS},
+    "clip_features": {"model.base": ("revision", "vae_dtype"), "data": DATA_NOT_IN_VALUES + IMAGE_SETTINGS},
+    "entities": {"model.objective.entity_parser": (), "data": DATA_NOT_IN_VALUES + IMAGE_SETTINGS},
+}
+# Which files of a model folder a field's values come from (for model_identity's fingerprint).
+MODEL_PARTS = {"latent_moments": ("vae",), "clip_features": ("text_encoder", "tokenizer")}
+
+
+def _key_value(cfg: DictConfig, name: str, dotted: str, value: Any) -> Any:
+    """A setting's value as recorded: model sources by identity (version or fingerprint), not by name."""
+    if dotted == "model.base.pretrained":
+        return model_identity(value, cfg.model.base.revision, parts=MODEL_PARTS.get(name, ()))
+    if dotted in ("model.llm.pretrained", "model.llm.tokenizer"):
+        return model_identity(value, cfg.model.llm.revision) if value else None
+    if dotted == "model.objective.entity_parser":
+        return spacy_model_identity(entity_parser_name(cfg))
+    return value
+
+
 def field_key(cfg: DictConfig, name: str, cache_dtype: Optional[str] = None) -> dict[str, Any]:
     """The settings cached ``name`` values depend on, keyed by the config key that sets each one."""
-    base, llm, data = cfg.model.base, cfg.model.llm, cfg.data
-    caption_keys = list(data.caption_keys)
-    if name == "latent_moments":
-        key = {
-            "model.base.family": base.family,
-            "model.base.pretrained": model_identity(base.pretrained, base.revision, parts=("vae",)),
-            "model.base.vae_dtype": base.vae_dtype,
-            "data.resolution": int(data.resolution),
-            "data.center_crop": bool(data.center_crop),
-            "data.random_flip": bool(data.random_flip),
-        }
-    elif name == "llm_features":
-        key = {
-            "model.llm.pretrained": model_identity(llm.pretrained, llm.revision),
-            "model.llm.tokenizer": model_identity(llm.tokenizer, llm.revision) if llm.tokenizer else None,
-            "model.llm.kind": llm.kind,
-            "model.llm.layer": int(llm.layer),
-            "model.llm.max_length": int(llm.max_length),
-            "model.llm.prefix": llm.prefix,
-            "model.llm.zero_padding": bool(llm.zero_padding),
-            "model.llm.dtype": llm.dtype,
-            "data.caption_keys": caption_keys,
-        }
-    elif name == "clip_features":
-        key = {
-            "model.base.family": base.family,
-            "model.base.pretrained": model_identity(base.pretrained, base.revision,
-                                                    parts=("text_encoder", "tokenizer")),
-            "model.base.dtype": base.dtype,
-            "data.caption_keys": caption_keys,
-        }
-    elif name == "entities":
-        parser = entity_parser_name(cfg)
-        key = {
-            "model.objective.entity_parser": spacy_model_identity(parser),
-            "data.caption_keys": caption_keys,
-        }
-    else:
+    if name not in FIELD_DEPENDENCIES:
         raise CacheError(f"unknown cache field {name!r}; known: {', '.join(CACHE_FIELDS)}")
+    key: dict[str, Any] = {}
+    for section, ignored in FIELD_DEPENDENCIES[name].items():
+        node = OmegaConf.select(cfg, section)
+        values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else {None: node}
+        for setting, value in values.items():
+            if setting in ignored:
+                continue
+            dotted = section if setting is None else f"{section}.{setting}"
+            key[dotted] = _key_value(cfg, name, dotted, value)
     if cache_dtype is not None and name != "entities":
         key["cache.dtype"] = cache_dtype
     return key
