@@ -650,8 +650,8 @@ def run_cache(cfg: DictConfig, shards: Any, output: str, fields: Sequence[str] =
         raise CacheError(f"cache dtype {cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
     if batch_size < 1:
         raise CacheError(f"--batch-size must be >= 1, got {batch_size}")
+    check_cacheable(cfg, fields)  # unknown names are refused, not dropped
     fields = [name for name in CACHE_FIELDS if name in fields]  # canonical order
-    check_cacheable(cfg, fields)
     urls = resolve_shards(shards)
     paths = output_paths(urls, output)
     os.makedirs(output, exist_ok=True)

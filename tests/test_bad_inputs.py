@@ -1,0 +1,250 @@
+"""Bad input at every entry point, as a new user types it: one paragraph naming the bad value, exit code 2,
+no traceback, and nothing loaded or started first.
+
+Every case runs in-process through the entry point's own ``main`` (the same ``configs.errors.entry_point``
+wrapper a shell invocation goes through), with anything that would load weights, train, submit or write
+shards replaced by a tripwire. One case per entry point (and each example of issue 14) also runs as a real
+subprocess, where the exit code, the absence of a traceback and the time (< 15 s: no weights load) are
+measured on the process itself.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MAX_SECONDS = 15.0
+
+
+# ---------------------------------------------------------------- files the cases point at
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    """Paths substituted into the cases' {placeholders}."""
+    from omegaconf import OmegaConf
+
+    from configs.schema import load_config
+
+    root = tmp_path_factory.mktemp("bad-inputs")
+    paths = {"tmp": str(root)}
+    (root / "notes.txt").write_text("not a checkpoint\n")
+    paths["garbage"] = str(root / "notes.txt")
+    (root / "empty.ckpt").write_bytes(b"")
+    paths["empty"] = str(root / "empty.ckpt")
+    torch.save({"weights": torch.zeros(2048)}, root / "weights.pt")
+    paths["torchfile"] = str(root / "weights.pt")
+    data = (root / "weights.pt").read_bytes()
+    (root / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    paths["truncated"] = str(root / "cut.ckpt")
+    # An LLM4GEN checkpoint of another configuration (two CAM blocks where the default has one).
+    model = OmegaConf.to_container(load_config(overrides=["model.adapter.num_blocks=2"]).model, resolve=True)
+    torch.save({"state_dict": {"adapter.blocks.0.q_proj.weight": torch.zeros(1)},
+                "hyper_parameters": {"model": model, "seed": 0}}, root / "two-blocks.ckpt")
+    paths["other_config"] = str(root / "two-blocks.ckpt")
+    (root / "empty-dir").mkdir()
+    paths["empty_dir"] = str(root / "empty-dir")
+    (root / "images").mkdir()
+    paths["images"] = str(root / "images")
+    (root / "table.csv").write_text("image,caption\na.png,a cat\n")
+    paths["table"] = str(root / "table.csv")
+    paths["missing"] = str(root / "missing.ckpt")
+    (root / "sweep-typo.yaml").write_text(
+        f"config: {REPO_ROOT / 'configs' / 'tiny.yaml'}\noutput_root: {root / 'sweep-out'}\n"
+        "grid:\n  model.adapter.num_headz: [4, 8]\n")
+    paths["sweep_typo"] = str(root / "sweep-typo.yaml")
+    (root / "sweep-runs.yaml").write_text(
+        f"config: {REPO_ROOT / 'configs' / 'tiny.yaml'}\noutput_root: {root / 'sweep-out'}\n"
+        "runs:\n  - {data.batch_size: 4}\n  - {data.batch_size: 0}\n")
+    paths["sweep_bad_run"] = str(root / "sweep-runs.yaml")
+    (root / "sweep-key.yaml").write_text(
+        f"config: {REPO_ROOT / 'configs' / 'tiny.yaml'}\noutput_root: {root / 'sweep-out'}\n"
+        "gird:\n  model.optim.lr: [1.0e-4]\n")
+    paths["sweep_bad_key"] = str(root / "sweep-key.yaml")
+    return paths
+
+
+# ---------------------------------------------------------------- the table
+
+T = "output_dir={tmp}/run"  # train.py cases write nowhere they should not
+# (entry point, argv, text the message must contain: the bad value)
+CASES = [
+    # issue 14's examples
+    ("train", [T, "trainer.max_steps=abc"], "'abc'"),
+    ("train", [T, "data.shards=/nonexistent/dir", "data.synthetic_if_missing=false"], "/nonexistent/dir"),
+    ("train", [T, "model.adapter.num_heads=7"], "num_heads' is 7"),
+    ("train", [T, "data.batch_size=0"], "batch_size' is 0"),
+    ("generate", ["--checkpoint", "{garbage}", "--prompt", "a cat", "--output-dir", "{tmp}/gen"], "{garbage}"),
+    ("attention_maps", ["--checkpoint", "{garbage}", "--prompt", "a red cube", "--output", "{tmp}/m.png"], "{garbage}"),
+    ("sweep", ["{sweep_typo}"], "model.adapter.num_headz"),
+    # train.py: values
+    ("train", [T, "model.adapter.num_head=4"], "model.adapter.num_head'"),
+    ("train", [T, "trainer.precision=bf16-mix"], "bf16-mix"),
+    ("train", [T, "trainer.devices=1.5"], "1.5"),
+    ("train", [T, "trainer.enable_progress_bar=3"], "enable_progress_bar' is 3"),
+    ("train", [T, "trainer.max_stepz=3"], "trainer.max_stepz"),
+    ("train", [T, "data.resolution=31"], "resolution' is 31"),
+    ("train", [T, "model.llm.max_length=1000"], "max_length' is 1000"),
+    ("train", [T, "model.objective.entity_timesteps=[0,2000]"], "2000"),
+    ("train", [T, "model.objective.entity_timesteps=[500,100]"], "[500, 100]"),
+    ("train", [T, "model.objective.caption_dropout=1.5"], "1.5"),
+    ("train", [T, "model.lora.dropout=-0.1"], "-0.1"),
+    ("train", [T, "model.optim.lr=0"], "lr' is 0"),
+    ("train", [T, "model.ema.decay=1.0"], "decay' is 1.0"),
+    ("train", [T, "model.llm.kind=decodr"], "decodr"),
+    ("train", [T, "model.base.dtype=fp16"], "fp16"),
+    ("train", [T, "logger=wandbx"], "wandbx"),
+    ("train", [T, "model.optim.scheduler=cosin"], "cosin"),
+    ("train", [T, "model.objective.entity_layers=foo"], "foo"),
+    ("train", [T, "data.num_workers=-1"], "num_workers' is -1"),
+    ("train", [T, "model.adapter.num_heads=four"], "four"),
+    ("train", ["--config", "configs/nope.yaml"], "configs/nope.yaml"),
+    # train.py: paths and checkpoints
+    ("train", ["output_dir={garbage}/run"], "{garbage}"),
+    ("train", [T, "model.adapter.init_from={garbage}"], "{garbage}"),
+    ("train", [T, "model.adapter.init_from={empty_dir}"], "{empty_dir}"),
+    ("train", [T, "model.base.pretrained=/no/such/sd"], "/no/such/sd"),
+    ("train", [T, "data.shards={empty_dir}", "data.synthetic_if_missing=false"], "{empty_dir}"),
+    ("train", [T, "resume={garbage}"], "{garbage}"),
+    ("train", [T, "resume={truncated}"], "{truncated}"),
+    ("train", [T, "resume={other_config}"], "model.adapter.num_blocks: checkpoint 2"),
+    # generate.py
+    ("generate", ["--checkpoint", "{truncated}", "--prompt", "a", "--output-dir", "{tmp}/gen"], "truncated"),
+    ("generate", ["--checkpoint", "{torchfile}", "--prompt", "a", "--output-dir", "{tmp}/gen"], "{torchfile}"),
+    ("generate", ["--checkpoint", "{empty}", "--prompt", "a", "--output-dir", "{tmp}/gen"], "{empty}"),
+    ("generate", ["--checkpoint", "{missing}", "--prompt", "a", "--output-dir", "{tmp}/gen"], "{missing}"),
+    ("generate", ["--checkpoint", "{other_config}", "--prompt", "a", "--output-dir", "{tmp}/gen", "--steps", "0"],
+     "--steps 0"),
+    ("generate", ["--checkpoint", "{other_config}", "--prompt", "a", "--output-dir", "{tmp}/gen", "--scheduler", "DDIM"],
+     "'DDIM'"),
+    # attention_maps.py
+    ("attention_maps", ["--checkpoint", "{truncated}", "--prompt", "a", "--output", "{tmp}/m.png"], "{truncated}"),
+    ("attention_maps", ["--checkpoint", "{empty_dir}", "--prompt", "a", "--output", "{tmp}/m.png"], "{empty_dir}"),
+    ("attention_maps", ["--checkpoint", "{other_config}", "--prompt", "a", "--output", "{tmp}/m.png", "--layers", "nope"],
+     "'nope'"),
+    # prepare.py
+    ("prepare", ["/no/such/images", "--output", "{tmp}/shards"], "/no/such/images"),
+    ("prepare", ["{images}", "--output", "{tmp}/shards", "--samples-per-shard", "0"], "--samples-per-shard"),
+    ("prepare", ["{images}", "--output", "{tmp}/shards", "--jpeg-quality", "101"], "101"),
+    ("prepare", ["{table}", "--output", "{tmp}/shards", "--image-root", "/no/such/root"], "/no/such/root"),
+    # cache.py
+    ("cache", ["--shards", "{empty_dir}", "--output", "{tmp}/cache", "--fields", "latent_moments,bogus"], "bogus"),
+    ("cache", ["--shards", "{empty_dir}", "--output", "{tmp}/cache", "--batch-size", "0"], "got 0"),
+    ("cache", ["--shards", "/no/such/shards", "--output", "{tmp}/cache"], "/no/such/shards"),
+    ("cache", ["--shards", "{empty_dir}", "--output", "{tmp}/cache", "model.llm.max_length=0"], "max_length' is 0"),
+    # submit.py
+    ("submit", ["--config", "configs/tiny.yaml", "output_dir={tmp}/job", "slurm.nodez=2"], "slurm.nodez"),
+    ("submit", ["--config", "configs/tiny.yaml", "output_dir={tmp}/job", "trainer.max_steps=abc"], "'abc'"),
+    ("submit", ["--config", "configs/tiny.yaml", "output_dir={garbage}/job"], "{garbage}"),
+    ("submit", ["--config", "configs/tiny.yaml", "output_dir={tmp}/job", "model.adapter.num_heads=7"], "num_heads' is 7"),
+    # sweep.py
+    ("sweep", ["{sweep_bad_run}"], "batch_size' is 0"),
+    ("sweep", ["{sweep_bad_run}", "--slurm"], "batch_size' is 0"),
+    ("sweep", ["{sweep_bad_key}"], "gird"),
+    ("sweep", ["{tmp}/no-sweep.yaml"], "no-sweep.yaml"),
+]
+
+# One per entry point (with issue 14's examples) as a real process: exit code, traceback, time.
+SUBPROCESS_CASES = [*range(7)] + [next(i for i, case in enumerate(CASES) if case[0] == entry)
+                                  for entry in ("prepare", "cache", "submit")]
+
+
+def fill(items, files):
+    return [item.format(**files) for item in items]
+
+
+def case_id(case) -> str:
+    entry, argv, _ = case
+    return f"{entry}:{' '.join(a for a in argv if a != T)}"[:70]
+
+
+@pytest.fixture
+def tripwires(monkeypatch):
+    """Loading a model, training, submitting or writing shards fails the test: errors must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started before the bad input was refused")
+
+    import encoders.llm as llm
+    import encoders.stable_diffusion as sd
+    import launch.sweep
+    import sweep as sweep_cli
+    import submit as submit_cli
+    import train
+    from datamodules import feature_cache, prepare
+    from lightning_modules.llm4gen import LLM4GenModule
+
+    monkeypatch.setitem(sd.LOADERS, "sd15", refuse)
+    monkeypatch.setattr(llm.LLMEncoder, "__init__", refuse)
+    monkeypatch.setattr(train, "run", refuse)
+    monkeypatch.setattr(LLM4GenModule, "load_from_checkpoint", refuse)
+    monkeypatch.setattr(sweep_cli, "run_locally", refuse)
+    monkeypatch.setattr(sweep_cli, "submit", refuse)
+    monkeypatch.setattr(launch.sweep.subprocess, "run", refuse)
+    monkeypatch.setattr(submit_cli, "submit", refuse)
+    monkeypatch.setattr(feature_cache, "FeatureEncoders", refuse)
+    monkeypatch.setattr(prepare, "run_prepare", refuse)
+
+
+def entry_main(entry: str):
+    import importlib
+
+    return importlib.import_module(entry).main
+
+
+def test_the_table_is_big_enough_and_covers_every_entry_point():
+    assert len(CASES) >= 40
+    assert {entry for entry, _, _ in CASES} == {"train", "generate", "prepare", "cache", "submit", "sweep",
+                                                "attention_maps"}
+    assert {CASES[i][0] for i in SUBPROCESS_CASES} == {entry for entry, _, _ in CASES}
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_bad_input_is_refused_in_one_paragraph_with_exit_code_2(case, files, tripwires, capsys, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    entry, argv, expected = case
+    code = entry_main(entry)(fill(argv, files))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    message = [line for line in err.splitlines() if line.strip()]
+    assert len(message) == 1 and message[0].startswith(f"{entry}.py: error: "), err
+    assert expected.format(**files) in message[0]
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", SUBPROCESS_CASES, ids=lambda i: case_id(CASES[i]))
+def test_bad_input_as_a_real_process_exits_2_fast_without_traceback(index, files):
+    entry, argv, expected = CASES[index]
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(REPO_ROOT / f"{entry}.py"), *fill(argv, files)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - started
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr[-3000:]
+    assert f"{entry}.py: error: " in result.stderr and expected.format(**files) in result.stderr, result.stderr
+    assert seconds < MAX_SECONDS, f"{entry}.py took {seconds:.1f} s to refuse a config/path mistake"
+
+
+def test_an_unexpected_exception_keeps_its_traceback():
+    from configs.errors import entry_point
+
+    @entry_point("x.py")
+    def broken(argv=None):
+        raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError):
+        broken([])
+
+
+def test_importing_the_config_schema_does_not_import_torch():
+    code = ("import sys, configs.schema, configs.checks, configs.paths, configs.choices, configs.errors; "
+            "heavy = [m for m in ('torch', 'lightning', 'diffusers', 'transformers') if m in sys.modules]; "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
