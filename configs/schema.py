@@ -255,8 +255,8 @@ def load_config(config_path: str | Path | None = None, overrides: list[str] = ()
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as err:
             raise _explain(err, schema, source) from None
-    check_trainer_args(cfg.trainer)
     check_values(cfg)
+    check_trainer_args(cfg.trainer)  # last: it imports Lightning, which the other checks need not wait for
     return cfg
 
 

@@ -14,7 +14,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 
 CLIP_TOKENIZER_DIR = Path(__file__).parent / "clip_tokenizer"
 TINY_SD_VERSION = "tiny-sd-v1"
@@ -47,6 +46,7 @@ def cache_root() -> Path:
 
 def build_tiny_sd(directory: str | os.PathLike, seed: int = 0) -> Path:
     """Writes the tiny SD folder (deterministic for a seed) and returns its path."""
+    import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 

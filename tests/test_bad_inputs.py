@@ -4,15 +4,15 @@ no traceback, and nothing loaded or started first.
 Every case runs in-process through the entry point's own ``main`` (the same ``configs.errors.entry_point``
 wrapper a shell invocation goes through), with anything that would load weights, train, submit or write
 shards replaced by a tripwire. One case per entry point (and each example of issue 14) also runs as a real
-subprocess, where the exit code, the absence of a traceback and the time (< 15 s: no weights load) are
-measured on the process itself.
+subprocess, where the exit code, the absence of a traceback and the CPU time (< 15 s: no weights load) are
+measured on the process itself (wall times on a quiet machine: ``python bench/bench_bad_inputs.py``).
 """
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,14 +25,12 @@ MAX_SECONDS = 15.0
 # ---------------------------------------------------------------- files the cases point at
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, str]:
-    """Paths substituted into the cases' {placeholders}."""
+def write_case_files(root: Path) -> dict[str, str]:
+    """Writes the files the cases point at into ``root``; returns the {placeholder} -> path table."""
     from omegaconf import OmegaConf
 
     from configs.schema import load_config
 
-    root = tmp_path_factory.mktemp("bad-inputs")
     paths = {"tmp": str(root)}
     (root / "notes.txt").write_text("not a checkpoint\n")
     paths["garbage"] = str(root / "notes.txt")
@@ -68,6 +66,11 @@ def files(tmp_path_factory) -> dict[str, str]:
         "gird:\n  model.optim.lr: [1.0e-4]\n")
     paths["sweep_bad_key"] = str(root / "sweep-key.yaml")
     return paths
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    return write_case_files(tmp_path_factory.mktemp("bad-inputs"))
 
 
 # ---------------------------------------------------------------- the table
@@ -221,14 +224,17 @@ def test_bad_input_is_refused_in_one_paragraph_with_exit_code_2(case, files, tri
 @pytest.mark.parametrize("index", SUBPROCESS_CASES, ids=lambda i: case_id(CASES[i]))
 def test_bad_input_as_a_real_process_exits_2_fast_without_traceback(index, files):
     entry, argv, expected = CASES[index]
-    started = time.monotonic()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = subprocess.run([sys.executable, str(REPO_ROOT / f"{entry}.py"), *fill(argv, files)], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=120)
-    seconds = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds, not wall time: the 2-core machine is shared, and waiting for a core is not work done.
+    # Loading any model's weights alone costs more than this budget; bench/bench_bad_inputs.py prints the wall times.
+    seconds = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr[-3000:]
     assert f"{entry}.py: error: " in result.stderr and expected.format(**files) in result.stderr, result.stderr
-    assert seconds < MAX_SECONDS, f"{entry}.py took {seconds:.1f} s to refuse a config/path mistake"
+    assert seconds < MAX_SECONDS, f"{entry}.py used {seconds:.1f} CPU s to refuse a config/path mistake"
 
 
 def test_an_unexpected_exception_keeps_its_traceback():
