@@ -49,14 +49,9 @@ def check_sampling_args(args: argparse.Namespace) -> None:
     if args.guidance_scale < 0:
         raise UserError(f"--guidance-scale {args.guidance_scale}: expected a number >= 0 (1 turns guidance off; "
                         f"7.5 is usual)")
-    import diffusers
+    from configs.checks import check_scheduler_name
 
-    schedulers = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("_"))
-    if args.scheduler not in schedulers:
-        import difflib
-
-        close = difflib.get_close_matches(args.scheduler, schedulers, n=3) or ["DDIMScheduler", "EulerDiscreteScheduler"]
-        raise UserError(f"--scheduler {args.scheduler!r} is not a diffusers scheduler class; closest: {', '.join(close)}")
+    check_scheduler_name(args.scheduler, "--scheduler")
 
 
 def check_checkpoint_sources(checkpoint: dict) -> None:

@@ -155,6 +155,9 @@ def main(argv=None) -> int:
     from configs.paths import check_run_paths
 
     check_run_paths(cfg)
+    from configs.checks import check_scheduler_name
+
+    check_scheduler_name(cfg.validation.scheduler, "config key 'validation.scheduler'")
     if cfg.data.precomputed_keys:  # a cache made with other settings is refused before models load
         from datamodules.feature_cache import check_cache_key
 

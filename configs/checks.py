@@ -221,6 +221,17 @@ def check_against_models(cfg: DictConfig) -> None:
                           f"{limit[0]} tokens ({limit[1]}); use a max_length <= {limit[0]}.")
 
 
+def check_scheduler_name(name: str, what: str) -> None:
+    """``name`` is a diffusers scheduler class (imports diffusers, so it runs after the cheap checks)."""
+    import diffusers
+
+    schedulers = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("_"))
+    if name not in schedulers:
+        close = difflib.get_close_matches(name, schedulers, n=3) or ["DDIMScheduler", "EulerDiscreteScheduler"]
+        raise ConfigError(f"{what} is {name!r}, which is not a diffusers scheduler class; closest valid: "
+                          f"{', '.join(close)}.")
+
+
 # ---------------------------------------------------------------- trainer.* against Trainer's annotations
 
 
@@ -272,6 +283,8 @@ def trainer_annotations() -> dict[str, Any]:
 
 
 def check_trainer_values(trainer_args: dict) -> None:
+    if isinstance(trainer_args, DictConfig):
+        trainer_args = OmegaConf.to_container(trainer_args, resolve=True)
     hints = trainer_annotations()
     for key, value in trainer_args.items():
         annotation = hints.get(key)

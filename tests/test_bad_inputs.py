@@ -107,6 +107,7 @@ CASES = [
     ("train", [T, "model.objective.entity_layers=foo"], "foo"),
     ("train", [T, "data.num_workers=-1"], "num_workers' is -1"),
     ("train", [T, "model.adapter.num_heads=four"], "four"),
+    ("train", [T, "validation.scheduler=DDIMSchedular"], "DDIMSchedular"),
     ("train", ["--config", "configs/nope.yaml"], "configs/nope.yaml"),
     # train.py: paths and checkpoints
     ("train", ["output_dir={garbage}/run"], "{garbage}"),
