@@ -159,3 +159,28 @@ def test_generate_writes_the_same_images_for_the_same_seed(trained_run, tmp_path
 def test_generate_refuses_a_missing_checkpoint(tmp_path, capsys):
     assert generate.main(["--checkpoint", str(tmp_path / "x.ckpt"), "--prompt", "p", "--output-dir", str(tmp_path)]) == 2
     assert "x.ckpt' does not exist" in capsys.readouterr().err
+
+
+def test_resume_path_accepts_its_own_checkpoint_and_names_what_another_configuration_changed(trained_run, capsys):
+    from lightning_modules.checkpoint_files import CheckpointError
+
+    checkpoint = trained_run / "checkpoints" / "step=0000003.ckpt"
+    common = [f"output_dir={trained_run}", f"data.shards={trained_run.parent / 'shards'}", "model.ema.enabled=true",
+              f"resume={checkpoint}"]
+    assert train.resume_path(train.load_config(None, common)) == str(checkpoint)
+    with pytest.raises(CheckpointError, match="model.adapter.num_blocks: checkpoint 1, this config 2"):
+        train.resume_path(train.load_config(None, [*common, "model.adapter.num_blocks=2"]))
+    with pytest.raises(CheckpointError, match="model.ema.enabled: checkpoint True, this config False"):
+        train.resume_path(train.load_config(None, [*common, "model.ema.enabled=false"]))
+    # A truncated copy of the newest checkpoint: resume=auto falls back to the previous good one.
+    newest = max((trained_run / "checkpoints").glob("step=*.ckpt"))
+    data = newest.read_bytes()
+    try:
+        newest.write_bytes(data[: len(data) // 2])
+        import os
+        os.utime(newest)  # newest by time too
+        found = train.resume_path(train.load_config(None, common[:-1]))
+        assert found is not None and Path(found) != newest
+        assert "skipping unreadable checkpoint" in capsys.readouterr().err
+    finally:
+        newest.write_bytes(data)
