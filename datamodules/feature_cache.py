@@ -37,7 +37,6 @@ import io
 import json
 import math
 import os
-import sys
 import tarfile
 import time
 import warnings
