@@ -28,16 +28,13 @@ Public API (stable; ``evaluation/__init__.py`` re-exports it):
 
 Images may be PIL images, (H, W, 3) uint8 arrays, or (H, W, 3) float arrays in [0, 1]; square images
 are expected (the size threshold follows the benchmark's 2x2 layout at the image's resolution).
-Command line: ``python -m evaluation.shapes render DIR`` writes ground truth for every prompt set,
-``python -m evaluation.shapes score DIR`` scores a folder written that way (or any images listed in a
-``prompts.jsonl`` with ``file`` and ``text``).
+Command line (``evaluation/__main__.py``): ``python -m evaluation render DIR`` writes ground truth for
+every prompt set, ``python -m evaluation score DIR`` scores a folder written that way (or any images
+listed in a ``prompts.jsonl`` with ``file`` and ``text``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -47,7 +44,7 @@ import numpy as np
 from PIL import Image
 
 from datamodules.shapes import (
-    BACKGROUND_RGB, COLORS, SHAPES, Scene, parse_prompt, render_scene, shape_mask, size_threshold,
+    BACKGROUND_RGB, COLORS, SHAPES, Scene, parse_prompt, shape_mask, size_threshold,
 )
 
 PALETTE_NAMES: tuple[str, ...] = tuple(COLORS)                            # label i < 8: an object colour
@@ -254,52 +251,3 @@ def aggregate(scores: Iterable[ImageScore]) -> dict:
     counts = sorted({s.n_objects for s in scores})
     result["by_n_objects"] = {k: means([s for s in scores if s.n_objects == k]) for k in counts}
     return result
-
-
-# ---------------------------------------------------------------- command line
-
-def _render(args) -> None:
-    from evaluation.prompt_sets import PROMPT_SETS, prompt_set
-
-    os.makedirs(args.directory, exist_ok=True)
-    with open(os.path.join(args.directory, "prompts.jsonl"), "w") as handle:
-        for name in args.sets or PROMPT_SETS:
-            for record in prompt_set(name, args.per_set):
-                file = f"{record.id}.png"
-                render_scene(record.scene, args.resolution).save(os.path.join(args.directory, file))
-                handle.write(json.dumps({"file": file, **record.to_dict()}) + "\n")
-    print(f"wrote ground truth at {args.resolution} px and prompts.jsonl to {args.directory}")
-
-
-def _score(args) -> None:
-    with open(os.path.join(args.directory, "prompts.jsonl")) as handle:
-        rows = [json.loads(line) for line in handle if line.strip()]
-    by_set: dict[str, list[ImageScore]] = {}
-    for row in rows:
-        image = Image.open(os.path.join(args.directory, row["file"]))
-        by_set.setdefault(row.get("set", "all"), []).append(score(image, row["text"]))
-    results = {name: aggregate(group) for name, group in by_set.items()}
-    header = ["set", "images", "binding", "all_bound", "exact", "color", "shape", "size", "missing", "extra"]
-    print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
-    for name, r in results.items():
-        print(f"| {name} | {r['n_images']} | " + " | ".join(f"{r[m]:.3f}" for m in header[2:]) + " |")
-    with open(os.path.join(args.directory, "scores.json"), "w") as handle:
-        json.dump(results, handle, indent=2)
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m evaluation.shapes", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    render = commands.add_parser("render", help="write ground-truth images of the prompt sets and prompts.jsonl")
-    render.add_argument("directory")
-    render.add_argument("--resolution", type=int, default=32)
-    render.add_argument("--per-set", type=int, default=None, help="records per set (default: the full set)")
-    render.add_argument("--sets", nargs="*", default=None)
-    scorer = commands.add_parser("score", help="score the images listed in DIR/prompts.jsonl against their text")
-    scorer.add_argument("directory")
-    args = parser.parse_args(argv)
-    (_render if args.command == "render" else _score)(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -58,3 +58,16 @@ def test_bad_names_and_sizes_are_refused():
         prompt_set("heldout")
     with pytest.raises(ValueError, match="at least 1"):
         prompt_set("seen_1", 0)
+
+
+def test_command_line_renders_ground_truth_and_scores_it_perfectly(tmp_path, capsys):
+    from evaluation.__main__ import main
+
+    main(["render", str(tmp_path), "--per-set", "4", "--resolution", "48"])
+    rows = [json.loads(line) for line in (tmp_path / "prompts.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * len(PROMPT_SETS) and all((tmp_path / r["file"]).exists() for r in rows)
+    results = main(["score", str(tmp_path)])
+    assert set(results) == set(PROMPT_SETS)
+    assert all(r["exact"] == 1.0 and r["n_images"] == 4 for r in results.values())
+    assert json.loads((tmp_path / "scores.json").read_text())["heldout_3"]["binding"] == 1.0
+    assert "| heldout_3 | 4 | 1.000" in capsys.readouterr().out
