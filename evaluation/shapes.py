@@ -8,11 +8,13 @@ Public API (stable; ``evaluation/__init__.py`` re-exports it):
   evaluation prompts ``seen_1 .. seen_3``, ``heldout_1 .. heldout_3`` with text, scene, seed, split,
   n_objects, phrasing.
 - ``analyze(image) -> list[DetectedObject]``: every object in an image, from pixels alone:
-  1. each pixel takes the nearest palette colour (the 8 object colours and the gray background) if
+  1. a global colour cast is removed (the border's median colour is moved onto the background gray);
+     each pixel takes the nearest palette colour (the 8 object colours and the gray background) if
      it lies within ``max_color_distance`` (RGB Euclidean) of it, else stays unassigned (soft edges,
      colours between two palette entries);
   2. 8-connected components per object colour; components under ``min_area_fraction`` of the image
-     are dropped (stray pixels, fringes);
+     are dropped (stray pixels), holes are filled, and components filling under ``min_fill`` of their
+     box are dropped (speckle, fringes around another object);
   3. shape: the best intersection-over-union of the component's mask with each shape drawn to fill
      the component's box (``None`` if the best is under ``min_shape_iou``); size: the box's longer
      side against the midpoint between the small and large ranges; colour: the palette label.
@@ -41,7 +43,7 @@ from functools import lru_cache
 from typing import Iterable, Optional, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from datamodules.shapes import (
     BACKGROUND_RGB, COLORS, SHAPES, Scene, parse_prompt, shape_mask, size_threshold,
@@ -55,6 +57,7 @@ UNASSIGNED = -1
 MAX_COLOR_DISTANCE = 70.0
 MIN_AREA_FRACTION = 0.006
 MIN_SHAPE_IOU = 0.5
+MIN_FILL = 0.3          # components filling less of their box are speckle or fringes, not objects
 CATEGORIES: tuple[str, ...] = ("color", "shape", "size")
 
 
@@ -117,6 +120,33 @@ def palette_labels(rgb: np.ndarray, max_color_distance: float = MAX_COLOR_DISTAN
     return labels
 
 
+def remove_color_cast(rgb: np.ndarray, max_color_distance: float = MAX_COLOR_DISTANCE) -> np.ndarray:
+    """``rgb`` shifted so that its border's median colour is the background gray, when that median is
+    within ``max_color_distance`` of it (a global tint a generator puts on the whole image); unchanged
+    otherwise. Scenes keep a margin between objects and the image border."""
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])  # (border pixels, 3)
+    cast = np.median(border, axis=0) - np.asarray(BACKGROUND_RGB, dtype=np.float32)
+    if np.linalg.norm(cast) > max_color_distance:
+        return rgb
+    return rgb - cast
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every region it encloses (not 4-connected to the outside) filled in."""
+    outside = np.pad(~mask, 1, constant_values=True)
+    reached = np.zeros_like(outside)
+    reached[0, 0] = True
+    queue = deque([(0, 0)])
+    height, width = outside.shape
+    while queue:
+        r, c = queue.popleft()
+        for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+            if 0 <= rr < height and 0 <= cc < width and outside[rr, cc] and not reached[rr, cc]:
+                reached[rr, cc] = True
+                queue.append((rr, cc))
+    return ~reached[1:-1, 1:-1]
+
+
 def connected_components(mask: np.ndarray) -> list[np.ndarray]:
     """8-connected components of a (H, W) bool mask, each as an (N, 2) array of (row, col)."""
     height, width = mask.shape
@@ -140,20 +170,48 @@ def connected_components(mask: np.ndarray) -> list[np.ndarray]:
     return components
 
 
-@lru_cache(maxsize=4096)
-def _template(shape: str, width: int, height: int) -> np.ndarray:
-    return shape_mask(shape, width, height)
+# Blur widths the shape templates are also made with, in pixels of a 32 px image (scaled with the
+# resolution): a generator's soft edges round corners and thin arms, and the colour threshold then cuts
+# the blurred shape a little inside its drawn box.
+TEMPLATE_BLURS: tuple[float, ...] = (0.0, 0.6, 0.9, 1.2)
 
 
-def classify_shape(mask: np.ndarray, min_shape_iou: float = MIN_SHAPE_IOU) -> tuple[Optional[str], float]:
-    """(shape, IoU) of the shape that, drawn to fill the mask's box, overlaps the (h, w) mask best."""
+@lru_cache(maxsize=16384)
+def _blurred_template(shape: str, width: int, height: int, blur: float) -> np.ndarray:
+    """``shape`` drawn in a ``width`` x ``height`` box, blurred, cut at half intensity, cropped to what
+    remains (the mask a softly drawn shape leaves after palette segmentation)."""
+    if blur == 0:
+        return shape_mask(shape, width, height)
+    pad = 3
+    canvas = Image.new("L", (width + 2 * pad, height + 2 * pad), 0)
+    canvas.paste(Image.fromarray(shape_mask(shape, width, height).astype(np.uint8) * 255), (pad, pad))
+    mask = np.asarray(canvas.filter(ImageFilter.GaussianBlur(blur))) >= 128
+    if not mask.any():
+        return mask[:0, :0]
+    rows, cols = np.nonzero(mask)
+    return mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+
+
+def classify_shape(
+    mask: np.ndarray, min_shape_iou: float = MIN_SHAPE_IOU, resolution: int = 32,
+) -> tuple[Optional[str], float]:
+    """(shape, IoU) of the shape whose template overlaps the (h, w) mask best: the shape drawn to fill
+    the mask's box, or drawn a few pixels larger, blurred by ``TEMPLATE_BLURS`` (scaled to
+    ``resolution``) and cut back to the mask's size. Ties go to the least blur, so a crisp render is
+    read as what was drawn."""
     height, width = mask.shape
+    scale = resolution / 32
     best, best_iou = None, -1.0
-    for shape in SHAPES:
-        template = _template(shape, width, height)
-        iou = np.logical_and(mask, template).sum() / max(1, np.logical_or(mask, template).sum())
-        if iou > best_iou:
-            best, best_iou = shape, float(iou)
+    for blur in TEMPLATE_BLURS:
+        blur = round(blur * scale, 3)
+        for grow in ((0,) if blur == 0 else range(0, max(4, round(4 * scale)))):
+            for shape in SHAPES:
+                template = _blurred_template(shape, width + grow, height + grow, blur)
+                if template.shape != mask.shape:
+                    continue
+                iou = np.logical_and(mask, template).sum() / max(1, np.logical_or(mask, template).sum())
+                if iou > best_iou + 1e-9:
+                    best, best_iou = shape, float(iou)
     return (best if best_iou >= min_shape_iou else None), best_iou
 
 
@@ -162,9 +220,10 @@ def analyze(
     max_color_distance: float = MAX_COLOR_DISTANCE,
     min_area_fraction: float = MIN_AREA_FRACTION,
     min_shape_iou: float = MIN_SHAPE_IOU,
+    min_fill: float = MIN_FILL,
 ) -> list[DetectedObject]:
     """The objects in ``image``, ordered top-to-bottom, left-to-right."""
-    rgb = as_rgb_array(image)
+    rgb = remove_color_cast(as_rgb_array(image), max_color_distance)
     height, width = rgb.shape[:2]
     labels = palette_labels(rgb, max_color_distance)
     min_area = max(2, round(min_area_fraction * height * width))
@@ -178,10 +237,13 @@ def analyze(
             bottom, right = pixels.max(0) + 1
             mask = np.zeros((bottom - top, right - left), dtype=bool)
             mask[pixels[:, 0] - top, pixels[:, 1] - left] = True
-            shape, iou = classify_shape(mask, min_shape_iou)
+            mask = fill_holes(mask)  # pixels noise pushed off the palette inside an object
+            if mask.mean() < min_fill:
+                continue
+            shape, iou = classify_shape(mask, min_shape_iou, min(height, width))
             size = "large" if max(bottom - top, right - left) >= threshold else "small"
             found.append(DetectedObject(color, shape, size, (int(left), int(top), int(right), int(bottom)),
-                                        int(len(pixels)), round(iou, 4)))
+                                        int(mask.sum()), round(iou, 4)))
     return sorted(found, key=lambda o: (o.bbox[1], o.bbox[0]))
 
 

@@ -12,7 +12,7 @@ from datamodules.shapes import (
     COLORS, SHAPES, Scene, ShapeObject, draw_shape, object_bbox, render_scene, sample_scene,
 )
 from evaluation import aggregate, analyze, parse_prompt, prompt_set, score
-from evaluation.shapes import ImageScore, max_matching, palette_labels, UNASSIGNED
+from evaluation.shapes import UNASSIGNED, ImageScore, fill_holes, max_matching, palette_labels, remove_color_cast
 
 
 def scenes(n, seed, split=None):
@@ -153,6 +153,7 @@ def soften(image: Image.Image, blur: float, noise: float, drift: float, rng: np.
 
 @pytest.mark.parametrize("resolution, blur, noise, drift, floor", [
     (32, 0.5, 8, 20, 0.97),   # a 32 px image: half-pixel blur (objects are 6-14 px)
+    (32, 0.8, 8, 20, 0.93),   # softer: small crosses and triangles start to look round
     (64, 1.0, 8, 20, 0.97),   # the same relative softness at 64 px
     (64, 0.5, 16, 30, 0.95),  # heavier noise and colour cast
 ])
@@ -162,7 +163,7 @@ def test_softened_renders_still_score(resolution, blur, noise, drift, floor):
                for s in scenes(120, seed=3, split="train")]
     summary = aggregate(results)
     print(f"{resolution}px blur {blur} noise {noise} drift {drift}: {summary}")
-    assert summary["binding"] >= floor and summary["exact"] >= floor - 0.02
+    assert summary["binding"] >= floor and summary["exact"] >= floor - 0.05
 
 
 def test_colour_drift_within_the_threshold_keeps_the_colour_and_beyond_it_drops_the_pixels():
@@ -206,3 +207,22 @@ def test_bad_images_are_refused():
 
 def test_parse_prompt_is_used_for_text():
     assert parse_prompt("a small red circle").objects[0].attributes() == ("red", "circle", "small")
+
+
+def test_fill_holes_fills_enclosed_regions_only():
+    ring = np.ones((5, 5), dtype=bool)
+    ring[2, 2] = False
+    assert fill_holes(ring).all()
+    cup = ring.copy()
+    cup[0:3, 2] = False  # the hole opens to the top edge
+    assert (fill_holes(cup) == cup).all()
+
+
+def test_a_global_colour_cast_is_removed_and_a_foreign_background_left_alone():
+    scene = sample_scene(random.Random(4), "train", 3)
+    rgb = np.asarray(render_scene(scene, 32), dtype=np.float32)
+    tinted = rgb + np.array([45.0, -30.0, 25.0])  # 60 from gray: many object colours move out of reach
+    assert np.allclose(remove_color_cast(tinted), rgb)
+    assert score(np.clip(tinted, 0, 255).astype(np.uint8), scene).exact == 1
+    red = np.zeros_like(rgb) + np.array(COLORS["red"], dtype=np.float32)
+    assert np.array_equal(remove_color_cast(red), red)  # far from gray: not a tint of the background
