@@ -1,5 +1,6 @@
 """Command line of the shapes benchmark: render ground truth for the prompt sets, score a folder.
 
+    python -m evaluation prompts DIR [--per-set N] [--sets ...]   # DIR/<set>.txt (a prompt a line) + <set>.jsonl
     python -m evaluation render DIR [--resolution 32] [--per-set N] [--sets seen_1 heldout_2 ...]
     python -m evaluation score DIR      # DIR/prompts.jsonl: one {"file", "text", "set"?} per image
 
@@ -35,6 +36,20 @@ def render(directory: str, resolution: int = 32, per_set: Optional[int] = None, 
     return path
 
 
+def write_prompt_files(directory: str, per_set: Optional[int] = None, sets=None) -> list[str]:
+    """DIR/<set>.txt (one prompt a line, in record order) and DIR/<set>.jsonl (the full records)."""
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    for name in sets or PROMPT_SETS:
+        records = prompt_set(name, per_set)
+        with open(os.path.join(directory, f"{name}.txt"), "w") as handle:
+            handle.writelines(r.text + "\n" for r in records)
+        with open(os.path.join(directory, f"{name}.jsonl"), "w") as handle:
+            handle.writelines(json.dumps(r.to_dict()) + "\n" for r in records)
+        written.append(os.path.join(directory, f"{name}.txt"))
+    return written
+
+
 def score_directory(directory: str) -> dict:
     """{set: aggregate(...)} over the images DIR/prompts.jsonl lists, scored against their text."""
     with open(os.path.join(directory, "prompts.jsonl")) as handle:
@@ -62,9 +77,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
     render_cmd.add_argument("--resolution", type=int, default=32)
     render_cmd.add_argument("--per-set", type=int, default=None, help="records per set (default: the full set)")
     render_cmd.add_argument("--sets", nargs="*", default=None, choices=PROMPT_SETS)
+    prompts_cmd = commands.add_parser("prompts", help="write each prompt set as DIR/<set>.txt and DIR/<set>.jsonl")
+    prompts_cmd.add_argument("directory")
+    prompts_cmd.add_argument("--per-set", type=int, default=None)
+    prompts_cmd.add_argument("--sets", nargs="*", default=None, choices=PROMPT_SETS)
     score_cmd = commands.add_parser("score", help="score the images listed in DIR/prompts.jsonl against their text")
     score_cmd.add_argument("directory")
     args = parser.parse_args(argv)
+    if args.command == "prompts":
+        for path in write_prompt_files(args.directory, args.per_set, args.sets):
+            print(path)
+        return {}
     if args.command == "render":
         path = render(args.directory, args.resolution, args.per_set, args.sets)
         print(f"wrote ground truth at {args.resolution} px and {path}")

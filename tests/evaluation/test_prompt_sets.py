@@ -71,3 +71,13 @@ def test_command_line_renders_ground_truth_and_scores_it_perfectly(tmp_path, cap
     assert all(r["exact"] == 1.0 and r["n_images"] == 4 for r in results.values())
     assert json.loads((tmp_path / "scores.json").read_text())["heldout_3"]["binding"] == 1.0
     assert "| heldout_3 | 4 | 1.000" in capsys.readouterr().out
+
+
+def test_prompt_files_hold_one_prompt_a_line_in_record_order(tmp_path):
+    from evaluation.__main__ import main
+
+    main(["prompts", str(tmp_path), "--per-set", "5", "--sets", "seen_2", "heldout_1"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heldout_1.jsonl", "heldout_1.txt", "seen_2.jsonl", "seen_2.txt"]
+    assert (tmp_path / "seen_2.txt").read_text().splitlines() == [r.text for r in prompt_set("seen_2", 5)]
+    records = [PromptRecord.from_dict(json.loads(line)) for line in (tmp_path / "heldout_1.jsonl").read_text().splitlines()]
+    assert records == prompt_set("heldout_1", 5)
