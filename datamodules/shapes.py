@@ -39,6 +39,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "black": (15, 15, 15),
     "white": (245, 245, 245),
 }
+# Bumped whenever what a seed renders changes (scenes, captions, split): synthetic shard folders
+# record it, and one written by another version is refused instead of silently trained on.
+SHAPES_WORLD_VERSION = 2
 BACKGROUND = "gray"
 BACKGROUND_RGB: tuple[int, int, int] = (128, 128, 128)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")

@@ -22,9 +22,12 @@ import braceexpand
 import webdataset as wds
 from PIL import Image
 
-from datamodules.shapes import COLORS, SHAPES, Scene, random_scene, render_scene  # noqa: F401 (re-exported)
+from datamodules.shapes import (  # noqa: F401 (COLORS, SHAPES re-exported)
+    COLORS, SHAPES, SHAPES_WORLD_VERSION, Scene, random_scene, render_scene,
+)
 
 SHARD_PATTERN = "shard-%06d.tar"
+MARKER = "synthetic.json"  # written beside the shards: the shapes-world version and settings
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -75,8 +78,9 @@ def ensure_synthetic_shards(
     """The synthetic shards at ``pattern_or_dir`` (a directory or a brace pattern), written if absent.
 
     A directory that already holds ``*.tar`` files is trusted as is (delete it to regenerate with
-    other settings). A brace pattern must name files in one directory with the ``shard-NNNNNN.tar``
-    names this module writes.
+    other settings), unless its ``synthetic.json`` says another version of the shapes world wrote it:
+    that is refused (it may hold held-out combinations or other captions). A brace pattern must name
+    files in one directory with the ``shard-NNNNNN.tar`` names this module writes.
     """
     if "{" in pattern_or_dir:
         wanted = list(braceexpand.braceexpand(pattern_or_dir))
@@ -95,6 +99,15 @@ def ensure_synthetic_shards(
             )
         return wanted
     existing = sorted(glob.glob(os.path.join(pattern_or_dir, "*.tar")))
+    marker = os.path.join(pattern_or_dir, MARKER)
+    if existing and os.path.exists(marker):
+        with open(marker) as handle:
+            version = json.load(handle).get("shapes_world")
+        if version != SHAPES_WORLD_VERSION:
+            raise ValueError(
+                f"{pattern_or_dir} holds synthetic shards of shapes world version {version}, this code writes "
+                f"version {SHAPES_WORLD_VERSION} (other scenes, captions or held-out split); delete the folder "
+                f"to regenerate it")
     if existing:
         return existing
     # Write beside, then move in: an interrupted write never leaves a directory that looks complete.
@@ -102,8 +115,12 @@ def ensure_synthetic_shards(
     shutil.rmtree(partial, ignore_errors=True)
     written = write_synthetic_shards(partial, num_samples, samples_per_shard, resolution, seed)
     final = [os.path.join(pattern_or_dir, os.path.basename(path)) for path in written]
+    with open(os.path.join(partial, MARKER), "w") as handle:
+        json.dump({"shapes_world": SHAPES_WORLD_VERSION, "num_samples": num_samples,
+                   "samples_per_shard": samples_per_shard, "resolution": resolution, "seed": seed}, handle)
     for source, target in zip(written, final):
         os.replace(source, target)
+    os.replace(os.path.join(partial, MARKER), marker)
     os.rmdir(partial)
     return final
 

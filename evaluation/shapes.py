@@ -18,7 +18,7 @@ Public API (stable; ``evaluation/__init__.py`` re-exports it):
   3. shape: the best intersection-over-union of the component's mask with each shape drawn to fill
      the component's box (``None`` if the best is under ``min_shape_iou``); size: the box's longer
      side against the midpoint between the small and large ranges; colour: the palette label.
-- ``score(image, scene_or_text) -> ImageScore``: the image against what its prompt asks:
+- ``score(image, scene_or_text_or_record) -> ImageScore``: the image against what its prompt asks:
   ``shape`` / ``color`` / ``size``: the fraction of prompt objects found with the right shape /
   (shape, colour) / (shape, size), one detection per prompt object (a maximum matching);
   ``binding``: the fraction found with all their attributes (the per-image binding score);
@@ -28,7 +28,8 @@ Public API (stable; ``evaluation/__init__.py`` re-exports it):
 - ``aggregate(scores) -> dict``: the T2I-CompBench way, the mean of each per-image number over the
   images (of one prompt set), overall and per object count (``by_n_objects``).
 
-Images may be PIL images, (H, W, 3) uint8 arrays, or (H, W, 3) float arrays in [0, 1]; square images
+Images may be PIL images, (H, W, 3) uint8 arrays, (H, W, 3) float arrays in [0, 1], or torch tensors
+(3, H, W) in [0, 1]; square images
 are expected (the size threshold follows the benchmark's 2x2 layout at the image's resolution).
 Command line (``evaluation/__main__.py``): ``python -m evaluation render DIR`` writes ground truth for
 every prompt set, ``python -m evaluation score DIR`` scores a folder written that way (or any images
@@ -40,7 +41,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -96,9 +97,14 @@ class ImageScore:
 # ---------------------------------------------------------------- pixels -> objects
 
 def as_rgb_array(image) -> np.ndarray:
-    """(H, W, 3) float32 in [0, 255] from a PIL image or an (H, W, 3) uint8 / [0, 1] float array."""
+    """(H, W, 3) float32 in [0, 255] from a PIL image, an (H, W, 3) uint8 / [0, 1] float array, or a
+    (3, H, W) / (H, W, 3) torch tensor in [0, 1]."""
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"), dtype=np.float32)
+    if hasattr(image, "detach"):  # a torch tensor: (3, H, W) as models produce it, or (H, W, 3)
+        image = image.detach().cpu().float().numpy()
+        if image.ndim == 3 and image.shape[0] == 3 and image.shape[2] != 3:
+            image = image.transpose(1, 2, 0)
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected an RGB image of shape (H, W, 3), got an array of shape {array.shape}")
@@ -287,8 +293,11 @@ def score_objects(scene: Scene, detected: list[DetectedObject]) -> ImageScore:
         all_bound=float(binding == 1.0), exact=float(binding == 1.0 and d <= n), detected=list(detected))
 
 
-def score(image, scene: Union[Scene, str], **analyze_options) -> ImageScore:
-    """Scores ``image`` against ``scene`` (a ``Scene`` or a prompt's text, parsed with ``parse_prompt``)."""
+def score(image, scene, **analyze_options) -> ImageScore:
+    """Scores ``image`` against ``scene``: a ``Scene``, a prompt's text (parsed with ``parse_prompt``),
+    or a ``PromptRecord`` (its scene)."""
+    if hasattr(scene, "scene") and hasattr(scene, "text"):
+        scene = scene.scene
     if isinstance(scene, str):
         scene = parse_prompt(scene)
     return score_objects(scene, analyze(image, **analyze_options))

@@ -82,3 +82,16 @@ def test_bad_arguments_are_refused(tmp_path):
         write_synthetic_shards(str(tmp_path), num_samples=0)
     with pytest.raises(ValueError, match="resolution"):
         write_synthetic_shards(str(tmp_path), num_samples=2, resolution=4)
+
+
+def test_a_folder_from_another_shapes_world_version_is_refused(tmp_path):
+    directory = tmp_path / "shards"
+    ensure_synthetic_shards(str(directory), num_samples=4, samples_per_shard=4)
+    marker = json.loads((directory / "synthetic.json").read_text())
+    assert marker["shapes_world"] >= 2 and marker["num_samples"] == 4
+    (directory / "synthetic.json").write_text(json.dumps({**marker, "shapes_world": 1}))
+    with pytest.raises(ValueError, match="delete the folder"):
+        ensure_synthetic_shards(str(directory), num_samples=4, samples_per_shard=4)
+    # a folder of shards without the marker (the user's own data) is trusted as before
+    (directory / "synthetic.json").unlink()
+    assert len(ensure_synthetic_shards(str(directory), num_samples=4, samples_per_shard=4)) == 1

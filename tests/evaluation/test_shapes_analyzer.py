@@ -226,3 +226,13 @@ def test_a_global_colour_cast_is_removed_and_a_foreign_background_left_alone():
     assert score(np.clip(tinted, 0, 255).astype(np.uint8), scene).exact == 1
     red = np.zeros_like(rgb) + np.array(COLORS["red"], dtype=np.float32)
     assert np.array_equal(remove_color_cast(red), red)  # far from gray: not a tint of the background
+
+
+def test_tensors_and_prompt_records_are_accepted():
+    import torch
+
+    record = prompt_set("heldout_2", 1)[0]
+    image = render_scene(record.scene, 32)
+    tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, H, W)
+    assert analyze(tensor) == analyze(image)
+    assert score(image, record).to_dict() == score(image, record.scene).to_dict()
