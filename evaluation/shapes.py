@@ -16,7 +16,8 @@ Public API (stable; ``evaluation/__init__.py`` re-exports it):
      are dropped (stray pixels), holes are filled, and components filling under ``min_fill`` of their
      box are dropped (speckle, fringes around another object);
   3. shape: the best intersection-over-union of the component's mask with each shape drawn to fill
-     the component's box (``None`` if the best is under ``min_shape_iou``); size: the box's longer
+     the component's box, or drawn slightly larger, blurred and cut at half intensity (what soft
+     edges leave); ``None`` if the best is under ``min_shape_iou``; size: the box's longer
      side against the midpoint between the small and large ranges; colour: the palette label.
 - ``score(image, scene_or_text_or_record) -> ImageScore``: the image against what its prompt asks:
   ``shape`` / ``color`` / ``size``: the fraction of prompt objects found with the right shape /
@@ -29,11 +30,13 @@ Public API (stable; ``evaluation/__init__.py`` re-exports it):
   images (of one prompt set), overall and per object count (``by_n_objects``).
 
 Images may be PIL images, (H, W, 3) uint8 arrays, (H, W, 3) float arrays in [0, 1], or torch tensors
-(3, H, W) in [0, 1]; square images
-are expected (the size threshold follows the benchmark's 2x2 layout at the image's resolution).
-Command line (``evaluation/__main__.py``): ``python -m evaluation render DIR`` writes ground truth for
-every prompt set, ``python -m evaluation score DIR`` scores a folder written that way (or any images
-listed in a ``prompts.jsonl`` with ``file`` and ``text``).
+(3, H, W) in [0, 1]; square images are expected (the size threshold follows the benchmark's 2x2 layout
+at the image's resolution). Objects of one colour that touch merge into one component: the benchmark's
+scenes give every object its own colour and a margin, a generator's images may not.
+
+Command line (``evaluation/__main__.py``): ``python -m evaluation prompts DIR`` writes each prompt set
+as text, ``python -m evaluation render DIR`` writes ground truth for every prompt set, ``python -m
+evaluation score DIR`` scores the images a ``DIR/prompts.jsonl`` lists (``file``, ``text``, ``set``).
 """
 
 from __future__ import annotations
