@@ -7,7 +7,9 @@ Three stages, each on training-split scenes only (no held-out colour-shape combi
 2. ``clip``: a CLIP-style model, the tiny text encoder (``TINY_CLIP``, CLIP's real BPE tokenizer) and a
    tiny ViT image tower, trained with CLIP's symmetric contrastive loss over in-batch negatives. Only
    the objective decides what the text encoder learns to encode (in-batch negatives rarely differ by
-   binding alone, which is how CLIP ends up weak at binding); the image tower is discarded.
+   binding alone, which is how CLIP ends up weak at binding); the image tower is discarded. The log
+   records ``binding_probe_swapped_colours``: how often it prefers an image's caption over the same
+   caption with colours swapped (0.5: blind to binding).
 3. ``unet``: the SD-shaped tiny UNet (``TINY_UNET``) trained with the epsilon objective on the frozen
    VAE's latents, conditioned on the frozen text encoder's last hidden state, captions dropped to ""
    with probability ``caption_dropout`` (so classifier-free guidance works).
@@ -176,7 +178,34 @@ def train_vae(images: torch.Tensor, cfg: PretrainConfig, generator: torch.Genera
     return vae, {**summary, "latent_std": round(std, 5), "reconstruction_mse": round(reconstruction_mse, 6)}
 
 
-def train_clip(images: torch.Tensor, token_ids: torch.Tensor, cfg: PretrainConfig, generator: torch.Generator):
+def binding_probe(clip, tokenizer, resolution: int, n: int = 200, seed: int = 0) -> float:
+    """How often the CLIP model prefers an image's own caption to the same caption with the two
+    objects' colours swapped ("a small red circle and a large blue square" vs "... blue circle ...
+    red square"), on fresh two-object training-split scenes with distinct shapes. A bag-of-words
+    encoder cannot tell the two apart (a tie is not a preference: 0; with noise, 0.5 on average)."""
+    import dataclasses
+
+    from datamodules.shapes import caption, sample_scene
+
+    rng = random.Random(f"binding-probe/{seed}")
+    scenes = []
+    while len(scenes) < n:
+        scene = sample_scene(rng, "train", 2)
+        if scene.objects[0].shape != scene.objects[1].shape:
+            scenes.append(scene)
+    swapped = [Scene((dataclasses.replace(s.objects[0], color=s.objects[1].color),
+                      dataclasses.replace(s.objects[1], color=s.objects[0].color))) for s in scenes]
+    pixels = to_pixels(torch.stack([torch.from_numpy(np.asarray(render_scene(s, resolution))).permute(2, 0, 1)
+                                    for s in scenes]))
+    ids = tokenize(tokenizer, [caption(s, "list") for s in scenes] + [caption(s, "list") for s in swapped])
+    with torch.no_grad():
+        logits = clip(input_ids=ids, pixel_values=pixels).logits_per_image   # (n images, 2n captions)
+    own, other = logits[torch.arange(n), torch.arange(n)], logits[torch.arange(n), torch.arange(n) + n]
+    return (own > other).float().mean().item()
+
+
+def train_clip(images: torch.Tensor, token_ids: torch.Tensor, cfg: PretrainConfig, generator: torch.Generator,
+               tokenizer=None):
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
 
     clip = CLIPModel(CLIPConfig(text_config=TINY_CLIP, vision_config={**TINY_VISION, "image_size": cfg.resolution},
@@ -203,7 +232,9 @@ def train_clip(images: torch.Tensor, token_ids: torch.Tensor, cfg: PretrainConfi
         accuracy = (out.logits_per_text.argmax(1) == index).float().mean().item()
     text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CLIP))
     text_encoder.load_state_dict(clip.text_model.state_dict())
-    return text_encoder.eval(), {**summary, "text_to_image_top1_of_256": round(accuracy, 4)}
+    probe = {} if tokenizer is None else {
+        "binding_probe_swapped_colours": round(binding_probe(clip, tokenizer, cfg.resolution, seed=cfg.seed), 4)}
+    return text_encoder.eval(), {**summary, "text_to_image_top1_of_256": round(accuracy, 4), **probe}
 
 
 def train_unet(latent_moments: torch.Tensor, token_ids: torch.Tensor, empty_ids: torch.Tensor, text_encoder,
@@ -329,7 +360,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         return model
 
     vae = stage("vae", lambda g: train_vae(images, cfg, g), AutoencoderKL.from_pretrained)
-    text_encoder = stage("clip", lambda g: train_clip(images, token_ids, cfg, g), CLIPTextModel.from_pretrained)
+    text_encoder = stage("clip", lambda g: train_clip(images, token_ids, cfg, g, tokenizer), CLIPTextModel.from_pretrained)
     vae.requires_grad_(False)
     with torch.no_grad():
         latent_moments = torch.cat([vae.encode(to_pixels(images[i:i + 256])).latent_dist.parameters

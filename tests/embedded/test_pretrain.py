@@ -32,6 +32,7 @@ def test_pretrain_writes_a_loadable_base_reproducibly(tmp_path):
     assert set(log["stages"]) == {"vae", "clip", "unet"}
     assert all(len(s["loss_curve"]) == 2 and s["steps"] == 2 for s in log["stages"].values())
     assert log["weights_mb"] <= 25
+    assert 0 <= log["stages"]["clip"]["binding_probe_swapped_colours"] <= 1
     loaded = load_sd15(str(base), None, torch.float32, torch.float32)
     assert loaded.unet.config.cross_attention_dim == loaded.text.hidden_size
     # the VAE's scaling factor is measured from its latents, not SD's 0.18215
@@ -52,3 +53,31 @@ def test_pretrain_writes_a_loadable_base_reproducibly(tmp_path):
     before = json.loads((tmp_path / "a" / "pretrain_log.json").read_text())["stages"]
     again = pretrain(PretrainConfig(output=str(tmp_path / "a"), **TOY))
     assert again["stages"] == before
+
+
+def test_binding_probe_is_chance_for_a_bag_of_words_model_and_perfect_for_a_binding_one():
+    """The probe itself: a model that scores captions by the bag of their words scores a caption and its
+    swap the same, and a tie is not a preference (0); one that binds colours to shapes reaches 1."""
+    from transformers import CLIPTokenizer
+
+    from embedded.pretrain import binding_probe
+    from embedded.tiny import CLIP_TOKENIZER_DIR
+
+    class BagOfWords(torch.nn.Module):
+        def forward(self, input_ids, pixel_values):
+            counts = torch.zeros(len(input_ids), 49408).scatter_add_(1, input_ids, torch.ones_like(input_ids, dtype=torch.float))
+            image_feature = pixel_values.mean((1, 2, 3))                      # (images,)
+            text_feature = counts.sum(1)                                      # identical for a caption and its swap
+            return type("Out", (), {"logits_per_image": image_feature[:, None] * text_feature[None, :]})()
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
+    assert binding_probe(BagOfWords(), tokenizer, 32, n=20) == 0.0
+
+    class Oracle(torch.nn.Module):
+        def forward(self, input_ids, pixel_values):
+            n = len(pixel_values)
+            logits = torch.zeros(n, 2 * n)
+            logits[torch.arange(n), torch.arange(n)] = 1.0                   # own captions first, swaps after
+            return type("Out", (), {"logits_per_image": logits})()
+
+    assert binding_probe(Oracle(), tokenizer, 32, n=20) == 1.0
