@@ -273,23 +273,16 @@ _BACKGROUND = re.compile(r"\bon an? (?:plain )?(\w+) background\b")
 _TOKEN = re.compile(r"[a-z]+|[,.;]")
 
 
-def parse_prompt(text: str) -> Scene:
-    """The scene a prompt asks for, read with the benchmark's caption grammar (every ``PHRASINGS``
-    form, and plain ones like "a red circle and a blue square on a yellow background").
-
-    Attributes before a shape word belong to it ("a small red circle"); after it, attributes belong
-    to it once a marker says so ("a circle that is small and red", "a square, colored blue") until a
-    determiner, a sentence end or an attribute it already has ("a red circle and blue square").
-    Attributes left out are None. Raises ValueError on a prompt with no shape, a plural shape, or an
-    attribute with no shape to belong to.
-    """
+def _read(text: str) -> tuple[list[dict], str]:
+    """(objects, background) of a prompt; each object {"color", "shape", "size", "spans"}, spans
+    mapping each stated attribute (and "shape") to its (start, end) in ``text``."""
     lowered = text.lower()
     background_match = _BACKGROUND.search(lowered)
     background = background_match.group(1) if background_match else BACKGROUND
-    lowered = _BACKGROUND.sub(" ", lowered)
+    lowered = _BACKGROUND.sub(lambda m: " " * len(m.group(0)), lowered)  # same length: spans stay valid
 
     objects: list[dict] = []
-    pending: dict[str, str] = {}
+    pending: dict[str, tuple[str, tuple[int, int]]] = {}   # slot -> (value, span)
     last: Optional[dict] = None   # the object attributes after a marker may attach to
     attaching = False
 
@@ -300,10 +293,14 @@ def parse_prompt(text: str) -> Scene:
             return "size", SIZE_WORDS[word]
         return None
 
-    for word in _TOKEN.findall(lowered):
+    for match in _TOKEN.finditer(lowered):
+        word, span = match.group(0), match.span()
         attribute = slot_of(word)
         if word in SHAPE_WORDS:
-            last = {"color": None, "size": None, **pending, "shape": SHAPE_WORDS[word]}
+            last = {"color": None, "size": None, "shape": SHAPE_WORDS[word], "spans": {"shape": span}}
+            for slot, (value, where) in pending.items():
+                last[slot] = value
+                last["spans"][slot] = where
             objects.append(last)
             pending, attaching = {}, False
         elif word.rstrip("s") in SHAPE_WORDS or word.endswith("es") and word[:-2] in SHAPE_WORDS:
@@ -313,10 +310,11 @@ def parse_prompt(text: str) -> Scene:
             slot, value = attribute
             if attaching and last is not None and last[slot] is None and not pending:
                 last[slot] = value
+                last["spans"][slot] = span
             else:
                 if slot in pending:
-                    raise ValueError(f"two {slot}s ({pending[slot]!r}, {value!r}) for one object in prompt {text!r}")
-                pending[slot] = value
+                    raise ValueError(f"two {slot}s ({pending[slot][0]!r}, {value!r}) for one object in prompt {text!r}")
+                pending[slot] = (value, span)
                 attaching = False
         elif word in DETERMINERS or word in {".", ";"}:
             attaching = False
@@ -325,11 +323,39 @@ def parse_prompt(text: str) -> Scene:
         elif word in POSTNOMINAL_MARKERS and last is not None:
             attaching = True
     if pending:
-        raise ValueError(f"attribute(s) {sorted(pending.values())} in prompt {text!r} belong to no shape; "
-                         f"shapes are {list(SHAPES)}")
+        raise ValueError(f"attribute(s) {sorted(v for v, _ in pending.values())} in prompt {text!r} belong to "
+                         f"no shape; shapes are {list(SHAPES)}")
     if not objects:
         raise ValueError(f"no shape in prompt {text!r}; the benchmark's shapes are {list(SHAPES)}")
+    return objects, background
+
+
+def parse_prompt(text: str) -> Scene:
+    """The scene a prompt asks for, read with the benchmark's caption grammar (every ``PHRASINGS``
+    form, and plain ones like "a red circle and a blue square on a yellow background").
+
+    Attributes before a shape word belong to it ("a small red circle"); after it, attributes belong
+    to it once a marker says so ("a circle that is small and red", "a square, colored blue") until a
+    determiner, a sentence end or an attribute it already has ("a red circle and blue square").
+    Attributes left out are None. Raises ValueError on a prompt with no shape, a plural shape, or an
+    attribute with no shape to belong to.
+    """
+    objects, background = _read(text)
     return Scene(tuple(ShapeObject(o["color"], o["shape"], o["size"]) for o in objects), background)
+
+
+def entity_groups(text: str) -> list[dict]:
+    """The caption's (entity, attributes) groups in ``losses.entity_parser.groups_to_json`` form, read
+    with the benchmark's grammar: each shape word is an entity, its colour and size words its
+    attributes, with character spans into ``text``. A general parser (spaCy's small English model)
+    misreads several phrasings ("a large purple cross" -> entity "purple"; "a cross colored blue" ->
+    entity "blue"); for captions of this grammar these groups are exact."""
+    groups = []
+    for o in _read(text)[0]:
+        word = lambda span: {"text": text[span[0]:span[1]], "start": span[0], "end": span[1]}  # noqa: E731
+        attributes = sorted((span for slot, span in o["spans"].items() if slot != "shape"))
+        groups.append({"entity": word(o["spans"]["shape"]), "attributes": [word(span) for span in attributes]})
+    return groups
 
 
 # ---------------------------------------------------------------- training samples
@@ -348,7 +374,7 @@ def random_scene(rng: random.Random, resolution: int) -> dict:
 
 __all__ = [
     "BACKGROUND", "BACKGROUND_RGB", "CELL_NAMES", "COLORS", "HELD_OUT", "PHRASINGS", "SEEN", "SHAPES",
-    "SIZES", "SIZE_SCALES", "Scene", "ShapeObject", "caption", "draw_shape", "free_space", "is_held_out",
+    "SIZES", "SIZE_SCALES", "Scene", "ShapeObject", "caption", "draw_shape", "entity_groups", "free_space", "is_held_out",
     "object_bbox", "parse_prompt", "phrasings_for", "random_scene", "render_scene", "sample_scene",
     "shape_mask", "size_threshold",
 ]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from datamodules.shapes import (
-    BACKGROUND_RGB, CELL_NAMES, COLORS, HELD_OUT, PHRASINGS, SEEN, SHAPES, SIZES, Scene, ShapeObject, caption,
+    BACKGROUND_RGB, CELL_NAMES, COLORS, HELD_OUT, PHRASINGS, SEEN, SHAPES, SIZES, Scene, ShapeObject, caption, entity_groups,
     free_space, object_bbox, parse_prompt, phrasings_for, random_scene, render_scene, sample_scene, size_threshold,
 )
 
@@ -145,3 +145,25 @@ def test_scene_round_trips_through_json():
     scene = sample_scene(random.Random(3), "heldout", 3)
     assert Scene.from_dict(json.loads(json.dumps(scene.to_dict()))) == scene
     assert len(CELL_NAMES) == 4
+
+
+def test_entity_groups_bind_each_shape_to_its_own_colour_and_size_with_exact_spans():
+    from losses.entity_parser import groups_from_json
+
+    text = caption(TWO, "relative")  # "a circle that is small and red next to a large blue square"
+    groups = entity_groups(text)
+    assert [(g["entity"]["text"], [a["text"] for a in g["attributes"]]) for g in groups] == [
+        ("circle", ["small", "red"]), ("square", ["large", "blue"])]
+    groups_from_json(groups, text)  # every span points at its word in the caption
+    dense = caption(TWO, "dense")
+    assert [(g["entity"]["text"], [a["text"] for a in g["attributes"]]) for g in entity_groups(dense)] == [
+        ("circle", ["small", "red"]), ("square", ["large", "blue"])]
+    groups_from_json(entity_groups(dense), dense)
+    rng = random.Random(6)
+    for _ in range(100):
+        scene = sample_scene(rng, "train")
+        for phrasing in phrasings_for(len(scene.objects)):
+            text = caption(scene, phrasing)
+            groups = entity_groups(text)
+            groups_from_json(groups, text)
+            assert len(groups) == len(scene.objects) and all(len(g["attributes"]) == 2 for g in groups)
