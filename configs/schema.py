@@ -111,7 +111,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = "data/synthetic"  # directory, brace pattern, pipe: command or manifest.json
+    shards: str = "data/synthetic-shapes"  # directory, brace pattern, pipe: command or manifest.json
     synthetic_if_missing: bool = True  # write small synthetic shards there when none exist
     batch_size: int = 8
     num_workers: int = 0
