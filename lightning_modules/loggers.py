@@ -72,9 +72,9 @@ def wandb_run_id(log_dir: Path) -> str:
     path = log_dir / "wandb_run_id"
     if path.is_file():
         return path.read_text().strip()
-    import wandb
+    import secrets
 
-    run_id = wandb.util.generate_id()
+    run_id = secrets.token_hex(4)  # W&B run ids: short, [a-z0-9]
     log_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(run_id + "\n")
     return run_id

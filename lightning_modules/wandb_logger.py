@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.loggers.logger import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only
 
 
 class StepWandbLogger(WandbLogger):
