@@ -58,6 +58,8 @@ class SlurmConfig:
             raise SlurmError(f"slurm.gpus_per_node must be >= 0 (0 = CPU-only), got {self.gpus_per_node}")
         if self.tasks_per_node is not None and self.tasks_per_node < 1:
             raise SlurmError(f"slurm.tasks_per_node must be >= 1 or null, got {self.tasks_per_node}")
+        if self.signal not in ("SIGUSR1", "SIGUSR2", "SIGTERM"):
+            raise SlurmError(f"slurm.signal={self.signal!r}: expected SIGUSR1, SIGUSR2 or SIGTERM")
         if self.signal_seconds < 0:
             raise SlurmError(f"slurm.signal_seconds must be >= 0 (0 = no signal), got {self.signal_seconds}")
 
