@@ -22,6 +22,8 @@ import train
 from lightning_modules.callbacks import AtomicCheckpointIO
 from lightning_modules.run_checkpoints import CheckpointSaveError
 
+pytestmark = [pytest.mark.slow]
+
 STEPS = 8
 BASELINE = (f"trainer.max_steps={STEPS}", "checkpoint.every_n_steps=2", "data.num_workers=0")  # as in test_resume
 

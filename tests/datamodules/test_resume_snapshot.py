@@ -36,6 +36,7 @@ def uninterrupted(shards, **overrides):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"epoch_batches": 25}, {"shuffle_buffer": 0}])
+@pytest.mark.slow
 def test_resume_from_a_late_position_opens_few_shards_and_continues_exactly(shards, monkeypatch, overrides):
     states, keys = uninterrupted(shards, **overrides)
     late = int(len(keys) * 0.9)

@@ -34,9 +34,11 @@ import sweep as sweep_cli
 from datamodules.synthetic import write_synthetic_shards
 from launch.sweep import expand_runs, load_sweep
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("sbatch") is None, reason="no sbatch on PATH; CI runs .ci/slurm-up.sh before these tests"
-)
+pytestmark = [
+    pytest.mark.skipif(shutil.which("sbatch") is None, reason="no sbatch on PATH; CI runs .ci/slurm-up.sh before these tests"),
+    pytest.mark.cluster,
+    pytest.mark.slow,
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
@@ -308,8 +310,6 @@ def batch_lines(path: Path) -> int:
     return sum(1 for line in path.read_text().splitlines() if '"keys"' in line) if path.exists() else 0
 
 
-@pytest.mark.slow
-@pytest.mark.cluster
 @pytest.mark.parametrize("signals, num_workers", [(1, 0), (2, 2)])
 def test_ddp_job_preempted_with_usr1_requeues_itself_and_ends_with_the_uninterrupted_weights(
     tmp_path, shards, capsys, monkeypatch, signals, num_workers

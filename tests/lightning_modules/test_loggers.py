@@ -68,6 +68,7 @@ def test_tensorboard_resume_purges_the_steps_trained_again(tmp_path):
     assert [e.value for e in events] == [0, 1, 2, 3, 104, 105, 106, 107]
 
 
+@pytest.mark.slow
 def test_wandb_offline_resumes_its_run_id_and_logs_each_step_once(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
