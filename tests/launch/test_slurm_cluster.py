@@ -362,7 +362,7 @@ def test_ddp_job_preempted_with_usr1_requeues_itself_and_ends_with_the_uninterru
         assert sorted(baseline_keys) == list(range(steps)) and job_keys == baseline_keys
     final, reference = trainable_weights(run_dir), trainable_weights(baseline_dir)
     difference = max(float((final[k] - reference[k]).abs().max()) for k in final)
-    print(f"{signals} USR1 signal(s), saved at steps {sorted(int(s) for s, _ in saves)}; "
+    print(f"{signals} USR1 signal(s), saved at steps {sorted({int(s) for s, _ in saves})}; "
           f"max |requeued - uninterrupted| = {difference:.3g}")
     assert difference <= 1e-6
     with open(run_dir / "logs" / "metrics.csv", newline="") as handle:
