@@ -94,12 +94,14 @@ class StepBoundaryCheckpoint(L.Callback):
         self.requeue_job = requeue_job
         self.received: int | None = None
         self._previous: dict[int, object] = {}
+        self._pid = os.getpid()
         self._checked_step = -1
         self._stop: _Stop | None = None
 
     # ---- signal handling (the handler only records)
 
     def install(self) -> None:
+        self._pid = os.getpid()
         for signum in self.actions:
             previous = signal.signal(signum, self._on_signal)
             self._previous.setdefault(signum, previous)
@@ -110,6 +112,8 @@ class StepBoundaryCheckpoint(L.Callback):
         self._previous = {}
 
     def _on_signal(self, signum: int, frame) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked DataLoader worker inherited the handler: the training process decides
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the step
         if self.received is None or self.actions[signum] > self.actions[self.received]:
