@@ -125,6 +125,7 @@ class StepBoundaryCheckpoint(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.install()  # over Lightning's SIGTERM handler, which broadcasts from inside the handler
+        self._checked_step = trainer.global_step  # a resumed run's first boundary is the next step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self._checked_step or self._stop is not None:

@@ -210,14 +210,15 @@ def test_requeued_job_resumes_from_its_checkpoint_and_ends_with_the_uninterrupte
     # Both starts are in the one log (--open-mode=append), the second one with SLURM_RESTART_COUNT=1.
     second_start = re.search(rf"job {job_id} restart 1 on", text)
     assert re.search(rf"job {job_id} restart 0 on", text) and second_start, text[-3000:]
-    assert f"resuming from {run_dir / 'checkpoints'}" in text[second_start.end():], text[-3000:]
+    # From a periodic checkpoint, or from the one the SIGTERM of the requeue made train.py write at a step boundary.
+    assert re.search(rf"resuming from {re.escape(str(run_dir))}/(checkpoints/|hpc_ckpt_)", text[second_start.end():]), text[-3000:]
     assert json.loads((run_dir / "final_metrics.json").read_text())["global_step"] == steps
 
     # The requeued start went on from a checkpoint taken mid-run (step 4 or later), not from the end.
     job_steps = [r["global_step"] for r in read_records(tmp_path / "job-keys.jsonl") if "keys" in r]
     restart = next(i for i in range(1, len(job_steps)) if job_steps[i] <= job_steps[i - 1])
     assert job_steps[:restart] == list(range(restart)) and job_steps[restart:] == list(range(job_steps[restart], steps))
-    assert 4 <= job_steps[restart] < steps and job_steps[restart] % 2 == 0, job_steps
+    assert 4 <= job_steps[restart] < steps, job_steps
     # Same samples per step as the uninterrupted run (a step trained twice counts from its last run).
     job_keys, baseline_keys = {}, {}
     for r in read_records(tmp_path / "job-keys.jsonl"):
