@@ -141,9 +141,10 @@ def run(cfg) -> dict:
         ckpt_path = resume_path(cfg)
         datamodule = build_datamodule(cfg)
         module = LLM4GenModule(OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed)
-        trainer = build_trainer(cfg, checkpoint_step(ckpt_path) if ckpt_path else None, signal_checkpoint)
+        resume_step = checkpoint_step(ckpt_path) if ckpt_path else None
+        trainer = build_trainer(cfg, resume_step, signal_checkpoint)
         if ckpt_path:
-            print(f"resuming from {ckpt_path}")
+            print(f"resuming from {ckpt_path} (step {resume_step})")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         signal_checkpoint.uninstall()

@@ -214,11 +214,14 @@ def test_requeued_job_resumes_from_its_checkpoint_and_ends_with_the_uninterrupte
     assert re.search(rf"resuming from {re.escape(str(run_dir))}/(checkpoints/|hpc_ckpt_)", text[second_start.end():]), text[-3000:]
     assert json.loads((run_dir / "final_metrics.json").read_text())["global_step"] == steps
 
-    # The requeued start went on from a checkpoint taken mid-run (step 4 or later), not from the end.
+    # The requeued start went on from a checkpoint taken mid-run (step 4 or later), not from the end:
+    # a periodic one, or the one train.py saved at a step boundary on the SIGTERM the requeue sent.
+    resumed, start_step = re.search(r"resuming from (\S+) \(step (\d+)\)", text[second_start.end():]).groups()
+    resumed, start_step = Path(resumed), int(start_step)
     job_steps = [r["global_step"] for r in read_records(tmp_path / "job-keys.jsonl") if "keys" in r]
-    restart = next(i for i in range(1, len(job_steps)) if job_steps[i] <= job_steps[i - 1])
-    assert job_steps[:restart] == list(range(restart)) and job_steps[restart:] == list(range(job_steps[restart], steps))
-    assert 4 <= job_steps[restart] < steps, job_steps
+    assert 4 <= start_step < steps, (resumed, job_steps)
+    assert job_steps[-(steps - start_step):] == list(range(start_step, steps))  # the second start
+    assert job_steps[: len(job_steps) - (steps - start_step)] == list(range(len(job_steps) - (steps - start_step)))
     # Same samples per step as the uninterrupted run (a step trained twice counts from its last run).
     job_keys, baseline_keys = {}, {}
     for r in read_records(tmp_path / "job-keys.jsonl"):
@@ -229,7 +232,7 @@ def test_requeued_job_resumes_from_its_checkpoint_and_ends_with_the_uninterrupte
     final, reference = trainable_weights(run_dir), trainable_weights(baseline_dir)
     assert set(final) == set(reference)
     difference = max(float((final[k] - reference[k]).abs().max()) for k in final)
-    print(f"requeued job resumed at step {job_steps[restart]}; max |requeued - uninterrupted| = {difference:.3g}")
+    print(f"requeued job resumed at step {start_step} from {resumed.name}; max |requeued - uninterrupted| = {difference:.3g}")
     assert difference <= 1e-6
 
 
