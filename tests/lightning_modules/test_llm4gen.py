@@ -43,6 +43,7 @@ def test_context_shape_and_clip_passthrough(module):
     assert unet_kwargs == {}
 
 
+@pytest.mark.slow
 def test_caption_dropout_uses_the_empty_prompt(module):
     batch = fixed_batch()
     drop = torch.tensor([True, False, True, False])

@@ -136,6 +136,7 @@ def prompt_words(prompt):
 
 
 @pytest.mark.parametrize("layers", [None, "all"])
+@pytest.mark.slow
 def test_command_writes_image_and_one_panel_per_word(checkpoint, tmp_path, capsys, layers):
     output = tmp_path / "maps.png"
     argv = ["--checkpoint", str(checkpoint), "--prompt", PROMPT, "--output", str(output), "--steps", "3",
