@@ -46,7 +46,8 @@ def signal_after_records(argv, env, keys, signum, records, log, timeout_s=240):
             process.wait()
 
 
-@pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGUSR1, 128 + signal.SIGUSR1)])
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGUSR1, 128 + signal.SIGUSR1)],
+                         ids=["SIGINT", "SIGUSR1"])
 def test_a_signal_mid_run_saves_the_finished_step_and_resume_reaches_the_uninterrupted_run(
         tiny_runs, tmp_path, signum, exit_code):
     baseline = tiny_runs.baseline(*OVERRIDES)
