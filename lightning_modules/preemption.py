@@ -119,7 +119,7 @@ class StepBoundaryCheckpoint(L.Callback):
         if self.received is None or self.actions[signum] > self.actions[self.received]:
             self.received = signum
         note = f"\nreceived {signal.Signals(signum).name}: saving a checkpoint when the current step ends\n"
-        os.write(sys.stderr.fileno(), note.encode())  # os.write: safe inside a handler, unlike print
+        os.write(2, note.encode())  # the process's stderr; os.write is safe inside a handler, unlike print
 
     # ---- the step boundary
 
