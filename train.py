@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import zipfile
 from pathlib import Path
 
 from configs.errors import entry_point
@@ -47,22 +46,16 @@ def check_sources(cfg) -> None:
 
 
 def is_readable_checkpoint(path: Path) -> bool:
-    """Cheap validity test: torch checkpoints are zip files, and a truncated zip has no central directory."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return len(archive.namelist()) > 0
-    except (OSError, zipfile.BadZipFile):
-        return False
+    from lightning_modules.run_checkpoints import checkpoint_step
+
+    return checkpoint_step(path) is not None
 
 
 def find_resume_checkpoint(output_dir: Path) -> Path | None:
-    """The newest readable checkpoint of a run (step checkpoints, last.ckpt, SLURM hpc_ckpt_*)."""
-    candidates = list((output_dir / "checkpoints").glob("*.ckpt")) + list(output_dir.glob("hpc_ckpt_*.ckpt"))
-    for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
-        if is_readable_checkpoint(path):
-            return path
-        print(f"warning: skipping unreadable checkpoint {path}", file=sys.stderr)
-    return None
+    """The readable checkpoint of a run with the highest stored step (lightning_modules/run_checkpoints.py)."""
+    from lightning_modules import run_checkpoints
+
+    return run_checkpoints.find_resume_checkpoint(output_dir)
 
 
 def resume_path(cfg) -> str | None:
@@ -91,13 +84,28 @@ def build_datamodule(cfg):
     return WebDatasetDataModule(**data, seed=cfg.seed, entity_parser=entity_parser)
 
 
-def build_trainer(cfg, extra_callbacks=()):
+def build_signal_checkpoint(cfg):
+    """Preemption signals and Ctrl-C -> a checkpoint at the next step boundary (lightning_modules/preemption.py)."""
+    import signal
+
+    from lightning_modules.preemption import StepBoundaryCheckpoint, signal_number, slurm_job_id
+
+    requeue_signal = signal_number(cfg.slurm.signal)
+    in_slurm_job = "SLURM_JOB_ID" in os.environ
+    stop_signals = {signal.SIGTERM} - {requeue_signal}
+    if cfg.checkpoint.on_interrupt:
+        stop_signals.add(signal.SIGINT)
+    return StepBoundaryCheckpoint(cfg.output_dir, requeue_signals=[requeue_signal], stop_signals=sorted(stop_signals),
+                                  requeue_job=slurm_job_id() if in_slurm_job and cfg.slurm.requeue else None)
+
+
+def build_trainer(cfg, resume_step=None, signal_checkpoint=None, extra_callbacks=()):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     from lightning_modules.callbacks import AtomicCheckpointIO, ValidationImages
+    from lightning_modules.loggers import build_logger
 
     out = Path(cfg.output_dir)
     checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", filename="step={step:07d}", auto_insert_metric_name=False,
@@ -105,11 +113,12 @@ def build_trainer(cfg, extra_callbacks=()):
                                   save_top_k=cfg.checkpoint.keep_last, monitor="step", mode="max",
                                   enable_version_counter=False)  # rewrite a step's file, never "-v1" beside a bad one
     validation = ValidationImages(out / "samples", **dict(cfg.validation))
-    logger = (TensorBoardLogger if cfg.logger == "tensorboard" else CSVLogger)(out, name="logs", version="")
-    callbacks = [checkpoints, validation, *extra_callbacks]
-    plugins = [AtomicCheckpointIO()]
+    logger = build_logger(cfg.logger, out, resume_step, wandb_options={k: v for k, v in dict(cfg.wandb).items() if v is not None})
+    callbacks = ([signal_checkpoint] if signal_checkpoint is not None else []) + [checkpoints, validation, *extra_callbacks]
+    plugins = [AtomicCheckpointIO(run_dir=out)]
     if "SLURM_JOB_ID" in os.environ and SLURMEnvironment.detect():
-        plugins.append(SLURMEnvironment(auto_requeue=True))
+        # Ranks and addresses from SLURM; the requeue is ours (a step-boundary save), not Lightning's in-handler one.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(**cfg.trainer, default_root_dir=out, callbacks=callbacks, logger=logger,
                      plugins=plugins)
 
@@ -124,14 +133,22 @@ def run(cfg) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    ckpt_path = resume_path(cfg)
-    datamodule = build_datamodule(cfg)
-    module = LLM4GenModule(OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed)
-    trainer = build_trainer(cfg)
-    if ckpt_path:
-        print(f"resuming from {ckpt_path}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    from lightning_modules.run_checkpoints import checkpoint_step
+
+    signal_checkpoint = build_signal_checkpoint(cfg)
+    signal_checkpoint.install()  # before the models load: an early signal stops at the first step boundary
+    try:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        ckpt_path = resume_path(cfg)
+        datamodule = build_datamodule(cfg)
+        module = LLM4GenModule(OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed)
+        resume_step = checkpoint_step(ckpt_path) if ckpt_path else None
+        trainer = build_trainer(cfg, resume_step, signal_checkpoint)
+        if ckpt_path:
+            print(f"resuming from {ckpt_path} (step {resume_step})")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        signal_checkpoint.uninstall()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["global_step"] = trainer.global_step
     if trainer.is_global_zero:
@@ -163,7 +180,17 @@ def main(argv=None) -> int:
 
         check_cache_key(cfg.data.shards, cfg)
     resume_path(cfg)
-    run(cfg)
+    from lightning_modules.preemption import Preempted
+    from lightning_modules.run_checkpoints import CheckpointSaveError
+
+    try:
+        run(cfg)
+    except Preempted as stop:
+        print(stop, file=sys.stderr, flush=True)
+        return stop.exit_code
+    except CheckpointSaveError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

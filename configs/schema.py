@@ -141,6 +141,14 @@ class ValidationConfig:
 class CheckpointConfig:
     every_n_steps: int = 100
     keep_last: int = 3
+    on_interrupt: bool = True  # Ctrl-C: save the last finished step (hpc_ckpt_<step>.ckpt), then stop
+
+
+@dataclass
+class WandbConfig:  # logger=wandb; the run id is kept in <output_dir>/logs/wandb_run_id and resumed
+    project: str = "llm4gen"
+    entity: Optional[str] = None
+    mode: Optional[str] = None  # online | offline | disabled; None: wandb's default (WANDB_MODE)
 
 
 @dataclass
@@ -148,11 +156,12 @@ class Config:
     output_dir: str = "runs/tiny"
     seed: int = 0
     resume: str = "auto"    # auto (newest valid checkpoint in output_dir) | never | a checkpoint path
-    logger: str = "csv"     # csv | tensorboard
+    logger: str = "csv"     # csv | tensorboard | wandb
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # used by submit.py and sweep.py --slurm
     # Lightning Trainer keyword arguments, passed through (checked against Trainer's signature).
     trainer: dict[str, Any] = field(default_factory=lambda: {
@@ -227,6 +236,13 @@ def check_values(cfg: DictConfig) -> None:
     if cfg.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("logger=tensorboard needs the tensorboard package: pip install tensorboard "
                           "(or pip install -e '.[tensorboard]'), or use logger=csv")
+    if cfg.logger == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("logger=wandb needs the wandb package: pip install -e '.[wandb]', or use logger=csv")
+    if cfg.wandb.mode not in (None, "online", "offline", "disabled"):
+        raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}: expected online, offline, disabled or null")
+    if cfg.slurm.signal not in ("SIGUSR1", "SIGUSR2", "SIGTERM"):
+        raise ConfigError(f"slurm.signal={cfg.slurm.signal!r}: expected SIGUSR1, SIGUSR2 or SIGTERM (the signal "
+                          f"the cluster sends before preempting; sbatch --signal)")
     from configs.checks import check_against_models, check_choices, check_ranges
 
     check_ranges(cfg)

@@ -206,29 +206,61 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
 ROUND_END = object()
 
 
+_END = object()
+
+
+class ShuffleBuffer:
+    """Approximate shuffle through a buffer of ``size`` items; size <= 1 keeps the order. A
+    ``ROUND_END`` item flushes the buffer (shuffled) and is not passed on.
+
+    An iterator object rather than a generator so that its state can be saved by *place*: with raw
+    samples tagged ``__place__`` = (shard number in the worker's shard stream, index in the shard),
+    :meth:`state` names the buffered samples and the RNG state, and a resumed worker refills the
+    buffer by reading just those samples (see ``ShardStream._restore``) instead of replaying the epoch.
+    """
+
+    def __init__(self, samples: Iterator[Any], size: int, rng: random.Random,
+                 buffer: Sequence[Any] = (), draining: Sequence[Any] = ()):
+        self.samples, self.size, self.rng = iter(samples), size, rng
+        self.buffer = list(buffer)
+        self.draining = list(draining)  # flushed items still to yield, last first (pop from the end)
+        self._exhausted = False
+
+    def __iter__(self) -> "ShuffleBuffer":
+        return self
+
+    def __next__(self) -> Any:
+        while True:
+            if self.draining:
+                return self.draining.pop()
+            if self._exhausted:
+                raise StopIteration
+            sample = next(self.samples, _END)
+            if sample is _END or sample is ROUND_END:
+                self._exhausted = sample is _END
+                if self.size > 1:
+                    self.rng.shuffle(self.buffer)
+                self.draining, self.buffer = self.buffer[::-1], []
+                continue
+            if self.size <= 1:
+                return sample
+            if len(self.buffer) < self.size:
+                self.buffer.append(sample)
+                continue
+            index = self.rng.randrange(self.size)
+            self.buffer[index], sample = sample, self.buffer[index]
+            return sample
+
+    def state(self) -> dict[str, Any]:
+        version, internal, gauss = self.rng.getstate()
+        return {"buffer": [list(s["__place__"]) for s in self.buffer],
+                "draining": [list(s["__place__"]) for s in self.draining],
+                "rng": [version, list(internal), gauss]}
+
+
 def shuffle_buffer(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
-    """Approximate shuffle through a buffer of ``size`` items; size <= 1 keeps the order.
-    A ``ROUND_END`` item flushes the buffer (shuffled) and is not passed on."""
-    buffer: list[Any] = []
-    for sample in samples:
-        if sample is ROUND_END:
-            if size > 1:
-                rng.shuffle(buffer)
-            yield from buffer
-            buffer = []
-            continue
-        if size <= 1:
-            yield sample
-            continue
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        index = rng.randrange(size)
-        buffer[index], sample = sample, buffer[index]
-        yield sample
-    if size > 1:
-        rng.shuffle(buffer)
-    yield from buffer
+    """Approximate shuffle through a buffer of ``size`` items (see :class:`ShuffleBuffer`)."""
+    return ShuffleBuffer(samples, size, rng)
 
 
 # ---------------------------------------------------------------- precomputed members
@@ -359,6 +391,9 @@ class WorkerPosition:
 
     cursor: int = 0
     batches: int = 0
+    # Where the stream stood at ``cursor`` (ShardStream._snapshot): lets a resumed worker skip whole
+    # shards instead of re-reading everything before the cursor. None: replay (older checkpoints).
+    snapshot: Optional[dict[str, Any]] = None
 
 
 @dataclass
@@ -434,22 +469,74 @@ class ShardStream(IterableDataset):
                 return
             yield ROUND_END
 
-    def _raw_samples(self, worker: int, counts: list[int]) -> Iterator[dict[str, Any]]:
-        shards_without_samples = 0
-        for url in self._shard_stream(worker):
+    def _raw_samples(self, worker: int, counts: list[int], place: dict[str, int]) -> Iterator[dict[str, Any]]:
+        """The worker's raw samples, each tagged ``__place__`` = (shard number, index in the shard), from
+        ``place`` on (``{"shard", "index", "empty"}``; kept up to date: the next sample to read)."""
+        start_shard, start_index = place["shard"], place["index"]
+        shards = itertools.islice(enumerate(self._shard_stream(worker)), start_shard, None)  # skipped: no I/O
+        for number, url in shards:
             if url is ROUND_END:
+                place.update(shard=number + 1, index=0)
                 yield ROUND_END
                 continue
-            produced = 0
+            skip = start_index if number == start_shard else 0
+            produced = skip
             try:
-                for sample in iter_tar_samples(url):
+                samples = iter_tar_samples(url)
+                for _ in itertools.islice(samples, skip):  # the partial shard: read, never decoded
+                    pass
+                for index, sample in enumerate(samples, start=skip):
                     produced += 1
+                    sample["__place__"] = (number, index)
+                    place.update(shard=number, index=index + 1)
                     yield sample
             except SampleError as error:
                 counts[_REASON_INDEX[error.reason]] += 1
-            shards_without_samples = 0 if produced else shards_without_samples + 1
-            if shards_without_samples > max(len(self.config.shards), 1) * 2:
-                raise RuntimeError(f"no readable sample in the last {shards_without_samples} shards (last: {url})")
+            place.update(shard=number + 1, index=0, empty=0 if produced else place["empty"] + 1)
+            if place["empty"] > max(len(self.config.shards), 1) * 2:
+                raise RuntimeError(f"no readable sample in the last {place['empty']} shards (last: {url})")
+
+    def _fetch(self, worker: int, places: Sequence[Sequence[int]]) -> list[dict[str, Any]]:
+        """The raw samples at these places (read from their shards only), in the order given."""
+        wanted: dict[int, set[int]] = {}
+        for shard, index in places:
+            wanted.setdefault(int(shard), set()).add(int(index))
+        found: dict[tuple[int, int], dict[str, Any]] = {}
+        urls = dict(itertools.islice(enumerate(self._shard_stream(worker)), max(wanted, default=-1) + 1))
+        for shard, indices in wanted.items():
+            try:
+                for index, sample in enumerate(iter_tar_samples(urls[shard])):
+                    if index in indices:
+                        sample["__place__"] = (shard, index)
+                        found[shard, index] = sample
+                    if index >= max(indices):
+                        break
+            except SampleError:
+                pass
+        missing = [tuple(p) for p in places if (int(p[0]), int(p[1])) not in found]
+        if missing:
+            raise RuntimeError(f"cannot resume the data position: samples {missing[:3]} of the saved shuffle buffer "
+                               f"are no longer in their shards; were the shards changed?")
+        return [found[int(shard), int(index)] for shard, index in places]
+
+    def _stream(self, worker: int, counts: list[int], start: WorkerPosition) -> tuple[ShuffleBuffer, dict[str, int], int]:
+        """The worker's shuffled raw stream positioned at ``start.cursor``: from the saved snapshot
+        (cost independent of the position: only the partial shard and the buffered samples are read),
+        else by replaying the stream up to the cursor without decoding. Returns (stream, place, cursor)."""
+        c, p = self.config, self.plan
+        rng = random.Random(f"shuffle/{c.seed}/{p.epoch}/{p.rank}/{worker}")
+        snapshot = start.snapshot
+        if snapshot is None or start.cursor == 0:
+            place = {"shard": 0, "index": 0, "empty": 0}
+            raw = ShuffleBuffer(self._raw_samples(worker, counts, place), c.shuffle_buffer, rng)
+            # Fast-forward without decoding: the skips in this prefix were counted by the earlier run.
+            return raw, place, sum(1 for _ in itertools.islice(raw, start.cursor))
+        version, internal, gauss = snapshot["rng"]
+        rng.setstate((version, tuple(internal), gauss))
+        place = dict(snapshot["place"])
+        raw = ShuffleBuffer(self._raw_samples(worker, counts, place), c.shuffle_buffer, rng,
+                            buffer=self._fetch(worker, snapshot["buffer"]), draining=self._fetch(worker, snapshot["draining"]))
+        return raw, place, start.cursor
 
     def _decode(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         c = self.config
@@ -470,15 +557,16 @@ class ShardStream(IterableDataset):
         if quota is not None and start.batches >= quota:
             return
         counts = [0] * len(SKIP_REASONS)
-        raw = shuffle_buffer(
-            self._raw_samples(worker, counts), c.shuffle_buffer, random.Random(f"shuffle/{c.seed}/{p.epoch}/{p.rank}/{worker}")
-        )
-        # Fast-forward without decoding: the skips in this prefix were counted by the earlier run.
-        cursor = sum(1 for _ in itertools.islice(raw, start.cursor))
+        raw, place, cursor = self._stream(worker, counts, start)
+
+        def snapshot() -> dict[str, Any]:  # where the stream stands now, for WorkerPosition.snapshot
+            return {"place": dict(place), **raw.state()}
+
         reported = list(counts)
         batches = start.batches
 
-        def finish(samples: list[dict[str, Any]], cursor_after: int, counts_after: list[int]) -> dict[str, Any]:
+        def finish(samples: list[dict[str, Any]], cursor_after: int, counts_after: list[int],
+                   stream_state: dict[str, Any]) -> dict[str, Any]:
             batch = collate_samples(samples)
             if c.entity_parser and "entities" not in batch:
                 batch["entities"] = parse_entities(c.entity_parser, batch["captions"])
@@ -491,6 +579,7 @@ class ShardStream(IterableDataset):
                 "num_workers": p.num_workers,
                 "cursor": cursor_after,
                 "worker_batches": batches,
+                "snapshot": stream_state,
             }
             return batch
 
@@ -501,6 +590,7 @@ class ShardStream(IterableDataset):
         held: Optional[list[dict[str, Any]]] = None
         pending: list[dict[str, Any]] = []
         counts_at_cursor = list(counts)
+        state_at_cursor: Optional[dict[str, Any]] = None  # the stream's snapshot while a batch is held
         failures_in_a_row = 0
         for raw_sample in raw:
             try:
@@ -509,6 +599,8 @@ class ShardStream(IterableDataset):
                 counts[_REASON_INDEX[error.reason]] += 1
                 cursor += 1
                 counts_at_cursor = list(counts)
+                if held is not None:
+                    state_at_cursor = snapshot()
                 failures_in_a_row += 1
                 if failures_in_a_row > _MAX_CONSECUTIVE_FAILURES:
                     raise RuntimeError(
@@ -518,7 +610,7 @@ class ShardStream(IterableDataset):
                 continue
             failures_in_a_row = 0
             if held is not None:
-                yield finish(held, cursor, counts_at_cursor)
+                yield finish(held, cursor, counts_at_cursor, state_at_cursor)
                 held = None
             pending.append(sample)
             cursor += 1
@@ -526,15 +618,16 @@ class ShardStream(IterableDataset):
             if len(pending) == c.batch_size:
                 batches += 1
                 if quota is not None and batches == quota:
-                    yield finish(pending, cursor, counts_at_cursor)
+                    yield finish(pending, cursor, counts_at_cursor, snapshot())
                     return
                 held, pending = pending, []
+                state_at_cursor = snapshot()
         # End of this worker's data: everything met so far is reported with its last batch.
         if held is not None:
-            yield finish(held, cursor, list(counts))
+            yield finish(held, cursor, list(counts), snapshot())
         if pending:
             batches += 1
-            yield finish(pending, cursor, list(counts))
+            yield finish(pending, cursor, list(counts), snapshot())
 
 
 class _PassDataLoader(DataLoader):
@@ -721,7 +814,8 @@ class WebDatasetDataModule(L.LightningDataModule):
                 f"current pass (epoch {self._epoch}, layout {self._layout}); was a batch reported twice or late?"
             )
         worker = position["worker"]
-        self._workers[worker] = WorkerPosition(cursor=int(position["cursor"]), batches=int(position["worker_batches"]))
+        self._workers[worker] = WorkerPosition(cursor=int(position["cursor"]), batches=int(position["worker_batches"]),
+                                               snapshot=position.get("snapshot"))
         self._next_worker = (worker + 1) % position["num_workers"]
         self._consumed += 1
 
@@ -763,7 +857,7 @@ class WebDatasetDataModule(L.LightningDataModule):
             "epoch": self._epoch,
             "batches": self._consumed,
             "next_worker": self._next_worker,
-            "workers": [[w.cursor, w.batches] for w in self._workers],
+            "workers": [[w.cursor, w.batches, w.snapshot] for w in self._workers],
             "num_workers": num_workers,
             "world_size": world_size,
         }
@@ -791,7 +885,7 @@ class WebDatasetDataModule(L.LightningDataModule):
             world_size=world_size,
             num_workers=layout[0],
             first_worker=self._next_worker,
-            workers=[WorkerPosition(w.cursor, w.batches) for w in self._workers],
+            workers=[WorkerPosition(w.cursor, w.batches, w.snapshot) for w in self._workers],
         )
 
     def _restore_position(self, rank: int, layout: tuple[int, int]) -> None:
@@ -810,7 +904,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         self._consumed = int(saved["batches"])
         self._next_worker = int(saved["next_worker"])
         if saved["workers"]:
-            self._workers = [WorkerPosition(int(c), int(b)) for c, b in saved["workers"]]
+            self._workers = [WorkerPosition(int(w[0]), int(w[1]), w[2] if len(w) > 2 else None) for w in saved["workers"]]
 
     def _watch_pass(self, batches: Iterator[dict[str, Any]], epoch: int) -> Iterator[dict[str, Any]]:
         for batch in batches:

@@ -1,8 +1,8 @@
 """Run training as a SLURM batch job: the job's resources, its sbatch script, and submission.
 
-The script is built for preemptible, requeueable training: SLURM sends SIGUSR1 `signal_seconds`
-before the time limit, Lightning's `SLURMEnvironment(auto_requeue=True)` (set up by train.py) saves a
-checkpoint and requeues the job, and the requeued job resumes from its own run folder because the
+The script is built for preemptible, requeueable training: SLURM sends `signal` (SIGUSR1) `signal_seconds`
+before the time limit; train.py saves a checkpoint at the next optimizer-step boundary and requeues the
+job (lightning_modules/preemption.py), and the requeued job resumes from its own run folder because the
 command carries a fixed `output_dir` and train.py defaults to `resume: auto`. The log is opened in
 append mode so a requeue adds to it instead of truncating it.
 
@@ -45,7 +45,8 @@ class SlurmConfig:
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    signal_seconds: int = 120  # SIGUSR1 this long before the time limit; 0 -> no signal
+    signal_seconds: int = 120  # `signal` this long before the time limit; 0 -> no signal
+    signal: str = "SIGUSR1"  # the preemption warning: SIGUSR1 | SIGUSR2 | SIGTERM (train.py saves at a step boundary, requeues)
     requeue: bool = True
     job_name: str | None = None  # None -> the run folder's name
     extra_sbatch_lines: list[str] = field(default_factory=list)  # "--exclusive" or "#SBATCH --exclusive"
@@ -59,6 +60,8 @@ class SlurmConfig:
             raise SlurmError(f"slurm.gpus_per_node must be >= 0 (0 = CPU-only), got {self.gpus_per_node}")
         if self.tasks_per_node is not None and self.tasks_per_node < 1:
             raise SlurmError(f"slurm.tasks_per_node must be >= 1 or null, got {self.tasks_per_node}")
+        if self.signal not in ("SIGUSR1", "SIGUSR2", "SIGTERM"):
+            raise SlurmError(f"slurm.signal={self.signal!r}: expected SIGUSR1, SIGUSR2 or SIGTERM")
         if self.signal_seconds < 0:
             raise SlurmError(f"slurm.signal_seconds must be >= 0 (0 = no signal), got {self.signal_seconds}")
 
@@ -116,7 +119,7 @@ def render_sbatch_script(
         if value is not None:
             options.append(f"--{name}={value}")
     if cfg.signal_seconds > 0:
-        options.append(f"--signal=SIGUSR1@{cfg.signal_seconds}")
+        options.append(f"--signal={cfg.signal}@{cfg.signal_seconds}")
     options.append("--requeue" if cfg.requeue else "--no-requeue")
     options += [
         "--open-mode=append",

@@ -63,14 +63,31 @@ class ValidationImages(L.Callback):
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file, then renames it into place: a job killed mid-save
     leaves the previous checkpoint intact, never a truncated one under the real name. A write that
-    fails with an exception removes its temporary file; one killed outright leaves ``.NAME.tmp-PID``,
-    which resuming ignores (it does not end in ``.ckpt``)."""
+    fails with an exception (a full disk) removes its temporary file and raises
+    :class:`CheckpointSaveError` saying so; one killed outright leaves ``.NAME.tmp-PID``, which
+    resuming ignores (it does not end in ``.ckpt``).
+
+    With ``run_dir``, a checkpoint safely written at step N deletes the run's signal checkpoints
+    (``hpc_ckpt_*``) at steps <= N: they pile up with every requeue otherwise (Lightning issue 6204)."""
+
+    def __init__(self, run_dir: str | os.PathLike | None = None):
+        super().__init__()
+        self.run_dir = None if run_dir is None else Path(run_dir)
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        from lightning_modules.run_checkpoints import CheckpointSaveError, prune_signal_checkpoints
+
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             super().save_checkpoint(checkpoint, tmp, storage_options)
             os.replace(tmp, path)
+        except Exception as error:
+            kept = "the previous checkpoint under that name is intact" if path.exists() else "nothing was written under that name"
+            raise CheckpointSaveError(f"writing checkpoint {path} failed ({type(error).__name__}: {error}); {kept}, "
+                                      f"and resume: auto uses the newest readable checkpoint") from error
         finally:
             tmp.unlink(missing_ok=True)  # only still there when the write failed
+        if self.run_dir is not None and isinstance(checkpoint.get("global_step"), int):
+            prune_signal_checkpoints(self.run_dir, checkpoint["global_step"], saved=path)
+

@@ -84,6 +84,7 @@ def trained_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_corrupt_samples_are_skipped_and_counted(trained_run):
     metrics = json.loads((trained_run / "final_metrics.json").read_text())
     assert metrics["global_step"] == 9
@@ -92,6 +93,7 @@ def test_corrupt_samples_are_skipped_and_counted(trained_run):
     assert metrics["data/skipped_empty_caption"] == 1
 
 
+@pytest.mark.slow
 def test_run_folder_layout(trained_run):
     assert (trained_run / "config.yaml").read_text().startswith("output_dir:")
     names = {p.name for p in (trained_run / "checkpoints").iterdir()}
@@ -102,6 +104,7 @@ def test_run_folder_layout(trained_run):
     assert (trained_run / "logs" / "metrics.csv").read_text().count("\n") >= 6
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_only_the_trainable_state(trained_run):
     path = trained_run / "checkpoints" / "last.ckpt"
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -118,6 +121,7 @@ def test_checkpoint_holds_only_the_trainable_state(trained_run):
     assert "WebDatasetDataModule" in ckpt  # the data position
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_saved_step_with_the_saved_optimizer(trained_run, tmp_path):
     from lightning_modules.llm4gen import LLM4GenModule
 
@@ -144,6 +148,7 @@ def test_resume_continues_at_the_saved_step_with_the_saved_optimizer(trained_run
     torch.testing.assert_close(seen["exp_avg"], step3["optimizer_states"][0]["state"][0]["exp_avg"])
 
 
+@pytest.mark.slow
 def test_generate_writes_the_same_images_for_the_same_seed(trained_run, tmp_path, capsys):
     ckpt = str(trained_run / "checkpoints" / "last.ckpt")
     args = ["--checkpoint", ckpt, "--prompt", "a red circle", "--prompt", "a blue square", "--steps", "3"]

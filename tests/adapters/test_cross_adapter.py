@@ -64,6 +64,7 @@ def test_released_full_size_parameter_count():
     assert set(convert_released_state_dict(ReleasedFusion().state_dict())) == set(adapter.state_dict())
 
 
+@pytest.mark.slow
 def test_save_and_load_pretrained_roundtrip(tmp_path):
     adapter = CrossAdapter(clip_dim=32, llm_dim=48, num_heads=4, num_blocks=2, llm_scale=0.5)
     adapter.save_pretrained(tmp_path / "cam")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,7 +61,7 @@ def resumed_from(output: str) -> Path | None:
     """The checkpoint train.py said it resumes from ("resuming from <path>"), if any."""
     for line in output.splitlines():
         if line.startswith("resuming from "):
-            return Path(line.removeprefix("resuming from ").strip())
+            return Path(re.sub(r" \(step -?\d+\)$", "", line.removeprefix("resuming from ").strip()))
     return None
 
 

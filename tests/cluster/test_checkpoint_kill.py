@@ -20,6 +20,9 @@ from lightning.fabric.plugins.io import torch_io
 
 import train
 from lightning_modules.callbacks import AtomicCheckpointIO
+from lightning_modules.run_checkpoints import CheckpointSaveError
+
+pytestmark = [pytest.mark.slow]
 
 STEPS = 8
 BASELINE = (f"trainer.max_steps={STEPS}", "checkpoint.every_n_steps=2", "data.num_workers=0")  # as in test_resume
@@ -61,7 +64,7 @@ def test_atomic_save_failing_inside_torch_save_keeps_the_old_checkpoint(tmp_path
         raise RuntimeError("killed inside torch.save")
 
     monkeypatch.setattr(torch, "save", save_raises)
-    with pytest.raises(RuntimeError, match="killed inside torch.save"):
+    with pytest.raises(CheckpointSaveError, match="killed inside torch.save.*previous checkpoint under that name is intact"):
         AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
 
     assert path.read_bytes() == old
@@ -93,8 +96,8 @@ def test_find_resume_checkpoint_skips_truncated_and_temporary_files(tmp_path, ca
 
     assert train.find_resume_checkpoint(tmp_path) == good
     warnings = capsys.readouterr().err.splitlines()
-    assert warnings == [f"warning: skipping unreadable checkpoint {empty_hpc}",
-                        f"warning: skipping unreadable checkpoint {truncated}"]
+    assert sorted(warnings) == sorted([f"warning: skipping unreadable checkpoint {empty_hpc}",
+                                       f"warning: skipping unreadable checkpoint {truncated}"])
     assert not train.is_readable_checkpoint(truncated) and train.is_readable_checkpoint(good)
 
 

@@ -12,10 +12,14 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
+import pytest
+
 
 
 from datamodules.synthetic import write_synthetic_shards
 from datamodules.webdataset_datamodule import WebDatasetDataModule
+
+pytestmark = [pytest.mark.slow]
 
 DDP = ("trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu")
 DDP_TIMEOUT_S = 300  # a hang in a collective would otherwise block forever

@@ -15,6 +15,8 @@ import pytest
 
 import train
 
+pytestmark = [pytest.mark.slow]
+
 STEPS = 8
 TOLERANCE = 1e-6
 

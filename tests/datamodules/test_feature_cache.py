@@ -34,6 +34,8 @@ ALL_FIELDS = "latent_moments,llm_features,clip_features,entities"
 SYNTHETIC_SHARDS = ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]  # 4 + 4 + 2 samples
 from tests.shards import png_bytes, write_tar
 
+pytestmark = [pytest.mark.slow]
+
 
 
 

@@ -522,6 +522,7 @@ def test_source_without_inputs_is_refused(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_entry_point_script_runs(tmp_path):
     make_good_folder(tmp_path / "in", 2)
     done = subprocess.run([sys.executable, "prepare.py", str(tmp_path / "in"), "--output", str(tmp_path / "out")],

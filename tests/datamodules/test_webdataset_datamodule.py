@@ -257,6 +257,7 @@ def same_batches(a, b):
     ],
     ids=["workers0", "workers2", "workers2-epoch_batches", "workers2-resampled"],
 )
+@pytest.mark.slow
 def test_resume_continues_the_uninterrupted_stream(data_dir, settings):
     settings = dict(settings, random_flip=True, center_crop=False)
     epoch0, epoch1 = reference_run(data_dir, **settings)
@@ -394,6 +395,7 @@ def fit_recording(shards, checkpoint_dir, num_workers, ckpt_path=None):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.slow
 def test_trainer_resumed_from_mid_epoch_checkpoints_sees_the_same_batches(data_dir, tmp_path, num_workers):
     shards = synthetic_only(data_dir)  # 11 batches of 4 per epoch
     full = fit_recording(shards, tmp_path / "full", num_workers)
@@ -419,6 +421,7 @@ def _consume_under_gloo(rank, world_size, shards, init_file, out_file, stop):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_state_dict_gathers_every_ranks_position_under_torch_distributed(data_dir, tmp_path):
     shards = synthetic_only(data_dir)
     torch.multiprocessing.spawn(

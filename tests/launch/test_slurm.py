@@ -117,6 +117,11 @@ def test_gpu_job_script_asks_for_gpus_and_one_task_per_gpu_with_every_set_option
         assert expected in lines
 
 
+def test_the_preemption_signal_is_configurable(tmp_path):
+    lines = sbatch_lines(render_sbatch_script(SlurmConfig(signal="SIGTERM", signal_seconds=90), ["true"], tmp_path))
+    assert "--signal=SIGTERM@90" in lines
+
+
 def test_disabled_signal_and_requeue_are_left_out(tmp_path):
     lines = sbatch_lines(render_sbatch_script(SlurmConfig(signal_seconds=0, requeue=False), ["true"], tmp_path))
     assert "--no-requeue" in lines
@@ -194,7 +199,8 @@ def test_missing_slurm_section_gives_defaults(tmp_path):
         # checked by the run schema (configs/schema.py), which names the closest valid keys
         ("gpu_per_node: 2", r"unknown config key 'slurm\.gpu_per_node' \(from .*experiment\.yaml\)\. "
                             r"Closest valid keys: slurm\.gpus_per_node"),
-        ("signal: 60", r"unknown config key 'slurm\.signal' .*Closest valid keys: slurm\.signal_seconds"),
+        ("signal_second: 60", r"unknown config key 'slurm\.signal_second' .*Closest valid keys: slurm\.signal_seconds"),
+        ("signal: SIGKILL", r"slurm\.signal='SIGKILL': expected SIGUSR1, SIGUSR2 or SIGTERM"),
         ("nodes: many", r"config key 'slurm\.nodes' .*Value 'many' of type 'str' could not be converted to Integer\. "
                         r"The default is 1\."),
         # checked by SlurmConfig itself

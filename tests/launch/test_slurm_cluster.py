@@ -14,6 +14,7 @@ tests/conftest.py and, where a test sets it, LLM4GEN_RECORD_KEYS (the sample key
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import os
@@ -33,9 +34,11 @@ import sweep as sweep_cli
 from datamodules.synthetic import write_synthetic_shards
 from launch.sweep import expand_runs, load_sweep
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("sbatch") is None, reason="no sbatch on PATH; CI runs .ci/slurm-up.sh before these tests"
-)
+pytestmark = [
+    pytest.mark.skipif(shutil.which("sbatch") is None, reason="no sbatch on PATH; CI runs .ci/slurm-up.sh before these tests"),
+    pytest.mark.cluster,
+    pytest.mark.slow,
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
@@ -208,14 +211,18 @@ def test_requeued_job_resumes_from_its_checkpoint_and_ends_with_the_uninterrupte
     # Both starts are in the one log (--open-mode=append), the second one with SLURM_RESTART_COUNT=1.
     second_start = re.search(rf"job {job_id} restart 1 on", text)
     assert re.search(rf"job {job_id} restart 0 on", text) and second_start, text[-3000:]
-    assert f"resuming from {run_dir / 'checkpoints'}" in text[second_start.end():], text[-3000:]
+    # From a periodic checkpoint, or from the one the SIGTERM of the requeue made train.py write at a step boundary.
+    assert re.search(rf"resuming from {re.escape(str(run_dir))}/(checkpoints/|hpc_ckpt_)", text[second_start.end():]), text[-3000:]
     assert json.loads((run_dir / "final_metrics.json").read_text())["global_step"] == steps
 
-    # The requeued start went on from a checkpoint taken mid-run (step 4 or later), not from the end.
+    # The requeued start went on from a checkpoint taken mid-run (step 4 or later), not from the end:
+    # a periodic one, or the one train.py saved at a step boundary on the SIGTERM the requeue sent.
+    resumed, start_step = re.search(r"resuming from (\S+) \(step (\d+)\)", text[second_start.end():]).groups()
+    resumed, start_step = Path(resumed), int(start_step)
     job_steps = [r["global_step"] for r in read_records(tmp_path / "job-keys.jsonl") if "keys" in r]
-    restart = next(i for i in range(1, len(job_steps)) if job_steps[i] <= job_steps[i - 1])
-    assert job_steps[:restart] == list(range(restart)) and job_steps[restart:] == list(range(job_steps[restart], steps))
-    assert 4 <= job_steps[restart] < steps and job_steps[restart] % 2 == 0, job_steps
+    assert 4 <= start_step < steps, (resumed, job_steps)
+    assert job_steps[-(steps - start_step):] == list(range(start_step, steps))  # the second start
+    assert job_steps[: len(job_steps) - (steps - start_step)] == list(range(len(job_steps) - (steps - start_step)))
     # Same samples per step as the uninterrupted run (a step trained twice counts from its last run).
     job_keys, baseline_keys = {}, {}
     for r in read_records(tmp_path / "job-keys.jsonl"):
@@ -226,7 +233,7 @@ def test_requeued_job_resumes_from_its_checkpoint_and_ends_with_the_uninterrupte
     final, reference = trainable_weights(run_dir), trainable_weights(baseline_dir)
     assert set(final) == set(reference)
     difference = max(float((final[k] - reference[k]).abs().max()) for k in final)
-    print(f"requeued job resumed at step {job_steps[restart]}; max |requeued - uninterrupted| = {difference:.3g}")
+    print(f"requeued job resumed at step {start_step} from {resumed.name}; max |requeued - uninterrupted| = {difference:.3g}")
     assert difference <= 1e-6
 
 
@@ -283,3 +290,86 @@ def test_sweep_as_a_job_array_runs_every_task_and_skips_them_once_finished(tmp_p
     capsys.readouterr()
     assert sweep_cli.main([str(sweep_file), "--slurm"]) == 0
     assert "all 4 runs finished; nothing to submit" in capsys.readouterr().out
+
+
+def wait_for_restart(job_id: str, restarts: int, log_glob: Path) -> None:
+    """After a requeue the job itself asked for: lift the ~120 s begin-time hold (see requeue_now)
+    and wait until its start number ``restarts`` is running."""
+
+    def restarted() -> bool:
+        record = job_records(job_id)[0]
+        held = (
+            record["JobState"] == "PENDING"
+            and record.get("Reason") == "BeginTime"
+            and datetime.fromisoformat(record["EligibleTime"]) > datetime.now()
+        )
+        if held:
+            scontrol("update", f"jobid={job_id}", "StartTime=now")
+        running_again = record["JobState"] == "RUNNING" and int(record.get("Restarts", 0)) >= restarts
+        return running_again or record["JobState"] in TERMINAL_STATES
+
+    wait_until(restarted, JOB_TIMEOUT_S, job_id, f"start {restarts} of the requeued job", log_glob)
+
+
+def batch_lines(path: Path) -> int:
+    return sum(1 for line in path.read_text().splitlines() if '"keys"' in line) if path.exists() else 0
+
+
+@pytest.mark.parametrize("signals, num_workers", [(1, 0), (2, 2)])
+def test_ddp_job_preempted_with_usr1_requeues_itself_and_ends_with_the_uninterrupted_weights(
+    tmp_path, shards, capsys, monkeypatch, signals, num_workers
+):
+    """`scancel --signal=USR1` is SLURM's preemption warning: each rank records it, the ranks agree at
+    the next step boundary, save hpc_ckpt_<step>.ckpt there, rank 0 requeues; the requeued job resumes
+    from it. Against an uninterrupted 2-rank run: same samples per step, weights within 1e-6, every
+    step logged once, and no signal checkpoint left once a later periodic checkpoint is written."""
+    steps = 10
+    training = [*fast(shards), f"trainer.max_steps={steps}", "checkpoint.every_n_steps=4", "data.epoch_batches=8",
+                "trainer.devices=2", "trainer.strategy=ddp", f"data.num_workers={num_workers}"]
+    run_dir = tmp_path / "runs" / "preempted"
+    keys = tmp_path / "job-keys.jsonl"
+    monkeypatch.setenv("LLM4GEN_RECORD_KEYS", str(keys))
+    job_id = submit_tiny(capsys, *training, "slurm.tasks_per_node=2", "slurm.time=00:15:00",
+                         "slurm.job_name=usr1-test", f"output_dir={run_dir}")
+    log = run_dir / f"slurm-{job_id}.out"
+    baseline_dir = tmp_path / "runs" / "baseline"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["LLM4GEN_RECORD_KEYS"] = str(tmp_path / "baseline-keys.jsonl")
+    rank0 = keys.with_name(f"{keys.name}.rank0")
+    seen = 0
+    for restart in range(signals):
+        wait_until(lambda: batch_lines(rank0) >= seen + 3, JOB_TIMEOUT_S, job_id, f"3 steps of start {restart}", log)
+        result = subprocess.run(["scancel", "--signal=USR1", job_id], capture_output=True, text=True, timeout=10)
+        assert result.returncode == 0, result.stderr
+        wait_for_restart(job_id, restart + 1, log)
+        seen = batch_lines(rank0)
+    (record,) = wait_for_job(job_id, JOB_TIMEOUT_S, log)
+    baseline = subprocess.run(
+        [sys.executable, str(RECORDING_TRAIN_SCRIPT), "--config", str(TINY_CONFIG), *training,
+         f"output_dir={baseline_dir}"], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
+    )  # fmt: skip
+    assert baseline.returncode == 0, (baseline.stdout + baseline.stderr)[-3000:]
+
+    text = log.read_text()
+    assert record["JobState"] == "COMPLETED", (record, text[-3000:])
+    assert record["Restarts"] == str(signals), (record, text[-3000:])
+    saves = re.findall(r"stopped on SIGUSR1 after step (\d+): saved (\S+hpc_ckpt_\d+\.ckpt); the SLURM job was requeued", text)
+    assert len({step for step, _ in saves}) == signals, text[-4000:]
+    for step, path in {(s, p) for s, p in saves}:
+        assert f"resuming from {path}" in text
+    assert list(run_dir.glob("hpc_ckpt_*.ckpt")) == []  # pruned by the periodic or final save after it
+    for rank in (0, 1):
+        job_keys, baseline_keys = {}, {}
+        for r in read_records(keys.with_name(f"{keys.name}.rank{rank}")):
+            job_keys.update({r["global_step"]: r["keys"]} if "keys" in r else {})
+        for r in read_records(tmp_path / f"baseline-keys.jsonl.rank{rank}"):
+            baseline_keys.update({r["global_step"]: r["keys"]} if "keys" in r else {})
+        assert sorted(baseline_keys) == list(range(steps)) and job_keys == baseline_keys
+    final, reference = trainable_weights(run_dir), trainable_weights(baseline_dir)
+    difference = max(float((final[k] - reference[k]).abs().max()) for k in final)
+    print(f"{signals} USR1 signal(s), saved at steps {sorted({int(s) for s, _ in saves})}; "
+          f"max |requeued - uninterrupted| = {difference:.3g}")
+    assert difference <= 1e-6
+    with open(run_dir / "logs" / "metrics.csv", newline="") as handle:
+        logged = [int(row["step"]) for row in csv.DictReader(handle)]
+    assert logged == list(range(steps))  # every step exactly once, across all starts

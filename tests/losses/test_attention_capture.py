@@ -49,6 +49,7 @@ def run(unet, latents, timesteps, context, **kwargs):
     return unet(latents, timesteps, encoder_hidden_states=context, **kwargs).sample
 
 
+@pytest.mark.slow
 def test_captured_unet_output_equals_fused_output(unet):
     latents, timesteps, context = inputs()
     with torch.no_grad():
@@ -58,6 +59,7 @@ def test_captured_unet_output_equals_fused_output(unet):
     torch.testing.assert_close(captured, fused, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_output_equal_and_masked_tokens_get_no_attention(unet):
     latents, timesteps, context = inputs()
     mask = torch.ones(2, TOKENS)
@@ -76,6 +78,7 @@ def test_output_equal_and_masked_tokens_get_no_attention(unet):
         assert probs[0, :, 80:].max() < 1e-4 and probs[1, :, 77:].max() < 1e-4  # exp(-10000) after softmax
 
 
+@pytest.mark.slow
 def test_maps_have_one_row_per_pixel_summing_to_one(unet):
     store = install_attention_capture(unet, cross_attention_layer_names(unet, "all"))
     latents, timesteps, context = inputs()
@@ -165,6 +168,7 @@ def test_gradient_of_entity_loss_reaches_the_context(unet):
     assert context.grad[0, [2, 3, 80]].abs().sum() > 0 and context.grad[1, [78, 79, 5]].abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_gradient_and_keeps_the_forward_maps(unet):
     names = cross_attention_layer_names(unet, "lowest")
     store = install_attention_capture(unet, names)
@@ -187,6 +191,7 @@ def test_gradient_checkpointing_gives_the_same_gradient_and_keeps_the_forward_ma
     assert all(after_backward[n] is forward_maps[n] for n in names)
 
 
+@pytest.mark.slow
 def test_disabled_store_captures_nothing(unet):
     store = install_attention_capture(unet, cross_attention_layer_names(unet, "all"), enabled=False)
     latents, timesteps, context = inputs()
@@ -201,6 +206,7 @@ def test_disabled_store_captures_nothing(unet):
         assert len(store) == 0
 
 
+@pytest.mark.slow
 def test_store_holds_only_the_latest_forward(unet):
     store = install_attention_capture(unet, cross_attention_layer_names(unet, "lowest"))
     latents, timesteps, context = inputs()

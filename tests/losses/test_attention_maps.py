@@ -138,6 +138,7 @@ def prompt_words(prompt):
 
 
 @pytest.mark.parametrize("layers", [None, "all"])
+@pytest.mark.slow
 def test_command_writes_image_and_one_panel_per_word(checkpoint, tmp_path, capsys, layers):
     output = tmp_path / "maps.png"
     argv = ["--checkpoint", str(checkpoint), "--prompt", PROMPT, "--output", str(output), "--steps", "3",
@@ -156,6 +157,7 @@ def test_command_writes_image_and_one_panel_per_word(checkpoint, tmp_path, capsy
     assert "3 steps x " + ("4 layers" if layers is None else "7 layers") in report  # tiny: 4 lowest, 7 in all
 
 
+@pytest.mark.slow
 def test_command_refuses_bad_arguments(checkpoint, tmp_path, capsys):
     base = ["--prompt", PROMPT, "--output", str(tmp_path / "x.png")]
     assert attention_maps.main(["--checkpoint", str(tmp_path / "missing.ckpt"), *base]) == 2

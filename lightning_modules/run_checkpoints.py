@@ -1,0 +1,74 @@
+"""The checkpoints of one run folder: which one to resume from, and which signal checkpoints to drop.
+
+A run folder holds periodic checkpoints (``checkpoints/step=NNNNNNN.ckpt``), ``checkpoints/last.ckpt``
+and signal checkpoints (``hpc_ckpt_<step>.ckpt``, written at a step boundary on a preemption signal or
+Ctrl-C; lightning_modules/preemption.py). Resume picks by content, not file time: the highest
+``global_step`` stored in a readable checkpoint wins (a folder copied without its times resumes from
+its newest step), then the kind (last.ckpt, a step file, a signal checkpoint), then the file time.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+KIND_ORDER = {"hpc": 0, "step": 1, "last": 2}  # at equal steps, the higher wins
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (a full disk, a failing file system); nothing replaced the previous one."""
+
+
+def checkpoint_kind(path: Path) -> str:
+    if path.name.startswith("hpc_ckpt_"):
+        return "hpc"
+    return "last" if path.stem.startswith("last") else "step"
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The ``global_step`` a Lightning checkpoint holds (-1 for a readable one without it), or None
+    when the file is not a readable checkpoint.
+
+    Cheap: the file is memory-mapped, so only the small pickled index is read, never the tensor data.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # truncated, not a zip, not a checkpoint: all mean "unreadable"
+        return None
+    if not isinstance(checkpoint, dict):
+        return None
+    step = checkpoint.get("global_step", -1)  # a bare state dict ranks below any training checkpoint
+    return int(step) if isinstance(step, int) else -1
+
+
+def run_checkpoints(output_dir: str | Path) -> list[Path]:
+    output_dir = Path(output_dir)
+    return sorted((output_dir / "checkpoints").glob("*.ckpt")) + sorted(output_dir.glob("hpc_ckpt_*.ckpt"))
+
+
+def find_resume_checkpoint(output_dir: str | Path) -> Path | None:
+    """The readable checkpoint of a run with the highest stored step (then kind, then file time)."""
+    ranked = []
+    for path in run_checkpoints(output_dir):
+        step = checkpoint_step(path)
+        if step is None:
+            print(f"warning: skipping unreadable checkpoint {path}", file=sys.stderr)
+            continue
+        ranked.append(((step, KIND_ORDER[checkpoint_kind(path)], path.stat().st_mtime), path))
+    return max(ranked, key=lambda item: item[0])[1] if ranked else None
+
+
+def prune_signal_checkpoints(output_dir: str | Path, saved_step: int, saved: str | Path) -> list[Path]:
+    """Delete the run's signal checkpoints (``hpc_ckpt_*``) at or below ``saved_step``, once the
+    checkpoint ``saved`` (of any kind, at that step) is safely written; returns what was deleted."""
+    removed = []
+    for path in sorted(Path(output_dir).glob("hpc_ckpt_*.ckpt")):
+        if path.resolve() == Path(saved).resolve():
+            continue
+        step = checkpoint_step(path)
+        if step is not None and step <= saved_step:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
