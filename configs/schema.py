@@ -134,6 +134,9 @@ class ValidationConfig:
     num_inference_steps: int = 20
     guidance_scale: float = 7.5
     scheduler: str = "DDIMScheduler"
+    # Scores of the validation images, logged as val/<metric> (evaluation/validation.py): shapes | clip_score
+    metrics: list[str] = field(default_factory=list)
+    clip_model: str = "openai/clip-vit-large-patch14"  # for clip_score: a hub id or a CLIPModel folder
 
 
 @dataclass
@@ -223,6 +226,11 @@ def check_values(cfg: DictConfig) -> None:
     if cfg.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("logger=tensorboard needs the tensorboard package: pip install tensorboard "
                           "(or pip install -e '.[tensorboard]'), or use logger=csv")
+    from evaluation.validation import VALIDATION_METRICS
+
+    unknown_metrics = [m for m in cfg.validation.metrics if m not in VALIDATION_METRICS]
+    if unknown_metrics:
+        raise ConfigError(f"validation.metrics has {unknown_metrics}; expected any of {list(VALIDATION_METRICS)}")
     if not 0.0 <= cfg.model.objective.caption_dropout < 1.0:
         raise ConfigError(f"model.objective.caption_dropout={cfg.model.objective.caption_dropout}: expected a share in [0, 1)")
 
