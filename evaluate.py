@@ -123,8 +123,8 @@ def build_scorers(args, sets, device: str):
 def evaluate(args) -> int:
     from pathlib import Path
 
-    from evaluation.runner import Evaluation
-    from evaluation.sampler import SamplingSettings, load_sampler
+    from evaluation.runner import Evaluation, EvaluationError
+    from evaluation.sampler import SamplingSettings, describe, load_sampler
     from evaluation.scorers import ScorerUnavailable
 
     device = args.device or ("cuda" if _cuda() else "cpu")
@@ -134,12 +134,13 @@ def evaluate(args) -> int:
         sets = prompt_sets(args)
         evaluation = Evaluation(Path(args.output_dir), sets, build_scorers(args, sets, device), args.images_per_prompt,
                                 args.seed, args.batch_size, progress=not args.no_progress)
+        settings = SamplingSettings(args.steps, args.guidance_scale, args.scheduler, args.negative_prompt)
+        plan = evaluation.plan()
         evaluation.load_scorers()  # before any image: a model that is not here fails now
-    except (ValueError, FileNotFoundError, ScorerUnavailable) as err:
+        evaluation.check_output(describe(args.checkpoint, args.adapter, args.base, not args.no_ema), settings)
+    except (ValueError, FileNotFoundError, ScorerUnavailable, EvaluationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    plan = evaluation.plan()
-    settings = SamplingSettings(args.steps, args.guidance_scale, args.scheduler, args.negative_prompt)
     sampler = load_sampler(args.checkpoint, args.adapter, args.base, settings, device, use_ema=not args.no_ema)
     generated = evaluation.generate(sampler, plan)
     print(f"generated {generated} new images ({sum(len(r) for r in plan.values())} in the plan)")

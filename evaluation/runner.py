@@ -105,9 +105,12 @@ class Evaluation:
     def plan(self) -> dict[str, list[ImageRecord]]:
         return {s.name: plan_images(self.out, s, self.images_per_prompt, self.seed) for s in self.prompt_sets}
 
+    def check_output(self, description: dict, settings) -> None:
+        """Refuses an output folder holding images of another model or other settings (before loading)."""
+        check_run_record(self.out, {"sampler": description, "sampling": settings.as_dict(), "seed": self.seed})
+
     def generate(self, sampler, plan: dict[str, list[ImageRecord]]) -> int:
-        check_run_record(self.out, {"sampler": sampler.description, "sampling": sampler.settings.as_dict(),
-                                    "seed": self.seed})
+        self.check_output(sampler.description, sampler.settings)
         generated = 0
         for prompt_set in self.prompt_sets:
             records = plan[prompt_set.name]

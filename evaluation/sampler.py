@@ -101,6 +101,16 @@ def load_base_pipeline(base: str, scheduler: str, device: str = "cpu"):
     return pipe.to(device)
 
 
+def describe(checkpoint: str | None = None, adapter: str | None = None, base: str | None = None,
+             use_ema: bool = True) -> dict:
+    """What is sampled from, as recorded in the run's run.json."""
+    if checkpoint:
+        return {"kind": "checkpoint", "checkpoint": str(checkpoint), "ema": use_ema}
+    if adapter:
+        return {"kind": "adapter", "adapter": str(adapter), "base": base or "as exported"}
+    return {"kind": "base", "base": base}
+
+
 def load_sampler(checkpoint: str | None = None, adapter: str | None = None, base: str | None = None,
                  settings: SamplingSettings | None = None, device: str = "cpu", use_ema: bool = True) -> Sampler:
     """Exactly one of: ``checkpoint``; ``adapter`` (an export folder; ``base`` optional); ``base`` alone."""
@@ -109,12 +119,10 @@ def load_sampler(checkpoint: str | None = None, adapter: str | None = None, base
         raise ValueError("give either --checkpoint or --adapter, not both")
     if checkpoint:
         module = load_checkpoint_module(checkpoint, device)
-        return Sampler({"kind": "checkpoint", "checkpoint": str(checkpoint), "ema": use_ema}, settings, module=module,
-                       use_ema=use_ema)
+        return Sampler(describe(checkpoint, use_ema=use_ema), settings, module=module, use_ema=use_ema)
     if adapter:
         module = load_exported_module(adapter, base, device)
-        return Sampler({"kind": "adapter", "adapter": str(adapter), "base": module.cfg.base.pretrained}, settings,
-                       module=module, use_ema=False)
+        return Sampler(describe(adapter=adapter, base=base), settings, module=module, use_ema=False)
     if not base:
         raise ValueError("nothing to evaluate: give --checkpoint, --adapter (an export folder) or --base (baseline)")
-    return Sampler({"kind": "base", "base": base}, settings, pipeline=load_base_pipeline(base, settings.scheduler, device))
+    return Sampler(describe(base=base), settings, pipeline=load_base_pipeline(base, settings.scheduler, device))
