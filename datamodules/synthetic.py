@@ -1,9 +1,13 @@
-"""Synthetic WebDataset shards: coloured shapes with attribute-entity captions.
+"""Synthetic WebDataset shards: the shapes benchmark's training scenes with attribute-entity captions.
 
-Tests, smoke runs and CI need data without downloads. Each image holds 1-3 shapes whose colour is
-stated in the caption ("a red circle and a blue square on a yellow background"), so the entity loss
-has real (attribute, entity) pairs and a trained model has something checkable to learn.
-The same seed writes the same samples (and, with a fixed tar mtime, the same bytes).
+Tests, smoke runs and CI need data without downloads. Each image holds 1-3 shapes of the shapes world
+(``datamodules/shapes.py``: colour, shape, size, position), captioned in one of its recorded phrasings
+("a small red circle and a large blue square", "a circle that is small and red next to ...", a dense
+long form), so the entity loss has real (attribute, entity) pairs and a trained model has something the
+exact analyzer (``evaluation/shapes.py``) can check. Training samples never contain a held-out
+colour-shape combination (``shapes.HELD_OUT``). The ``json`` member records the scene, the phrasing and
+each object's pixel box. The same seed writes the same samples (and, with a fixed tar mtime, the same
+bytes).
 """
 
 from __future__ import annotations
@@ -16,60 +20,11 @@ import random
 import shutil
 import braceexpand
 import webdataset as wds
-from PIL import Image, ImageDraw
+from PIL import Image
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 60),
-    "blue": (40, 70, 220),
-    "yellow": (240, 220, 40),
-    "purple": (140, 50, 170),
-    "orange": (245, 140, 20),
-    "black": (15, 15, 15),
-    "white": (245, 245, 245),
-}
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+from datamodules.shapes import COLORS, SHAPES, Scene, random_scene, render_scene  # noqa: F401 (re-exported)
+
 SHARD_PATTERN = "shard-%06d.tar"
-
-
-def describe(objects: list[dict], background: str) -> str:
-    """'a red circle and a blue square on a yellow background' (Oxford-less comma list for 3)."""
-    phrases = [f"a {o['color']} {o['shape']}" for o in objects]
-    if len(phrases) == 1:
-        listed = phrases[0]
-    else:
-        listed = ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    return f"{listed} on a {background} background"
-
-
-def random_scene(rng: random.Random, resolution: int) -> dict:
-    """A scene description: background colour and 1-3 shapes with colour, shape and bounding box."""
-    background = rng.choice(list(COLORS))
-    # distinct (colour, shape) pairs: "a red circle and a red circle" would give the entity loss
-    # two entities it cannot tell apart
-    pairs = [(color, shape) for color in COLORS if color != background for shape in SHAPES]
-    objects = []
-    for color, shape in rng.sample(pairs, rng.randint(1, 3)):
-        size = rng.randint(max(4, resolution // 4), max(5, resolution // 2))
-        left, top = rng.randint(0, resolution - size), rng.randint(0, resolution - size)
-        objects.append({"color": color, "shape": shape, "bbox": [left, top, left + size, top + size]})
-    return {"background": background, "objects": objects, "caption": describe(objects, background)}
-
-
-def render_scene(scene: dict, resolution: int) -> Image.Image:
-    """Draw the scene (shapes in list order, later ones on top) as an RGB image."""
-    image = Image.new("RGB", (resolution, resolution), COLORS[scene["background"]])
-    draw = ImageDraw.Draw(image)
-    for obj in scene["objects"]:
-        left, top, right, bottom = obj["bbox"]
-        fill = COLORS[obj["color"]]
-        if obj["shape"] == "circle":
-            draw.ellipse((left, top, right - 1, bottom - 1), fill=fill)
-        elif obj["shape"] == "square":
-            draw.rectangle((left, top, right - 1, bottom - 1), fill=fill)
-        else:
-            draw.polygon([((left + right) // 2, top), (left, bottom - 1), (right - 1, bottom - 1)], fill=fill)
-    return image
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -83,7 +38,7 @@ def synthetic_sample(index: int, resolution: int, seed: int) -> dict:
     scene = random_scene(random.Random(f"synthetic/{seed}/{index}"), resolution)
     return {
         "__key__": f"sample-{index:06d}",
-        "png": encode_png(render_scene(scene, resolution)),
+        "png": encode_png(render_scene(Scene.from_dict(scene), resolution)),
         "txt": scene["caption"],
         "json": json.dumps(scene, sort_keys=True).encode("utf-8"),
     }
