@@ -40,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     sets.add_argument("--coco-captions", help="COCO caption annotations JSON (e.g. captions_val2014.json)")
     sets.add_argument("--coco-images", help="the reference images FID compares with (folder or WebDataset shards)")
     sets.add_argument("--coco-limit", type=int, default=None, help="number of captions (MS-COCO FID: 30000)")
+    sets.add_argument("--shapes", help="the shapes benchmark's sets: comma-separated from seen_1, seen_2, seen_3, "
+                                       "heldout_1, heldout_2, heldout_3, or 'all'")
+    sets.add_argument("--shapes-limit", type=int, default=None, help="prompts per shapes set (default: all 48)")
     sets.add_argument("--prompts", action="append", default=[], help="a plain prompt file, one per line (repeatable)")
     gen = p.add_argument_group("generation")
     gen.add_argument("--output-dir", required=True)
@@ -71,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def prompt_sets(args):
-    from evaluation.prompts import PromptSet, coco_set, compbench_sets, read_prompt_file
+    from evaluation.prompts import PromptSet, coco_set, compbench_sets, read_prompt_file, shapes_sets
 
     sets = []
     if args.compbench:
@@ -80,12 +83,14 @@ def prompt_sets(args):
         if not (args.coco_captions and args.coco_images):
             raise ValueError("COCO needs both --coco-captions and --coco-images")
         sets.append(coco_set(args.coco_captions, args.coco_images, args.coco_limit))
+    if args.shapes:
+        sets += shapes_sets(args.shapes, args.shapes_limit)
     for path in args.prompts:
         from pathlib import Path
 
         sets.append(PromptSet(Path(path).stem, read_prompt_file(path)))
     if not sets:
-        raise ValueError("no prompt set: give --compbench, --coco-captions/--coco-images or --prompts")
+        raise ValueError("no prompt set: give --compbench, --coco-captions/--coco-images, --shapes or --prompts")
     names = [s.name for s in sets]
     if len(set(names)) != len(names):
         raise ValueError(f"two prompt sets share a name: {names}")
@@ -108,12 +113,9 @@ def build_scorers(args, sets, device: str):
         "fid": lambda: S.FIDScorer(args.fid_features, args.fid_reference, args.fid_inception_weights,
                                    args.fid_max_reference, device=device),
     }
-    try:
-        from evaluation.shapes_scorer import ShapesScorer
+    from evaluation.shapes_scorer import ShapesScorer
 
-        factories["shapes"] = ShapesScorer
-    except ImportError:
-        pass
+    factories["shapes"] = ShapesScorer
     unknown = [n for n in names if n not in factories]
     if unknown:
         raise ValueError(f"unknown scorer(s) {unknown}; available: {sorted(factories)}")

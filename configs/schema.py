@@ -134,8 +134,9 @@ class ValidationConfig:
     num_inference_steps: int = 20
     guidance_scale: float = 7.5
     scheduler: str = "DDIMScheduler"
-    # Scores of the validation images, logged as val/<metric> (evaluation/validation.py): shapes | clip_score
-    metrics: list[str] = field(default_factory=list)
+    # Scores of the validation images, logged as val/<metric> (evaluation/validation.py): shapes (the
+    # shapes benchmark's pixel analyzer; prompts its grammar cannot read are skipped) | clip_score
+    metrics: list[str] = field(default_factory=lambda: ["shapes"])
     clip_model: str = "openai/clip-vit-large-patch14"  # for clip_score: a hub id or a CLIPModel folder
 
 

@@ -18,6 +18,7 @@ class PromptSet:
     prompts: list[str]
     kind: str = "prompts"          # compbench | coco | shapes | prompts
     reference_images: str | None = None  # COCO: the folder (or shards) FID compares with
+    seeds: list[int] | None = None  # the set's own seed per prompt (the shapes benchmark's)
     meta: dict = field(default_factory=dict)
 
 
@@ -77,3 +78,16 @@ def coco_set(captions: str | Path, reference_images: str | Path, limit: int | No
         raise FileNotFoundError(f"reference images {str(reference_images)!r} do not exist (a folder of images "
                                 f"or WebDataset shards, e.g. the MS-COCO val2014 images)")
     return PromptSet(name, prompts[:limit] if limit else prompts, kind="coco", reference_images=str(reference_images))
+
+
+def shapes_sets(names: str | list[str], limit: int | None = None) -> list[PromptSet]:
+    """The shapes benchmark's fixed sets (``evaluation.prompt_sets``: seen_1..3, heldout_1..3; "all"),
+    with their own seeds."""
+    from evaluation.prompt_sets import PROMPT_SETS, prompt_set
+
+    names = list(PROMPT_SETS) if names in ("all", ["all"]) else (names.split(",") if isinstance(names, str) else names)
+    sets = []
+    for name in names:
+        records = prompt_set(name, limit)  # raises on an unknown name, listing the known ones
+        sets.append(PromptSet(name, [r.text for r in records], kind="shapes", seeds=[r.seed for r in records]))
+    return sets

@@ -9,9 +9,11 @@ The folder tree of a run (``<out>``):
     details/<set>.<scorer>.jsonl   per-image scores
     scores.json, scores.md         {set: {metric: value}} and the same as a markdown table
 
-Image j of prompt i is sampled with seed ``seed + 1000 * i + j``: the same image whatever the batch
-size, the number of images per prompt or the order of generation, so an interrupted run resumes
-where it stopped (existing images are kept; each is written to a temporary name, then renamed).
+Image j of prompt i is sampled with seed ``seed + 1000 * i + j`` (in a set with its own seed per prompt,
+the shapes benchmark's: ``seed + own_seed_i + 1_000_000 * j``, so image 0 has the benchmark's seed):
+the same image whatever the batch size, the number of images per prompt or the order of generation,
+so an interrupted run resumes where it stopped (existing images are kept; each is written to a
+temporary name, then renamed).
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ class EvaluationError(ValueError):
     pass
 
 
-def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
+def image_seed(seed: int, prompt_index: int, image_index: int, own_seed: int | None = None) -> int:
     if not 0 <= image_index < MAX_IMAGES_PER_PROMPT:
         raise ValueError(f"image index {image_index}: at most {MAX_IMAGES_PER_PROMPT} images per prompt")
+    if own_seed is not None:
+        return seed + own_seed + 1_000_000 * image_index
     return seed + MAX_IMAGES_PER_PROMPT * prompt_index + image_index
 
 
@@ -42,7 +46,8 @@ def image_path(out: Path, set_name: str, prompt_index: int, image_index: int) ->
 
 
 def plan_images(out: Path, prompt_set: PromptSet, images_per_prompt: int, seed: int) -> list[ImageRecord]:
-    return [ImageRecord(i, j, prompt, image_seed(seed, i, j), image_path(out, prompt_set.name, i, j))
+    own = prompt_set.seeds or [None] * len(prompt_set.prompts)
+    return [ImageRecord(i, j, prompt, image_seed(seed, i, j, own[i]), image_path(out, prompt_set.name, i, j))
             for i, prompt in enumerate(prompt_set.prompts) for j in range(images_per_prompt)]
 
 
