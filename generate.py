@@ -45,16 +45,13 @@ def main(argv=None) -> int:
     if not Path(args.checkpoint).is_file():
         print(f"error: --checkpoint {args.checkpoint!r} is not a file", file=sys.stderr)
         return 2
-    import contextlib
+    from evaluation.sampler import SamplingSettings, load_sampler
 
-    from lightning_modules.llm4gen import LLM4GenModule
-
-    module = LLM4GenModule.load_from_checkpoint(args.checkpoint, map_location="cpu").to(args.device)
+    settings = SamplingSettings(args.steps, args.guidance_scale, args.scheduler, args.negative_prompt)
+    sampler = load_sampler(checkpoint=args.checkpoint, settings=settings, device=args.device, use_ema=not args.no_ema)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with (contextlib.nullcontext() if args.no_ema else module.ema_weights()):
-        images = module.generate(args.prompt, [args.seed + i for i in range(len(args.prompt))], args.steps,
-                                 args.guidance_scale, args.scheduler, args.negative_prompt)
+    images = sampler.generate(args.prompt, [args.seed + i for i in range(len(args.prompt))])
     for i, (prompt, image) in enumerate(zip(args.prompt, images)):
         path = out / f"{i:03d}-seed{args.seed + i}-{slug(prompt)}.png"
         image.save(path)

@@ -11,9 +11,10 @@ The folder tree of a run (``<out>``):
 
 Image j of prompt i is sampled with seed ``seed + 1000 * i + j`` (in a set with its own seed per prompt,
 the shapes benchmark's: ``seed + own_seed_i + 1_000_000 * j``, so image 0 has the benchmark's seed):
-the same image whatever the batch size, the number of images per prompt or the order of generation,
-so an interrupted run resumes where it stopped (existing images are kept; each is written to a
-temporary name, then renamed).
+the same image whatever the batch size, the number of images per prompt or the order of generation
+(up to float rounding: a batch of another size may sum in another order, seen as +-1 in a few pixel
+values), so an interrupted run resumes where it stopped (existing images are kept; each is written to
+a temporary name, then renamed).
 """
 
 from __future__ import annotations

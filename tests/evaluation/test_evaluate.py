@@ -80,13 +80,16 @@ def test_checkpoint_evaluation_writes_images_scores_and_a_rerun_generates_nothin
     assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == before
     assert json.loads((out / "scores.json").read_text())["scores"] == scores
 
-    # an interrupted run resumes: a missing image is generated again, identical (its seed is its own)
+    # an interrupted run resumes: a missing image is generated again from its own seed
     lost = out / "images" / "shape" / "00001_00.png"
     kept = pixels(lost)
     lost.unlink()
     assert evaluate.main(["--checkpoint", str(setup["checkpoint"]), *compbench_args(setup, out, "--batch-size", "1")]) == 0
     assert "generated 1 new images" in capsys.readouterr().out
-    assert np.array_equal(pixels(lost), kept)
+    # the same image up to float rounding (a batch of 1 instead of 3 sums in another order)
+    assert np.abs(pixels(lost).astype(int) - kept.astype(int)).max() <= 1
+    other = pixels(out / "images" / "shape" / "00001_01.png")  # same prompt, next seed: another image
+    assert np.abs(other.astype(int) - kept.astype(int)).max() > 10
 
     # other sampling settings into the same folder are refused, not mixed
     capsys.readouterr()
