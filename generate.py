@@ -75,16 +75,14 @@ def main(argv=None) -> int:
     checkpoint = load_checkpoint_checked(args.checkpoint)
     check_sampling_args(args)
     check_checkpoint_sources(checkpoint)
-    import contextlib
+    from evaluation.sampler import SamplingSettings, load_sampler
 
-    from lightning_modules.llm4gen import LLM4GenModule
-
-    module = LLM4GenModule.load_from_checkpoint(args.checkpoint, map_location="cpu").to(args.device or ("cuda" if _cuda() else "cpu"))
+    settings = SamplingSettings(args.steps, args.guidance_scale, args.scheduler, args.negative_prompt)
+    sampler = load_sampler(checkpoint=args.checkpoint, settings=settings,
+                           device=args.device or ("cuda" if _cuda() else "cpu"), use_ema=not args.no_ema)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with (contextlib.nullcontext() if args.no_ema else module.ema_weights()):
-        images = module.generate(args.prompt, [args.seed + i for i in range(len(args.prompt))], args.steps,
-                                 args.guidance_scale, args.scheduler, args.negative_prompt)
+    images = sampler.generate(args.prompt, [args.seed + i for i in range(len(args.prompt))])
     for i, (prompt, image) in enumerate(zip(args.prompt, images)):
         path = out / f"{i:03d}-seed{args.seed + i}-{slug(prompt)}.png"
         image.save(path)

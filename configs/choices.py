@@ -13,6 +13,8 @@ LOGGERS: tuple[str, ...] = ("csv", "tensorboard", "wandb")
 LR_SCHEDULERS: tuple[str, ...] = ("constant_with_warmup", "cosine", "linear", "constant")
 ENTITY_LAYER_PRESETS: tuple[str, ...] = ("lowest", "all")
 RESUME_MODES: tuple[str, ...] = ("auto", "never")  # or a checkpoint path
+# Scores logged from the validation grids (evaluation/validation.py).
+VALIDATION_METRICS: tuple[str, ...] = ("shapes", "clip_score")
 
 # Image file extensions, without the dot: what prepare.py reads from a source folder and what training
 # and cache.py look for as a sample's image member in a shard (prepare.py writes jpg).

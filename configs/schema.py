@@ -135,6 +135,10 @@ class ValidationConfig:
     num_inference_steps: int = 20
     guidance_scale: float = 7.5
     scheduler: str = "DDIMScheduler"
+    # Scores of the validation images, logged as val/<metric> (evaluation/validation.py): shapes (the
+    # shapes benchmark's pixel analyzer; prompts its grammar cannot read are skipped) | clip_score
+    metrics: list[str] = field(default_factory=lambda: ["shapes"])
+    clip_model: str = "openai/clip-vit-large-patch14"  # for clip_score: a hub id or a CLIPModel folder
 
 
 @dataclass
@@ -248,6 +252,9 @@ def check_values(cfg: DictConfig) -> None:
     check_ranges(cfg)
     check_choices(cfg)
     check_against_models(cfg)
+    unknown_metrics = [m for m in cfg.validation.metrics if m not in choices.VALIDATION_METRICS]
+    if unknown_metrics:
+        raise ConfigError(f"validation.metrics has {unknown_metrics}; expected any of {list(choices.VALIDATION_METRICS)}")
 
 
 def load_config(config_path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:

@@ -25,14 +25,23 @@ def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.I
 class ValidationImages(L.Callback):
     """Samples a fixed prompt list with fixed seeds every ``every_n_steps`` optimizer steps (and at the
     end), with the EMA weights when there are any, and saves the grid to ``<run>/samples/``.
-    ``every_n_steps=0`` turns validation off, at the end too."""
+    ``every_n_steps=0`` turns validation off, at the end too. ``metrics`` score each grid's images
+    (evaluation/validation.py) and log them as ``val/<metric>``."""
 
     def __init__(self, directory: str | os.PathLike, prompts: list[str], seed: int, every_n_steps: int,
-                 num_inference_steps: int, guidance_scale: float, scheduler: str):
+                 num_inference_steps: int, guidance_scale: float, scheduler: str, metrics: list[str] = (),
+                 clip_model: str | None = None):
+        from evaluation.validation import ValidationScorer
+
         self.directory = Path(directory)
         self.prompts, self.seed, self.every_n_steps = list(prompts), seed, every_n_steps
         self.sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler)
+        self.scorer = ValidationScorer(list(metrics), clip_model)
         self._last_step = -1
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.every_n_steps > 0 and trainer.is_global_zero:
+            self.scorer.load()  # a scorer model that is not here fails before training starts
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -52,6 +61,7 @@ class ValidationImages(L.Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         grid = image_grid(images)
         grid.save(path)
+        self.scorer.log(trainer, images, self.prompts)
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_image"):  # TensorBoard
             import numpy as np

@@ -1,0 +1,158 @@
+"""One evaluation run: load the scorers (fail early), plan the images, generate the missing ones,
+score, write ``scores.json`` and ``scores.md``.
+
+The folder tree of a run (``<out>``):
+
+    run.json                       what was sampled from and how (refuses a rerun with other settings)
+    prompts/<set>.json             the set's prompts and every image's seed
+    images/<set>/<i:05d>_<j:02d>.png   image j of prompt i
+    details/<set>.<scorer>.jsonl   per-image scores
+    scores.json, scores.md         {set: {metric: value}} and the same as a markdown table
+
+Image j of prompt i is sampled with seed ``seed + 1000 * i + j`` (in a set with its own seed per prompt,
+the shapes benchmark's: ``seed + own_seed_i + 1_000_000 * j``, so image 0 has the benchmark's seed):
+the same image whatever the batch size, the number of images per prompt or the order of generation
+(up to float rounding: a batch of another size may sum in another order, seen as +-1 in a few pixel
+values), so an interrupted run resumes where it stopped (existing images are kept; each is written to
+a temporary name, then renamed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from evaluation.prompts import PromptSet
+from evaluation.scorers import ImageRecord, Scorer
+
+MAX_IMAGES_PER_PROMPT = 1000
+
+
+class EvaluationError(ValueError):
+    pass
+
+
+def image_seed(seed: int, prompt_index: int, image_index: int, own_seed: int | None = None) -> int:
+    if not 0 <= image_index < MAX_IMAGES_PER_PROMPT:
+        raise ValueError(f"image index {image_index}: at most {MAX_IMAGES_PER_PROMPT} images per prompt")
+    if own_seed is not None:
+        return seed + own_seed + 1_000_000 * image_index
+    return seed + MAX_IMAGES_PER_PROMPT * prompt_index + image_index
+
+
+def image_path(out: Path, set_name: str, prompt_index: int, image_index: int) -> Path:
+    return out / "images" / set_name / f"{prompt_index:05d}_{image_index:02d}.png"
+
+
+def plan_images(out: Path, prompt_set: PromptSet, images_per_prompt: int, seed: int) -> list[ImageRecord]:
+    own = prompt_set.seeds or [None] * len(prompt_set.prompts)
+    return [ImageRecord(i, j, prompt, image_seed(seed, i, j, own[i]), image_path(out, prompt_set.name, i, j))
+            for i, prompt in enumerate(prompt_set.prompts) for j in range(images_per_prompt)]
+
+
+def generate_missing(sampler, records: list[ImageRecord], batch_size: int, progress: bool = True) -> int:
+    """Generates the records whose image file is absent, ``batch_size`` at a time; returns how many."""
+    from tqdm.auto import tqdm
+
+    todo = [r for r in records if not r.path.is_file()]
+    bar = tqdm(total=len(todo), desc="generating", unit="img", disable=not progress or not todo)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        images = sampler.generate([r.prompt for r in batch], [r.seed for r in batch])
+        for record, image in zip(batch, images):
+            record.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = record.path.with_name(f".{record.path.name}.tmp-{os.getpid()}.png")
+            image.save(tmp)
+            os.replace(tmp, record.path)
+        bar.update(len(batch))
+    bar.close()
+    return len(todo)
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def check_run_record(out: Path, record: dict) -> None:
+    """Images in ``out`` must come from the same model and sampling settings as this run's."""
+    path = out / "run.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        keys = ("sampler", "sampling", "seed")
+        if any(previous.get(k) != record.get(k) for k in keys):
+            changed = [k for k in keys if previous.get(k) != record.get(k)]
+            raise EvaluationError(
+                f"{out} holds images from another evaluation (different {', '.join(changed)}: was "
+                f"{ {k: previous.get(k) for k in changed} }, now { {k: record.get(k) for k in changed} }); "
+                f"use another --output-dir, or delete the folder to start over")
+    _write_json(path, record)
+
+
+@dataclass
+class Evaluation:
+    out: Path
+    prompt_sets: list[PromptSet]
+    scorers: list[Scorer]
+    images_per_prompt: int = 10
+    seed: int = 0
+    batch_size: int = 8
+    progress: bool = True
+
+    def load_scorers(self) -> None:
+        """Every scorer's model, before any image is generated (a missing model fails in seconds)."""
+        for scorer in self.scorers:
+            scorer.load()
+
+    def plan(self) -> dict[str, list[ImageRecord]]:
+        return {s.name: plan_images(self.out, s, self.images_per_prompt, self.seed) for s in self.prompt_sets}
+
+    def check_output(self, description: dict, settings) -> None:
+        """Refuses an output folder holding images of another model or other settings (before loading)."""
+        check_run_record(self.out, {"sampler": description, "sampling": settings.as_dict(), "seed": self.seed})
+
+    def generate(self, sampler, plan: dict[str, list[ImageRecord]]) -> int:
+        self.check_output(sampler.description, sampler.settings)
+        generated = 0
+        for prompt_set in self.prompt_sets:
+            records = plan[prompt_set.name]
+            _write_json(self.out / "prompts" / f"{prompt_set.name}.json",
+                        {"name": prompt_set.name, "kind": prompt_set.kind, "prompts": prompt_set.prompts,
+                         "images": [{"prompt_index": r.prompt_index, "image_index": r.image_index, "seed": r.seed,
+                                     "path": str(r.path.relative_to(self.out))} for r in records]})
+            generated += generate_missing(sampler, records, self.batch_size, self.progress)
+        return generated
+
+    def score(self, plan: dict[str, list[ImageRecord]]) -> dict[str, dict[str, float]]:
+        scores: dict[str, dict[str, float]] = {}
+        for prompt_set in self.prompt_sets:
+            records = plan[prompt_set.name]
+            missing = [str(r.path) for r in records if not r.path.is_file()]
+            if missing:
+                raise EvaluationError(f"{len(missing)} images of set {prompt_set.name!r} are missing (first: "
+                                      f"{missing[0]}); run the evaluation with a model to generate them")
+            scores[prompt_set.name] = {}
+            for scorer in self.scorers:
+                if not scorer.applies(prompt_set):
+                    continue
+                values, details = scorer.score(prompt_set, records)
+                scores[prompt_set.name].update(values)
+                if details:
+                    path = self.out / "details" / f"{prompt_set.name}.{scorer.name}.jsonl"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text("".join(json.dumps({"prompt_index": r.prompt_index, "image_index": r.image_index,
+                                                        "prompt": r.prompt, **d}) + "\n"
+                                            for r, d in zip(records, details)))
+        return scores
+
+    def write(self, scores: dict[str, dict[str, float]], label: str | None = None) -> None:
+        from evaluation.report import markdown_table
+
+        _write_json(self.out / "scores.json", {"label": label or self.out.name, "scores": scores,
+                                               "images_per_prompt": self.images_per_prompt,
+                                               "prompts": {s.name: len(s.prompts) for s in self.prompt_sets}})
+        (self.out / "scores.md").write_text(markdown_table({label or self.out.name: scores}) + "\n")

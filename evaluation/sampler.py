@@ -1,0 +1,128 @@
+"""What an evaluation samples from: a training checkpoint, an exported adapter folder on a base model,
+or the base model alone (the baseline), behind one ``generate(prompts, seeds)``.
+
+The LLM4GEN paths reuse ``LLM4GenModule.generate`` (the function ``generate.py`` and the validation
+grids call), so evaluated images are the images a user gets. The baseline is diffusers'
+``StableDiffusionPipeline`` on the same base folder with the same scheduler, guidance and CPU seeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DEFAULT_BASE = "embedded:tiny-sd"
+
+
+@dataclass
+class SamplingSettings:
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    scheduler: str = "DDIMScheduler"
+    negative_prompt: str = ""
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def load_checkpoint_module(checkpoint: str | Path, device: str = "cpu"):
+    """An ``LLM4GenModule`` from a training checkpoint (frozen parts rebuilt from their sources)."""
+    from lightning_modules.llm4gen import LLM4GenModule
+
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} is not a file; give a training checkpoint "
+                                f"such as runs/tiny/checkpoints/last.ckpt")
+    return LLM4GenModule.load_from_checkpoint(str(checkpoint), map_location="cpu").to(device)
+
+
+def load_exported_module(export_dir: str | Path, base: str | None = None, device: str = "cpu"):
+    """An ``LLM4GenModule`` from ``export_pretrained``'s folder (``model_config.yaml``, ``adapter/``, and
+    ``unet/`` or ``unet_lora/`` when the UNet trained); ``base`` replaces the recorded base model."""
+    from omegaconf import OmegaConf
+
+    from lightning_modules.llm4gen import LLM4GenModule
+
+    export_dir = Path(export_dir)
+    if not (export_dir / "model_config.yaml").is_file() or not (export_dir / "adapter").is_dir():
+        raise FileNotFoundError(f"{str(export_dir)!r} is not an exported run: expected model_config.yaml and "
+                                f"adapter/ in it (train.py writes them to <run>/export)")
+    cfg = OmegaConf.load(export_dir / "model_config.yaml")
+    if base:
+        cfg.base.pretrained = base
+    cfg.adapter.init_from = str(export_dir / "adapter")
+    cfg.unet_training = "frozen"  # trained UNet weights are loaded below, from their own export
+    cfg.ema.enabled = False
+    cfg.objective.lambda_entity = 0.0
+    module = LLM4GenModule(OmegaConf.to_container(cfg, resolve=True)).to(device)
+    if (export_dir / "unet").is_dir():
+        from diffusers import UNet2DConditionModel
+
+        module.unet = UNet2DConditionModel.from_pretrained(export_dir / "unet").to(device).eval()
+    elif (export_dir / "unet_lora").is_dir():
+        module.pipeline().load_lora_weights(str(export_dir / "unet_lora"))  # into module.unet, shared
+    return module
+
+
+@dataclass
+class Sampler:
+    """``generate(prompts, seeds) -> PIL images``; ``description`` goes into the run's record."""
+
+    description: dict
+    settings: SamplingSettings = field(default_factory=SamplingSettings)
+    module: object = None
+    pipeline: object = None
+    use_ema: bool = True
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int]):
+        s = self.settings
+        if self.module is not None:
+            with (self.module.ema_weights() if self.use_ema else contextlib.nullcontext()):
+                return self.module.generate(prompts, seeds, s.num_inference_steps, s.guidance_scale, s.scheduler,
+                                            s.negative_prompt)
+        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+        return self.pipeline(prompt=list(prompts), negative_prompt=[s.negative_prompt] * len(prompts),
+                             num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                             generator=generators, output_type="pil").images
+
+
+def load_base_pipeline(base: str, scheduler: str, device: str = "cpu"):
+    import diffusers
+
+    from encoders.sources import load_pretrained
+
+    pipe = load_pretrained(diffusers.StableDiffusionPipeline.from_pretrained, base, "--base",
+                           safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def describe(checkpoint: str | None = None, adapter: str | None = None, base: str | None = None,
+             use_ema: bool = True) -> dict:
+    """What is sampled from, as recorded in the run's run.json."""
+    if checkpoint:
+        return {"kind": "checkpoint", "checkpoint": str(checkpoint), "ema": use_ema}
+    if adapter:
+        return {"kind": "adapter", "adapter": str(adapter), "base": base or "as exported"}
+    return {"kind": "base", "base": base}
+
+
+def load_sampler(checkpoint: str | None = None, adapter: str | None = None, base: str | None = None,
+                 settings: SamplingSettings | None = None, device: str = "cpu", use_ema: bool = True) -> Sampler:
+    """Exactly one of: ``checkpoint``; ``adapter`` (an export folder; ``base`` optional); ``base`` alone."""
+    settings = settings or SamplingSettings()
+    if checkpoint and adapter:
+        raise ValueError("give either --checkpoint or --adapter, not both")
+    if checkpoint:
+        module = load_checkpoint_module(checkpoint, device)
+        return Sampler(describe(checkpoint, use_ema=use_ema), settings, module=module, use_ema=use_ema)
+    if adapter:
+        module = load_exported_module(adapter, base, device)
+        return Sampler(describe(adapter=adapter, base=base), settings, module=module, use_ema=False)
+    if not base:
+        raise ValueError("nothing to evaluate: give --checkpoint, --adapter (an export folder) or --base (baseline)")
+    return Sampler(describe(base=base), settings, pipeline=load_base_pipeline(base, settings.scheduler, device))

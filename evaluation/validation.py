@@ -1,0 +1,58 @@
+"""Cheap scores of the validation samples during training, logged beside the loss.
+
+``ValidationImages`` (lightning_modules/callbacks.py) hands each validation grid's images and prompts
+here; the scores go to the logger (``logs/metrics.csv``) as ``val/<metric>`` at that step and into
+``trainer.callback_metrics``, so the run's ``final_metrics.json`` and a sweep's ``summary.csv``
+carry the last ones. Configured by ``validation.metrics`` (``shapes``: the shapes analyzer;
+``clip_score``: CLIPScore with ``validation.clip_model``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from configs.choices import VALIDATION_METRICS  # noqa: E402  (one home for the list)
+
+
+class ValidationScorer:
+    def __init__(self, metrics: Sequence[str] = (), clip_model: str | None = None):
+        unknown = [m for m in metrics if m not in VALIDATION_METRICS]
+        if unknown:
+            raise ValueError(f"validation.metrics has {unknown}; expected any of {list(VALIDATION_METRICS)}")
+        self.metrics, self.clip_model = list(metrics), clip_model
+        self.clip = None
+        self.shapes = None
+
+    def load(self) -> None:
+        """Loads what the metrics need (at fit start: a missing CLIP fails before training)."""
+        if "clip_score" in self.metrics and self.clip is None:
+            from evaluation.scorers import DEFAULT_CLIP, ClipScoreScorer
+
+            self.clip = ClipScoreScorer(self.clip_model or DEFAULT_CLIP)
+            self.clip.load()
+        if "shapes" in self.metrics and self.shapes is None:
+            from evaluation.shapes_scorer import ShapesScorer
+
+            self.shapes = ShapesScorer()
+            self.shapes.load()
+
+    def __call__(self, images: list, prompts: list[str]) -> dict[str, float]:
+        if not self.metrics:
+            return {}
+        self.load()
+        scores: dict[str, float] = {}
+        if self.clip is not None:
+            scores["val/clip_score"] = self.clip.score_images(images, list(prompts))[0]
+        if self.shapes is not None:
+            scores.update({f"val/shapes_{k}": v for k, v in self.shapes.score_images(images, list(prompts)).items()})
+        return scores
+
+    def log(self, trainer, images: list, prompts: list[str]) -> dict[str, float]:
+        scores = self(images, prompts)
+        if scores:
+            if trainer.logger is not None:
+                trainer.logger.log_metrics(scores, step=trainer.global_step)
+            trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in scores.items()})
+        return scores

@@ -1,0 +1,87 @@
+"""Scores during training: the shapes analyzer and CLIPScore on the validation grid's images, logged
+to logs/metrics.csv, final_metrics.json and a sweep's summary.csv; the shapes scorer itself."""
+
+import csv
+import json
+import textwrap
+
+import pytest
+from PIL import Image
+
+import sweep as sweep_cli
+from datamodules.shapes import Scene, ShapeObject, render_scene
+from datamodules.synthetic import write_synthetic_shards
+from evaluation.prompt_sets import prompt_set
+from evaluation.shapes_scorer import ShapesScorer
+from evaluation.validation import ValidationScorer
+
+
+def test_shapes_scorer_gives_ground_truth_full_binding_and_swapped_colours_none():
+    records = prompt_set("seen_2", 6)
+    truth = [render_scene(r.scene, 64) for r in records]
+    prompts = [r.text for r in records]
+    scores = ShapesScorer().score_images(truth, prompts)
+    assert scores["binding"] == 1.0 and scores["all_bound"] == 1.0 and scores["parsed"] == 1.0
+    def scene(circle_colour, square_colour):
+        return Scene((ShapeObject(circle_colour, "circle", "large", 0, 0.9, (0.5, 0.5)),
+                      ShapeObject(square_colour, "square", "large", 3, 0.9, (0.5, 0.5))))
+
+    red_circle_blue_square, swapped = scene("red", "blue"), scene("blue", "red")
+    scores = ShapesScorer().score_images([render_scene(swapped, 64), render_scene(red_circle_blue_square, 64)],
+                                         ["a large red circle and a large blue square"] * 2)
+    assert scores["binding"] == 0.5 and scores["shape"] == 1.0  # the swapped image binds nothing
+
+
+def test_prompts_outside_the_shapes_grammar_are_skipped():
+    image = render_scene(prompt_set("seen_1", 1)[0].scene, 64)
+    scores = ShapesScorer().score_images([image, image], [prompt_set("seen_1", 1)[0].text, "a photo of a cat"])
+    assert scores["parsed"] == 0.5 and scores["binding"] == 1.0
+    assert ShapesScorer().score_images([image], ["a photo of a cat"]) == {}
+    assert ValidationScorer([])([image], ["x"]) == {}
+    with pytest.raises(ValueError, match="validation.metrics"):
+        ValidationScorer(["fid"])
+
+
+@pytest.mark.slow
+def test_validation_scores_reach_metrics_csv_final_metrics_and_the_sweep_summary(tmp_path):
+    from evaluation.scorers import ClipScoreScorer
+    from tests.evaluation.tiny_models import build_tiny_clip
+
+    clip = build_tiny_clip(tmp_path / "clip", seed=3)
+    shards = tmp_path / "shards"
+    write_synthetic_shards(str(shards), num_samples=16, samples_per_shard=16, resolution=32, seed=0)
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(f"config: configs/tiny.yaml\noutput_root: {tmp_path / 'out'}\n" + textwrap.dedent(f"""
+        base_overrides:
+          - trainer.max_steps=4
+          - data.shards={shards}
+          - data.synthetic_if_missing=false
+          - data.batch_size=4
+          - validation.num_inference_steps=2
+          - trainer.enable_progress_bar=false
+          - validation.metrics=[shapes,clip_score]
+          - validation.clip_model={clip}
+        grid:
+          validation.every_n_steps: [2]
+    """))
+    assert sweep_cli.main([str(sweep_file)]) == 0
+    run = tmp_path / "out" / "validation.every_n_steps=2"
+    with (run / "logs" / "metrics.csv").open() as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("val/clip_score")]
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    assert all(r["val/shapes_binding"] != "" and r["val/shapes_parsed"] == "1.0" for r in rows)
+
+    # the logged CLIPScore is the score of the grid's images (PNG: lossless) against the prompts
+    grid = Image.open(run / "samples" / "step_0000004.png").convert("RGB")
+    images = [grid.crop((32 * i, 0, 32 * i + 32, 32)) for i in range(2)]
+    scorer = ClipScoreScorer(str(clip))
+    scorer.load()
+    prompts = ["a red circle and a blue square", "a green triangle on a yellow background"]
+    assert float(rows[-1]["val/clip_score"]) == pytest.approx(scorer.score_images(images, prompts)[0], abs=1e-4)
+
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["val/clip_score"] == pytest.approx(float(rows[-1]["val/clip_score"]))
+    with (tmp_path / "out" / "summary.csv").open() as handle:
+        summary = list(csv.DictReader(handle))
+    assert float(summary[0]["val/clip_score"]) == pytest.approx(final["val/clip_score"])
+    assert float(summary[0]["val/shapes_binding"]) == pytest.approx(final["val/shapes_binding"])

@@ -1,0 +1,73 @@
+"""Tiny scorer models with random weights, built from configs and saved like real ones, so tests load
+them through the same ``from_pretrained`` calls a user's hub id or folder goes through."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from embedded.tiny import CLIP_TOKENIZER_DIR
+
+
+def build_tiny_blip_vqa(directory: Path, seed: int = 0) -> Path:
+    """BLIP VQA (ViT 32 px, 1-layer BERT text tower) with BERT's uncased vocabulary taken from the
+    MiniLM package, plus BLIP's [DEC] (decoder start) and [ENC] tokens, as BLIP's tokenizer adds them."""
+    from transformers import (BertTokenizerFast, BlipConfig, BlipForQuestionAnswering, BlipImageProcessor,
+                              BlipProcessor)
+
+    from embedded.tiny import minilm_path
+
+    tokenizer = BertTokenizerFast.from_pretrained(minilm_path())
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    vocab = len(tokenizer)
+    config = BlipConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, encoder_hidden_size=32, max_position_embeddings=64,
+                         bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         sep_token_id=tokenizer.sep_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16),
+        projection_dim=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BlipForQuestionAnswering(config)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return Path(directory)
+
+
+def build_tiny_clip(directory: Path, seed: int = 0) -> Path:
+    """CLIP (text and vision towers of width 32) with CLIP's real BPE tokenizer."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    config = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16),
+        projection_dim=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR))
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return Path(directory)
+
+
+def build_tiny_vit_features(directory: Path, seed: int = 0) -> Path:
+    """A ViT image encoder (width 16) with its image processor: FID's feature extractor."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ViTModel(ViTConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=32, patch_size=8))
+    model.save_pretrained(directory)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
+    return Path(directory)
