@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from configs.choices import VALIDATION_METRICS  # noqa: E402  (one home for the list)
+from configs.choices import VALIDATION_METRICS
 
 
 class ValidationScorer:
