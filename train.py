@@ -38,6 +38,8 @@ def check_sources(cfg) -> None:
 
     check_source(cfg.model.base.pretrained, "model.base.pretrained")
     check_source(cfg.model.llm.pretrained, "model.llm.pretrained")
+    if cfg.model.base.unet:
+        check_source(cfg.model.base.unet, "model.base.unet")
     if cfg.model.llm.tokenizer:
         check_source(cfg.model.llm.tokenizer, "model.llm.tokenizer")
     init_from = cfg.model.adapter.init_from
@@ -159,7 +161,13 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run(cfg)
+    from encoders.strict_loading import WeightLoadingError
+
+    try:
+        run(cfg)
+    except WeightLoadingError as err:  # a frozen model's checkpoint does not match: refused before training
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
