@@ -3,7 +3,7 @@ so their outputs are part of the CAM's input; the cache stores all max_length to
 conditions the UNet exactly as one computing the features online."""
 
 import io
-import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ import torch
 
 import cache
 from configs.schema import load_config
-from datamodules.feature_cache import CacheKeyMismatch, check_cache_key, stored_llm_tokens
+from datamodules.feature_cache import DEFAULT_FIELDS, CacheKeyMismatch, check_cache_key, check_cacheable, stored_llm_tokens
 from datamodules.synthetic import write_synthetic_shards
 from datamodules.webdataset_datamodule import WebDatasetDataModule, iter_tar_samples
 from tests.conftest import make_module
@@ -71,3 +71,10 @@ def test_stored_tokens_per_padding_mode():
     assert stored_llm_tokens(mask, zero_padding=False) == 5
     with pytest.raises(ValueError, match="pads on the left"):
         stored_llm_tokens(torch.tensor([False, True, True]), zero_padding=True)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")))
+def test_every_shipped_config_has_a_cache_recipe(config):
+    """cache.py's default fields are accepted for each shipped config (the paper's keep pad outputs)."""
+    root = Path(__file__).resolve().parents[2]
+    check_cacheable(load_config(root / "configs" / config), DEFAULT_FIELDS)
