@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 PROMPTS = ["a red circle and a blue square", "a green triangle"]
 SEEDS = [3, 4]
-STEPS, GUIDANCE, LLM_TOKENS = 4, 7.5, 256
+STEPS, GUIDANCE, LLM_TOKENS = 2, 7.5, 256
 
 
 @pytest.fixture(scope="module")
@@ -154,5 +154,5 @@ def test_release_generation_matches_the_reference_then_trains_exports_and_reload
 
     # And from the command line: generate.py --release writes the images.
     assert generate.main(["--release", str(tmp_path / "exported"), *llm_overrides(t5_folder), "--prompt", PROMPTS[0],
-                          "--output-dir", str(tmp_path / "images"), "--steps", "2", "--device", "cpu"]) == 0
+                          "--output-dir", str(tmp_path / "images"), "--steps", "1", "--device", "cpu"]) == 0
     assert len(list((tmp_path / "images").glob("*.png"))) == 1
