@@ -3,7 +3,12 @@
     python generate.py --checkpoint runs/tiny/checkpoints/last.ckpt --prompt "a red circle" \
         --output-dir out/ --seed 0
 
-Prompt i is sampled with seed ``seed + i``, so the same command writes identical images. The negative
+    python generate.py --release /models/llm4gen-sd15 --config configs/llm4gen_sd15.yaml \
+        --prompt "a red circle" --output-dir out/
+
+``--release`` takes a folder in the authors' release layout (``projector.pth`` + ``unet/``, see
+adapters/release.py; ``export.py`` writes one from a run); the base SD1.5 (VAE, CLIP, scheduler) and the
+LLM come from ``--config`` and its overrides. Prompt i is sampled with seed ``seed + i``, so the same command writes identical images. The negative
 prompt (default empty) goes through CLIP, the LLM and the CAM, as in training's caption dropout.
 """
 
@@ -23,7 +28,11 @@ def slug(text: str, length: int = 40) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a training checkpoint (.ckpt)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a training checkpoint (.ckpt)")
+    source.add_argument("--release", help="a release-layout folder (projector.pth + unet/); needs --config")
+    parser.add_argument("--config", help="with --release: the experiment YAML giving the base SD and the LLM")
+    parser.add_argument("overrides", nargs="*", help="with --release: dotted.key=value config overrides")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--seed", type=int, default=0)
@@ -65,21 +74,43 @@ def check_checkpoint_sources(checkpoint: dict) -> None:
         check_source(model["llm"]["tokenizer"], "the checkpoint's model.llm.tokenizer")
 
 
+def load_release_module(release: str, config: str | None, overrides=()):
+    """An LLM4GenModule holding a release-layout folder's CAM and UNet over the config's base and LLM."""
+    from omegaconf import OmegaConf
+
+    from adapters.release import release_overrides
+    from configs.schema import load_config
+    from lightning_modules.llm4gen import LLM4GenModule
+
+    cfg = load_config(config, [*release_overrides(release), *overrides])
+    return LLM4GenModule(OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed)
+
+
 @entry_point("generate.py")
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from lightning_modules.checkpoint_files import load_checkpoint_checked
-
     if not [p for p in args.prompt if p.strip()]:
         raise UserError("--prompt is empty: give at least one non-empty prompt")
-    checkpoint = load_checkpoint_checked(args.checkpoint)
+    if args.checkpoint and (args.config or args.overrides):
+        raise UserError("--config and overrides go with --release; a checkpoint carries its own config")
     check_sampling_args(args)
-    check_checkpoint_sources(checkpoint)
-    from evaluation.sampler import SamplingSettings, load_sampler
+    device = args.device or ("cuda" if _cuda() else "cpu")
+    from evaluation.sampler import Sampler, SamplingSettings, load_sampler
 
     settings = SamplingSettings(args.steps, args.guidance_scale, args.scheduler, args.negative_prompt)
-    sampler = load_sampler(checkpoint=args.checkpoint, settings=settings,
-                           device=args.device or ("cuda" if _cuda() else "cpu"), use_ema=not args.no_ema)
+    if args.release:
+        try:
+            module = load_release_module(args.release, args.config, args.overrides)
+        except (ValueError, FileNotFoundError) as err:
+            raise UserError(f"--release {args.release}: {err}") from None
+        sampler = Sampler({"release": str(args.release), "config": args.config}, settings,
+                          module=module.to(device), use_ema=False)
+    else:
+        from lightning_modules.checkpoint_files import load_checkpoint_checked
+
+        checkpoint = load_checkpoint_checked(args.checkpoint)
+        check_checkpoint_sources(checkpoint)
+        sampler = load_sampler(checkpoint=args.checkpoint, settings=settings, device=device, use_ema=not args.no_ema)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     images = sampler.generate(args.prompt, [args.seed + i for i in range(len(args.prompt))])

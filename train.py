@@ -37,6 +37,8 @@ def check_sources(cfg) -> None:
 
     check_source(cfg.model.base.pretrained, "model.base.pretrained")
     check_source(cfg.model.llm.pretrained, "model.llm.pretrained")
+    if cfg.model.base.unet:
+        check_source(cfg.model.base.unet, "model.base.unet")
     if cfg.model.llm.tokenizer:
         check_source(cfg.model.llm.tokenizer, "model.llm.tokenizer")
     init_from = cfg.model.adapter.init_from

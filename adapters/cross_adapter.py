@@ -165,6 +165,27 @@ def convert_released_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, 
     return converted
 
 
+def to_released_state_dict(adapter: "CrossAdapter") -> dict[str, torch.Tensor]:
+    """The inverse of :func:`convert_released_state_dict`: CrossAdapter weights under the released names.
+
+    The release has no ``llm_scale`` or ``use_llm_mask``: an adapter that uses either is refused, since a
+    tool reading the release would run a different model.
+    """
+    if adapter.config.llm_scale != 1.0 or adapter.config.use_llm_mask:
+        raise ValueError(f"the released CAM layout has no llm_scale or use_llm_mask; this adapter has llm_scale="
+                         f"{adapter.config.llm_scale}, use_llm_mask={adapter.config.use_llm_mask}. Export it with "
+                         f"save_pretrained instead, or train with llm_scale=1.0 and use_llm_mask=false.")
+    ours_to_released = {ours: released for released, ours in RELEASED_BLOCK_NAMES.items()}
+    converted = {}
+    for key, value in adapter.state_dict().items():
+        _, block, rest = key.split(".", 2)  # blocks.{i}.{layer}.{param}
+        layer, param = rest.rsplit(".", 1)
+        if layer not in ours_to_released:
+            raise KeyError(f"adapter key {key!r} has no released name (known layers: {sorted(ours_to_released)})")
+        converted[f"{RELEASED_PREFIX}{block}.{ours_to_released[layer]}.{param}"] = value.detach().cpu().clone()
+    return converted
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -178,4 +199,4 @@ def released_parameter_count(clip_dim: int = 768, llm_dim: int = 2048, ffn_mult:
 
 
 __all__ = ["CrossAdapter", "CrossAdapterBlock", "QuickGELU", "convert_released_state_dict", "count_parameters",
-           "released_parameter_count"]
+           "released_parameter_count", "to_released_state_dict"]

@@ -30,6 +30,8 @@ class BaseModelConfig:
     revision: Optional[str] = None
     dtype: str = "float32"       # frozen UNet and CLIP (bfloat16 on GPUs)
     vae_dtype: str = "float32"   # keep fp32: fp16 VAEs overflow (diffusers #4820)
+    # A diffusers UNet folder replacing the base's (the released LLM4GEN model's fine-tuned `unet/`).
+    unet: Optional[str] = None
 
 
 @dataclass

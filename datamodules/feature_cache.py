@@ -11,12 +11,16 @@ sample and under the same ``__key__``, the original members (caption ``txt``/``j
 :data:`datamodules.webdataset_datamodule.PRECOMPUTED_MEMBERS`:
 
   ``latent_moments.npy``  (2C, h, w) VAE posterior mean and log-variance at ``data.resolution``, centre crop
-  ``llm_features.npy``    (tokens, dim) the caption's real tokens only (``tokens`` = its attention-mask sum)
+  ``llm_features.npy``    (tokens, dim) the caption's real tokens only (``tokens`` = its attention-mask sum);
+                          all ``max_length`` tokens with ``model.llm.zero_padding=false``
   ``clip_features.npy``   (77, dim) CLIP's last hidden state
   ``entities.json``       ``losses.entity_parser.groups_to_json`` of the caption's parse
 
 Unpadded LLM features are exact only when padding features are zeros (``model.llm.zero_padding=true``):
 training pads them back with zeros and a False mask, which is then what the encoder would have given.
+With ``model.llm.zero_padding=false`` (the release) the pad positions' outputs are part of the CAM's input
+and depend on the caption (T5's pad positions attend to it), so the cache stores all ``max_length``
+tokens of each caption (:func:`stored_llm_tokens`); training reads them as they are.
 
 Completion and resume. A shard is written to ``NAME.tar.tmp-PID`` and renamed when complete, after its
 statistics (``DIR/.cache_stats/NAME.json``); a shard whose ``DIR/NAME.tar`` exists is finished and a rerun
@@ -319,10 +323,20 @@ def check_cacheable(cfg: DictConfig, fields: Sequence[str]) -> None:
         if not cfg.data.center_crop:
             raise CacheError("data.center_crop=false: random crops are drawn per sample and epoch, so cached latents "
                              "cannot hold them. Cache (and train) with data.center_crop=true, or train on pixels.")
-    if "llm_features" in fields and not cfg.model.llm.zero_padding:
-        raise CacheError("model.llm.zero_padding=false: the encoder's features at padding positions are not zeros, "
-                         "so features cached without padding would not be what the run computes. Set "
-                         "model.llm.zero_padding=true for the cache and the runs that read it.")
+    if "llm_features" in fields and not cfg.model.llm.zero_padding and cfg.model.adapter.use_llm_mask:
+        raise CacheError("model.llm.zero_padding=false with model.adapter.use_llm_mask=true: the cache stores the "
+                         "padded features without their mask, and this CAM reads the mask. Cache (and train) with "
+                         "model.llm.zero_padding=true (features stored unpadded, mask restored exactly), or with "
+                         "model.adapter.use_llm_mask=false as the release does, or train online.")
+
+
+def stored_llm_tokens(mask_row: torch.Tensor, zero_padding: bool) -> int:
+    """How many token features of one caption the cache stores: its real tokens when pads are zeros, all
+    ``max_length`` when the pad positions carry the encoder's outputs (they depend on the caption)."""
+    length = int(mask_row.sum())
+    if not bool(mask_row[:length].all()):
+        raise CacheError("the LLM tokenizer pads on the left; caching needs real tokens first")
+    return length if zero_padding else int(mask_row.shape[0])
 
 
 def shards_for_rank(shards: Sequence[str], rank: int, world_size: int) -> list[str]:
@@ -401,10 +415,7 @@ class FeatureEncoders:
             out["latent_moments"] = list(self._to_numpy(moments))
         if self.llm is not None:
             llm = self.llm(captions)  # features (B, max_length, D), mask (B, max_length)
-            lengths = llm.mask.sum(dim=1).tolist()
-            for row, length in zip(llm.mask, lengths):
-                if not bool(row[:length].all()):
-                    raise CacheError("the LLM tokenizer pads on the left; unpadded caching needs real tokens first")
+            lengths = [stored_llm_tokens(row, self.llm.zero_padding) for row in llm.mask]
             features = self._to_numpy(llm.features)
             out["llm_features"] = [features[i, :length] for i, length in enumerate(lengths)]  # (tokens_i, D)
         if self.clip is not None:

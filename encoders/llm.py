@@ -10,13 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import transformers
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoTokenizer, MT5EncoderModel, T5Config, T5EncoderModel, UMT5EncoderModel
 
 from configs.choices import LLM_KINDS
-from encoders.sources import TORCH_DTYPES, load_pretrained
+from encoders.sources import TORCH_DTYPES, ModelSourceError, load_pretrained
+from encoders.strict_loading import RANKGEN_HEAD_KEYS, RANKGEN_KEY_MAPPING, load_strict
 
 KINDS = LLM_KINDS
+# Encoder-only classes of encoder-decoder families: only the encoder's weights are read into memory
+# (T5-XL's encoder is 1.2B of its 2.8B parameters) and the decoder's are dropped by design.
+ENCODER_CLASSES = {"t5": T5EncoderModel, "mt5": MT5EncoderModel, "umt5": UMT5EncoderModel}
+STRICT_HINT = ("if it is a custom architecture, read its code and set model.llm.trust_remote_code=true; "
+               "check model.llm.kind (encoder | encoder-decoder | decoder) against the checkpoint")
 
 
 @dataclass
@@ -55,15 +62,14 @@ class LLMEncoder(nn.Module):
         if kind not in KINDS:
             raise ValueError(f"llm kind {kind!r} is not one of {KINDS}")
         common = dict(revision=revision, trust_remote_code=trust_remote_code)
-        config = load_pretrained(AutoConfig.from_pretrained, pretrained, "model.llm.pretrained", **common)
+        config = load_llm_config(pretrained, revision, trust_remote_code)
         self.kind = detect_kind(config) if kind == "auto" else kind
         self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, tokenizer or pretrained,
                                          "model.llm.tokenizer", **common)
         if self.tokenizer.pad_token is None:  # Llama-family tokenizers ship without one
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"  # real tokens first: causal features do not see the padding
-        model = load_pretrained(AutoModel.from_pretrained, pretrained, "model.llm.pretrained", dtype=dtype, **common)
-        self.model = model.get_encoder() if self.kind == "encoder-decoder" else model
+        self.model = load_llm_model(pretrained, config, self.kind, dtype, revision, trust_remote_code)
         self.layer, self.max_length, self.prefix, self.zero_padding = layer, max_length, prefix, zero_padding
         self.requires_grad_(False).eval()
 
@@ -97,3 +103,40 @@ class LLMEncoder(nn.Module):
         if self.zero_padding:
             hidden = hidden * mask[..., None].to(hidden.dtype)
         return LLMFeatures(features=hidden, mask=mask)  # (batch, max_length, llm_dim)
+
+
+def load_llm_config(pretrained: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The model config; a T5-shaped config of a custom ``model_type`` (RankGen's remote-code config) is
+    read as a T5Config when remote code is not trusted."""
+    common = dict(revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        return load_pretrained(AutoConfig.from_pretrained, pretrained, "model.llm.pretrained", **common)
+    except (ValueError, KeyError) as err:
+        if trust_remote_code or isinstance(err, ModelSourceError):
+            raise
+        raw, _ = load_pretrained(T5Config.get_config_dict, pretrained, "model.llm.pretrained", revision=revision)
+        if not {"d_model", "num_heads", "num_layers", "d_kv"} <= set(raw):
+            raise ValueError(f"model.llm.pretrained={pretrained!r}: its config.json has model_type "
+                             f"{raw.get('model_type')!r}, which transformers does not know and which is not T5-shaped. "
+                             f"Read its code and set model.llm.trust_remote_code=true, or point at a standard "
+                             f"checkpoint.") from err
+        return T5Config.from_dict({k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "architectures")})
+
+
+def load_llm_model(pretrained: str, config, kind: str, dtype: torch.dtype, revision: str | None = None,
+                   trust_remote_code: bool = False) -> nn.Module:
+    """The frozen LLM (for encoder-decoders, its encoder), loaded strictly (encoders/strict_loading.py)."""
+    what = "model.llm.pretrained"
+    common = dict(dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+    encoder_class = ENCODER_CLASSES.get(getattr(config, "model_type", None))
+    if kind == "encoder-decoder" and encoder_class is not None and not trust_remote_code:
+        # Plain T5 (encoder-decoder) and RankGen (t5_encoder. prefix + projection head) both map here.
+        return load_strict(encoder_class.from_pretrained, pretrained, what, allowed_unexpected=RANKGEN_HEAD_KEYS,
+                           hint=STRICT_HINT, config=config, key_mapping=RANKGEN_KEY_MAPPING, **common).get_encoder()
+    # The checkpoint's own architecture (LlamaForCausalLM, BertModel, ...), so that every saved weight,
+    # task heads included, has a place; the backbone is taken from it after the strict load.
+    architectures = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures and not trust_remote_code else None
+    model = load_strict((model_class or AutoModel).from_pretrained, pretrained, what, hint=STRICT_HINT,
+                        **({"config": config} if not trust_remote_code else {}), **common)
+    return model.get_encoder() if kind == "encoder-decoder" else model.base_model

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from adapters.cross_adapter import CrossAdapter
+from adapters.release import RELEASED_PROJECTOR
 from configs.errors import UserError
 from encoders.clip import ClipText
 from encoders.llm import LLMEncoder, LLMFeatures
@@ -111,6 +112,8 @@ class LLM4GenModule(L.LightningModule):
     def _build_adapter(self, acfg) -> CrossAdapter:
         if acfg.init_from:
             path = Path(acfg.init_from)
+            if path.is_dir() and (path / RELEASED_PROJECTOR).is_file():  # a release-layout folder
+                path = path / RELEASED_PROJECTOR
             if path.is_dir():
                 adapter = CrossAdapter.from_pretrained(path)
             else:
@@ -347,9 +350,11 @@ class LLM4GenModule(L.LightningModule):
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], num_inference_steps: int = 30,
-                 guidance_scale: float = 7.5, scheduler: str = "DDIMScheduler", negative_prompt: str = ""):
-        """PIL images, one per prompt; each prompt's seed fixes its initial noise (CPU generator, so a
-        seed gives the same image on any device). The negative prompt goes through CLIP, LLM and CAM."""
+                 guidance_scale: float = 7.5, scheduler: str = "DDIMScheduler", negative_prompt: str = "",
+                 output_type: str = "pil"):
+        """Images, one per prompt (PIL; ``output_type="np"``: float arrays in [0, 1]); each prompt's seed
+        fixes its initial noise (CPU generator, so a seed gives the same image on any device). The negative
+        prompt goes through CLIP, LLM and CAM."""
         was_training = self.training
         self.eval()
         try:
@@ -361,9 +366,21 @@ class LLM4GenModule(L.LightningModule):
             return pipe(prompt_embeds=self.fuse(clip.hidden, llm).to(dtype),
                         negative_prompt_embeds=self.fuse(neg_clip.hidden, neg_llm).to(dtype),
                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                        generator=generators, output_type="pil").images
+                        generator=generators, output_type=output_type).images
         finally:
             self.train(was_training)
+
+    def export_release(self, directory: str | os.PathLike, use_ema: bool = True) -> Path:
+        """Writes the released LLM4GEN layout (adapters/release.py): ``projector.pth`` + ``unet/`` (the
+        trained UNet, or the frozen one the CAM was trained against), loadable with ``model.adapter.init_from``
+        and ``model.base.unet`` or by tools that read the release."""
+        from adapters.release import save_release
+
+        if self.cfg.unet_training == "lora":
+            raise ValueError("the release layout holds a full unet/; a LoRA run exports unet_lora/ with "
+                             "export_pretrained (load it with pipe.load_lora_weights), or fuse it first")
+        with (self.ema_weights() if use_ema else contextlib.nullcontext()):
+            return save_release(directory, self.adapter, self.unet)
 
     def export_pretrained(self, directory: str | os.PathLike, use_ema: bool = True) -> Path:
         """Writes the trained parts in self-contained formats: ``adapter/`` (CrossAdapter.from_pretrained),

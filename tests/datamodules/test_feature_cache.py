@@ -320,8 +320,10 @@ def test_random_crops_and_flips_cannot_be_cached(cfg):
     with pytest.raises(CacheError, match="data.center_crop=false"):
         check_cacheable(crop, ["latent_moments", "llm_features"])
     check_cacheable(flip, ["llm_features", "entities"])  # text fields do not see the image
-    with pytest.raises(CacheError, match="model.llm.zero_padding=false"):
-        check_cacheable(load_config(overrides=["model.llm.zero_padding=false"]), ["llm_features"])
+    check_cacheable(load_config(overrides=["model.llm.zero_padding=false"]), ["llm_features"])  # stored padded
+    with pytest.raises(CacheError, match="model.llm.zero_padding=false with model.adapter.use_llm_mask=true.*use"):
+        check_cacheable(load_config(overrides=["model.llm.zero_padding=false", "model.adapter.use_llm_mask=true"]),
+                        ["llm_features"])
     with pytest.raises(CacheError, match="unknown cache fields \\['latents'\\]"):
         check_cacheable(cfg, ["latents"])
 

@@ -1,0 +1,43 @@
+"""Export a trained run in the authors' release layout: `python export.py --help`.
+
+    python export.py --checkpoint runs/x/checkpoints/last.ckpt --output runs/x/release
+
+writes ``projector.pth`` (the CAM under the released key names) and ``unet/`` (the trained UNet, or the
+frozen one the CAM was trained against), the layout of the released LLM4GEN SD1.5 model: load it with
+``generate.py --release`` or ``model.adapter.init_from=DIR model.base.unet=DIR/unet``. EMA weights are
+exported when the run has them (``--no-ema``: the trained ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a training checkpoint (.ckpt)")
+    parser.add_argument("--output", required=True, help="the folder to write projector.pth and unet/ into")
+    parser.add_argument("--no-ema", action="store_true", help="export the trained weights, not their EMA")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not Path(args.checkpoint).is_file():
+        print(f"error: --checkpoint {args.checkpoint!r} is not a file", file=sys.stderr)
+        return 2
+    from lightning_modules.llm4gen import LLM4GenModule
+
+    module = LLM4GenModule.load_from_checkpoint(args.checkpoint, map_location="cpu")
+    try:
+        print(module.export_release(args.output, use_ema=not args.no_ema))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""Every command the README shows is exercised: run on the embedded tiny default, or dry-run where it needs
+real weights, a cluster or a fresh machine.
+
+Commands are read from the README's ```bash blocks and from inline code starting with ``python``,
+``time python`` or ``bash``; a line joined by ``&&`` is split into its commands. Each one must match an
+entry of :data:`COVERAGE`, which says how it is exercised and, for a dry run, why it cannot run here. A
+command that matches no entry fails the test, so a command added to the README gets covered.
+
+A dry run parses the command with the entry point's own argument parser (stopping right after it; an
+unknown flag or a bad value fails) and loads every ``--config`` with its overrides through the schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import runpy
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+TINY_RUN = ["trainer.max_steps=2", "validation.every_n_steps=0", "checkpoint.every_n_steps=2",
+            "trainer.enable_progress_bar=false", "data.batch_size=4", "model.optim.warmup_steps=0"]
+
+
+# ---------------------------------------------------------------- extraction
+
+
+def readme_commands(text: str) -> list[str]:
+    """Shell commands of the README: fenced bash blocks (continuations joined, comments dropped, ``&&``
+    chains split) and inline ``python ...`` / ``time python ...`` / ``bash ...`` code outside blocks."""
+    commands: list[str] = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            commands += split_chain(line)
+    outside = re.sub(r"```.*?```", "", text, flags=re.S)
+    for inline in re.findall(r"`((?:time )?python [^`]+|bash [^`]+)`", outside):
+        commands += split_chain(inline)
+    return list(dict.fromkeys(commands))
+
+
+def split_chain(line: str) -> list[str]:
+    tokens = shlex.split(line, comments=True)
+    commands, current = [], []
+    for token in tokens + ["&&"]:
+        if token == "&&":
+            if current:
+                commands.append(shlex.join(current))
+            current = []
+        else:
+            current.append(token)
+    return commands
+
+
+def test_extraction_reads_blocks_chains_continuations_and_inline_code():
+    text = ("intro `python a.py --x 1` and `pip list`\n```bash\n# a comment\npython b.py --y \\\n    2   # why\n"
+            "cd x && python c.py 'q r'\n```\n```yaml\nkey: python no.py\n```\n| t | `time python d.py` |\n")
+    assert readme_commands(text) == ["python b.py --y 2", "cd x", "python c.py 'q r'", "python a.py --x 1",
+                                     "time python d.py"]
+
+
+# ---------------------------------------------------------------- how each command is exercised
+
+
+class ParsedOnly(Exception):
+    def __init__(self, namespace):
+        self.namespace = namespace
+
+
+def parse_only(script: str, args: list[str], monkeypatch) -> argparse.Namespace:
+    """Runs ``script`` as __main__ with ``args`` up to its argument parsing, and returns the namespace."""
+    originals = {name: getattr(argparse.ArgumentParser, name) for name in ("parse_args", "parse_intermixed_args")}
+
+    def stop_after(name):
+        def parse(self, *a, **k):
+            raise ParsedOnly(originals[name](self, *a, **k))
+        return parse
+
+    for name in originals:
+        monkeypatch.setattr(argparse.ArgumentParser, name, stop_after(name))
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    except ParsedOnly as parsed:
+        return parsed.namespace
+    finally:
+        for name, original in originals.items():
+            monkeypatch.setattr(argparse.ArgumentParser, name, original)
+    raise AssertionError(f"{script} finished without parsing arguments")
+
+
+def load_configs(namespace: argparse.Namespace):
+    from configs.schema import load_config
+
+    config = getattr(namespace, "config", None)
+    overrides = [o for o in getattr(namespace, "overrides", None) or [] if "=" in o]
+    return load_config(ROOT / config if config else None, overrides) if config or overrides else None
+
+
+@dataclass
+class Context:
+    tmp: Path
+    monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture
+    tiny_run: Callable[[], Path]
+
+
+def dry_run(ctx: Context, script: str, args: list[str]):
+    namespace = parse_only(script, args, ctx.monkeypatch)
+    return load_configs(namespace)
+
+
+def dry_run_cache(ctx: Context, script: str, args: list[str]):
+    """The paper config's cache recipe: the settings it would cache with are accepted (the run needs real
+    weights; tests/datamodules/test_feature_cache_padded.py runs the same zero_padding=false path on tiny)."""
+    from datamodules.feature_cache import check_cacheable
+
+    namespace = parse_only(script, args, ctx.monkeypatch)
+    check_cacheable(load_configs(namespace), namespace.fields.split(","))
+
+
+def run_train(ctx: Context, script: str, args: list[str]):
+    """The tiny default as the README runs it, shortened to 2 steps in a temporary folder."""
+    if args:
+        raise AssertionError(f"no runner for train.py {args}")
+    ctx.tiny_run()
+
+
+def run_print_config(ctx: Context, script: str, args: list[str]):
+    import train
+
+    assert train.main(args) == 0
+    out = ctx.capsys.readouterr().out
+    namespace = parse_only(script, args, ctx.monkeypatch)
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.create(out) == load_configs(namespace)
+
+
+def relocated(args: list[str], ctx: Context) -> list[str]:
+    """README paths put under the test's folder: runs/<any>/checkpoints/last.ckpt -> the tiny run's."""
+    run = ctx.tiny_run()
+    moved = []
+    for arg in args:
+        if re.match(r"runs/[^/]+/checkpoints/last\.ckpt$", arg):
+            arg = str(run / "checkpoints" / "last.ckpt")
+        elif arg.startswith("runs/") or arg.endswith(".png") or arg.startswith("/data/") or arg.endswith("/"):
+            arg = str(ctx.tmp / "out" / arg.strip("/"))
+        moved.append(arg)
+    return moved
+
+
+def run_checkpoint_tool(ctx: Context, script: str, args: list[str]):
+    """generate.py / attention_maps.py / export.py on the tiny run's checkpoint (2 denoising steps)."""
+    module = runpy.run_path(str(ROOT / script))
+    args = relocated(args, ctx)
+    if script in ("generate.py", "attention_maps.py"):
+        args += ["--steps", "2", "--device", "cpu"]
+    assert module["main"](args) == 0
+    written = list((ctx.tmp / "out").rglob("*"))
+    assert any(p.suffix in (".png", ".pth") for p in written), written
+
+
+def run_prepare(ctx: Context, script: str, args: list[str]):
+    """prepare.py on a folder of 3 captioned 256 px images (the README's --min-size 256 keeps them)."""
+    from PIL import Image
+
+    images = ctx.tmp / "out" / "data" / "my_images"
+    images.mkdir(parents=True)
+    for i, colour in enumerate(["red", "green", "blue"]):
+        Image.new("RGB", (256, 256), colour).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a {colour} square")
+    import prepare
+
+    assert prepare.main(relocated(args, ctx)) == 0
+    assert list((ctx.tmp / "out" / "data" / "my_shards").rglob("*.tar"))
+
+
+def run_submit_dry(ctx: Context, script: str, args: list[str]):
+    """submit.py needs a SLURM cluster: its own --dry-run renders the sbatch script and submits nothing."""
+    import submit
+
+    assert submit.main([*args, "--dry-run"]) == 0
+    assert "#SBATCH" in ctx.capsys.readouterr().out
+
+
+def write_readme_sweep(ctx: Context) -> None:
+    """The README's sweeps/lr.yaml block, written under the test folder (its config path made absolute)."""
+    block = re.search(r"```yaml\n# sweeps/lr.yaml\n(.*?)```", README.read_text(), flags=re.S).group(1)
+    block = re.sub(r"^config: (\S+)", lambda m: f"config: {ROOT / m.group(1)}", block, flags=re.M)
+    block = re.sub(r"^output_root: (\S+)", lambda m: f"output_root: {ctx.tmp / m.group(1)}", block, flags=re.M)
+    (ctx.tmp / "sweeps").mkdir(exist_ok=True)
+    (ctx.tmp / "sweeps" / "lr.yaml").write_text(block)
+
+
+def run_sweep(ctx: Context, script: str, args: list[str]):
+    """sweep.py over the README's sweep file: --summary runs; running the paper-config runs (real weights)
+    or submitting them (a cluster) goes through sweep.py's own --dry-run, which expands and checks them."""
+    import sweep
+
+    write_readme_sweep(ctx)
+    ctx.monkeypatch.chdir(ctx.tmp)
+    extra = [] if "--summary" in args else ["--dry-run"]
+    assert sweep.main([*args, *extra]) == 0
+    out = ctx.capsys.readouterr().out
+    assert "lr" in out
+
+
+def in_ci(ctx: Context, script: str, args: list[str]):
+    """Setup commands that need a fresh machine and a network: CI (.ci/run) runs each of them in a fresh
+    clone, so the check here is that CI's script holds the same command (and setup.cfg the extra)."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = shlex.join([script, *args]) if script != "-m" else shlex.join(["python", "-m", *args])
+    if script == "pip":
+        extra = re.search(r"\[(\w+)\]", command).group(1)
+        assert re.search(rf"^{extra} =", (ROOT / "setup.cfg").read_text(), flags=re.M), extra
+        if extra != "test":  # CI installs [test], which includes [embedded]
+            assert "%(embedded)s" in (ROOT / "setup.cfg").read_text()
+            command = command.replace(f"[{extra}]", "[test]")
+        assert re.search(r"pip install (-q )?-c constraints\.txt -e \"?'?\.\[test\]", ci)
+        return
+    if script == "bash":
+        assert args == [".ci/run"] and "python -m pytest" in ci
+        return
+    assert command.replace("'", "") in ci, f"{command!r} is not in .ci/run"
+
+
+@dataclass
+class Entry:
+    pattern: str              # a regex the whole command must match
+    how: Callable             # (ctx, script, args)
+    kind: str                 # "run" (on the tiny default) or "dry-run" (why in the docstring/reason)
+    reason: str = ""
+
+
+CI_INSTALL = "CI's .ci/run does exactly this in a fresh clone (a new venv and an install need a network)"
+COVERAGE = [
+    Entry(r"python3 -m venv \.venv", in_ci, "dry-run", CI_INSTALL),
+    Entry(r"\. \.venv/bin/activate", in_ci, "dry-run", CI_INSTALL),
+    Entry(r"pip install -c constraints\.txt -e '?\.\[(embedded|test)\]'?", in_ci, "dry-run", CI_INSTALL),
+    Entry(r"python -m pytest", in_ci, "dry-run", "the suite itself (it would recurse); CI runs it"),
+    Entry(r"bash \.ci/run", in_ci, "dry-run", "CI itself: a fresh venv, an install and a local SLURM cluster"),
+    Entry(r"(time )?python train\.py", run_train, "run"),
+    Entry(r"python train\.py --config configs/(sd15_t5xl|llm4gen_sd15\w*)\.yaml .*", dry_run, "dry-run",
+          "trains SD1.5 + T5-XL from the hub or /path folders: parsed and its config loaded through the schema"),
+    Entry(r"python train\.py --config configs/\S+\.yaml --print-config", run_print_config, "run"),
+    Entry(r"python generate\.py --checkpoint runs/\S+ .*", run_checkpoint_tool, "run"),
+    Entry(r"python attention_maps\.py --checkpoint runs/\S+ .*", run_checkpoint_tool, "run"),
+    Entry(r"python export\.py --checkpoint runs/\S+ .*", run_checkpoint_tool, "run"),
+    Entry(r"python generate\.py --release /models/\S+ --config configs/\S+ .*", dry_run, "dry-run",
+          "needs the authors' release and SD1.5; tests/test_release.py runs the same path on a tiny release"),
+    Entry(r"python prepare\.py /data/my_images .*", run_prepare, "run"),
+    Entry(r"python cache\.py --config configs/sd15_t5xl\.yaml .*", dry_run_cache, "dry-run",
+          "needs SD1.5 and T5-XL: parsed, config loaded, its cache settings accepted"),
+    Entry(r"python submit\.py --config configs/\S+ .*", run_submit_dry, "dry-run", "needs a SLURM cluster"),
+    Entry(r"python sweep\.py sweeps/lr\.yaml( --slurm)?", run_sweep, "dry-run",
+          "its runs train the paper config (real weights) or go to SLURM: sweep.py's own --dry-run expands them"),
+    Entry(r"python sweep\.py sweeps/lr\.yaml --summary", run_sweep, "run"),
+    Entry(r"python bench/bench_\w+\.py( --steps \d+)?", dry_run, "dry-run",
+          "timings of minutes on the 2-core machine belong in bench/, not in tests: arguments parsed"),
+]
+
+
+def entry_for(command: str) -> Entry | None:
+    matches = [e for e in COVERAGE if re.fullmatch(e.pattern, command)]
+    return matches[-1] if matches else None  # the most specific (later) entry wins
+
+
+@pytest.fixture(scope="module")
+def tiny_run_factory(tmp_path_factory):
+    made: dict[str, Path] = {}
+
+    def make() -> Path:
+        if "run" not in made:
+            import train
+
+            out = tmp_path_factory.mktemp("tiny") / "run"
+            assert train.main([f"output_dir={out}", f"data.shards={out.parent / 'data'}", *TINY_RUN]) == 0
+            assert (out / "checkpoints" / "last.ckpt").is_file()
+            made["run"] = out
+        return made["run"]
+    return make
+
+
+def test_every_readme_command_is_covered():
+    commands = readme_commands(README.read_text())
+    unknown = [c for c in commands if entry_for(c) is None]
+    assert not unknown, ("README commands with no runner or dry-run entry in tests/test_readme_commands.py "
+                         "COVERAGE; add one (run it on the tiny default, or say why it can only be dry-run):\n"
+                         + "\n".join(unknown))
+    assert len(commands) >= 15
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", readme_commands(README.read_text()))
+def test_readme_command(command, tmp_path, monkeypatch, capsys, tiny_run_factory):
+    entry = entry_for(command)
+    assert entry is not None, f"no coverage entry for {command!r}"
+    tokens = shlex.split(command)
+    if tokens[0] == "time":
+        tokens = tokens[1:]
+    script, args = (tokens[1], tokens[2:]) if tokens[0] == "python" and len(tokens) > 1 else (tokens[0], tokens[1:])
+    entry.how(Context(tmp_path, monkeypatch, capsys, tiny_run_factory), script, args)
