@@ -183,10 +183,15 @@ def run_prepare(ctx: Context, script: str, args: list[str]):
 
 
 def run_submit_dry(ctx: Context, script: str, args: list[str]):
-    """submit.py needs a SLURM cluster: its own --dry-run renders the sbatch script and submits nothing."""
+    """submit.py needs a SLURM cluster: its own --dry-run renders the sbatch script and submits nothing. The
+    paper configs' ``data.shards`` is a placeholder for the user's data (submit.py checks it exists), so it is
+    pointed at small synthetic shards."""
     import submit
+    from datamodules.synthetic import ensure_synthetic_shards
 
-    assert submit.main([*args, "--dry-run"]) == 0
+    shards = ctx.tmp / "shards"
+    ensure_synthetic_shards(str(shards), num_samples=8, samples_per_shard=8)
+    assert submit.main([*args, f"data.shards={shards}", "--dry-run"]) == 0
     assert "#SBATCH" in ctx.capsys.readouterr().out
 
 
@@ -231,6 +236,47 @@ def in_ci(ctx: Context, script: str, args: list[str]):
     assert command.replace("'", "") in ci, f"{command!r} is not in .ci/run"
 
 
+def run_shapes_benchmark(ctx: Context, script: str, args: list[str]):
+    """``python -m evaluation prompts|render|score DIR``: the shapes benchmark's command line, with two
+    records per set; ``score`` scores ground truth rendered first into the same folder (all bound)."""
+    from evaluation.__main__ import main as shapes_main
+
+    command, directory, *rest = args[1:]
+    directory = str(ctx.tmp / "out" / directory)
+    if command == "score":
+        shapes_main(["render", directory, "--per-set", "2"])
+        results = shapes_main(["score", directory])
+        assert results and all(r["all_bound"] == 1.0 for r in results.values()), results
+        return
+    shapes_main([command, directory, *rest, "--per-set", "2"])
+    assert list(Path(directory).glob("*.png" if command == "render" else "*.txt"))
+
+
+def dry_run_module(ctx: Context, script: str, args: list[str]):
+    """``[nice -n N] python -m MODULE ...``: the module's own parser runs on the arguments (and stops)."""
+    tokens = [script, *args]
+    module = tokens[tokens.index("-m") + 1]
+    module_args = tokens[tokens.index("-m") + 2:]
+    spec_file = ROOT / (module.replace(".", "/") + ".py")
+    parse_only(str(spec_file.relative_to(ROOT)), module_args, ctx.monkeypatch)
+
+
+def optional_package_named_in_errors(ctx: Context, script: str, args: list[str]):
+    """An optional package the README tells the user to install: the code that needs it names it in its
+    error, so a user without it is told the same command."""
+    package = args[-1]
+    sources = " ".join(p.read_text() for p in (ROOT / "evaluation").glob("*.py"))
+    assert package in sources, f"no error in evaluation/ names {package}"
+
+
+def fast_tier_markers_registered(ctx: Context, script: str, args: list[str]):
+    """The fast tier deselects by markers: each must be registered (setup.cfg, --strict-markers)."""
+    marker_expression = args[args.index("-m", 1) + 1]
+    registered = (ROOT / "setup.cfg").read_text()
+    for marker in re.findall(r"not (\w+)", marker_expression):
+        assert re.search(rf"^\s+{marker}:", registered, flags=re.M), marker
+
+
 @dataclass
 class Entry:
     pattern: str              # a regex the whole command must match
@@ -264,6 +310,17 @@ COVERAGE = [
     Entry(r"python sweep\.py sweeps/lr\.yaml --summary", run_sweep, "run"),
     Entry(r"python bench/bench_\w+\.py( --steps \d+)?", dry_run, "dry-run",
           "timings of minutes on the 2-core machine belong in bench/, not in tests: arguments parsed"),
+    Entry(r"python -m evaluation (prompts|render|score) runs/\S+( --resolution \d+)?", run_shapes_benchmark, "run"),
+    Entry(r"nice -n \d+ python -m embedded\.pretrain .*", dry_run_module, "dry-run",
+          "pretraining the tiny base takes about 1.7 CPU-hours; tests/embedded/test_pretrain.py runs the same code at toy scale"),
+    Entry(r"python evaluate\.py (--base|--checkpoint) \S+ .*", dry_run, "dry-run",
+          "needs SD1.5 and BLIP/CLIP/Inception weights and the benchmark's data; tests/evaluation/test_evaluate.py runs the same paths on tiny models"),
+    Entry(r"python evaluate\.py compare .*", dry_run, "dry-run",
+          "compares two finished paper-scale evaluations; tests/evaluation/test_evaluate.py runs compare on two tiny runs"),
+    Entry(r"pip install torch-fidelity", optional_package_named_in_errors, "dry-run",
+          "an optional package for the published Inception FID; it needs torchvision, which this CPU torch cannot import"),
+    Entry(r"python -m pytest -m 'not slow and not cluster'", fast_tier_markers_registered, "dry-run",
+          "the fast tier of the suite itself (it would recurse)"),
 ]
 
 
