@@ -24,7 +24,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 @dataclass
 class BaseModelConfig:
-    family: str = "sd15"
+    family: str = "sd15"  # sd15 | sdxl (two CLIP encoders, pooled embedding, size/crop time ids)
     pretrained: str = "embedded:tiny-sd"  # hub id (runwayml/stable-diffusion-v1-5) or diffusers folder
     revision: Optional[str] = None
     dtype: str = "float32"       # frozen UNet and CLIP (bfloat16 on GPUs)
@@ -164,7 +164,7 @@ class ConfigError(ValueError):
 
 
 CHOICES = {
-    "model.base.family": ("sd15",), "model.llm.kind": ("auto", "encoder", "encoder-decoder", "decoder"),
+    "model.base.family": ("sd15", "sdxl"), "model.llm.kind": ("auto", "encoder", "encoder-decoder", "decoder"),
     "model.unet_training": ("frozen", "full", "lora"), "logger": ("csv", "tensorboard"),
     "model.optim.scheduler": ("constant_with_warmup", "cosine", "linear", "constant"),
     "model.base.dtype": tuple(TORCH_DTYPES), "model.base.vae_dtype": tuple(TORCH_DTYPES),
