@@ -57,7 +57,8 @@ from datamodules.transforms import (
     SampleError,
     extract_caption,
     find_image_member,
-    preprocess_image,
+    original_size,
+    preprocess_image_with_geometry,
 )
 from datamodules.webdataset_datamodule import PRECOMPUTED_MEMBERS, encode_precomputed, iter_tar_samples, resolve_shards
 
@@ -489,14 +490,15 @@ def cache_shard(url: str, out_path: str, encoders: FeatureEncoders, *, caption_k
     stats = ShardStats(shard=os.path.basename(out_path))
     tmp = f"{out_path}.tmp-{os.getpid()}"
     writer = _TarOut(tmp)
-    pending: list[tuple[dict[str, Any], str, Optional[torch.Tensor]]] = []
+    pending: list[tuple[dict[str, Any], str, Optional[torch.Tensor], dict[str, Any]]] = []
     read_any = False
 
     def flush() -> None:
-        pixels = torch.stack([p for _, _, p in pending]) if encoders.vae is not None else None  # (B, 3, H, W)
-        cached = encoders.encode([c for _, c, _ in pending], pixels)
-        for i, (raw, _, _) in enumerate(pending):
+        pixels = torch.stack([p for _, _, p, _ in pending]) if encoders.vae is not None else None  # (B, 3, H, W)
+        cached = encoders.encode([c for _, c, _, _ in pending], pixels)
+        for i, (raw, _, _, geometry) in enumerate(pending):
             values = {name: cached[name][i] for name in cached}
+            values.update(geometry)  # with the latents: the original size and crop SDXL is conditioned on
             if "llm_features" in values:
                 stats.llm_tokens += int(values["llm_features"].shape[0])
             _write_sample(writer, raw, encode_precomputed(**values), stats, drop_images)
@@ -508,12 +510,15 @@ def cache_shard(url: str, out_path: str, encoders: FeatureEncoders, *, caption_k
                 read_any = True
                 try:
                     caption = extract_caption(raw, caption_keys)
-                    pixels = (preprocess_image(find_image_member(raw), resolution, center_crop=True, random_flip=False)
-                              if encoders.vae is not None else None)  # (3, H, W)
+                    pixels, geometry = None, {}
+                    if encoders.vae is not None:
+                        pixels, decoded_hw, crop = preprocess_image_with_geometry(
+                            find_image_member(raw), resolution, center_crop=True, random_flip=False)  # (3, H, W)
+                        geometry = {"original_size": original_size(raw, decoded_hw), "crop_top_left": crop}
                 except SampleError as error:
                     stats.skipped[error.reason] += 1
                     continue
-                pending.append((raw, caption, pixels))
+                pending.append((raw, caption, pixels, geometry))
                 if len(pending) == batch_size:
                     flush()
         except SampleError as error:

@@ -90,6 +90,9 @@ PRECOMPUTED_MEMBERS: dict[str, str] = {
     "llm_features": "llm_features.npy",  # (tokens, dim), unpadded: only the caption's real tokens
     "clip_features": "clip_features.npy",  # (77, clip_dim) CLIP's last hidden state of the caption
     "clip_pooled": "clip_pooled.npy",  # (pooled_dim,) SDXL only: written and read with clip_features
+    # Written and read with latent_moments (the image is not decoded then): SDXL's size/crop conditioning.
+    "original_size": "original_size.npy",  # (2,) (height, width) before any resize
+    "crop_top_left": "crop_top_left.npy",  # (2,) (top, left) of the crop in the resized image
     "entities": "entities.json",  # the entity parse of the caption, passed through as parsed JSON
 }
 
@@ -242,6 +245,8 @@ def encode_precomputed(
     entities: Optional[Any] = None,
     clip_features: Optional[Union[np.ndarray, torch.Tensor]] = None,
     clip_pooled: Optional[Union[np.ndarray, torch.Tensor]] = None,
+    original_size: Optional[Sequence[int]] = None,
+    crop_top_left: Optional[Sequence[int]] = None,
 ) -> dict[str, bytes]:
     """Tar members for one sample's cached values, named by :data:`PRECOMPUTED_MEMBERS`.
 
@@ -250,7 +255,7 @@ def encode_precomputed(
     """
     members: dict[str, bytes] = {}
     for name, value in (("latent_moments", latent_moments), ("llm_features", llm_features), ("clip_features", clip_features),
-                        ("clip_pooled", clip_pooled)):
+                        ("clip_pooled", clip_pooled), ("original_size", original_size), ("crop_top_left", crop_top_left)):
         if value is None:
             continue
         array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
@@ -265,7 +270,8 @@ def encode_precomputed(
     return members
 
 
-_EXPECTED_NDIM = {"latent_moments": 3, "clip_pooled": 1}
+_EXPECTED_NDIM = {"latent_moments": 3, "clip_pooled": 1, "original_size": 1, "crop_top_left": 1}
+_GEOMETRY = ("original_size", "crop_top_left")
 
 
 def _load_array(sample: Mapping[str, Any], name: str) -> torch.Tensor:
@@ -293,11 +299,13 @@ def decode_precomputed(sample: Mapping[str, Any], fields: Sequence[str]) -> dict
             names = [name]
             if name == "clip_features" and PRECOMPUTED_MEMBERS["clip_pooled"] in sample:
                 names.append("clip_pooled")  # an SDXL cache: the pooled embedding comes with the hidden states
+            if name == "latent_moments":
+                names += [g for g in _GEOMETRY if PRECOMPUTED_MEMBERS[g] in sample]
             for part in names:
                 tensor = _load_array(sample, part)
                 if tensor.ndim != _EXPECTED_NDIM.get(part, 2) or tensor.shape[0] == 0:
                     raise SampleError("bad_precomputed", f"{part} has shape {tuple(tensor.shape)}")
-                out[part] = tensor
+                out[part] = tuple(int(v) for v in tensor.tolist()) if part in _GEOMETRY else tensor
     except SampleError:
         raise
     except Exception as error:
