@@ -1,9 +1,10 @@
 """Training-step time of the LightningModule under Lightning's Trainer vs a plain PyTorch loop doing
 the same math (same tiny models, same batches from memory, AdamW + clipping), on this machine.
 
-    python bench/bench_step.py [--steps 30] [--batch-size 8]
+    python bench/bench_step.py [--steps 30] [--batch-size 8] [--models tiny tiny_sdxl]
 
-Prints a table; the target is a ratio <= 1.10 (Lightning's overhead around our step).
+Prints a table, one block per model (the tiny default, the tiny SDXL of configs/tiny_sdxl.yaml); the
+target is a ratio <= 1.10 (Lightning's overhead around our step) for each.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from configs.schema import load_config
 from lightning_modules.llm4gen import LLM4GenModule
+
+
+MODELS = {"tiny": None, "tiny_sdxl": "configs/tiny_sdxl.yaml"}  # config files (None: the schema's defaults)
 
 
 class Repeat(IterableDataset):
@@ -80,21 +84,26 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--overrides", nargs="*", default=[])
     args = parser.parse_args()
-    cfg = load_config(None, ["model.optim.warmup_steps=0", *args.overrides])
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    batches = make_batches(8, args.batch_size, cfg.data.resolution)
-    rows = []
-    for name, loop in (("plain PyTorch", plain_loop), ("Lightning", lightning_loop), ("plain PyTorch (again)", plain_loop)):
-        torch.manual_seed(0)
-        rows.append((name, loop(LLM4GenModule(model_cfg), batches, args.steps, cfg.trainer.gradient_clip_val)))
-    plain = (rows[0][1] + rows[2][1]) / 2
-    print(f"\ntiny default, batch {args.batch_size}, {args.steps} timed steps, torch threads {torch.get_num_threads()}")
-    print("| loop | ms/step |\n| --- | --- |")
-    for name, seconds in rows:
-        print(f"| {name} | {seconds * 1e3:.1f} |")
-    print(f"| ratio Lightning / plain | {rows[1][1] / plain:.3f} |")
+    table = []
+    for model in args.models:
+        cfg = load_config(MODELS[model], ["model.optim.warmup_steps=0", *args.overrides])
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        batches = make_batches(8, args.batch_size, cfg.data.resolution)
+        rows = []
+        for name, loop in (("plain PyTorch", plain_loop), ("Lightning", lightning_loop),
+                           ("plain PyTorch (again)", plain_loop)):
+            torch.manual_seed(0)
+            rows.append((name, loop(LLM4GenModule(model_cfg), batches, args.steps, cfg.trainer.gradient_clip_val)))
+        plain = (rows[0][1] + rows[2][1]) / 2
+        table += [(model, name, f"{seconds * 1e3:.1f}") for name, seconds in rows]
+        table.append((model, "ratio Lightning / plain", f"{rows[1][1] / plain:.3f}"))
+    print(f"\nbatch {args.batch_size}, {args.steps} timed steps, torch threads {torch.get_num_threads()}")
+    print("| model | loop | ms/step |\n| --- | --- | --- |")
+    for row in table:
+        print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

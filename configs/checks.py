@@ -122,6 +122,11 @@ def _embedded_path(source: str) -> Optional[Path]:
         from embedded.tiny import TINY_SD_VERSION, cache_root
 
         return cache_root() / TINY_SD_VERSION  # read only when built; see model_json
+    if source == "embedded:tiny-sdxl":
+        from embedded.tiny import cache_root
+        from embedded.tiny_sdxl import TINY_SDXL_VERSION
+
+        return cache_root() / TINY_SDXL_VERSION
     if source == "embedded:minilm":
         import importlib.util
 
@@ -189,9 +194,10 @@ def check_against_models(cfg: DictConfig) -> None:
     multiple of the VAE's downsampling, max_length fits the LLM, the entity timestep window fits the
     noise schedule. A model whose config is not on this machine (an uncached hub id) is not checked."""
     base, llm, adapter = cfg.model.base, cfg.model.llm, cfg.model.adapter
-    text = model_json(base.pretrained, "text_encoder/config.json", base.revision)
-    if text and isinstance(text.get("hidden_size"), int) and not (adapter.init_from and Path(adapter.init_from).is_dir()):
-        width = text["hidden_size"]
+    # The CAM works at the UNet's context width: CLIP's width for SD1.5, both CLIP encoders' for SDXL.
+    unet = model_json(base.pretrained, "unet/config.json", base.revision)
+    width = unet.get("cross_attention_dim") if unet else None
+    if isinstance(width, int) and not (adapter.init_from and Path(adapter.init_from).is_dir()):
         if width % adapter.num_heads:
             divisors = [d for d in range(1, min(width, 32) + 1) if width % d == 0]
             raise ConfigError(f"config key 'model.adapter.num_heads' is {adapter.num_heads}: the CAM's width is the "

@@ -7,7 +7,7 @@ from __future__ import annotations
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 # How LLM features are read (encoders.llm): auto detects it from the model config.
 LLM_KINDS: tuple[str, ...] = ("auto", "encoder", "encoder-decoder", "decoder")
-BASE_FAMILIES: tuple[str, ...] = ("sd15",)
+BASE_FAMILIES: tuple[str, ...] = ("sd15", "sdxl")
 UNET_TRAINING: tuple[str, ...] = ("frozen", "full", "lora")
 LOGGERS: tuple[str, ...] = ("csv", "tensorboard", "wandb")
 LR_SCHEDULERS: tuple[str, ...] = ("constant_with_warmup", "cosine", "linear", "constant")

@@ -25,7 +25,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 @dataclass
 class BaseModelConfig:
-    family: str = "sd15"
+    family: str = "sd15"  # sd15 | sdxl (two CLIP encoders, pooled embedding, size/crop time ids)
     pretrained: str = "embedded:tiny-sd"  # hub id (runwayml/stable-diffusion-v1-5) or diffusers folder
     revision: Optional[str] = None
     dtype: str = "float32"       # frozen UNet and CLIP (bfloat16 on GPUs)

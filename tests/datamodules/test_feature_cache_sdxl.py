@@ -1,0 +1,63 @@
+"""An SDXL cache: both CLIP encoders' hidden states and the pooled embedding are cached beside the VAE
+moments and LLM features, with each image's original size and crop; the key names the tiny SDXL; the
+loss from the cache is the online one."""
+
+import json
+import os
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import cache
+from configs.schema import load_config
+from tests.conftest import make_module
+from tests.datamodules.test_feature_cache import first_batch
+from tests.datamodules.test_size_conditioning import image_bytes
+from tests.shards import write_tar
+
+CAPTIONS = [b"a red circle and a blue square", b"a green triangle", b"a yellow square on a black background",
+            b"a white circle"]
+
+
+@pytest.fixture(scope="module")
+def sdxl_cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sdxl_cache")
+    (root / "source").mkdir()
+    sizes = [(48, 32), (32, 40), (32, 32), (64, 36)]  # (width, height): crops along either side, or none
+    write_tar(root / "source" / "shard-000000.tar", [
+        (f"s{i}", {"png": image_bytes(w, h), "txt": CAPTIONS[i],
+                   **({"json": json.dumps({"original_size": [640, 480]}).encode()} if i == 3 else {})})
+        for i, (w, h) in enumerate(sizes)])
+    out = str(root / "cache")
+    assert cache.main(["--config", "configs/tiny_sdxl.yaml", "--shards", str(root / "source"), "--output", out,
+                       "--fields", "latent_moments,llm_features,clip_features", "--dtype", "float32",
+                       "--device", "cpu", "--rank", "0", "--world-size", "1"]) == 0
+    return root / "source", out
+
+
+@pytest.mark.slow
+def test_sdxl_loss_from_the_cache_equals_the_online_loss(sdxl_cache):
+    source, out = sdxl_cache
+    key = json.loads(open(os.path.join(out, "cache_key.json")).read())
+    assert "sdxl" in json.dumps(key) and "tiny-sdxl" in json.dumps(key)
+    module = make_module(OmegaConf.to_container(load_config("configs/tiny_sdxl.yaml").model, resolve=True)).eval()
+    online = first_batch(os.path.join(source, "shard-000000.tar"), ())
+    cached = first_batch(os.path.join(out, "shard-000000.tar"), ["latent_moments", "llm_features", "clip_features"])
+    assert "pixel_values" not in cached and cached["clip_features"].shape == (4, 77, 80)
+    assert cached["clip_pooled"].shape == (4, 48)
+    for name in ("original_size", "crop_top_left"):
+        assert torch.equal(cached[name], online[name])
+    assert online["original_size"].tolist() == [[32, 48], [40, 32], [32, 32], [480, 640]]
+    assert online["crop_top_left"].tolist() == [[0, 8], [4, 0], [0, 0], [0, 12]]  # 64 x 36 -> 57 x 32
+    g = torch.Generator().manual_seed(1)
+    noise, timesteps = torch.randn(4, 4, 16, 16, generator=g), torch.randint(100, 900, (4,), generator=g)
+    drop = torch.tensor([False, True, False, False])
+    with torch.no_grad():
+        kwargs = [module.conditioning(batch, drop)[1]["added_cond_kwargs"] for batch in (online, cached)]
+        for name in ("text_embeds", "time_ids"):
+            torch.testing.assert_close(kwargs[1][name], kwargs[0][name], atol=1e-6, rtol=0)
+        losses = [module.compute_losses(batch, noise=noise, timesteps=timesteps, drop=drop,
+                                        generator=torch.Generator().manual_seed(0))["loss"] for batch in (online, cached)]
+    print(f"SDXL online {losses[0].item():.8f} cached {losses[1].item():.8f}")
+    assert abs(losses[0].item() - losses[1].item()) < 1e-5
