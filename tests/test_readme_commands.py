@@ -132,6 +132,15 @@ def run_train(ctx: Context, script: str, args: list[str]):
     ctx.tiny_run()
 
 
+def run_train_config(ctx: Context, script: str, args: list[str]):
+    """A tiny experiment file (configs/tiny_sdxl.yaml) as the README runs it, shortened to 2 steps."""
+    import train
+
+    out = ctx.tmp / "out" / "run"
+    assert train.main([*args, f"output_dir={out}", f"data.shards={ctx.tmp / 'out' / 'data'}", *TINY_RUN]) == 0
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+
+
 def run_print_config(ctx: Context, script: str, args: list[str]):
     import train
 
@@ -308,7 +317,8 @@ COVERAGE = [
     Entry(r"python sweep\.py sweeps/lr\.yaml( --slurm)?", run_sweep, "dry-run",
           "its runs train the paper config (real weights) or go to SLURM: sweep.py's own --dry-run expands them"),
     Entry(r"python sweep\.py sweeps/lr\.yaml --summary", run_sweep, "run"),
-    Entry(r"python bench/bench_\w+\.py( --steps \d+)?", dry_run, "dry-run",
+    Entry(r"python train\.py --config configs/tiny\w*\.yaml", run_train_config, "run"),
+    Entry(r"python bench/bench_\w+\.py( --models [\w ]+?)?( --steps \d+)?", dry_run, "dry-run",
           "timings of minutes on the 2-core machine belong in bench/, not in tests: arguments parsed"),
     Entry(r"python -m evaluation (prompts|render|score) runs/\S+( --resolution \d+)?", run_shapes_benchmark, "run"),
     Entry(r"nice -n \d+ python -m embedded\.pretrain .*", dry_run_module, "dry-run",

@@ -39,14 +39,18 @@ def test_padded_cache_holds_every_position_and_conditions_like_online(padded_cac
     source, out = padded_cache
     module = make_module(tiny_model_config, **{"llm.zero_padding": False}).eval()
     max_length = module.cfg.llm.max_length
+    padded_samples = 0
     for sample in iter_tar_samples(str(out / "shard-000000.tar")):
         caption = sample["txt"].decode()
         stored = torch.from_numpy(np.load(io.BytesIO(sample["llm_features.npy"])))
         online = module.llm([caption])
         assert stored.shape == (max_length, 384)
         real = int(online.mask.sum())
-        assert real < max_length and stored[real:].abs().min() > 0  # pad outputs are not zeros, and kept
+        if real < max_length:  # (a dense shapes caption fills all max_length tokens)
+            padded_samples += 1
+            assert stored[real:].abs().min() > 0  # pad outputs are not zeros, and kept
         torch.testing.assert_close(stored, online.features[0], atol=1e-5, rtol=1e-5)
+    assert padded_samples > 0
 
     online_batch = first_batch(source / "shard-000000.tar", ())
     cached_batch = first_batch(out / "shard-000000.tar", ["latent_moments", "llm_features"])
