@@ -60,7 +60,9 @@ def test_train_mode_keeps_frozen_parts_in_eval(module):
     assert not (module.unet.training or module.vae.training or module.clip.training or module.llm.training)
 
 
-def run_steps(module, steps, batch, lr=1e-3):
+def run_steps(module, steps, batch, lr=1e-3, stop_below=None):
+    """Up to ``steps`` AdamW steps on one fixed batch; with ``stop_below``, stops at the first loss at or
+    under that share of the first loss (a "drops by X within N steps" check needs no more)."""
     module.cfg.optim.lr = lr
     optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=lr, weight_decay=0.0)
     noise, timesteps = fixed_inputs(module, batch)
@@ -74,6 +76,8 @@ def run_steps(module, steps, batch, lr=1e-3):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if stop_below is not None and losses[-1] <= stop_below * losses[0]:
+            break
     return losses, optimizer
 
 

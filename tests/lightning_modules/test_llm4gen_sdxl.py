@@ -41,9 +41,10 @@ def test_only_the_adapter_trains_and_frozen_weights_stay_bitwise(sdxl_config):
 def test_overfitting_one_batch_with_the_adapter_alone(sdxl_config):
     torch.manual_seed(0)
     module = make_module(sdxl_config)
-    losses, _ = run_steps(module, 300, fixed_batch(), lr=1e-3)
-    print(f"tiny SDXL, adapter only: {losses[0]:.4f} -> {losses[-1]:.4f} ({losses[-1] / losses[0]:.3f})")
-    assert losses[-1] <= 0.85 * losses[0]
+    losses, _ = run_steps(module, 300, fixed_batch(), lr=1e-3, stop_below=0.85)
+    print(f"tiny SDXL, adapter only: {losses[0]:.4f} -> {losses[-1]:.4f} ({losses[-1] / losses[0]:.3f}) "
+          f"in {len(losses)} steps")
+    assert len(losses) <= 300 and losses[-1] <= 0.85 * losses[0]
 
 
 def test_entity_gradient_reaches_every_cam_parameter_and_no_frozen_one(sdxl_config):
