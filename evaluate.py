@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from configs.errors import UserError, entry_point
+
 
 def _cuda() -> bool:
     import torch
@@ -129,6 +131,14 @@ def evaluate(args) -> int:
     from evaluation.sampler import SamplingSettings, describe, load_sampler
     from evaluation.scorers import ScorerUnavailable
 
+    if args.checkpoint:  # a checkpoint at all, and its frozen models here, before any scorer loads
+        from generate import check_checkpoint_sources
+        from lightning_modules.checkpoint_files import load_checkpoint_checked
+
+        check_checkpoint_sources(load_checkpoint_checked(args.checkpoint, what="--checkpoint"))
+    if args.images_per_prompt < 1 or args.batch_size < 1 or args.steps < 1:
+        raise UserError(f"--images-per-prompt {args.images_per_prompt}, --batch-size {args.batch_size}, --steps "
+                        f"{args.steps}: each must be >= 1")
     device = args.device or ("cuda" if _cuda() else "cpu")
     try:
         if not (args.checkpoint or args.adapter or args.base):
@@ -141,8 +151,7 @@ def evaluate(args) -> int:
         evaluation.load_scorers()  # before any image: a model that is not here fails now
         evaluation.check_output(describe(args.checkpoint, args.adapter, args.base, not args.no_ema), settings)
     except (ValueError, FileNotFoundError, ScorerUnavailable, EvaluationError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UserError(str(err)) from None
     sampler = load_sampler(args.checkpoint, args.adapter, args.base, settings, device, use_ema=not args.no_ema)
     generated = evaluation.generate(sampler, plan)
     print(f"generated {generated} new images ({sum(len(r) for r in plan.values())} in the plan)")
@@ -163,13 +172,13 @@ def compare_main(argv) -> int:
     try:
         table, plot = compare(args.runs, args.output_dir)
     except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UserError(str(err)) from None
     print(table.read_text())
     print(f"table: {table}\nplot:  {plot}")
     return 0
 
 
+@entry_point("evaluate.py")
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":

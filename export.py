@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from configs.errors import UserError, entry_point
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,19 +24,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@entry_point("export.py")
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not Path(args.checkpoint).is_file():
-        print(f"error: --checkpoint {args.checkpoint!r} is not a file", file=sys.stderr)
-        return 2
+    from generate import check_checkpoint_sources
+    from lightning_modules.checkpoint_files import load_checkpoint_checked
+
+    check_checkpoint_sources(load_checkpoint_checked(args.checkpoint, what="--checkpoint"))
     from lightning_modules.llm4gen import LLM4GenModule
 
     module = LLM4GenModule.load_from_checkpoint(args.checkpoint, map_location="cpu")
     try:
         print(module.export_release(args.output, use_ema=not args.no_ema))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except ValueError as err:  # a run the release layout cannot hold (LoRA)
+        raise UserError(str(err)) from None
     return 0
 
 

@@ -152,11 +152,23 @@ CASES = [
     ("sweep", ["{sweep_bad_run}", "--slurm"], "batch_size' is 0"),
     ("sweep", ["{sweep_bad_key}"], "gird"),
     ("sweep", ["{tmp}/no-sweep.yaml"], "no-sweep.yaml"),
+    # evaluate.py
+    ("evaluate", ["--checkpoint", "{garbage}", "--prompts", "{tmp}/p.txt", "--output-dir", "{tmp}/ev"], "{garbage}"),
+    ("evaluate", ["--checkpoint", "{truncated}", "--shapes", "seen_1", "--output-dir", "{tmp}/ev"], "{truncated}"),
+    ("evaluate", ["--base", "embedded:tiny-sd", "--output-dir", "{tmp}/ev"], "no prompt set"),
+    ("evaluate", ["--base", "embedded:tiny-sd", "--shapes", "seen_1", "--scorers", "blipp", "--output-dir", "{tmp}/ev"],
+     "blipp"),
+    ("evaluate", ["--base", "embedded:tiny-sd", "--shapes", "seen_1", "--images-per-prompt", "0",
+                  "--output-dir", "{tmp}/ev"], "--images-per-prompt 0"),
+    ("evaluate", ["compare", "{tmp}/no-such-eval", "--output-dir", "{tmp}/cmp"], "no-such-eval"),
+    # export.py
+    ("export", ["--checkpoint", "{garbage}", "--output", "{tmp}/release"], "{garbage}"),
+    ("export", ["--checkpoint", "{empty_dir}", "--output", "{tmp}/release"], "{empty_dir}"),
 ]
 
 # One per entry point (with issue 14's examples) as a real process: exit code, traceback, time.
 SUBPROCESS_CASES = [*range(7)] + [next(i for i, case in enumerate(CASES) if case[0] == entry)
-                                  for entry in ("prepare", "cache", "submit")]
+                                  for entry in ("prepare", "cache", "submit", "evaluate", "export")]
 
 
 def fill(items, files):
@@ -193,6 +205,9 @@ def tripwires(monkeypatch):
     monkeypatch.setattr(submit_cli, "submit", refuse)
     monkeypatch.setattr(feature_cache, "FeatureEncoders", refuse)
     monkeypatch.setattr(prepare, "run_prepare", refuse)
+    import evaluation.sampler
+
+    monkeypatch.setattr(evaluation.sampler, "load_sampler", refuse)
 
 
 def entry_main(entry: str):
@@ -204,7 +219,7 @@ def entry_main(entry: str):
 def test_the_table_is_big_enough_and_covers_every_entry_point():
     assert len(CASES) >= 40
     assert {entry for entry, _, _ in CASES} == {"train", "generate", "prepare", "cache", "submit", "sweep",
-                                                "attention_maps"}
+                                                "attention_maps", "evaluate", "export"}
     assert {CASES[i][0] for i in SUBPROCESS_CASES} == {entry for entry, _, _ in CASES}
 
 
