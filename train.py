@@ -95,6 +95,7 @@ def build_trainer(cfg):
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     from lightning_modules.callbacks import AtomicCheckpointIO, KeyRecorder, ValidationImages
+    from lightning_modules.throughput import TrainingThroughput
 
     out = Path(cfg.output_dir)
     checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", filename="step={step:07d}", auto_insert_metric_name=False,
@@ -104,6 +105,10 @@ def build_trainer(cfg):
     validation = ValidationImages(out / "samples", **dict(cfg.validation))
     logger = (TensorBoardLogger if cfg.logger == "tensorboard" else CSVLogger)(out, name="logs", version="")
     callbacks = [checkpoints, validation]
+    # samples/s, TFLOP/s and MFU in the logs, from FLOPs per sample counted once for this configuration
+    callbacks.append(TrainingThroughput(cfg.data.resolution, list(cfg.data.precomputed_keys),
+                                        cfg.model.performance.peak_tflops,
+                                        window_size=max(2, min(100, int(cfg.trainer.get("log_every_n_steps", 50))))))
     if os.environ.get("LLM4GEN_RECORD_KEYS"):
         callbacks.append(KeyRecorder(os.environ["LLM4GEN_RECORD_KEYS"]))
     plugins = [AtomicCheckpointIO()]
