@@ -1,6 +1,7 @@
 """bench/gpu_bench.py --smoke: the GPU bench's own code, every scenario, on the tiny models on a CPU."""
 
 import importlib.util
+import sys
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu_bench.py"
 def load_bench():
     spec = importlib.util.spec_from_file_location("gpu_bench", BENCH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
