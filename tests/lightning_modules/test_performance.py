@@ -27,10 +27,23 @@ def fixed_step(module, n=2, entities=None):
                                  drop=torch.zeros(n, dtype=torch.bool), generator=torch.Generator().manual_seed(1))
 
 
-def adapter_grads(module, **kwargs):
+def adapter_grads(module, saved_bytes=None, **kwargs):
+    """Loss and the CAM's gradients of the fixed step; ``saved_bytes`` (a list) receives the bytes of
+    the activations autograd kept for the backward (weights excluded)."""
     module.zero_grad(set_to_none=True)
-    losses = fixed_step(module, **kwargs)
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in weights:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        losses = fixed_step(module, **kwargs)
     losses["loss"].backward()
+    if saved_bytes is not None:
+        saved_bytes.append(sum(saved.values()))
     return losses, {n: p.grad.clone() for n, p in module.adapter.named_parameters()}
 
 
@@ -80,9 +93,11 @@ def test_gradient_checkpointing_gives_the_cam_the_same_gradients(tiny_model_conf
     plain = make_module(tiny_model_config, **overrides)
     checkpointed = make_module(tiny_model_config, **overrides, **{"performance.gradient_checkpointing": True})
     assert checkpointed.unet.is_gradient_checkpointing and not plain.unet.is_gradient_checkpointing
-    losses, grads = adapter_grads(plain, entities=entities)
-    losses_ckpt, grads_ckpt = adapter_grads(checkpointed, entities=entities)
+    saved = []
+    losses, grads = adapter_grads(plain, saved, entities=entities)
+    losses_ckpt, grads_ckpt = adapter_grads(checkpointed, saved, entities=entities)
     assert losses["entity_pairs"] > 0
+    assert saved[1] < 0.8 * saved[0]  # it engaged: the frozen UNet kept fewer activations
     torch.testing.assert_close(losses_ckpt["loss"], losses["loss"])
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-7)
