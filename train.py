@@ -108,6 +108,7 @@ def build_trainer(cfg, resume_step=None, signal_checkpoint=None, extra_callbacks
 
     from lightning_modules.callbacks import AtomicCheckpointIO, ValidationImages
     from lightning_modules.loggers import build_logger
+    from lightning_modules.throughput import TrainingThroughput
 
     out = Path(cfg.output_dir)
     checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", filename="step={step:07d}", auto_insert_metric_name=False,
@@ -117,6 +118,10 @@ def build_trainer(cfg, resume_step=None, signal_checkpoint=None, extra_callbacks
     validation = ValidationImages(out / "samples", **dict(cfg.validation))
     logger = build_logger(cfg.logger, out, resume_step, wandb_options={k: v for k, v in dict(cfg.wandb).items() if v is not None})
     callbacks = ([signal_checkpoint] if signal_checkpoint is not None else []) + [checkpoints, validation, *extra_callbacks]
+    # samples/s, TFLOP/s and MFU in the logs, from FLOPs per sample counted once for this configuration
+    callbacks.append(TrainingThroughput(cfg.data.resolution, list(cfg.data.precomputed_keys),
+                                        cfg.model.performance.peak_tflops,
+                                        window_size=max(2, min(100, int(cfg.trainer.get("log_every_n_steps", 50))))))
     plugins = [AtomicCheckpointIO(run_dir=out)]
     if "SLURM_JOB_ID" in os.environ and SLURMEnvironment.detect():
         # Ranks and addresses from SLURM; the requeue is ours (a step-boundary save), not Lightning's in-handler one.

@@ -64,6 +64,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.resolution": _POSITIVE,
     "data.shuffle_buffer": _NON_NEGATIVE,
     "data.epoch_batches": _POSITIVE,
+    "data.prefetch_factor": _POSITIVE,
+    "model.performance.peak_tflops": _above(0.0),
     "validation.every_n_steps": (_NON_NEGATIVE[0], "expected a number of steps >= 0 (0 turns validation off)"),
     "validation.num_inference_steps": _POSITIVE,
     "validation.guidance_scale": _NON_NEGATIVE,

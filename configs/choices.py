@@ -10,6 +10,7 @@ LLM_KINDS: tuple[str, ...] = ("auto", "encoder", "encoder-decoder", "decoder")
 BASE_FAMILIES: tuple[str, ...] = ("sd15", "sdxl")
 UNET_TRAINING: tuple[str, ...] = ("frozen", "full", "lora")
 LOGGERS: tuple[str, ...] = ("csv", "tensorboard", "wandb")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_fused", "adamw_8bit")  # model.performance.optimizer
 LR_SCHEDULERS: tuple[str, ...] = ("constant_with_warmup", "cosine", "linear", "constant")
 ENTITY_LAYER_PRESETS: tuple[str, ...] = ("lowest", "all")
 RESUME_MODES: tuple[str, ...] = ("auto", "never")  # or a checkpoint path

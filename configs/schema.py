@@ -100,6 +100,19 @@ class EMAConfig:
 
 
 @dataclass
+class PerformanceConfig:
+    """Speed and memory options (lightning_modules/performance.py); none changes the objective's math
+    beyond floating-point rounding, except adamw_8bit (quantised optimizer state)."""
+    compile: bool = False               # torch.compile the UNet and the CAM (in place: checkpoint keys unchanged)
+    compile_backend: str = "inductor"   # any torch.compile backend; aot_eager traces without code generation
+    channels_last: bool = False         # UNet and VAE convolutions in NHWC (faster on tensor cores)
+    gradient_checkpointing: bool = False  # UNet activations recomputed in backward (frozen UNets too: the grad reaches the CAM through it)
+    tf32: bool = False                  # TF32 for fp32 matmuls/convolutions on Ampere+ GPUs (no effect on CPUs)
+    optimizer: str = "adamw"            # adamw | adamw_fused | adamw_8bit (bitsandbytes, GPU only)
+    peak_tflops: Optional[float] = None  # device peak for MFU; None: looked up from the GPU's name (bf16 dense)
+
+
+@dataclass
 class ModelConfig:
     base: BaseModelConfig = field(default_factory=BaseModelConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -109,6 +122,7 @@ class ModelConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
 
 
 @dataclass
@@ -126,6 +140,8 @@ class DataConfig:
     epoch_batches: Optional[int] = None  # batches per epoch per rank: set it under DDP (equal counts)
     # Cached fields read from the shards instead of being computed: latent_moments, llm_features, entities.
     precomputed_keys: list[str] = field(default_factory=list)
+    pin_memory: bool = False        # page-locked batches: host-to-GPU copies run asynchronously (non_blocking)
+    prefetch_factor: Optional[int] = None  # batches each worker keeps ready (PyTorch's default 2 when num_workers > 0)
 
 
 @dataclass
@@ -185,6 +201,7 @@ CHOICES = {
     "model.optim.scheduler": choices.LR_SCHEDULERS,
     "model.base.dtype": choices.DTYPES, "model.base.vae_dtype": choices.DTYPES,
     "model.llm.dtype": choices.DTYPES,
+    "model.performance.optimizer": choices.OPTIMIZERS,
 }
 
 

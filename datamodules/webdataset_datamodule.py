@@ -715,6 +715,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         precomputed_keys: Sequence[str] = (),
         entity_parser: Optional[str] = None,
         pin_memory: bool = False,
+        prefetch_factor: Optional[int] = None,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
     ):
@@ -730,6 +731,9 @@ class WebDatasetDataModule(L.LightningDataModule):
         unknown = sorted(set(precomputed_keys) - set(PRECOMPUTED_MEMBERS))
         if unknown:
             raise ValueError(f"unknown precomputed_keys {unknown}; known: {sorted(PRECOMPUTED_MEMBERS)}")
+        if prefetch_factor is not None and (prefetch_factor < 1 or num_workers == 0):
+            raise ValueError(f"prefetch_factor={prefetch_factor} needs num_workers > 0 (got {num_workers}) and a value >= 1; "
+                             f"batches are only prefetched by worker processes")
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither (then they come from the trainer)")
         self.shards_spec = shards if isinstance(shards, str) else [str(s) for s in shards]
@@ -747,6 +751,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         self.precomputed_keys = tuple(precomputed_keys)
         self.entity_parser = entity_parser
         self.pin_memory = bool(pin_memory)
+        self.prefetch_factor = prefetch_factor
         self._explicit_rank = None if rank is None else (int(rank), int(world_size))
         self._shards: Optional[list[str]] = None
         # Data position (this rank), advanced by on_batch_consumed.
@@ -801,6 +806,7 @@ class WebDatasetDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
+            **({"prefetch_factor": self.prefetch_factor} if self.prefetch_factor is not None else {}),
         )
 
     def state_dict(self) -> dict[str, Any]:

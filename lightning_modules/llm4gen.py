@@ -39,6 +39,7 @@ from losses.attention_capture import cross_attention_layer_names, install_attent
 from losses.diffusion import diffusion_target, min_snr_weights, sample_noise, weighted_mse
 from losses.entity import EntityTargets, build_entity_targets_from_captions, entity_loss
 from losses.entity_parser import groups_from_json
+from lightning_modules.performance import apply_performance, build_optimizer, performance_config
 
 class CheckpointKeyError(UserError, KeyError):
     pass
@@ -109,6 +110,8 @@ class LLM4GenModule(L.LightningModule):
                 self.unet, cross_attention_layer_names(self.unet, resolutions), enabled=False)
         self.register_buffer("skipped_samples", torch.zeros(0, dtype=torch.long), persistent=False)
         self._null_text: tuple | None = None
+        self.performance = performance_config(cfg)  # fast paths: channels_last, checkpointing, compile, TF32
+        apply_performance(self, self.performance)
 
     # ---- construction -------------------------------------------------------------------------
     def _build_adapter(self, acfg) -> CrossAdapter:
@@ -297,8 +300,7 @@ class LLM4GenModule(L.LightningModule):
     # ---- optimisation, EMA, checkpoints -------------------------------------------------------
     def configure_optimizers(self):
         optim = self.cfg.optim
-        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=optim.lr, betas=tuple(optim.betas),
-                                      eps=optim.eps, weight_decay=optim.weight_decay)
+        optimizer = build_optimizer(self.trainable_parameters(), optim, self.performance.optimizer)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
         scheduler = get_scheduler(optim.scheduler, optimizer, num_warmup_steps=optim.warmup_steps,
                                   num_training_steps=total)

@@ -28,6 +28,7 @@ backward pass. At SD1.5's 16x16 layers with 333 tokens and 8 heads that is ~2.7 
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 
@@ -79,7 +80,10 @@ def attention_probabilities(
     Float32 because the entity loss sums these over thousands of pixels, and bf16 logits would differ
     from what the fused kernel (which accumulates in float32) attends with.
     """
-    with torch.autocast(device_type=query.device.type, enabled=False):
+    device_type = query.device.type
+    # (meta tensors, as in FLOP counting, have no autocast to turn off)
+    no_autocast = torch.autocast(device_type=device_type, enabled=False) if device_type != "meta" else contextlib.nullcontext()
+    with no_autocast:
         scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
         if attention_mask is not None:
             if attention_mask.dtype == torch.bool:

@@ -1,0 +1,43 @@
+"""bench/gpu_bench.py --smoke: the GPU bench's own code, every scenario, on the tiny models on a CPU."""
+
+import importlib.util
+import sys
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu_bench.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("gpu_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_smoke_runs_every_scenario_and_writes_the_report(tmp_path):
+    bench = load_bench()
+    out = tmp_path / "bench.json"
+    report = bench.main(["--smoke", "--profile", "--steps", "1", "--peak-tflops", "1.0", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    scenarios = report["scenarios"]
+    assert list(scenarios) == ["a", "b", "c", "d", "e"]
+    for name, result in scenarios.items():
+        best = result["best"]
+        assert best["status"] == "ok" and best["images_per_sec"] > 0, name
+        assert best["mfu"] == pytest.approx(best["tflops_per_sec"] / 1.0)
+        assert best["tflops_per_sec"] == pytest.approx(best["images_per_sec"] * result["flops_per_sample"]["total"] / 1e12)
+    flops = {name: result["flops_per_sample"] for name, result in scenarios.items()}
+    assert flops["a"]["vae"] == flops["a"]["llm"] == 0 and flops["b"]["vae"] > 0 and flops["b"]["llm"] > 0
+    assert flops["e"]["trained"] > 1.3 * flops["a"]["trained"]  # the UNet's weight gradients
+    assert "aten::" in scenarios["a"]["profile"]
+
+
+def test_unknown_scenario_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        load_bench().parse_args(["--smoke", "--scenarios", "a,z"])
+    assert "unknown scenarios ['z']" in capsys.readouterr().err

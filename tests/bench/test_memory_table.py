@@ -1,0 +1,35 @@
+"""bench/memory_table.py: exact parameter counts of the full-size parts per configuration."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs.schema import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_table():
+    spec = importlib.util.spec_from_file_location("memory_table", ROOT / "bench" / "memory_table.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_parameter_counts_follow_what_trains():
+    table = load_table()
+    release = load_config(ROOT / "configs" / "sd15_t5xl.yaml")
+    unet, adapter, llm_width = table.build_parts(release)
+    assert llm_width == 2048
+    assert table.count(adapter, True) == 8_663_040  # the released CAM: 8.66M
+    assert table.count(unet, True) == 0 and table.count(unet, False) == 859_520_964  # SD1.5's UNet
+    full, _, _ = table.build_parts(load_config(ROOT / "configs" / "sd15_t5xl.yaml", ["model.unet_training=full"]))
+    assert table.count(full, True) == 859_520_964
+    lora, _, _ = table.build_parts(load_config(ROOT / "configs" / "sd15_t5xl.yaml", ["model.unet_training=lora"]))
+    lora_params = table.count(lora, True)
+    assert 0 < lora_params < 2_000_000 and table.count(lora, False) == 859_520_964
+    assert table.llm_architecture(release).num_parameters() == 1_223_527_424  # T5-XL encoder
