@@ -318,7 +318,7 @@ COVERAGE = [
           "its runs train the paper config (real weights) or go to SLURM: sweep.py's own --dry-run expands them"),
     Entry(r"python sweep\.py sweeps/lr\.yaml --summary", run_sweep, "run"),
     Entry(r"python train\.py --config configs/tiny\w*\.yaml", run_train_config, "run"),
-    Entry(r"python bench/bench_\w+\.py( --models [\w ]+?)?( --steps \d+)?", dry_run, "dry-run",
+    Entry(r"python bench/\w+\.py( .*)?", dry_run, "dry-run",
           "timings of minutes on the 2-core machine belong in bench/, not in tests: arguments parsed"),
     Entry(r"python -m evaluation (prompts|render|score) runs/\S+( --resolution \d+)?", run_shapes_benchmark, "run"),
     Entry(r"nice -n \d+ python -m embedded\.pretrain .*", dry_run_module, "dry-run",
