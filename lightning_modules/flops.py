@@ -107,11 +107,18 @@ def _dtype(module: nn.Module) -> torch.dtype:
 def trained_path_flops(adapter: nn.Module, unet: nn.Module, latent_size: int, clip_tokens: int, llm_tokens: int) -> int:
     """CAM -> UNet -> MSE, forward and backward, per sample (requires_grad of each weight as it is)."""
 
+    adapter_dtype, unet_dtype = _dtype(adapter), _dtype(unet)
+    added = {}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: the pooled text embedding and 6 size/crop ids
+        time_ids = 6
+        pooled = unet.config.projection_class_embeddings_input_dim - time_ids * unet.config.addition_time_embed_dim
+        added = {"added_cond_kwargs": {"text_embeds": _meta(1, pooled, dtype=unet_dtype),
+                                       "time_ids": _meta(1, time_ids, dtype=unet_dtype)}}
+
     def step(adapter, unet, clip, llm, latents, timesteps):
         context = adapter.forward(clip, llm).to(latents.dtype)  # (1, clip_tokens + llm_tokens, clip_dim)
-        return unet.forward(latents, timesteps, context).sample
+        return unet.forward(latents, timesteps, context, **added).sample
 
-    adapter_dtype, unet_dtype = _dtype(adapter), _dtype(unet)
     clip_dim, llm_dim = adapter.config.clip_dim, adapter.config.llm_dim
     inputs = (_meta(1, clip_tokens, clip_dim, dtype=adapter_dtype), _meta(1, llm_tokens, llm_dim, dtype=adapter_dtype),
               _meta(1, unet.config.in_channels, latent_size, latent_size, dtype=unet_dtype),
@@ -151,6 +158,8 @@ def module_step_flops(module, resolution: int, precomputed_keys: Sequence[str] =
         flops.vae = vae_encoder_flops(module.vae, resolution)
     if "clip_features" not in cached:
         flops.clip = text_encoder_flops(module.clip.text_encoder, clip_tokens)
+        if getattr(module.clip, "text_encoder_2", None) is not None:  # SDXL's second CLIP encoder
+            flops.clip += text_encoder_flops(module.clip.text_encoder_2, clip_tokens)
     if "llm_features" not in cached:
         flops.llm = text_encoder_flops(module.llm.model, module.cfg.llm.max_length, decoder=module.llm.kind == "decoder")
     return flops

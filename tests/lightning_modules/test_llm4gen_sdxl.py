@@ -122,3 +122,14 @@ def test_export_loads_back_and_generates_the_same_image(module, sdxl_config, tmp
     a = module.generate(["a red circle"], [1], num_inference_steps=2)[0]
     b = fresh.generate(["a red circle"], [1], num_inference_steps=2)[0]
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_flops_per_sample_cover_the_unets_added_conditioning_and_both_clip_encoders(module):
+    """The run's FLOP count (throughput/MFU logging) builds SDXL's added_cond_kwargs for the UNet, and
+    online CLIP costs both encoders, the second more than the first (it is wider)."""
+    from lightning_modules.flops import module_step_flops, text_encoder_flops
+
+    flops = module_step_flops(module, 32)
+    first, second = (text_encoder_flops(e, 77) for e in (module.clip.text_encoder, module.clip.text_encoder_2))
+    assert flops.trained > 0 and second > first > 0
+    assert flops.clip == first + second
