@@ -37,12 +37,44 @@ def keep_rows_before(metrics_file: Path, step: int) -> list[str]:
     return header
 
 
+def drop_last_line(path: str | os.PathLike) -> None:
+    """Removes the file's last line in place (O(1): a backwards scan from the end, then a truncate)."""
+    with open(path, "rb+") as handle:
+        position = handle.seek(0, os.SEEK_END) - 1  # the last line's own newline
+        while position > 0:
+            position -= 1
+            handle.seek(position)
+            if handle.read(1) == b"\n":
+                break
+        handle.truncate(position + 1)
+
+
 class _AppendingWriter(ExperimentWriter):
-    """Lightning's CSV writer, except that an existing metrics.csv is kept up to ``resume_step``."""
+    """Lightning's CSV writer, except that an existing metrics.csv is kept up to ``resume_step``, and a
+    step has one row: metrics logged for the same step by separate calls (the training step's, the
+    throughput monitor's, the validation scores) are merged into it, even when the row was already
+    flushed to the file."""
 
     def __init__(self, log_dir: str, resume_step: Optional[int]):
         self.resume_step = resume_step
+        self._last_written: Optional[dict] = None  # the file's last row, merged into if its step recurs
         super().__init__(log_dir=log_dir)
+
+    def log_metrics(self, metrics_dict: dict[str, float], step: Optional[int] = None) -> None:
+        super().log_metrics(metrics_dict, step)
+        if len(self.metrics) >= 2 and self.metrics[-2]["step"] == self.metrics[-1]["step"]:
+            row = self.metrics.pop()
+            self.metrics[-1].update(row)
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        if self._last_written is not None and self.metrics[0]["step"] == self._last_written["step"]:
+            drop_last_line(self.metrics_file_path)
+            self.metrics[0] = {**self._last_written, **self.metrics[0]}
+        last = dict(self.metrics[-1])
+        super().save()
+        self._last_written = last
 
     def _check_log_dir_exists(self) -> None:
         path = Path(self.metrics_file_path)

@@ -151,6 +151,6 @@ def test_missing_scorer_model_offline_fails_before_anything_is_generated(setup, 
     assert evaluate.main(["--checkpoint", str(setup["checkpoint"]), "--compbench", str(setup["compbench"]),
                           "--compbench-categories", "color", "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err
+    assert err.startswith("evaluate.py: error: ") and "\n" not in err
     assert "Salesforce/blip-vqa-capfilt-large" in err and "hf download Salesforce/blip-vqa-capfilt-large" in err
     assert not out.exists()

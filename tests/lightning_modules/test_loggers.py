@@ -86,3 +86,20 @@ def test_wandb_offline_resumes_its_run_id_and_logs_each_step_once(tmp_path, monk
     assert resumed.experiment.id == run_id == (tmp_path / "logs" / "wandb_run_id").read_text().strip()
     assert logged == [6, 7]  # steps 4 and 5 are already in the run: not logged twice
     resumed.experiment.finish()
+
+
+def test_metrics_of_one_step_logged_by_separate_calls_share_one_row(tmp_path):
+    """The training step, the throughput monitor and the validation scorer each log for a step; the CSV
+    keeps one row per step, also when that step's row was flushed before the next call came."""
+    logger = build_logger("csv", tmp_path, None)
+    logger.log_metrics({"train/loss": 1.0}, step=0)
+    logger.log_metrics({"throughput": 5.0}, step=0)  # flushed each call (flush_logs_every_n_steps=1)
+    logger.log_metrics({"train/loss": 0.5}, step=1)
+    logger.log_metrics({"val/score": 0.25}, step=1)  # a new column: the file is rewritten with it
+    logger.log_metrics({"train/loss": 0.25}, step=2)
+    logger.finalize("success")
+    with open(tmp_path / "logs" / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]
+    assert (rows[0]["train/loss"], rows[0]["throughput"]) == ("1.0", "5.0")
+    assert (rows[1]["train/loss"], rows[1]["val/score"], rows[1]["throughput"]) == ("0.5", "0.25", "")
