@@ -63,15 +63,16 @@ def build_tiny_sd(directory: str | os.PathLike, seed: int = 0) -> Path:
     return Path(directory)
 
 
-def tiny_sd_path() -> Path:
-    """The tiny SD folder in the cache, built on first use (atomically, so parallel ranks can race)."""
-    target = cache_root() / TINY_SD_VERSION
+def built_once(version: str, build) -> Path:
+    """``<cache>/<version>``, written by ``build(folder)`` on first use: into a temporary folder renamed
+    into place, so parallel ranks can race and a killed build leaves nothing half-written."""
+    target = cache_root() / version
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        build_tiny_sd(tmp)
+        build(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process won the race
@@ -80,6 +81,11 @@ def tiny_sd_path() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def tiny_sd_path() -> Path:
+    """The tiny SD folder in the cache, built on first use."""
+    return built_once(TINY_SD_VERSION, build_tiny_sd)
 
 
 def minilm_path() -> Path:

@@ -18,13 +18,11 @@ the diffusers SDXL folder layout (``unet/``, ``vae/``, ``text_encoder/``, ``text
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from embedded.tiny import CLIP_TOKENIZER_DIR, TINY_CLIP, cache_root
+from embedded.tiny import CLIP_TOKENIZER_DIR, TINY_CLIP, built_once
 
 TINY_SDXL_VERSION = "tiny-sdxl-v1"
 ADDITION_TIME_EMBED_DIM = 8
@@ -73,19 +71,5 @@ def build_tiny_sdxl(directory, seed: int = 0) -> Path:
 
 
 def tiny_sdxl_path() -> Path:
-    """The tiny SDXL folder in the cache, built on first use (atomically, so parallel ranks can race)."""
-    target = cache_root() / TINY_SDXL_VERSION
-    if (target / "model_index.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
-        build_tiny_sdxl(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process won the race
-            if not (target / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    """The tiny SDXL folder in the cache, built on first use."""
+    return built_once(TINY_SDXL_VERSION, build_tiny_sdxl)
