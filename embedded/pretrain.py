@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.shapes import Scene, random_scene, render_scene
-from embedded.tiny import CLIP_TOKENIZER_DIR, SD15_SCHEDULER, TINY_CLIP, TINY_UNET, TINY_VAE
+from embedded.tiny import CLIP_TOKENIZER_DIR, SD15_SCHEDULER, TINY_CLIP, TINY_UNET, TINY_VAE, save_sd15_folder
 
 TINY_VISION = dict(image_size=32, patch_size=4, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4)
@@ -280,15 +280,7 @@ def train_unet(latent_moments: torch.Tensor, token_ids: torch.Tensor, empty_ids:
 # ---------------------------------------------------------------- assembling and checking the base
 
 def save_base(directory: str | os.PathLike, vae, text_encoder, unet) -> Path:
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR),
-        unet=unet, scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
-    pipe.save_pretrained(directory)
-    return Path(directory)
+    return save_sd15_folder(directory, vae, text_encoder, unet)
 
 
 def weights_bytes(directory: str | os.PathLike) -> int:

@@ -47,14 +47,22 @@ def cache_root() -> Path:
 def build_tiny_sd(directory: str | os.PathLike, seed: int = 0) -> Path:
     """Writes the tiny SD folder (deterministic for a seed) and returns its path."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):  # leave the caller's random stream as it was
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**TINY_UNET)
         vae = AutoencoderKL(**TINY_VAE)
         text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CLIP))
+    return save_sd15_folder(directory, vae, text_encoder, unet)
+
+
+def save_sd15_folder(directory, vae, text_encoder, unet) -> Path:
+    """An SD1.5-layout diffusers folder (CLIP's real BPE tokenizer, SD1.5's scheduler) from the given parts."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR),
         unet=unet, scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
