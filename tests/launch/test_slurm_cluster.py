@@ -100,6 +100,19 @@ def wait_for_job(job_id: str, timeout_s: float, log_glob: Path) -> list[dict[str
     return job_records(job_id)
 
 
+def release_begin_time_hold(job_id: str) -> dict:
+    """The job's record; a requeued job waiting out SLURM's ~120 s begin-time hold is made eligible now."""
+    record = job_records(job_id)[0]
+    held = (
+        record["JobState"] == "PENDING"
+        and record.get("Reason") == "BeginTime"
+        and datetime.fromisoformat(record["EligibleTime"]) > datetime.now()
+    )
+    if held:
+        scontrol("update", f"jobid={job_id}", "StartTime=now")
+    return record
+
+
 def requeue_now(job_id: str, log_glob: Path) -> None:
     """`scontrol requeue`, then cancel the ~120 s hold a requeued job gets before it may start again.
 
@@ -112,14 +125,7 @@ def requeue_now(job_id: str, log_glob: Path) -> None:
     assert result.returncode == 0, f"scontrol requeue {job_id}: {result.stderr}"
 
     def restarted() -> bool:
-        record = job_records(job_id)[0]
-        held = (
-            record["JobState"] == "PENDING"
-            and record.get("Reason") == "BeginTime"
-            and datetime.fromisoformat(record["EligibleTime"]) > datetime.now()
-        )
-        if held:
-            scontrol("update", f"jobid={job_id}", "StartTime=now")
+        record = release_begin_time_hold(job_id)
         return record["JobState"] in {"RUNNING"} | TERMINAL_STATES
 
     wait_until(restarted, 30, job_id, "the requeued job starting again", log_glob)
@@ -297,14 +303,7 @@ def wait_for_restart(job_id: str, restarts: int, log_glob: Path) -> None:
     and wait until its start number ``restarts`` is running."""
 
     def restarted() -> bool:
-        record = job_records(job_id)[0]
-        held = (
-            record["JobState"] == "PENDING"
-            and record.get("Reason") == "BeginTime"
-            and datetime.fromisoformat(record["EligibleTime"]) > datetime.now()
-        )
-        if held:
-            scontrol("update", f"jobid={job_id}", "StartTime=now")
+        record = release_begin_time_hold(job_id)
         running_again = record["JobState"] == "RUNNING" and int(record.get("Restarts", 0)) >= restarts
         return running_again or record["JobState"] in TERMINAL_STATES
 
