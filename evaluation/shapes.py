@@ -25,7 +25,8 @@ Public API (stable; ``evaluation/__init__.py`` re-exports it):
   ``binding``: the fraction found with all their attributes (the per-image binding score);
   ``all_bound``: 1 if every prompt object is found bound (the product over noun phrases T2I-CompBench
   uses); ``missing`` / ``extra``: prompt objects minus detections / detections minus prompt objects
-  (never negative); ``count_correct``; ``exact``: all bound and nothing extra.
+  (never negative); ``count_correct``; ``exact``: all bound and nothing extra; ``any_correct``: 1 if
+  at least one prompt object is found in its colour and shape.
 - ``aggregate(scores) -> dict``: the T2I-CompBench way, the mean of each per-image number over the
   images (of one prompt set), overall and per object count (``by_n_objects``).
 
@@ -91,6 +92,7 @@ class ImageScore:
     binding: float
     all_bound: float
     exact: float
+    any_correct: float                   # 1 if at least one prompt object is found in its colour and shape
     detected: list[DetectedObject] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -293,7 +295,8 @@ def score_objects(scene: Scene, detected: list[DetectedObject]) -> ImageScore:
     return ImageScore(
         n_objects=n, n_detected=d, missing=max(0, n - d), extra=max(0, d - n), count_correct=float(n == d),
         shape=fraction((1,)), color=fraction((0, 1)), size=fraction((1, 2)), binding=binding,
-        all_bound=float(binding == 1.0), exact=float(binding == 1.0 and d <= n), detected=list(detected))
+        all_bound=float(binding == 1.0), exact=float(binding == 1.0 and d <= n),
+        any_correct=float(max_matching([w[:2] for w in wanted], [f[:2] for f in found]) > 0), detected=list(detected))
 
 
 def score(image, scene, **analyze_options) -> ImageScore:
@@ -307,13 +310,13 @@ def score(image, scene, **analyze_options) -> ImageScore:
 
 
 METRICS: tuple[str, ...] = ("binding", "all_bound", "exact", "color", "shape", "size", "count_correct",
-                            "missing", "extra")
+                            "any_correct", "missing", "extra")
 
 
 def aggregate(scores: Iterable[ImageScore]) -> dict:
     """Means over images of every per-image number, overall and per object count:
     ``{"n_images", "binding", "all_bound", "exact", "color", "shape", "size", "count_correct",
-    "missing", "extra", "by_n_objects": {1: {...}, 2: {...}}}`` (missing/extra: mean counts)."""
+    "any_correct", "missing", "extra", "by_n_objects": {1: {...}, 2: {...}}}`` (missing/extra: mean counts)."""
     scores = list(scores)
     if not scores:
         raise ValueError("aggregate needs at least one ImageScore")

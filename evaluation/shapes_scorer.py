@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 from evaluation.scorers import Scorer, load_images
 
-REPORTED = ("binding", "all_bound", "exact", "color", "shape", "size")
+REPORTED = ("binding", "all_bound", "exact", "color", "shape", "size", "any_correct")
 
 
 class ShapesScorer(Scorer):

@@ -66,7 +66,7 @@ def test_swapped_colours_get_binding_zero(n_objects):
         if len({o.shape for o in scene.objects}) < n_objects:
             continue
         result = score(render_scene(swap_colors(scene), 32), scene)
-        assert result.binding == 0 and result.all_bound == 0 and result.color == 0
+        assert result.binding == 0 and result.all_bound == 0 and result.color == 0 and result.any_correct == 0
         assert result.shape == 1 and result.size == 1 and result.missing == result.extra == 0
 
 
@@ -78,7 +78,18 @@ def test_swapping_one_pair_of_three_leaves_one_third():
                      dataclasses.replace(scene.objects[1], color="red"), scene.objects[2]))
     result = score(render_scene(swapped, 32), scene)
     assert result.binding == pytest.approx(1 / 3) and result.color == pytest.approx(1 / 3)
-    assert result.all_bound == 0 and result.exact == 0
+    assert result.all_bound == 0 and result.exact == 0 and result.any_correct == 1
+
+
+def test_any_correct_needs_one_object_in_its_colour_and_shape_whatever_its_size():
+    asked = Scene((ShapeObject("red", "circle", "small", 0, 0.5, (0.5, 0.5)),
+                   ShapeObject("blue", "square", "large", 1, 0.9, (0.5, 0.5))))
+    wrong_size = Scene((dataclasses.replace(asked.objects[0], size="large", scale=0.9),))
+    assert score(render_scene(wrong_size, 32), asked).any_correct == 1
+    assert score(render_scene(wrong_size, 32), asked).binding == 0
+    wrong_shape = Scene((dataclasses.replace(asked.objects[0], shape="triangle"),))
+    assert score(render_scene(wrong_shape, 32), asked).any_correct == 0
+    assert score(render_scene(Scene(()), 32), asked).any_correct == 0
 
 
 def test_missing_and_extra_objects_are_counted_exactly():
@@ -177,11 +188,12 @@ def test_colour_drift_within_the_threshold_keeps_the_colour_and_beyond_it_drops_
 def test_aggregate_means_over_images_overall_and_per_object_count():
     def s(n, binding, extra=0):
         return ImageScore(n, n + extra, 0, extra, float(extra == 0), 1.0, binding, 1.0, binding,
-                          float(binding == 1), float(binding == 1 and extra == 0))
+                          float(binding == 1), float(binding == 1 and extra == 0), float(binding > 0))
     summary = aggregate([s(1, 1.0), s(1, 0.0), s(2, 0.5, extra=1), s(2, 1.0)])
     assert summary["n_images"] == 4
     assert summary["binding"] == pytest.approx(0.625) and summary["all_bound"] == pytest.approx(0.5)
     assert summary["extra"] == pytest.approx(0.25) and summary["exact"] == pytest.approx(0.5)
+    assert summary["any_correct"] == pytest.approx(0.75)
     assert summary["by_n_objects"][1]["binding"] == pytest.approx(0.5)
     assert summary["by_n_objects"][2]["binding"] == pytest.approx(0.75)
     assert summary["by_n_objects"][2]["n_images"] == 2
