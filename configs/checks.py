@@ -107,6 +107,13 @@ def entity_layer_sides(text: str) -> str | list[int]:
 
 def check_choices(cfg: DictConfig) -> None:
     entity_layer_sides(cfg.model.objective.entity_layers)
+    if not cfg.model.adapter.enabled and cfg.model.unet_training == "frozen":
+        raise ConfigError("model.adapter.enabled=false with model.unet_training=frozen leaves nothing to train; "
+                          "set model.unet_training=full (or lora) to fine-tune the UNet on CLIP alone, or "
+                          "model.adapter.enabled=true")
+    if not cfg.model.adapter.enabled and cfg.model.objective.lambda_entity > 0:
+        raise ConfigError("model.objective.lambda_entity > 0 needs the CAM (its targets include the fused LLM "
+                          "tokens); set model.adapter.enabled=true or model.objective.lambda_entity=0")
     resume = str(cfg.resume)
     if resume not in choices.RESUME_MODES and not resume.strip():
         raise ConfigError("config key 'resume' is empty: expected auto, never or a checkpoint path.")
@@ -124,6 +131,10 @@ def _embedded_path(source: str) -> Optional[Path]:
         from embedded.tiny import TINY_SD_VERSION, cache_root
 
         return cache_root() / TINY_SD_VERSION  # read only when built; see model_json
+    if source == "embedded:shapes-sd":
+        from embedded.tiny import SHAPES_SD_DIR
+
+        return SHAPES_SD_DIR
     if source == "embedded:tiny-sdxl":
         from embedded.tiny import cache_root
         from embedded.tiny_sdxl import TINY_SDXL_VERSION

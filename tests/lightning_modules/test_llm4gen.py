@@ -200,3 +200,19 @@ def test_trainable_init_depends_on_the_seed_alone(tiny_model_config):
     for name, p in a.adapter.state_dict().items():
         assert torch.equal(p, b.adapter.state_dict()[name]), name
     assert not all(torch.equal(p, c.adapter.state_dict()[n]) for n, p in a.adapter.state_dict().items())
+
+
+def test_without_the_cam_the_unet_sees_clip_alone_and_only_the_unet_trains(tiny_model_config):
+    """model.adapter.enabled=false with a full UNet: the paper's "SD1.5 (ft)" control."""
+    module = make_module(tiny_model_config, **{"adapter.enabled": False, "unet_training": "full"})
+    batch = fixed_batch()
+    context, _ = module.conditioning(batch)
+    torch.testing.assert_close(context, module.clip(batch["captions"]).hidden)   # (4, 77, clip_dim)
+    trainable = module.trainable_state_keys()
+    assert trainable and all(k.startswith("unet.") for k in trainable)
+    module.train()
+    assert not module.adapter.training
+    noise, timesteps = fixed_inputs(module, batch)
+    module.compute_losses(batch, noise=noise, timesteps=timesteps)["loss"].backward()
+    assert all(p.grad is None for p in module.adapter.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.unet.parameters())
