@@ -262,3 +262,22 @@ def test_entity_words_are_distinct_and_in_caption_order():
     groups = [EntityGroup(car, (red,)), EntityGroup(bus, (red,))]
     assert entity_words(groups) == [car, bus, red]
     assert entity_words([]) == []
+
+
+def test_the_shapes_grammar_parser_reads_every_training_phrasing_exactly():
+    import random
+
+    from datamodules.shapes import random_scene
+    from losses.entity_parser import EntityParser
+
+    parser = EntityParser("shapes")
+    rng = random.Random(0)
+    for _ in range(200):
+        record = random_scene(rng, 32)
+        groups = parser.parse(record["caption"])
+        assert sorted(g.entity.text for g in groups) == sorted(o["shape"] for o in record["objects"])
+        for group in groups:
+            assert record["caption"][group.entity.start:group.entity.end] == group.entity.text
+        wanted = sorted((o["shape"], tuple(sorted((o["color"], o["size"])))) for o in record["objects"])
+        assert sorted((g.entity.text, tuple(sorted(a.text for a in g.attributes))) for g in groups) == wanted
+    assert parser.parse("") == [] and parser.parse("a photo of a dog") == []
