@@ -165,7 +165,27 @@ def run(cfg) -> dict:
               f"  logs:        {out / 'logs'}\n  export:      {out / 'export'} (CrossAdapter.from_pretrained)\n"
               f"  generate:    python generate.py --checkpoint {out / 'checkpoints' / 'last.ckpt'} "
               f"--prompt 'a red circle' --output-dir {out / 'generated'}")
+        summary = validation_summary(out / "samples")
+        if summary:
+            print(summary)
     return metrics
+
+
+def validation_summary(samples: Path) -> str | None:
+    """Before/after lines of the shapes analyzer's validation scores (the first and last scored grid)."""
+    from lightning_modules.callbacks import read_validation_scores
+
+    rows = [r for r in read_validation_scores(samples) if "val/shapes_binding" in r["scores"]]
+    if not rows:
+        return None
+    lines = ["validation prompts, scored by the shapes analyzer (binding: objects drawn with every attribute "
+             "right; one object right: images with at least one object in its colour and shape):"]
+    for label, row in (("before", rows[0]), ("after", rows[-1])) if len(rows) > 1 else (("", rows[0]),):
+        scores = row["scores"]
+        lines.append(f"  {label:<6} step {row['step']:>6}: binding {scores['val/shapes_binding']:.3f}   "
+                     f"one object right {scores.get('val/shapes_any_correct', float('nan')):.3f}   "
+                     f"{samples / row['grid']}")
+    return "\n".join(lines)
 
 
 @entry_point("train.py")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -22,26 +23,50 @@ def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.I
     return grid
 
 
+SCORES_FILE = "scores.jsonl"
+
+
+def read_validation_scores(directory: str | os.PathLike) -> list[dict]:
+    """The ``scores.jsonl`` lines of a samples folder, one per step (the last line of a step wins: a
+    resumed run samples a step again), in step order; [] when there are none."""
+    path = Path(directory) / SCORES_FILE
+    if not path.is_file():
+        return []
+    by_step = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_step[row["step"]] = row
+    return [by_step[step] for step in sorted(by_step)]
+
+
 class ValidationImages(L.Callback):
     """Samples a fixed prompt list with fixed seeds every ``every_n_steps`` optimizer steps (and at the
     end), with the EMA weights when there are any, and saves the grid to ``<run>/samples/``.
-    ``every_n_steps=0`` turns validation off, at the end too. ``metrics`` score each grid's images
-    (evaluation/validation.py) and log them as ``val/<metric>``."""
+    ``every_n_steps=0`` turns validation off, at the end too; ``at_start`` also samples before the first
+    step of a fresh run (the base and the untrained CAM: the "before" of the run). ``metrics`` score each
+    grid's images (evaluation/validation.py), log them as ``val/<metric>`` and append them to
+    ``<directory>/scores.jsonl`` (one ``{"step", "grid", "scores"}`` line per grid)."""
 
     def __init__(self, directory: str | os.PathLike, prompts: list[str], seed: int, every_n_steps: int,
                  num_inference_steps: int, guidance_scale: float, scheduler: str, metrics: list[str] = (),
-                 clip_model: str | None = None):
+                 clip_model: str | None = None, at_start: bool = True):
         from evaluation.validation import ValidationScorer
 
         self.directory = Path(directory)
         self.prompts, self.seed, self.every_n_steps = list(prompts), seed, every_n_steps
         self.sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler)
         self.scorer = ValidationScorer(list(metrics), clip_model)
+        self.at_start = at_start
         self._last_step = -1
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.every_n_steps > 0 and trainer.is_global_zero:
             self.scorer.load()  # a scorer model that is not here fails before training starts
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.every_n_steps > 0 and self.at_start and trainer.global_step == 0:
+            self.sample(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -61,7 +86,10 @@ class ValidationImages(L.Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         grid = image_grid(images)
         grid.save(path)
-        self.scorer.log(trainer, images, self.prompts)
+        scores = self.scorer.log(trainer, images, self.prompts)
+        if scores:
+            with open(self.directory / SCORES_FILE, "a") as handle:
+                handle.write(json.dumps({"step": trainer.global_step, "grid": path.name, "scores": scores}) + "\n")
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_image"):  # TensorBoard
             import numpy as np

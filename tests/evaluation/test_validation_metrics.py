@@ -14,6 +14,9 @@ from datamodules.synthetic import write_synthetic_shards
 from evaluation.prompt_sets import prompt_set
 from evaluation.shapes_scorer import ShapesScorer
 from evaluation.validation import ValidationScorer
+from configs.schema import load_config
+from lightning_modules.callbacks import read_validation_scores
+from train import validation_summary
 
 
 def test_shapes_scorer_gives_ground_truth_full_binding_and_swapped_colours_none():
@@ -68,16 +71,25 @@ def test_validation_scores_reach_metrics_csv_final_metrics_and_the_sweep_summary
     run = tmp_path / "out" / "validation.every_n_steps=2"
     with (run / "logs" / "metrics.csv").open() as handle:
         rows = [r for r in csv.DictReader(handle) if r.get("val/clip_score")]
-    assert [int(r["step"]) for r in rows] == [2, 4]
+    assert [int(r["step"]) for r in rows] == [0, 2, 4]  # validation.at_start: the "before" at step 0
     assert all(r["val/shapes_binding"] != "" and r["val/shapes_parsed"] == "1.0" for r in rows)
 
     # the logged CLIPScore is the score of the grid's images (PNG: lossless) against the prompts
+    prompts = list(load_config().validation.prompts)
     grid = Image.open(run / "samples" / "step_0000004.png").convert("RGB")
-    images = [grid.crop((32 * i, 0, 32 * i + 32, 32)) for i in range(2)]
+    images = [grid.crop((32 * i, 0, 32 * i + 32, 32)) for i in range(len(prompts))]
     scorer = ClipScoreScorer(str(clip))
     scorer.load()
-    prompts = ["a red circle and a blue square", "a green triangle on a yellow background"]
     assert float(rows[-1]["val/clip_score"]) == pytest.approx(scorer.score_images(images, prompts)[0], abs=1e-4)
+
+    # samples/scores.jsonl: a line per grid, the numbers logged at that step; train.py prints first and last
+    lines = read_validation_scores(run / "samples")
+    assert [(line["step"], line["grid"]) for line in lines] == [(0, "step_0000000.png"), (2, "step_0000002.png"),
+                                                                (4, "step_0000004.png")]
+    assert lines[-1]["scores"]["val/clip_score"] == pytest.approx(float(rows[-1]["val/clip_score"]))
+    summary_text = validation_summary(run / "samples")
+    assert "before step      0: binding" in summary_text and "after  step      4" in summary_text
+    assert str(run / "samples" / "step_0000004.png") in summary_text
 
     final = json.loads((run / "final_metrics.json").read_text())
     assert final["val/clip_score"] == pytest.approx(float(rows[-1]["val/clip_score"]))
@@ -85,3 +97,7 @@ def test_validation_scores_reach_metrics_csv_final_metrics_and_the_sweep_summary
         summary = list(csv.DictReader(handle))
     assert float(summary[0]["val/clip_score"]) == pytest.approx(final["val/clip_score"])
     assert float(summary[0]["val/shapes_binding"]) == pytest.approx(final["val/shapes_binding"])
+
+
+def test_the_default_validation_prompts_are_the_held_out_two_object_set():
+    assert list(load_config().validation.prompts) == [r.text for r in prompt_set("heldout_2", 8)]
