@@ -20,7 +20,7 @@ The result is a diffusers Stable Diffusion folder (``model_index.json``, ``vae/`
 the analyzer's score of the base's samples on single-object prompts. Finished stages are kept under
 ``OUTPUT/stages/`` and reused when the command is run again (an interrupted run resumes at the stage).
 
-    nice -n 19 python -m embedded.pretrain --output runs/pretrain --seed 0
+    nice -n 19 python -m embedded.pretrain --output runs/pretrain --seed 0 --install-to embedded/shapes_sd
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class PretrainConfig:
     clip_steps: int = 3000
     clip_batch: int = 128
     clip_lr: float = 5e-4
-    unet_steps: int = 8000
+    unet_steps: int = 5000
     unet_ema_decay: float = 0.999    # the saved UNet is the EMA of its weights
     unet_batch: int = 32
     unet_lr: float = 5e-4
@@ -71,6 +71,7 @@ class PretrainConfig:
     eval_steps: int = 25
     eval_guidance: float = 5.0
     max_minutes: Optional[float] = None  # stop each stage after this long (feasibility runs); None: all steps
+    install_to: Optional[str] = None     # also copy the base, its log and sample grid here (embedded/shapes_sd)
 
 
 # ---------------------------------------------------------------- data
@@ -372,7 +373,24 @@ def pretrain(cfg: PretrainConfig) -> dict:
               f"{cfg.eval_prompts} samples ({output / 'samples_seen_1.png'})")
     log_path.write_text(json.dumps(log, indent=2))
     print(f"base written to {base} ({log['weights_mb']} MB of weights); log {log_path}")
+    if cfg.install_to:
+        install(output, Path(cfg.install_to))
+        print(f"installed into {cfg.install_to}")
     return log
+
+
+def install(output: Path, target: Path) -> None:
+    """Replaces ``target`` with the base folder plus ``pretrain_log.json`` and the sample grid."""
+    import shutil
+
+    staging = target.with_name(target.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(output / "base", staging)
+    for extra in ("pretrain_log.json", "samples_seen_1.png"):
+        if (output / extra).exists():
+            shutil.copy2(output / extra, staging / extra)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

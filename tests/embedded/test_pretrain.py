@@ -49,10 +49,16 @@ def test_pretrain_writes_a_loadable_base_reproducibly(tmp_path):
         b = getattr(load_sd15(str(tmp_path / "b" / "base"), None, torch.float32, torch.float32), part).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
 
-    # run again: finished stages are reused, not retrained
+    # run again: finished stages are reused, not retrained; --install-to copies base, log and grid
     before = json.loads((tmp_path / "a" / "pretrain_log.json").read_text())["stages"]
-    again = pretrain(PretrainConfig(output=str(tmp_path / "a"), **TOY))
+    (tmp_path / "installed").mkdir()
+    (tmp_path / "installed" / "stale.txt").write_text("replaced")
+    again = pretrain(PretrainConfig(output=str(tmp_path / "a"), install_to=str(tmp_path / "installed"), **TOY))
     assert again["stages"] == before
+    installed = tmp_path / "installed"
+    assert not (installed / "stale.txt").exists() and (installed / "pretrain_log.json").is_file()
+    assert (installed / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (base / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
 
 
 def test_binding_probe_is_chance_for_a_bag_of_words_model_and_perfect_for_a_binding_one():
