@@ -9,6 +9,7 @@ DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 LLM_KINDS: tuple[str, ...] = ("auto", "encoder", "encoder-decoder", "decoder")
 BASE_FAMILIES: tuple[str, ...] = ("sd15", "sdxl")
 UNET_TRAINING: tuple[str, ...] = ("frozen", "full", "lora")
+LATENTS = ("mean", "sample")  # model.objective.latents: the VAE posterior's mean, or a sample of it
 LOGGERS: tuple[str, ...] = ("csv", "tensorboard", "wandb")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_fused", "adamw_8bit")  # model.performance.optimizer
 LR_SCHEDULERS: tuple[str, ...] = ("constant_with_warmup", "cosine", "linear", "constant")

@@ -74,6 +74,10 @@ class LoraConfig:
 @dataclass
 class ObjectiveConfig:
     caption_dropout: float = 0.1       # share of captions replaced by "" (classifier-free guidance)
+    # What the UNet learns to draw: the VAE posterior's mean, or a sample of it (diffusers' SD training).
+    # For SD's VAE the two differ by ~1e-3 of the latent scale; the embedded shapes base's VAE has a wide
+    # posterior and was pretrained on means (embedded/pretrain.py), so the default is mean.
+    latents: str = "mean"
     min_snr_gamma: Optional[float] = None
     noise_offset: float = 0.0
     # Entity-guided regularization (losses/entity.py): total = diffusion + lambda_entity * entity.
@@ -211,7 +215,7 @@ class ConfigError(UserError, ValueError):
 
 CHOICES = {
     "model.base.family": choices.BASE_FAMILIES, "model.llm.kind": choices.LLM_KINDS,
-    "model.unet_training": choices.UNET_TRAINING, "logger": choices.LOGGERS,
+    "model.unet_training": choices.UNET_TRAINING, "model.objective.latents": choices.LATENTS, "logger": choices.LOGGERS,
     "model.optim.scheduler": choices.LR_SCHEDULERS,
     "model.base.dtype": choices.DTYPES, "model.base.vae_dtype": choices.DTYPES,
     "model.llm.dtype": choices.DTYPES,

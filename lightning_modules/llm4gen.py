@@ -218,14 +218,15 @@ class LLM4GenModule(L.LightningModule):
         return (scale * self.unet.config.sample_size,) * 2
 
     def latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Scaled VAE latents (batch, 4, h, w), sampled from the posterior like online encoding."""
+        """Scaled VAE latents (batch, 4, h, w): the posterior's mean, or a sample (``objective.latents``)."""
         if "latent_moments" in batch:  # (batch, 2 * 4, h, w): the VAE encoder's mean and log-variance
             moments = batch["latent_moments"].to(self.vae.dtype)
         else:
             with torch.no_grad():
                 moments = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist.parameters
-        sample = DiagonalGaussianDistribution(moments.float()).sample(generator)
-        return sample * self.vae.config.scaling_factor
+        posterior = DiagonalGaussianDistribution(moments.float())
+        latents = posterior.mode() if self.cfg.objective.get("latents", "sample") == "mean" else posterior.sample(generator)
+        return latents * self.vae.config.scaling_factor
 
     def compute_losses(self, batch: dict, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
                        drop: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:

@@ -216,3 +216,17 @@ def test_without_the_cam_the_unet_sees_clip_alone_and_only_the_unet_trains(tiny_
     module.compute_losses(batch, noise=noise, timesteps=timesteps)["loss"].backward()
     assert all(p.grad is None for p in module.adapter.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.unet.parameters())
+
+
+def test_latents_are_the_posterior_mean_or_a_sample_as_configured(module, tiny_model_config):
+    batch = fixed_batch()
+    with torch.no_grad():
+        mean = module.vae.encode(batch["pixel_values"]).latent_dist.mean * module.vae.config.scaling_factor
+        assert module.cfg.objective.latents == "mean"  # the default: what the shapes base was pretrained on
+        for seed in (0, 1):
+            torch.testing.assert_close(module.latents(batch, torch.Generator().manual_seed(seed)), mean)
+        sampling = make_module(tiny_model_config, **{"objective.latents": "sample"})
+        a = sampling.latents(batch, torch.Generator().manual_seed(0))
+        b = sampling.latents(batch, torch.Generator().manual_seed(1))
+        assert a.shape == mean.shape and not torch.allclose(a, b)
+        torch.testing.assert_close(a, sampling.latents(batch, torch.Generator().manual_seed(0)))
