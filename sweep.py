@@ -1,6 +1,7 @@
 """Run a config sweep locally or as one SLURM job array, and summarize it.
 
     python sweep.py SWEEP.yaml                 # run unfinished runs one after another here
+    python sweep.py SWEEP.yaml --jobs 2        # two at a time, the cores shared out, output to <run>/train.log
     python sweep.py SWEEP.yaml --slurm         # submit unfinished runs as one job array
     python sweep.py SWEEP.yaml --dry-run       # list runs, their status and commands (with --slurm:
                                                #   print the array script); writes and runs nothing
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--summary", action="store_true", help="only write and print the summary")
     mode.add_argument("--run-task", metavar="RUNS_FILE", help=argparse.SUPPRESS)
     parser.add_argument("--dry-run", action="store_true", help="show what would run; write and run nothing")
+    parser.add_argument("--jobs", type=int, default=1, help="local runs at a time (default 1); each gets "
+                                                            "cores // jobs threads and writes <run>/train.log")
     parser.add_argument(
         "--train-script", default=str(DEFAULT_TRAIN_SCRIPT), help="training entry point (default: train.py)"
     )
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     failed = {}
     if not args.summary:
-        outcome = run_locally(spec, runs, args.train_script)
+        outcome = run_locally(spec, runs, args.train_script, jobs=args.jobs)
         failed = {name: status for name, status in outcome.items() if status.startswith("failed")}
     rows = write_summary(runs, spec.output_root / SUMMARY_FILE)
     print(format_summary_table(runs, rows))

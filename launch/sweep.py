@@ -317,29 +317,53 @@ def run_locally(
     runs: list[SweepRun],
     train_script: str | Path,
     *,
+    jobs: int = 1,
     log: Callable[[str], None] = functools.partial(print, flush=True),  # before the child's output
 ) -> dict[str, str]:
-    """Run unfinished runs one after another; returns name -> skipped / finished / failed (...).
+    """Run unfinished runs, ``jobs`` at a time; returns name -> skipped / finished / failed (...).
 
-    A failed run does not stop the sweep: the others still run, and the next invocation retries it.
+    With ``jobs > 1`` the machine's cores are shared out (``OMP_NUM_THREADS`` = cores // jobs for each
+    run: two 2-thread runs on 2 cores stall each other's thread barriers) and each run's output goes to
+    ``<run>/train.log`` instead of the terminal. A failed run does not stop the sweep: the others still
+    run, and the next invocation retries it.
     """
-    outcome = {}
+    import concurrent.futures
+
+    if jobs < 1:
+        raise SweepError(f"--jobs {jobs}: run at least one run at a time")
+    outcome: dict[str, str] = {}
+    todo = []
     for index, run in enumerate(runs, start=1):
         if is_finished(run):
             log(f"[{index}/{len(runs)}] {run.name}: finished already, skipped")
             outcome[run.name] = "skipped"
-            continue
-        log(f"[{index}/{len(runs)}] {run.name}: running")
-        returncode = subprocess.run(train_command(spec, run, train_script)).returncode
+        else:
+            todo.append((index, run))
+    env = None
+    if jobs > 1:
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or jobs) // jobs))}
+
+    def one(index: int, run: SweepRun) -> None:
+        log(f"[{index}/{len(runs)}] {run.name}: running" + (f" (output: {run.output_dir / 'train.log'})" if env else ""))
+        if env is None:
+            returncode = subprocess.run(train_command(spec, run, train_script)).returncode
+        else:
+            run.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(run.output_dir / "train.log", "a") as output:
+                returncode = subprocess.run(train_command(spec, run, train_script), env=env, stdout=output,
+                                            stderr=subprocess.STDOUT).returncode
         if returncode == 0 and is_finished(run):
             outcome[run.name] = "finished"
         elif returncode == 0:
             outcome[run.name] = f"failed (exit code 0 but no {FINAL_METRICS})"
         else:
             outcome[run.name] = f"failed (exit code {returncode})"
-        if outcome[run.name] != "finished":
-            log(f"[{index}/{len(runs)}] {run.name}: {outcome[run.name]}")
-    return outcome
+        log(f"[{index}/{len(runs)}] {run.name}: {outcome[run.name]}")
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(one, index, run) for index, run in todo]:
+            future.result()
+    return {run.name: outcome[run.name] for run in runs}
 
 
 # ---------------------------------------------------------------- SLURM job array

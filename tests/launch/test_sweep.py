@@ -66,6 +66,8 @@ FAKE_TRAINER = textwrap.dedent(
         "start_step": step,
         "rank": rank,
         "ntasks": int(os.environ.get("SLURM_NTASKS", 1)),
+        "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+        "time": time.time(),
     }
     with open(out / "starts.log", "a") as handle:
         handle.write(json.dumps(start) + "\\n")
@@ -79,7 +81,7 @@ FAKE_TRAINER = textwrap.dedent(
             os.replace(partial, checkpoint)
     if rank == 0:
         loss = cfg.optim.lr * 1000 + cfg.model.adapter.num_blocks
-        (out / "final_metrics.json").write_text(json.dumps({"train/loss": loss, "global_step": step}))
+        (out / "final_metrics.json").write_text(json.dumps({"train/loss": loss, "global_step": step, "end": time.time()}))
     '''
 )
 
@@ -274,6 +276,27 @@ def test_local_sweep_runs_every_run_writes_summary_then_skips_finished_runs(tmp_
     assert counter_lines(counter) == names + [names[2]]
     assert json.loads((interrupted / "starts.log").read_text().splitlines()[-1])["start_step"] == 1
     assert (interrupted / "final_metrics.json").exists()
+
+
+def test_jobs_run_side_by_side_with_the_cores_shared_and_output_in_each_run_folder(tmp_path, fake_trainer, capsys):
+    import os
+
+    sweep_file = write_sweep(tmp_path, write_base_config(tmp_path, step_seconds=0.3), GRID_2X2)
+    assert sweep_cli.main([str(sweep_file), "--train-script", str(fake_trainer), "--jobs", "2"]) == 0
+    runs = expand_runs(load_sweep(sweep_file))
+    spans = []
+    for run in runs:
+        start = json.loads((run.output_dir / "starts.log").read_text().splitlines()[0])
+        assert start["omp_threads"] == str(max(1, (os.cpu_count() or 2) // 2))
+        assert "fake trainer rank 0 starts at step 0" in (run.output_dir / "train.log").read_text()
+        spans.append((start["time"], json.loads((run.output_dir / "final_metrics.json").read_text())["end"]))
+    assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:])  # overlapping runs
+    printed = capsys.readouterr().out
+    assert printed.count(": finished") == 4 and "train.log" in printed
+    assert sweep_cli.main([str(sweep_file), "--jobs", "0", "--train-script", str(fake_trainer)]) == 0  # all finished
+    (runs[0].output_dir / "final_metrics.json").unlink()
+    assert sweep_cli.main([str(sweep_file), "--jobs", "0", "--train-script", str(fake_trainer)]) == 2
+    assert "--jobs 0" in capsys.readouterr().err
 
 
 def test_failed_run_is_reported_as_missing_and_does_not_stop_the_others(tmp_path, fake_trainer, capsys):
