@@ -22,9 +22,9 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional, Sequence
 
-Bucket = tuple[int, int]  # (width, height) in pixels
+from configs.choices import BUCKET_MODES as ENABLED_VALUES
 
-ENABLED_VALUES = ("auto", "true", "false")
+Bucket = tuple[int, int]  # (width, height) in pixels
 
 
 def default_step(resolution: int) -> int:
