@@ -13,7 +13,9 @@ member naming), each of them deterministic:
   shuffle buffer  seeded from (seed, epoch, rank, worker)
   decode          caption, then pixels (skipped when latents are precomputed) or cached members; a
                   bad sample raises ``SampleError`` and is counted, never fatal
-  batch           batching happens inside the worker (cheap IPC: one pickled batch, not B samples)
+  batch           batching happens inside the worker (cheap IPC: one pickled batch, not B samples);
+                  with aspect-ratio ``buckets`` (``datamodules/buckets.py``) the worker keeps one waiting
+                  list per bucket and a batch is one full list, so every batch is one bucket
 
 Position and resume. Every batch carries ``batch["position"]``: its epoch, the logical worker that
 made it, that worker's batch count and its *cursor* (how many shuffled raw samples it had used). The
@@ -28,6 +30,14 @@ Requirements: the same shards, seed, batch size, shuffle buffer, num_workers and
 different num_workers or world size restarts the saved epoch from its beginning, with a warning),
 and ``persistent_workers`` off (the epoch and the resume position reach the workers when the
 DataLoader starts them, once per pass).
+
+Buckets. Samples waiting in a partly filled bucket were taken from the stream before the cursor, so
+the snapshot also names them by place (``"groups"``); a resumed worker re-reads and re-decodes them
+(decoding is a pure function of seed, epoch and key). When a worker's data ends, its partly filled
+buckets are emitted as smaller batches, one per bucket in (height, width) order: an epoch without
+``epoch_batches`` uses every sample once. Under ``epoch_batches`` the stream repeats, so only full
+batches are made and samples still waiting when the quota is reached are not used that epoch. With
+cached latents the bucket of a sample is the size of its latents (``cache.py`` writes them at it).
 
 Epochs. The data epoch is this module's own counter, not the trainer's: it advances when a pass
 over the train DataLoader runs to its end, so a pass stopped early (``limit_train_batches``, a
@@ -720,7 +730,8 @@ class WebDatasetDataModule(L.LightningDataModule):
     Batch contract (a dict):
       ``keys``          list[str], the samples' ``__key__``
       ``captions``      list[str]
-      ``pixel_values``  (B, 3, H, W) float32 in [-1, 1]; absent when ``latents`` are precomputed
+      ``pixel_values``  (B, 3, H, W) float32 in [-1, 1]; absent when ``latents`` are precomputed. H x W is
+                        resolution squared, or with ``buckets`` (a list of (width, height)) the batch's bucket
       ``latent_moments`` (B, 2C, h, w) float32 VAE posterior mean and log-variance, when ``"latent_moments"`` is in ``precomputed_keys``
       ``llm_features``  (B, L, D) float32 zero-padded to the batch's longest, with
       ``llm_mask``      (B, L) bool, True on real tokens, when ``"llm_features"`` is enabled

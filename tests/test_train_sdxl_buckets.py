@@ -1,7 +1,6 @@
 """train.py on the embedded tiny SDXL with aspect-ratio buckets (on by default for SDXL), on images of
 mixed shapes (with the entity loss, whose attention maps are then not square): every step trains on one
-bucket, and a run resumed from a mid-epoch checkpoint trains on
-the same batches as the uninterrupted run."""
+bucket, and a run resumed from a mid-epoch checkpoint trains on the same batches as the uninterrupted run."""
 
 import functools
 
