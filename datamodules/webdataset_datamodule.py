@@ -46,7 +46,7 @@ over the train DataLoader runs to its end, so a pass stopped early (``limit_trai
 DDP. Set ``epoch_batches``: every rank then yields exactly that many full batches per epoch
 (shards repeat within the epoch if needed, each repeat round going through the shuffle buffer on
 its own, so a rank whose shards hold exactly epoch_batches x batch_size samples uses each sample once
-per epoch), so ranks with fewer samples never leave the others waiting in a collective. Without it, ranks get ``len(shards) / world_size`` shards each and may
+per epoch; with buckets, samples waiting in a partly filled bucket at the quota are not), so ranks with fewer samples never leave the others waiting in a collective. Without it, ranks get ``len(shards) / world_size`` shards each and may
 finish at different times.
 """
 
