@@ -78,12 +78,15 @@ def build_datamodule(cfg):
     from datamodules.synthetic import ensure_synthetic_shards
     from datamodules.webdataset_datamodule import WebDatasetDataModule
 
+    from datamodules.buckets import resolve_buckets
+
     data = dict(cfg.data)
     if data.pop("synthetic_if_missing"):
         ensure_synthetic_shards(data["shards"], resolution=data["resolution"], seed=cfg.seed)
     objective = cfg.model.objective
     entity_parser = objective.entity_parser if objective.lambda_entity > 0 else None
-    return WebDatasetDataModule(**data, seed=cfg.seed, entity_parser=entity_parser)
+    buckets = resolve_buckets(data.pop("buckets"), data["resolution"], cfg.model.base.family)  # None: square crops
+    return WebDatasetDataModule(**data, seed=cfg.seed, entity_parser=entity_parser, buckets=buckets)
 
 
 def build_signal_checkpoint(cfg):

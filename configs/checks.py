@@ -65,6 +65,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.shuffle_buffer": _NON_NEGATIVE,
     "data.epoch_batches": _POSITIVE,
     "data.prefetch_factor": _POSITIVE,
+    "data.buckets.step": _POSITIVE,
+    "data.buckets.min_aspect": ((lambda v: 0.0 < v <= 1.0), "expected a width/height ratio in (0, 1] (1: only the square)"),
+    "data.buckets.max_aspect": ((lambda v: v >= 1.0), "expected a width/height ratio >= 1 (1: only the square)"),
     "model.performance.peak_tflops": _above(0.0),
     "validation.every_n_steps": (_NON_NEGATIVE[0], "expected a number of steps >= 0 (0 turns validation off)"),
     "validation.num_inference_steps": _POSITIVE,
@@ -105,6 +108,20 @@ def entity_layer_sides(text: str) -> str | list[int]:
     return sides
 
 
+def check_buckets(cfg: DictConfig) -> None:
+    """``data.buckets``: a known mode, and a range and step that leave at least one bucket."""
+    from datamodules.buckets import bucket_sizes
+
+    buckets = cfg.data.buckets
+    if str(buckets.enabled).strip().lower() not in choices.BUCKET_MODES:
+        raise ConfigError(f"config key 'data.buckets.enabled' is {buckets.enabled!r}: expected one of "
+                          f"{', '.join(choices.BUCKET_MODES)} (auto: on for SDXL).")
+    try:
+        bucket_sizes(cfg.data.resolution, buckets.step, buckets.min_aspect, buckets.max_aspect)
+    except ValueError as error:
+        raise ConfigError(f"config key 'data.buckets' ({OmegaConf.to_container(buckets)}): {error}.") from None
+
+
 def check_choices(cfg: DictConfig) -> None:
     entity_layer_sides(cfg.model.objective.entity_layers)
     if not cfg.model.adapter.enabled and cfg.model.unet_training == "frozen":
@@ -114,6 +131,7 @@ def check_choices(cfg: DictConfig) -> None:
     if not cfg.model.adapter.enabled and cfg.model.objective.lambda_entity > 0:
         raise ConfigError("model.objective.lambda_entity > 0 needs the CAM (its targets include the fused LLM "
                           "tokens); set model.adapter.enabled=true or model.objective.lambda_entity=0")
+    check_buckets(cfg)
     resume = str(cfg.resume)
     if resume not in choices.RESUME_MODES and not resume.strip():
         raise ConfigError("config key 'resume' is empty: expected auto, never or a checkpoint path.")
@@ -224,6 +242,16 @@ def check_against_models(cfg: DictConfig) -> None:
             raise ConfigError(f"config key 'data.resolution' is {cfg.data.resolution}: the VAE of {base.pretrained} "
                               f"downsamples by {factor}, so the resolution must be a multiple of {factor} "
                               f"(e.g. {lower} or {lower + factor}).")
+    unet_levels = len(unet.get("down_block_types") or ()) if unet else 0
+    if vae and isinstance(vae.get("block_out_channels"), list) and unet_levels:
+        from datamodules.buckets import buckets_enabled, default_step
+
+        step = cfg.data.buckets.step or default_step(cfg.data.resolution)
+        multiple = 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (unet_levels - 1)
+        if buckets_enabled(cfg.data.buckets.enabled, base.family) and step % multiple:
+            raise ConfigError(f"config key 'data.buckets.step' is {step}: {base.pretrained} downsamples images by "
+                              f"{multiple} (VAE x UNet), so bucket sides must be multiples of {multiple}; use "
+                              f"a step of {max(multiple, step // multiple * multiple)} or {step // multiple * multiple + multiple}.")
     scheduler = model_json(base.pretrained, "scheduler/scheduler_config.json", base.revision)
     if scheduler and isinstance(scheduler.get("num_train_timesteps"), int):
         steps = scheduler["num_train_timesteps"]

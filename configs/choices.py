@@ -15,6 +15,8 @@ OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_fused", "adamw_8bit")  # model.pe
 LR_SCHEDULERS: tuple[str, ...] = ("constant_with_warmup", "cosine", "linear", "constant")
 ENTITY_LAYER_PRESETS: tuple[str, ...] = ("lowest", "all")
 RESUME_MODES: tuple[str, ...] = ("auto", "never")  # or a checkpoint path
+# data.buckets.enabled (aspect-ratio bucketing): auto is on for SDXL, off for SD1.5.
+BUCKET_MODES: tuple[str, ...] = ("auto", "true", "false")
 # Scores logged from the validation grids (evaluation/validation.py).
 VALIDATION_METRICS: tuple[str, ...] = ("shapes", "clip_score")
 

@@ -133,6 +133,16 @@ class ModelConfig:
 
 
 @dataclass
+class BucketConfig:
+    """Aspect-ratio bucketing (datamodules/buckets.py): each image is resized to cover, and cropped to, the
+    bucket of about resolution^2 pixels nearest its aspect ratio; a batch holds one bucket."""
+    enabled: str = "auto"       # auto (on for model.base.family=sdxl, off for sd15) | true | false
+    min_aspect: float = 0.5     # narrowest bucket, width / height (SDXL's own list reaches 0.25)
+    max_aspect: float = 2.0     # widest bucket, width / height (SDXL's: 4)
+    step: Optional[int] = None  # bucket sides are multiples of it; None: 64 at resolution >= 256, else 8
+
+
+@dataclass
 class DataConfig:
     shards: str = "data/synthetic-shapes"  # directory, brace pattern, pipe: command or manifest.json
     synthetic_if_missing: bool = True  # write small synthetic shards there when none exist
@@ -149,6 +159,7 @@ class DataConfig:
     precomputed_keys: list[str] = field(default_factory=list)
     pin_memory: bool = False        # page-locked batches: host-to-GPU copies run asynchronously (non_blocking)
     prefetch_factor: Optional[int] = None  # batches each worker keeps ready (PyTorch's default 2 when num_workers > 0)
+    buckets: BucketConfig = field(default_factory=BucketConfig)
 
 
 @dataclass

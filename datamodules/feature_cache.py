@@ -10,7 +10,8 @@ sample and under the same ``__key__``, the original members (caption ``txt``/``j
 ``drop_images``), so a cached shard is self-contained for training, plus the cached members named by
 :data:`datamodules.webdataset_datamodule.PRECOMPUTED_MEMBERS`:
 
-  ``latent_moments.npy``  (2C, h, w) VAE posterior mean and log-variance at ``data.resolution``, centre crop
+  ``latent_moments.npy``  (2C, h, w) VAE posterior mean and log-variance at ``data.resolution``, centre crop;
+                          with aspect-ratio buckets (``data.buckets``) at the image's bucket size instead
   ``llm_features.npy``    (tokens, dim) the caption's real tokens only (``tokens`` = its attention-mask sum);
                           all ``max_length`` tokens with ``model.llm.zero_padding=false``
   ``clip_features.npy``   (77, dim) CLIP's last hidden state (SDXL: both encoders' penultimate states)
@@ -54,6 +55,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from configs.errors import UserError, entry_point
+from datamodules.buckets import resolve_buckets
 from datamodules.prepare import member_info, write_json
 from datamodules.transforms import (
     IMAGE_EXTENSIONS,
@@ -184,7 +186,7 @@ def spacy_model_identity(model: str) -> str:
 # Data settings that decide which samples a run reads, not what any cached value is.
 DATA_NOT_IN_VALUES = ("shards", "synthetic_if_missing", "batch_size", "num_workers", "shuffle_buffer", "resampled",
                       "epoch_batches", "precomputed_keys")
-IMAGE_SETTINGS = ("resolution", "center_crop", "random_flip")
+IMAGE_SETTINGS = ("resolution", "center_crop", "random_flip", "buckets")
 # What each cached field depends on: whole config sections minus the settings listed as not affecting it
 # (a dotted key names a single setting). A setting added to one of these sections later joins the key
 # by itself; leaving it out takes an entry here. ``revision`` is part of the model's identity.
@@ -207,7 +209,16 @@ def _key_value(cfg: DictConfig, name: str, dotted: str, value: Any) -> Any:
         return model_identity(value, cfg.model.llm.revision) if value else None
     if dotted == "model.objective.entity_parser":
         return spacy_model_identity(entity_parser_name(cfg))
+    if dotted == "data.buckets":  # the buckets themselves (auto resolved by the family), not how they were asked for
+        return cache_buckets(cfg)
     return value
+
+
+def cache_buckets(cfg: DictConfig) -> Optional[list[list[int]]]:
+    """The (width, height) aspect-ratio buckets latents are cached at, or None (``data.resolution`` squares)."""
+    buckets = resolve_buckets(OmegaConf.select(cfg, "data.buckets"), int(cfg.data.resolution),
+                              str(OmegaConf.select(cfg, "model.base.family", default="sd15")))
+    return None if buckets is None else [list(b) for b in buckets]
 
 
 def field_key(cfg: DictConfig, name: str, cache_dtype: Optional[str] = None) -> dict[str, Any]:
@@ -500,8 +511,12 @@ class _TarOut:
 
 
 def cache_shard(url: str, out_path: str, encoders: FeatureEncoders, *, caption_keys: Sequence[str], resolution: int,
-                batch_size: int = 32, drop_images: bool = False) -> ShardStats:
+                batch_size: int = 32, drop_images: bool = False,
+                buckets: Optional[Sequence[Sequence[int]]] = None) -> ShardStats:
     """Writes the cache of one shard (atomically: tmp file, then rename) and returns its statistics.
+
+    With ``buckets`` each image's latents are at its aspect-ratio bucket's size (as training crops it), so
+    latents differ in shape between buckets; the VAE encodes each bucket's images of a batch together.
 
     A shard that cannot be opened at all raises ``SampleError("bad_shard")`` and writes nothing (a rerun
     retries it); a shard that breaks part-way is cached up to the break and counts one ``bad_shard``.
@@ -514,10 +529,17 @@ def cache_shard(url: str, out_path: str, encoders: FeatureEncoders, *, caption_k
     read_any = False
 
     def flush() -> None:
-        pixels = torch.stack([p for _, _, p, _ in pending]) if encoders.vae is not None else None  # (B, 3, H, W)
-        cached = encoders.encode([c for _, c, _, _ in pending], pixels)
+        # One encoder call per image size (one bucket; all samples without buckets), written in shard order.
+        sizes = [tuple(p.shape) if p is not None else () for _, _, p, _ in pending]
+        per_sample: list[dict[str, Any]] = [{} for _ in pending]
+        for size in dict.fromkeys(sizes):
+            members = [i for i, s in enumerate(sizes) if s == size]
+            pixels = torch.stack([pending[i][2] for i in members]) if encoders.vae is not None else None  # (B, 3, H, W)
+            cached = encoders.encode([pending[i][1] for i in members], pixels)
+            for j, i in enumerate(members):
+                per_sample[i] = {name: cached[name][j] for name in cached}
         for i, (raw, _, _, geometry) in enumerate(pending):
-            values = {name: cached[name][i] for name in cached}
+            values = per_sample[i]
             values.update(geometry)  # with the latents: the original size and crop SDXL is conditioned on
             if "llm_features" in values:
                 stats.llm_tokens += int(values["llm_features"].shape[0])
@@ -533,7 +555,8 @@ def cache_shard(url: str, out_path: str, encoders: FeatureEncoders, *, caption_k
                     pixels, geometry = None, {}
                     if encoders.vae is not None:
                         pixels, decoded_hw, crop = preprocess_image_with_geometry(
-                            find_image_member(raw), resolution, center_crop=True, random_flip=False)  # (3, H, W)
+                            find_image_member(raw), resolution, center_crop=True, random_flip=False,
+                            buckets=buckets)  # (3, H, W): the bucket's size with buckets
                         geometry = {"original_size": original_size(raw, decoded_hw), "crop_top_left": crop}
                 except SampleError as error:
                     stats.skipped[error.reason] += 1
@@ -703,7 +726,8 @@ def run_cache(cfg: DictConfig, shards: Any, output: str, fields: Sequence[str] =
         for url in todo:
             try:
                 stats = cache_shard(url, paths[url], encoders, caption_keys=list(cfg.data.caption_keys),
-                                    resolution=int(cfg.data.resolution), batch_size=batch_size, drop_images=drop_images)
+                                    resolution=int(cfg.data.resolution), batch_size=batch_size, drop_images=drop_images,
+                                    buckets=cache_buckets(cfg))
             except SampleError as error:
                 log(f"[rank {rank}] {url}: not cached ({error}); a rerun retries it")
                 failed.append(url)

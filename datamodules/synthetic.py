@@ -8,6 +8,10 @@ exact analyzer (``evaluation/shapes.py``) can check. Training samples never cont
 colour-shape combination (``shapes.HELD_OUT``). The ``json`` member records the scene, the phrasing and
 each object's pixel box. The same seed writes the same samples (and, with a fixed tar mtime, the same
 bytes).
+
+``sizes`` (a list of (width, height)) gives images of several shapes for aspect-ratio bucketing: sample
+``i`` is ``sizes[i % len(sizes)]``, its scene drawn on a square of the shorter side, centred on a plain
+background of the full size (its boxes in ``json`` shifted to match).
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import json
 import os
 import random
 import shutil
+from typing import Optional, Sequence
+
 import braceexpand
 import webdataset as wds
 from PIL import Image
 
 from datamodules.shapes import (  # noqa: F401 (COLORS, SHAPES re-exported)
-    COLORS, SHAPES, SHAPES_WORLD_VERSION, Scene, random_scene, render_scene,
+    BACKGROUND_RGB, COLORS, SHAPES, SHAPES_WORLD_VERSION, Scene, random_scene, render_scene,
 )
 
 SHARD_PATTERN = "shard-%06d.tar"
@@ -36,12 +42,26 @@ def encode_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def synthetic_sample(index: int, resolution: int, seed: int) -> dict:
-    """The WebDataset sample dict (members png / txt / json) of sample ``index``; same for the same seed."""
-    scene = random_scene(random.Random(f"synthetic/{seed}/{index}"), resolution)
+def synthetic_sample(index: int, resolution: int, seed: int, size: Optional[Sequence[int]] = None) -> dict:
+    """The WebDataset sample dict (members png / txt / json) of sample ``index``; same for the same seed.
+    ``size`` (width, height): the scene drawn at the shorter side, centred on a background of that size."""
+    if size is None:
+        scene = random_scene(random.Random(f"synthetic/{seed}/{index}"), resolution)
+        image = render_scene(Scene.from_dict(scene), resolution)
+    else:
+        width, height = int(size[0]), int(size[1])
+        side = min(width, height)
+        scene = random_scene(random.Random(f"synthetic/{seed}/{index}"), side)
+        left, top = (width - side) // 2, (height - side) // 2
+        image = Image.new("RGB", (width, height), BACKGROUND_RGB)
+        image.paste(render_scene(Scene.from_dict(scene), side), (left, top))
+        for obj in scene["objects"]:
+            x0, y0, x1, y1 = obj["bbox"]
+            obj["bbox"] = [x0 + left, y0 + top, x1 + left, y1 + top]
+        scene["image_size"] = [width, height]
     return {
         "__key__": f"sample-{index:06d}",
-        "png": encode_png(render_scene(Scene.from_dict(scene), resolution)),
+        "png": encode_png(image),
         "txt": scene["caption"],
         "json": json.dumps(scene, sort_keys=True).encode("utf-8"),
     }
@@ -53,17 +73,20 @@ def write_synthetic_shards(
     samples_per_shard: int = 128,
     resolution: int = 32,
     seed: int = 0,
+    sizes: Optional[Sequence[Sequence[int]]] = None,
 ) -> list[str]:
-    """Write ``num_samples`` samples into ``directory/shard-000000.tar`` ...; returns the shard paths."""
+    """Write ``num_samples`` samples into ``directory/shard-000000.tar`` ...; returns the shard paths.
+    ``sizes``: (width, height) of the images, taken in turn (default: ``resolution`` squares)."""
     if num_samples <= 0 or samples_per_shard <= 0:
         raise ValueError(f"num_samples ({num_samples}) and samples_per_shard ({samples_per_shard}) must be positive")
-    if resolution < 8:
-        raise ValueError(f"resolution must be at least 8 pixels to draw shapes, got {resolution}")
+    if resolution < 8 or (sizes and min(min(s) for s in sizes) < 8):
+        raise ValueError(f"images must be at least 8 pixels a side to draw shapes, got resolution {resolution}, "
+                         f"sizes {sizes}")
     os.makedirs(directory, exist_ok=True)
     pattern = os.path.join(directory, SHARD_PATTERN)
     with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, mtime=0.0) as writer:
         for index in range(num_samples):
-            writer.write(synthetic_sample(index, resolution, seed))
+            writer.write(synthetic_sample(index, resolution, seed, sizes[index % len(sizes)] if sizes else None))
     num_shards = -(-num_samples // samples_per_shard)
     return [pattern % i for i in range(num_shards)]
 

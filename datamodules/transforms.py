@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 from configs import choices
+from datamodules.buckets import assign_bucket
 
 SKIP_REASONS: tuple[str, ...] = choices.SAMPLE_SKIP_REASONS  # index order of batch["skipped"]
 IMAGE_EXTENSIONS: tuple[str, ...] = choices.IMAGE_EXTENSIONS
@@ -102,18 +103,37 @@ def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
     return image.resize(new_size, resample=Image.Resampling.BICUBIC)
 
 
-def crop_box(size: tuple[int, int], resolution: int, center: bool, rng: Optional[random.Random]) -> tuple[int, int, int, int]:
-    """The (left, top, right, bottom) box of a ``resolution`` square inside an image of ``size``."""
+def resize_to_cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize (bicubic, keeping the aspect ratio) to the smallest size that covers ``size`` = (width, height):
+    an aspect-ratio bucket is then cropped from it. For a square ``size`` this is :func:`resize_shorter_side`."""
+    target_width, target_height = size
+    if target_width == target_height:
+        return resize_shorter_side(image, target_width)
+    if target_width <= 0 or target_height <= 0:
+        raise ValueError(f"the target size must be positive, got {size}")
+    width, height = image.size
+    scale = max(target_width / width, target_height / height)
+    new_size = (max(target_width, round(width * scale)), max(target_height, round(height * scale)))
+    if new_size == (width, height):
+        return image
+    return image.resize(new_size, resample=Image.Resampling.BICUBIC)
+
+
+def crop_box(size: tuple[int, int], resolution: int | tuple[int, int], center: bool,
+             rng: Optional[random.Random]) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) box of a ``resolution`` square, or of a (width, height) bucket, inside
+    an image of ``size``."""
     width, height = size
-    if width < resolution or height < resolution:
+    crop_width, crop_height = (resolution, resolution) if isinstance(resolution, int) else resolution
+    if width < crop_width or height < crop_height:
         raise ValueError(f"image {size} is smaller than the crop {resolution}; resize it first")
     if center:
-        left, top = (width - resolution) // 2, (height - resolution) // 2
+        left, top = (width - crop_width) // 2, (height - crop_height) // 2
     else:
         if rng is None:
             raise ValueError("a random crop needs an explicit random.Random (rng) for reproducibility")
-        left, top = rng.randint(0, width - resolution), rng.randint(0, height - resolution)
-    return left, top, left + resolution, top + resolution
+        left, top = rng.randint(0, width - crop_width), rng.randint(0, height - crop_height)
+    return left, top, left + crop_width, top + crop_height
 
 
 def maybe_flip(image: Image.Image, random_flip: bool, rng: Optional[random.Random]) -> Image.Image:
@@ -150,13 +170,18 @@ def preprocess_image_with_geometry(
     center_crop: bool = True,
     random_flip: bool = False,
     rng: Optional[random.Random] = None,
+    buckets: Optional[Sequence[Sequence[int]]] = None,
 ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
     """Like :func:`preprocess_image`, also returning what SDXL is conditioned on: the decoded image's
     (height, width) and the crop's (top, left) in the resized image, mirrored when the crop was flipped
-    (as diffusers' SDXL trainer records them)."""
+    (as diffusers' SDXL trainer records them).
+
+    With ``buckets`` ((width, height) sizes, ``datamodules.buckets``) the image is resized to cover the
+    bucket nearest its aspect ratio and cropped to it: the tensor is (3, bucket height, bucket width)."""
     decoded = decode_image(data)
-    image = resize_shorter_side(decoded, resolution)
-    box = crop_box(image.size, resolution, center_crop, rng)
+    size = (resolution, resolution) if buckets is None else assign_bucket(decoded.size[0], decoded.size[1], buckets)
+    image = resize_to_cover(decoded, size)
+    box = crop_box(image.size, resolution if buckets is None else size, center_crop, rng)
     cropped = image.crop(box)
     flipped = maybe_flip(cropped, random_flip, rng)
     left = image.size[0] - box[2] if flipped is not cropped else box[0]  # the mirrored crop's left edge

@@ -13,7 +13,9 @@ member naming), each of them deterministic:
   shuffle buffer  seeded from (seed, epoch, rank, worker)
   decode          caption, then pixels (skipped when latents are precomputed) or cached members; a
                   bad sample raises ``SampleError`` and is counted, never fatal
-  batch           batching happens inside the worker (cheap IPC: one pickled batch, not B samples)
+  batch           batching happens inside the worker (cheap IPC: one pickled batch, not B samples);
+                  with aspect-ratio ``buckets`` (``datamodules/buckets.py``) the worker keeps one waiting
+                  list per bucket and a batch is one full list, so every batch is one bucket
 
 Position and resume. Every batch carries ``batch["position"]``: its epoch, the logical worker that
 made it, that worker's batch count and its *cursor* (how many shuffled raw samples it had used). The
@@ -29,6 +31,14 @@ different num_workers or world size restarts the saved epoch from its beginning,
 and ``persistent_workers`` off (the epoch and the resume position reach the workers when the
 DataLoader starts them, once per pass).
 
+Buckets. Samples waiting in a partly filled bucket were taken from the stream before the cursor, so
+the snapshot also names them by place (``"groups"``); a resumed worker re-reads and re-decodes them
+(decoding is a pure function of seed, epoch and key). When a worker's data ends, its partly filled
+buckets are emitted as smaller batches, one per bucket in (height, width) order: an epoch without
+``epoch_batches`` uses every sample once. Under ``epoch_batches`` the stream repeats, so only full
+batches are made and samples still waiting when the quota is reached are not used that epoch. With
+cached latents the bucket of a sample is the size of its latents (``cache.py`` writes them at it).
+
 Epochs. The data epoch is this module's own counter, not the trainer's: it advances when a pass
 over the train DataLoader runs to its end, so a pass stopped early (``limit_train_batches``, a
 ``break``) is continued by the next pass. No ``reload_dataloaders_every_n_epochs`` is needed.
@@ -36,7 +46,7 @@ over the train DataLoader runs to its end, so a pass stopped early (``limit_trai
 DDP. Set ``epoch_batches``: every rank then yields exactly that many full batches per epoch
 (shards repeat within the epoch if needed, each repeat round going through the shuffle buffer on
 its own, so a rank whose shards hold exactly epoch_batches x batch_size samples uses each sample once
-per epoch), so ranks with fewer samples never leave the others waiting in a collective. Without it, ranks get ``len(shards) / world_size`` shards each and may
+per epoch; with buckets, samples waiting in a partly filled bucket at the quota are not), so ranks with fewer samples never leave the others waiting in a collective. Without it, ranks get ``len(shards) / world_size`` shards each and may
 finish at different times.
 """
 
@@ -446,6 +456,7 @@ class StreamConfig:
     epoch_batches: Optional[int]
     precomputed_keys: tuple[str, ...]
     entity_parser: Optional[str] = None  # spaCy model: parse captions in the worker (unless cached)
+    buckets: Optional[list[tuple[int, int]]] = None  # (width, height) aspect-ratio buckets; None: square crops
 
 
 class ShardStream(IterableDataset):
@@ -570,10 +581,33 @@ class ShardStream(IterableDataset):
         if "latent_moments" not in c.precomputed_keys:  # with cached latents the image is never decoded
             rng = sample_rng(c.seed, self.plan.epoch, key)
             sample["pixel_values"], decoded_hw, sample["crop_top_left"] = preprocess_image_with_geometry(
-                find_image_member(raw), c.resolution, c.center_crop, c.random_flip, rng
-            )  # (3, H, W); SDXL's size/crop conditioning: (h, w) and (top, left) pixels
+                find_image_member(raw), c.resolution, c.center_crop, c.random_flip, rng, c.buckets
+            )  # (3, H, W), H x W the bucket's with buckets; SDXL's size/crop conditioning: (h, w) and (top, left) pixels
             sample["original_size"] = original_size(raw, decoded_hw)
         return sample
+
+    def _group(self, sample: Mapping[str, Any]) -> tuple[int, ...]:
+        """The batch group of a decoded sample: its bucket's (height, width) -- of the pixels, or of the cached
+        latents, which the cache wrote at the bucket's size -- with buckets; one group without."""
+        if self.config.buckets is None:
+            return ()
+        image = sample["pixel_values"] if "pixel_values" in sample else sample["latent_moments"]
+        return tuple(int(v) for v in image.shape[-2:])
+
+    def _restore_groups(self, worker: int, start: WorkerPosition) -> dict[tuple[int, ...], list[tuple[Any, dict[str, Any]]]]:
+        """The bucket contents saved in ``start.snapshot`` (samples taken from the stream but not yet batched),
+        re-read by place and decoded again (a pure function of seed, epoch and key)."""
+        saved = (start.snapshot or {}).get("groups") or []
+        groups: dict[tuple[int, ...], list[tuple[Any, dict[str, Any]]]] = {}
+        for places in saved:
+            for raw in self._fetch(worker, places):
+                try:
+                    sample = self._decode(raw)
+                except SampleError as error:
+                    raise RuntimeError(f"cannot resume the data position: bucketed sample {raw['__key__']} no longer "
+                                       f"decodes ({error}); were the shards changed?") from error
+                groups.setdefault(self._group(sample), []).append((raw["__place__"], sample))
+        return groups
 
     def _worker_batches(self, worker: int, start: WorkerPosition) -> Iterator[dict[str, Any]]:
         c, p = self.config, self.plan
@@ -582,16 +616,20 @@ class ShardStream(IterableDataset):
             return
         counts = [0] * len(SKIP_REASONS)
         raw, place, cursor = self._stream(worker, counts, start)
+        # Samples waiting for their batch, per group (bucket): a batch is made of one group only. Without
+        # buckets there is one group, emptied by every batch, so a snapshot never holds any.
+        groups = self._restore_groups(worker, start)
 
         def snapshot() -> dict[str, Any]:  # where the stream stands now, for WorkerPosition.snapshot
-            return {"place": dict(place), **raw.state()}
+            waiting = [[list(place_) for place_, _ in groups[g]] for g in sorted(groups) if groups[g]]
+            return {"place": dict(place), **raw.state(), "groups": waiting}
 
         reported = list(counts)
         batches = start.batches
 
-        def finish(samples: list[dict[str, Any]], cursor_after: int, counts_after: list[int],
+        def finish(samples: list[tuple[Any, dict[str, Any]]], cursor_after: int, counts_after: list[int],
                    stream_state: dict[str, Any]) -> dict[str, Any]:
-            batch = collate_samples(samples)
+            batch = collate_samples([sample for _, sample in samples])
             if c.entity_parser and "entities" not in batch:
                 batch["entities"] = parse_entities(c.entity_parser, batch["captions"])
             batch["skipped"] = torch.tensor([n - r for n, r in zip(counts_after, reported)], dtype=torch.long)
@@ -610,9 +648,9 @@ class ShardStream(IterableDataset):
         # A full batch is held until the next good sample is found (or the data ends), so skips that
         # follow it travel with it and its cursor points exactly where the next batch starts. It
         # reports the counts as they stood *before* that sample was pulled (``counts_at_cursor``):
-        # a broken shard met while pulling it is replayed, and counted, by a resumed run.
-        held: Optional[list[dict[str, Any]]] = None
-        pending: list[dict[str, Any]] = []
+        # a broken shard met while pulling it is replayed, and counted, by a resumed run. The groups
+        # do not change between the batch and that sample, so the snapshot names what they hold then.
+        held: Optional[list[tuple[Any, dict[str, Any]]]] = None
         counts_at_cursor = list(counts)
         state_at_cursor: Optional[dict[str, Any]] = None  # the stream's snapshot while a batch is held
         failures_in_a_row = 0
@@ -636,22 +674,29 @@ class ShardStream(IterableDataset):
             if held is not None:
                 yield finish(held, cursor, counts_at_cursor, state_at_cursor)
                 held = None
-            pending.append(sample)
+            group = self._group(sample)
+            pending = groups.setdefault(group, [])
+            pending.append((raw_sample["__place__"], sample))
             cursor += 1
             counts_at_cursor = list(counts)
             if len(pending) == c.batch_size:
+                del groups[group]
                 batches += 1
                 if quota is not None and batches == quota:
                     yield finish(pending, cursor, counts_at_cursor, snapshot())
                     return
-                held, pending = pending, []
+                held = pending
                 state_at_cursor = snapshot()
-        # End of this worker's data: everything met so far is reported with its last batch.
+        # End of this worker's data: everything met so far is reported with its last batch. Partly filled
+        # groups follow as smaller batches, one per group in group order (with buckets: by bucket height,
+        # then width), so every sample of the epoch is trained on once and every batch stays one bucket.
         if held is not None:
             yield finish(held, cursor, list(counts), snapshot())
-        if pending:
-            batches += 1
-            yield finish(pending, cursor, list(counts), snapshot())
+        for group in sorted(groups):
+            pending = groups.pop(group)
+            if pending:
+                batches += 1
+                yield finish(pending, cursor, list(counts), snapshot())
 
 
 class _PassDataLoader(DataLoader):
@@ -685,7 +730,8 @@ class WebDatasetDataModule(L.LightningDataModule):
     Batch contract (a dict):
       ``keys``          list[str], the samples' ``__key__``
       ``captions``      list[str]
-      ``pixel_values``  (B, 3, H, W) float32 in [-1, 1]; absent when ``latents`` are precomputed
+      ``pixel_values``  (B, 3, H, W) float32 in [-1, 1]; absent when ``latents`` are precomputed. H x W is
+                        resolution squared, or with ``buckets`` (a list of (width, height)) the batch's bucket
       ``latent_moments`` (B, 2C, h, w) float32 VAE posterior mean and log-variance, when ``"latent_moments"`` is in ``precomputed_keys``
       ``llm_features``  (B, L, D) float32 zero-padded to the batch's longest, with
       ``llm_mask``      (B, L) bool, True on real tokens, when ``"llm_features"`` is enabled
@@ -718,6 +764,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         prefetch_factor: Optional[int] = None,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
+        buckets: Optional[Sequence[Sequence[int]]] = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -736,6 +783,11 @@ class WebDatasetDataModule(L.LightningDataModule):
                              f"batches are only prefetched by worker processes")
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither (then they come from the trainer)")
+        if buckets is not None:
+            buckets = [(int(w), int(h)) for w, h in buckets]
+            if not buckets or any(w <= 0 or h <= 0 for w, h in buckets) or len(set(buckets)) != len(buckets):
+                raise ValueError(f"buckets must be distinct positive (width, height) sizes "
+                                 f"(datamodules.buckets.bucket_sizes), got {buckets}")
         self.shards_spec = shards if isinstance(shards, str) else [str(s) for s in shards]
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
@@ -753,6 +805,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         self.pin_memory = bool(pin_memory)
         self.prefetch_factor = prefetch_factor
         self._explicit_rank = None if rank is None else (int(rank), int(world_size))
+        self.buckets: Optional[list[tuple[int, int]]] = buckets
         self._shards: Optional[list[str]] = None
         # Data position (this rank), advanced by on_batch_consumed.
         self._epoch = 0
@@ -799,6 +852,7 @@ class WebDatasetDataModule(L.LightningDataModule):
             epoch_batches=self.epoch_batches,
             precomputed_keys=self.precomputed_keys,
             entity_parser=self.entity_parser,
+            buckets=None if self.buckets is None else list(self.buckets),
         )
         return _PassDataLoader(
             ShardStream(config),
@@ -819,7 +873,10 @@ class WebDatasetDataModule(L.LightningDataModule):
         if self._explicit_rank is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             ranks = [None] * dist.get_world_size()
             dist.all_gather_object(ranks, local)
-        return {"seed": self.seed, "batch_size": self.batch_size, "ranks": ranks}
+        return {"seed": self.seed, "batch_size": self.batch_size, "buckets": self._bucket_state(), "ranks": ranks}
+
+    def _bucket_state(self) -> Optional[list[list[int]]]:
+        return None if self.buckets is None else [list(b) for b in self.buckets]
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the position; it is applied when the train DataLoader is next iterated."""
@@ -827,6 +884,12 @@ class WebDatasetDataModule(L.LightningDataModule):
             warnings.warn(
                 f"data position saved with seed={state_dict.get('seed')}, batch_size={state_dict.get('batch_size')} "
                 f"but configured seed={self.seed}, batch_size={self.batch_size}: the resumed stream will differ",
+                stacklevel=2,
+            )
+        if state_dict.get("buckets") != self._bucket_state():
+            warnings.warn(
+                f"data position saved with aspect-ratio buckets {state_dict.get('buckets')} but configured with "
+                f"{self._bucket_state()}: the resumed stream will differ (samples waiting in a bucket are lost)",
                 stacklevel=2,
             )
         self._loaded_ranks = list(state_dict["ranks"])

@@ -109,6 +109,8 @@ CASES = [
     ("train", [T, "model.optim.scheduler=cosin"], "cosin"),
     ("train", [T, "model.objective.entity_layers=foo"], "foo"),
     ("train", [T, "data.num_workers=-1"], "num_workers' is -1"),
+    ("train", [T, "data.buckets.enabled=maybe"], "'maybe'"),
+    ("train", [T, "data.buckets.enabled=true", "data.buckets.step=6"], "step' is 6"),
     ("train", [T, "model.adapter.num_heads=four"], "four"),
     ("train", [T, "validation.scheduler=DDIMSchedular"], "DDIMSchedular"),
     ("train", ["--config", "configs/nope.yaml"], "configs/nope.yaml"),

@@ -20,20 +20,25 @@ CAPTIONS = [b"a red circle and a blue square", b"a green triangle", b"a yellow s
             b"a white circle"]
 
 
-@pytest.fixture(scope="module")
-def sdxl_cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sdxl_cache")
-    (root / "source").mkdir()
-    sizes = [(48, 32), (32, 40), (32, 32), (64, 36)]  # (width, height): crops along either side, or none
-    write_tar(root / "source" / "shard-000000.tar", [
-        (f"s{i}", {"png": image_bytes(w, h), "txt": CAPTIONS[i],
-                   **({"json": json.dumps({"original_size": [640, 480]}).encode()} if i == 3 else {})})
-        for i, (w, h) in enumerate(sizes)])
-    out = str(root / "cache")
-    assert cache.main(["--config", "configs/tiny_sdxl.yaml", "--shards", str(root / "source"), "--output", out,
-                       "--fields", "latent_moments,llm_features,clip_features", "--dtype", "float32",
+def write_cache(root, *overrides):
+    if not (root / "source").exists():
+        (root / "source").mkdir()
+        sizes = [(48, 32), (32, 40), (32, 32), (64, 36)]  # (width, height): crops along either side, or none
+        write_tar(root / "source" / "shard-000000.tar", [
+            (f"s{i}", {"png": image_bytes(w, h), "txt": CAPTIONS[i],
+                       **({"json": json.dumps({"original_size": [640, 480]}).encode()} if i == 3 else {})})
+            for i, (w, h) in enumerate(sizes)])
+    out = str(root / ("cache-buckets" if not overrides else "cache"))
+    assert cache.main(["--config", "configs/tiny_sdxl.yaml", *overrides, "--shards", str(root / "source"), "--output",
+                       out, "--fields", "latent_moments,llm_features,clip_features", "--dtype", "float32",
                        "--device", "cpu", "--rank", "0", "--world-size", "1"]) == 0
     return root / "source", out
+
+
+@pytest.fixture(scope="module")
+def sdxl_cache(tmp_path_factory):
+    """A cache of 32 x 32 centre crops (buckets off; SDXL's default is on, see the bucketed test below)."""
+    return write_cache(tmp_path_factory.mktemp("sdxl_cache"), "data.buckets.enabled=false")
 
 
 @pytest.mark.slow
@@ -61,3 +66,42 @@ def test_sdxl_loss_from_the_cache_equals_the_online_loss(sdxl_cache):
                                         generator=torch.Generator().manual_seed(0))["loss"] for batch in (online, cached)]
     print(f"SDXL online {losses[0].item():.8f} cached {losses[1].item():.8f}")
     assert abs(losses[0].item() - losses[1].item()) < 1e-5
+
+
+@pytest.mark.slow
+def test_bucketed_sdxl_cache_holds_latents_at_each_bucket_and_gives_the_online_loss(tmp_path):
+    """SDXL buckets by default: the cache stores each image's latents at its bucket's size, the loader
+    batches them by bucket, and the loss from the cache equals the online one, bucket for bucket."""
+    from datamodules.buckets import bucket_sizes
+    from datamodules.webdataset_datamodule import WebDatasetDataModule
+
+    source, out = write_cache(tmp_path)
+    key = json.loads(open(os.path.join(out, "cache_key.json")).read())
+    assert key["fields"]["latent_moments"]["data.buckets"] == [[24, 40], [32, 32], [40, 24]]
+    buckets = bucket_sizes(32)
+
+    def batches(shards, precomputed_keys):
+        dm = WebDatasetDataModule(shards, batch_size=2, shuffle_buffer=0, shuffle_shards=False, resolution=32,
+                                  precomputed_keys=precomputed_keys, buckets=buckets)
+        return list(dm.train_dataloader())
+
+    online = batches(os.path.join(source, "shard-000000.tar"), ())
+    cached = batches(os.path.join(out, "shard-000000.tar"), ["latent_moments", "llm_features", "clip_features"])
+    # 48 x 32 and 64 x 36 go to the 40 x 24 bucket, 32 x 40 and 32 x 32 to the square.
+    assert [b["keys"] for b in online] == [b["keys"] for b in cached] == [["s1", "s2"], ["s0", "s3"]]
+    module = make_module(OmegaConf.to_container(load_config("configs/tiny_sdxl.yaml").model, resolve=True)).eval()
+    for on, off in zip(online, cached):
+        height, width = on["pixel_values"].shape[-2:]
+        assert off["latent_moments"].shape == (2, 8, height // 2, width // 2)  # the tiny VAE halves each side
+        for name in ("original_size", "crop_top_left"):
+            assert torch.equal(off[name], on[name])
+        g = torch.Generator().manual_seed(1)
+        noise, timesteps = torch.randn(2, 4, height // 2, width // 2, generator=g), torch.randint(100, 900, (2,), generator=g)
+        drop = torch.tensor([False, False])
+        with torch.no_grad():
+            losses = [module.compute_losses(batch, noise=noise, timesteps=timesteps, drop=drop,
+                                            generator=torch.Generator().manual_seed(0))["loss"] for batch in (on, off)]
+        assert abs(losses[0].item() - losses[1].item()) < 1e-5
+    assert online[1]["pixel_values"].shape[-2:] == (24, 40)
+    # Resized to cover 40 x 24, then centre-cropped: 48 x 32 -> 40 x 27 (top 1), 64 x 36 -> 43 x 24 (left 1).
+    assert online[1]["crop_top_left"].tolist() == [[1, 0], [0, 1]]
