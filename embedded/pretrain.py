@@ -20,7 +20,7 @@ The result is a diffusers Stable Diffusion folder (``model_index.json``, ``vae/`
 the analyzer's score of the base's samples on single-object prompts. Finished stages are kept under
 ``OUTPUT/stages/`` and reused when the command is run again (an interrupted run resumes at the stage).
 
-    nice -n 19 python -m embedded.pretrain --output runs/pretrain --seed 0 --install-to embedded/shapes_sd
+    nice -n 19 python -m embedded.pretrain --output runs/pretrain --seed 0 [--install-to DIR]
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class PretrainConfig:
     unet_steps: int = 4000
     unet_ema_decay: float = 0.999    # the saved UNet is the EMA of its weights
     unet_batch: int = 32
+    unet_checkpoint_every: int = 500  # steps between resumable saves of the UNet stage (sessions end)
     unet_lr: float = 5e-4
     warmup_steps: int = 200
     caption_dropout: float = 0.1
@@ -71,7 +72,7 @@ class PretrainConfig:
     eval_steps: int = 25
     eval_guidance: float = 5.0
     max_minutes: Optional[float] = None  # stop each stage after this long (feasibility runs); None: all steps
-    install_to: Optional[str] = None     # also copy the base, its log and sample grid here (embedded/shapes_sd)
+    install_to: Optional[str] = None     # also copy the base, its log and sample grid here (a folder to ship)
 
 
 # ---------------------------------------------------------------- data
@@ -239,7 +240,10 @@ def train_clip(images: torch.Tensor, token_ids: torch.Tensor, cfg: PretrainConfi
 
 
 def train_unet(latent_moments: torch.Tensor, token_ids: torch.Tensor, empty_ids: torch.Tensor, text_encoder,
-               scaling_factor: float, cfg: PretrainConfig, generator: torch.Generator):
+               scaling_factor: float, cfg: PretrainConfig, generator: torch.Generator, partial: Optional[Path] = None):
+    """The UNet stage; with ``partial``, saved there every ``unet_checkpoint_every`` steps (weights, EMA,
+    optimizer, schedule, generator, loss curve) and continued from it when it exists: an interrupted
+    stage resumes at its last save, to the same weights an uninterrupted run reaches."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
@@ -249,9 +253,19 @@ def train_unet(latent_moments: torch.Tensor, token_ids: torch.Tensor, empty_ids:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.unet_steps))
     log = StageLog("unet", cfg.unet_steps, cfg.log_every, cfg.max_minutes)
     ema = EMAModel(unet.parameters(), decay=cfg.unet_ema_decay)
+    first = 0
+    if partial is not None and partial.exists():
+        state = torch.load(partial, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        ema.load_state_dict(state["ema"])
+        generator.set_state(state["generator"])
+        log.curve, first = [tuple(p) for p in state["curve"]], state["step"]
+        print(f"[unet] resuming at step {first} from {partial}", flush=True)
     text_encoder.requires_grad_(False)
     unet.train()
-    for step in range(cfg.unet_steps):
+    for step in range(first, cfg.unet_steps):
         index = torch.randint(0, len(latent_moments), (cfg.unet_batch,), generator=generator)
         # The posterior means: this VAE's posterior is wide (std ~0.6 per latent at KL weight 1e-6, its decoder
         # robust to it), and a UNet fed samples spends its CPU budget on that white noise and draws noise.
@@ -272,6 +286,11 @@ def train_unet(latent_moments: torch.Tensor, token_ids: torch.Tensor, empty_ids:
         schedule.step()
         ema.step(unet.parameters())
         log.record(step, loss.item())
+        if partial is not None and (step + 1) % cfg.unet_checkpoint_every == 0 and step + 1 < cfg.unet_steps:
+            torch.save({"unet": unet.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                        "ema": ema.state_dict(), "generator": generator.get_state(), "curve": log.curve,
+                        "step": step + 1}, partial.with_suffix(".tmp"))
+            os.replace(partial.with_suffix(".tmp"), partial)
         if log.out_of_time():
             break
     ema.copy_to(unet.parameters())
@@ -348,6 +367,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + len(log.get("stages", {})))
         model, summary = build(generator)
         model.save_pretrained(folder)
+        (stages / f"{name}.partial.pt").unlink(missing_ok=True)  # the finished stage replaces its last save
         log.setdefault("stages", {})[name] = summary
         log_path.write_text(json.dumps(log, indent=2))
         return model
@@ -359,7 +379,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         latent_moments = torch.cat([vae.encode(to_pixels(images[i:i + 256])).latent_dist.parameters
                                     for i in range(0, len(images), 256)])  # (N, 8, h, w): mean, logvar
     unet = stage("unet", lambda g: train_unet(latent_moments, token_ids, empty_ids, text_encoder,
-                                              vae.config.scaling_factor, cfg, g),
+                                              vae.config.scaling_factor, cfg, g, stages / "unet.partial.pt"),
                  UNet2DConditionModel.from_pretrained)
 
     base = save_base(output / "base", vae, text_encoder, unet)

@@ -61,6 +61,32 @@ def test_pretrain_writes_a_loadable_base_reproducibly(tmp_path):
         (base / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
+def test_an_interrupted_unet_stage_resumes_from_its_last_save_to_the_same_weights(tmp_path, monkeypatch):
+    import embedded.pretrain as pretrain_module
+
+    settings = {**TOY, "unet_steps": 4, "unet_checkpoint_every": 2}
+    pretrain(PretrainConfig(output=str(tmp_path / "straight"), **settings))
+    real_record = pretrain_module.StageLog.record
+
+    def interrupt_at_step_3(self, step, loss):
+        real_record(self, step, loss)
+        if self.name == "unet" and step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain_module.StageLog, "record", interrupt_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(PretrainConfig(output=str(tmp_path / "resumed"), **settings))
+    partial = tmp_path / "resumed" / "stages" / "unet.partial.pt"
+    assert torch.load(partial, weights_only=False)["step"] == 2
+    monkeypatch.setattr(pretrain_module.StageLog, "record", real_record)
+    pretrain(PretrainConfig(output=str(tmp_path / "resumed"), **settings))
+    assert not partial.exists()
+    weights = [(tmp_path / run / "base" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+               for run in ("straight", "resumed")]
+    assert weights[0] == weights[1]
+
+
 def test_binding_probe_is_chance_for_a_bag_of_words_model_and_perfect_for_a_binding_one():
     """The probe itself: a model that scores captions by the bag of their words scores a caption and its
     swap the same, and a tie is not a preference (0); one that binds colours to shapes reaches 1."""
