@@ -166,7 +166,8 @@ def first_batch(shards, precomputed_keys):
 
 
 def test_loss_from_the_cache_equals_the_online_loss(source_dir, cache_dir, tiny_model_config):
-    module = make_module(tiny_model_config).eval()
+    # posterior samples (the SD configs' setting): the cached moments must be sampled as the online ones
+    module = make_module(tiny_model_config, **{"objective.latents": "sample"}).eval()
     online = first_batch(os.path.join(source_dir, "shard-000000.tar"), ())
     cached = first_batch(os.path.join(cache_dir, "shard-000000.tar"),
                          ["latent_moments", "llm_features", "clip_features"])
