@@ -74,10 +74,8 @@ class LoraConfig:
 @dataclass
 class ObjectiveConfig:
     caption_dropout: float = 0.1       # share of captions replaced by "" (classifier-free guidance)
-    # What the UNet learns to draw: the VAE posterior's mean, or a sample of it (diffusers' SD training).
-    # For SD's VAE the two differ by ~1e-3 of the latent scale; the embedded shapes base's VAE has a wide
-    # posterior and was pretrained on means (embedded/pretrain.py), so the default is mean.
-    latents: str = "mean"
+    # What the UNet learns to draw: a sample of the VAE posterior (diffusers' SD training) or its mean.
+    latents: str = "sample"
     min_snr_gamma: Optional[float] = None
     noise_offset: float = 0.0
     # Entity-guided regularization (losses/entity.py): total = diffusion + lambda_entity * entity.

@@ -88,7 +88,7 @@ def write_random_sd15(directory: str | os.PathLike, seed: int = 0, device: str =
         unet, vae, text = sd15_unet(device), sd15_vae(device), clip_l_text(device)
     pipe = StableDiffusionPipeline(
         vae=vae.to(dtype), text_encoder=text.to(dtype), tokenizer=CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR),
-        unet=unet.to(dtype), scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+        unet=unet.to(dtype), scheduler=PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     pipe.save_pretrained(directory)
     return Path(directory)

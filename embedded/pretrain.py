@@ -11,7 +11,7 @@ Three stages, each on training-split scenes only (no held-out colour-shape combi
    records ``binding_probe_swapped_colours``: how often it prefers an image's caption over the same
    caption with colours swapped (0.5: blind to binding).
 3. ``unet``: the SD-shaped tiny UNet (``TINY_UNET``) trained with the epsilon objective on the frozen
-   VAE's latent means (its posterior is wide: samples of it would bury the scenes in white noise), conditioned on the frozen text encoder's last hidden state, captions dropped to ""
+   VAE's latents (posterior samples, as SD is trained), conditioned on the frozen text encoder's last hidden state, captions dropped to ""
    with probability ``caption_dropout`` (so classifier-free guidance works).
 
 The result is a diffusers Stable Diffusion folder (``model_index.json``, ``vae/``, ``text_encoder/``,
@@ -60,7 +60,7 @@ class PretrainConfig:
     clip_steps: int = 3000
     clip_batch: int = 128
     clip_lr: float = 5e-4
-    unet_steps: int = 4000
+    unet_steps: int = 5000
     unet_ema_decay: float = 0.999    # the saved UNet is the EMA of its weights
     unet_batch: int = 32
     unet_checkpoint_every: int = 500  # steps between resumable saves of the UNet stage (sessions end)
@@ -248,7 +248,7 @@ def train_unet(latent_moments: torch.Tensor, token_ids: torch.Tensor, empty_ids:
     from diffusers.training_utils import EMAModel
 
     unet = UNet2DConditionModel(**{**TINY_UNET, "sample_size": latent_moments.shape[-1]})
-    noise_scheduler = DDPMScheduler.from_config({**SD15_SCHEDULER, "clip_sample": False})  # as training reads SD
+    noise_scheduler = DDPMScheduler.from_config(SD15_SCHEDULER)  # as training reads SD
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.unet_steps))
     log = StageLog("unet", cfg.unet_steps, cfg.log_every, cfg.max_minutes)
@@ -267,9 +267,9 @@ def train_unet(latent_moments: torch.Tensor, token_ids: torch.Tensor, empty_ids:
     unet.train()
     for step in range(first, cfg.unet_steps):
         index = torch.randint(0, len(latent_moments), (cfg.unet_batch,), generator=generator)
-        # The posterior means: this VAE's posterior is wide (std ~0.6 per latent at KL weight 1e-6, its decoder
-        # robust to it), and a UNet fed samples spends its CPU budget on that white noise and draws noise.
-        latents = latent_moments[index].chunk(2, dim=1)[0] * scaling_factor  # (B, 4, h, w)
+        mean, logvar = latent_moments[index].chunk(2, dim=1)                 # (B, 4, h, w) each
+        logvar = logvar.clamp(-30.0, 20.0)                                  # as diffusers' posterior does
+        latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)) * scaling_factor
         ids = token_ids[index].clone()
         drop = torch.rand(cfg.unet_batch, generator=generator) < cfg.caption_dropout
         ids[drop] = empty_ids

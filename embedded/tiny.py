@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 CLIP_TOKENIZER_DIR = Path(__file__).parent / "clip_tokenizer"
-TINY_SD_VERSION = "tiny-sd-v1"
+TINY_SD_VERSION = "tiny-sd-v2"  # v2: the scheduler config says clip_sample false, as SD1.5's does
 
 TINY_UNET = dict(
     sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -34,9 +34,11 @@ TINY_CLIP = dict(
     max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
 )
 # SD1.5's own scheduler config (a PNDM scheduler in the released folder; training reads it as DDPM).
+# clip_sample=False is in SD1.5's file too: without it a DDIM or DDPM made from this config clips the
+# predicted latents to [-1, 1] at every step, and latents of unit std come out shrunk to mush.
 SD15_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    prediction_type="epsilon", set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+    prediction_type="epsilon", set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False,
 )
 
 
@@ -65,7 +67,7 @@ def save_sd15_folder(directory, vae, text_encoder, unet) -> Path:
 
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR),
-        unet=unet, scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+        unet=unet, scheduler=PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     pipe.save_pretrained(directory)
     return Path(directory)

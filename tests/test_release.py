@@ -93,7 +93,7 @@ def reference_generate(release_dir, t5_folder, base, prompts, seeds):
     for prompt, seed in zip(prompts, seeds):
         cond, uncond = context([prompt]), context([""])
         assert cond.shape == (1, 77 + LLM_TOKENS, 64)
-        # SD1.5's scheduler config never clips x0 (clip_sample false); the tiny folder leaves it unset.
+        # SD1.5's scheduler config never clips x0 (clip_sample false), nor does the tiny folder's.
         scheduler = DDIMScheduler.from_pretrained(base, subfolder="scheduler", clip_sample=False)
         scheduler.set_timesteps(STEPS)
         size = unet.config.sample_size

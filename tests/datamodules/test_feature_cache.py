@@ -291,7 +291,7 @@ def test_model_identity_follows_the_weights_not_the_path(tmp_path):
     assert model_identity(str(copy), parts=("vae",)) != vae
     assert model_identity("org/model", "abc123") == "hub:org/model@abc123"
     assert model_identity("org/model") == "hub:org/model@main"
-    assert model_identity("embedded:tiny-sd") == "embedded:tiny-sd@tiny-sd-v1"
+    assert model_identity("embedded:tiny-sd") == "embedded:tiny-sd@tiny-sd-v2"
 
 
 def test_train_refuses_a_mismatched_cache_before_loading_any_model(cache_dir, tmp_path, monkeypatch, capsys):
