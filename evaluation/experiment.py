@@ -221,20 +221,18 @@ def bar_plot(table: dict[str, dict[str, tuple[float, float, int]]], path: Path) 
 
 
 def sample_grid(eval_dir: Path, path: Path, per_set: int = 12, scale: int = 2) -> Path:
-    """A row per prompt set (seen_1 .. heldout_3), its first ``per_set`` prompts' images."""
+    """A row per prompt set (seen_1 .. heldout_3), its first ``per_set`` prompts' images, ``scale`` x larger."""
     from PIL import Image
 
     from evaluation.runner import image_path
+    from lightning_modules.callbacks import image_grid
 
-    rows = [[image_path(eval_dir, name, i, 0) for i in range(per_set)] for name in SETS]
-    with Image.open(rows[0][0]) as first:
-        side = first.size[0] * scale
-    grid = Image.new("RGB", (per_set * side, len(rows) * side), (0, 0, 0))
-    for r, row in enumerate(rows):
-        for c, file in enumerate(row):
-            with Image.open(file) as image:
-                grid.paste(image.convert("RGB").resize((side, side), Image.NEAREST), (c * side, r * side))
-    grid.save(path)
+    images = []
+    for name in SETS:
+        for i in range(per_set):
+            with Image.open(image_path(eval_dir, name, i, 0)) as image:
+                images.append(image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST))
+    image_grid(images, columns=per_set).save(path)
     return path
 
 

@@ -97,7 +97,7 @@ class LLM4GenModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.adapter = self._build_adapter(cfg.adapter)
-            if not cfg.adapter.get("enabled", True):  # built (one checkpoint layout), never used or trained
+            if not self.uses_cam:  # built (one checkpoint layout), never used or trained
                 self.adapter.requires_grad_(False)
             self._setup_unet_training(cfg)
         self.ema = (EMAModel(self.trainable_parameters(), decay=cfg.ema.decay,
@@ -147,8 +147,13 @@ class LLM4GenModule(L.LightningModule):
                                              init_lora_weights="gaussian", target_modules=list(cfg.lora.target_modules)))
             cast_training_params(self.unet, dtype=torch.float32)
 
+    @property
+    def uses_cam(self) -> bool:
+        """False with ``model.adapter.enabled=false``: the UNet is conditioned on CLIP alone."""
+        return self.cfg.adapter.get("enabled", True)
+
     def frozen_modules(self) -> list[nn.Module]:
-        frozen = [self.vae, self.clip, self.llm] + ([] if self.cfg.adapter.get("enabled", True) else [self.adapter])
+        frozen = [self.vae, self.clip, self.llm] + ([] if self.uses_cam else [self.adapter])
         return frozen + [self.unet] if self.cfg.unet_training == "frozen" else frozen
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -190,7 +195,7 @@ class LLM4GenModule(L.LightningModule):
         return clip, pad_tokens(llm, self.cfg.llm.max_length)
 
     def fuse(self, clip_hidden: torch.Tensor, llm: LLMFeatures) -> torch.Tensor:
-        if not self.cfg.adapter.get("enabled", True):
+        if not self.uses_cam:
             return clip_hidden  # (batch, 77, clip_dim): CLIP alone
         dtype = next(self.adapter.parameters()).dtype
         return self.adapter(clip_hidden.to(dtype), llm.features.to(dtype), llm.mask)  # (batch, 77 + L, clip_dim)
