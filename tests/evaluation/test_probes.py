@@ -1,0 +1,66 @@
+"""The noun-colour probe (evaluation/probes.py) on encoders whose answer is known: one that binds, one
+that only knows which colours a caption holds, and one that truncates."""
+
+import torch
+
+from datamodules.shapes import COLORS, HELD_OUT
+from evaluation.probes import COLOR_INDEX, fit_linear_probe, noun_examples, noun_features, probe_scores
+
+
+def test_examples_name_each_objects_noun_and_colour():
+    examples = noun_examples(50, "heldout", seed=0)
+    assert len(examples) == 100
+    for e in examples:
+        assert e.text[e.noun.start:e.noun.end] == e.noun.text
+        assert list(COLORS)[e.color] in e.text and list(COLORS)[e.other_color] in e.text and e.color != e.other_color
+    # the held-out split holds a held-out pair in every caption
+    pairs = {(list(COLORS)[e.color], e.noun.text) for e in examples}
+    assert pairs & HELD_OUT
+
+
+def test_the_probe_reads_a_binding_encoder_perfectly_and_a_bag_of_colours_encoder_at_half():
+    train, test = noun_examples(300, "train", seed=0), noun_examples(100, "heldout", seed=1)
+    binding = lambda es: (torch.nn.functional.one_hot(torch.tensor([e.color for e in es]), len(COLORS)).float()
+                          + 0.01 * torch.randn(len(es), len(COLORS)), torch.ones(len(es), dtype=torch.bool))
+    scores = probe_scores(train, binding(train), test, binding(test))
+    assert scores["all"]["own"] == 1.0 and scores["all"]["other"] == 0.0 and scores["all"]["lost"] == 0.0
+
+    def bag(es):  # both objects of a caption get the same feature: the caption's two colours
+        f = torch.zeros(len(es), len(COLORS))
+        f[torch.arange(len(es)), [e.color for e in es]] = 1
+        f[torch.arange(len(es)), [e.other_color for e in es]] = 1
+        return f + 0.01 * torch.randn(len(es), len(COLORS)), torch.ones(len(es), dtype=torch.bool)
+
+    scores = probe_scores(train, bag(train), test, bag(test))
+    assert 0.3 < scores["all"]["own"] < 0.7 and scores["all"]["own"] + scores["all"]["other"] > 0.9
+
+
+def test_nouns_truncated_away_are_lost_and_count_as_wrong():
+    from transformers import CLIPTokenizer
+
+    from embedded.tiny import CLIP_TOKENIZER_DIR
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
+    examples = noun_examples(40, "train", seed=0)
+    encode = lambda length: lambda texts: torch.randn(len(texts), length, 4)
+    features, kept = noun_features(examples, encode(8), tokenizer, max_length=8)
+    assert 0 < int(kept.sum()) < len(examples) and torch.all(features[~kept] == 0)
+    lost_ends = [e.noun.end for e, k in zip(examples, kept) if not k]
+    kept_ends = [e.noun.end for e, k in zip(examples, kept) if k]
+    assert sum(lost_ends) / len(lost_ends) > sum(kept_ends) / len(kept_ends)  # it is the later nouns that are lost
+    _, all_kept = noun_features(examples, encode(77), tokenizer, max_length=77)
+    assert bool(all_kept.all())
+    train = noun_examples(200, "train", seed=1)
+    onehot = lambda es: torch.nn.functional.one_hot(torch.tensor([e.color for e in es]), len(COLORS)).float()
+    scores = probe_scores(train, (onehot(train), torch.ones(len(train), dtype=torch.bool)),
+                          examples, (onehot(examples), kept))
+    assert abs(scores["all"]["own"] - float(kept.float().mean())) < 1e-6   # a lost noun is never right
+    assert abs(scores["all"]["lost"] - float((~kept).float().mean())) < 1e-6
+
+
+def test_linear_probe_separates_separable_classes():
+    x = torch.randn(400, 5)
+    labels = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+    predict = fit_linear_probe(x, labels, 4)
+    assert (predict(x) == labels).float().mean() > 0.97
+    assert COLOR_INDEX[list(COLORS)[3]] == 3
