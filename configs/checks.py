@@ -149,6 +149,10 @@ def _embedded_path(source: str) -> Optional[Path]:
         from embedded.tiny import TINY_SD_VERSION, cache_root
 
         return cache_root() / TINY_SD_VERSION  # read only when built; see model_json
+    if source == "embedded:shapes-sd":
+        from embedded.tiny import SHAPES_SD_DIR
+
+        return SHAPES_SD_DIR
     if source == "embedded:tiny-sdxl":
         from embedded.tiny import cache_root
         from embedded.tiny_sdxl import TINY_SDXL_VERSION

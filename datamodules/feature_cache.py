@@ -123,11 +123,13 @@ def model_identity(source: str, revision: Optional[str] = None, parts: Sequence[
 def embedded_version(source: str) -> str:
     from importlib import metadata
 
-    from embedded.tiny import TINY_SD_VERSION
+    from embedded.tiny import SHAPES_SD_VERSION, TINY_SD_VERSION
     from embedded.tiny_sdxl import TINY_SDXL_VERSION
 
     if source == "embedded:tiny-sd":
         return TINY_SD_VERSION
+    if source == "embedded:shapes-sd":
+        return SHAPES_SD_VERSION
     if source == "embedded:tiny-sdxl":
         return TINY_SDXL_VERSION
     if source == "embedded:minilm":

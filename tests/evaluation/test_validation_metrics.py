@@ -100,4 +100,4 @@ def test_validation_scores_reach_metrics_csv_final_metrics_and_the_sweep_summary
 
 
 def test_the_default_validation_prompts_are_the_held_out_two_object_set():
-    assert list(load_config().validation.prompts) == [r.text for r in prompt_set("heldout_2", 8)]
+    assert list(load_config().validation.prompts) == [r.text for r in prompt_set("heldout_2", 16)]
