@@ -11,6 +11,11 @@ not which object has which. CLIP's text encoder attends causally, so in "a squar
 noun comes before its colour and cannot see it; a bidirectional encoder (MiniLM) can.
 
     python -m evaluation.probes [--base embedded:shapes-sd] [--llm embedded:minilm] [--train 3000] [--test 1000]
+    python -m evaluation.probes --attention RUN/checkpoints/last.ckpt [...]   # + where the UNet looks
+
+``--attention`` also measures, for trained checkpoints, how much of the UNet's cross-attention lands on
+the CAM's LLM tokens (positions after CLIP's 77) rather than on CLIP's, on held-out two-object prompts:
+a CAM whose tokens draw no attention cannot change what is drawn.
 """
 
 from __future__ import annotations
@@ -130,6 +135,33 @@ def encoders(base: str, llm: str) -> dict[str, tuple[Callable, object, int, str]
     }
 
 
+@torch.no_grad()
+def llm_attention_share(checkpoint: str, prompts: Sequence[str], timesteps: Sequence[int] = (200, 500, 800),
+                        seed: int = 0) -> float:
+    """Mean share of cross-attention probability (every cross-attention layer, head, pixel, and the given
+    timesteps) on the context's LLM tokens (positions >= 77) for the prompts, from a noised random latent;
+    0 for a run without the CAM."""
+    from evaluation.sampler import load_checkpoint_module
+    from losses.attention_capture import cross_attention_layer_names, install_attention_capture, remove_attention_capture
+
+    module = load_checkpoint_module(checkpoint).eval()
+    if not module.uses_cam:
+        return 0.0
+    remove_attention_capture(module.unet)  # a run with the entity loss has its own capture on some layers
+    store = install_attention_capture(module.unet, cross_attention_layer_names(module.unet, "all"))
+    context, unet_kwargs = module.conditioning({"captions": list(prompts)})
+    clip_tokens = context.shape[1] - module.cfg.llm.max_length
+    generator = torch.Generator().manual_seed(seed)
+    size = module.unet.config.sample_size
+    shares = []
+    for t in timesteps:
+        latents = torch.randn(len(prompts), module.unet.config.in_channels, size, size, generator=generator)
+        module.unet(latents, torch.full((len(prompts),), t), context, **unet_kwargs)
+        for probs in store.maps().values():                              # (batch, pixels, tokens)
+            shares.append(float(probs[..., clip_tokens:].sum(-1).mean()))
+    return sum(shares) / len(shares)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluation.probes", description=__doc__.split("\n")[0])
     parser.add_argument("--base", default="embedded:shapes-sd")
@@ -137,6 +169,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--train", type=int, default=3000, help="training-split two-object captions")
     parser.add_argument("--test", type=int, default=1000, help="held-out two-object captions")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attention", nargs="*", default=[], metavar="CHECKPOINT",
+                        help="training checkpoints: also print the UNet's cross-attention share on the LLM tokens")
     args = parser.parse_args(argv)
     train, test = noun_examples(args.train, "train", args.seed), noun_examples(args.test, "heldout", args.seed + 1)
     phrasings = sorted({e.phrasing for e in test})
@@ -151,6 +185,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         cells = [f"{scores[k]['own']:.2f} (other {scores[k]['other']:.2f}" +
                  (f", lost {scores[k]['lost']:.2f})" if scores[k]["lost"] else ")") for k in ["all", *phrasings]]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    if args.attention:
+        from evaluation.prompt_sets import prompt_set
+
+        prompts = [r.text for r in prompt_set("heldout_2", 48)]
+        print("\n| checkpoint | cross-attention on the LLM tokens (heldout_2, t = 200/500/800) |\n| --- | --- |")
+        for checkpoint in args.attention:
+            print(f"| {checkpoint} | {llm_attention_share(checkpoint, prompts):.3f} |")
     return 0
 
 

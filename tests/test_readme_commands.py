@@ -270,6 +270,16 @@ def dry_run_module(ctx: Context, script: str, args: list[str]):
     parse_only(str(spec_file.relative_to(ROOT)), module_args, ctx.monkeypatch)
 
 
+def run_probes(ctx: Context, script: str, args: list[str]):
+    """``python -m evaluation.probes``: the noun-colour probe of both encoders, on few captions."""
+    from evaluation.probes import main as probes_main
+
+    tokens = [script, *args]
+    assert probes_main([*tokens[tokens.index("-m") + 2:], "--train", "100", "--test", "40"]) == 0
+    out = ctx.capsys.readouterr().out
+    assert "| CLIP text encoder (the base's) |" in out and "| LLM (embedded:minilm) |" in out
+
+
 def dry_run_experiment_sweep(ctx: Context, script: str, args: list[str]):
     """``python sweep.py configs/sweeps/shapes_binding.yaml [--slurm]``: sweep.py's own --dry-run expands
     the experiment's 12 runs and checks each run's config through the schema."""
@@ -331,14 +341,16 @@ COVERAGE = [
     Entry(r"python bench/\w+\.py( .*)?", dry_run, "dry-run",
           "timings of minutes on the 2-core machine belong in bench/, not in tests: arguments parsed"),
     Entry(r"python -m evaluation (prompts|render|score) runs/\S+( --resolution \d+)?", run_shapes_benchmark, "run"),
-    Entry(r"nice -n \d+ python -m embedded\.pretrain .*", dry_run_module, "dry-run",
-          "pretraining the tiny base takes about 1.7 CPU-hours; tests/embedded/test_pretrain.py runs the same code at toy scale"),
+    Entry(r"(nice -n \d+ )?python -m embedded\.pretrain .*", dry_run_module, "dry-run",
+          "pretraining the tiny base takes 1.5-2 hours on 2 cores; tests/embedded/test_pretrain.py runs the same code "
+          "at toy scale, and tests/embedded/test_shapes_base.py checks the shipped result"),
     Entry(r"python evaluate\.py (--base|--checkpoint) \S+ .*", dry_run, "dry-run",
           "needs SD1.5 and BLIP/CLIP/Inception weights and the benchmark's data; tests/evaluation/test_evaluate.py runs the same paths on tiny models"),
     Entry(r"python evaluate\.py compare .*", dry_run, "dry-run",
           "compares two finished paper-scale evaluations; tests/evaluation/test_evaluate.py runs compare on two tiny runs"),
     Entry(r"pip install torch-fidelity", optional_package_named_in_errors, "dry-run",
           "an optional package for the published Inception FID; it needs torchvision, which this CPU torch cannot import"),
+    Entry(r"python -m evaluation\.probes", run_probes, "run"),
     Entry(r"python -m evaluation\.experiment (run|data|report) configs/sweeps/shapes_binding\.yaml", dry_run_module,
           "dry-run", "the whole experiment takes about an hour on 2 cores; tests/evaluation/test_experiment.py "
           "runs data, a 2-arm x 2-seed sweep and the report on the tiny model"),
