@@ -49,8 +49,9 @@ def release(tmp_path_factory):
     return root / "model", root / "t5", tiny_sd_path()
 
 
-def llm_overrides(t5_folder):
-    return [f"model.llm.pretrained={t5_folder}", "model.llm.kind=encoder-decoder",
+def model_overrides(t5_folder, base):
+    """The release's LLM, over the random tiny SD the reference generation reads (not the default base)."""
+    return [f"model.base.pretrained={base}", f"model.llm.pretrained={t5_folder}", "model.llm.kind=encoder-decoder",
             f"model.llm.max_length={LLM_TOKENS}", "model.llm.prefix='pre '", "model.llm.zero_padding=false"]
 
 
@@ -115,7 +116,7 @@ def our_generate(module):
 
 def test_release_generation_matches_the_reference_then_trains_exports_and_reloads(release, tmp_path, capsys):
     release_dir, t5_folder, base = release
-    module = generate.load_release_module(str(release_dir), None, llm_overrides(t5_folder))
+    module = generate.load_release_module(str(release_dir), None, model_overrides(t5_folder, base))
     # Both halves of the release are what the module holds: the CAM and the fine-tuned UNet.
     from diffusers import UNet2DConditionModel
 
@@ -131,7 +132,7 @@ def test_release_generation_matches_the_reference_then_trains_exports_and_reload
     shards = tmp_path / "shards"
     write_synthetic_shards(shards, num_samples=12, samples_per_shard=12, resolution=32)
     out = tmp_path / "run"
-    cfg = load_config(None, [*llm_overrides(t5_folder), f"model.adapter.init_from={release_dir}",
+    cfg = load_config(None, [*model_overrides(t5_folder, base), f"model.adapter.init_from={release_dir}",
                              f"model.base.unet={release_dir / 'unet'}", "model.unet_training=full",
                              f"output_dir={out}", f"data.shards={shards}", "data.batch_size=4",
                              "trainer.max_steps=3", "validation.every_n_steps=0", "checkpoint.every_n_steps=3",
@@ -144,7 +145,7 @@ def test_release_generation_matches_the_reference_then_trains_exports_and_reload
     from lightning_modules.llm4gen import LLM4GenModule
 
     trained = LLM4GenModule.load_from_checkpoint(checkpoint, map_location="cpu")
-    reloaded = generate.load_release_module(str(tmp_path / "exported"), None, llm_overrides(t5_folder))
+    reloaded = generate.load_release_module(str(tmp_path / "exported"), None, model_overrides(t5_folder, base))
     trained_images, reloaded_images = our_generate(trained), our_generate(reloaded)
     assert np.abs(trained_images - ours).max() > 1e-4  # training moved the model
     np.testing.assert_array_equal(reloaded_images, trained_images)
@@ -153,6 +154,6 @@ def test_release_generation_matches_the_reference_then_trains_exports_and_reload
                                trained_images, rtol=0, atol=1e-5)
 
     # And from the command line: generate.py --release writes the images.
-    assert generate.main(["--release", str(tmp_path / "exported"), *llm_overrides(t5_folder), "--prompt", PROMPTS[0],
+    assert generate.main(["--release", str(tmp_path / "exported"), *model_overrides(t5_folder, base), "--prompt", PROMPTS[0],
                           "--output-dir", str(tmp_path / "images"), "--steps", "1", "--device", "cpu"]) == 0
     assert len(list((tmp_path / "images").glob("*.png"))) == 1

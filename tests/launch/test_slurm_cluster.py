@@ -109,14 +109,16 @@ def release_begin_time_hold(job_id: str) -> dict:
         and datetime.fromisoformat(record["EligibleTime"]) > datetime.now()
     )
     if held:
-        scontrol("update", f"jobid={job_id}", "StartTime=now")
+        # now+2, not now: slurmd refuses a credential made in the same second as the old run's revocation
+        # ("Killing non-startable batch job: Job credential revoked"; its times are whole seconds)
+        scontrol("update", f"jobid={job_id}", "StartTime=now+2")
     return record
 
 
 def requeue_now(job_id: str, log_glob: Path) -> None:
     """`scontrol requeue`, then cancel the ~120 s hold a requeued job gets before it may start again.
 
-    StartTime=now only sticks once the job is PENDING (while COMPLETING, the requeue resets it
+    StartTime=now(+2) only sticks once the job is PENDING (while COMPLETING, the requeue resets it
     afterwards), and it must be sent only while the job is held: an update that races with the job
     starting makes slurmctld kill it ("Job credential revoked"). So it is sent only while the job
     waits for its begin time, with that time still in the future.
