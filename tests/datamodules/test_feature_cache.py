@@ -165,9 +165,12 @@ def first_batch(shards, precomputed_keys):
     return next(iter(dm.train_dataloader()))
 
 
-def test_loss_from_the_cache_equals_the_online_loss(source_dir, cache_dir, tiny_model_config):
-    # posterior samples (the SD configs' setting): the cached moments must be sampled as the online ones
-    module = make_module(tiny_model_config, **{"objective.latents": "sample"}).eval()
+def test_loss_from_the_cache_equals_the_online_loss(source_dir, cache_dir, cfg):
+    # posterior samples (the SD configs' setting): the cached moments must be sampled as the online ones;
+    # the module is the default config's, as cache.py's was (the pretrained shapes base)
+    from omegaconf import OmegaConf
+
+    module = make_module(OmegaConf.to_container(cfg.model, resolve=True), **{"objective.latents": "sample"}).eval()
     online = first_batch(os.path.join(source_dir, "shard-000000.tar"), ())
     cached = first_batch(os.path.join(cache_dir, "shard-000000.tar"),
                          ["latent_moments", "llm_features", "clip_features"])
