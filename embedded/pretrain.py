@@ -263,6 +263,7 @@ def train_unet(latent_moments: torch.Tensor, token_ids: torch.Tensor, empty_ids:
     continued from it when it exists: an interrupted stage resumes at its last save, to the same
     weights an uninterrupted run reaches."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.training_utils import EMAModel
 
     steps = cfg.unet_steps if steps is None else steps
@@ -288,9 +289,7 @@ def train_unet(latent_moments: torch.Tensor, token_ids: torch.Tensor, empty_ids:
     unet.train()
     for step in range(first, steps):
         index = torch.randint(0, len(latent_moments), (cfg.unet_batch,), generator=generator)
-        mean, logvar = latent_moments[index].chunk(2, dim=1)                 # (B, 4, h, w) each
-        logvar = logvar.clamp(-30.0, 20.0)                                  # as diffusers' posterior does
-        latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)) * scaling_factor
+        latents = DiagonalGaussianDistribution(latent_moments[index]).sample(generator) * scaling_factor  # (B, 4, h, w)
         ids = token_ids[index].clone()
         drop = torch.rand(cfg.unet_batch, generator=generator) < cfg.caption_dropout
         ids[drop] = empty_ids
@@ -351,17 +350,6 @@ def evaluate_base(directory: str | os.PathLike, n_prompts: int, steps: int, guid
     return {"prompts": n_prompts, **{k: v for k, v in aggregate(scores).items() if k != "by_n_objects"}}, images
 
 
-def _save_grid(images, path: Path) -> None:
-    from PIL import Image
-
-    side = images[0].size[0]
-    columns = 10
-    grid = Image.new("RGB", (columns * side, math.ceil(len(images) / columns) * side), (0, 0, 0))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * side, (i // columns) * side))
-    grid.save(path)
-
-
 def pretrain(cfg: PretrainConfig) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -414,8 +402,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
     log["weights_mb"] = round(weights_bytes(base) / 1e6, 2)
     log["train_wall_s"] = round(time.perf_counter() - started, 1)
     if cfg.eval_prompts:
+        from lightning_modules.callbacks import image_grid
+
         evaluation, samples = evaluate_base(base, cfg.eval_prompts, cfg.eval_steps, cfg.eval_guidance, cfg.resolution)
-        _save_grid(samples, output / "samples_seen_1.png")
+        image_grid(samples, columns=10).save(output / "samples_seen_1.png")
         log["eval_seen_1"] = evaluation
         print(f"single-object prompts: right colour and shape in {evaluation['color']:.1%} of "
               f"{cfg.eval_prompts} samples ({output / 'samples_seen_1.png'})")

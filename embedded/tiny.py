@@ -20,7 +20,6 @@ TINY_SD_VERSION = "tiny-sd-v2"  # v2: the scheduler config says clip_sample fals
 # The tiny SD pretrained on the shapes world (embedded/pretrain.py), shipped in the repository: the
 # default base. Same architecture as tiny-sd; its weights draw the benchmark's scenes.
 SHAPES_SD_DIR = Path(__file__).parent / "shapes_sd"
-SHAPES_SD_VERSION = "shapes-sd-v1"
 SHAPES_SD_COMMAND = "python -m embedded.pretrain --output runs/pretrain --seed 0 --install-to embedded/shapes_sd"
 
 TINY_UNET = dict(
@@ -108,7 +107,7 @@ def shapes_sd_path() -> Path:
     if not (SHAPES_SD_DIR / "model_index.json").is_file():
         raise FileNotFoundError(
             f"the embedded pretrained base 'embedded:shapes-sd' is not at {SHAPES_SD_DIR} (an install without "
-            f"the repository's embedded/shapes_sd folder?). Rebuild it with `{SHAPES_SD_COMMAND}` (about 1 h on "
+            f"the repository's embedded/shapes_sd folder?). Rebuild it with `{SHAPES_SD_COMMAND}` (1.5-2 h on "
             f"2 CPU cores), or use the random tiny model: model.base.pretrained=embedded:tiny-sd")
     return SHAPES_SD_DIR
 

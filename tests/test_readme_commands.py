@@ -261,11 +261,16 @@ def run_shapes_benchmark(ctx: Context, script: str, args: list[str]):
     assert list(Path(directory).glob("*.png" if command == "render" else "*.txt"))
 
 
+def module_command(script: str, args: list[str]) -> tuple[str, list[str]]:
+    """``[nice -n N] python -m MODULE ARGS...`` -> (MODULE, ARGS)."""
+    tokens = [script, *args]
+    start = tokens.index("-m")
+    return tokens[start + 1], tokens[start + 2:]
+
+
 def dry_run_module(ctx: Context, script: str, args: list[str]):
     """``[nice -n N] python -m MODULE ...``: the module's own parser runs on the arguments (and stops)."""
-    tokens = [script, *args]
-    module = tokens[tokens.index("-m") + 1]
-    module_args = tokens[tokens.index("-m") + 2:]
+    module, module_args = module_command(script, args)
     spec_file = ROOT / (module.replace(".", "/") + ".py")
     parse_only(str(spec_file.relative_to(ROOT)), module_args, ctx.monkeypatch)
 
@@ -274,8 +279,8 @@ def run_probes(ctx: Context, script: str, args: list[str]):
     """``python -m evaluation.probes``: the noun-colour probe of both encoders, on few captions."""
     from evaluation.probes import main as probes_main
 
-    tokens = [script, *args]
-    assert probes_main([*tokens[tokens.index("-m") + 2:], "--train", "100", "--test", "40"]) == 0
+    _, module_args = module_command(script, args)
+    assert probes_main([*module_args, "--train", "100", "--test", "40"]) == 0
     out = ctx.capsys.readouterr().out
     assert "| CLIP text encoder (the base's) |" in out and "| LLM (embedded:minilm) |" in out
 

@@ -19,6 +19,7 @@ from datamodules.feature_cache import (
     check_cache_key,
     check_cacheable,
     default_rank,
+    folder_fingerprint,
     model_identity,
     npy_bytes,
     output_paths,
@@ -295,6 +296,12 @@ def test_model_identity_follows_the_weights_not_the_path(tmp_path):
     assert model_identity("org/model", "abc123") == "hub:org/model@abc123"
     assert model_identity("org/model") == "hub:org/model@main"
     assert model_identity("embedded:tiny-sd") == "embedded:tiny-sd@tiny-sd-v2"
+    # the shipped shapes base is files in the repository: its identity is their fingerprint, per part
+    from embedded.tiny import SHAPES_SD_DIR
+
+    shapes_vae = model_identity("embedded:shapes-sd", parts=("vae",))
+    assert shapes_vae == f"embedded:shapes-sd@{folder_fingerprint(SHAPES_SD_DIR, ('vae',))}"
+    assert shapes_vae != model_identity("embedded:shapes-sd", parts=("text_encoder",))
 
 
 def test_train_refuses_a_mismatched_cache_before_loading_any_model(cache_dir, tmp_path, monkeypatch, capsys):
