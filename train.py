@@ -106,15 +106,14 @@ def build_signal_checkpoint(cfg):
 
 def build_trainer(cfg, resume_step=None, signal_checkpoint=None, extra_callbacks=()):
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from lightning_modules.callbacks import AtomicCheckpointIO, ValidationImages
+    from lightning_modules.callbacks import AtomicCheckpointIO, RunCheckpoint, ValidationImages
     from lightning_modules.loggers import build_logger
     from lightning_modules.throughput import TrainingThroughput
 
     out = Path(cfg.output_dir)
-    checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", filename="step={step:07d}", auto_insert_metric_name=False,
+    checkpoints = RunCheckpoint(dirpath=out / "checkpoints", filename="step={step:07d}", auto_insert_metric_name=False,
                                   every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True,
                                   save_top_k=cfg.checkpoint.keep_last, monitor="step", mode="max",
                                   enable_version_counter=False)  # rewrite a step's file, never "-v1" beside a bad one

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
@@ -96,6 +97,19 @@ class ValidationImages(L.Callback):
 
             experiment.add_image("validation", np.asarray(grid), trainer.global_step, dataformats="HWC")
         return path
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` always holds the run's final step.
+
+    Lightning's own ``on_train_end`` writes ``last.ckpt`` only when this process has written none yet: an
+    uninterrupted run whose ``max_steps`` is not a multiple of ``every_n_train_steps`` ended with
+    ``last.ckpt`` at an earlier step, while the same run resumed near its end got the final step. Here the
+    end of training writes it whenever the final step is not the last one saved."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -149,6 +149,18 @@ def test_resume_continues_at_the_saved_step_with_the_saved_optimizer(trained_run
 
 
 @pytest.mark.slow
+def test_last_checkpoint_holds_the_final_step_when_that_is_not_a_checkpoint_step(trained_run, tmp_path):
+    """max_steps=4 with checkpoints every 3: last.ckpt ends at step 4. Lightning's ModelCheckpoint leaves it
+    at step 3 once this process has written a last.ckpt, so only a resumed run used to end at step 4."""
+    assert train.main([f"output_dir={tmp_path}", f"data.shards={trained_run.parent / 'shards'}",
+                       "data.synthetic_if_missing=false", "trainer.max_steps=4", "checkpoint.every_n_steps=3", *FAST,
+                       "validation.at_start=false"]) == 0
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 4
+    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} == {"last.ckpt", "step=0000003.ckpt"}
+
+
+@pytest.mark.slow
 def test_generate_writes_the_same_images_for_the_same_seed(trained_run, tmp_path, capsys):
     ckpt = str(trained_run / "checkpoints" / "last.ckpt")
     args = ["--checkpoint", ckpt, "--prompt", "a red circle", "--prompt", "a blue square", "--steps", "3"]
