@@ -191,7 +191,13 @@ class LLM4GenModule(L.LightningModule):
         """CLIP and LLM features of the captions; each encoder is skipped when its features are given."""
         clip = (ClipText(hidden=clip_hidden, pooled=clip_pooled) if clip_hidden is not None
                 else self.clip(captions))  # hidden: (batch, 77, clip_dim)
-        llm = llm_features if llm_features is not None else self.llm(captions)
+        if llm_features is not None:
+            llm = llm_features
+        elif self.uses_cam:
+            llm = self.llm(captions)
+        else:  # CLIP alone: nothing reads LLM features, so the LLM is not run (all padding)
+            llm = LLMFeatures(features=clip.hidden.new_zeros(len(captions), 0, self.llm.hidden_size),
+                              mask=torch.zeros(len(captions), 0, dtype=torch.bool, device=clip.hidden.device))
         return clip, pad_tokens(llm, self.cfg.llm.max_length)
 
     def fuse(self, clip_hidden: torch.Tensor, llm: LLMFeatures) -> torch.Tensor:

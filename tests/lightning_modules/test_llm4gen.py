@@ -206,8 +206,11 @@ def test_without_the_cam_the_unet_sees_clip_alone_and_only_the_unet_trains(tiny_
     """model.adapter.enabled=false with a full UNet: the paper's "SD1.5 (ft)" control."""
     module = make_module(tiny_model_config, **{"adapter.enabled": False, "unet_training": "full"})
     batch = fixed_batch()
+    calls = []
+    module.llm.register_forward_hook(lambda *args: calls.append(1))
     context, _ = module.conditioning(batch)
     torch.testing.assert_close(context, module.clip(batch["captions"]).hidden)   # (4, 77, clip_dim)
+    assert calls == []  # nothing reads LLM features, so the LLM never runs
     trainable = module.trainable_state_keys()
     assert trainable and all(k.startswith("unet.") for k in trainable)
     module.train()
