@@ -174,19 +174,28 @@ def run(cfg) -> dict:
 
 
 def validation_summary(samples: Path) -> str | None:
-    """Before/after lines of the shapes analyzer's validation scores (the first and last scored grid)."""
+    """Before/after lines of the shapes analyzer's validation scores (the first and last scored grid):
+    the validation prompts, and the seen prompts where there are any."""
     from lightning_modules.callbacks import read_validation_scores
 
     rows = [r for r in read_validation_scores(samples) if "val/shapes_binding" in r["scores"]]
     if not rows:
         return None
-    lines = ["validation prompts, scored by the shapes analyzer (binding: objects drawn with every attribute "
+    lines = ["validation grids, scored by the shapes analyzer (binding: objects drawn with every attribute "
              "right; one object right: images with at least one object in its colour and shape):"]
-    for label, row in (("before", rows[0]), ("after", rows[-1])) if len(rows) > 1 else (("", rows[0]),):
-        scores = row["scores"]
-        lines.append(f"  {label:<6} step {row['step']:>6}: binding {scores['val/shapes_binding']:.3f}   "
-                     f"one object right {scores.get('val/shapes_any_correct', float('nan')):.3f}   "
-                     f"{samples / row['grid']}")
+    groups = [("validation.prompts", "val/", "grid")]
+    if "val/seen_shapes_binding" in rows[-1]["scores"]:
+        groups.append(("validation.seen_prompts", "val/seen_", "seen_grid"))
+    for group, prefix, grid in groups:
+        if len(groups) > 1:
+            lines.append(f"  {group}:")
+        for label, row in (("before", rows[0]), ("after", rows[-1])) if len(rows) > 1 else (("", rows[0]),):
+            scores = row["scores"]
+            if f"{prefix}shapes_binding" not in scores:
+                continue
+            lines.append(f"  {label:<6} step {row['step']:>6}: binding {scores[f'{prefix}shapes_binding']:.3f}   "
+                         f"one object right {scores.get(f'{prefix}shapes_any_correct', float('nan')):.3f}   "
+                         f"{samples / row[grid]}")
     return "\n".join(lines)
 
 

@@ -49,10 +49,10 @@ class ValidationScorer:
             scores.update({f"val/shapes_{k}": v for k, v in self.shapes.score_images(images, list(prompts)).items()})
         return scores
 
-    def log(self, trainer, images: list, prompts: list[str]) -> dict[str, float]:
-        scores = self(images, prompts)
+    @staticmethod
+    def log_scores(trainer, scores: dict[str, float]) -> None:
+        """To the logger at the trainer's step and into ``trainer.callback_metrics``."""
         if scores:
             if trainer.logger is not None:
                 trainer.logger.log_metrics(scores, step=trainer.global_step)
             trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in scores.items()})
-        return scores

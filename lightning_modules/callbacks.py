@@ -47,15 +47,19 @@ class ValidationImages(L.Callback):
     ``every_n_steps=0`` turns validation off, at the end too; ``at_start`` also samples before the first
     step of a fresh run (the base and the untrained CAM: the "before" of the run). ``metrics`` score each
     grid's images (evaluation/validation.py), log them as ``val/<metric>`` and append them to
-    ``<directory>/scores.jsonl`` (one ``{"step", "grid", "scores"}`` line per grid)."""
+    ``<directory>/scores.jsonl`` (one ``{"step", "grid", "scores"}`` line per grid). ``seen_prompts``, if
+    any, are sampled beside ``prompts`` into ``step_N_seen.png`` (its line also has ``"seen_grid"``) and
+    scored as ``val/seen_<metric>``: prompts like the training data's, next to prompts that test
+    generalization."""
 
     def __init__(self, directory: str | os.PathLike, prompts: list[str], seed: int, every_n_steps: int,
                  num_inference_steps: int, guidance_scale: float, scheduler: str, metrics: list[str] = (),
-                 clip_model: str | None = None, at_start: bool = True):
+                 clip_model: str | None = None, at_start: bool = True, seen_prompts: list[str] = ()):
         from evaluation.validation import ValidationScorer
 
         self.directory = Path(directory)
         self.prompts, self.seed, self.every_n_steps = list(prompts), seed, every_n_steps
+        self.seen_prompts = list(seen_prompts)
         self.sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler)
         self.scorer = ValidationScorer(list(metrics), clip_model)
         self.at_start = at_start
@@ -83,14 +87,24 @@ class ValidationImages(L.Callback):
         self._last_step = trainer.global_step
         with pl_module.ema_weights():
             images = pl_module.generate(self.prompts, [self.seed + i for i in range(len(self.prompts))], **self.sampling)
+            seen_images = pl_module.generate(self.seen_prompts, [self.seed + i for i in range(len(self.seen_prompts))],
+                                             **self.sampling) if self.seen_prompts else []
         path = self.directory / f"step_{trainer.global_step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid = image_grid(images)
         grid.save(path)
-        scores = self.scorer.log(trainer, images, self.prompts)
+        line = {"step": trainer.global_step, "grid": path.name}
+        scores = self.scorer(images, self.prompts)
+        if seen_images:
+            seen_path = path.with_name(f"{path.stem}_seen.png")
+            image_grid(seen_images).save(seen_path)
+            line["seen_grid"] = seen_path.name
+            scores.update({name.replace("val/", "val/seen_", 1): value
+                           for name, value in self.scorer(seen_images, self.seen_prompts).items()})
         if scores:
+            self.scorer.log_scores(trainer, scores)
             with open(self.directory / SCORES_FILE, "a") as handle:
-                handle.write(json.dumps({"step": trainer.global_step, "grid": path.name, "scores": scores}) + "\n")
+                handle.write(json.dumps({**line, "scores": scores}) + "\n")
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_image"):  # TensorBoard
             import numpy as np

@@ -84,12 +84,22 @@ def test_validation_scores_reach_metrics_csv_final_metrics_and_the_sweep_summary
 
     # samples/scores.jsonl: a line per grid, the numbers logged at that step; train.py prints first and last
     lines = read_validation_scores(run / "samples")
-    assert [(line["step"], line["grid"]) for line in lines] == [(0, "step_0000000.png"), (2, "step_0000002.png"),
-                                                                (4, "step_0000004.png")]
+    assert [(line["step"], line["grid"], line["seen_grid"]) for line in lines] == [
+        (step, f"step_{step:07d}.png", f"step_{step:07d}_seen.png") for step in (0, 2, 4)]
     assert lines[-1]["scores"]["val/clip_score"] == pytest.approx(float(rows[-1]["val/clip_score"]))
+    # the seen prompts: their own grid, scored apart under val/seen_
+    seen_prompts = list(load_config().validation.seen_prompts)
+    seen_grid = Image.open(run / "samples" / "step_0000004_seen.png").convert("RGB")
+    seen_images = [seen_grid.crop((32 * i, 0, 32 * i + 32, 32)) for i in range(len(seen_prompts))]
+    seen_shapes = ShapesScorer().score_images(seen_images, seen_prompts)
+    assert lines[-1]["scores"]["val/seen_shapes_binding"] == pytest.approx(seen_shapes["binding"])
+    assert lines[-1]["scores"]["val/seen_clip_score"] == pytest.approx(scorer.score_images(seen_images, seen_prompts)[0],
+                                                                     abs=1e-4)
+    assert float(rows[-1]["val/seen_shapes_any_correct"]) == pytest.approx(seen_shapes["any_correct"])
     summary_text = validation_summary(run / "samples")
     assert "before step      0: binding" in summary_text and "after  step      4" in summary_text
     assert str(run / "samples" / "step_0000004.png") in summary_text
+    assert "validation.seen_prompts:" in summary_text and str(run / "samples" / "step_0000004_seen.png") in summary_text
 
     final = json.loads((run / "final_metrics.json").read_text())
     assert final["val/clip_score"] == pytest.approx(float(rows[-1]["val/clip_score"]))
@@ -99,5 +109,8 @@ def test_validation_scores_reach_metrics_csv_final_metrics_and_the_sweep_summary
     assert float(summary[0]["val/shapes_binding"]) == pytest.approx(final["val/shapes_binding"])
 
 
-def test_the_default_validation_prompts_are_the_held_out_two_object_set():
+def test_the_default_validation_prompts_are_the_held_out_and_seen_two_object_sets():
     assert list(load_config().validation.prompts) == [r.text for r in prompt_set("heldout_2", 16)]
+    assert list(load_config().validation.seen_prompts) == [r.text for r in prompt_set("seen_2", 16)]
+    paper = load_config("configs/llm4gen_sd15.yaml")
+    assert list(paper.validation.seen_prompts) == []  # not shapes prompts: no seen grid
