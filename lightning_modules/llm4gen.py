@@ -180,10 +180,10 @@ class LLM4GenModule(L.LightningModule):
 
     # ---- the objective ------------------------------------------------------------------------
     def null_text(self) -> tuple[ClipText, LLMFeatures]:
-        """The empty prompt through both encoders: the unconditional input of classifier-free guidance."""
+        """The empty prompt through both encoders (as ``encode_text`` runs them): the unconditional input
+        of classifier-free guidance."""
         if self._null_text is None or self._null_text[0].hidden.device != self.device:
-            llm = self.llm([""])
-            self._null_text = (self.clip([""]), llm)
+            self._null_text = self.encode_text([""])
         return self._null_text
 
     def encode_text(self, captions: list[str], llm_features: LLMFeatures | None = None,

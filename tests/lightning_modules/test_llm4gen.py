@@ -210,6 +210,8 @@ def test_without_the_cam_the_unet_sees_clip_alone_and_only_the_unet_trains(tiny_
     module.llm.register_forward_hook(lambda *args: calls.append(1))
     context, _ = module.conditioning(batch)
     torch.testing.assert_close(context, module.clip(batch["captions"]).hidden)   # (4, 77, clip_dim)
+    dropped, _ = module.conditioning(batch, drop=torch.tensor([True, False, True, False]))  # CFG's empty prompt
+    torch.testing.assert_close(dropped[0], module.clip([""]).hidden[0])
     assert calls == []  # nothing reads LLM features, so the LLM never runs
     trainable = module.trainable_state_keys()
     assert trainable and all(k.startswith("unet.") for k in trainable)
