@@ -107,7 +107,7 @@ def shapes_sd_path() -> Path:
     if not (SHAPES_SD_DIR / "model_index.json").is_file():
         raise FileNotFoundError(
             f"the embedded pretrained base 'embedded:shapes-sd' is not at {SHAPES_SD_DIR} (an install without "
-            f"the repository's embedded/shapes_sd folder?). Rebuild it with `{SHAPES_SD_COMMAND}` (1.5-2 h on "
+            f"the repository's embedded/shapes_sd folder?). Rebuild it with `{SHAPES_SD_COMMAND}` (about 1.5 h on "
             f"2 CPU cores), or use the random tiny model: model.base.pretrained=embedded:tiny-sd")
     return SHAPES_SD_DIR
 
