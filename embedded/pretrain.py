@@ -10,7 +10,7 @@ Three stages, each on training-split scenes only (no held-out colour-shape combi
    binding alone, which is how CLIP ends up weak at binding); the image tower is discarded. The log
    records ``binding_probe_swapped_colours``: how often it prefers an image's caption over the same
    caption with colours swapped (0.5: blind to binding).
-3. ``unet``, then ``unet_refine``: the SD-shaped tiny UNet (``TINY_UNET``) trained with the epsilon objective on the frozen
+3. ``unet``, then ``unet_refine``: the SD-shaped tiny UNet (``SHAPES_UNET``) trained with the epsilon objective on the frozen
    VAE's latents (posterior samples, as SD is trained), conditioned on the frozen text encoder's last hidden state, captions dropped to ""
    with probability ``caption_dropout`` (so classifier-free guidance works). The refine stage continues
    from the first stage's EMA weights with a fresh, lower learning-rate schedule and min-SNR-gamma loss
@@ -21,6 +21,8 @@ The result is a diffusers Stable Diffusion folder (``model_index.json``, ``vae/`
 ``pretrain_log.json`` (settings, per-stage loss curves, steps/s, wall time) and, with ``--eval-prompts``,
 the analyzer's score of the base's samples on single-object prompts. Finished stages are kept under
 ``OUTPUT/stages/`` and reused when the command is run again (an interrupted run resumes at the stage).
+Each stage draws its random initialisation and its data order from a seed of its own (``stage_seed``), so
+a stage comes out the same whether the stages before it were trained in this process or reused.
 
     nice -n 19 python -m embedded.pretrain --output runs/pretrain --seed 0 [--install-to DIR]
 """
@@ -42,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.shapes import Scene, random_scene, render_scene
-from embedded.tiny import CLIP_TOKENIZER_DIR, SD15_SCHEDULER, TINY_CLIP, TINY_UNET, TINY_VAE, save_sd15_folder
+from embedded.tiny import CLIP_TOKENIZER_DIR, SD15_SCHEDULER, SHAPES_UNET, TINY_CLIP, TINY_VAE, save_sd15_folder
 
 TINY_VISION = dict(image_size=32, patch_size=4, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4)
@@ -267,7 +269,7 @@ def train_unet(latent_moments: torch.Tensor, token_ids: torch.Tensor, empty_ids:
     from diffusers.training_utils import EMAModel
 
     steps = cfg.unet_steps if steps is None else steps
-    unet = UNet2DConditionModel(**{**TINY_UNET, "sample_size": latent_moments.shape[-1]})
+    unet = UNet2DConditionModel(**{**SHAPES_UNET, "sample_size": latent_moments.shape[-1]})
     if init is not None:
         unet.load_state_dict(init.state_dict())
     noise_scheduler = DDPMScheduler.from_config(SD15_SCHEDULER)  # as training reads SD
@@ -321,8 +323,19 @@ def train_unet(latent_moments: torch.Tensor, token_ids: torch.Tensor, empty_ids:
 
 # ---------------------------------------------------------------- assembling and checking the base
 
+STAGES = ("vae", "clip", "unet", "unet_refine")
+
+
+def stage_seed(seed: int, stage: str) -> int:
+    """The seed of one stage's initial weights and data order: the run's seed and the stage alone."""
+    return seed * 1000 + STAGES.index(stage)
+
 def save_base(directory: str | os.PathLike, vae, text_encoder, unet) -> Path:
-    return save_sd15_folder(directory, vae, text_encoder, unet)
+    """The diffusers folder; the UNet's weights stored in fp16, as SD's fp16 variant (diffusers loads them
+    into fp32 unless asked otherwise), which keeps the base under 25 MB."""
+    import copy
+
+    return save_sd15_folder(directory, vae, text_encoder, copy.deepcopy(unet).to(torch.float16))
 
 
 def weights_bytes(directory: str | os.PathLike) -> int:
@@ -375,8 +388,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         if (folder / "config.json").exists():
             print(f"[{name}] reusing {folder}")
             return load(folder)
-        generator = torch.Generator().manual_seed(cfg.seed * 1000 + len(log.get("stages", {})))
-        model, summary = build(generator)
+        torch.manual_seed(stage_seed(cfg.seed, name))  # the model's initialisation draws from torch's global RNG
+        model, summary = build(torch.Generator().manual_seed(stage_seed(cfg.seed, name)))
         model.save_pretrained(folder)
         (stages / f"{name}.partial.pt").unlink(missing_ok=True)  # the finished stage replaces its last save
         log.setdefault("stages", {})[name] = summary

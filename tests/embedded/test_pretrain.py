@@ -2,6 +2,7 @@
 from its seed, under the size limit, resumable by stage."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -42,12 +43,28 @@ def test_pretrain_writes_a_loadable_base_reproducibly(tmp_path):
                  generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert image.shape == (32, 32, 3)
 
+    # the UNet is stored in fp16 (the size limit) and loaded into fp32
+    from safetensors import safe_open
+    with safe_open(str(base / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    assert {p.dtype for p in loaded.unet.parameters()} == {torch.float32}
+    a_unet = loaded.unet.state_dict()
+
     # the same seed gives the same weights
     pretrain(PretrainConfig(output=str(tmp_path / "b"), **TOY))
     for part in ("unet", "vae"):
         a = getattr(loaded, part).state_dict()
         b = getattr(load_sd15(str(tmp_path / "b" / "base"), None, torch.float32, torch.float32), part).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # a stage is the same whether the stages before it ran in this process or were reused (each stage
+    # seeds its own initialisation): only the VAE and CLIP stages copied, the UNet stages retrained
+    (tmp_path / "c" / "stages").mkdir(parents=True)
+    for stage in ("vae", "clip"):
+        shutil.copytree(tmp_path / "a" / "stages" / stage, tmp_path / "c" / "stages" / stage)
+    pretrain(PretrainConfig(output=str(tmp_path / "c"), **TOY))
+    unet_c = load_sd15(str(tmp_path / "c" / "base"), None, torch.float32, torch.float32).unet.state_dict()
+    assert all(torch.equal(unet_c[k], a_unet[k]) for k in a_unet)
 
     # run again: finished stages are reused, not retrained; --install-to copies base, log and grid
     before = json.loads((tmp_path / "a" / "pretrain_log.json").read_text())["stages"]
@@ -110,11 +127,11 @@ def test_the_refine_stage_starts_from_the_first_stages_weights(tmp_path):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from embedded.pretrain import tokenize, train_unet
-    from embedded.tiny import CLIP_TOKENIZER_DIR, TINY_CLIP, TINY_UNET
+    from embedded.tiny import CLIP_TOKENIZER_DIR, SHAPES_UNET, TINY_CLIP
 
     torch.manual_seed(0)
     cfg = PretrainConfig(**{**TOY, "warmup_steps": 1})
-    init = UNet2DConditionModel(**{**TINY_UNET, "sample_size": 8})
+    init = UNet2DConditionModel(**{**SHAPES_UNET, "sample_size": 8})
     text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CLIP))
     tokenizer = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
     ids, empty = tokenize(tokenizer, ["a small red circle"] * 4), tokenize(tokenizer, [""])[0]
@@ -124,7 +141,7 @@ def test_the_refine_stage_starts_from_the_first_stages_weights(tmp_path):
     start, end = init.state_dict(), refined.state_dict()
     assert log["steps"] == 1
     assert max(float((start[k] - end[k]).abs().max()) for k in start) < 0.01
-    fresh = UNet2DConditionModel(**{**TINY_UNET, "sample_size": 8}).state_dict()
+    fresh = UNet2DConditionModel(**{**SHAPES_UNET, "sample_size": 8}).state_dict()
     assert max(float((fresh[k] - end[k]).abs().max()) for k in start) > 0.01
 
 
