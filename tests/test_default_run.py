@@ -25,8 +25,8 @@ def test_the_default_run_learns_and_ends_with_samples_of_the_prompts_objects(tmp
     assert [g["step"] for g in grids] == [0, 100, 200, 300]
     before, after = grids[0]["scores"], grids[-1]["scores"]
     # seen two-object prompts: the analyzer finds an object of the prompt, in its colour and shape, in
-    # most of the final images
-    assert after["val/seen_shapes_any_correct"] >= 0.75  # measured 0.812 (0.938 before); the issue asks 0.9
+    # at least 90% of the final images (the evidence issue's bar; measured 1.000, 0.750 before training)
+    assert after["val/seen_shapes_any_correct"] >= 0.9
     # held-out prompts are scored too, and both sets' before and after are printed with their grids
     assert 0 <= after["val/shapes_binding"] <= 1
     for prefix, grid in (("val/", "grid"), ("val/seen_", "seen_grid")):

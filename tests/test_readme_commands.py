@@ -347,7 +347,7 @@ COVERAGE = [
           "timings of minutes on the 2-core machine belong in bench/, not in tests: arguments parsed"),
     Entry(r"python -m evaluation (prompts|render|score) runs/\S+( --resolution \d+)?", run_shapes_benchmark, "run"),
     Entry(r"(nice -n \d+ )?python -m embedded\.pretrain .*", dry_run_module, "dry-run",
-          "pretraining the tiny base takes about 1.5 hours on 2 cores (1 h 20 min measured); tests/embedded/test_pretrain.py runs the same code "
+          "pretraining the tiny base takes about 1.5 hours on 2 cores (92 min measured); tests/embedded/test_pretrain.py runs the same code "
           "at toy scale, and tests/embedded/test_shapes_base.py checks the shipped result"),
     Entry(r"python evaluate\.py (--base|--checkpoint) \S+ .*", dry_run, "dry-run",
           "needs SD1.5 and BLIP/CLIP/Inception weights and the benchmark's data; tests/evaluation/test_evaluate.py runs the same paths on tiny models"),

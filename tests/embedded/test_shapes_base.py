@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from embedded.tiny import SHAPES_SD_DIR, TINY_UNET
+from embedded.tiny import SHAPES_SD_DIR, SHAPES_UNET
 
 
 def test_the_shipped_base_is_a_diffusers_folder_under_25_mb_with_its_pretraining_log():
@@ -29,7 +29,7 @@ def test_the_shipped_base_loads_through_the_training_path_with_the_tiny_architec
 
     cfg = load_config(overrides=["model.base.pretrained=embedded:shapes-sd"])
     base = load_base_model(cfg.model.base)
-    assert base.unet.config.block_out_channels == list(TINY_UNET["block_out_channels"])
+    assert base.unet.config.block_out_channels == list(SHAPES_UNET["block_out_channels"])
     assert base.unet.config.cross_attention_dim == base.text.hidden_size == 64
     assert not any(p.requires_grad for p in base.unet.parameters())
 
