@@ -30,6 +30,7 @@ a stage comes out the same whether the stages before it were trained in this pro
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -330,11 +331,10 @@ def stage_seed(seed: int, stage: str) -> int:
     """The seed of one stage's initial weights and data order: the run's seed and the stage alone."""
     return seed * 1000 + STAGES.index(stage)
 
+
 def save_base(directory: str | os.PathLike, vae, text_encoder, unet) -> Path:
     """The diffusers folder; the UNet's weights stored in fp16, as SD's fp16 variant (diffusers loads them
     into fp32 unless asked otherwise), which keeps the base under 25 MB."""
-    import copy
-
     return save_sd15_folder(directory, vae, text_encoder, copy.deepcopy(unet).to(torch.float16))
 
 
@@ -388,8 +388,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
         if (folder / "config.json").exists():
             print(f"[{name}] reusing {folder}")
             return load(folder)
-        torch.manual_seed(stage_seed(cfg.seed, name))  # the model's initialisation draws from torch's global RNG
-        model, summary = build(torch.Generator().manual_seed(stage_seed(cfg.seed, name)))
+        seed = stage_seed(cfg.seed, name)
+        torch.manual_seed(seed)  # the model's initialisation draws from torch's global RNG
+        model, summary = build(torch.Generator().manual_seed(seed))
         model.save_pretrained(folder)
         (stages / f"{name}.partial.pt").unlink(missing_ok=True)  # the finished stage replaces its last save
         log.setdefault("stages", {})[name] = summary
