@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     positions = fused_word_token_positions(
         [args.prompt], [words], module.clip.tokenizer, module.llm.tokenizer,
         clip_max_length=module.clip.tokenizer.model_max_length, llm_max_length=module.cfg.llm.max_length,
-        llm_prefix=module.cfg.llm.prefix)[0]
+        llm_prefix=module.llm.prefix)[0]
     lost = [word.text for word, p in zip(words, positions) if not p]
     if lost:
         print(f"warning: no token left for {lost} after truncation; not shown", file=sys.stderr)

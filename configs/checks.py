@@ -41,6 +41,7 @@ _NON_NEGATIVE = _at_least(0)
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": ((lambda v: 0 <= v < 2**32), "expected an integer in [0, 2**32)"),
     "model.llm.max_length": _POSITIVE,
+    "model.base.clip_chunks": _POSITIVE,
     "model.adapter.num_heads": _POSITIVE,
     "model.adapter.num_blocks": _POSITIVE,
     "model.adapter.ffn_mult": _POSITIVE,
@@ -57,6 +58,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.optim.weight_decay": _NON_NEGATIVE,
     "model.optim.eps": _above(0.0),
     "model.optim.warmup_steps": _NON_NEGATIVE,
+    "model.optim.unet_lr": _above(0.0),
+    "model.optim.unet_weight_decay": _NON_NEGATIVE,
+    "model.optim.unet_start_step": _NON_NEGATIVE,
     "model.ema.decay": _SHARE,
     "model.ema.update_after_step": _NON_NEGATIVE,
     "data.batch_size": _POSITIVE,
@@ -122,8 +126,28 @@ def check_buckets(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'data.buckets' ({OmegaConf.to_container(buckets)}): {error}.") from None
 
 
+def check_llm_layer(layer: Any) -> None:
+    """``model.llm.layer``: an integer index, 'penultimate' or 'mean' (its range is checked against the model)."""
+    if isinstance(layer, bool) or not (isinstance(layer, int) or layer in choices.LLM_LAYER_NAMES):
+        raise ConfigError(f"config key 'model.llm.layer' is {layer!r}: expected an index into the LLM's hidden "
+                          f"states (0: the embeddings, -1: the last layer) or one of "
+                          f"{', '.join(map(repr, choices.LLM_LAYER_NAMES))}.")
+
+
 def check_choices(cfg: DictConfig) -> None:
     entity_layer_sides(cfg.model.objective.entity_layers)
+    check_llm_layer(cfg.model.llm.layer)
+    if str(cfg.model.llm.layer_norm).strip().lower() not in choices.SWITCHES:
+        raise ConfigError(f"config key 'model.llm.layer_norm' is {cfg.model.llm.layer_norm!r}: expected one of "
+                          f"{', '.join(choices.SWITCHES)} (auto: on for a non-final layer of a decoder or T5).")
+    if cfg.model.base.clip_chunks > 1 and cfg.model.objective.lambda_entity > 0:
+        raise ConfigError(f"model.base.clip_chunks={cfg.model.base.clip_chunks} with model.objective.lambda_entity > 0: "
+                          f"the entity loss aligns words to one 77-token CLIP window; set model.base.clip_chunks=1 "
+                          f"or model.objective.lambda_entity=0")
+    if cfg.model.optim.unet_start_step > 0 and cfg.model.unet_training == "frozen":
+        raise ConfigError(f"model.optim.unet_start_step={cfg.model.optim.unet_start_step} with model.unet_training=frozen: "
+                          f"the UNet never trains, so it cannot join at a step; set model.unet_training=full (or lora), "
+                          f"or model.optim.unet_start_step=0")
     if not cfg.model.adapter.enabled and cfg.model.unet_training == "frozen":
         raise ConfigError("model.adapter.enabled=false with model.unet_training=frozen leaves nothing to train; "
                           "set model.unet_training=full (or lora) to fine-tune the UNet on CLIP alone, or "
@@ -209,6 +233,14 @@ def llm_width(config: dict) -> Optional[int]:
     return None
 
 
+def llm_layer_count(config: dict) -> Optional[int]:
+    """Transformer layers in an LLM's config.json (an encoder-decoder's encoder layers)."""
+    for key in ("num_hidden_layers", "num_layers", "n_layer"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
 def llm_length_limit(model_config: Optional[dict], tokenizer_config: Optional[dict]) -> Optional[tuple[int, str]]:
     """The most tokens the LLM takes: the tokenizer's model_max_length, or the model's position table."""
     limits = []
@@ -261,6 +293,11 @@ def check_against_models(cfg: DictConfig) -> None:
                               f"of {base.pretrained} has timesteps 0..{steps - 1}, so the window must lie within "
                               f"[0, {steps}].")
     llm_config = model_json(llm.pretrained, "config.json", llm.revision)
+    layers = llm_layer_count(llm_config) if llm_config else None
+    if layers is not None and isinstance(llm.layer, int) and not -(layers + 1) <= llm.layer <= layers:
+        raise ConfigError(f"config key 'model.llm.layer' is {llm.layer}: {llm.pretrained} has {layers} layers "
+                          f"({layers + 1} hidden states, the embeddings first); use an index in "
+                          f"[{-(layers + 1)}, {layers}], 'penultimate' or 'mean'.")
     tokenizer_config = model_json(llm.tokenizer or llm.pretrained, "tokenizer_config.json", llm.revision)
     limit = llm_length_limit(llm_config, tokenizer_config)
     if limit and llm.max_length > limit[0]:

@@ -7,6 +7,10 @@ from __future__ import annotations
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 # How LLM features are read (encoders.llm): auto detects it from the model config.
 LLM_KINDS: tuple[str, ...] = ("auto", "encoder", "encoder-decoder", "decoder")
+# model.llm.layer, besides an integer index into the LLM's hidden states.
+LLM_LAYER_NAMES: tuple[str, ...] = ("penultimate", "mean")
+# Three-way switches spelled as strings (model.llm.layer_norm): auto decides from the other settings.
+SWITCHES: tuple[str, ...] = ("auto", "true", "false")
 BASE_FAMILIES: tuple[str, ...] = ("sd15", "sdxl")
 UNET_TRAINING: tuple[str, ...] = ("frozen", "full", "lora")
 LATENTS = ("mean", "sample")  # model.objective.latents: the VAE posterior's mean, or a sample of it
@@ -16,7 +20,7 @@ LR_SCHEDULERS: tuple[str, ...] = ("constant_with_warmup", "cosine", "linear", "c
 ENTITY_LAYER_PRESETS: tuple[str, ...] = ("lowest", "all")
 RESUME_MODES: tuple[str, ...] = ("auto", "never")  # or a checkpoint path
 # data.buckets.enabled (aspect-ratio bucketing): auto is on for SDXL, off for SD1.5.
-BUCKET_MODES: tuple[str, ...] = ("auto", "true", "false")
+BUCKET_MODES: tuple[str, ...] = SWITCHES
 # Scores logged from the validation grids (evaluation/validation.py).
 VALIDATION_METRICS: tuple[str, ...] = ("shapes", "clip_score")
 

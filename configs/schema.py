@@ -13,7 +13,7 @@ import importlib.util
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,6 +34,9 @@ class BaseModelConfig:
     vae_dtype: str = "float32"   # keep fp32: fp16 VAEs overflow (diffusers #4820)
     # A diffusers UNet folder replacing the base's (the released LLM4GEN model's fine-tuned `unet/`).
     unet: Optional[str] = None
+    # CLIP over this many consecutive 77-token windows of the caption, concatenated: (batch, 77 * clip_chunks,
+    # width), what SD front-ends do for long prompts. 1: SD's own truncation to one window.
+    clip_chunks: int = 1
 
 
 @dataclass
@@ -41,9 +44,14 @@ class LLMConfig:
     pretrained: str = "embedded:minilm"
     tokenizer: Optional[str] = None  # when the tokenizer lives elsewhere (RankGen uses t5-v1_1-xl's)
     kind: str = "auto"               # auto | encoder | encoder-decoder | decoder
-    layer: int = -1
+    # Which hidden states: an index into the model's hidden states (0: the embeddings, -1: the last layer,
+    # after any final norm), "penultimate", or "mean" (the mean over every layer's output, each layer-normalised).
+    layer: Union[int, str] = -1
+    # Parameter-free LayerNorm over the width of the features read: auto (on for a non-final layer of a
+    # pre-norm model, a decoder or T5, whose middle layers are unnormalised; off otherwise) | true | false.
+    layer_norm: str = "auto"
     max_length: int = 32
-    prefix: str = "pre "
+    prefix: Optional[str] = None     # prepended to every prompt; None: what the LLM expects ("pre " for RankGen, else "")
     # Zero the features at padding positions. The release feeds the encoder's outputs at pad tokens to
     # the CAM; zeroing them makes features cacheable unpadded (a cache stores real tokens only) and
     # keeps the conditioning a function of the prompt's own tokens. Set false to match the release.
@@ -91,8 +99,14 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
+    lr: float = 1e-4                 # the CAM (and any other trainable part that is not the UNet)
     weight_decay: float = 0.01
+    # The UNet's own parameter group (model.unet_training full or lora); None: lr / weight_decay.
+    unet_lr: Optional[float] = None
+    unet_weight_decay: Optional[float] = None
+    # The UNet joins at this optimizer step: before it the CAM trains alone (the UNet neither moves nor
+    # gathers optimizer state), then both train jointly; the UNet's warmup starts here.
+    unet_start_step: int = 0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     scheduler: str = "constant_with_warmup"  # constant_with_warmup | cosine | linear | constant
@@ -346,6 +360,19 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError(f"validation.metrics has {unknown_metrics}; expected any of {list(choices.VALIDATION_METRICS)}")
 
 
+def default_llm_prefix(pretrained: str) -> str:
+    """The prompt prefix an LLM expects (``model.llm.prefix: null``): RankGen's "pre " (the LLM4GEN release's
+    T5-XL encoder was trained with it), nothing for any other model."""
+    return "pre " if "rankgen" in str(pretrained).lower() else ""
+
+
+def resolve_defaults(cfg: DictConfig) -> DictConfig:
+    """Fills the defaults that depend on other settings, so the resolved config says what a run uses."""
+    if cfg.model.llm.prefix is None:
+        cfg.model.llm.prefix = default_llm_prefix(cfg.model.llm.pretrained)
+    return cfg
+
+
 def load_config(config_path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
     """Schema defaults <- experiment file <- dotted overrides, validated. Raises ConfigError."""
     schema = OmegaConf.structured(Config)
@@ -369,7 +396,7 @@ def load_config(config_path: str | Path | None = None, overrides: list[str] = ()
             raise _explain(err, schema, source) from None
     check_values(cfg)
     check_trainer_args(cfg.trainer)  # last: it imports Lightning, which the other checks need not wait for
-    return cfg
+    return resolve_defaults(cfg)
 
 
 def to_yaml(cfg: DictConfig) -> str:

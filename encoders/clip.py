@@ -1,5 +1,10 @@
 """The frozen CLIP text encoder of Stable Diffusion 1.5: 77 tokens, last hidden state.
 
+``chunks > 1`` reads a long caption the way SD front-ends do: its tokens in consecutive windows of 75,
+each wrapped in BOS/EOS and padded to 77, encoded separately and concatenated, (batch, 77 * chunks,
+clip_dim). The first window is exactly what one-window CLIP sees; windows past the caption's end hold
+the empty prompt.
+
 Every base-model family's text encoder (this one; ``encoders.sdxl.SdxlTextEncoder``) has the same
 interface, which is all the LightningModule uses: ``forward(prompts) -> ClipText``, ``tokenizer`` (the
 one whose 77 positions the UNet context starts with), ``hidden_size``, ``unet_kwargs`` (the UNet's
@@ -35,23 +40,47 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
+def tokenize_chunks(tokenizer, prompts: list[str], chunks: int = 1) -> torch.Tensor:
+    """(batch * chunks, model_max_length) ids: each prompt's tokens in consecutive windows of
+    ``model_max_length - 2``, each as the pipelines tokenize a prompt (BOS, tokens, EOS, padding); rows
+    ``b * chunks .. b * chunks + chunks - 1`` are prompt ``b``'s. ``chunks=1`` is ``tokenize``."""
+    if chunks == 1:
+        return tokenize(tokenizer, prompts)
+    length = tokenizer.model_max_length
+    body = length - 2
+    content = tokenizer(list(prompts), add_special_tokens=False, verbose=False).input_ids
+    rows = []
+    for ids in content:
+        for window in range(chunks):
+            row = [tokenizer.bos_token_id, *ids[window * body:(window + 1) * body], tokenizer.eos_token_id]
+            rows.append(row + [tokenizer.pad_token_id] * (length - len(row)))
+    return torch.tensor(rows)
+
+
 class ClipTextEncoder(nn.Module):
-    def __init__(self, tokenizer, text_encoder):
+    def __init__(self, tokenizer, text_encoder, chunks: int = 1):
         super().__init__()
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder.requires_grad_(False).eval()
+        self.chunks = chunks
 
     @property
     def hidden_size(self) -> int:
         return self.text_encoder.config.hidden_size
 
+    @property
+    def context_length(self) -> int:
+        """Tokens of the CLIP part of the UNet context: 77 per chunk."""
+        return self.tokenizer.model_max_length * self.chunks
+
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return tokenize(self.tokenizer, prompts)
+        return tokenize_chunks(self.tokenizer, prompts, self.chunks)
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> ClipText:
-        ids = self.tokenize(prompts).to(self.text_encoder.device)
-        return ClipText(hidden=self.text_encoder(ids).last_hidden_state)  # (batch, 77, clip_dim)
+        ids = self.tokenize(prompts).to(self.text_encoder.device)  # (batch * chunks, 77)
+        hidden = self.text_encoder(ids).last_hidden_state
+        return ClipText(hidden=hidden.reshape(len(prompts), self.context_length, -1))  # (batch, 77 * chunks, clip_dim)
 
     def unet_kwargs(self, text: ClipText, batch: dict, target_size: tuple[int, int]) -> dict:
         return {}  # SD1.5's UNet takes the context alone

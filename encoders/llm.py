@@ -10,11 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, MT5EncoderModel, T5Config, T5EncoderModel, UMT5EncoderModel
 
 from configs.choices import LLM_KINDS
+from configs.checks import llm_layer_count
+from configs.schema import default_llm_prefix
 from encoders.sources import TORCH_DTYPES, ModelSourceError, load_pretrained
 from encoders.strict_loading import RANKGEN_HEAD_KEYS, RANKGEN_KEY_MAPPING, load_strict
 
@@ -48,16 +51,23 @@ class LLMEncoder(nn.Module):
         pretrained: hub id, local folder or ``embedded:`` name of the model.
         tokenizer: tokenizer source when it differs from the model's (RankGen uses t5-v1_1-xl's).
         kind: ``auto`` (from the model config), ``encoder``, ``encoder-decoder`` or ``decoder``.
-        layer: which hidden state (-1: the last, after the final norm).
+        layer: which hidden states: an index into the model's hidden states (0: the embeddings, -1: the last
+            layer, after any final norm), ``"penultimate"``, or ``"mean"``: the mean of every layer's output,
+            each normalised by a parameter-free LayerNorm (as the CVPR 2025 study of decoder LLMs as
+            diffusion text encoders reads them).
+        layer_norm: ``"auto"`` | ``"true"`` | ``"false"``: a parameter-free LayerNorm over the width of the
+            features read. ``auto`` turns it on for a non-final layer of a pre-norm model (decoders, T5),
+            whose middle layers are unnormalised and carry outlier activations, and off for post-norm
+            encoders (BERT-style), whose every layer ends in a LayerNorm.
         max_length: tokens per prompt; shorter prompts are padded to it, longer ones truncated.
         prefix: string prepended to every prompt (the release: ``"pre "``).
         zero_padding: zero the features at padding positions (the release keeps the encoder's outputs
             there; zeros make unpadded caches exact).
     """
 
-    def __init__(self, pretrained: str, tokenizer: str | None = None, kind: str = "auto", layer: int = -1,
+    def __init__(self, pretrained: str, tokenizer: str | None = None, kind: str = "auto", layer: int | str = -1,
                  max_length: int = 256, prefix: str = "", zero_padding: bool = True, dtype: torch.dtype = torch.float32,
-                 revision: str | None = None, trust_remote_code: bool = False):
+                 revision: str | None = None, trust_remote_code: bool = False, layer_norm: str = "auto"):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"llm kind {kind!r} is not one of {KINDS}")
@@ -70,15 +80,19 @@ class LLMEncoder(nn.Module):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"  # real tokens first: causal features do not see the padding
         self.model = load_llm_model(pretrained, config, self.kind, dtype, revision, trust_remote_code)
-        self.layer, self.max_length, self.prefix, self.zero_padding = layer, max_length, prefix, zero_padding
+        self.layer = hidden_state_index(layer, num_hidden_layers(self.model.config))
+        self.normalize = normalizes(self.layer, layer_norm, self.kind, num_hidden_layers(self.model.config))
+        self.max_length, self.prefix, self.zero_padding = max_length, prefix, zero_padding
         self.requires_grad_(False).eval()
 
     @classmethod
     def from_config(cls, cfg) -> "LLMEncoder":
         """From the ``model.llm`` config section."""
+        prefix = cfg.prefix if cfg.prefix is not None else default_llm_prefix(cfg.pretrained)
         return cls(cfg.pretrained, tokenizer=cfg.tokenizer, kind=cfg.kind, layer=cfg.layer, max_length=cfg.max_length,
-                   prefix=cfg.prefix, zero_padding=cfg.zero_padding, dtype=TORCH_DTYPES[cfg.dtype],
-                   revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+                   prefix=prefix, zero_padding=cfg.zero_padding, dtype=TORCH_DTYPES[cfg.dtype],
+                   revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                   layer_norm=str(cfg.get("layer_norm", "auto")))
 
     @property
     def hidden_size(self) -> int:
@@ -95,14 +109,67 @@ class LLMEncoder(nn.Module):
         kwargs = dict(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
         if self.kind == "decoder":
             kwargs["use_cache"] = False
-        if self.layer == -1:
+        if self.layer == -1 and not self.normalize:
             hidden = self.model(**kwargs).last_hidden_state
         else:
-            hidden = self.model(**kwargs, output_hidden_states=True).hidden_states[self.layer]
+            hidden = read_hidden_states(self.model(**kwargs, output_hidden_states=True).hidden_states,
+                                        self.layer, self.normalize)
         mask = tokens["attention_mask"].bool()
         if self.zero_padding:
             hidden = hidden * mask[..., None].to(hidden.dtype)
         return LLMFeatures(features=hidden, mask=mask)  # (batch, max_length, llm_dim)
+
+
+def num_hidden_layers(config) -> int:
+    """Transformer layers of a model config (T5: ``num_layers``; the encoder's for encoder-decoders)."""
+    layers = llm_layer_count(config.to_dict())
+    if layers is None:
+        raise ValueError(f"cannot tell how many layers {type(config).__name__} has (no num_hidden_layers / num_layers)")
+    return layers
+
+
+def hidden_state_index(layer: int | str, layers: int) -> int | str:
+    """``model.llm.layer`` as an index into the ``layers + 1`` hidden states (embeddings first), or "mean".
+
+    Raises ValueError naming the valid range for an index the model does not have."""
+    if layer == "mean":
+        return "mean"
+    if layer == "penultimate":
+        return -2
+    if isinstance(layer, str):
+        try:
+            layer = int(layer)
+        except ValueError:
+            raise ValueError(f"model.llm.layer is {layer!r}: expected an index, 'penultimate' or 'mean'") from None
+    if not -(layers + 1) <= layer <= layers:
+        raise ValueError(f"model.llm.layer is {layer}, but the LLM has {layers} layers ({layers + 1} hidden states, "
+                         f"the embeddings first): use an index in [{-(layers + 1)}, {layers}], 'penultimate' or 'mean'")
+    return layer
+
+
+def normalizes(layer: int | str, layer_norm: str, kind: str, layers: int) -> bool:
+    """Whether the features read get a parameter-free LayerNorm (see ``LLMEncoder``'s ``layer_norm``)."""
+    if layer == "mean":
+        return True  # each layer is normalised before the mean, whatever layer_norm says
+    setting = str(layer_norm).strip().lower()
+    if setting in ("true", "false"):
+        return setting == "true"
+    if setting != "auto":
+        raise ValueError(f"model.llm.layer_norm is {layer_norm!r}: expected auto, true or false")
+    final = layer == -1 or layer == layers
+    return not final and kind in ("decoder", "encoder-decoder")
+
+
+def read_hidden_states(hidden_states: tuple[torch.Tensor, ...], layer: int | str, normalize: bool) -> torch.Tensor:
+    """The features at ``layer`` (an index, or "mean" over every layer's output) of a model's hidden states
+    (embeddings first, each (batch, tokens, dim)), LayerNorm-ed without parameters when ``normalize``."""
+    def norm(h: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(h.float(), h.shape[-1:]).to(h.dtype)
+
+    if layer == "mean":
+        return torch.stack([norm(h) for h in hidden_states[1:]]).mean(0)
+    hidden = hidden_states[layer]
+    return norm(hidden) if normalize else hidden
 
 
 def load_llm_config(pretrained: str, revision: str | None = None, trust_remote_code: bool = False):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from encoders.clip import ClipText, tokenize
+from encoders.clip import ClipText, tokenize_chunks
 
 
 def add_time_ids(target_size: tuple[int, int], batch_size: int, original_sizes: torch.Tensor | None = None,
@@ -37,8 +37,9 @@ def add_time_ids(target_size: tuple[int, int], batch_size: int, original_sizes: 
 
 
 class SdxlTextEncoder(nn.Module):
-    def __init__(self, tokenizer, tokenizer_2, text_encoder, text_encoder_2):
+    def __init__(self, tokenizer, tokenizer_2, text_encoder, text_encoder_2, chunks: int = 1):
         super().__init__()
+        self.chunks = chunks  # > 1: consecutive 77-token windows concatenated; the pooled embedding is the first's
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.text_encoder = text_encoder.requires_grad_(False).eval()
         self.text_encoder_2 = text_encoder_2.requires_grad_(False).eval()
@@ -51,17 +52,22 @@ class SdxlTextEncoder(nn.Module):
         return self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
 
     @property
+    def context_length(self) -> int:
+        return self.tokenizer.model_max_length * self.chunks
+
+    @property
     def pooled_size(self) -> int:
         return self.text_encoder_2.config.projection_dim
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> ClipText:
-        first = self.text_encoder(tokenize(self.tokenizer, prompts).to(self.text_encoder.device),
+        first = self.text_encoder(tokenize_chunks(self.tokenizer, prompts, self.chunks).to(self.text_encoder.device),
                                   output_hidden_states=True)
-        second = self.text_encoder_2(tokenize(self.tokenizer_2, prompts).to(self.text_encoder_2.device),
+        second = self.text_encoder_2(tokenize_chunks(self.tokenizer_2, prompts, self.chunks).to(self.text_encoder_2.device),
                                      output_hidden_states=True)
-        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)  # (batch, 77, d1 + d2)
-        return ClipText(hidden=hidden, pooled=second.text_embeds)  # pooled: (batch, projection_dim)
+        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)  # (batch * chunks, 77, d1 + d2)
+        pooled = second.text_embeds.reshape(len(prompts), self.chunks, -1)[:, 0]  # (batch, projection_dim)
+        return ClipText(hidden=hidden.reshape(len(prompts), self.context_length, -1), pooled=pooled)
 
     def unet_kwargs(self, text: ClipText, batch: dict, target_size: tuple[int, int]) -> dict:
         """The UNet's ``added_cond_kwargs``; sizes from the batch's ``original_size`` / ``crop_top_left``

@@ -66,14 +66,15 @@ def _base_model(part, weights, text, unet, vae_dtype: torch.dtype) -> BaseModel:
 
 
 def load_sd15(source: str, revision: str | None, dtype: torch.dtype, vae_dtype: torch.dtype,
-              unet_source: str | None = None) -> BaseModel:
+              unet_source: str | None = None, clip_chunks: int = 1) -> BaseModel:
     part, weights = _loaders(source, revision)
-    text = ClipTextEncoder(part(CLIPTokenizer, "tokenizer"), weights(CLIPTextModel, "text_encoder", dtype=dtype))
+    text = ClipTextEncoder(part(CLIPTokenizer, "tokenizer"), weights(CLIPTextModel, "text_encoder", dtype=dtype),
+                           chunks=clip_chunks)
     return _base_model(part, weights, text, _load_unet(weights, dtype, unet_source), vae_dtype)
 
 
 def load_sdxl(source: str, revision: str | None, dtype: torch.dtype, vae_dtype: torch.dtype,
-              unet_source: str | None = None) -> BaseModel:
+              unet_source: str | None = None, clip_chunks: int = 1) -> BaseModel:
     part, weights = _loaders(source, revision)
     unet = _load_unet(weights, dtype, unet_source)
     if unet.config.addition_embed_type != "text_time":
@@ -82,7 +83,7 @@ def load_sdxl(source: str, revision: str | None, dtype: torch.dtype, vae_dtype: 
                          f"Set model.base.family=sd15 for it, or point model.base.pretrained at an SDXL folder")
     text = SdxlTextEncoder(part(CLIPTokenizer, "tokenizer"), part(CLIPTokenizer, "tokenizer_2"),
                            weights(CLIPTextModel, "text_encoder", dtype=dtype),
-                           weights(CLIPTextModelWithProjection, "text_encoder_2", dtype=dtype))
+                           weights(CLIPTextModelWithProjection, "text_encoder_2", dtype=dtype), chunks=clip_chunks)
     return _base_model(part, weights, text, unet, vae_dtype)
 
 
@@ -92,4 +93,4 @@ LOADERS = {"sd15": load_sd15, "sdxl": load_sdxl}
 def load_base_model(cfg) -> BaseModel:
     """From the ``model.base`` config section."""
     return LOADERS[cfg.family](cfg.pretrained, cfg.revision, TORCH_DTYPES[cfg.dtype], TORCH_DTYPES[cfg.vae_dtype],
-                               unet_source=cfg.get("unet"))
+                               unet_source=cfg.get("unet"), clip_chunks=cfg.get("clip_chunks", 1))

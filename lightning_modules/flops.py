@@ -151,15 +151,16 @@ def module_step_flops(module, resolution: int, precomputed_keys: Sequence[str] =
     """Per-sample training FLOPs of an LLM4GenModule at ``data.resolution``, with the encoders whose
     features come from a cache (``data.precomputed_keys``) left out."""
     cached = set(precomputed_keys)
-    clip_tokens = module.clip.tokenizer.model_max_length
+    window = module.clip.tokenizer.model_max_length
+    chunks = module.clip.context_length // window  # model.base.clip_chunks windows of 77 tokens
     flops = StepFlops(trained=trained_path_flops(module.adapter, module.unet, latent_size_for(module.vae, resolution),
-                                                 clip_tokens, module.cfg.llm.max_length))
+                                                 module.clip.context_length, module.cfg.llm.max_length))
     if "latent_moments" not in cached:
         flops.vae = vae_encoder_flops(module.vae, resolution)
     if "clip_features" not in cached:
-        flops.clip = text_encoder_flops(module.clip.text_encoder, clip_tokens)
+        flops.clip = chunks * text_encoder_flops(module.clip.text_encoder, window)
         if getattr(module.clip, "text_encoder_2", None) is not None:  # SDXL's second CLIP encoder
-            flops.clip += text_encoder_flops(module.clip.text_encoder_2, clip_tokens)
+            flops.clip += chunks * text_encoder_flops(module.clip.text_encoder_2, window)
     if "llm_features" not in cached:
         flops.llm = text_encoder_flops(module.llm.model, module.cfg.llm.max_length, decoder=module.llm.kind == "decoder")
     return flops

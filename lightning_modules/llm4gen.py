@@ -24,7 +24,6 @@ from typing import Any
 import lightning as L
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -39,6 +38,7 @@ from losses.attention_capture import cross_attention_layer_names, install_attent
 from losses.diffusion import diffusion_target, min_snr_weights, sample_noise, weighted_mse
 from losses.entity import EntityTargets, build_entity_targets_from_captions, entity_loss
 from losses.entity_parser import groups_from_json
+from lightning_modules.optimization import ADAPTER_GROUP, build_lr_scheduler, hold_back, parameter_groups
 from lightning_modules.performance import apply_performance, build_optimizer, performance_config
 
 class CheckpointKeyError(UserError, KeyError):
@@ -286,7 +286,7 @@ class LLM4GenModule(L.LightningModule):
         targets = build_entity_targets_from_captions(
             captions, groups, self.clip.tokenizer, self.llm.tokenizer,
             clip_max_length=self.clip.tokenizer.model_max_length, llm_max_length=self.cfg.llm.max_length,
-            llm_prefix=self.cfg.llm.prefix)
+            llm_prefix=self.llm.prefix)
         targets.pair_mask = targets.pair_mask & applies.cpu()[:, None]
         return targets
 
@@ -315,12 +315,16 @@ class LLM4GenModule(L.LightningModule):
 
     # ---- optimisation, EMA, checkpoints -------------------------------------------------------
     def configure_optimizers(self):
+        """AdamW over two parameter groups, the CAM's and the UNet's, each with its own learning rate, weight
+        decay and start step (lightning_modules/optimization.py)."""
         optim = self.cfg.optim
-        optimizer = build_optimizer(self.trainable_parameters(), optim, self.performance.optimizer)
+        optimizer = build_optimizer(parameter_groups(self.named_parameters(), optim), optim, self.performance.optimizer)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
-        scheduler = get_scheduler(optim.scheduler, optimizer, num_warmup_steps=optim.warmup_steps,
-                                  num_training_steps=total)
+        scheduler = build_lr_scheduler(optimizer, optim, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        hold_back(optimizer, self.global_step)  # a group before its start step (the UNet's) neither moves nor clips
 
     def on_fit_start(self) -> None:
         if self.ema is not None:
@@ -332,7 +336,9 @@ class LLM4GenModule(L.LightningModule):
             self.ema.step(self.trainable_parameters())
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
+        for group in self.trainer.optimizers[0].param_groups:  # train/lr: the CAM's; train/lr_unet: the UNet's
+            name = group.get("name", ADAPTER_GROUP)
+            self.log("train/lr" if name == ADAPTER_GROUP else f"train/lr_{name}", group["lr"], prog_bar=False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = self.trainable_state_keys()
@@ -341,6 +347,14 @@ class LLM4GenModule(L.LightningModule):
             checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("optimizer_states") or []
+        groups = len(parameter_groups(self.named_parameters(), self.cfg.optim))
+        if saved and len(saved[0]["param_groups"]) != groups:
+            raise CheckpointKeyError(
+                f"the checkpoint's optimizer has {len(saved[0]['param_groups'])} parameter group(s), this run has "
+                f"{groups} (the CAM's and the UNet's, each with its own model.optim learning rate): it was written "
+                f"before parameter groups existed. Its weights still load for generation and as init_from; to train "
+                f"on, start a new run from it (resume=never) or finish it with the code that wrote it")
         if self.ema is not None:
             if "ema" not in checkpoint:
                 raise CheckpointKeyError("model.ema.enabled is on but the checkpoint holds no EMA state")
@@ -378,14 +392,19 @@ class LLM4GenModule(L.LightningModule):
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], num_inference_steps: int = 30,
                  guidance_scale: float = 7.5, scheduler: str = "DDIMScheduler", negative_prompt: str = "",
-                 output_type: str = "pil"):
+                 output_type: str = "pil", llm_prompts: list[str] | None = None):
         """Images, one per prompt (PIL; ``output_type="np"``: float arrays in [0, 1]); each prompt's seed
         fixes its initial noise (CPU generator, so a seed gives the same image on any device). The negative
-        prompt goes through CLIP, LLM and CAM."""
+        prompt goes through CLIP, LLM and CAM. ``llm_prompts``: texts the LLM reads instead of the prompts
+        (CLIP still reads the prompts), e.g. another prompt's, to ask what the LLM's features carry."""
         was_training = self.training
         self.eval()
         try:
             clip, llm = self.encode_text(list(prompts))
+            if llm_prompts is not None:
+                if len(llm_prompts) != len(prompts):
+                    raise ValueError(f"{len(llm_prompts)} llm_prompts for {len(prompts)} prompts; give one each")
+                llm = self.encode_text(list(llm_prompts))[1]
             neg_clip, neg_llm = self.encode_text([negative_prompt] * len(prompts))
             dtype = self.unet.dtype
             pipe = self.pipeline(scheduler)

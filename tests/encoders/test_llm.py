@@ -73,7 +73,7 @@ def test_encoder_decoder_runs_the_encoder_only(t5_folder):
 
 
 def test_decoder_only_with_a_tokenizer_without_pad_and_a_chosen_layer(llama_folder):
-    llm = LLMEncoder(str(llama_folder), max_length=12, layer=-2, zero_padding=False)
+    llm = LLMEncoder(str(llama_folder), max_length=12, layer=-2, zero_padding=False, layer_norm="false")
     assert llm.kind == "decoder" and llm.hidden_size == 32
     assert llm.tokenizer.pad_token == llm.tokenizer.eos_token and llm.tokenizer.padding_side == "right"
     out = llm(PROMPTS)
@@ -84,6 +84,62 @@ def test_decoder_only_with_a_tokenizer_without_pad_and_a_chosen_layer(llama_fold
     alone = llm(["x"])
     n = int(out.mask[1].sum())
     torch.testing.assert_close(out.features[1, :n], alone.features[0, :n])
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2, -2, -3])
+def test_a_named_layer_returns_that_hidden_state(llama_folder, layer):
+    llm = LLMEncoder(str(llama_folder), max_length=12, layer=layer, zero_padding=False, layer_norm="false")
+    tokens = llm.tokenize(PROMPTS)
+    hidden = llm.model(**tokens, output_hidden_states=True).hidden_states
+    assert len(hidden) == 4  # the embeddings and 3 layers
+    torch.testing.assert_close(llm(PROMPTS).features, hidden[layer], rtol=0, atol=0)
+
+
+def test_penultimate_is_the_layer_before_the_last_and_a_middle_decoder_layer_is_normalised(llama_folder):
+    llm = LLMEncoder(str(llama_folder), max_length=12, layer="penultimate", zero_padding=False)
+    assert llm.layer == -2 and llm.normalize  # auto: a decoder's middle layers are unnormalised
+    tokens = llm.tokenize(PROMPTS)
+    hidden = llm.model(**tokens, output_hidden_states=True).hidden_states[-2]
+    expected = torch.nn.functional.layer_norm(hidden, hidden.shape[-1:])
+    out = llm(PROMPTS).features
+    torch.testing.assert_close(out, expected)
+    assert out.mean(-1).abs().max() < 1e-5 and (out.std(-1, unbiased=False) - 1).abs().max() < 0.05  # eps=1e-5
+    assert not LLMEncoder(str(llama_folder), max_length=12, layer=-1).normalize  # the last layer is final-normed
+    assert LLMEncoder(str(llama_folder), max_length=12, layer=3).normalize is False  # index 3 is the last too
+
+
+def test_a_bert_style_encoder_keeps_its_layers_as_they_are(word_tokenizer):
+    llm = LLMEncoder("embedded:minilm", max_length=16, layer=3)
+    assert not llm.normalize  # post-norm: every layer ends in a LayerNorm
+    tokens = llm.tokenize(PROMPTS)
+    hidden = llm.model(**tokens, output_hidden_states=True).hidden_states[3]
+    mask = tokens["attention_mask"][..., None]
+    torch.testing.assert_close(llm(PROMPTS).features, hidden * mask)
+
+
+def test_mean_is_the_mean_of_every_layer_normalised(t5_folder):
+    llm = LLMEncoder(str(t5_folder), max_length=12, layer="mean", zero_padding=False)
+    tokens = llm.tokenize(PROMPTS)
+    hidden = llm.model(**tokens, output_hidden_states=True).hidden_states  # embeddings + 2 layers
+    norm = lambda h: torch.nn.functional.layer_norm(h, h.shape[-1:])  # noqa: E731
+    torch.testing.assert_close(llm(PROMPTS).features, (norm(hidden[1]) + norm(hidden[2])) / 2)
+
+
+def test_a_layer_the_model_lacks_is_refused_naming_the_range(llama_folder):
+    with pytest.raises(ValueError, match=r"model.llm.layer is 4, but the LLM has 3 layers.*\[-4, 3\]"):
+        LLMEncoder(str(llama_folder), layer=4)
+    with pytest.raises(ValueError, match="model.llm.layer_norm is 'maybe'"):
+        LLMEncoder(str(llama_folder), layer=1, layer_norm="maybe")
+
+
+def test_the_prefix_defaults_to_what_the_llm_expects():
+    from configs.schema import default_llm_prefix, load_config
+
+    assert default_llm_prefix("kalpeshk2011/rankgen-t5-xl-all") == "pre "
+    assert default_llm_prefix("/models/RankGen-T5-XL") == "pre "
+    assert default_llm_prefix("embedded:minilm") == "" and default_llm_prefix("google/flan-t5-xl") == ""
+    assert load_config().model.llm.prefix == ""  # the embedded default's MiniLM takes no prefix
+    assert load_config(overrides=["model.llm.prefix='pre '"]).model.llm.prefix == "pre "
 
 
 def test_kind_can_be_forced_and_bad_kind_is_refused(t5_folder):
