@@ -34,8 +34,12 @@ def markdown_table(runs: dict[str, dict[str, dict[str, float]]]) -> str:
     for label, scores in runs.items():
         cells = []
         for set_name, metric in cols:
-            value = scores.get(set_name, {}).get(metric)
-            cells.append("" if value is None else f"{value * DISPLAY_SCALE.get(metric, 1.0):.2f}")
+            metrics = scores.get(set_name, {})
+            value = metrics.get(metric)
+            # blank: the run did not score it; "-": scored but undefined (JSON null, e.g. a swap rate
+            # over images with no two objects drawn)
+            cells.append(("-" if metric in metrics else "") if value is None
+                         else f"{value * DISPLAY_SCALE.get(metric, 1.0):.2f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -62,7 +66,8 @@ def bar_plot(runs: dict[str, dict[str, dict[str, float]]], path: str | Path) -> 
     for ax, metric in zip(axes[0], metrics):
         sets = [s for s, m in cols if m == metric]
         for k, (label, scores) in enumerate(runs.items()):
-            values = [scores.get(s, {}).get(metric, float("nan")) * DISPLAY_SCALE.get(metric, 1.0) for s in sets]
+            values = [scores.get(s, {}).get(metric) for s in sets]  # None (absent or null): no bar
+            values = [float("nan") if v is None else v * DISPLAY_SCALE.get(metric, 1.0) for v in values]
             ax.bar([i + k * width for i in range(len(sets))], values, width, label=label)
         ax.set_xticks([i + width * (len(runs) - 1) / 2 for i in range(len(sets))], sets)
         ax.set_title(header("", metric).strip())

@@ -27,8 +27,23 @@ Public API (stable; ``evaluation/__init__.py`` re-exports it):
   uses); ``missing`` / ``extra``: prompt objects minus detections / detections minus prompt objects
   (never negative); ``count_correct``; ``exact``: all bound and nothing extra; ``any_correct``: 1 if
   at least one prompt object is found in its colour and shape.
+  ``categories``: what became of each prompt object (scene order), one of ``OUTCOMES``, from
+  ``classify_objects``; ``swapped_pairs`` / ``drawn_pairs``: of the pairs of prompt objects both drawn,
+  those that took each other's colour (``count_swaps``).
+- ``classify_objects(scene, detected) -> list[ObjectOutcome]`` (``evaluation.shapes``): separates the
+  errors ``binding`` lumps together. Each prompt object gets one category and the index of the detection
+  it was matched to (None if missing), assigned one-to-one in stages, each a maximum matching over what
+  the earlier stages left: ``bound`` (colour, shape and size; stage 1 is ``binding``), ``wrong_size``,
+  ``leaked_color`` (its shape in another prompt object's colour: a binding failure), ``foreign_color``
+  (its shape in a colour the prompt does not state), ``leaked_shape`` (its colour, another prompt
+  object's shape), ``misdrawn_shape`` (its colour, another shape or none readable), ``missing_object``.
+  Unstated attributes (None) match anything; the shape noun identifies an object, so a colour swap is
+  ``leaked_color`` for both objects (details in its docstring).
 - ``aggregate(scores) -> dict``: the T2I-CompBench way, the mean of each per-image number over the
-  images (of one prompt set), overall and per object count (``by_n_objects``).
+  images (of one prompt set), overall and per object count (``by_n_objects``); with the share of each
+  of ``OUTCOMES`` (``bound``, ``wrong_size``, ``leaked_color``, ``foreign_color``, ``leaked_shape``,
+  ``misdrawn_shape``, ``missing_object``: means of per-image shares, summing to 1) and ``swap_rate``:
+  swapped pairs over drawn pairs, summed over the images (None when no image has two drawn objects).
 
 Images may be PIL images, (H, W, 3) uint8 arrays, (H, W, 3) float arrays in [0, 1], or torch tensors
 (3, H, W) in [0, 1]; square images are expected (the size threshold follows the benchmark's 2x2 layout
@@ -94,6 +109,9 @@ class ImageScore:
     exact: float
     any_correct: float                   # 1 if at least one prompt object is found in its colour and shape
     detected: list[DetectedObject] = field(default_factory=list)
+    categories: list[str] = field(default_factory=list)  # per prompt object, scene order: one of OUTCOMES
+    swapped_pairs: int = 0               # pairs of drawn prompt objects that took each other's colour
+    drawn_pairs: int = 0                 # pairs of prompt objects both drawn (not missing_object)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -260,12 +278,16 @@ def analyze(
 
 # ---------------------------------------------------------------- objects -> score
 
-def max_matching(wanted: list[tuple], detected: list[tuple]) -> int:
-    """Size of a maximum one-to-one matching between ``wanted`` attribute tuples (None matches
-    anything) and ``detected`` ones (Kuhn's augmenting paths)."""
-    fits = [[j for j, d in enumerate(detected) if all(w is None or w == v for w, v in zip(want, d))]
-            for want in wanted]
-    owner: dict[int, int] = {}
+def attributes_fit(wanted: tuple, found: tuple) -> bool:
+    """Whether a detection's attributes ``found`` are what ``wanted`` asks for (None matches anything)."""
+    return all(w is None or w == v for w, v in zip(wanted, found))
+
+
+def maximum_assignment(fits: list[list[int]]) -> dict[int, int]:
+    """A maximum one-to-one matching of rows to columns, ``{row: column}``, where row ``i`` may take the
+    columns ``fits[i]`` (Kuhn's augmenting paths, rows tried in order, each row's columns in the order
+    given: the same input always gives the same matching)."""
+    owner: dict[int, int] = {}   # column -> row
 
     def augment(i: int, visited: set) -> bool:
         for j in fits[i]:
@@ -276,7 +298,181 @@ def max_matching(wanted: list[tuple], detected: list[tuple]) -> int:
                     return True
         return False
 
-    return sum(augment(i, set()) for i in range(len(wanted)))
+    for i in range(len(fits)):
+        augment(i, set())
+    return {i: j for j, i in owner.items()}
+
+
+def max_weight_assignment(weights: list[list[int]]) -> dict[int, int]:
+    """A one-to-one assignment of rows to columns, ``{row: column}``, of the largest total weight, where
+    ``weights[i][j] > 0`` is what row ``i`` taking column ``j`` is worth and 0 means it may not (the
+    Hungarian algorithm on integer weights: exact, and the same input always gives the same answer)."""
+    n = len(weights)
+    if n == 0:
+        return {}
+    m = len(weights[0])
+    # rows x (columns + one "unassigned" column per row), minimising cost = -weight; 1-indexed
+    width = m + n
+    cost = [[-row[j] if j < m and row[j] > 0 else 0 for j in range(width)] for row in weights]
+    u, v, owner, way = [0] * (n + 1), [0] * (width + 1), [0] * (width + 1), [0] * (width + 1)
+    for i in range(1, n + 1):
+        owner[0], j0 = i, 0
+        least = [float("inf")] * (width + 1)
+        used = [False] * (width + 1)
+        while True:
+            used[j0] = True
+            i0, delta, j1 = owner[j0], float("inf"), 0
+            for j in range(1, width + 1):
+                if not used[j]:
+                    reduced = cost[i0 - 1][j - 1] - u[i0] - v[j]
+                    if reduced < least[j]:
+                        least[j], way[j] = reduced, j0
+                    if least[j] < delta:
+                        delta, j1 = least[j], j
+            for j in range(width + 1):
+                if used[j]:
+                    u[owner[j]] += delta
+                    v[j] -= delta
+                else:
+                    least[j] -= delta
+            j0 = j1
+            if owner[j0] == 0:
+                break
+        while j0:
+            j1 = way[j0]
+            owner[j0] = owner[j1]
+            j0 = j1
+    return {owner[j] - 1: j - 1 for j in range(1, m + 1) if owner[j] and weights[owner[j] - 1][j - 1] > 0}
+
+
+def max_matching(wanted: list[tuple], detected: list[tuple]) -> int:
+    """Size of a maximum one-to-one matching between ``wanted`` attribute tuples (None matches
+    anything) and ``detected`` ones (Kuhn's augmenting paths)."""
+    return len(maximum_assignment([[j for j, d in enumerate(detected) if attributes_fit(w, d)] for w in wanted]))
+
+
+# What became of each prompt object, in the order ``classify_objects`` assigns them (see its docstring).
+OUTCOMES: tuple[str, ...] = ("bound", "wrong_size", "leaked_color", "foreign_color", "leaked_shape",
+                             "misdrawn_shape", "missing_object")
+MISSING_OBJECT = OUTCOMES[-1]
+
+
+@dataclass(frozen=True)
+class ObjectOutcome:
+    category: str                        # one of OUTCOMES
+    detection: Optional[int]             # index into the detections it was matched to; None: missing_object
+
+
+def _same(wanted: Optional[str], value: Optional[str]) -> bool:
+    return wanted is None or wanted == value
+
+
+def _outcome_fits(scene: Scene) -> list:
+    """One predicate ``fits(i, detection) -> bool`` per stage of ``classify_objects`` (OUTCOMES[:-1])."""
+    objects = scene.objects
+    others_colors = [{o.color for k, o in enumerate(objects) if k != i and o.color is not None}
+                     for i in range(len(objects))]
+    others_shapes = [{o.shape for k, o in enumerate(objects) if k != i and o.shape is not None}
+                     for i in range(len(objects))]
+
+    def bound(i, d):
+        o = objects[i]
+        return _same(o.color, d.color) and _same(o.shape, d.shape) and _same(o.size, d.size)
+
+    def wrong_size(i, d):
+        o = objects[i]
+        return _same(o.color, d.color) and _same(o.shape, d.shape) and not _same(o.size, d.size)
+
+    def wrong_color(i, d):   # its shape, another colour (never for an object whose colour is unstated)
+        o = objects[i]
+        return o.color is not None and d.color != o.color and _same(o.shape, d.shape)
+
+    def leaked_color(i, d):
+        return wrong_color(i, d) and d.color in others_colors[i]
+
+    def foreign_color(i, d):
+        return wrong_color(i, d) and d.color not in others_colors[i]
+
+    def wrong_shape(i, d):   # its colour, another or no shape (never for an object whose shape is unstated)
+        o = objects[i]
+        return o.shape is not None and d.shape != o.shape and _same(o.color, d.color)
+
+    def leaked_shape(i, d):
+        return wrong_shape(i, d) and d.shape in others_shapes[i]
+
+    def misdrawn_shape(i, d):
+        return wrong_shape(i, d) and d.shape not in others_shapes[i]
+
+    return [bound, wrong_size, leaked_color, foreign_color, leaked_shape, misdrawn_shape]
+
+
+def classify_objects(scene: Scene, detected: list[DetectedObject]) -> list[ObjectOutcome]:
+    """What became of each prompt object of ``scene`` (in the scene's order): one of ``OUTCOMES`` and
+    the index in ``detected`` of the detection it was matched to (None for ``missing_object``).
+
+    Detections are assigned one-to-one in stages; each stage is a maximum matching between the prompt
+    objects and detections that the earlier stages left (ties: below); a pair fits one stage at most:
+
+    1. ``bound``: the object's colour, shape and size (stage 1's count is ``ImageScore.binding`` x n);
+    2. ``wrong_size``: its colour and shape, another size;
+    3. ``leaked_color``: its shape (any size), in the colour of another object of the prompt;
+    4. ``foreign_color``: its shape (any size), in a colour no other object of the prompt states;
+    5. ``leaked_shape``: its colour (any size), the shape of another object of the prompt;
+    6. ``misdrawn_shape``: its colour (any size), a shape no other object of the prompt states, or no
+       readable shape (``DetectedObject.shape`` None);
+    7. ``missing_object``: nothing above is left for it (a detection in another colour and another
+       shape is no evidence of the object: it stays unmatched; ``missing`` / ``extra`` only compare
+       how many objects were asked for and found).
+
+    Attributes the prompt leaves out (None) match anything in every stage. An object whose colour is
+    None therefore cannot be ``leaked_color`` / ``foreign_color`` (its colour is never wrong; a shape
+    match is ``bound`` or ``wrong_size``), nor one whose shape is None ``leaked_shape`` /
+    ``misdrawn_shape``; only stated colours / shapes of other objects count as leak sources (a colour
+    nobody states is foreign). "Another" colour / shape means other than the object's own: with two
+    prompt objects of one colour, that colour on one of them is never a leak.
+
+    Convention: the shape noun identifies the object, so the shape stages (its shape, wrong colour) run
+    before the colour stages (its colour, wrong shape). A colour swap ("a red circle and a blue square"
+    drawn as a blue circle and a red square) gives both objects ``leaked_color``, the same image read as
+    a shape swap too; ``count_swaps`` counts the pair.
+
+    Ties: a stage often has several maximum matchings, and which one it takes decides what later stages
+    have left ("a red circle, a blue square and a green cross" drawn as a red circle, a blue cross and a
+    red cross: stage 3 may give the green cross the blue cross or the red cross; only the red cross
+    leaves the blue cross to the square as ``leaked_shape``). Of all staged assignments the one taken
+    has the most objects per stage in stage order (lexicographically: the most ``bound``, then of those
+    the most ``wrong_size``, ...; a maximum-weight assignment with weight (n + 1)^(6 - stage) for a
+    pair of stage 1..6, ``max_weight_assignment``), so the counts do not depend on where the objects
+    sit in the image (the order of ``detected``); which object takes which detection among equally
+    good assignments is fixed by the order of the inputs (the same inputs give the same outcomes).
+    """
+    objects = scene.objects
+    fits = _outcome_fits(scene)
+    base = len(objects) + 1          # a stage's count is at most len(objects) < base
+
+    def stage_of(i: int, d: DetectedObject) -> Optional[int]:   # the stages exclude each other
+        return next((k for k, fit in enumerate(fits) if fit(i, d)), None)
+
+    stages = [[stage_of(i, d) for d in detected] for i in range(len(objects))]
+    weights = [[0 if k is None else base ** (len(fits) - 1 - k) for k in row] for row in stages]
+    assignment = max_weight_assignment(weights)
+    return [ObjectOutcome(OUTCOMES[stages[i][assignment[i]]], assignment[i]) if i in assignment
+            else ObjectOutcome(MISSING_OBJECT, None) for i in range(len(objects))]
+
+
+def count_swaps(scene: Scene, detected: list[DetectedObject], outcomes: list[ObjectOutcome]) -> tuple[int, int]:
+    """(swapped pairs, drawn pairs) over the pairs of prompt objects both drawn (not ``missing_object``):
+    a pair (i, j) is swapped when i's detection has j's colour and j's detection has i's colour (both
+    colours stated and different; such a pair is ``leaked_color`` twice)."""
+    drawn = [i for i, o in enumerate(outcomes) if o.detection is not None]
+    swapped = 0
+    for a, i in enumerate(drawn):
+        for j in drawn[a + 1:]:
+            ci, cj = scene.objects[i].color, scene.objects[j].color
+            if (ci is not None and cj is not None and ci != cj
+                    and detected[outcomes[i].detection].color == cj and detected[outcomes[j].detection].color == ci):
+                swapped += 1
+    return swapped, len(drawn) * (len(drawn) - 1) // 2
 
 
 def score_objects(scene: Scene, detected: list[DetectedObject]) -> ImageScore:
@@ -292,11 +488,14 @@ def score_objects(scene: Scene, detected: list[DetectedObject]) -> ImageScore:
         return max_matching([pick(w) for w in wanted], [pick(f) for f in found]) / n
 
     binding = fraction((0, 1, 2))
+    outcomes = classify_objects(scene, list(detected))
+    swapped, drawn_pairs = count_swaps(scene, list(detected), outcomes)
     return ImageScore(
         n_objects=n, n_detected=d, missing=max(0, n - d), extra=max(0, d - n), count_correct=float(n == d),
         shape=fraction((1,)), color=fraction((0, 1)), size=fraction((1, 2)), binding=binding,
         all_bound=float(binding == 1.0), exact=float(binding == 1.0 and d <= n),
-        any_correct=float(max_matching([w[:2] for w in wanted], [f[:2] for f in found]) > 0), detected=list(detected))
+        any_correct=float(max_matching([w[:2] for w in wanted], [f[:2] for f in found]) > 0), detected=list(detected),
+        categories=[o.category for o in outcomes], swapped_pairs=swapped, drawn_pairs=drawn_pairs)
 
 
 def score(image, scene, **analyze_options) -> ImageScore:
@@ -316,13 +515,28 @@ METRICS: tuple[str, ...] = ("binding", "all_bound", "exact", "color", "shape", "
 def aggregate(scores: Iterable[ImageScore]) -> dict:
     """Means over images of every per-image number, overall and per object count:
     ``{"n_images", "binding", "all_bound", "exact", "color", "shape", "size", "count_correct",
-    "any_correct", "missing", "extra", "by_n_objects": {1: {...}, 2: {...}}}`` (missing/extra: mean counts)."""
+    "any_correct", "missing", "extra", <OUTCOMES>, "swap_rate", "by_n_objects": {1: {...}, 2: {...}}}``
+    (missing/extra: mean counts). Each of ``OUTCOMES`` (``bound`` .. ``missing_object``) is the mean over
+    images of the share of the image's prompt objects in that category (averaged like ``binding``; the
+    shares sum to 1), over the images that carry ``categories`` (None where none does); ``swap_rate`` is
+    the sum of ``swapped_pairs`` over the sum of ``drawn_pairs`` (a ratio of sums, not a mean of ratios;
+    None where no image has two drawn objects)."""
     scores = list(scores)
     if not scores:
         raise ValueError("aggregate needs at least one ImageScore")
+    for s in scores:
+        if s.categories and len(s.categories) != s.n_objects:
+            raise ValueError(f"an ImageScore with {s.n_objects} prompt objects has {len(s.categories)} categories")
 
     def means(group: list[ImageScore]) -> dict:
-        return {"n_images": len(group), **{m: float(np.mean([getattr(s, m) for s in group])) for m in METRICS}}
+        result = {"n_images": len(group), **{m: float(np.mean([getattr(s, m) for s in group])) for m in METRICS}}
+        classified = [s for s in group if s.categories]
+        for category in OUTCOMES:
+            result[category] = (float(np.mean([s.categories.count(category) / len(s.categories) for s in classified]))
+                                if classified else None)
+        drawn = sum(s.drawn_pairs for s in group)
+        result["swap_rate"] = sum(s.swapped_pairs for s in group) / drawn if drawn else None
+        return result
 
     result = means(scores)
     counts = sorted({s.n_objects for s in scores})

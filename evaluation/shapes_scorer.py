@@ -3,7 +3,13 @@ scorer: no model to load. Each image is scored against the scene its prompt asks
 (``parse_prompt``); the set's numbers are T2I-CompBench-style means over images (``aggregate``):
 ``binding`` (share of prompt objects found with all their attributes), ``all_bound`` (every object
 bound: the product over objects), ``exact`` (all bound, nothing extra) and the per-category
-``color`` / ``shape`` / ``size`` accuracies."""
+``color`` / ``shape`` / ``size`` accuracies. A set's values (``score``) also give what became of the
+prompt objects, ``classify_objects``' shares ``shapes_bound``, ``shapes_wrong_size``,
+``shapes_leaked_color`` (a binding failure), ``shapes_foreign_color``, ``shapes_leaked_shape``,
+``shapes_misdrawn_shape``, ``shapes_missing_object`` (summing to 1), and ``shapes_swap_rate``: pairs of
+drawn objects that took each other's colour, over all drawn pairs (None, JSON null, when no image of
+the set has two drawn objects). Each image's details carry its ``categories``, ``swapped_pairs`` and
+``drawn_pairs``."""
 
 from __future__ import annotations
 
@@ -11,8 +17,11 @@ import importlib
 from dataclasses import asdict
 
 from evaluation.scorers import Scorer, load_images
+from evaluation.shapes import OUTCOMES
 
 REPORTED = ("binding", "all_bound", "exact", "color", "shape", "size", "any_correct")
+# a set's values only (``score``): the validation logs of ``score_images`` keep REPORTED, all floats
+ERRORS = (*OUTCOMES, "swap_rate")
 
 
 class ShapesScorer(Scorer):
@@ -44,4 +53,4 @@ class ShapesScorer(Scorer):
         per_image = [score(image, r.prompt) for image, r in zip(load_images(records), records)]
         summary = aggregate(per_image)
         details = [{k: v for k, v in asdict(s).items() if k != "detected"} for s in per_image]
-        return {f"shapes_{k}": summary[k] for k in REPORTED}, details
+        return {f"shapes_{k}": summary[k] for k in (*REPORTED, *ERRORS)}, details

@@ -12,7 +12,9 @@ from datamodules.shapes import (
     COLORS, SHAPES, Scene, ShapeObject, draw_shape, object_bbox, render_scene, sample_scene,
 )
 from evaluation import aggregate, analyze, parse_prompt, prompt_set, score
-from evaluation.shapes import UNASSIGNED, ImageScore, fill_holes, max_matching, palette_labels, remove_color_cast
+from evaluation.shapes import (
+    UNASSIGNED, ImageScore, fill_holes, max_matching, maximum_assignment, palette_labels, remove_color_cast,
+)
 
 
 def scenes(n, seed, split=None):
@@ -68,6 +70,9 @@ def test_swapped_colours_get_binding_zero(n_objects):
         result = score(render_scene(swap_colors(scene), 32), scene)
         assert result.binding == 0 and result.all_bound == 0 and result.color == 0 and result.any_correct == 0
         assert result.shape == 1 and result.size == 1 and result.missing == result.extra == 0
+        # every object's colour leaked from another; a 2-object derangement swaps its pair, a 3-cycle none
+        assert result.categories == ["leaked_color"] * n_objects
+        assert (result.swapped_pairs, result.drawn_pairs) == ((1, 1) if n_objects == 2 else (0, 3))
 
 
 def test_swapping_one_pair_of_three_leaves_one_third():
@@ -79,6 +84,8 @@ def test_swapping_one_pair_of_three_leaves_one_third():
     result = score(render_scene(swapped, 32), scene)
     assert result.binding == pytest.approx(1 / 3) and result.color == pytest.approx(1 / 3)
     assert result.all_bound == 0 and result.exact == 0 and result.any_correct == 1
+    assert result.categories == ["leaked_color", "leaked_color", "bound"]
+    assert (result.swapped_pairs, result.drawn_pairs) == (1, 3)
 
 
 def test_any_correct_needs_one_object_in_its_colour_and_shape_whatever_its_size():
@@ -207,6 +214,13 @@ def test_max_matching_is_one_to_one():
     assert max_matching(wanted, [("red", "circle"), ("red", "circle"), ("blue", "circle")]) == 2
     # an augmenting path is needed: the greedy choice for the first would block the second
     assert max_matching([(None, "circle"), ("red", "circle")], [("red", "circle"), ("blue", "circle")]) == 2
+
+
+def test_maximum_assignment_returns_who_takes_what():
+    # rows 0 and 1 both want column 0; an augmenting path moves row 0 to column 1
+    assert maximum_assignment([[0, 1], [0]]) == {0: 1, 1: 0}
+    assert maximum_assignment([[0], [0], [1, 0]]) == {0: 0, 2: 1}
+    assert maximum_assignment([[], [2]]) == {1: 2} and maximum_assignment([]) == {}
 
 
 def test_bad_images_are_refused():
