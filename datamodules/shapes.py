@@ -12,15 +12,25 @@ prompt sets, rendering, caption parsing and the analyzer cannot drift apart.
   (not an object colour). Objects never touch; a margin separates each from its cell's border.
 - ``HELD_OUT`` colour-shape combinations never appear in training data (``sample_scene(split="train")``);
   every colour and every shape still appears in training with other partners.
-- Captions come in recorded phrasings (``PHRASINGS``): ``list`` "a small red circle and a large blue
+- Captions come in recorded phrasings. The short ones (``PHRASINGS``, what ``phrasings_for`` gives and
+  the default training data and legacy prompt sets use): ``list`` "a small red circle and a large blue
   square", ``colored`` "a small circle colored red ...", ``relative`` "a circle that is small and red
-  next to ...", ``beside`` (order reversed, 2+ objects) and ``dense`` (a long description with positions).
+  next to ...", ``beside`` (order reversed, 2+ objects) and ``dense`` (a description with positions,
+  under CLIP's 77 tokens). The long one (``LONG_PHRASINGS``, ``phrasings_for(n, include_verbose=True)``):
+  ``verbose``, a LLaVA-style description (an opener, style/lighting/composition sentences, one sentence
+  per object in random order and varied templates, each naming its cell) of about 40-185 CLIP tokens,
+  so CLIP's window cuts off about half of the objects of 2- and 3-object scenes. It is a pure function
+  of the scene (its random choices are seeded by ``scene_key``).
 - ``parse_prompt`` reads this caption grammar back into a scene (attributes a prompt leaves out are
-  ``None``: not constrained), so a prompt's text alone is enough to score an image.
+  ``None``: not constrained), so a prompt's text alone is enough to score an image. ``entity_groups``
+  gives the exact (entity, attributes) spans; ``object_mentions`` the objects in text order with their
+  spans and, given a tokenizer, their last CLIP token and whether CLIP's window holds it.
+- ``random_scene(rng, resolution, verbose_share)``: a training sample, verbose with that probability.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -41,7 +51,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 # Bumped whenever what a seed renders changes (scenes, captions, split): synthetic shard folders
 # record it, and one written by another version is refused instead of silently trained on.
-SHAPES_WORLD_VERSION = 2
+SHAPES_WORLD_VERSION = 3
 BACKGROUND = "gray"
 BACKGROUND_RGB: tuple[int, int, int] = (128, 128, 128)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
@@ -232,6 +242,108 @@ def _dense(scene: Scene) -> str:
     return " ".join(sentences)
 
 
+# ---------------------------------------------------------------- the verbose phrasing
+# Long LLaVA-style descriptions: an opener, object sentences in random order and templates, and true
+# filler sentences (style, lighting, edges, background, composition) at random places between them.
+# Filler never names a colour, shape or size (nor "big", "little", "plus", "violet", "square" as an
+# adjective, plural shape words), and the background only as "on a plain gray background", so
+# ``parse_prompt`` reads a verbose caption exactly. Designed so that CLIP's 77-token window cuts off
+# about half of the objects of 2- and 3-object scenes (usually not the first one described).
+
+VERBOSE = "verbose"
+_VERBOSE_COUNTS = {1: "a single geometric shape", 2: "two geometric shapes", 3: "three geometric shapes"}
+_VERBOSE_OPENERS: tuple[str, ...] = (
+    "The image shows a simple flat illustration of {count} on a plain gray background.",
+    "This is a minimalist digital drawing that contains {count} on a plain gray background.",
+    "The picture is a clean, computer-generated graphic with {count} placed on a plain gray background.",
+    "In this image we can see {count} arranged on a plain gray background.",
+    "The image depicts a basic geometric composition made of {count}.",
+    "This picture is a plain, diagram-like rendering showing {count} on a plain gray background.",
+    "Here is a synthetic image with {count}, drawn in a flat graphic style.",
+    "The illustration presents {count} laid out on a plain gray background.",
+)
+# (text, which scenes it is true of: "any", "one" object, "many" objects)
+_VERBOSE_FILLERS: tuple[tuple[str, str], ...] = (
+    ("The style is flat and graphic, with no gradients, textures or shading of any kind.", "any"),
+    ("The lighting is perfectly even, so there are no highlights, reflections or shadows.", "any"),
+    ("All edges are crisp and sharp, without any blur, outline or soft glow around them.", "any"),
+    ("Everything is drawn on a plain gray background that is completely uniform.", "any"),
+    ("The canvas is divided into four equal quadrants, although no grid lines are drawn.", "any"),
+    ("There is no text, no lettering, no watermark and no logo anywhere in the image.", "any"),
+    ("No frame or border surrounds the picture, and nothing is cut off at its edges.", "any"),
+    ("The composition is simple and uncluttered, with no decoration of any kind.", "any"),
+    ("Nothing in the picture looks three-dimensional; it is a purely two-dimensional drawing.", "any"),
+    ("There are no people, animals, plants or other real-world objects in the scene.", "any"),
+    ("The view is straight on, like looking at a flat sheet of paper from directly above.", "any"),
+    ("The shape sits fully inside its own quadrant without touching the edges of the image.", "one"),
+    ("Apart from this one shape, the image is completely empty.", "one"),
+    ("The shape is filled with one solid, uniform colour from edge to edge.", "one"),
+    ("Each shape sits fully inside its own quadrant, apart from the others.", "many"),
+    ("The shapes do not overlap or touch one another, and no two of them share a colour.", "many"),
+    ("Apart from these shapes, the image is completely empty.", "many"),
+    ("Every shape is filled with one solid, uniform colour from edge to edge.", "many"),
+)
+_CELL_VARIANTS: tuple[tuple[str, ...], ...] = tuple(
+    (name, name.replace("top", "upper").replace("bottom", "lower")) for name in CELL_NAMES)
+_CELL_NOUNS: tuple[str, ...] = ("corner", "quadrant", "area", "part of the picture")
+
+
+def _an(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _two(rng: random.Random, first: str, second: str) -> str:
+    """``first and second`` in a random order."""
+    return f"{first} and {second}" if rng.random() < 0.5 else f"{second} and {first}"
+
+
+# Object sentences; each names the object's cell ({where}) and states its colour, shape and size once,
+# before the shape word ("a large red circle"), after it ("a circle that is large and red", "a square,
+# colored blue,") or both. (The grammar: a marker after the shape makes the following attributes its own.)
+_VERBOSE_OBJECTS = (
+    lambda o, w, r: f"In the {w} there is {_an(o.size)} {o.color} {o.shape}.",
+    lambda o, w, r: f"{_an(o.shape).capitalize()} that is {_two(r, o.size, o.color)} sits in the {w}.",
+    lambda o, w, r: f"The {w} holds {_an(o.shape)}, colored {o.color}, which is {o.size}.",
+    lambda o, w, r: f"{_an(o.size).capitalize()} {o.shape} colored {o.color} occupies the {w}.",
+    lambda o, w, r: f"Toward the {w}, one can see {_an(o.color)} {o.shape} that is {o.size}.",
+    lambda o, w, r: f"{_an(o.color).capitalize()} {o.shape}, {o.size} in size, appears in the {w}.",
+    lambda o, w, r: f"Placed in the {w} is {_an(o.shape)} which is {_two(r, o.size, o.color)}.",
+    lambda o, w, r: f"There is {_an(o.shape)} in the {w}, and it is {_two(r, o.color, o.size)}.",
+)
+
+
+def scene_key(scene: Scene) -> str:
+    """A stable serialisation of ``scene`` (sorted JSON): equal scenes, equal keys, in every process."""
+    return json.dumps(scene.to_dict(), sort_keys=True)
+
+
+def _verbose(scene: Scene, rng: Optional[random.Random] = None) -> str:
+    """A long description of ``scene``; with no ``rng``, a pure function of the scene."""
+    if any(o.cell is None for o in scene.objects):
+        raise ValueError(f"the verbose phrasing names every object's cell; unplaced objects in {scene.objects}")
+    rng = random.Random(f"verbose/{scene_key(scene)}") if rng is None else rng
+    n = len(scene.objects)
+    fits = "one" if n == 1 else "many"
+    fillers = [text for text, when in _VERBOSE_FILLERS if when in ("any", fits)]
+    rng.shuffle(fillers)
+    # filler sentences per gap: before the first object, between objects, after the last
+    counts = [rng.randint(1, 2)] + [rng.choice((1, 1, 2)) for _ in range(n - 1)] + [rng.randint(0, 1)]
+    if sum(counts) > n + 3:  # the longest captions stay under ~190 CLIP tokens
+        counts[-1] = 0
+    objects = list(scene.objects)
+    rng.shuffle(objects)
+    templates = list(range(len(_VERBOSE_OBJECTS)))
+    rng.shuffle(templates)
+    sentences = [rng.choice(_VERBOSE_OPENERS).format(count=_VERBOSE_COUNTS[n])]
+    for gap, count in enumerate(counts):
+        sentences += [fillers.pop() for _ in range(count)]
+        if gap < n:
+            o = objects[gap]
+            where = f"{rng.choice(_CELL_VARIANTS[o.cell])} {rng.choice(_CELL_NOUNS)}"
+            sentences.append(_VERBOSE_OBJECTS[templates[gap]](o, where, rng))
+    return " ".join(sentences)
+
+
 # name -> (fewest objects it reads naturally with, caption function)
 PHRASINGS: dict[str, tuple[int, object]] = {
     "list": (1, lambda s: _join([_adjectival(o) for o in s.objects])),
@@ -244,19 +356,33 @@ PHRASINGS: dict[str, tuple[int, object]] = {
 }
 
 
-def phrasings_for(n_objects: int) -> list[str]:
-    return [name for name, (fewest, _) in PHRASINGS.items() if n_objects >= fewest]
+# Long phrasings, kept out of ``PHRASINGS`` (and of ``phrasings_for`` by default) so the short
+# prompt sets and the default training data stay what they were.
+LONG_PHRASINGS: dict[str, tuple[int, object]] = {VERBOSE: (1, _verbose)}
+ALL_PHRASINGS: dict[str, tuple[int, object]] = {**PHRASINGS, **LONG_PHRASINGS}
 
 
-def caption(scene: Scene, phrasing: str = "list") -> str:
-    """The scene described in ``phrasing`` (one of ``PHRASINGS``); every attribute is stated."""
-    if phrasing not in PHRASINGS:
-        raise ValueError(f"unknown phrasing {phrasing!r}; expected one of {list(PHRASINGS)}")
-    fewest, describe = PHRASINGS[phrasing]
+def phrasings_for(n_objects: int, include_verbose: bool = False) -> list[str]:
+    """The phrasings that fit ``n_objects``: the short ones (``PHRASINGS``), then ``verbose`` if asked."""
+    phrasings = ALL_PHRASINGS if include_verbose else PHRASINGS
+    return [name for name, (fewest, _) in phrasings.items() if n_objects >= fewest]
+
+
+def caption(scene: Scene, phrasing: str = "list", rng: Optional[random.Random] = None) -> str:
+    """The scene described in ``phrasing`` (one of ``ALL_PHRASINGS``); every attribute is stated.
+    ``rng``: only for ``verbose``, whose random choices otherwise derive from the scene itself (the
+    same scene, the same caption)."""
+    if phrasing not in ALL_PHRASINGS:
+        raise ValueError(f"unknown phrasing {phrasing!r}; expected one of {list(ALL_PHRASINGS)}")
+    fewest, describe = ALL_PHRASINGS[phrasing]
     if len(scene.objects) < fewest:
         raise ValueError(f"phrasing {phrasing!r} needs at least {fewest} objects, the scene has {len(scene.objects)}")
     if any(None in o.attributes() for o in scene.objects):
         raise ValueError(f"every object needs colour, shape and size to be captioned: {scene.objects}")
+    if phrasing == VERBOSE:
+        return describe(scene, rng)
+    if rng is not None:
+        raise ValueError(f"phrasing {phrasing!r} is deterministic and takes no rng (only {VERBOSE!r} does)")
     return describe(scene)
 
 
@@ -358,23 +484,69 @@ def entity_groups(text: str) -> list[dict]:
     return groups
 
 
+# CLIP's window: 77 tokens, BOS at 0, content at 1..75, EOS at 76 (when truncated). A word whose last
+# token lies past this position never reaches a CLIP text encoder.
+CLIP_LAST_CONTENT_POSITION = 75
+
+
+def object_mentions(text: str, tokenizer=None) -> list[dict]:
+    """The objects ``text`` names, in text order (by their shape word), as JSON-ready dicts:
+    ``color`` / ``shape`` / ``size`` (None: not stated) and the ``entity`` / ``attributes`` spans of
+    ``entity_groups``. With a (fast) ``tokenizer``, also ``last_clip_token``: the largest token index
+    (BOS = 0) over the object's shape and attribute words, tokenized without truncation, and
+    ``in_clip_window``: whether that is at most ``CLIP_LAST_CONTENT_POSITION`` (a CLIP encoder sees
+    every word of the object). Pure: the same text (and tokenizer) gives the same mentions."""
+    objects = _read(text)[0]
+    mentions = []
+    for o, group in zip(objects, entity_groups(text)):
+        mentions.append({"color": o["color"], "shape": o["shape"], "size": o["size"], **group})
+    if tokenizer is not None and mentions:
+        from losses.entity_parser import Word
+        from losses.token_alignment import word_token_positions
+
+        words = [Word(**w) for m in mentions for w in (m["entity"], *m["attributes"])]
+        length = len(tokenizer(text, verbose=False)["input_ids"])  # untruncated, BOS and EOS included
+        positions = iter(word_token_positions(text, words, tokenizer, max_length=length))
+        for m in mentions:
+            found = [next(positions) for _ in range(1 + len(m["attributes"]))]
+            if not all(found):
+                raise ValueError(f"tokenizer {type(tokenizer).__name__} lost a word of {m['entity']} in {text!r}")
+            m["last_clip_token"] = max(max(p) for p in found)
+            m["in_clip_window"] = m["last_clip_token"] <= CLIP_LAST_CONTENT_POSITION
+    return mentions
+
+
 # ---------------------------------------------------------------- training samples
 
-def random_scene(rng: random.Random, resolution: int) -> dict:
+def random_scene(rng: random.Random, resolution: int, verbose_share: float = 0.0, tokenizer=None) -> dict:
     """A training sample's description (JSON-ready): a ``train``-split scene, a caption in a random
-    phrasing, and each object's pixel box at ``resolution``."""
+    phrasing, and each object's pixel box at ``resolution``.
+
+    With probability ``verbose_share`` the caption is ``verbose`` instead of the short phrasing drawn,
+    and the record gains ``mentions`` (``object_mentions``, with ``last_clip_token`` when a
+    ``tokenizer`` is given). The scene and the short phrasing are drawn exactly as with
+    ``verbose_share=0``, the verbose decision only after them and only when ``verbose_share > 0``: a
+    share of 0 gives the same samples, drawing for drawing, as before verbose captions existed."""
+    if not 0.0 <= verbose_share <= 1.0:
+        raise ValueError(f"verbose_share must be in [0, 1], got {verbose_share}")
     scene = sample_scene(rng, "train")
     phrasing = rng.choice(phrasings_for(len(scene.objects)))
+    if verbose_share > 0 and rng.random() < verbose_share:
+        phrasing = VERBOSE
     record = scene.to_dict()
     for obj, data in zip(scene.objects, record["objects"]):
         data["bbox"] = list(object_bbox(obj, resolution))
-    record.update(caption=caption(scene, phrasing), phrasing=phrasing, split="train")
+    text = caption(scene, phrasing)
+    record.update(caption=text, phrasing=phrasing, split="train")
+    if phrasing == VERBOSE:
+        record["mentions"] = object_mentions(text, tokenizer)
     return record
 
 
 __all__ = [
-    "BACKGROUND", "BACKGROUND_RGB", "CELL_NAMES", "COLORS", "HELD_OUT", "PHRASINGS", "SEEN", "SHAPES",
-    "SIZES", "SIZE_SCALES", "Scene", "ShapeObject", "caption", "draw_shape", "entity_groups", "free_space", "is_held_out",
-    "object_bbox", "parse_prompt", "phrasings_for", "random_scene", "render_scene", "sample_scene",
-    "shape_mask", "size_threshold",
+    "ALL_PHRASINGS", "BACKGROUND", "BACKGROUND_RGB", "CELL_NAMES", "CLIP_LAST_CONTENT_POSITION", "COLORS",
+    "HELD_OUT", "LONG_PHRASINGS", "PHRASINGS", "SEEN", "SHAPES", "SIZES", "SIZE_SCALES", "Scene", "ShapeObject",
+    "VERBOSE", "caption", "draw_shape", "entity_groups", "free_space", "is_held_out", "object_bbox",
+    "object_mentions", "parse_prompt", "phrasings_for", "random_scene", "render_scene", "sample_scene",
+    "scene_key", "shape_mask", "size_threshold",
 ]

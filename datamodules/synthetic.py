@@ -9,6 +9,13 @@ colour-shape combination (``shapes.HELD_OUT``). The ``json`` member records the 
 each object's pixel box. The same seed writes the same samples (and, with a fixed tar mtime, the same
 bytes).
 
+``verbose_share`` (default 0: the short phrasings only, the same samples as before it existed) makes
+that share of the captions ``verbose``: long LLaVA-style descriptions that run past CLIP's 77 tokens.
+Their ``json`` also records ``mentions``: each object in text order with its entity spans and
+``last_clip_token`` (its last token's index under the embedded CLIP tokenizer, untruncated) and
+``in_clip_window``. The share is recorded in the folder's ``synthetic.json``; a folder written with
+another share is refused.
+
 ``sizes`` (a list of (width, height)) gives images of several shapes for aspect-ratio bucketing: sample
 ``i`` is ``sizes[i % len(sizes)]``, its scene drawn on a square of the shorter side, centred on a plain
 background of the full size (its boxes in ``json`` shifted to match).
@@ -16,6 +23,7 @@ background of the full size (its boxes in ``json`` shifted to match).
 
 from __future__ import annotations
 
+import functools
 import glob
 import io
 import json
@@ -29,7 +37,7 @@ import webdataset as wds
 from PIL import Image
 
 from datamodules.shapes import (  # noqa: F401 (COLORS, SHAPES re-exported)
-    BACKGROUND_RGB, COLORS, SHAPES, SHAPES_WORLD_VERSION, Scene, random_scene, render_scene,
+    BACKGROUND_RGB, COLORS, SHAPES, SHAPES_WORLD_VERSION, Scene, object_mentions, random_scene, render_scene,
 )
 
 SHARD_PATTERN = "shard-%06d.tar"
@@ -42,16 +50,31 @@ def encode_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def synthetic_sample(index: int, resolution: int, seed: int, size: Optional[Sequence[int]] = None) -> dict:
+@functools.lru_cache(maxsize=1)
+def clip_tokenizer():
+    """The embedded CLIP tokenizer (``embedded/clip_tokenizer``), loaded once, on first use: what
+    ``last_clip_token`` of a verbose caption's mentions is measured with."""
+    from transformers import CLIPTokenizer
+
+    from embedded.tiny import CLIP_TOKENIZER_DIR
+
+    return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
+
+
+def synthetic_sample(index: int, resolution: int, seed: int, size: Optional[Sequence[int]] = None,
+                     verbose_share: float = 0.0) -> dict:
     """The WebDataset sample dict (members png / txt / json) of sample ``index``; same for the same seed.
-    ``size`` (width, height): the scene drawn at the shorter side, centred on a background of that size."""
+    ``size`` (width, height): the scene drawn at the shorter side, centred on a background of that size.
+    ``verbose_share``: the probability of a verbose caption (see ``random_scene``); 0 gives the samples
+    of before verbose captions existed, byte for byte."""
+    rng = random.Random(f"synthetic/{seed}/{index}")
     if size is None:
-        scene = random_scene(random.Random(f"synthetic/{seed}/{index}"), resolution)
+        scene = random_scene(rng, resolution, verbose_share)
         image = render_scene(Scene.from_dict(scene), resolution)
     else:
         width, height = int(size[0]), int(size[1])
         side = min(width, height)
-        scene = random_scene(random.Random(f"synthetic/{seed}/{index}"), side)
+        scene = random_scene(rng, side, verbose_share)
         left, top = (width - side) // 2, (height - side) // 2
         image = Image.new("RGB", (width, height), BACKGROUND_RGB)
         image.paste(render_scene(Scene.from_dict(scene), side), (left, top))
@@ -59,6 +82,8 @@ def synthetic_sample(index: int, resolution: int, seed: int, size: Optional[Sequ
             x0, y0, x1, y1 = obj["bbox"]
             obj["bbox"] = [x0 + left, y0 + top, x1 + left, y1 + top]
         scene["image_size"] = [width, height]
+    if "mentions" in scene:  # a verbose caption: where its objects fall in CLIP's window
+        scene["mentions"] = object_mentions(scene["caption"], clip_tokenizer())
     return {
         "__key__": f"sample-{index:06d}",
         "png": encode_png(image),
@@ -74,9 +99,13 @@ def write_synthetic_shards(
     resolution: int = 32,
     seed: int = 0,
     sizes: Optional[Sequence[Sequence[int]]] = None,
+    verbose_share: float = 0.0,
 ) -> list[str]:
     """Write ``num_samples`` samples into ``directory/shard-000000.tar`` ...; returns the shard paths.
-    ``sizes``: (width, height) of the images, taken in turn (default: ``resolution`` squares)."""
+    ``sizes``: (width, height) of the images, taken in turn (default: ``resolution`` squares).
+    ``verbose_share``: the share of verbose captions (default 0: short phrasings only)."""
+    if not 0.0 <= verbose_share <= 1.0:
+        raise ValueError(f"verbose_share must be in [0, 1], got {verbose_share}")
     if num_samples <= 0 or samples_per_shard <= 0:
         raise ValueError(f"num_samples ({num_samples}) and samples_per_shard ({samples_per_shard}) must be positive")
     if resolution < 8 or (sizes and min(min(s) for s in sizes) < 8):
@@ -86,7 +115,8 @@ def write_synthetic_shards(
     pattern = os.path.join(directory, SHARD_PATTERN)
     with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, mtime=0.0) as writer:
         for index in range(num_samples):
-            writer.write(synthetic_sample(index, resolution, seed, sizes[index % len(sizes)] if sizes else None))
+            writer.write(synthetic_sample(index, resolution, seed, sizes[index % len(sizes)] if sizes else None,
+                                          verbose_share))
     num_shards = -(-num_samples // samples_per_shard)
     return [pattern % i for i in range(num_shards)]
 
@@ -97,14 +127,18 @@ def ensure_synthetic_shards(
     samples_per_shard: int = 128,
     resolution: int = 32,
     seed: int = 0,
+    verbose_share: float = 0.0,
 ) -> list[str]:
     """The synthetic shards at ``pattern_or_dir`` (a directory or a brace pattern), written if absent.
 
     A directory that already holds ``*.tar`` files is trusted as is (delete it to regenerate with
-    other settings), unless its ``synthetic.json`` says another version of the shapes world wrote it:
-    that is refused (it may hold held-out combinations or other captions). A brace pattern must name
-    files in one directory with the ``shard-NNNNNN.tar`` names this module writes.
+    other settings), unless its ``synthetic.json`` says another version of the shapes world wrote it,
+    or another ``verbose_share`` (a marker without one: 0): that is refused (it may hold held-out
+    combinations or other captions). A brace pattern must name files in one directory with the
+    ``shard-NNNNNN.tar`` names this module writes.
     """
+    if not 0.0 <= verbose_share <= 1.0:
+        raise ValueError(f"verbose_share must be in [0, 1], got {verbose_share}")
     if "{" in pattern_or_dir:
         wanted = list(braceexpand.braceexpand(pattern_or_dir))
         directories = {os.path.dirname(path) or "." for path in wanted}
@@ -112,7 +146,8 @@ def ensure_synthetic_shards(
             raise ValueError(f"pattern {pattern_or_dir!r} spans several directories {sorted(directories)}; use one")
         if all(os.path.exists(path) for path in wanted):
             return wanted
-        written = write_synthetic_shards(directories.pop(), num_samples, samples_per_shard, resolution, seed)
+        written = write_synthetic_shards(directories.pop(), num_samples, samples_per_shard, resolution, seed,
+                                         verbose_share=verbose_share)
         missing = [path for path in wanted if not os.path.exists(path)]
         if missing:
             raise ValueError(
@@ -125,22 +160,31 @@ def ensure_synthetic_shards(
     marker = os.path.join(pattern_or_dir, MARKER)
     if existing and os.path.exists(marker):
         with open(marker) as handle:
-            version = json.load(handle).get("shapes_world")
+            recorded = json.load(handle)
+        version = recorded.get("shapes_world")
         if version != SHAPES_WORLD_VERSION:
             raise ValueError(
                 f"{pattern_or_dir} holds synthetic shards of shapes world version {version}, this code writes "
                 f"version {SHAPES_WORLD_VERSION} (other scenes, captions or held-out split); delete the folder "
+                f"to regenerate it")
+        share = float(recorded.get("verbose_share", 0.0))
+        if share != float(verbose_share):
+            raise ValueError(
+                f"{pattern_or_dir} holds synthetic shards written with verbose_share={share}, asked for "
+                f"verbose_share={float(verbose_share)} (another share of verbose captions); delete the folder "
                 f"to regenerate it")
     if existing:
         return existing
     # Write beside, then move in: an interrupted write never leaves a directory that looks complete.
     partial = os.path.join(pattern_or_dir, f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    written = write_synthetic_shards(partial, num_samples, samples_per_shard, resolution, seed)
+    written = write_synthetic_shards(partial, num_samples, samples_per_shard, resolution, seed,
+                                     verbose_share=verbose_share)
     final = [os.path.join(pattern_or_dir, os.path.basename(path)) for path in written]
     with open(os.path.join(partial, MARKER), "w") as handle:
         json.dump({"shapes_world": SHAPES_WORLD_VERSION, "num_samples": num_samples,
-                   "samples_per_shard": samples_per_shard, "resolution": resolution, "seed": seed}, handle)
+                   "samples_per_shard": samples_per_shard, "resolution": resolution, "seed": seed,
+                   "verbose_share": float(verbose_share)}, handle)
     for source, target in zip(written, final):
         os.replace(source, target)
     os.replace(os.path.join(partial, MARKER), marker)

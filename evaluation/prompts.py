@@ -81,8 +81,9 @@ def coco_set(captions: str | Path, reference_images: str | Path, limit: int | No
 
 
 def shapes_sets(names: str | list[str], limit: int | None = None) -> list[PromptSet]:
-    """The shapes benchmark's fixed sets (``evaluation.prompt_sets``: seen_1..3, heldout_1..3; "all"),
-    with their own seeds."""
+    """The shapes benchmark's fixed sets (``evaluation.prompt_sets``: seen_1..3, heldout_1..3, and the
+    evidence sets phrased_2/3, verbose_2/3), with their own seeds. "all" means the six legacy sets
+    (``PROMPT_SETS``); name an evidence set to get it."""
     from evaluation.prompt_sets import PROMPT_SETS, prompt_set
 
     names = list(PROMPT_SETS) if names in ("all", ["all"]) else (names.split(",") if isinstance(names, str) else names)

@@ -95,3 +95,93 @@ def test_a_folder_from_another_shapes_world_version_is_refused(tmp_path):
     # a folder of shards without the marker (the user's own data) is trusted as before
     (directory / "synthetic.json").unlink()
     assert len(ensure_synthetic_shards(str(directory), num_samples=4, samples_per_shard=4)) == 1
+
+
+# ---------------------------------------------------------------- verbose captions
+
+def sample_digest(samples):
+    import hashlib
+
+    digest = hashlib.sha256()
+    for sample in samples:
+        for key in ("__key__", "png", "txt", "json"):
+            value = sample[key]
+            digest.update(value if isinstance(value, bytes) else value.encode())
+    return digest.hexdigest()
+
+
+def test_default_samples_are_byte_identical_to_before_verbose_captions():
+    """Pinned on samples captured before the verbose phrasing existed: a share of 0 (the default)
+    writes the same bytes."""
+    from datamodules.synthetic import synthetic_sample
+
+    for share in ({}, {"verbose_share": 0.0}):
+        assert sample_digest(synthetic_sample(i, 32, 0, **share) for i in range(64)) == (
+            "f711d476f60d05e9851b5c722b0181f099ffdf0d338e57b6647140fac9d5d1e4")
+        assert sample_digest(synthetic_sample(i, 16, 5, (24, 16), **share) for i in range(16)) == (
+            "5c3dbd3784d8e0ae569be68bf4dee80f978146c939ab0739d51a8a1d82b3bb67")
+    first = json.loads(synthetic_sample(0, 32, 0)["json"])
+    assert first["caption"] == "a circle that is small and green next to a large black circle and a large blue cross"
+    assert "mentions" not in first
+
+
+def test_a_verbose_share_writes_verbose_captions_with_their_clip_positions(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from datamodules.shapes import VERBOSE, object_mentions
+    from datamodules.synthetic import clip_tokenizer, synthetic_sample
+    from embedded.tiny import CLIP_TOKENIZER_DIR
+
+    assert clip_tokenizer() is clip_tokenizer()  # loaded once
+    (path,) = write_synthetic_shards(str(tmp_path), num_samples=40, samples_per_shard=40, resolution=32, seed=2,
+                                     verbose_share=0.5)
+    tokenizer = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
+    phrasings = []
+    for key, members in read_tar(path).items():
+        record = json.loads(members["json"])
+        text = members["txt"].decode()
+        index = int(key.split("-")[1])
+        # the same scene as with no verbose share; only the caption may change
+        plain = json.loads(synthetic_sample(index, 32, 2)["json"])
+        assert record["objects"] == plain["objects"]
+        phrasings.append(record["phrasing"])
+        if record["phrasing"] != VERBOSE:
+            assert record == plain and text == synthetic_sample(index, 32, 2)["txt"]
+            continue
+        assert text == caption(Scene.from_dict(record), VERBOSE)
+        assert sorted(o.attributes() for o in parse_prompt(text).objects) == sorted(
+            o.attributes() for o in Scene.from_dict(record).objects)
+        assert record["mentions"] == object_mentions(text, tokenizer)
+        # re-tokenized independently: the largest index of each object's colour, size and shape tokens
+        pieces = tokenizer.convert_ids_to_tokens(tokenizer(text, verbose=False)["input_ids"])
+        for mention in record["mentions"]:
+            wanted = [mention["shape"], mention["color"], mention["size"]]
+            n_before = sum(1 for m in record["mentions"] if m["entity"]["start"] < mention["entity"]["start"])
+            # the objects' words come three by three in text order (filler names none of them)
+            positions = [i for i, p in enumerate(pieces) if p.removesuffix("</w>") in
+                         {"circle", "square", "triangle", "cross", *COLORS, "small", "large"}]
+            own = positions[3 * n_before:3 * n_before + 3]
+            assert sorted(pieces[i].removesuffix("</w>") for i in own) == sorted(wanted)
+            assert mention["last_clip_token"] == max(own)
+            assert mention["in_clip_window"] == (max(own) <= 75)
+    assert 10 <= phrasings.count(VERBOSE) <= 30
+
+
+def test_the_marker_records_the_verbose_share_and_another_share_is_refused(tmp_path):
+    directory = tmp_path / "shards"
+    ensure_synthetic_shards(str(directory), num_samples=4, samples_per_shard=4, verbose_share=0.25)
+    marker = json.loads((directory / "synthetic.json").read_text())
+    assert marker["verbose_share"] == 0.25 and marker["shapes_world"] == 3
+    assert len(ensure_synthetic_shards(str(directory), num_samples=4, samples_per_shard=4, verbose_share=0.25)) == 1
+    with pytest.raises(ValueError, match=r"verbose_share=0\.25.*verbose_share=0\.0.*delete the folder"):
+        ensure_synthetic_shards(str(directory), num_samples=4, samples_per_shard=4)
+    # a marker from before verbose captions (no verbose_share) means a share of 0
+    del marker["verbose_share"]
+    (directory / "synthetic.json").write_text(json.dumps(marker))
+    assert len(ensure_synthetic_shards(str(directory), num_samples=4, samples_per_shard=4)) == 1
+    with pytest.raises(ValueError, match=r"verbose_share=0\.0.*verbose_share=0\.5.*delete the folder"):
+        ensure_synthetic_shards(str(directory), num_samples=4, samples_per_shard=4, verbose_share=0.5)
+    with pytest.raises(ValueError, match="verbose_share"):
+        ensure_synthetic_shards(str(tmp_path / "other"), num_samples=4, verbose_share=2.0)
+    with pytest.raises(ValueError, match="verbose_share"):
+        write_synthetic_shards(str(tmp_path / "other"), num_samples=4, verbose_share=-0.1)
