@@ -192,7 +192,7 @@ IMAGE_SETTINGS = ("resolution", "center_crop", "random_flip", "buckets")
 # (a dotted key names a single setting). A setting added to one of these sections later joins the key
 # by itself; leaving it out takes an entry here. ``revision`` is part of the model's identity.
 FIELD_DEPENDENCIES: dict[str, dict[str, tuple[str, ...]]] = {
-    "latent_moments": {"model.base": ("revision", "dtype", "unet"), "data": DATA_NOT_IN_VALUES + ("caption_keys",)},
+    "latent_moments": {"model.base": ("revision", "dtype", "unet", "clip_chunks"), "data": DATA_NOT_IN_VALUES + ("caption_keys",)},
     "llm_features": {"model.llm": ("revision", "trust_remote_code"), "data": DATA_NOT_IN_VALUES + IMAGE_SETTINGS},
     "clip_features": {"model.base": ("revision", "vae_dtype", "unet"), "data": DATA_NOT_IN_VALUES + IMAGE_SETTINGS},
     "entities": {"model.objective.entity_parser": (), "data": DATA_NOT_IN_VALUES + IMAGE_SETTINGS},

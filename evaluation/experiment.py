@@ -1,296 +1,726 @@
-"""The miniature LLM4GEN experiment on the shapes benchmark: five arms x three seeds, one report.
+"""The miniature LLM4GEN experiment on the shapes benchmark, run as pre-registered in docs/evidence/protocol.md.
 
-    python -m evaluation.experiment run configs/sweeps/shapes_binding.yaml      # data, sweep, report
-    python -m evaluation.experiment data configs/sweeps/shapes_binding.yaml     # only the shared shards
-    python -m evaluation.experiment report configs/sweeps/shapes_binding.yaml   # evaluate finished runs
+    python -m evaluation.experiment run configs/sweeps/shapes_evidence.yaml      # data, training, report
+    python -m evaluation.experiment data configs/sweeps/shapes_evidence.yaml     # shards + feature cache only
+    python -m evaluation.experiment report configs/sweeps/shapes_evidence.yaml   # evaluate finished runs
 
-The arms (paper: LLM4GEN vs the SD1.5 fine-tuned control), all on the experiment config's base (meant
-to be a base pretrained on the shapes world by ``embedded/pretrain.py``; set ``model.base.pretrained``),
-the same shards and the same number of steps:
+LLM4GEN claims two things: an LLM's features help with long, dense descriptions that CLIP's 77-token
+window cuts off, and they bind attributes to objects better. The arms, on the shipped shapes base, the
+same cached shards (75% verbose captions) and the same noise draws:
 
-    (a) base                   the pretrained base alone, no training
-    (b) UNet ft                the UNet fine-tuned on CLIP alone (``model.adapter.enabled=false``)
-    (c) CAM                    CAM + MiniLM, UNet frozen
-    (d) CAM + UNet ft          CAM + MiniLM, UNet fine-tuned (the released model tuned its UNet)
-    (e) CAM + UNet ft + entity (d) with the entity-guided loss
+    (a)  base                 the pretrained base alone
+    (b)  UNet ft              the UNet fine-tuned on CLIP alone (the paper's "SD1.5 (ft)" control)
+    (b2) UNet ft, chunked     (b) on CLIP over three 77-token windows: more tokens, no LLM
+    (c)  CAM                  the CAM alone, UNet frozen (arm (d)'s checkpoint before its UNet joins)
+    (d)  CAM, then CAM + UNet the CAM alone, then both jointly (the release tuned its UNet)
+    (e)  (d) + entity loss
+    (d) shuffled              (d) with each verbose prompt's LLM features taken from another prompt
 
-Training goes through ``sweep.py`` (``run`` calls ``python sweep.py SWEEP --jobs 2``; on a cluster
-``data``, then ``sweep.py SWEEP --slurm``); arms b-e are the sweep's runs, told apart by their resolved ``config.yaml``. ``report``
-evaluates (a) with the base and every finished run's ``last.ckpt`` on the six fixed prompt sets
-(seen / held-out colour-shape pairs x 1-3 objects, 48 prompts each, one image per prompt; the image
-seeds are the sets' own seeds plus the run's seed, so the spread over seeds includes sampling noise,
-also for (a)), and writes ``<output_root>/report/``: ``report.md`` (mean +- std over seeds of the
-binding score per set, and per attribute category on each split), ``binding.png`` (bar plot with
-std error bars), ``grid_<arm>.png`` (seed 0's images, a row per prompt set) and ``results.json``.
+Each arm's runs are the sweep's (told apart by their resolved ``config.yaml``); the report samples every
+arm on the protocol's sets with the same seeds, scores each prompt object with the analyzer's error
+categories, splits verbose prompts' objects by whether CLIP's window holds them, and compares arms
+pairwise on the same (prompt, noise) draws with scene-clustered bootstrap CIs (``evaluation.paired``).
+The gates and decision rules of the protocol are applied in code (``gates``, ``decisions``) and written
+to ``<output_root>/report/``: ``report.md``, ``results.json``, ``differences.png`` and ``samples.png``.
 Images already generated are kept, so a report run again only scores.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
-import math
-import subprocess
+import multiprocessing
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from configs.errors import UserError, entry_point
+from evaluation.paired import Difference, Observation, paired_difference
 
-SETS = ("seen_1", "seen_2", "seen_3", "heldout_1", "heldout_2", "heldout_3")
-CATEGORIES = ("color", "shape", "size")
+ROOT = Path(__file__).resolve().parent.parent
+PROTOCOL = "docs/evidence/protocol.md"
+
 ARMS = {
     "a": "(a) base",
     "b": "(b) UNet ft",
-    "c": "(c) CAM",
-    "d": "(d) CAM + UNet ft",
-    "e": "(e) CAM + UNet ft + entity",
+    "b2": "(b2) UNet ft, chunked CLIP",
+    "c": "(c) CAM, UNet frozen",
+    "d": "(d) CAM, then CAM + UNet",
+    "e": "(e) (d) + entity loss",
+    "d_shuffled": "(d), LLM features of another prompt",
 }
-DATA_SAMPLES = 4096
-DATA_SEED = 0
-SAMPLING = dict(steps=20, guidance_scale=5.0)
+SETS = ("seen_1", "heldout_2", "phrased_2", "phrased_3", "verbose_2", "verbose_3")
+# Arms that need fewer sets: (b2) differs from (b) only past CLIP's window; the ablation asks about verbose prompts.
+ARM_SETS = {"b2": ("seen_1", "verbose_2", "verbose_3"), "d_shuffled": ("verbose_2", "verbose_3")}
+SET_LIMITS = {"heldout_2": 24}           # continuity only: its first half
+POST_NOMINAL = ("colored", "dense")      # "a circle colored red": CLIP's causal noun cannot see its colour
+PRE_NOMINAL = ("list", "beside")         # "a red circle": it can
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The settings docs/evidence/protocol.md fixes (the training recipe lives in the configs)."""
+    data_samples: int = 4096
+    data_seed: int = 2025               # pretraining drew from "pretrain/0": disjoint scenes
+    verbose_share: float = 0.75
+    samples_per_shard: int = 512
+    sampling_steps: int = 10
+    guidance_scale: float = 5.0
+    eval_batch: int = 48
+    prompts_per_set: Optional[int] = None  # None: every prompt of a set (but SET_LIMITS); tests take a few
+
+    def prompts(self, name: str) -> Optional[int]:
+        """How many of set ``name``'s prompts are sampled (the first ones)."""
+        limits = [n for n in (self.prompts_per_set, SET_LIMITS.get(name)) if n is not None]
+        return min(limits) if limits else None
+    gate_base_drop: float = -0.03        # (b) - (a) on seen_1 and the short sets, at least
+    gate_probe: float = 0.95             # the probe's own-colour accuracy at the chosen layer, at least
+    primary_effect: float = 0.10         # (d) - (b) on outside-window objects, at least
+    primary_refuted_below: float = 0.05  # the primary CI's upper bound under this refutes
+    keep_inside: float = -0.03           # (d) - (b) on inside-window objects and seen_1, at least
+    secondary_effect: float = 0.04       # (d) - (b) on post-nominal short prompts, at least
+    secondary_refuted_below: float = 0.02
+
+
+PROTOCOL_SETTINGS = Protocol()
 
 
 class ExperimentError(UserError, ValueError):
-    """The sweep cannot be reported (no finished run, runs of an unknown arm)."""
+    """The experiment cannot go on as asked (no finished run, a caption the LLM would truncate, ...)."""
+
+
+# ---------------------------------------------------------------- arms and runs
 
 
 def arm_of(model: dict) -> str:
-    """The arm letter of a resolved ``model`` config section (see the module docstring)."""
+    """The arm letter of a run's resolved ``model`` config section (see the module docstring)."""
     if not model["adapter"].get("enabled", True):
-        return "b"
+        return "b2" if model["base"].get("clip_chunks", 1) > 1 else "b"
     if model["unet_training"] == "frozen":
         return "c"
     return "e" if model["objective"]["lambda_entity"] > 0 else "d"
 
 
-@dataclass
-class Evaluated:
+@dataclass(frozen=True)
+class Task:
+    """One evaluation: an arm at a seed, sampled from a checkpoint (or the base) into ``out``."""
     arm: str
     seed: int
-    eval_dir: Path
-    scores: dict  # set -> {metric: value}
+    out: str
+    sets: tuple[str, ...]
+    checkpoint: Optional[str] = None    # None: the base alone
+    base: Optional[str] = None
+    shuffle_llm: bool = False
 
 
-# ---------------------------------------------------------------- steps
+def checkpoint_at(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step={step:07d}.ckpt"
 
 
-def write_data(spec) -> Path:
-    """The shards every run of the sweep trains on, written once from a fixed seed."""
-    from datamodules.synthetic import ensure_synthetic_shards
-    from launch.sweep import load_experiment_config
-
-    cfg = load_experiment_config(spec.config, spec.base_overrides)
-    shards = Path(cfg.data.shards)
-    ensure_synthetic_shards(str(shards), num_samples=DATA_SAMPLES, resolution=cfg.data.resolution, seed=DATA_SEED)
-    return shards
-
-
-def evaluate_one(out: Path, seed: int, checkpoint: Optional[Path] = None, base: Optional[str] = None,
-                 limit: Optional[int] = None, steps: int = SAMPLING["steps"]) -> dict:
-    import evaluate
-
-    argv = ["--output-dir", str(out), "--shapes", "all", "--scorers", "shapes", "--images-per-prompt", "1",
-            "--seed", str(seed), "--steps", str(steps), "--guidance-scale", str(SAMPLING["guidance_scale"]),
-            "--batch-size", "48", "--no-progress"]
-    argv += ["--shapes-limit", str(limit)] if limit else []
-    argv += ["--checkpoint", str(checkpoint)] if checkpoint else ["--base", base]
-    if not (out / "scores.json").is_file():
-        code = evaluate.main(argv)
-        if code:
-            raise ExperimentError(f"evaluate.py {' '.join(argv)} failed (exit {code})")
-    return json.loads((out / "scores.json").read_text())["scores"]
-
-
-def evaluate_all(spec, base: str, seeds: list[int], **options) -> list[Evaluated]:
+def evaluation_tasks(spec, base: str) -> tuple[list[Task], list[str]]:
+    """Every arm x seed the finished runs allow, and the names of unfinished runs."""
     from omegaconf import OmegaConf
 
     from launch.sweep import expand_runs, is_finished
 
-    results = []
-    for seed in seeds:
-        out = spec.output_root / f"base_seed={seed}" / "eval"
-        results.append(Evaluated("a", seed, out, evaluate_one(out, seed, base=base, **options)))
-    unfinished = []
+    tasks, unfinished, seeds = [], [], set()
     for run in expand_runs(spec):
         if not is_finished(run):
             unfinished.append(run.name)
             continue
         cfg = OmegaConf.to_container(OmegaConf.load(run.output_dir / "config.yaml"), resolve=True)
-        out = run.output_dir / "eval"
-        scores = evaluate_one(out, cfg["seed"], checkpoint=run.output_dir / "checkpoints" / "last.ckpt", **options)
-        results.append(Evaluated(arm_of(cfg["model"]), cfg["seed"], out, scores))
-    if unfinished:
-        print(f"not finished, left out of the report: {', '.join(unfinished)}", file=sys.stderr)
-    return results
+        arm, seed = arm_of(cfg["model"]), int(cfg["seed"])
+        seeds.add(seed)
+        last = str(run.output_dir / "checkpoints" / "last.ckpt")
+        evaluated = run.output_dir / "eval"
+        tasks.append(Task(arm, seed, str(evaluated / arm), ARM_SETS.get(arm, SETS), checkpoint=last))
+        if arm == "d":
+            start = int(cfg["model"]["optim"].get("unet_start_step") or 0)
+            if start > 0:
+                tasks.append(Task("c", seed, str(evaluated / "c"), SETS, checkpoint=str(checkpoint_at(run.output_dir, start))))
+            tasks.append(Task("d_shuffled", seed, str(evaluated / "d_shuffled"), ARM_SETS["d_shuffled"],
+                              checkpoint=last, shuffle_llm=True))
+    tasks += [Task("a", seed, str(spec.output_root / f"base_seed={seed}" / "eval"), SETS, base=base) for seed in sorted(seeds)]
+    order = list(ARMS)
+    return sorted(tasks, key=lambda t: (t.seed, order.index(t.arm))), unfinished
 
 
-# ---------------------------------------------------------------- statistics and tables (pure)
+# ---------------------------------------------------------------- sampling (one task per process)
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+def donor_prompts(records) -> dict[str, str]:
+    """The shuffled-feature ablation's mapping: each prompt of a set to the next scene's prompt (cyclically)."""
+    texts = [r.text for r in records]
+    return {text: texts[(i + 1) % len(texts)] for i, text in enumerate(texts)}
 
 
-def summarize(results: list[Evaluated], metric: str = "shapes_binding") -> dict[str, dict[str, tuple[float, float, int]]]:
-    """arm -> set -> (mean, std, seeds) of ``metric``."""
-    table: dict[str, dict[str, tuple[float, float, int]]] = {}
-    for arm in ARMS:
-        runs = [r for r in results if r.arm == arm]
-        if runs:
-            table[arm] = {}
-            for name in SETS:
-                values = [r.scores[name][metric] for r in runs if name in r.scores]
-                table[arm][name] = (*mean_std(values), len(values))
-    return table
+class ShuffledLLM:
+    """A sampler whose LLM reads another prompt of the set (``donor_prompts``); CLIP reads the prompt."""
+
+    def __init__(self, sampler, donors: dict[str, str]):
+        self.sampler, self.donors = sampler, donors
+        self.settings = sampler.settings
+        self.description = {**sampler.description, "llm_features": "another prompt's (donor_prompts)"}
+
+    def generate(self, prompts, seeds):
+        import contextlib
+
+        module = self.sampler.module
+        s = self.settings
+        with (module.ema_weights() if self.sampler.use_ema else contextlib.nullcontext()):
+            return module.generate(prompts, seeds, s.num_inference_steps, s.guidance_scale, s.scheduler,
+                                   s.negative_prompt, llm_prompts=[self.donors[p] for p in prompts])
 
 
-def split_categories(results: list[Evaluated]) -> dict[str, dict[str, tuple[float, float, int]]]:
-    """arm -> '<split> <category>' -> (mean, std, seeds): a split's score is the mean of its three sets
-    (48 images each), per seed, before the statistics over seeds."""
-    table: dict[str, dict[str, tuple[float, float, int]]] = {}
-    for arm in ARMS:
-        runs = [r for r in results if r.arm == arm]
-        if not runs:
-            continue
-        table[arm] = {}
-        for split in ("seen", "heldout"):
-            names = [f"{split}_{n}" for n in (1, 2, 3)]
-            for category in CATEGORIES:
-                per_seed = [sum(r.scores[n][f"shapes_{category}"] for n in names) / len(names) for r in runs]
-                table[arm][f"{split} {category}"] = (*mean_std(per_seed), len(per_seed))
-    return table
+def run_task(task: Task, protocol: Protocol = PROTOCOL_SETTINGS, threads: int = 1) -> str:
+    """Generates the task's missing images and writes its analyzer details; returns its folder."""
+    import torch
+
+    from evaluation.prompt_sets import prompt_set
+    from evaluation.prompts import shapes_sets
+    from evaluation.runner import Evaluation
+    from evaluation.sampler import SamplingSettings, load_sampler
+    from evaluation.shapes_scorer import ShapesScorer
+
+    torch.set_num_threads(threads)
+    out = Path(task.out)
+    if (out / "scores.json").is_file():
+        return task.out
+    sets = [shapes_sets([name], protocol.prompts(name))[0] for name in task.sets]
+    evaluation = Evaluation(out, sets, [ShapesScorer()], images_per_prompt=1, seed=task.seed,
+                            batch_size=protocol.eval_batch, progress=False)
+    settings = SamplingSettings(protocol.sampling_steps, protocol.guidance_scale)
+    sampler = load_sampler(task.checkpoint, base=task.base, settings=settings)
+    if task.shuffle_llm:
+        donors = {}
+        for name in task.sets:
+            donors.update(donor_prompts(prompt_set(name, protocol.prompts(name))))
+        sampler = ShuffledLLM(sampler, donors)
+    plan = evaluation.plan()
+    evaluation.generate(sampler, plan)
+    evaluation.write(evaluation.score(plan), label=f"{task.arm} seed {task.seed}")
+    return task.out
 
 
-def markdown(table: dict[str, dict[str, tuple[float, float, int]]]) -> str:
-    columns = list(next(iter(table.values())))
-    lines = ["| arm | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-    for arm, row in table.items():
-        seeds = max(n for _, _, n in row.values())
-        lines.append(f"| {ARMS[arm]} | {seeds} | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s, _ in row.values()) + " |")
-    return "\n".join(lines)
+def run_tasks(tasks: list[Task], jobs: int = 2, log=print, protocol: Protocol = PROTOCOL_SETTINGS) -> None:
+    """Each task in its own worker process, ``jobs`` at a time with one thread each (two one-thread
+    samplers use 2 cores better than one two-thread sampler)."""
+    todo = [t for t in tasks if not (Path(t.out) / "scores.json").is_file()]
+    log(f"evaluating {len(todo)} of {len(tasks)} arm x seed tasks ({len(tasks) - len(todo)} done already)")
+    if not todo:
+        return
+    context = multiprocessing.get_context("spawn")  # torch's thread pools do not survive a fork
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(run_task, task, protocol): task for task in todo}
+        for future in concurrent.futures.as_completed(futures):
+            task = futures[future]
+            future.result()
+            log(f"  evaluated {ARMS[task.arm]} seed {task.seed}: {task.out}")
 
 
-def comparisons(table: dict[str, dict[str, tuple[float, float, int]]]) -> list[str]:
-    """The issue's question, per held-out multi-object set: does (d) / (e) beat (b) by more than the
-    seed spread (the larger of the two standard deviations)?"""
-    lines = []
-    if "b" not in table:
-        return lines
-    for arm in ("d", "e"):
-        if arm not in table:
-            continue
-        for name in ("heldout_2", "heldout_3"):
-            (mb, sb, _), (ma, sa, _) = table["b"][name], table[arm][name]
-            spread = max(sb, sa)
-            verdict = "beats" if ma - mb > spread else ("loses to" if mb - ma > spread else "is within the seed spread of")
-            lines.append(f"- {ARMS[arm]} {verdict} (b) on {name}: {ma:.3f} vs {mb:.3f} "
-                         f"(difference {ma - mb:+.3f}, spread {spread:.3f})")
-    return lines
+# ---------------------------------------------------------------- per-object outcomes
+
+
+@dataclass(frozen=True)
+class ObjectRecord:
+    """What became of one prompt object in one image."""
+    arm: str
+    seed: int
+    set: str
+    prompt: int          # index in the set
+    object: int          # index among the prompt's objects, in text order
+    scene: str           # scene_id: every phrasing of a scene, every seed
+    phrasing: str
+    n_objects: int
+    category: str        # one of evaluation.shapes.OUTCOMES
+    window: str          # inside | outside (verbose prompts: whether CLIP's 77 tokens hold the object) | short
+
+
+def object_records(task: Task, protocol: Protocol = PROTOCOL_SETTINGS) -> list[ObjectRecord]:
+    """The task's per-object outcomes, from its analyzer details and the prompt sets' records."""
+    from datamodules.synthetic import clip_tokenizer
+    from datamodules.shapes import object_mentions
+    from evaluation.prompt_sets import prompt_set
+
+    records = []
+    for name in task.sets:
+        prompts = prompt_set(name, protocol.prompts(name))
+        details = [json.loads(line) for line in (Path(task.out) / "details" / f"{name}.shapes.jsonl").read_text().splitlines()]
+        if len(details) != len(prompts):
+            raise ExperimentError(f"{task.out}: {len(details)} scored images of {name}, expected {len(prompts)}")
+        for detail, prompt in zip(details, prompts):
+            windows = ["short"] * prompt.n_objects
+            if prompt.phrasing == "verbose":
+                windows = ["inside" if m["in_clip_window"] else "outside"
+                           for m in object_mentions(prompt.text, clip_tokenizer())]
+            if len(detail["categories"]) != len(windows):
+                raise ExperimentError(f"{task.out}: {name} prompt {detail['prompt_index']} has "
+                                      f"{len(detail['categories'])} scored objects but {len(windows)} mentions")
+            for k, (category, window) in enumerate(zip(detail["categories"], windows)):
+                records.append(ObjectRecord(task.arm, task.seed, name, detail["prompt_index"], k, prompt.scene_id,
+                                            prompt.phrasing, prompt.n_objects, category, window))
+    return records
+
+
+def swap_counts(task: Task, name: str) -> tuple[int, int]:
+    """(swapped pairs, drawn pairs) over a set's images (the analyzer's details)."""
+    path = Path(task.out) / "details" / f"{name}.shapes.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return sum(r["swapped_pairs"] for r in rows), sum(r["drawn_pairs"] for r in rows)
+
+
+# ---------------------------------------------------------------- subsets, rates and comparisons (pure)
+
+# name -> (what it is, predicate over an ObjectRecord)
+SUBSETS = {
+    "outside": ("verbose prompts, objects past CLIP's window", lambda r: r.window == "outside"),
+    "inside": ("verbose prompts, objects CLIP's window holds", lambda r: r.window == "inside"),
+    "seen_1": ("single objects (seen_1)", lambda r: r.set == "seen_1"),
+    "heldout_2": ("two objects, a held-out pair (heldout_2)", lambda r: r.set == "heldout_2"),
+    "short": ("short prompts, every phrasing (phrased_2/3)", lambda r: r.set.startswith("phrased_")),
+    "post_nominal": ("short prompts, colour after its noun (colored, dense)",
+                     lambda r: r.set.startswith("phrased_") and r.phrasing in POST_NOMINAL),
+    "pre_nominal": ("short prompts, colour before its noun (list, beside)",
+                    lambda r: r.set.startswith("phrased_") and r.phrasing in PRE_NOMINAL),
+}
+
+
+def select(records: list[ObjectRecord], arm: str, subset: str) -> list[ObjectRecord]:
+    keep = SUBSETS[subset][1]
+    return [r for r in records if r.arm == arm and keep(r)]
+
+
+def observations(records: list[ObjectRecord], category: str = "bound") -> list[Observation]:
+    """1.0 where an object's outcome is ``category``, keyed so two arms' records pair up."""
+    return [Observation((r.seed, r.set, r.prompt, r.object), r.scene, r.seed, float(r.category == category))
+            for r in records]
+
+
+def rate(records: list[ObjectRecord], category: str = "bound") -> Optional[float]:
+    return sum(r.category == category for r in records) / len(records) if records else None
+
+
+def per_seed_rates(records: list[ObjectRecord], category: str = "bound") -> dict[int, float]:
+    seeds = sorted({r.seed for r in records})
+    return {s: rate([r for r in records if r.seed == s], category) for s in seeds}
+
+
+def compare(records: list[ObjectRecord], a: str, b: str, subset: str, category: str = "bound",
+            samples: int = 2000) -> Optional[Difference]:
+    """``a - b`` on ``subset``'s objects (share in ``category``), paired; None when either arm lacks it."""
+    first, second = select(records, a, subset), select(records, b, subset)
+    if not first or not second:
+        return None
+    return paired_difference(observations(first, category), observations(second, category), samples=samples)
+
+
+def leaks(records: list[ObjectRecord]) -> list[ObjectRecord]:
+    """The records with "leaked" as their category when the object leaked a colour or shape (for rates)."""
+    return [r if r.category not in ("leaked_color", "leaked_shape") else
+            ObjectRecord(**{**asdict(r), "category": "leaked"}) for r in records]
+
+
+# ---------------------------------------------------------------- gates and decision rules (pure)
+
+
+@dataclass
+class Check:
+    name: str
+    passed: Optional[bool]   # None: could not be measured
+    detail: str
+    guards: tuple[str, ...] = ("primary", "secondary")  # the decision rules this gate is a precondition of
+
+
+def gates(records: list[ObjectRecord], probe: Optional[dict], truncated: int, attention: dict[str, float],
+          protocol: Protocol = PROTOCOL_SETTINGS) -> list[Check]:
+    """The protocol's gates; a failed gate makes the rules it guards inconclusive. The probe gate is read
+    per claim (protocol.md, pilot 2): the short phrasings guard the binding rule; the issue's literal
+    reading, every phrasing pooled, is reported beside them and guards nothing by itself."""
+    checks = []
+    for subset in ("seen_1", "short"):
+        diff = compare(records, "b", "a", subset)
+        checks.append(Check(f"(b) - (a) on {subset} >= {protocol.gate_base_drop}",
+                            None if diff is None else diff.mean >= protocol.gate_base_drop,
+                            "not measured" if diff is None else fmt(diff)))
+    if probe is None:
+        checks.append(Check(f"probe own colour >= {protocol.gate_probe}", None, "not measured", ("secondary",)))
+    else:
+        test = probe["test"]
+        per_phrasing = ", ".join(f"{k} {v['own']:.2f}" for k, v in test.items() if k not in ("all", "short"))
+        checks.append(Check(f"probe own colour at layer {probe['layer']} >= {protocol.gate_probe}, short phrasings "
+                            f"(the binding claim's precondition)", test["short"]["own"] >= protocol.gate_probe,
+                            f"{test['short']['own']:.3f} ({per_phrasing})", ("secondary",)))
+        checks.append(Check(f"probe own colour at layer {probe['layer']} >= {protocol.gate_probe}, every phrasing "
+                            f"pooled (the issue's literal gate; reported, guards no rule by itself)",
+                            test["all"]["own"] >= protocol.gate_probe, f"{test['all']['own']:.3f}", ()))
+    checks.append(Check("no caption truncated by the LLM (the long-description claim's precondition)", truncated == 0,
+                        f"{truncated} captions over max_length"))
+    checks.append(Check("cross-attention share on the CAM's tokens measured", bool(attention) or None,
+                        ", ".join(f"{ARMS[a]} {v:.3f}" for a, v in attention.items()) or "not measured"))
+    return checks
+
+
+def decisions(records: list[ObjectRecord], gate_checks: list[Check],
+              protocol: Protocol = PROTOCOL_SETTINGS) -> dict[str, dict]:
+    """Both pre-registered rules applied: each "shown", "refuted" or "inconclusive", with the reasons; and
+    what each would be if every gate, the literal probe gate included, guarded it."""
+    def gates_pass(rule: str, literal: bool = False) -> bool:
+        return all(c.passed for c in gate_checks if rule in c.guards or (literal and not c.guards))
+
+    d_b = compare(records, "d", "b", "outside")
+    d_b2 = compare(records, "d", "b2", "outside")
+    shuffled = compare(records, "d_shuffled", "b", "outside")
+    inside = compare(records, "d", "b", "inside")
+    single = compare(records, "d", "b", "seen_1")
+    primary_checks = []
+    if d_b is not None:
+        primary_checks += [
+            Check(f"(d) - (b) on outside-window objects >= +{protocol.primary_effect}, CI above 0, positive in every seed",
+                  d_b.mean >= protocol.primary_effect and d_b.low > 0 and d_b.positive_in_every_seed, fmt(d_b))]
+    if d_b2 is not None:
+        primary_checks.append(Check("(d) - (b2) on outside-window objects > 0, CI above 0", d_b2.mean > 0 and d_b2.low > 0,
+                                    fmt(d_b2)))
+    if shuffled is not None and d_b is not None:
+        primary_checks.append(Check("the shuffled-feature ablation loses most of the gain: (d shuffled) - (b) <= half of (d) - (b)",
+                                    shuffled.mean <= d_b.mean / 2, f"{shuffled.mean:+.3f} vs half of {d_b.mean:+.3f}"))
+    for diff, what in ((inside, "inside-window objects"), (single, "seen_1")):
+        if diff is not None:
+            primary_checks.append(Check(f"(d) - (b) on {what} >= {protocol.keep_inside}", diff.mean >= protocol.keep_inside,
+                                        fmt(diff)))
+    refuted = d_b is not None and (d_b.high < protocol.primary_refuted_below or
+                                   (d_b2 is not None and d_b2.high < protocol.primary_refuted_below))
+
+    post = compare(records, "d", "b", "post_nominal")
+    pre = compare(records, "d", "b", "pre_nominal")
+    secondary_checks = []
+    if post is not None:
+        secondary_checks.append(Check(f"(d) - (b) on post-nominal short prompts >= +{protocol.secondary_effect}, CI above 0",
+                                      post.mean >= protocol.secondary_effect and post.low > 0, fmt(post)))
+        fewer_leaks = compare_categories(records, "post_nominal", ("leaked_color", "leaked_shape"))
+        fewer_missing = compare_categories(records, "post_nominal", ("missing_object",))
+        secondary_checks.append(Check("from fewer leaks rather than fewer missing objects: (b) - (d) leaks > (b) - (d) missing",
+                                      fewer_leaks > fewer_missing, f"leaks {fewer_leaks:+.3f}, missing {fewer_missing:+.3f}"))
+        if pre is not None:
+            secondary_checks.append(Check("larger than on pre-nominal prompts", post.mean > pre.mean,
+                                          f"post {post.mean:+.3f} vs pre {pre.mean:+.3f}"))
+    secondary_refuted = post is not None and post.high < protocol.secondary_refuted_below
+    return {
+        "primary": {**verdict(gates_pass("primary"), primary_checks, refuted, expected=5),
+                    "literal": verdict(gates_pass("primary", True), primary_checks, refuted, expected=5)["outcome"]},
+        "secondary": {**verdict(gates_pass("secondary"), secondary_checks, secondary_refuted, expected=3),
+                      "literal": verdict(gates_pass("secondary", True), secondary_checks, secondary_refuted, expected=3)["outcome"]},
+    }
+
+
+def compare_categories(records: list[ObjectRecord], subset: str, categories: tuple[str, ...]) -> float:
+    """(b)'s share of ``subset``'s objects in ``categories`` minus (d)'s (positive: (d) has fewer)."""
+    def share(arm):
+        chosen = select(records, arm, subset)
+        return sum(r.category in categories for r in chosen) / len(chosen) if chosen else 0.0
+    return share("b") - share("d")
+
+
+def verdict(gates_pass: bool, checks: list[Check], refuted: bool, expected: int) -> dict:
+    if not gates_pass:
+        outcome = "inconclusive (a gate failed)"
+    elif len(checks) == expected and all(c.passed for c in checks):
+        outcome = "shown"
+    elif refuted:
+        outcome = "refuted"
+    else:
+        outcome = "inconclusive"
+    return {"outcome": outcome, "checks": [asdict(c) for c in checks]}
+
+
+def fmt(diff: Difference) -> str:
+    seeds = ", ".join(f"{v:+.3f}" for v in diff.per_seed.values())
+    return f"{diff.mean:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}] (per seed {seeds}; {diff.n} objects, {diff.clusters} scenes)"
+
+
+# ---------------------------------------------------------------- the data step
+
+
+def write_data(spec, protocol: Protocol = PROTOCOL_SETTINGS, log=print) -> Path:
+    """The rendered shards (``<output_root>/data``), every caption checked against the LLM's max_length,
+    and the feature cache the runs train on (``data.shards`` of the experiment config)."""
+    from datamodules.feature_cache import run_cache
+    from datamodules.synthetic import ensure_synthetic_shards
+    from launch.sweep import load_experiment_config
+
+    cfg = load_experiment_config(spec.config, spec.base_overrides)
+    raw = spec.output_root / "data"
+    shards = ensure_synthetic_shards(str(raw), num_samples=protocol.data_samples,
+                                     samples_per_shard=protocol.samples_per_shard, resolution=cfg.data.resolution,
+                                     seed=protocol.data_seed, verbose_share=protocol.verbose_share)
+    longest, truncated = caption_lengths(cfg, shards)
+    if truncated:
+        raise ExperimentError(f"{truncated} captions are longer than model.llm.max_length={cfg.model.llm.max_length} "
+                              f"LLM tokens (the longest: {longest}); the protocol lets the LLM see every caption whole: "
+                              f"raise model.llm.max_length in {spec.config}")
+    log(f"data: {len(shards)} shards in {raw}; the longest caption is {longest} LLM tokens "
+        f"(max_length {cfg.model.llm.max_length}): none truncated")
+    run_cache(cfg, str(raw), str(cfg.data.shards), fields=list(cfg.data.precomputed_keys), cache_dtype="float32",
+              log=log)
+    return Path(cfg.data.shards)
+
+
+def caption_lengths(cfg, shards: list[str]) -> tuple[int, int]:
+    """(the longest caption in LLM tokens, how many exceed max_length) over the training shards and every
+    evaluation prompt."""
+    from transformers import AutoTokenizer
+
+    from datamodules.webdataset_datamodule import iter_tar_samples
+    from encoders.sources import load_pretrained
+    from evaluation.prompt_sets import prompt_set
+
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, cfg.model.llm.tokenizer or cfg.model.llm.pretrained,
+                                "model.llm.tokenizer")
+    captions = [r.text for name in SETS for r in prompt_set(name)]
+    for shard in shards:
+        captions += [sample["txt"].decode() for sample in iter_tar_samples(shard) if "txt" in sample]
+    lengths = [len(ids) for ids in tokenizer([cfg.model.llm.prefix + c for c in captions]).input_ids]
+    return max(lengths), sum(n > cfg.model.llm.max_length for n in lengths)
+
+
+# ---------------------------------------------------------------- probe and attention
+
+
+def run_probe(spec, path: Path, log=print) -> dict:
+    """The protocol's layer probe (evaluation.probes: 3000 / 500 / 500 captions over every pair, every
+    phrasing) at the experiment's LLM settings, written once to ``path``."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    from evaluation.probes import ProbeSplits, layer_sweep, load_encoders
+    from launch.sweep import load_experiment_config
+
+    cfg = load_experiment_config(spec.config, spec.base_overrides)
+    _, llm = load_encoders(cfg.model.base.pretrained, cfg.model.llm.pretrained, cfg.model.llm.max_length)
+    choice = layer_sweep(llm, ProbeSplits.make(3000, 500, 500, seed=0))
+    result = {"layer": choice.layer, "configured_layer": cfg.model.llm.layer, "validation": {str(k): v for k, v in choice.validation.items()},
+              "test": choice.test}
+    if choice.layer != cfg.model.llm.layer:
+        log(f"warning: the probe now picks layer {choice.layer!r}, the config reads {cfg.model.llm.layer!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    log(f"probe: layer {choice.layer!r}, own colour on the test split {choice.test['all']['own']:.3f} "
+        f"(short phrasings {choice.test['short']['own']:.3f}, verbose {choice.test['verbose']['own']:.3f})")
+    return result
+
+
+def attention_shares(tasks: list[Task]) -> dict[str, float]:
+    """Per CAM arm, the mean over seeds of the UNet's cross-attention share on the LLM tokens (verbose_2)."""
+    from evaluation.probes import llm_attention_share
+    from evaluation.prompt_sets import prompt_set
+
+    prompts = [r.text for r in prompt_set("verbose_2")]
+    shares: dict[str, list[float]] = {}
+    for task in tasks:
+        if task.arm in ("c", "d", "e"):
+            shares.setdefault(task.arm, []).append(llm_attention_share(task.checkpoint, prompts))
+    return {arm: sum(v) / len(v) for arm, v in shares.items()}
 
 
 # ---------------------------------------------------------------- pictures
 
 
-def bar_plot(table: dict[str, dict[str, tuple[float, float, int]]], path: Path) -> Path:
+COMPARISONS = (  # (a, b, subset): what the plot and the table show, in order
+    ("d", "b", "outside"), ("d", "b2", "outside"), ("b2", "b", "outside"), ("c", "b", "outside"),
+    ("e", "b", "outside"), ("d_shuffled", "b", "outside"), ("d", "b", "inside"), ("d", "b", "seen_1"),
+    ("d", "b", "post_nominal"), ("d", "b", "pre_nominal"), ("e", "d", "post_nominal"), ("d", "b", "heldout_2"),
+    ("b", "a", "seen_1"), ("b", "a", "short"), ("b2", "a", "seen_1"), ("c", "a", "short"),
+)
+
+
+def difference_plot(differences: list[tuple[str, Difference]], path: Path, protocol: Protocol = PROTOCOL_SETTINGS) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 3.8))
-    width = 0.8 / len(table)
-    for k, (arm, row) in enumerate(table.items()):
-        means = [row[s][0] for s in SETS]
-        stds = [row[s][1] for s in SETS]
-        ax.bar([i + k * width for i in range(len(SETS))], means, width, yerr=stds, capsize=2, label=ARMS[arm])
-    ax.set_xticks([i + width * (len(table) - 1) / 2 for i in range(len(SETS))], SETS)
-    ax.set_ylabel("binding (mean ± std over seeds)")
-    ax.set_ylim(0, 1)
-    ax.set_title("shapes benchmark: objects drawn with every attribute right")
-    ax.legend(fontsize="small", ncols=3)
+    fig, ax = plt.subplots(figsize=(9, 0.38 * len(differences) + 1.2))
+    for i, (label, diff) in enumerate(differences):
+        y = len(differences) - 1 - i
+        ax.errorbar(diff.mean, y, xerr=[[diff.mean - diff.low], [diff.high - diff.mean]], fmt="o", color="C0", capsize=3)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.axvline(protocol.primary_effect, color="C2", lw=0.8, ls="--", label=f"primary effect +{protocol.primary_effect}")
+    ax.axvline(protocol.gate_base_drop, color="C3", lw=0.8, ls=":", label=f"gate / keep {protocol.gate_base_drop}")
+    ax.set_yticks(range(len(differences)), [label for label, _ in reversed(differences)], fontsize=8)
+    ax.set_xlabel("paired difference in the share of objects drawn bound (95% CI, scenes resampled)")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def sample_grid(eval_dir: Path, path: Path, per_set: int = 12, scale: int = 2) -> Path:
-    """A row per prompt set (seen_1 .. heldout_3), its first ``per_set`` prompts' images, ``scale`` x larger."""
+def prompt_label(record) -> str:
+    """A grid row's label: a short prompt as it is; a verbose one as its objects and where CLIP sees them."""
+    from datamodules.shapes import object_mentions
+    from datamodules.synthetic import clip_tokenizer
+
+    if record.phrasing != "verbose":
+        return record.text
+    objects = [f"{m['size']} {m['color']} {m['shape']} ({'in' if m['in_clip_window'] else 'OUT of'} CLIP's window)"
+               for m in object_mentions(record.text, clip_tokenizer())]
+    return f"verbose, {len(record.text.split())} words: " + "; ".join(objects)
+
+
+def sample_grid(tasks: list[Task], path: Path, seed: int = 0, protocol: Protocol = PROTOCOL_SETTINGS) -> Path:
+    """Rows: prompts (short post-nominal ones, then verbose ones); columns: the arms at ``seed``."""
     from PIL import Image
 
+    from evaluation.grids import labelled_grid
+    from evaluation.prompt_sets import prompt_set
     from evaluation.runner import image_path
-    from lightning_modules.callbacks import image_grid
 
-    images = []
-    for name in SETS:
-        for i in range(per_set):
-            with Image.open(image_path(eval_dir, name, i, 0)) as image:
-                images.append(image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST))
-    image_grid(images, columns=per_set).save(path)
+    picks = [("phrased_2", i) for i in (1, 4, 6, 9)] + [("verbose_2", i) for i in range(4)] + [("verbose_3", i) for i in range(4)]
+    records = {name: prompt_set(name, protocol.prompts(name)) for name in {name for name, _ in picks}}
+    picks = [(name, i) for name, i in picks if i < len(records[name])]
+    by_arm = {t.arm: t for t in tasks if t.seed == seed}
+    arms = [a for a in ARMS if a in by_arm]
+    rows, labels = [], []
+    for name, index in picks:
+        labels.append(prompt_label(records[name][index]))
+        row = []
+        for arm in arms:
+            file = image_path(Path(by_arm[arm].out), name, index, 0)
+            row.append(Image.open(file).convert("RGB") if name in by_arm[arm].sets and file.is_file() else None)
+        rows.append(row)
+    labelled_grid(rows, labels, [ARMS[a] for a in arms]).save(path)
     return path
 
 
 # ---------------------------------------------------------------- the report
 
 
-def report(sweep_file: str, base: Optional[str] = None, limit: Optional[int] = None,
-           steps: int = SAMPLING["steps"]) -> Path:
+CATEGORY_ORDER = ("bound", "wrong_size", "leaked_color", "leaked_shape", "foreign_color", "misdrawn_shape",
+                  "missing_object")
+
+
+def rate_table(records: list[ObjectRecord], arms: list[str], subsets: list[str]) -> str:
+    lines = ["| arm | " + " | ".join(subsets) + " |", "|---|" + "---|" * len(subsets)]
+    for arm in arms:
+        cells = []
+        for subset in subsets:
+            chosen = select(records, arm, subset)
+            if not chosen:
+                cells.append("-")
+                continue
+            seeds = per_seed_rates(chosen)
+            cells.append(f"{rate(chosen):.3f} ({' / '.join(f'{v:.2f}' for v in seeds.values())})")
+        lines.append(f"| {ARMS[arm]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def breakdown_table(records: list[ObjectRecord], arms: list[str], subset: str) -> str:
+    lines = ["| arm | objects | " + " | ".join(CATEGORY_ORDER) + " |", "|---|---|" + "---|" * len(CATEGORY_ORDER)]
+    for arm in arms:
+        chosen = select(records, arm, subset)
+        if chosen:
+            lines.append(f"| {ARMS[arm]} | {len(chosen)} | " + " | ".join(f"{rate(chosen, c):.3f}" for c in CATEGORY_ORDER) + " |")
+    return "\n".join(lines)
+
+
+def report(sweep_file: str, jobs: int = 2, base: Optional[str] = None, log=print,
+           protocol: Protocol = PROTOCOL_SETTINGS) -> Path:
     from launch.sweep import load_experiment_config, load_sweep
 
     spec = load_sweep(sweep_file)
     cfg = load_experiment_config(spec.config, spec.base_overrides)
     base = base or cfg.model.base.pretrained
-    seeds = sorted({int(v) for v in spec.grid.get("seed", [cfg.seed])})
-    results = evaluate_all(spec, base, seeds, limit=limit, steps=steps)
-    if not any(r.arm != "a" for r in results):
-        raise ExperimentError(f"no finished run under {spec.output_root}; train the arms first: python sweep.py {sweep_file}")
+    tasks, unfinished = evaluation_tasks(spec, base)
+    if not any(t.arm != "a" for t in tasks):
+        raise ExperimentError(f"no finished run under {spec.output_root}; train the arms first: "
+                              f"python -m evaluation.experiment run {sweep_file} (or python sweep.py {sweep_file})")
+    if unfinished:
+        log(f"not finished, left out of the report: {', '.join(unfinished)}")
+    started = time.time()
+    run_tasks(tasks, jobs, log, protocol)
+    evaluation_seconds = time.time() - started
+    records = [r for task in tasks for r in object_records(task, protocol)]
     out = spec.output_root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    binding = summarize(results)
-    categories = split_categories(results)
-    plot = bar_plot(binding, out / "binding.png")
-    grids = {}
-    for arm in binding:
-        first = min((r for r in results if r.arm == arm), key=lambda r: r.seed)
-        grids[arm] = sample_grid(first.eval_dir, out / f"grid_{arm}.png", per_set=min(12, limit or 12))
-    verdicts = comparisons(binding)
+    probe = run_probe(spec, spec.output_root / "probe.json", log)
+    _, truncated = caption_lengths(cfg, [])
+    attention = attention_shares(tasks)
+    gate_checks = gates(records, probe, truncated, attention)
+    rules = decisions(records, gate_checks)
+    differences = [(f"{ARMS[a].split(' ')[0]} - {ARMS[b].split(' ')[0]}, {subset}", diff) for a, b, subset in COMPARISONS
+                   if (diff := compare(records, a, b, subset)) is not None]
+    plot = difference_plot(differences, out / "differences.png")
+    grid = sample_grid(tasks, out / "samples.png", protocol=protocol)
+    arms = [a for a in ARMS if any(t.arm == a for t in tasks)]
+    seeds = sorted({t.seed for t in tasks})
+    swaps = {}
+    for arm in arms:
+        counts = [swap_counts(t, "phrased_2") for t in tasks if t.arm == arm and "phrased_2" in t.sets]
+        if counts:
+            drawn = sum(c[1] for c in counts)
+            swaps[arm] = (sum(c[0] for c in counts) / drawn if drawn else None, drawn)
     text = "\n".join([
-        f"# Shapes benchmark: {len(results)} evaluations ({', '.join(ARMS[a] for a in binding)})", "",
-        f"Sweep `{sweep_file}`, base `{base}`; {SAMPLING['steps']} DDIM steps, guidance {SAMPLING['guidance_scale']}, "
-        f"one image per prompt, {limit or 48} prompts per set; mean ± std over seeds {seeds}.", "",
-        "## Binding (every attribute of an object right, per object, per image)", "", markdown(binding), "",
-        "## Per attribute category, mean of the split's 1-, 2- and 3-object sets", "",
-        "colour: object found in its colour and shape; shape: its shape; size: its shape and size.", "",
-        markdown(categories), "",
-        "## Held-out two- and three-object binding: LLM arms against (b)", "", *verdicts, "",
-        f"Plot: `{plot.name}`. Sample grids (seed {seeds[0]}, rows seen_1 .. heldout_3): "
-        + ", ".join(f"`{p.name}`" for p in grids.values()), ""])
+        f"# The miniature LLM4GEN experiment: {len(tasks)} evaluations", "",
+        f"Protocol: `{PROTOCOL}`. Sweep `{sweep_file}`, base `{base}`, seeds {seeds}; DDIM "
+        f"{PROTOCOL_SETTINGS.sampling_steps} steps, guidance {PROTOCOL_SETTINGS.guidance_scale}, one image per prompt, "
+        f"every arm on the same noise per (prompt, seed). Share of prompt objects drawn with every attribute right "
+        f"(`bound`), pooled over seeds (per seed in brackets).", "",
+        "## Bound objects per arm", "", rate_table(records, arms, list(SUBSETS)), "",
+        "Subsets: " + "; ".join(f"`{k}`: {v[0]}" for k, v in SUBSETS.items()) + ".", "",
+        "## What went wrong instead (shares of the subset's objects)", "",
+        "### verbose prompts, objects past CLIP's window", "", breakdown_table(records, arms, "outside"), "",
+        "### verbose prompts, objects inside CLIP's window", "", breakdown_table(records, arms, "inside"), "",
+        "### short post-nominal prompts (colored, dense)", "", breakdown_table(records, arms, "post_nominal"), "",
+        "Swap rate on phrased_2 (two objects, both drawn, each in the other's colour): " + ", ".join(
+            f"{ARMS[a]} {v:.3f} of {n}" if v is not None else f"{ARMS[a]} -" for a, (v, n) in swaps.items()) + ".", "",
+        "## Paired differences (95% CI over scenes, 2000 bootstrap resamples)", "",
+        "| comparison | difference [CI] (per seed; objects, scenes) |", "|---|---|",
+        *[f"| {label} | {fmt(diff)} |" for label, diff in differences], "",
+        "## Gates (any failure makes the result inconclusive)", "",
+        *[f"- {'PASS' if c.passed else ('FAIL' if c.passed is False else 'NOT MEASURED')}: {c.name}: {c.detail}"
+          for c in gate_checks], "",
+        "## Decision rules", "",
+        *[line for name, rule in rules.items() for line in (
+            f"**{name}: {rule['outcome']}** (with every gate guarding it, the literal probe gate included: "
+            f"{rule['literal']})", "",
+            *[f"- {'pass' if c['passed'] else 'fail'}: {c['name']}: {c['detail']}" for c in rule["checks"]], "")],
+        f"Plot: `{plot.name}`. Samples (seed {seeds[0]}; a row per prompt, a column per arm): `{grid.name}`.",
+        f"Evaluation (sampling and scoring, {len(tasks)} arm x seed tasks): {evaluation_seconds / 60:.1f} min.", ""])
     (out / "report.md").write_text(text)
-    (out / "results.json").write_text(json.dumps(
-        {"binding": binding, "categories": categories,
-         "runs": [{"arm": r.arm, "seed": r.seed, "eval_dir": str(r.eval_dir), "scores": r.scores} for r in results]},
-        indent=2))
-    print(text)
-    print(f"report: {out / 'report.md'}")
+    (out / "results.json").write_text(json.dumps({
+        "protocol": asdict(PROTOCOL_SETTINGS), "probe": probe, "attention_share": attention,
+        "gates": [asdict(c) for c in gate_checks], "decisions": rules,
+        "differences": {label: diff.to_dict() for label, diff in differences},
+        "swap_rate_phrased_2": {a: v for a, (v, _) in swaps.items()},
+        "objects": [list(asdict(r).values()) for r in records], "object_fields": list(ObjectRecord.__dataclass_fields__),
+    }, indent=1))
+    log(text)
+    log(f"report: {out / 'report.md'}")
     return out
 
 
-def run(sweep_file: str, jobs: int = 2) -> Path:
-    from launch.sweep import load_sweep
+def run(sweep_file: str, jobs: int = 2, log=print) -> Path:
+    """Data (shards, feature cache), the sweep's runs, the report: the whole experiment."""
+    from launch.sweep import check_run_configs, expand_runs, load_sweep, run_locally
 
+    started = time.time()
     spec = load_sweep(sweep_file)
-    print(f"data: {write_data(spec)}")
-    root = Path(__file__).resolve().parent.parent
-    code = subprocess.call([sys.executable, str(root / "sweep.py"), sweep_file, "--jobs", str(jobs)])
-    if code != 0:
-        raise ExperimentError(f"sweep.py {sweep_file} failed (exit {code}); run it again to resume the unfinished runs")
-    return report(sweep_file)
+    write_data(spec, log=log)
+    run_probe(spec, spec.output_root / "probe.json", log)
+    runs = expand_runs(spec)
+    train_script = ROOT / "train.py"
+    check_run_configs(spec, runs, sweep_file, train_script)
+    outcome = run_locally(spec, runs, train_script, jobs=jobs, log=log)
+    failed = [name for name, state in outcome.items() if state.startswith("failed")]
+    if failed:
+        raise ExperimentError(f"{len(failed)} runs failed ({', '.join(failed)}); see their train.log, then run "
+                              f"this command again to resume them")
+    out = report(sweep_file, jobs, log=log)
+    minutes = (time.time() - started) / 60
+    (out / "wall_time.txt").write_text(f"{minutes:.1f} min for `python -m evaluation.experiment run {sweep_file}`\n")
+    log(f"the whole experiment: {minutes:.1f} min")
+    return out
 
 
 @entry_point("python -m evaluation.experiment")
@@ -298,19 +728,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluation.experiment", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("run", "data", "report"))
-    parser.add_argument("sweep", help="the sweep file, e.g. configs/sweeps/shapes_binding.yaml")
+    parser.add_argument("sweep", help="the sweep file, e.g. configs/sweeps/shapes_evidence.yaml")
     parser.add_argument("--base", help="report: evaluate this base for arm (a) (default: the config's)")
-    parser.add_argument("--limit", type=int, default=None, help="report: prompts per set (default: all 48)")
-    parser.add_argument("--steps", type=int, default=SAMPLING["steps"], help="report: sampling steps")
-    parser.add_argument("--jobs", type=int, default=2, help="run: training runs at a time (sweep.py --jobs; "
-                                                            "2 single-thread runs use 2 cores best)")
+    parser.add_argument("--jobs", type=int, default=2, help="training runs and evaluations at a time (2 single-thread "
+                                                            "processes use 2 cores best)")
     args = parser.parse_args(argv)
-    if args.command == "data":
-        from launch.sweep import load_sweep
+    from launch.sweep import load_sweep
 
-        print(f"data: {write_data(load_sweep(args.sweep))}")
+    if args.command == "data":
+        spec = load_sweep(args.sweep)
+        write_data(spec)
+        run_probe(spec, spec.output_root / "probe.json")
     elif args.command == "report":
-        report(args.sweep, args.base, args.limit, args.steps)
+        report(args.sweep, args.jobs, args.base)
     else:
         run(args.sweep, args.jobs)
     return 0

@@ -2,20 +2,30 @@
 
 The CAM can only help binding if the LLM's token features carry it. For two-object captions of the
 shapes benchmark we take each encoder's feature at each object's shape noun ("circle", averaged over
-its tokens) and fit a linear classifier that reads the object's colour from it. Trained on
-training-split captions, tested on held-out colour-shape pairs (never in training captions), per
-caption phrasing. ``own`` is the probe's accuracy (chance 1/8); ``lost`` the share of nouns the encoder
-never saw (truncated at its max_length; they count as wrong); ``other`` how often it names the other
-object's colour instead, the signature of an encoder that knows which colours are in the caption but
-not which object has which. CLIP's text encoder attends causally, so in "a square colored red" the
-noun comes before its colour and cannot see it; a bidirectional encoder (MiniLM) can.
+its tokens) and fit a linear classifier that reads the object's colour from it. ``own`` is the probe's
+accuracy (chance 1/8); ``lost`` the share of nouns the encoder never saw (truncated at its max_length;
+they count as wrong); ``other`` how often it names the other object's colour instead, the signature of
+an encoder that knows which colours are in the caption but not which object has which.
 
-    python -m evaluation.probes [--base embedded:shapes-sd] [--llm embedded:minilm] [--train 3000] [--test 1000]
+The design matters. Captions for the probe's training, validation and test splits are drawn from
+every colour-shape pair (``noun_examples(..., splits=("train", "heldout"))``), each split from its own
+seed. A probe trained only on training-split pairs and tested on held-out ones (the first version of
+this module) cannot succeed on an encoder that binds perfectly: in training no circle is ever, say,
+red, so the probe learns "a circle is never red" and names the other object's colour; its low scores
+measured the probe, not the encoder (``--heldout-test`` keeps that design for comparison).
+
+``layer_sweep`` reads every hidden layer of the LLM from one forward pass (and the layer-normalised mean
+of all layers), scores each on the validation split, and picks the best; the test split then scores the
+chosen layer once. That is how the evidence protocol (docs/evidence/protocol.md) chooses
+``model.llm.layer``. CLIP's causal encoder is probed beside it: in "a square colored red" the noun
+comes before its colour and cannot see it.
+
+    python -m evaluation.probes [--llm embedded:minilm] [--max-length 192] [--train 600 --val 300 --test 300]
     python -m evaluation.probes --attention RUN/checkpoints/last.ckpt [...]   # + where the UNet looks
 
 ``--attention`` also measures, for trained checkpoints, how much of the UNet's cross-attention lands on
-the CAM's LLM tokens (positions after CLIP's 77) rather than on CLIP's, on held-out two-object prompts:
-a CAM whose tokens draw no attention cannot change what is drawn.
+the CAM's LLM tokens (the positions after CLIP's) rather than on CLIP's: a CAM whose tokens draw no
+attention cannot change what is drawn.
 """
 
 from __future__ import annotations
@@ -43,13 +53,18 @@ class NounExample:
     other_color: int    # the other object's colour
 
 
-def noun_examples(n_captions: int, split: str, seed: int) -> list[NounExample]:
-    """Two examples per two-object caption (one per object), phrasings drawn uniformly."""
+def noun_examples(n_captions: int, splits: str | Sequence[str], seed: int,
+                  phrasings: Optional[Sequence[str]] = None) -> list[NounExample]:
+    """Two examples per two-object caption (one per object, in text order). Each caption's scene comes
+    from one of ``splits`` (drawn uniformly; ``("train", "heldout")`` covers every colour-shape pair)
+    and its phrasing from ``phrasings`` (default: every phrasing, verbose included)."""
     rng = random.Random(seed)
+    splits = (splits,) if isinstance(splits, str) else tuple(splits)
+    phrasings = list(phrasings or phrasings_for(2, include_verbose=True))
     examples = []
     for _ in range(n_captions):
-        scene = sample_scene(rng, split, n_objects=2)
-        phrasing = rng.choice(phrasings_for(2))
+        scene = sample_scene(rng, rng.choice(splits), n_objects=2)
+        phrasing = rng.choice(phrasings)
         text = caption(scene, phrasing)
         groups = entity_groups(text)
         colours = []
@@ -66,17 +81,23 @@ def noun_features(examples: Sequence[NounExample], encode: Callable[[list[str]],
                   max_length: int, prefix: str = "", batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Each example's encoder feature averaged over its noun's tokens, (N, hidden), and whether the noun
     survived truncation to ``max_length``, (N,) bool (a lost noun's row is zeros: the encoder never saw
-    it). ``encode`` maps captions to (B, max_length, hidden) features of ``tokenizer(prefix + caption)``."""
-    rows, kept = [], []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
+    it). ``encode`` maps captions to (B, tokens, hidden) features of ``tokenizer(prefix + caption)`` (right
+    padded, at most ``max_length`` tokens); one giving (layers, B, tokens, hidden) gives (layers, N, hidden).
+    Captions are encoded shortest first, so that an encoder that pads to the batch's longest wastes little."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].text))
+    rows: list = [None] * len(examples)
+    kept: list = [None] * len(examples)
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start:start + batch_size]]
         texts = [e.text for e in chunk]
         positions = batch_word_token_positions(texts, [[e.noun] for e in chunk], tokenizer, max_length, prefix)
         hidden = encode(texts)
         for b, (word_positions,) in enumerate(positions):
-            kept.append(bool(word_positions))
-            rows.append(hidden[b, word_positions].mean(0) if word_positions else hidden.new_zeros(hidden.shape[-1]))
-    return torch.stack(rows), torch.tensor(kept)
+            i = order[start + b]
+            kept[i] = bool(word_positions)
+            at = hidden[..., b, :, :]  # (tokens, hidden), or (layers, tokens, hidden)
+            rows[i] = at[..., word_positions, :].mean(-2) if word_positions else at.new_zeros(at[..., 0, :].shape)
+    return torch.stack(rows, dim=-2), torch.tensor(kept)
 
 
 def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, classes: int, steps: int = 300,
@@ -113,83 +134,174 @@ def probe_scores(train: Sequence[NounExample], train_features: tuple[torch.Tenso
     own = predicted == torch.tensor([e.color for e in test])
     other = predicted == torch.tensor([e.other_color for e in test])
     groups = {"all": list(range(len(test)))}
+    if any(e.phrasing == "verbose" for e in test):  # the five short phrasings together, beside the verbose one
+        groups["short"] = [i for i, e in enumerate(test) if e.phrasing != "verbose"]
     for i, e in enumerate(test):
         groups.setdefault(e.phrasing, []).append(i)
     return {name: {"own": float(own[idx].float().mean()), "other": float(other[idx].float().mean()),
                    "lost": float((~kept_test[idx]).float().mean()), "n": len(idx)} for name, idx in groups.items()}
 
 
-def encoders(base: str, llm: str) -> dict[str, tuple[Callable, object, int, str]]:
-    """name -> (encode, tokenizer, max_length, prefix), both loaded as training loads them."""
-    from configs.schema import load_config
-    from encoders.llm import LLMEncoder
-    from encoders.stable_diffusion import load_base_model
+@dataclass
+class ProbeSplits:
+    """The three caption splits of the layer choice, each from its own seed, all over every colour-shape pair."""
+    train: list[NounExample]
+    val: list[NounExample]
+    test: list[NounExample]
 
-    cfg = load_config(overrides=[f"model.base.pretrained={base}", f"model.llm.pretrained={llm}"])
-    clip = load_base_model(cfg.model.base).text
-    language_model = LLMEncoder.from_config(cfg.model.llm)
-    return {
-        "CLIP text encoder (the base's)": (lambda t: clip(t).hidden, clip.tokenizer, clip.tokenizer.model_max_length, ""),
-        f"LLM ({llm})": (lambda t: language_model(t).features, language_model.tokenizer, language_model.max_length,
-                         language_model.prefix),
-    }
+    @classmethod
+    def make(cls, train: int = 600, val: int = 300, test: int = 300, seed: int = 0) -> "ProbeSplits":
+        every_pair = ("train", "heldout")
+        return cls(noun_examples(train, every_pair, seed), noun_examples(val, every_pair, seed + 1),
+                   noun_examples(test, every_pair, seed + 2))
+
+
+def layer_names(layers: int) -> list[int | str]:
+    """Every hidden state of a ``layers``-layer model (0: the embeddings) and ``"mean"``."""
+    return [*range(layers + 1), "mean"]
+
+
+def all_layer_encoder(llm) -> Callable[[list[str]], torch.Tensor]:
+    """``texts -> (layers + 2, B, tokens, hidden)``: an ``encoders.llm.LLMEncoder``'s features at every
+    layer of ``layer_names`` from one forward pass, each read as ``model.llm.layer`` would read it
+    (``read_hidden_states`` with that layer's automatic normalisation), padding zeroed as the encoder does.
+    Padded to the batch's longest caption rather than to max_length: the real tokens' features are the
+    same (the encoder masks padding), up to float rounding, at a fraction of the cost."""
+    from encoders.llm import normalizes, num_hidden_layers, read_hidden_states
+
+    layers = num_hidden_layers(llm.model.config)
+
+    @torch.no_grad()
+    def encode(texts: list[str]) -> torch.Tensor:
+        tokens = llm.tokenizer([llm.prefix + t for t in texts], max_length=llm.max_length, padding="longest",
+                               truncation=True, return_tensors="pt").to(llm.model.device)
+        states = llm.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                           output_hidden_states=True).hidden_states
+        mask = tokens["attention_mask"][..., None].to(states[0].dtype)
+        return torch.stack([read_hidden_states(states, layer, normalizes(layer, "auto", llm.kind, layers)) * mask
+                            for layer in layer_names(layers)]).float()
+    return encode
+
+
+@dataclass
+class LayerChoice:
+    layer: int | str                      # the chosen model.llm.layer
+    validation: dict                      # layer -> own-colour accuracy on the validation split
+    test: dict[str, dict]                 # probe_scores of the chosen layer on the test split
+
+
+def layer_sweep(llm, splits: ProbeSplits) -> LayerChoice:
+    """Scores every layer on the validation split (the probe fit on the training split), picks the most
+    accurate (the earlier layer on a tie), and scores that one layer on the test split."""
+    from encoders.llm import num_hidden_layers
+
+    names = layer_names(num_hidden_layers(llm.model.config))
+    args = (all_layer_encoder(llm), llm.tokenizer, llm.max_length, llm.prefix)
+    (x_train, k_train), (x_val, k_val), (x_test, k_test) = (noun_features(split, *args)
+                                                           for split in (splits.train, splits.val, splits.test))
+    validation = {name: probe_scores(splits.train, (x_train[i], k_train), splits.val, (x_val[i], k_val))["all"]["own"]
+                  for i, name in enumerate(names)}
+    best = max(names, key=lambda name: (validation[name], -names.index(name)))
+    i = names.index(best)
+    return LayerChoice(best, validation, probe_scores(splits.train, (x_train[i], k_train), splits.test, (x_test[i], k_test)))
+
+
+def score_row(name: str, scores: dict[str, dict], columns: Sequence[str]) -> str:
+    cells = [f"{scores[k]['own']:.2f} (other {scores[k]['other']:.2f}" +
+             (f", lost {scores[k]['lost']:.2f})" if scores[k]["lost"] else ")") for k in columns]
+    return f"| {name} | " + " | ".join(cells) + " |"
 
 
 @torch.no_grad()
-def llm_attention_share(checkpoint: str, prompts: Sequence[str], timesteps: Sequence[int] = (200, 500, 800),
+def llm_attention_share(module, prompts: Sequence[str], timesteps: Sequence[int] = (200, 500, 800),
                         seed: int = 0) -> float:
     """Mean share of cross-attention probability (every cross-attention layer, head, pixel, and the given
-    timesteps) on the context's LLM tokens (positions >= 77) for the prompts, from a noised random latent;
-    0 for a run without the CAM."""
+    timesteps) on the context's LLM tokens (the positions after CLIP's) for the prompts, from a noised
+    random latent, of an ``LLM4GenModule`` (or a training checkpoint's path); 0 for a run without the CAM."""
     from evaluation.sampler import load_checkpoint_module
     from losses.attention_capture import cross_attention_layer_names, install_attention_capture, remove_attention_capture
 
-    module = load_checkpoint_module(checkpoint).eval()
+    if isinstance(module, (str, bytes)) or hasattr(module, "__fspath__"):
+        module = load_checkpoint_module(module)
+    module = module.eval()
     if not module.uses_cam:
         return 0.0
     remove_attention_capture(module.unet)  # a run with the entity loss has its own capture on some layers
     store = install_attention_capture(module.unet, cross_attention_layer_names(module.unet, "all"))
-    context, unet_kwargs = module.conditioning({"captions": list(prompts)})
-    clip_tokens = context.shape[1] - module.cfg.llm.max_length
-    generator = torch.Generator().manual_seed(seed)
-    size = module.unet.config.sample_size
-    shares = []
-    for t in timesteps:
-        latents = torch.randn(len(prompts), module.unet.config.in_channels, size, size, generator=generator)
-        module.unet(latents, torch.full((len(prompts),), t), context, **unet_kwargs)
-        for probs in store.maps().values():                              # (batch, pixels, tokens)
-            shares.append(float(probs[..., clip_tokens:].sum(-1).mean()))
+    try:
+        context, unet_kwargs = module.conditioning({"captions": list(prompts)})
+        clip_tokens = context.shape[1] - module.cfg.llm.max_length
+        generator = torch.Generator().manual_seed(seed)
+        size = module.unet.config.sample_size
+        shares = []
+        for t in timesteps:
+            latents = torch.randn(len(prompts), module.unet.config.in_channels, size, size, generator=generator)
+            module.unet(latents, torch.full((len(prompts),), t), context, **unet_kwargs)
+            for probs in store.maps().values():                              # (batch, pixels, tokens)
+                shares.append(float(probs[..., clip_tokens:].sum(-1).mean()))
+    finally:
+        remove_attention_capture(module.unet)
     return sum(shares) / len(shares)
+
+
+def load_encoders(base: str, llm: str, max_length: int, layer: int | str = -1):
+    """(the base's CLIP text encoder, the LLMEncoder), loaded as training loads them."""
+    from configs.schema import load_config
+    from encoders.llm import LLMEncoder
+    from encoders.stable_diffusion import load_base_model
+
+    cfg = load_config(overrides=[f"model.base.pretrained={base}", f"model.llm.pretrained={llm}",
+                                 f"model.llm.max_length={max_length}", f"model.llm.layer={layer}"])
+    return load_base_model(cfg.model.base).text, LLMEncoder.from_config(cfg.model.llm)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluation.probes", description=__doc__.split("\n")[0])
     parser.add_argument("--base", default="embedded:shapes-sd")
     parser.add_argument("--llm", default="embedded:minilm")
-    parser.add_argument("--train", type=int, default=3000, help="training-split two-object captions")
-    parser.add_argument("--test", type=int, default=1000, help="held-out two-object captions")
+    parser.add_argument("--max-length", type=int, default=192, help="LLM tokens (192 hold every verbose caption)")
+    parser.add_argument("--train", type=int, default=600, help="two-object captions the probe is fit on")
+    parser.add_argument("--val", type=int, default=300, help="captions that choose the layer")
+    parser.add_argument("--test", type=int, default=300, help="captions that score the chosen layer")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heldout-test", action="store_true",
+                        help="the first design, for comparison: fit on training-split pairs, test on held-out ones")
     parser.add_argument("--attention", nargs="*", default=[], metavar="CHECKPOINT",
                         help="training checkpoints: also print the UNet's cross-attention share on the LLM tokens")
     args = parser.parse_args(argv)
-    train, test = noun_examples(args.train, "train", args.seed), noun_examples(args.test, "heldout", args.seed + 1)
-    phrasings = sorted({e.phrasing for e in test})
-    print(f"linear probe: an object's colour from the feature at its noun; trained on {len(train)} nouns of "
-          f"training-split captions, tested on {len(test)} of held-out pairs (chance {1 / len(COLORS):.3f})")
-    print("| encoder | " + " | ".join(["all", *phrasings]) + " |")
-    print("| --- |" + " --- |" * (1 + len(phrasings)))
-    for name, (encode, tokenizer, max_length, prefix) in encoders(args.base, args.llm).items():
-        with torch.no_grad():
-            scores = probe_scores(train, noun_features(train, encode, tokenizer, max_length, prefix),
-                                  test, noun_features(test, encode, tokenizer, max_length, prefix))
-        cells = [f"{scores[k]['own']:.2f} (other {scores[k]['other']:.2f}" +
-                 (f", lost {scores[k]['lost']:.2f})" if scores[k]["lost"] else ")") for k in ["all", *phrasings]]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    clip, llm = load_encoders(args.base, args.llm, args.max_length)
+    clip_spec = (lambda t: clip(t).hidden, clip.tokenizer, clip.tokenizer.model_max_length, "")
+    if args.heldout_test:
+        train, test = noun_examples(args.train, "train", args.seed), noun_examples(args.test, "heldout", args.seed + 2)
+        columns = ["all", *sorted({e.phrasing for e in test})]
+        print(f"linear probe fit on {len(train)} nouns of training-split pairs, tested on {len(test)} of held-out "
+              f"pairs (the first design: it cannot read a held-out pair even from an encoder that binds)")
+        print("| encoder | " + " | ".join(columns) + " |\n| --- |" + " --- |" * len(columns))
+        llm_spec = (lambda t: llm(t).features, llm.tokenizer, llm.max_length, llm.prefix)
+        for name, spec in (("CLIP (the base's, 77 tokens)", clip_spec), (f"{args.llm}, last layer", llm_spec)):
+            print(score_row(name, probe_scores(train, noun_features(train, *spec), test, noun_features(test, *spec)),
+                            columns))
+        return 0
+    splits = ProbeSplits.make(args.train, args.val, args.test, args.seed)
+    choice = layer_sweep(llm, splits)
+    print(f"linear probe: an object's colour from the feature at its noun, captions over every colour-shape pair "
+          f"in every phrasing; fit on {len(splits.train)} nouns, layer chosen on {len(splits.val)}, scored on "
+          f"{len(splits.test)} (chance {1 / len(COLORS):.3f}); {args.llm} at max_length {args.max_length}")
+    print("\nvalidation accuracy per layer (0: the embeddings; mean: the layer-normalised mean of all layers):")
+    print("| layer | " + " | ".join(map(str, choice.validation)) + " |\n| --- |" + " --- |" * len(choice.validation))
+    print("| own colour | " + " | ".join(f"{v:.3f}" for v in choice.validation.values()) + " |")
+    columns = ["all", "short", *sorted({e.phrasing for e in splits.test})]
+    print(f"\nchosen layer: {choice.layer!r}; the test split:")
+    print("| encoder | " + " | ".join(columns) + " |\n| --- |" + " --- |" * len(columns))
+    print(score_row(f"{args.llm}, layer {choice.layer}", choice.test, columns))
+    clip_scores = probe_scores(splits.train, noun_features(splits.train, *clip_spec),
+                               splits.test, noun_features(splits.test, *clip_spec))
+    print(score_row("CLIP (the base's, 77 tokens)", clip_scores, columns))
     if args.attention:
         from evaluation.prompt_sets import prompt_set
 
-        prompts = [r.text for r in prompt_set("heldout_2", 48)]
-        print("\n| checkpoint | cross-attention on the LLM tokens (heldout_2, t = 200/500/800) |\n| --- | --- |")
+        prompts = [r.text for r in prompt_set("verbose_2")]
+        print("\n| checkpoint | cross-attention on the LLM tokens (verbose_2, t = 200/500/800) |\n| --- | --- |")
         for checkpoint in args.attention:
             print(f"| {checkpoint} | {llm_attention_share(checkpoint, prompts):.3f} |")
     return 0

@@ -280,13 +280,13 @@ def run_probes(ctx: Context, script: str, args: list[str]):
     from evaluation.probes import main as probes_main
 
     _, module_args = module_command(script, args)
-    assert probes_main([*module_args, "--train", "100", "--test", "40"]) == 0
+    assert probes_main([*module_args, "--train", "100", "--val", "40", "--test", "40"]) == 0
     out = ctx.capsys.readouterr().out
-    assert "| CLIP text encoder (the base's) |" in out and "| LLM (embedded:minilm) |" in out
+    assert "chosen layer:" in out and "| CLIP (the base's, 77 tokens) |" in out and "| embedded:minilm, layer" in out
 
 
 def dry_run_experiment_sweep(ctx: Context, script: str, args: list[str]):
-    """``python sweep.py configs/sweeps/shapes_binding.yaml [--slurm]``: sweep.py's own --dry-run expands
+    """``python sweep.py configs/sweeps/shapes_evidence.yaml [--slurm]``: sweep.py's own --dry-run expands
     the experiment's 12 runs and checks each run's config through the schema."""
     import sweep
 
@@ -356,11 +356,11 @@ COVERAGE = [
     Entry(r"pip install torch-fidelity", optional_package_named_in_errors, "dry-run",
           "an optional package for the published Inception FID; it needs torchvision, which this CPU torch cannot import"),
     Entry(r"python -m evaluation\.probes", run_probes, "run"),
-    Entry(r"python -m evaluation\.experiment (run|data|report) configs/sweeps/shapes_binding\.yaml", dry_run_module,
-          "dry-run", "the whole experiment takes about an hour on 2 cores; tests/evaluation/test_experiment.py "
-          "runs data, a 2-arm x 2-seed sweep and the report on the tiny model"),
-    Entry(r"python sweep\.py configs/sweeps/shapes_binding\.yaml( --slurm)?", dry_run_experiment_sweep, "dry-run",
-          "twelve training runs (about 40 minutes here) or a SLURM cluster: expanded and checked"),
+    Entry(r"python -m evaluation\.experiment (run|data|report) configs/sweeps/shapes_evidence\.yaml", dry_run_module,
+          "dry-run", "the whole experiment takes about 90 minutes on 2 cores; tests/evaluation/test_experiment.py "
+          "runs data, a 2-arm sweep and the report on the tiny model"),
+    Entry(r"python sweep\.py configs/sweeps/shapes_evidence\.yaml( --slurm)?", dry_run_experiment_sweep, "dry-run",
+          "twelve training runs (most of an hour here) or a SLURM cluster: expanded and checked"),
     Entry(r"python -m pytest -m 'not slow and not cluster'", fast_tier_markers_registered, "dry-run",
           "the fast tier of the suite itself (it would recurse)"),
 ]

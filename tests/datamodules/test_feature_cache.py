@@ -245,7 +245,7 @@ def test_a_cache_made_with_the_runs_settings_is_accepted(cache_dir):
       "data.resolution=32, this run has 64"]),
     (["data.random_flip=true"], ["data.random_flip=False, this run has True"]),
     (["model.base.vae_dtype=bfloat16"], ["model.base.vae_dtype=float32, this run has bfloat16"]),
-    (["model.llm.prefix=query"], ['model.llm.prefix="pre ", this run has query']),
+    (["model.llm.prefix=query"], ['model.llm.prefix="", this run has query']),
     (["data.caption_keys=[caption]"], ['data.caption_keys=["txt", "caption", "json:caption"], this run has ["caption"]']),
 ])
 def test_a_cache_made_with_other_settings_is_refused_naming_them(cache_dir, other_llm_folder, overrides, named):
@@ -263,6 +263,16 @@ def test_only_the_fields_the_run_reads_are_compared(cache_dir):
     # The LLM changed, but the run reads only cached latents: the LLM runs online, the cache is fine.
     cfg = load_config(overrides=["data.precomputed_keys=[latent_moments]", "model.llm.max_length=64"])
     check_cache_key(cache_dir, cfg)
+
+
+def test_settings_a_field_does_not_depend_on_leave_its_cache_usable(cache_dir):
+    # Chunked CLIP (model.base.clip_chunks) changes the CLIP features, not the latents or the LLM's.
+    check_cache_key(cache_dir, with_overrides("model.base.clip_chunks=3"))
+    from datamodules.feature_cache import field_key
+
+    cfg, chunked = with_overrides(), with_overrides("model.base.clip_chunks=3")
+    assert field_key(cfg, "clip_features") != field_key(chunked, "clip_features")
+    assert field_key(cfg, "latent_moments") == field_key(chunked, "latent_moments")
 
 
 def test_a_missing_key_or_field_is_refused(source_dir, cfg, tmp_path):

@@ -1,108 +1,212 @@
-"""The miniature experiment's report: arms read from configs, statistics over seeds, the verdict lines,
-and a whole (tiny) sweep reported end to end."""
+"""The evidence experiment (evaluation/experiment.py): arms read from configs, the tasks a sweep gives, paired
+statistics, the pre-registered gates and decision rules on constructed outcomes, and a whole tiny
+experiment (data, cache, two arms x one seed, the report) end to end."""
 
+import dataclasses
 import json
-import math
+from pathlib import Path
 
 import pytest
 
 from evaluation.experiment import (
-    ARMS, SETS, Evaluated, arm_of, comparisons, main, markdown, mean_std, split_categories, summarize,
+    ARMS, ObjectRecord, Protocol, Task, arm_of, compare, decisions, donor_prompts, evaluation_tasks, gates, main,
 )
+from evaluation.paired import Observation, cluster_bootstrap, paired_difference
 
 
-def model(enabled=True, unet="frozen", lam=0.0):
-    return {"adapter": {"enabled": enabled}, "unet_training": unet, "objective": {"lambda_entity": lam}}
+def model(enabled=True, unet="frozen", lam=0.0, chunks=1, start=0):
+    return {"adapter": {"enabled": enabled}, "unet_training": unet, "objective": {"lambda_entity": lam},
+            "base": {"clip_chunks": chunks}, "optim": {"unet_start_step": start}}
 
 
 def test_arms_are_read_from_the_resolved_model_config():
     assert arm_of(model(enabled=False, unet="full")) == "b"
+    assert arm_of(model(enabled=False, unet="full", chunks=3)) == "b2"
     assert arm_of(model()) == "c"
-    assert arm_of(model(unet="full")) == "d"
+    assert arm_of(model(unet="full", start=200)) == "d"
     assert arm_of(model(unet="full", lam=0.01)) == "e"
-    assert arm_of({"adapter": {}, "unet_training": "lora", "objective": {"lambda_entity": 0}}) == "d"
 
 
-def test_mean_and_sample_std():
-    assert mean_std([0.5]) == (0.5, 0.0)
-    mean, std = mean_std([0.2, 0.4, 0.6])
-    assert mean == pytest.approx(0.4) and std == pytest.approx(0.2)
+def test_paired_difference_pairs_by_key_and_resamples_scenes():
+    a = [Observation((s, i), f"scene{i // 2}", s, 1.0) for s in (0, 1) for i in range(10)]
+    b = [Observation((s, i), f"scene{i // 2}", s, float(i % 2)) for s in (0, 1) for i in range(10)]
+    diff = paired_difference(a, list(reversed(b)))  # order does not matter: keys pair them
+    assert diff.mean == pytest.approx(0.5) and diff.n == 20 and diff.clusters == 5
+    assert diff.low == diff.high == pytest.approx(0.5)  # every scene differs by exactly 0.5: no spread
+    assert diff.per_seed == {0: 0.5, 1: 0.5} and diff.positive_in_every_seed
+    with pytest.raises(ValueError, match="do not pair"):
+        paired_difference(a, b[:-1])
 
 
-def scores(binding, color=None):
-    return {name: {"shapes_binding": binding[i] if isinstance(binding, list) else binding,
-                   "shapes_color": color if color is not None else 0.5, "shapes_shape": 1.0, "shapes_size": 0.25}
-            for i, name in enumerate(SETS)}
+def test_the_bootstrap_interval_is_reproducible_and_covers_the_mean():
+    import random
+
+    rng = random.Random(0)
+    values = [float(rng.random() < 0.6) for _ in range(50)]
+    clusters = [i // 5 for i in range(len(values))]
+    first, second = cluster_bootstrap(values, clusters), cluster_bootstrap(values, clusters)
+    assert first == second and first[1] < first[0] < first[2]
+    # outcomes that move together within a scene: resampling scenes gives a wider interval than
+    # resampling the objects as if independent
+    together = [float(i // 5 % 2) for i in range(50)]
+    scenes = cluster_bootstrap(together, [i // 5 for i in range(50)])
+    objects = cluster_bootstrap(together, list(range(50)))
+    assert scenes[2] - scenes[1] > 1.5 * (objects[2] - objects[1])
 
 
-def test_summaries_per_set_and_per_split_category():
-    results = [Evaluated("b", s, None, scores(0.1 * (s + 1))) for s in range(3)]
-    results += [Evaluated("d", s, None, scores([0.5, 0.5, 0.5, 0.6, 0.6 + 0.01 * s, 0.7], color=0.2 * s)) for s in range(3)]
-    table = summarize(results)
-    assert list(table) == ["b", "d"]
-    mean, std, n = table["b"]["heldout_2"]
-    assert (mean, n) == (pytest.approx(0.2), 3) and std == pytest.approx(0.1)
-    assert table["d"]["heldout_2"][0] == pytest.approx(0.61)
-    cats = split_categories(results)
-    assert cats["d"]["heldout color"][0] == pytest.approx(0.2) and cats["d"]["seen size"] == (0.25, 0.0, 3)
-    text = markdown(table)
-    assert "| (d) CAM + UNet ft | 3 | 0.500 ± 0.000" in text and text.count("\n") == 3
-    lines = comparisons(table)
-    # heldout_2: 0.61 - 0.2 = 0.41 > spread 0.1; the verdict names both numbers
-    assert any("beats (b) on heldout_2: 0.610 vs 0.200" in line for line in lines)
-    assert all(not line.startswith("- (e)") for line in lines)  # no (e) runs, no (e) verdict
+def records(arm, bound_share, n=40, window="outside", phrasing="verbose", set_name="verbose_2", seeds=(0, 1, 2),
+            other="missing_object"):
+    """``n`` objects per seed, the first ``bound_share`` of them bound (the same objects in every seed)."""
+    out = []
+    for seed in seeds:
+        for i in range(n):
+            category = "bound" if i < bound_share * n else other
+            out.append(ObjectRecord(arm, seed, set_name, i, 0, f"{set_name}/{i}", phrasing, 2, category, window))
+    return out
 
 
-def test_a_difference_inside_the_spread_is_called_so():
-    table = {"b": {"heldout_2": (0.5, 0.1, 3), "heldout_3": (0.5, 0.0, 3)},
-             "d": {"heldout_2": (0.55, 0.02, 3), "heldout_3": (0.3, 0.05, 3)}}
-    lines = comparisons(table)
-    assert "is within the seed spread of (b) on heldout_2" in lines[0]
-    assert "loses to (b) on heldout_3" in lines[1]
+def constructed(d_outside, b_outside=0.2, b2_outside=0.2, shuffled=0.2, d_inside=0.8, post_d=0.5, post_b=0.5,
+                post_other="missing_object"):
+    rows = []
+    for arm, outside in (("b", b_outside), ("b2", b2_outside), ("d", d_outside), ("d_shuffled", shuffled)):
+        rows += records(arm, outside)
+    for arm in ("b", "d"):
+        rows += records(arm, 0.8 if arm == "b" else d_inside, window="inside")
+        rows += records(arm, 0.9, window="short", phrasing="list", set_name="seen_1")
+        rows += records(arm, post_b if arm == "b" else post_d, window="short", phrasing="colored", set_name="phrased_2",
+                        other=post_other)
+        rows += records(arm, 0.5, window="short", phrasing="list", set_name="phrased_3")
+    rows += records("a", 0.9, window="short", phrasing="list", set_name="seen_1")
+    rows += records("a", 0.5, window="short", phrasing="list", set_name="phrased_3")
+    rows += records("a", 0.5, window="short", phrasing="colored", set_name="phrased_2")
+    return rows
+
+
+PROBE = {"layer": 3, "test": {"all": {"own": 0.93}, "short": {"own": 0.97}, "verbose": {"own": 0.73}}}
+
+
+def test_a_large_llm_gain_past_clips_window_is_shown_and_the_literal_probe_gate_says_inconclusive():
+    rows = constructed(d_outside=0.6)
+    checks = gates(rows, PROBE, truncated=0, attention={"d": 0.3})
+    assert [c.passed for c in checks] == [True, True, True, False, True, True]
+    rules = decisions(rows, checks)
+    assert rules["primary"]["outcome"] == "shown", rules["primary"]
+    assert rules["primary"]["literal"] == "inconclusive (a gate failed)"
+    assert rules["secondary"]["outcome"] == "refuted"  # post-nominal (d) - (b) = 0 exactly: CI [0, 0] < 0.02
+
+
+def test_no_gain_refutes_and_more_tokens_alone_matching_refutes_too():
+    checks = gates(constructed(d_outside=0.2), PROBE, 0, {"d": 0.3})
+    assert decisions(constructed(d_outside=0.2), checks)["primary"]["outcome"] == "refuted"
+    matched = constructed(d_outside=0.6, b2_outside=0.6)
+    assert decisions(matched, gates(matched, PROBE, 0, {"d": 0.3}))["primary"]["outcome"] == "refuted"
+
+
+def test_a_gain_the_shuffled_ablation_keeps_is_not_shown():
+    rows = constructed(d_outside=0.6, shuffled=0.55)
+    rule = decisions(rows, gates(rows, PROBE, 0, {"d": 0.3}))["primary"]
+    assert rule["outcome"] == "inconclusive"
+    assert [c["passed"] for c in rule["checks"]] == [True, True, False, True, True]
+
+
+def test_a_failed_gate_makes_the_rules_it_guards_inconclusive():
+    rows = constructed(d_outside=0.6)
+    damaged = [dataclasses.replace(r, category="missing_object") if r.arm == "b" and r.set == "seen_1" and r.prompt < 4
+               else r for r in rows]  # (b) - (a) on seen_1 = -0.1
+    checks = gates(damaged, PROBE, 0, {"d": 0.3})
+    assert checks[0].passed is False
+    assert decisions(damaged, checks)["primary"]["outcome"] == "inconclusive (a gate failed)"
+    truncated = gates(rows, PROBE, truncated=3, attention={"d": 0.3})
+    assert decisions(rows, truncated)["primary"]["outcome"] == "inconclusive (a gate failed)"
+
+
+def test_a_binding_gain_from_fewer_leaks_on_post_nominal_prompts_is_shown():
+    rows = constructed(d_outside=0.6, post_d=0.7, post_b=0.5, post_other="leaked_color")
+    rule = decisions(rows, gates(rows, PROBE, 0, {"d": 0.3}))["secondary"]
+    assert rule["outcome"] == "shown", rule
+    fewer_missing = constructed(d_outside=0.6, post_d=0.7, post_b=0.5, post_other="missing_object")
+    rule = decisions(fewer_missing, gates(fewer_missing, PROBE, 0, {"d": 0.3}))["secondary"]
+    assert rule["outcome"] == "inconclusive" and rule["checks"][1]["passed"] is False
+
+
+def test_compare_needs_both_arms():
+    rows = records("d", 0.5)
+    assert compare(rows, "d", "b", "outside") is None
+    assert compare(rows + records("b", 0.25), "d", "b", "outside").mean == pytest.approx(0.25, abs=0.02)
+
+
+def test_the_ablation_takes_each_prompts_llm_features_from_the_next_scene():
+    from evaluation.prompt_sets import prompt_set
+
+    records_ = prompt_set("verbose_2", 4)
+    donors = donor_prompts(records_)
+    texts = [r.text for r in records_]
+    assert [donors[t] for t in texts] == texts[1:] + texts[:1]
+
+
+def test_the_sweep_gives_every_arm_and_c_from_ds_checkpoint(tmp_path):
+    from launch.sweep import expand_runs, load_sweep
+
+    spec = load_sweep("configs/sweeps/shapes_evidence.yaml")
+    spec = dataclasses.replace(spec, output_root=tmp_path)
+    for run in expand_runs(spec):  # pretend every run finished
+        run.output_dir.mkdir(parents=True)
+        from omegaconf import OmegaConf
+
+        from launch.sweep import load_experiment_config
+
+        OmegaConf.save(load_experiment_config(spec.config, run.override_args), run.output_dir / "config.yaml")
+        (run.output_dir / "final_metrics.json").write_text("{}")
+    tasks, unfinished = evaluation_tasks(spec, "embedded:shapes-sd")
+    assert not unfinished
+    assert sorted({(t.arm, t.seed) for t in tasks}) == sorted((arm, s) for arm in ARMS for s in (0, 1, 2))
+    c = next(t for t in tasks if t.arm == "c" and t.seed == 1)
+    assert c.checkpoint.endswith("step=0000200.ckpt") and "unet_start_step=200" in c.checkpoint
+    assert next(t for t in tasks if t.arm == "d_shuffled").shuffle_llm
+    assert next(t for t in tasks if t.arm == "b2").sets == ("seen_1", "verbose_2", "verbose_3")
 
 
 @pytest.mark.slow
-def test_a_tiny_sweep_trains_and_is_reported(tmp_path, monkeypatch):
-    """Two arms x two seeds through sweep.py on the random tiny base, then the report: table, plot, grids."""
-    import sweep
+def test_a_tiny_experiment_runs_end_to_end(tmp_path, monkeypatch):
+    """The data step (render, length check, cache), (b) and (d) x one seed on the random tiny base, the report."""
+    import evaluation.experiment as experiment
+    import sweep as sweep_entry
+    from launch.sweep import load_sweep
 
     monkeypatch.chdir(tmp_path)
+    text = (experiment.ROOT / "configs" / "shapes_evidence.yaml").read_text()
+    for old, new in (("runs/shapes-evidence/cache", str(tmp_path / "cache")), ("  max_steps: 300", "  max_steps: 2"),
+                     ("  batch_size: 16", "  batch_size: 4"), ("  every_n_steps: 200 ", "  every_n_steps: 1 ")):
+        assert old in text
+        text = text.replace(old, new)
     config = tmp_path / "experiment.yaml"
-    config.write_text(
-        "model: {base: {pretrained: 'embedded:tiny-sd'}, objective: {entity_parser: shapes}}\n"
-        "data: {shards: data, synthetic_if_missing: false, batch_size: 4}\n"
-        "validation: {every_n_steps: 0}\n"
-        "trainer: {max_steps: 2, enable_progress_bar: false}\n")
-    sweep_file = tmp_path / "sweep.yaml"
-    sweep_file.write_text(
-        f"config: {config}\noutput_root: {tmp_path / 'runs'}\n"
-        "runs:\n  - {model.adapter.enabled: false, model.unet_training: full}\n  - {model.unet_training: frozen}\n"
-        "grid: {seed: [0, 1]}\n")
-    import evaluation.experiment as experiment
+    config.write_text(text)
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"config: {config}\noutput_root: {tmp_path / 'runs'}\n"
+                     "base_overrides: ['model.base.pretrained=embedded:tiny-sd']\n"
+                     "runs:\n  - {model.adapter.enabled: false, model.unet_training: full}\n"
+                     "  - {model.unet_training: full, model.optim.unet_start_step: 1}\n"
+                     "grid: {seed: [0]}\n")
+    tiny = Protocol(data_samples=16, samples_per_shard=8, sampling_steps=1, eval_batch=4, prompts_per_set=2)
+    monkeypatch.setattr(experiment, "run_probe", lambda spec, path, log=print: PROBE)
 
-    monkeypatch.setattr(experiment, "DATA_SAMPLES", 24)
-    assert main(["data", str(sweep_file)]) == 0
-    assert sorted(p.name for p in (tmp_path / "data").glob("*.tar")) == ["shard-000000.tar"]
-    assert sweep.main([str(sweep_file)]) == 0
-    assert main(["report", str(sweep_file), "--limit", "2", "--steps", "2"]) == 0
-    out = tmp_path / "runs" / "report"
-    results = json.loads((out / "results.json").read_text())
-    assert sorted((r["arm"], r["seed"]) for r in results["runs"]) == [
-        ("a", 0), ("a", 1), ("b", 0), ("b", 1), ("c", 0), ("c", 1)]
-    assert set(results["binding"]) == {"a", "b", "c"}
-    for row in results["binding"].values():
-        assert set(row) == set(SETS) and all(n == 2 and 0 <= m <= 1 and not math.isnan(s) for m, s, n in row.values())
-    report = (out / "report.md").read_text()
-    assert all(ARMS[arm] in report for arm in "abc")
+    experiment.write_data(load_sweep(str(sweep)), tiny, log=lambda *a: None)
+    assert sorted(p.name for p in (tmp_path / "cache").glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+    assert json.loads((tmp_path / "cache" / "cache_key.json").read_text())["fields"].keys() == {
+        "latent_moments", "llm_features", "entities"}
+    assert sweep_entry.main([str(sweep)]) == 0
+    report = experiment.report(str(sweep), jobs=1, log=lambda *a: None, protocol=tiny)
+    results = json.loads((report / "results.json").read_text())
+    assert {row[0] for row in results["objects"]} == {"a", "b", "c", "d", "d_shuffled"}
+    assert set(results["decisions"]) == {"primary", "secondary"}
+    text = (report / "report.md").read_text()
+    assert "## Gates" in text and "## Decision rules" in text and "(d) - (b)" in text
     from PIL import Image
 
-    assert Image.open(out / "binding.png").size[0] > 500
-    for arm in "abc":  # 2 prompts per set at 32 px, doubled: 2 x 64 wide, 6 rows of 64
-        assert Image.open(out / f"grid_{arm}.png").size == (128, 384)
-    # a second report generates nothing and gives the same numbers
-    first = results["binding"]
-    assert main(["report", str(sweep_file), "--limit", "2", "--steps", "2"]) == 0
-    assert json.loads((out / "results.json").read_text())["binding"] == first
+    assert Image.open(report / "samples.png").size[0] > 600 and Image.open(report / "differences.png").size[0] > 500
+    # a second report generates nothing new and gives the same numbers
+    again = experiment.report(str(sweep), jobs=1, log=lambda *a: None, protocol=tiny)
+    assert json.loads((again / "results.json").read_text())["differences"] == results["differences"]
 
 
 def test_report_without_finished_runs_says_what_to_run(tmp_path, monkeypatch, capsys):
@@ -111,5 +215,5 @@ def test_report_without_finished_runs_says_what_to_run(tmp_path, monkeypatch, ca
     config.write_text("model: {base: {pretrained: 'embedded:tiny-sd'}}\ndata: {shards: data}\n")
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(f"config: {config}\noutput_root: {tmp_path / 'runs'}\ngrid: {{seed: [0]}}\n")
-    assert main(["report", str(sweep_file), "--limit", "1", "--steps", "1"]) == 2
-    assert "python sweep.py" in capsys.readouterr().err
+    assert main(["report", str(sweep_file)]) == 2
+    assert "python -m evaluation.experiment run" in capsys.readouterr().err

@@ -1,10 +1,14 @@
 """The noun-colour probe (evaluation/probes.py) on encoders whose answer is known: one that binds, one
 that only knows which colours a caption holds, and one that truncates."""
 
+import pytest
 import torch
 
 from datamodules.shapes import COLORS, HELD_OUT
-from evaluation.probes import COLOR_INDEX, fit_linear_probe, noun_examples, noun_features, probe_scores
+from datamodules.shapes import phrasings_for
+from evaluation.probes import (
+    COLOR_INDEX, ProbeSplits, all_layer_encoder, fit_linear_probe, layer_sweep, noun_examples, noun_features, probe_scores,
+)
 
 
 def test_examples_name_each_objects_noun_and_colour():
@@ -41,7 +45,7 @@ def test_nouns_truncated_away_are_lost_and_count_as_wrong():
     from embedded.tiny import CLIP_TOKENIZER_DIR
 
     tokenizer = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
-    examples = noun_examples(40, "train", seed=0)
+    examples = noun_examples(40, "train", seed=0, phrasings=phrasings_for(2))  # the short phrasings fit 77 tokens
     encode = lambda length: lambda texts: torch.randn(len(texts), length, 4)
     features, kept = noun_features(examples, encode(8), tokenizer, max_length=8)
     assert 0 < int(kept.sum()) < len(examples) and torch.all(features[~kept] == 0)
@@ -64,3 +68,37 @@ def test_linear_probe_separates_separable_classes():
     predict = fit_linear_probe(x, labels, 4)
     assert (predict(x) == labels).float().mean() > 0.97
     assert COLOR_INDEX[list(COLORS)[3]] == 3
+
+
+def test_splits_cover_every_pair_and_every_phrasing():
+    splits = ProbeSplits.make(200, 50, 50)
+    pairs = {(list(COLORS)[e.color], e.noun.text) for e in splits.train}
+    assert HELD_OUT <= pairs  # the first design's flaw: a probe that never saw a pair cannot name it
+    assert {e.phrasing for e in splits.train} == set(phrasings_for(2, include_verbose=True))
+    assert not {e.text for e in splits.train} & {e.text for e in splits.test}
+
+
+def test_every_layer_from_one_pass_equals_the_encoder_reading_that_layer():
+    from encoders.llm import LLMEncoder
+
+    texts = ["a small red circle and a large blue square", "a circle that is small and green"]
+    llm = LLMEncoder("embedded:minilm", max_length=24, layer=-1)
+    stacked = all_layer_encoder(llm)(texts)  # (8, 2, tokens, 384): embeddings, 6 layers, mean
+    assert stacked.shape[:2] == (8, 2)
+    for layer in (0, 3, 6, "mean"):
+        single = LLMEncoder("embedded:minilm", max_length=24, layer=layer)(texts)
+        index = 7 if layer == "mean" else layer
+        tokens = stacked.shape[2]
+        torch.testing.assert_close(stacked[index], single.features[:, :tokens], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_layer_sweep_picks_the_best_validation_layer_and_scores_it_once():
+    from encoders.llm import LLMEncoder
+
+    llm = LLMEncoder("embedded:minilm", max_length=192)
+    choice = layer_sweep(llm, ProbeSplits.make(150, 60, 60))
+    assert list(choice.validation) == [0, 1, 2, 3, 4, 5, 6, "mean"]
+    assert choice.validation[choice.layer] == max(choice.validation.values())
+    assert choice.validation[0] < 0.5 < choice.validation[choice.layer]  # embeddings alone know no colour of a noun
+    assert {"all", "short", "verbose"} <= set(choice.test)
