@@ -1,20 +1,10 @@
 """Precompute VAE latents, LLM/CLIP features and entity parses into companion shards: `python cache.py --help`.
 
-    python cache.py --config CFG [dotted.key=value ...] --shards SPEC --output DIR
-                    [--fields latent_moments,llm_features,clip_features,entities] [--dtype float16|float32]
-
-Train on the result with ``data.shards=DIR data.precomputed_keys=[latent_moments,llm_features]``.
-The logic lives in datamodules/feature_cache.py; this file only makes it a command.
-"""
+A repository shortcut for `llm4gen.cli.cache` (installed as `llm4gen-cache`)."""
 
 import sys
 
-from datamodules.feature_cache import main as cache_main
-
-
-def main(argv=None) -> int:
-    return cache_main(argv)
-
+from llm4gen.cli.cache import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,16 +1,10 @@
 """Write WebDataset shards from a folder or table of (image, caption): `python prepare.py --help`.
 
-The logic lives in datamodules/prepare.py; this file only makes it a command.
-"""
+A repository shortcut for `llm4gen.cli.prepare` (installed as `llm4gen-prepare`)."""
 
 import sys
 
-from datamodules.prepare import main as prepare_main
-
-
-def main(argv=None) -> int:
-    return prepare_main(argv)
-
+from llm4gen.cli.prepare import main
 
 if __name__ == "__main__":
     sys.exit(main())

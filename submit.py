@@ -1,85 +1,10 @@
 """Submit one training run as a SLURM batch job.
 
-    python submit.py --config configs/sd15_t5xl.yaml [--dry-run] [dotted.key=value ...]
+A repository shortcut for `llm4gen.cli.submit` (installed as `llm4gen-submit`)."""
 
-Resources come from the config's `slurm:` section (fields of launch.slurm.SlurmConfig), which the
-same overrides can change (`slurm.time=01:00:00`). The script is written to
-`<output_dir>/slurm.sbatch`; the job runs `train.py` with the same config and overrides plus a fixed
-`output_dir`, so a requeued or resubmitted job resumes the same run.
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-from configs.errors import entry_point
-from launch.slurm import (
-    SlurmError,
-    load_experiment_config,
-    load_slurm_section,
-    log_path_pattern,
-    render_sbatch_script,
-    submit,
-)
-
-DEFAULT_TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/sd15_t5xl.yaml")
-    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script, write and submit nothing")
-    parser.add_argument(
-        "--train-script", default=str(DEFAULT_TRAIN_SCRIPT), help="training entry point (default: train.py)"
-    )
-    parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. trainer.max_steps=20")
-    return parser
-
-
-def train_command(train_script: str | Path, config: str | Path, overrides: list[str], output_dir: Path) -> list[str]:
-    """The job's command, with the run folder fixed at submission so a requeued job finds it again.
-
-    `slurm.*` overrides shaped the sbatch script and are not passed on to training.
-    """
-    kept = [o for o in overrides if not o.startswith(("output_dir=", "slurm."))]
-    return [
-        sys.executable,
-        str(Path(train_script).absolute()),
-        "--config",
-        str(Path(config).absolute()),
-        *kept,
-        f"output_dir={output_dir}",
-    ]
-
-
-@entry_point("submit.py")
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
-    slurm = load_slurm_section(args.config, args.overrides)
-    output_dir = load_experiment_config(args.config, args.overrides).get("output_dir")
-    if not output_dir:
-        raise SlurmError(f"{args.config} sets no output_dir; pass one, e.g. output_dir=runs/my-run")
-    from configs.paths import check_run_paths
-
-    check_run_paths(load_experiment_config(args.config, args.overrides))  # fail here, not after a queue wait
-    output_dir = Path(str(output_dir)).absolute()
-    command = train_command(args.train_script, args.config, args.overrides, output_dir)
-    script = render_sbatch_script(slurm, command, output_dir)
-    if args.dry_run:
-        print(script)
-        return 0
-    output_dir.mkdir(parents=True, exist_ok=True)
-    script_path = output_dir / "slurm.sbatch"
-    script_path.write_text(script)
-    job_id = submit(script_path)
-    log = str(log_path_pattern(slurm, output_dir)).replace("%j", job_id).replace("%A", job_id)
-    print(f"submitted job {job_id}")
-    print(f"log: {log}")
-    print(f"script: {script_path}")
-    return 0
-
+from llm4gen.cli.submit import main
 
 if __name__ == "__main__":
     sys.exit(main())

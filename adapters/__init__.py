@@ -1,3 +1,3 @@
-from adapters.cross_adapter import CrossAdapter, convert_released_state_dict
+from llm4gen.adapters.cross_adapter import CrossAdapter, convert_released_state_dict
 
 __all__ = ["CrossAdapter", "convert_released_state_dict"]

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from llm4gen.adapters.cross_adapter import to_released_state_dict
+
 RELEASED_PROJECTOR = "projector.pth"
 RELEASED_UNET = "unet"
 
@@ -33,8 +35,6 @@ def release_overrides(directory: str | os.PathLike) -> list[str]:
 
 def save_release(directory: str | os.PathLike, adapter, unet) -> Path:
     """Writes ``projector.pth`` (released key names) and ``unet/`` (diffusers folder, safetensors)."""
-    from adapters.cross_adapter import to_released_state_dict
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{RELEASED_PROJECTOR}.tmp-{os.getpid()}"

@@ -30,10 +30,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from configs.schema import load_config  # noqa: E402
-from datamodules.feature_cache import format_bytes, npy_bytes, run_cache, tar_member_bytes  # noqa: E402
-from datamodules.synthetic import write_synthetic_shards  # noqa: E402
-from datamodules.webdataset_datamodule import WebDatasetDataModule  # noqa: E402
+from llm4gen.configs.schema import load_config  # noqa: E402
+from llm4gen.datamodules.synthetic import write_synthetic_shards  # noqa: E402
+from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule  # noqa: E402
+from llm4gen.tools.feature_cache import format_bytes, npy_bytes, run_cache, tar_member_bytes  # noqa: E402
 
 CACHED_KEYS = ["latent_moments", "llm_features"]
 
@@ -68,7 +68,8 @@ def step_time(module, batch: dict, steps: int) -> tuple[float, float]:
     walls, cpus = [], []
     for step in range(steps + 1):
         wall, cpu = time.perf_counter(), time.process_time()
-        loss = module.compute_losses(batch, generator=torch.Generator().manual_seed(step))["loss"]
+        terms = module.compute_losses(batch, generator=torch.Generator().manual_seed(step))
+        loss = terms.diffusion + module.cfg.objective.lambda_entity * terms.entity
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -113,7 +114,7 @@ def main() -> None:
         online_rate = loader_rate(source, args.resolution, args.batch_size, [])
         cached_rate = loader_rate(cache_dir, args.resolution, args.batch_size, CACHED_KEYS)
 
-        from lightning_modules.llm4gen import LLM4GenModule
+        from llm4gen.lightning_modules.llm4gen import LLM4GenModule
 
         module = LLM4GenModule(OmegaConf.to_container(cfg.model, resolve=True))
         online_batch = first_batch(source, args.resolution, args.batch_size, [])

@@ -18,9 +18,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datamodules.synthetic import synthetic_sample, write_synthetic_shards  # noqa: E402
-from datamodules.transforms import preprocess_image, sample_rng  # noqa: E402
-from datamodules.webdataset_datamodule import WebDatasetDataModule  # noqa: E402
+from llm4gen.datamodules.synthetic import synthetic_sample, write_synthetic_shards  # noqa: E402
+from llm4gen.datamodules.transforms import preprocess_image, sample_rng  # noqa: E402
+from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule  # noqa: E402
 
 
 def time_transform_only(count: int, source_resolution: int, resolution: int) -> float:

@@ -25,10 +25,10 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from bench.bench_parser import DENSE, SHORT, captions_per_second  # noqa: E402
 from bench.bench_step import make_batches, plain_loop  # noqa: E402
-from configs.schema import load_config  # noqa: E402
-from datamodules.webdataset_datamodule import parse_entities  # noqa: E402
-from lightning_modules.llm4gen import LLM4GenModule  # noqa: E402
-from losses.entity_parser import EntityParser  # noqa: E402
+from llm4gen.configs.schema import load_config  # noqa: E402
+from llm4gen.datamodules.webdataset_datamodule import parse_entities  # noqa: E402
+from llm4gen.lightning_modules.llm4gen import LLM4GenModule  # noqa: E402
+from llm4gen.losses.entity_parser import EntityParser  # noqa: E402
 
 
 def entity_batches(n: int, batch_size: int, resolution: int, parser_model: str) -> list[dict]:

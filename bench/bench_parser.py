@@ -13,7 +13,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from losses.entity_parser import EntityParser  # noqa: E402
+from llm4gen.losses.entity_parser import EntityParser  # noqa: E402
 
 SHORT = [
     "a red and white bus",

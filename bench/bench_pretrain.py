@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch
 
-from embedded.pretrain import PretrainConfig, make_dataset, to_pixels, tokenize, train_clip, train_unet, train_vae
+from llm4gen.tools.pretrain import PretrainConfig, make_dataset, to_pixels, tokenize, train_clip, train_unet, train_vae
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     images, captions = make_dataset(max(256, full.clip_batch), full.resolution, seed=0)
     from transformers import CLIPTokenizer
 
-    from embedded.tiny import CLIP_TOKENIZER_DIR
+    from llm4gen.embedded.registry import CLIP_TOKENIZER_DIR
 
     tokenizer = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR)
     ids, empty = tokenize(tokenizer, captions), tokenize(tokenizer, [""])[0]

@@ -22,8 +22,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datamodules.synthetic import write_synthetic_shards  # noqa: E402
-from datamodules.webdataset_datamodule import WebDatasetDataModule  # noqa: E402
+from llm4gen.datamodules.synthetic import write_synthetic_shards  # noqa: E402
+from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule  # noqa: E402
 
 
 def make_datamodule(shards: str, args: argparse.Namespace) -> WebDatasetDataModule:

@@ -20,9 +20,8 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
-from configs.schema import load_config
-from lightning_modules.llm4gen import LLM4GenModule
-
+from llm4gen.configs.schema import load_config
+from llm4gen.lightning_modules.llm4gen import LLM4GenModule
 
 MODELS = {"tiny": None, "tiny_sdxl": "configs/tiny_sdxl.yaml"}  # config files (None: the schema's defaults)
 
@@ -51,7 +50,8 @@ def plain_loop(module: LLM4GenModule, batches, steps: int, clip: float) -> float
     for i in range(steps + 3):
         if i == 3:
             start = time.perf_counter()
-        loss = module.compute_losses(batches[i % len(batches)])["loss"]
+        terms = module.compute_losses(batches[i % len(batches)])
+        loss = terms.diffusion + module.cfg.objective.lambda_entity * terms.entity
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.trainable_parameters(), clip)

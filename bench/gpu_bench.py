@@ -44,10 +44,10 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 
-from configs.schema import load_config  # noqa: E402
-from lightning_modules.flops import latent_size_for, module_step_flops  # noqa: E402
-from lightning_modules.llm4gen import LLM4GenModule  # noqa: E402
-from lightning_modules.throughput import device_peak_flops  # noqa: E402
+from llm4gen.configs.schema import load_config  # noqa: E402
+from llm4gen.lightning_modules.flops import latent_size_for, module_step_flops  # noqa: E402
+from llm4gen.lightning_modules.llm4gen import LLM4GenModule  # noqa: E402
+from llm4gen.lightning_modules.throughput import device_peak_flops  # noqa: E402
 
 CAPTIONS = [
     "A red book and a yellow vase on a wooden table, next to a green apple and a blue ceramic mug.",
@@ -68,7 +68,7 @@ SCENARIOS = {
 
 def full_size_overrides(workdir: Path, device: str) -> list[str]:
     """Config overrides for full-size SD1.5 + T5-XL (random weights, written once under ``workdir``)."""
-    from embedded.full_size import write_random_sd15, write_random_t5_xl
+    from llm4gen.embedded.full_size import write_random_sd15, write_random_t5_xl
 
     sd15, t5 = workdir / "sd15-random", workdir / "t5-xl-random"
     for folder, write in ((sd15, write_random_sd15), (t5, write_random_t5_xl)):
@@ -102,7 +102,7 @@ def make_batches(module: LLM4GenModule, batch_size: int, resolution: int, cached
             batch["llm_features"] = torch.randn(batch_size, length, module.llm.hidden_size, generator=g)  # (B, L, D)
             batch["llm_mask"] = torch.ones(batch_size, length, dtype=torch.bool)
         if entities:
-            from datamodules.webdataset_datamodule import parse_entities
+            from llm4gen.datamodules.webdataset_datamodule import parse_entities
 
             batch["entities"] = parse_entities(module.cfg.objective.entity_parser, captions)
         if torch.cuda.is_available():

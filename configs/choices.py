@@ -21,6 +21,8 @@ ENTITY_LAYER_PRESETS: tuple[str, ...] = ("lowest", "all")
 RESUME_MODES: tuple[str, ...] = ("auto", "never")  # or a checkpoint path
 # data.buckets.enabled (aspect-ratio bucketing): auto is on for SDXL, off for SD1.5.
 BUCKET_MODES: tuple[str, ...] = SWITCHES
+# The signal a cluster sends before preempting (slurm.signal; sbatch --signal), which train.py saves and requeues on.
+PREEMPTION_SIGNALS: tuple[str, ...] = ("SIGUSR1", "SIGUSR2", "SIGTERM")
 # Scores logged from the validation grids (evaluation/validation.py).
 VALIDATION_METRICS: tuple[str, ...] = ("shapes", "clip_score")
 

@@ -22,6 +22,14 @@ class UserError(Exception):
     """A mistake the user can fix: the message names the bad value, why it is wrong and what would do."""
 
 
+class ConfigError(UserError, ValueError):
+    """A configuration mistake, with a message that says what to change."""
+
+
+class SlurmError(UserError, RuntimeError):
+    """sbatch is missing, refused the job, or the `slurm:` config section is invalid."""
+
+
 def one_paragraph(message: str) -> str:
     """The message on one line: newlines and runs of spaces become single spaces."""
     return re.sub(r"\s+", " ", str(message)).strip()

@@ -16,11 +16,58 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
-
-from configs import choices
-from configs.errors import UserError
-from launch.slurm import SlurmConfig
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from llm4gen.configs import choices
+from llm4gen.configs.checks import (
+    check_against_models,
+    check_choices,
+    check_ranges,
+    check_trainer_values,
+)
+from llm4gen.configs.errors import ConfigError, SlurmError, UserError  # noqa: F401 (ConfigError re-exported)
+
+
+@dataclass
+class SlurmConfig:
+    """Resources and behaviour of one SLURM job; mirrors the `slurm:` section of a run config."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0 -> CPU-only job, no --gres line
+    tasks_per_node: int | None = None  # None -> gpus_per_node, or 1 for a CPU job
+    cpus_per_task: int | None = None  # None -> the cluster's default
+    mem: str | None = None  # per node, sbatch syntax: "64G"; None -> the cluster's default
+    time: str = "04:00:00"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    signal_seconds: int = 120  # `signal` this long before the time limit; 0 -> no signal
+    signal: str = "SIGUSR1"  # the preemption warning: SIGUSR1 | SIGUSR2 | SIGTERM (train.py saves at a step boundary, requeues)
+    requeue: bool = True
+    job_name: str | None = None  # None -> the run folder's name
+    extra_sbatch_lines: list[str] = field(default_factory=list)  # "--exclusive" or "#SBATCH --exclusive"
+    setup_lines: list[str] = field(default_factory=list)  # shell lines before srun: module load, venv
+    array: str | None = None  # sbatch --array spec, e.g. "0-3" or "0-15%4"
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise SlurmError(f"slurm.nodes must be >= 1, got {self.nodes}")
+        if self.gpus_per_node < 0:
+            raise SlurmError(f"slurm.gpus_per_node must be >= 0 (0 = CPU-only), got {self.gpus_per_node}")
+        if self.tasks_per_node is not None and self.tasks_per_node < 1:
+            raise SlurmError(f"slurm.tasks_per_node must be >= 1 or null, got {self.tasks_per_node}")
+        if self.signal not in choices.PREEMPTION_SIGNALS:
+            raise SlurmError(f"slurm.signal={self.signal!r}: expected one of {', '.join(choices.PREEMPTION_SIGNALS)}")
+        if self.signal_seconds < 0:
+            raise SlurmError(f"slurm.signal_seconds must be >= 0 (0 = no signal), got {self.signal_seconds}")
+
+    @property
+    def ntasks_per_node(self) -> int:
+        """Tasks (= training ranks) per node: one per device unless set explicitly."""
+        if self.tasks_per_node is not None:
+            return self.tasks_per_node
+        return max(self.gpus_per_node, 1)
+
 
 
 @dataclass
@@ -275,10 +322,6 @@ class Config:
         "log_every_n_steps": 10, "gradient_clip_val": 1.0, "accumulate_grad_batches": 1})
 
 
-class ConfigError(UserError, ValueError):
-    """A configuration mistake, with a message that says what to change."""
-
-
 CHOICES = {
     "model.base.family": choices.BASE_FAMILIES, "model.llm.kind": choices.LLM_KINDS,
     "model.unet_training": choices.UNET_TRAINING, "model.objective.latents": choices.LATENTS, "logger": choices.LOGGERS,
@@ -330,7 +373,6 @@ def check_trainer_args(trainer_args: dict) -> None:
         if key in trainer_args:
             raise ConfigError(f"'trainer.{key}' is set by train.py from the config (the logger from the top-level "
                               f"'logger' key, checkpointing from 'checkpoint'); remove it from the config")
-    from configs.checks import check_trainer_values
 
     check_trainer_values(trainer_args)
 
@@ -347,10 +389,9 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError("logger=wandb needs the wandb package: pip install -e '.[wandb]', or use logger=csv")
     if cfg.wandb.mode not in (None, "online", "offline", "disabled"):
         raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}: expected online, offline, disabled or null")
-    if cfg.slurm.signal not in ("SIGUSR1", "SIGUSR2", "SIGTERM"):
-        raise ConfigError(f"slurm.signal={cfg.slurm.signal!r}: expected SIGUSR1, SIGUSR2 or SIGTERM (the signal "
+    if cfg.slurm.signal not in choices.PREEMPTION_SIGNALS:
+        raise ConfigError(f"slurm.signal={cfg.slurm.signal!r}: expected one of {', '.join(choices.PREEMPTION_SIGNALS)} (the signal "
                           f"the cluster sends before preempting; sbatch --signal)")
-    from configs.checks import check_against_models, check_choices, check_ranges
 
     check_ranges(cfg)
     check_choices(cfg)
@@ -373,16 +414,31 @@ def resolve_defaults(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent  # the experiment YAMLs ship beside this file
+
+
+def config_file(config_path: str | Path) -> Path:
+    """The experiment file ``config_path`` names: that path, or else a shipped one of that name
+    (``configs/tiny.yaml`` works from any directory once the package is installed)."""
+    path = Path(config_path)
+    if path.is_file():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    shipped = SHIPPED_CONFIGS.joinpath(*parts) if parts and not path.is_absolute() else None
+    if shipped is not None and shipped.suffix in (".yaml", ".yml") and shipped.is_file():
+        return shipped
+    available = sorted(p.name for p in SHIPPED_CONFIGS.glob("*.yaml"))
+    raise ConfigError(f"config file {str(path)!r} does not exist here ({Path.cwd()}) and is not a shipped config; "
+                      f"shipped: configs/{', configs/'.join(available)}")
+
+
 def load_config(config_path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
     """Schema defaults <- experiment file <- dotted overrides, validated. Raises ConfigError."""
     schema = OmegaConf.structured(Config)
     cfg = schema.copy()
     layers = []
     if config_path is not None:
-        path = Path(config_path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; experiments live in configs/ "
-                              f"(e.g. configs/tiny.yaml, configs/sd15_t5xl.yaml)")
+        path = config_file(config_path)
         layers.append((str(path), OmegaConf.load(path)))
     for item in overrides:
         if "=" not in item:

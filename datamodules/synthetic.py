@@ -1,7 +1,7 @@
 """Synthetic WebDataset shards: the shapes benchmark's training scenes with attribute-entity captions.
 
 Tests, smoke runs and CI need data without downloads. Each image holds 1-3 shapes of the shapes world
-(``datamodules/shapes.py``: colour, shape, size, position), captioned in one of its recorded phrasings
+(``shapes/world.py``: colour, shape, size, position), captioned in one of its recorded phrasings
 ("a small red circle and a large blue square", "a circle that is small and red next to ...", a dense
 long form), so the entity loss has real (attribute, entity) pairs and a trained model has something the
 exact analyzer (``evaluation/shapes.py``) can check. Training samples never contain a held-out
@@ -36,8 +36,17 @@ import braceexpand
 import webdataset as wds
 from PIL import Image
 
-from datamodules.shapes import (  # noqa: F401 (COLORS, SHAPES re-exported)
-    BACKGROUND_RGB, COLORS, SHAPES, SHAPES_WORLD_VERSION, Scene, object_mentions, random_scene, render_scene,
+from llm4gen.embedded.registry import CLIP_TOKENIZER_DIR
+from llm4gen.losses.token_alignment import mentions_in_clip_window
+from llm4gen.shapes.world import (  # noqa: F401 (COLORS, SHAPES re-exported)
+    BACKGROUND_RGB,
+    COLORS,
+    SHAPES,
+    SHAPES_WORLD_VERSION,
+    Scene,
+    object_mentions,
+    random_scene,
+    render_scene,
 )
 
 SHARD_PATTERN = "shard-%06d.tar"
@@ -56,7 +65,6 @@ def clip_tokenizer():
     ``last_clip_token`` of a verbose caption's mentions is measured with."""
     from transformers import CLIPTokenizer
 
-    from embedded.tiny import CLIP_TOKENIZER_DIR
 
     return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
 
@@ -83,7 +91,7 @@ def synthetic_sample(index: int, resolution: int, seed: int, size: Optional[Sequ
             obj["bbox"] = [x0 + left, y0 + top, x1 + left, y1 + top]
         scene["image_size"] = [width, height]
     if "mentions" in scene:  # a verbose caption: where its objects fall in CLIP's window
-        scene["mentions"] = object_mentions(scene["caption"], clip_tokenizer())
+        scene["mentions"] = mentions_in_clip_window(scene["caption"], clip_tokenizer())
     return {
         "__key__": f"sample-{index:06d}",
         "png": encode_png(image),

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from configs import choices
-from datamodules.buckets import assign_bucket
+from llm4gen.configs import choices
+from llm4gen.configs.buckets import assign_bucket
 
 SKIP_REASONS: tuple[str, ...] = choices.SAMPLE_SKIP_REASONS  # index order of batch["skipped"]
 IMAGE_EXTENSIONS: tuple[str, ...] = choices.IMAGE_EXTENSIONS

@@ -72,7 +72,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
-from datamodules.transforms import (
+from llm4gen.datamodules.transforms import (
     DEFAULT_CAPTION_KEYS,
     SKIP_REASONS,
     SampleError,
@@ -82,6 +82,7 @@ from datamodules.transforms import (
     preprocess_image_with_geometry,
     sample_rng,
 )
+from llm4gen.losses.entity_parser import EntityParser, groups_to_json
 
 __all__ = [
     "PRECOMPUTED_MEMBERS",
@@ -106,6 +107,7 @@ PRECOMPUTED_MEMBERS: dict[str, str] = {
     "entities": "entities.json",  # the entity parse of the caption, passed through as parsed JSON
 }
 
+BOOKKEEPING = ("keys", "skipped", "position")  # batch fields for the datamodule, not for the model
 _REASON_INDEX = {reason: i for i, reason in enumerate(SKIP_REASONS)}
 _MAX_CONSECUTIVE_FAILURES = 10_000
 
@@ -408,8 +410,6 @@ _PARSERS: dict[str, Any] = {}
 def parse_entities(model: str, captions: Sequence[str]) -> list[list[dict]]:
     """Entity groups of each caption as JSON, parsed in the worker that made the batch (one spaCy
     pipeline per process, loaded on first use): parsing never runs inside the training step."""
-    from losses.entity_parser import EntityParser, groups_to_json
-
     if model not in _PARSERS:
         _PARSERS[model] = EntityParser(model)
     return [groups_to_json(groups) for groups in _PARSERS[model].parse_many(captions)]
@@ -740,8 +740,10 @@ class WebDatasetDataModule(L.LightningDataModule):
       ``skipped``       (len(SKIP_REASONS),) long: samples skipped since the worker's previous batch
       ``position``      dict of ints for :meth:`on_batch_consumed`; not model input
 
-    The LightningModule must call ``self.trainer.datamodule.on_batch_consumed(batch)`` once per
-    training batch, inside ``training_step`` (before ModelCheckpoint's ``on_train_batch_end``).
+    ``keys``, ``skipped`` and ``position`` are bookkeeping (``BOOKKEEPING``). Under a Trainer the
+    datamodule's own ``on_before_batch_transfer`` records each training batch's position, keys and
+    skips, and takes them out of the batch: the model sees only model input. Without a Trainer, call
+    :meth:`on_batch_consumed` once per batch trained on.
     """
 
     def __init__(
@@ -816,8 +818,20 @@ class WebDatasetDataModule(L.LightningDataModule):
         self._pass_finished = False
         self._loaded_ranks: Optional[list[dict[str, Any]]] = None
         self._skipped_totals = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+        self._skipped_consumed = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+        self.last_keys: list[str] = []  # the ``__key__`` of each sample of the batch consumed last
 
     # ---- Lightning hooks
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """A training batch is consumed here, just before the step that trains on it (Lightning calls
+        this hook of the datamodule in the fit loop); every batch leaves without its bookkeeping."""
+        if not isinstance(batch, Mapping):
+            return batch
+        trainer = self.trainer  # set by Lightning; None outside a Trainer
+        if trainer is not None and trainer.training and "position" in batch:
+            self.on_batch_consumed(batch)
+        return {k: v for k, v in batch.items() if k not in BOOKKEEPING}
 
     def setup(self, stage: Optional[str] = None) -> None:
         self._shards = resolve_shards(self.shards_spec)
@@ -911,10 +925,18 @@ class WebDatasetDataModule(L.LightningDataModule):
                                                snapshot=position.get("snapshot"))
         self._next_worker = (worker + 1) % position["num_workers"]
         self._consumed += 1
+        self.last_keys = list(batch.get("keys", ()))
+        if "skipped" in batch:
+            self._skipped_consumed += batch["skipped"].cpu()
 
     def skipped_totals(self) -> dict[str, int]:
         """Skipped samples per reason over all batches this datamodule's loaders yielded (all workers)."""
         return {reason: int(n) for reason, n in zip(SKIP_REASONS, self._skipped_totals)}
+
+    def skipped_consumed(self) -> dict[str, int]:
+        """Skipped samples per reason up to the batches consumed so far in this process (what was trained
+        on; a loader's prefetched batches are not counted)."""
+        return {reason: int(n) for reason, n in zip(SKIP_REASONS, self._skipped_consumed)}
 
     @property
     def epoch(self) -> int:

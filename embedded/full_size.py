@@ -17,6 +17,9 @@ import os
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+from llm4gen.embedded.registry import CLIP_TOKENIZER_DIR, SD15_SCHEDULER
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -81,7 +84,6 @@ def write_random_sd15(directory: str | os.PathLike, seed: int = 0, device: str =
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    from embedded.tiny import CLIP_TOKENIZER_DIR, SD15_SCHEDULER
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -98,7 +100,6 @@ def word_level_tokenizer(vocab_size: int, words: list[str] | None = None):
     """A whitespace word-level fast tokenizer for random-weight LLMs (no real vocabulary is shipped
     offline). Ids stay below ``vocab_size``; pad 0, eos 1, unk 2, like T5. Features are padded to
     ``max_length``, so the token ids change no FLOP or memory figure."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     words = words or sorted({w for w in ("a an the of and on in with to red green blue yellow white black purple "

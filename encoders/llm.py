@@ -13,13 +13,25 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, MT5EncoderModel, T5Config, T5EncoderModel, UMT5EncoderModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    MT5EncoderModel,
+    T5Config,
+    T5EncoderModel,
+    UMT5EncoderModel,
+)
 
-from configs.choices import LLM_KINDS
-from configs.checks import llm_layer_count
-from configs.schema import default_llm_prefix
-from encoders.sources import TORCH_DTYPES, ModelSourceError, load_pretrained
-from encoders.strict_loading import RANKGEN_HEAD_KEYS, RANKGEN_KEY_MAPPING, load_strict
+from llm4gen.configs.checks import llm_layer_count
+from llm4gen.configs.choices import LLM_KINDS
+from llm4gen.configs.schema import default_llm_prefix
+from llm4gen.encoders.sources import TORCH_DTYPES, ModelSourceError, load_pretrained
+from llm4gen.encoders.strict_loading import (
+    RANKGEN_HEAD_KEYS,
+    RANKGEN_KEY_MAPPING,
+    load_strict,
+)
 
 KINDS = LLM_KINDS
 # Encoder-only classes of encoder-decoder families: only the encoder's weights are read into memory

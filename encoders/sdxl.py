@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from encoders.clip import ClipText, tokenize_chunks
+from llm4gen.encoders.clip import ClipText, tokenize_chunks
 
 
 def add_time_ids(target_size: tuple[int, int], batch_size: int, original_sizes: torch.Tensor | None = None,

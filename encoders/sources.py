@@ -16,9 +16,10 @@ from typing import Callable, TypeVar
 
 import torch
 
-from configs.choices import DTYPES
-from configs.errors import UserError
-from embedded.tiny import EMBEDDED_MODELS
+from llm4gen.configs.choices import DTYPES
+from llm4gen.configs.errors import UserError
+from llm4gen.embedded.models import embedded_path
+from llm4gen.embedded.registry import EMBEDDED_MODELS
 
 # Config dtype names -> torch dtypes: one table for every model loader.
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
@@ -52,7 +53,7 @@ def resolve_source(source: str) -> str:
     """The path or hub id to pass to ``from_pretrained`` (embedded models are built or located here)."""
     if source.startswith("embedded:"):
         check_source(source, "model")
-        return str(EMBEDDED_MODELS[source]())
+        return str(embedded_path(source))
     return str(Path(source).expanduser()) if is_local(source) else source
 
 

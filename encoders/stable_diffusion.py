@@ -13,10 +13,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from encoders.clip import ClipTextEncoder
-from encoders.sdxl import SdxlTextEncoder
-from encoders.sources import TORCH_DTYPES, load_pretrained
-from encoders.strict_loading import load_strict
+from llm4gen.encoders.clip import ClipTextEncoder
+from llm4gen.encoders.sdxl import SdxlTextEncoder
+from llm4gen.encoders.sources import TORCH_DTYPES, load_pretrained
+from llm4gen.encoders.strict_loading import load_strict
 
 # Buffers that older checkpoints saved and current classes no longer persist: not weights.
 IGNORED_UNEXPECTED = ("text_model.embeddings.position_ids",)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping
 
-from configs.errors import UserError
-from encoders.sources import load_pretrained
+from llm4gen.configs.errors import UserError
+from llm4gen.encoders.sources import load_pretrained
 
 # RankGen (kalpeshk2011/rankgen-t5-*): encoder weights under this prefix, beside its projection head.
 RANKGEN_KEY_MAPPING = {r"^t5_encoder\.": ""}

@@ -1,8 +1,15 @@
 """Evaluation: the compositional shapes benchmark's exact analyzer and its fixed prompt sets."""
 
-from datamodules.shapes import Scene, ShapeObject, parse_prompt
-from evaluation.prompt_sets import PROMPT_SETS, PromptRecord, prompt_set
-from evaluation.shapes import DetectedObject, ImageScore, aggregate, analyze, score, score_objects
+from llm4gen.evaluation.prompt_sets import PROMPT_SETS, PromptRecord, prompt_set
+from llm4gen.evaluation.shapes import (
+    DetectedObject,
+    ImageScore,
+    aggregate,
+    analyze,
+    score,
+    score_objects,
+)
+from llm4gen.shapes.world import Scene, ShapeObject, parse_prompt
 
 __all__ = [
     "PROMPT_SETS", "DetectedObject", "ImageScore", "PromptRecord", "Scene", "ShapeObject", "aggregate",

@@ -16,9 +16,9 @@ from typing import Optional
 
 from PIL import Image
 
-from datamodules.shapes import render_scene
-from evaluation.prompt_sets import PROMPT_SETS, prompt_set
-from evaluation.shapes import ImageScore, aggregate, score
+from llm4gen.evaluation.prompt_sets import PROMPT_SETS, prompt_set
+from llm4gen.evaluation.shapes import ImageScore, aggregate, score
+from llm4gen.shapes.world import render_scene
 
 TABLE_METRICS = ("binding", "all_bound", "exact", "color", "shape", "size", "missing", "extra")
 

@@ -2,7 +2,7 @@
 
 Six legacy sets (``PROMPT_SETS``; what "all" means): ``seen_1``, ``seen_2``, ``seen_3`` (only
 colour-shape combinations that training data contains) and ``heldout_1``, ``heldout_2``, ``heldout_3``
-(every scene holds at least one combination from ``datamodules.shapes.HELD_OUT``), by object count, 48
+(every scene holds at least one combination from ``shapes.world.HELD_OUT``), by object count, 48
 records each. Record ``i`` of a set depends only on the set's name and ``i`` (so ``prompt_set(name, 10)``
 is the first 10 of the full set), cycles through the short phrasings that fit its object count, and
 carries the sampling seed an image for it is drawn with.
@@ -14,7 +14,7 @@ Four evidence sets (``EVIDENCE_SETS``), seen-split scenes drawn apart from the l
   and share its ``scene_id``, so the phrasings can be compared on the same scenes.
 - ``verbose_2``, ``verbose_3``: 64 scenes of 2 / 3 objects in the ``verbose`` phrasing (long
   descriptions that run past CLIP's 77 tokens); each record carries its ``mentions``
-  (``datamodules.shapes.object_mentions`` with the embedded CLIP tokenizer): the objects in text order,
+  (``losses.token_alignment.mentions_in_clip_window`` with the embedded CLIP tokenizer): the objects in text order,
   their spans, ``last_clip_token`` and ``in_clip_window``, so a score can be split into objects CLIP
   sees and objects only the LLM sees.
 
@@ -28,7 +28,15 @@ import random
 from dataclasses import dataclass
 from typing import Optional
 
-from datamodules.shapes import VERBOSE, Scene, caption, object_mentions, phrasings_for, sample_scene
+from llm4gen.datamodules.synthetic import clip_tokenizer
+from llm4gen.losses.token_alignment import mentions_in_clip_window
+from llm4gen.shapes.world import (
+    VERBOSE,
+    Scene,
+    caption,
+    phrasings_for,
+    sample_scene,
+)
 
 PROMPT_SETS: tuple[str, ...] = ("seen_1", "seen_2", "seen_3", "heldout_1", "heldout_2", "heldout_3")
 EVIDENCE_SETS: tuple[str, ...] = ("phrased_2", "phrased_3", "verbose_2", "verbose_3")
@@ -50,7 +58,7 @@ class PromptRecord:
     n_objects: int
     phrasing: str
     scene_id: str = ""      # "<set>/<scene index>": shared by every record (phrasing) of one scene
-    mentions: Optional[list] = None  # verbose records: object_mentions(text, CLIP tokenizer)
+    mentions: Optional[list] = None  # verbose records: mentions_in_clip_window(text, CLIP tokenizer)
 
     def to_dict(self) -> dict:
         data = {"id": self.id, "set": self.set, "text": self.text, "scene": self.scene.to_dict(),
@@ -93,8 +101,6 @@ def prompt_set(name: str, n: Optional[int] = None) -> list[PromptRecord]:
     phrasings = phrasings_for(n_objects)
     tokenizer = None
     if kind == "verbose":
-        from datamodules.synthetic import clip_tokenizer
-
         tokenizer = clip_tokenizer()
     records = []
     for i in range(n):
@@ -109,5 +115,5 @@ def prompt_set(name: str, n: Optional[int] = None) -> list[PromptRecord]:
         records.append(PromptRecord(
             id=f"{name}-{i:03d}", set=name, text=text, scene=scene, seed=seed_base + i, split=split,
             n_objects=n_objects, phrasing=phrasing, scene_id=f"{name}/{scene_index}",
-            mentions=object_mentions(text, tokenizer) if tokenizer is not None else None))
+            mentions=mentions_in_clip_window(text, tokenizer) if tokenizer is not None else None))
     return records

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llm4gen.evaluation.prompt_sets import PROMPT_SETS, prompt_set
+
 COMPBENCH_ATTRIBUTE_CATEGORIES = ("color", "shape", "texture")  # the BLIP-VQA categories
 COMPBENCH_PROMPTS_PER_CATEGORY = 300
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -84,8 +86,6 @@ def shapes_sets(names: str | list[str], limit: int | None = None) -> list[Prompt
     """The shapes benchmark's fixed sets (``evaluation.prompt_sets``: seen_1..3, heldout_1..3, and the
     evidence sets phrased_2/3, verbose_2/3), with their own seeds. "all" means the six legacy sets
     (``PROMPT_SETS``); name an evidence set to get it."""
-    from evaluation.prompt_sets import PROMPT_SETS, prompt_set
-
     names = list(PROMPT_SETS) if names in ("all", ["all"]) else (names.split(",") if isinstance(names, str) else names)
     sets = []
     for name in names:

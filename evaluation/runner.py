@@ -24,8 +24,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from evaluation.prompts import PromptSet
-from evaluation.scorers import ImageRecord, Scorer
+from llm4gen.evaluation.prompts import PromptSet
+from llm4gen.evaluation.report import markdown_table
+from llm4gen.evaluation.scorers import ImageRecord, Scorer
 
 MAX_IMAGES_PER_PROMPT = 1000
 
@@ -150,8 +151,6 @@ class Evaluation:
         return scores
 
     def write(self, scores: dict[str, dict[str, float]], label: str | None = None) -> None:
-        from evaluation.report import markdown_table
-
         _write_json(self.out / "scores.json", {"label": label or self.out.name, "scores": scores,
                                                "images_per_prompt": self.images_per_prompt,
                                                "prompts": {s.name: len(s.prompts) for s in self.prompt_sets}})

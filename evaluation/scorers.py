@@ -22,7 +22,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from encoders.sources import ModelSourceError, load_pretrained
+from llm4gen.encoders.sources import ModelSourceError, load_pretrained
+from llm4gen.evaluation.blip_vqa import (
+    BlipYesProbability,
+    benchmark_score,
+    score_images,
+)
+from llm4gen.evaluation.prompts import IMAGE_SUFFIXES
+from llm4gen.losses.entity_parser import load_spacy_pipeline
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 INCEPTION = "inception"
@@ -84,9 +91,6 @@ class BlipVQAScorer(Scorer):
     def load(self) -> None:
         from transformers import BlipForQuestionAnswering, BlipProcessor
 
-        from evaluation.blip_vqa import BlipYesProbability
-        from losses.entity_parser import load_spacy_pipeline
-
         what = "--blip-model (T2I-CompBench's BLIP VQA model)"
         model = _load(BlipForQuestionAnswering.from_pretrained, self.source, what)
         processor = _load(BlipProcessor.from_pretrained, self.source, what)
@@ -94,8 +98,6 @@ class BlipVQAScorer(Scorer):
         self.nlp = load_spacy_pipeline(self.spacy_model)
 
     def score(self, prompt_set, records):
-        from evaluation.blip_vqa import benchmark_score, score_images
-
         details = []
         for chunk in _batches(records, 256):
             details += score_images(load_images(chunk), [r.prompt for r in chunk], self.nlp, self.yes_probability,
@@ -194,8 +196,6 @@ def inception_weights_cached() -> bool:
 def iter_reference_images(source: str, limit: int | None = None):
     """PIL images from a folder (recursively, sorted) or from WebDataset shards (a .tar, a folder of
     .tar files or a brace pattern)."""
-    from evaluation.prompts import IMAGE_SUFFIXES
-
     path = Path(source)
     tars = sorted(path.glob("*.tar")) if path.is_dir() else []
     count = 0

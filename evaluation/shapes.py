@@ -3,7 +3,7 @@
 Public API (stable; ``evaluation/__init__.py`` re-exports it):
 
 - ``parse_prompt(text) -> Scene``: the objects a prompt asks for, read with the benchmark's caption
-  grammar (``datamodules.shapes``); attributes the prompt leaves out are None and match anything.
+  grammar (``shapes/world.py``); attributes the prompt leaves out are None and match anything.
 - ``prompt_set(name, n=None) -> list[PromptRecord]`` (``evaluation.prompt_sets``): the fixed
   evaluation prompts ``seen_1 .. seen_3``, ``heldout_1 .. heldout_3`` with text, scene, seed, split,
   n_objects, phrasing.
@@ -65,8 +65,14 @@ from typing import Iterable, Optional
 import numpy as np
 from PIL import Image, ImageFilter
 
-from datamodules.shapes import (
-    BACKGROUND_RGB, COLORS, SHAPES, Scene, parse_prompt, shape_mask, size_threshold,
+from llm4gen.shapes.world import (
+    BACKGROUND_RGB,
+    COLORS,
+    SHAPES,
+    Scene,
+    parse_prompt,
+    shape_mask,
+    size_threshold,
 )
 
 PALETTE_NAMES: tuple[str, ...] = tuple(COLORS)                            # label i < 8: an object colour

@@ -16,8 +16,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import asdict
 
-from evaluation.scorers import Scorer, load_images
-from evaluation.shapes import OUTCOMES
+from llm4gen.evaluation.scorers import Scorer, load_images
+from llm4gen.evaluation.shapes import OUTCOMES, aggregate, score
 
 REPORTED = ("binding", "all_bound", "exact", "color", "shape", "size", "any_correct")
 # a set's values only (``score``): the validation logs of ``score_images`` keep REPORTED, all floats
@@ -34,8 +34,6 @@ class ShapesScorer(Scorer):
     def score_images(self, images: list, prompts: list[str]) -> dict[str, float]:
         """Means over the images whose prompt the benchmark's grammar reads (others are skipped; none
         readable gives ``{}``), plus ``parsed``: the share that was read."""
-        from evaluation.shapes import aggregate, score
-
         scores = []
         for image, prompt in zip(images, prompts):
             try:
@@ -48,8 +46,6 @@ class ShapesScorer(Scorer):
         return {**{k: summary[k] for k in REPORTED}, "parsed": len(scores) / len(prompts)}
 
     def score(self, prompt_set, records):
-        from evaluation.shapes import aggregate, score
-
         per_image = [score(image, r.prompt) for image, r in zip(load_images(records), records)]
         summary = aggregate(per_image)
         details = [{k: v for k, v in asdict(s).items() if k != "detected"} for s in per_image]

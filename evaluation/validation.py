@@ -13,7 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
-from configs.choices import VALIDATION_METRICS
+from llm4gen.configs.choices import VALIDATION_METRICS
+from llm4gen.evaluation.scorers import DEFAULT_CLIP, ClipScoreScorer
+from llm4gen.evaluation.shapes_scorer import ShapesScorer
 
 
 class ValidationScorer:
@@ -28,13 +30,9 @@ class ValidationScorer:
     def load(self) -> None:
         """Loads what the metrics need (at fit start: a missing CLIP fails before training)."""
         if "clip_score" in self.metrics and self.clip is None:
-            from evaluation.scorers import DEFAULT_CLIP, ClipScoreScorer
-
             self.clip = ClipScoreScorer(self.clip_model or DEFAULT_CLIP)
             self.clip.load()
         if "shapes" in self.metrics and self.shapes is None:
-            from evaluation.shapes_scorer import ShapesScorer
-
             self.shapes = ShapesScorer()
             self.shapes.load()
 

@@ -17,60 +17,22 @@ import difflib
 import shlex
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from configs.errors import UserError
+from llm4gen.configs.errors import ConfigError, SlurmError, UserError  # noqa: F401 (SlurmError re-exported)
+from llm4gen.configs.schema import SlurmConfig, config_file, load_config
 
 SUBMIT_TIMEOUT_S = 60
+TRAIN_MODULE = "llm4gen.cli.train"  # what a job runs (python -m), unless it is given a training script
 
 
-class SlurmError(UserError, RuntimeError):
-    """sbatch is missing, refused the job, or the `slurm:` config section is invalid."""
-
-
-@dataclass
-class SlurmConfig:
-    """Resources and behaviour of one SLURM job; mirrors the `slurm:` section of a run config."""
-
-    nodes: int = 1
-    gpus_per_node: int = 0  # 0 -> CPU-only job, no --gres line
-    tasks_per_node: int | None = None  # None -> gpus_per_node, or 1 for a CPU job
-    cpus_per_task: int | None = None  # None -> the cluster's default
-    mem: str | None = None  # per node, sbatch syntax: "64G"; None -> the cluster's default
-    time: str = "04:00:00"
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    signal_seconds: int = 120  # `signal` this long before the time limit; 0 -> no signal
-    signal: str = "SIGUSR1"  # the preemption warning: SIGUSR1 | SIGUSR2 | SIGTERM (train.py saves at a step boundary, requeues)
-    requeue: bool = True
-    job_name: str | None = None  # None -> the run folder's name
-    extra_sbatch_lines: list[str] = field(default_factory=list)  # "--exclusive" or "#SBATCH --exclusive"
-    setup_lines: list[str] = field(default_factory=list)  # shell lines before srun: module load, venv
-    array: str | None = None  # sbatch --array spec, e.g. "0-3" or "0-15%4"
-
-    def __post_init__(self) -> None:
-        if self.nodes < 1:
-            raise SlurmError(f"slurm.nodes must be >= 1, got {self.nodes}")
-        if self.gpus_per_node < 0:
-            raise SlurmError(f"slurm.gpus_per_node must be >= 0 (0 = CPU-only), got {self.gpus_per_node}")
-        if self.tasks_per_node is not None and self.tasks_per_node < 1:
-            raise SlurmError(f"slurm.tasks_per_node must be >= 1 or null, got {self.tasks_per_node}")
-        if self.signal not in ("SIGUSR1", "SIGUSR2", "SIGTERM"):
-            raise SlurmError(f"slurm.signal={self.signal!r}: expected SIGUSR1, SIGUSR2 or SIGTERM")
-        if self.signal_seconds < 0:
-            raise SlurmError(f"slurm.signal_seconds must be >= 0 (0 = no signal), got {self.signal_seconds}")
-
-    @property
-    def ntasks_per_node(self) -> int:
-        """Tasks (= training ranks) per node: one per device unless set explicitly."""
-        if self.tasks_per_node is not None:
-            return self.tasks_per_node
-        return max(self.gpus_per_node, 1)
+def training_command(train_script: str | Path | None = None, python: str = sys.executable) -> list[str]:
+    """``python -m llm4gen.cli.train`` (works from an installed wheel), or ``python SCRIPT`` for a custom one."""
+    return [python, "-m", TRAIN_MODULE] if train_script is None else [python, str(Path(train_script).absolute())]
 
 
 def log_path_pattern(cfg: SlurmConfig, run_dir: str | Path) -> Path:
@@ -176,8 +138,6 @@ def submit(script_path: str | Path) -> str:
 def load_experiment_config(config_path: str | Path, overrides: list[str]) -> DictConfig:
     """The run config exactly as train.py will see it (schema defaults, the YAML, the overrides),
     validated by the same schema, so a bad key fails at submission rather than on a compute node."""
-    from configs.schema import ConfigError, load_config
-
     _check_time_is_text(config_path, overrides)
     try:
         return load_config(config_path, list(overrides))
@@ -187,7 +147,10 @@ def load_experiment_config(config_path: str | Path, overrides: list[str]) -> Dic
 
 def _check_time_is_text(config_path: str | Path, overrides: list[str]) -> None:
     """Refuse a `slurm.time` that YAML read as a number, before the schema turns 1800 into "1800"."""
-    layers = [OmegaConf.load(config_path)] if Path(config_path).is_file() else []
+    try:
+        layers = [OmegaConf.load(config_file(config_path))]
+    except ConfigError:
+        layers = []  # load_config names the missing file
     layers += [OmegaConf.from_dotlist([o]) for o in overrides if o.startswith("slurm.time=")]
     for layer in layers:
         _check_time_value(OmegaConf.select(layer, "slurm.time", default=None), "slurm")

@@ -27,6 +27,7 @@ an interrupted run from its own newest checkpoint.
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import dataclasses
 import difflib
@@ -46,13 +47,16 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from configs.errors import UserError
-from launch.slurm import (
+from llm4gen.configs.errors import UserError
+from llm4gen.configs.schema import config_file, load_config
+from llm4gen.launch.preflight import preflight
+from llm4gen.launch.slurm import (
     SlurmConfig,
     SlurmError,
     load_experiment_config,
     render_sbatch_script,
     slurm_config_from_dict,
+    training_command,
 )
 
 MAX_NAME_LENGTH = 80
@@ -97,9 +101,10 @@ class SweepRun:
 
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and check a sweep file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep file not found: {path}")
+    try:
+        path = config_file(path)  # a path, or a sweep shipped with the package (configs/sweeps/...)
+    except ConfigError:
+        raise SweepError(f"sweep file not found: {path}") from None
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except (OmegaConfBaseException, yaml.YAMLError) as error:
@@ -213,11 +218,11 @@ def expand_runs(spec: SweepSpec) -> list[SweepRun]:
     return expanded
 
 
-def train_command(spec: SweepSpec, run: SweepRun, train_script: str | Path, python: str = sys.executable) -> list[str]:
+def train_command(spec: SweepSpec, run: SweepRun, train_script: str | Path | None = None,
+                  python: str = sys.executable) -> list[str]:
     """`python train.py --config CFG base_overrides run_overrides output_dir=...`; later keys win."""
     return [
-        python,
-        str(train_script),
+        *training_command(train_script, python),
         "--config",
         spec.config,
         *spec.base_overrides,
@@ -228,20 +233,16 @@ def train_command(spec: SweepSpec, run: SweepRun, train_script: str | Path, pyth
 
 def check_run_configs(spec: SweepSpec, runs: list[SweepRun], sweep_file: str | Path,
                       train_script: str | Path | None = None) -> None:
-    """Validates every run's config exactly as train.py will (schema, values, paths) before any run starts or
-    is submitted, so one misspelt grid key costs seconds, not a sweep of failed jobs. A custom
-    ``--train-script`` has its own config rules and is not checked here."""
-    default_script = Path(__file__).resolve().parents[1] / "train.py"
-    if train_script is not None and Path(train_script).resolve() != default_script:
+    """Runs train.py's preflight on every run's config (schema, values, sources, paths, scheduler, cache,
+    resume file) before any run starts or is submitted, so one misspelt grid key costs seconds, not a sweep
+    of failed jobs. A custom ``--train-script`` has its own config rules and is not checked here."""
+    if train_script is not None:
         return
-    from configs.paths import check_run_paths
-    from configs.schema import ConfigError, load_config
-
     for run in runs:
         overrides = [*spec.base_overrides, *run.override_args, f"output_dir={run.output_dir}"]
         try:
-            check_run_paths(load_config(spec.config, overrides))
-        except ConfigError as error:
+            preflight(load_config(spec.config, overrides))
+        except UserError as error:  # a config, source, path or checkpoint error of this run
             raise SweepError(f"{sweep_file}: run {run.name!r} ({' '.join(run.override_args) or 'no overrides'}) has "
                              f"a bad config, so no run was started: {error}") from None
 
@@ -254,8 +255,8 @@ def read_final_metrics(run: SweepRun) -> dict[str, Any] | None:
     path = run.output_dir / FINAL_METRICS
     try:
         metrics = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None  # NotADirectoryError: the run folder's path runs through a file; the preflight says so
     return metrics if isinstance(metrics, dict) else None
 
 
@@ -315,7 +316,7 @@ def format_summary_table(runs: list[SweepRun], rows: list[dict[str, Any]]) -> st
 def run_locally(
     spec: SweepSpec,
     runs: list[SweepRun],
-    train_script: str | Path,
+    train_script: str | Path | None = None,
     *,
     jobs: int = 1,
     log: Callable[[str], None] = functools.partial(print, flush=True),  # before the child's output
@@ -327,8 +328,6 @@ def run_locally(
     ``<run>/train.log`` instead of the terminal. A failed run does not stop the sweep: the others still
     run, and the next invocation retries it.
     """
-    import concurrent.futures
-
     if jobs < 1:
         raise SweepError(f"--jobs {jobs}: run at least one run at a time")
     outcome: dict[str, str] = {}
@@ -370,7 +369,7 @@ def run_locally(
 
 
 def write_array_runs_file(
-    spec: SweepSpec, runs: list[SweepRun], train_script: str | Path, *, dry_run: bool = False
+    spec: SweepSpec, runs: list[SweepRun], train_script: str | Path | None = None, *, dry_run: bool = False
 ) -> Path:
     """The list the array tasks pick their run from (task i -> entry i), in output_root.
 
@@ -384,7 +383,7 @@ def write_array_runs_file(
             "command": train_command(
                 dataclasses.replace(spec, config=str(Path(spec.config).absolute())),
                 dataclasses.replace(run, output_dir=run.output_dir.absolute()),
-                Path(train_script).absolute(),
+                train_script,
             ),
         }
         for run in runs

@@ -1,4 +1,4 @@
-"""Callbacks: validation image grids at an interval, and atomic checkpoint writes."""
+"""Callbacks: validation image grids at an interval, skipped-sample counts, and atomic checkpoint writes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 
+from llm4gen.evaluation.validation import ValidationScorer
+from llm4gen.lightning_modules.run_checkpoints import (
+    CheckpointSaveError,
+    prune_signal_checkpoints,
+)
+
 
 def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
     """Images of one size pasted row-major into one picture."""
@@ -22,6 +28,19 @@ def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.I
     for i, image in enumerate(images):
         grid.paste(image, ((i % columns) * width, (i // columns) * height))
     return grid
+
+
+class SkippedSamples(L.Callback):
+    """Logs ``data/skipped_<reason>``: samples the datamodule skipped (corrupt image, no caption, ...) up to
+    the batches trained on so far, summed over ranks. The datamodule counts them as it hands each
+    batch to the step (``skipped_consumed``); a datamodule without counts logs nothing."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        counts = getattr(trainer.datamodule, "skipped_consumed", None)
+        if counts is None:
+            return
+        pl_module.log_dict({f"data/skipped_{reason}": float(n) for reason, n in counts().items()},
+                           reduce_fx="sum", sync_dist=True)
 
 
 SCORES_FILE = "scores.jsonl"
@@ -55,8 +74,6 @@ class ValidationImages(L.Callback):
     def __init__(self, directory: str | os.PathLike, prompts: list[str], seed: int, every_n_steps: int,
                  num_inference_steps: int, guidance_scale: float, scheduler: str, metrics: list[str] = (),
                  clip_model: str | None = None, at_start: bool = True, seen_prompts: list[str] = ()):
-        from evaluation.validation import ValidationScorer
-
         self.directory = Path(directory)
         self.prompts, self.seed, self.every_n_steps = list(prompts), seed, every_n_steps
         self.seen_prompts = list(seen_prompts)
@@ -141,8 +158,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self.run_dir = None if run_dir is None else Path(run_dir)
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        from lightning_modules.run_checkpoints import CheckpointSaveError, prune_signal_checkpoints
-
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:

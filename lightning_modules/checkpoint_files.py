@@ -9,13 +9,14 @@ itself is read (memory-mapped); no model weights load.
 
 from __future__ import annotations
 
+import pickle
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from configs.errors import UserError
+from llm4gen.configs.errors import UserError
 
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -63,7 +64,6 @@ def read_checkpoint(path: str | Path, what: str = "--checkpoint") -> dict[str, A
     problem = checkpoint_problem(path)
     if problem:
         raise CheckpointError(f"{what} {str(path)!r} {problem}.")
-    import pickle
 
     import torch
 

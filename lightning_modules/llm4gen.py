@@ -8,7 +8,9 @@ The objective, per batch:
               (SDXL: c is both CLIP encoders' penultimate states, 2048 wide; the UNet also gets the
                pooled embedding and size/crop time ids, see encoders/sdxl.py)
     z_t     = sqrt(a_t) z0 + sqrt(1 - a_t) eps,  t ~ U{0..T-1}
-    loss    = w(t) || UNet(z_t, t, context) - target(z0, eps, t) ||^2  (+ lambda_entity * entity loss)
+    L_diffusion = w(t) || UNet(z_t, t, context) - target(z0, eps, t) ||^2
+    L           = L_diffusion + lambda_entity * L_entity   (L_entity on the UNet's cross-attention maps,
+                                                            losses/entity.py; compute_losses -> LossTerms)
 
 Checkpoints hold only what trains (the CAM, any unfrozen UNet or LoRA weights), the EMA and the
 optimizer; loading rebuilds the frozen parts from their configured sources.
@@ -28,18 +30,41 @@ from diffusers.training_utils import EMAModel, cast_training_params
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from adapters.cross_adapter import CrossAdapter
-from adapters.release import RELEASED_PROJECTOR
-from configs.errors import UserError
-from encoders.clip import ClipText, where_text
-from encoders.llm import LLMEncoder, LLMFeatures
-from encoders.stable_diffusion import load_base_model
-from losses.attention_capture import cross_attention_layer_names, install_attention_capture
-from losses.diffusion import diffusion_target, min_snr_weights, sample_noise, weighted_mse
-from losses.entity import EntityTargets, build_entity_targets_from_captions, entity_loss
-from losses.entity_parser import groups_from_json
-from lightning_modules.optimization import ADAPTER_GROUP, build_lr_scheduler, hold_back, parameter_groups
-from lightning_modules.performance import apply_performance, build_optimizer, performance_config
+from llm4gen.adapters.cross_adapter import CrossAdapter
+from llm4gen.adapters.release import RELEASED_PROJECTOR, save_release
+from llm4gen.configs.errors import UserError
+from llm4gen.encoders.clip import ClipText, where_text
+from llm4gen.encoders.llm import LLMEncoder, LLMFeatures
+from llm4gen.encoders.stable_diffusion import load_base_model
+from llm4gen.lightning_modules.optimization import (
+    ADAPTER_GROUP,
+    build_lr_scheduler,
+    hold_back,
+    parameter_groups,
+)
+from llm4gen.lightning_modules.performance import (
+    apply_performance,
+    build_optimizer,
+    performance_config,
+)
+from llm4gen.losses.attention_capture import (
+    cross_attention_layer_names,
+    install_attention_capture,
+)
+from llm4gen.losses.diffusion import (
+    diffusion_target,
+    min_snr_weights,
+    sample_noise,
+    weighted_mse,
+)
+from llm4gen.losses.entity import (
+    EntityTargets,
+    build_entity_targets_from_captions,
+    entity_loss,
+)
+from llm4gen.losses.entity_parser import groups_from_json
+from llm4gen.losses.terms import LossTerms
+
 
 class CheckpointKeyError(UserError, KeyError):
     pass
@@ -110,7 +135,6 @@ class LLM4GenModule(L.LightningModule):
             resolutions = layers if layers in ("lowest", "all") else [int(x) for x in str(layers).split(",")]
             self.attention_store = install_attention_capture(
                 self.unet, cross_attention_layer_names(self.unet, resolutions), enabled=False)
-        self.register_buffer("skipped_samples", torch.zeros(0, dtype=torch.long), persistent=False)
         self._null_text: tuple | None = None
         self.performance = performance_config(cfg)  # fast paths: channels_last, checkpointing, compile, TF32
         apply_performance(self, self.performance)
@@ -240,43 +264,38 @@ class LLM4GenModule(L.LightningModule):
         return latents * self.vae.config.scaling_factor
 
     def compute_losses(self, batch: dict, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
-                       drop: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                       drop: torch.Tensor | None = None, generator: torch.Generator | None = None) -> LossTerms:
+        """The objective's terms for one batch: L_diffusion, and L_entity when the batch carries entities
+        and the entity loss is on. ``noise``, ``timesteps`` and ``drop`` are drawn when not given."""
         objective = self.cfg.objective
-        latents = self.latents(batch, generator)
+        latents = self.latents(batch, generator)                                # z0 (batch, 4, h, w)
         batch_size = latents.shape[0]
         if drop is None and self.training and objective.caption_dropout > 0:
             drop = torch.rand(batch_size, device=self.device, generator=generator) < objective.caption_dropout
-        context, unet_kwargs = self.conditioning(batch, drop)
+        context, unet_kwargs = self.conditioning(batch, drop)                   # (batch, 77 + L, clip_dim)
         if noise is None:
             noise = sample_noise(latents, objective.noise_offset, generator)
         if timesteps is None:
             timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,),
                                       device=self.device, generator=generator)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        capture = self.attention_store is not None and "entities" in batch
-        if capture:
-            self.attention_store.enabled = True
-        try:
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)       # z_t
+        with_entity = self.attention_store is not None and "entities" in batch
+        capture = self.attention_store.capturing() if with_entity else contextlib.nullcontext()
+        with capture:
             prediction = self.unet(noisy.to(self.unet.dtype), timesteps, context.to(self.unet.dtype), **unet_kwargs).sample
-        finally:
-            if capture:
-                self.attention_store.enabled = False
         target = diffusion_target(self.noise_scheduler, latents, noise, timesteps)
         weights = (min_snr_weights(self.noise_scheduler, timesteps, objective.min_snr_gamma)
                    if objective.min_snr_gamma else None)
         diffusion = weighted_mse(prediction, target, weights)
-        losses = {"loss": diffusion, "diffusion": diffusion}
-        if capture:
-            low, high = objective.entity_timesteps
-            applies = (timesteps >= low) & (timesteps < high)
-            if drop is not None:
-                applies &= ~drop  # a dropped caption has no words to bind
-            targets = self.entity_targets(batch, applies)
-            entity = entity_loss(self.attention_store.maps(), targets.to(self.device), objective.entity_negative_weight)
-            losses.update(loss=diffusion + objective.lambda_entity * entity.total, entity=entity.total,
-                          entity_positive=entity.positive, entity_negative=entity.negative,
-                          entity_pairs=torch.tensor(float(entity.num_pairs), device=self.device))
-        return losses
+        if not with_entity:
+            return LossTerms.diffusion_only(diffusion)
+        low, high = objective.entity_timesteps
+        applies = (timesteps >= low) & (timesteps < high)
+        if drop is not None:
+            applies &= ~drop  # a dropped caption has no words to bind
+        targets = self.entity_targets(batch, applies)
+        entity = entity_loss(self.attention_store.maps(), targets.to(self.device), objective.entity_negative_weight)
+        return LossTerms(diffusion=diffusion, entity=entity.total, entity_parts=entity)
 
     def entity_targets(self, batch: dict, applies: torch.Tensor) -> EntityTargets:
         """Word -> fused-sequence token positions and (attribute, entity) pairs for each caption; pairs of
@@ -291,27 +310,14 @@ class LLM4GenModule(L.LightningModule):
         return targets
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if hasattr(datamodule, "on_batch_consumed"):  # the data position saved for exact resume
-            datamodule.on_batch_consumed(batch)
         accumulate = self.trainer.accumulate_grad_batches
         generator = step_generator(self.seed, self.global_step, batch_idx % accumulate, self.global_rank, self.device)
-        losses = self.compute_losses(batch, generator=generator)
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=True, sync_dist=False)
-        self._log_skipped(batch)
-        return losses["loss"]
-
-    def _log_skipped(self, batch: dict) -> None:
-        if "skipped" not in batch:
-            return
-        from datamodules.webdataset_datamodule import SKIP_REASONS
-
-        skipped = batch["skipped"].to(self.device, torch.long)
-        if self.skipped_samples.numel() != skipped.numel():
-            self.skipped_samples = torch.zeros_like(skipped)
-        self.skipped_samples += skipped
-        self.log_dict({f"data/skipped_{r}": self.skipped_samples[i].float() for i, r in enumerate(SKIP_REASONS)},
-                      reduce_fx="sum", sync_dist=True)
+        terms = self.compute_losses(batch, generator=generator)
+        lambda_entity = self.cfg.objective.lambda_entity
+        loss = terms.diffusion + lambda_entity * terms.entity  # L = L_diffusion + lambda_entity * L_entity
+        self.log_dict({"train/loss": loss.detach(), **{f"train/{k}": v for k, v in terms.logs().items()}},
+                      prog_bar=True, sync_dist=False)
+        return loss
 
     # ---- optimisation, EMA, checkpoints -------------------------------------------------------
     def configure_optimizers(self):
@@ -421,8 +427,6 @@ class LLM4GenModule(L.LightningModule):
         """Writes the released LLM4GEN layout (adapters/release.py): ``projector.pth`` + ``unet/`` (the
         trained UNet, or the frozen one the CAM was trained against), loadable with ``model.adapter.init_from``
         and ``model.base.unet`` or by tools that read the release."""
-        from adapters.release import save_release
-
         if self.cfg.unet_training == "lora":
             raise ValueError("the release layout holds a full unet/; a LoRA run exports unet_lora/ with "
                              "export_pretrained (load it with pipe.load_lora_weights), or fuse it first")

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import csv
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.fabric.loggers.logger import rank_zero_experiment
+
+from llm4gen.lightning_modules.wandb_logger import StepWandbLogger
 
 
 def keep_rows_before(metrics_file: Path, step: int) -> list[str]:
@@ -104,7 +107,6 @@ def wandb_run_id(log_dir: Path) -> str:
     path = log_dir / "wandb_run_id"
     if path.is_file():
         return path.read_text().strip()
-    import secrets
 
     run_id = secrets.token_hex(4)  # W&B run ids: short, [a-z0-9]
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -118,8 +120,6 @@ def build_logger(kind: str, run_dir: str | Path, resume_step: Optional[int], wan
     if kind == "tensorboard":
         return TensorBoardLogger(run_dir, name="logs", version="", purge_step=resume_step)
     if kind == "wandb":
-        from lightning_modules.wandb_logger import StepWandbLogger
-
         options = dict(wandb_options or {})
         log_dir = run_dir / "logs"
         return StepWandbLogger(save_dir=str(log_dir), id=wandb_run_id(log_dir), resume="allow",

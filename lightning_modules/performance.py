@@ -22,17 +22,18 @@ built in fp32 and ``trainer.precision=bf16-mixed`` runs it under bf16 autocast (
 from __future__ import annotations
 
 import importlib.util
+import shutil
 
 import torch
 from omegaconf import OmegaConf
+
+from llm4gen.configs.schema import PerformanceConfig
 
 OPTIMIZERS = ("adamw", "adamw_fused", "adamw_8bit")
 
 
 def performance_config(model_cfg):
     """The ``model.performance`` section with schema defaults filled in (older checkpoints have none)."""
-    from configs.schema import PerformanceConfig
-
     return OmegaConf.merge(OmegaConf.structured(PerformanceConfig), model_cfg.get("performance") or {})
 
 
@@ -47,8 +48,6 @@ def check_compile_supported(backend: str) -> None:
         raise ValueError(f"model.performance.compile_backend={backend!r} is not a torch.compile backend; known: "
                          f"{', '.join(sorted(torch._dynamo.list_backends(exclude_tags=())))}")
     if backend == "inductor" and not torch.cuda.is_available():
-        import shutil
-
         if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
             raise ValueError("model.performance.compile=true with the inductor backend on a CPU needs a C++ compiler "
                              "(g++ or clang++) on the PATH; install one, use compile_backend=aot_eager, or set compile=false")

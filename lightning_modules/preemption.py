@@ -28,7 +28,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
-SIGNAL_NAMES = ("SIGUSR1", "SIGUSR2", "SIGTERM")  # what `slurm.signal` may name
+from llm4gen.configs.choices import PREEMPTION_SIGNALS
+
+SIGNAL_NAMES = PREEMPTION_SIGNALS  # what `slurm.signal` may name
 REQUEUE_TIMEOUT_S = 60
 
 # What a signal asks for; ranks agree on the maximum.

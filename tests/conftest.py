@@ -15,21 +15,6 @@ def tiny_model_config():
     near 1) are those of random weights, not of the pretrained shapes base the default now uses."""
     from omegaconf import OmegaConf
 
-    from configs.schema import load_config
+    from llm4gen.configs.schema import load_config
 
     return OmegaConf.to_container(load_config(overrides=["model.base.pretrained=embedded:tiny-sd"]).model, resolve=True)
-
-
-def make_module(model_config, **overrides):
-    import copy
-
-    from lightning_modules.llm4gen import LLM4GenModule
-
-    cfg = copy.deepcopy(model_config)
-    for dotted, value in overrides.items():
-        node = cfg
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return LLM4GenModule(cfg)

@@ -29,7 +29,7 @@ def write_case_files(root: Path) -> dict[str, str]:
     """Writes the files the cases point at into ``root``; returns the {placeholder} -> path table."""
     from omegaconf import OmegaConf
 
-    from configs.schema import load_config
+    from llm4gen.configs.schema import load_config
 
     paths = {"tmp": str(root)}
     (root / "notes.txt").write_text("not a checkpoint\n")
@@ -191,14 +191,14 @@ def tripwires(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the bad input was refused")
 
-    import encoders.llm as llm
-    import encoders.stable_diffusion as sd
-    import launch.sweep
-    import sweep as sweep_cli
-    import submit as submit_cli
-    import train
-    from datamodules import feature_cache, prepare
-    from lightning_modules.llm4gen import LLM4GenModule
+    import llm4gen.encoders.llm as llm
+    import llm4gen.encoders.stable_diffusion as sd
+    import llm4gen.launch.sweep as launch_sweep
+    from llm4gen.cli import submit as submit_cli
+    from llm4gen.cli import sweep as sweep_cli
+    from llm4gen.cli import train
+    from llm4gen.lightning_modules.llm4gen import LLM4GenModule
+    from llm4gen.tools import feature_cache, prepare
 
     monkeypatch.setitem(sd.LOADERS, "sd15", refuse)
     monkeypatch.setattr(llm.LLMEncoder, "__init__", refuse)
@@ -206,13 +206,12 @@ def tripwires(monkeypatch):
     monkeypatch.setattr(LLM4GenModule, "load_from_checkpoint", refuse)
     monkeypatch.setattr(sweep_cli, "run_locally", refuse)
     monkeypatch.setattr(sweep_cli, "submit", refuse)
-    monkeypatch.setattr(launch.sweep.subprocess, "run", refuse)
+    monkeypatch.setattr(launch_sweep.subprocess, "run", refuse)
     monkeypatch.setattr(submit_cli, "submit", refuse)
     monkeypatch.setattr(feature_cache, "FeatureEncoders", refuse)
     monkeypatch.setattr(prepare, "run_prepare", refuse)
-    import evaluation.sampler
-
-    monkeypatch.setattr(evaluation.sampler, "load_sampler", refuse)
+    import llm4gen.lightning_modules.sampler as evaluation_sampler
+    monkeypatch.setattr(evaluation_sampler, "load_sampler", refuse)
 
 
 def entry_main(entry: str):
@@ -259,7 +258,7 @@ def test_bad_input_as_a_real_process_exits_2_fast_without_traceback(index, files
 
 
 def test_an_unexpected_exception_keeps_its_traceback():
-    from configs.errors import entry_point
+    from llm4gen.configs.errors import entry_point
 
     @entry_point("x.py")
     def broken(argv=None):
@@ -270,7 +269,8 @@ def test_an_unexpected_exception_keeps_its_traceback():
 
 
 def test_importing_the_config_schema_does_not_import_torch():
-    code = ("import sys, configs.schema, configs.checks, configs.paths, configs.choices, configs.errors; "
+    code = ("import sys, llm4gen.configs.schema, llm4gen.configs.checks, llm4gen.configs.choices, "
+            "llm4gen.configs.errors, llm4gen.configs.buckets, llm4gen.shapes.world, llm4gen.embedded.registry; "
             "heavy = [m for m in ('torch', 'lightning', 'diffusers', 'transformers') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)

@@ -5,13 +5,12 @@ import csv
 
 import pytest
 
-from lightning_modules.callbacks import read_validation_scores
+from llm4gen.lightning_modules.callbacks import read_validation_scores
 
 
 @pytest.mark.slow
 def test_the_default_run_learns_and_ends_with_samples_of_the_prompts_objects(tmp_path, capsys):
-    import train
-
+    from llm4gen.cli import train
     out = tmp_path / "run"
     assert train.main([f"output_dir={out}", f"data.shards={tmp_path / 'data'}",
                        "trainer.enable_progress_bar=false"]) == 0

@@ -96,7 +96,7 @@ def parse_only(script: str, args: list[str], monkeypatch) -> argparse.Namespace:
 
 
 def load_configs(namespace: argparse.Namespace):
-    from configs.schema import load_config
+    from llm4gen.configs.schema import load_config
 
     config = getattr(namespace, "config", None)
     overrides = [o for o in getattr(namespace, "overrides", None) or [] if "=" in o]
@@ -119,7 +119,7 @@ def dry_run(ctx: Context, script: str, args: list[str]):
 def dry_run_cache(ctx: Context, script: str, args: list[str]):
     """The paper config's cache recipe: the settings it would cache with are accepted (the run needs real
     weights; tests/datamodules/test_feature_cache_padded.py runs the same zero_padding=false path on tiny)."""
-    from datamodules.feature_cache import check_cacheable
+    from llm4gen.tools.feature_cache import check_cacheable
 
     namespace = parse_only(script, args, ctx.monkeypatch)
     check_cacheable(load_configs(namespace), namespace.fields.split(","))
@@ -134,16 +134,14 @@ def run_train(ctx: Context, script: str, args: list[str]):
 
 def run_train_config(ctx: Context, script: str, args: list[str]):
     """A tiny experiment file (configs/tiny_sdxl.yaml) as the README runs it, shortened to 2 steps."""
-    import train
-
+    from llm4gen.cli import train
     out = ctx.tmp / "out" / "run"
     assert train.main([*args, f"output_dir={out}", f"data.shards={ctx.tmp / 'out' / 'data'}", *TINY_RUN]) == 0
     assert (out / "checkpoints" / "last.ckpt").is_file()
 
 
 def run_print_config(ctx: Context, script: str, args: list[str]):
-    import train
-
+    from llm4gen.cli import train
     assert train.main(args) == 0
     out = ctx.capsys.readouterr().out
     namespace = parse_only(script, args, ctx.monkeypatch)
@@ -185,8 +183,7 @@ def run_prepare(ctx: Context, script: str, args: list[str]):
     for i, colour in enumerate(["red", "green", "blue"]):
         Image.new("RGB", (256, 256), colour).save(images / f"{i}.png")
         (images / f"{i}.txt").write_text(f"a {colour} square")
-    import prepare
-
+    from llm4gen.cli import prepare
     assert prepare.main(relocated(args, ctx)) == 0
     assert list((ctx.tmp / "out" / "data" / "my_shards").rglob("*.tar"))
 
@@ -195,8 +192,8 @@ def run_submit_dry(ctx: Context, script: str, args: list[str]):
     """submit.py needs a SLURM cluster: its own --dry-run renders the sbatch script and submits nothing. The
     paper configs' ``data.shards`` is a placeholder for the user's data (submit.py checks it exists), so it is
     pointed at small synthetic shards."""
-    import submit
-    from datamodules.synthetic import ensure_synthetic_shards
+    from llm4gen.cli import submit
+    from llm4gen.datamodules.synthetic import ensure_synthetic_shards
 
     shards = ctx.tmp / "shards"
     ensure_synthetic_shards(str(shards), num_samples=8, samples_per_shard=8)
@@ -216,8 +213,7 @@ def write_readme_sweep(ctx: Context) -> None:
 def run_sweep(ctx: Context, script: str, args: list[str]):
     """sweep.py over the README's sweep file: --summary runs; running the paper-config runs (real weights)
     or submitting them (a cluster) goes through sweep.py's own --dry-run, which expands and checks them."""
-    import sweep
-
+    from llm4gen.cli import sweep
     write_readme_sweep(ctx)
     ctx.monkeypatch.chdir(ctx.tmp)
     extra = [] if "--summary" in args else ["--dry-run"]
@@ -248,7 +244,7 @@ def in_ci(ctx: Context, script: str, args: list[str]):
 def run_shapes_benchmark(ctx: Context, script: str, args: list[str]):
     """``python -m evaluation prompts|render|score DIR``: the shapes benchmark's command line, with two
     records per set; ``score`` scores ground truth rendered first into the same folder (all bound)."""
-    from evaluation.__main__ import main as shapes_main
+    from llm4gen.evaluation.__main__ import main as shapes_main
 
     command, directory, *rest = args[1:]
     directory = str(ctx.tmp / "out" / directory)
@@ -277,7 +273,7 @@ def dry_run_module(ctx: Context, script: str, args: list[str]):
 
 def run_probes(ctx: Context, script: str, args: list[str]):
     """``python -m evaluation.probes``: the noun-colour probe of both encoders, on few captions."""
-    from evaluation.probes import main as probes_main
+    from llm4gen.experiments.probes import main as probes_main
 
     _, module_args = module_command(script, args)
     assert probes_main([*module_args, "--train", "100", "--val", "40", "--test", "40"]) == 0
@@ -288,8 +284,7 @@ def run_probes(ctx: Context, script: str, args: list[str]):
 def dry_run_experiment_sweep(ctx: Context, script: str, args: list[str]):
     """``python sweep.py configs/sweeps/shapes_evidence.yaml [--slurm]``: sweep.py's own --dry-run expands
     the experiment's 12 runs and checks each run's config through the schema."""
-    import sweep
-
+    from llm4gen.cli import sweep
     assert sweep.main([*args, "--dry-run"]) == 0
     out = ctx.capsys.readouterr().out
     assert "12 runs" in out
@@ -377,8 +372,7 @@ def tiny_run_factory(tmp_path_factory):
 
     def make() -> Path:
         if "run" not in made:
-            import train
-
+            from llm4gen.cli import train
             out = tmp_path_factory.mktemp("tiny") / "run"
             assert train.main([f"output_dir={out}", f"data.shards={out.parent / 'data'}", *TINY_RUN]) == 0
             assert (out / "checkpoints" / "last.ckpt").is_file()

@@ -9,15 +9,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5ForConditionalGeneration
+from transformers import (
+    AutoTokenizer,
+    CLIPTextModel,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5ForConditionalGeneration,
+)
 
-import export
-import generate
-import train
-from adapters.cross_adapter import CrossAdapter, to_released_state_dict
-from configs.schema import load_config
-from datamodules.synthetic import write_synthetic_shards
-from embedded.tiny import TINY_UNET, tiny_sd_path
+from llm4gen.adapters.cross_adapter import CrossAdapter, to_released_state_dict
+from llm4gen.cli import export, generate, train
+from llm4gen.configs.schema import load_config
+from llm4gen.datamodules.synthetic import write_synthetic_shards
+from llm4gen.embedded.registry import TINY_UNET
+from llm4gen.embedded.tiny import tiny_sd_path
 
 pytestmark = pytest.mark.slow
 
@@ -142,7 +148,7 @@ def test_release_generation_matches_the_reference_then_trains_exports_and_reload
     assert export.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "exported")]) == 0
     assert {p.name for p in (tmp_path / "exported").iterdir()} == {"projector.pth", "unet"}
 
-    from lightning_modules.llm4gen import LLM4GenModule
+    from llm4gen.lightning_modules.llm4gen import LLM4GenModule
 
     trained = LLM4GenModule.load_from_checkpoint(checkpoint, map_location="cpu")
     reloaded = generate.load_release_module(str(tmp_path / "exported"), None, model_overrides(t5_folder, base))

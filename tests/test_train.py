@@ -9,13 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-import generate
-import train
-from datamodules.synthetic import write_synthetic_shards
-from tests.shards import png_bytes, write_tar
-
-FAST = ["validation.every_n_steps=0", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
-        "data.batch_size=4", "model.optim.warmup_steps=0"]
+from llm4gen.cli import generate, train
+from llm4gen.datamodules.synthetic import write_synthetic_shards
+from tests.helpers.shards import png_bytes, write_tar
+from tests.helpers.training import FAST
 
 
 @pytest.fixture
@@ -24,9 +21,8 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the config was refused")
 
-    import encoders.stable_diffusion as sd
-    import encoders.llm as llm
-
+    import llm4gen.encoders.llm as llm
+    import llm4gen.encoders.stable_diffusion as sd
     monkeypatch.setitem(sd.LOADERS, "sd15", refuse)
     monkeypatch.setattr(llm.LLMEncoder, "__init__", refuse)
 
@@ -123,7 +119,7 @@ def test_checkpoint_holds_only_the_trainable_state(trained_run):
 
 @pytest.mark.slow
 def test_resume_continues_at_the_saved_step_with_the_saved_optimizer(trained_run, tmp_path):
-    from lightning_modules.llm4gen import LLM4GenModule
+    from llm4gen.lightning_modules.llm4gen import LLM4GenModule
 
     step3 = torch.load(trained_run / "checkpoints" / "step=0000003.ckpt", map_location="cpu", weights_only=False)
     seen = {}
@@ -178,17 +174,18 @@ def test_generate_refuses_a_missing_checkpoint(tmp_path, capsys):
     assert "x.ckpt' does not exist" in capsys.readouterr().err
 
 
-def test_resume_path_accepts_its_own_checkpoint_and_names_what_another_configuration_changed(trained_run, capsys):
-    from lightning_modules.checkpoint_files import CheckpointError
+def test_the_resume_check_accepts_its_own_checkpoint_and_names_what_another_configuration_changed(trained_run, capsys):
+    from llm4gen.launch.preflight import resume_checkpoint
+    from llm4gen.lightning_modules.checkpoint_files import CheckpointError
 
     checkpoint = trained_run / "checkpoints" / "step=0000003.ckpt"
     common = [f"output_dir={trained_run}", f"data.shards={trained_run.parent / 'shards'}", "model.ema.enabled=true",
               f"resume={checkpoint}"]
-    assert train.resume_path(train.load_config(None, common)) == str(checkpoint)
+    assert resume_checkpoint(train.load_config(None, common)) == str(checkpoint)
     with pytest.raises(CheckpointError, match="model.adapter.num_blocks: checkpoint 1, this config 2"):
-        train.resume_path(train.load_config(None, [*common, "model.adapter.num_blocks=2"]))
+        resume_checkpoint(train.load_config(None, [*common, "model.adapter.num_blocks=2"]))
     with pytest.raises(CheckpointError, match="model.ema.enabled: checkpoint True, this config False"):
-        train.resume_path(train.load_config(None, [*common, "model.ema.enabled=false"]))
+        resume_checkpoint(train.load_config(None, [*common, "model.ema.enabled=false"]))
     # A truncated copy of the newest checkpoint: resume=auto falls back to the previous good one.
     newest = max((trained_run / "checkpoints").glob("step=*.ckpt"))
     data = newest.read_bytes()
@@ -196,7 +193,7 @@ def test_resume_path_accepts_its_own_checkpoint_and_names_what_another_configura
         newest.write_bytes(data[: len(data) // 2])
         import os
         os.utime(newest)  # newest by time too
-        found = train.resume_path(train.load_config(None, common[:-1]))
+        found = resume_checkpoint(train.load_config(None, common[:-1]))
         assert found is not None and Path(found) != newest
         assert "skipping unreadable checkpoint" in capsys.readouterr().err
     finally:

@@ -5,11 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-import attention_maps
-import generate
-import train
-from datamodules.synthetic import write_synthetic_shards
-from tests.test_train import FAST
+from llm4gen.cli import attention_maps, generate, train
+from llm4gen.datamodules.synthetic import write_synthetic_shards
+from tests.helpers.training import FAST
 
 
 @pytest.fixture(scope="module")

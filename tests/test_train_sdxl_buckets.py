@@ -7,10 +7,10 @@ import functools
 import lightning as L
 import pytest
 
-import train
-from datamodules.buckets import assign_bucket, bucket_sizes
-from datamodules.synthetic import write_synthetic_shards
-from tests.test_train import FAST
+from llm4gen.cli import train
+from llm4gen.configs.buckets import assign_bucket, bucket_sizes
+from llm4gen.datamodules.synthetic import write_synthetic_shards
+from tests.helpers.training import FAST
 
 SIZES = [(32, 32), (48, 24), (24, 48), (64, 36), (30, 34)]
 

@@ -53,8 +53,9 @@ class KeyRecorder(L.Callback):
             handle.write(json.dumps(record) + "\n")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # the datamodule consumed this batch (and took its keys out of it) just before this hook
         self._append(trainer, {"global_step": trainer.global_step, "batch_idx": batch_idx,
-                               "rank": trainer.global_rank, "keys": list(batch["keys"])})
+                               "rank": trainer.global_rank, "keys": trainer.datamodule.last_keys})
 
     def on_train_end(self, trainer, pl_module) -> None:
         digest, total = hashlib.sha256(), 0.0
@@ -69,8 +70,7 @@ class KeyRecorder(L.Callback):
 
 
 def main(argv=None) -> int:
-    import train
-
+    from llm4gen.cli import train
     if os.environ.get(RECORD_KEYS_ENV):
         train.build_trainer = functools.partial(train.build_trainer,
                                                 extra_callbacks=[KeyRecorder(os.environ[RECORD_KEYS_ENV])])

@@ -2,7 +2,12 @@ import pytest
 import torch
 from torch import nn
 
-from adapters.cross_adapter import CrossAdapter, convert_released_state_dict, count_parameters, released_parameter_count
+from llm4gen.adapters.cross_adapter import (
+    CrossAdapter,
+    convert_released_state_dict,
+    count_parameters,
+    released_parameter_count,
+)
 
 
 class ReleasedBlock(nn.Module):

@@ -1,8 +1,8 @@
 """bench/gpu_bench.py --smoke: the GPU bench's own code, every scenario, on the tiny models on a CPU."""
 
 import importlib.util
-import sys
 import json
+import sys
 from pathlib import Path
 
 import pytest

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from configs.schema import load_config
+from llm4gen.configs.schema import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

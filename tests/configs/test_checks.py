@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from configs import choices
-from configs.checks import check_trainer_values, llm_length_limit, model_json
-from configs.schema import ConfigError, load_config
+from llm4gen.configs import choices
+from llm4gen.configs.checks import check_trainer_values, llm_length_limit, model_json
+from llm4gen.configs.schema import ConfigError, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,7 +55,7 @@ def test_model_facts_are_read_from_config_files_without_weights(tmp_path):
 def test_resolution_is_checked_against_a_local_vae_config(tmp_path):
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text('{"block_out_channels": [128, 256, 512, 512]}')
-    from configs.checks import check_against_models
+    from llm4gen.configs.checks import check_against_models
 
     cfg = load_config(None, ["data.resolution=516"])
     cfg.model.base.pretrained = str(tmp_path)
@@ -66,8 +66,9 @@ def test_resolution_is_checked_against_a_local_vae_config(tmp_path):
 
 
 def test_choice_lists_have_one_home():
-    from datamodules import prepare, transforms
-    from encoders import llm, sources
+    from llm4gen.datamodules import transforms
+    from llm4gen.encoders import llm, sources
+    from llm4gen.tools import prepare
 
     assert transforms.SKIP_REASONS == choices.SAMPLE_SKIP_REASONS
     assert prepare.SKIP_REASONS == choices.PREPARE_SKIP_REASONS
@@ -78,7 +79,7 @@ def test_choice_lists_have_one_home():
 
 
 def test_cache_key_covers_every_model_setting_not_explicitly_ignored():
-    from datamodules.feature_cache import FIELD_DEPENDENCIES, field_key
+    from llm4gen.tools.feature_cache import FIELD_DEPENDENCIES, field_key
 
     cfg = load_config()
     keys = {name: field_key(cfg, name) for name in FIELD_DEPENDENCIES}

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-import train
-from configs.schema import load_config
+from llm4gen.cli import train
+from llm4gen.configs.schema import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER_CONFIGS = {

@@ -12,10 +12,10 @@ import random
 import pytest
 from PIL import Image
 
-import datamodules.webdataset_datamodule as wdm
-from datamodules.buckets import assign_bucket, bucket_sizes, buckets_enabled, resolve_buckets
-from datamodules.synthetic import write_synthetic_shards
-from datamodules.transforms import preprocess_image_with_geometry
+import llm4gen.datamodules.webdataset_datamodule as wdm
+from llm4gen.configs.buckets import assign_bucket, bucket_sizes, buckets_enabled, resolve_buckets
+from llm4gen.datamodules.synthetic import write_synthetic_shards
+from llm4gen.datamodules.transforms import preprocess_image_with_geometry
 
 # ---------------------------------------------------------------- the bucket set
 

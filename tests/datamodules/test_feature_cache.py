@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import cache
-import train
-from configs.schema import load_config
-from datamodules.feature_cache import (
+from llm4gen.cli import cache, train
+from llm4gen.configs.schema import load_config
+from llm4gen.datamodules.synthetic import write_synthetic_shards
+from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule, iter_tar_samples, parse_entities
+from llm4gen.tools.feature_cache import (
     CACHE_KEY_FILE,
     STORAGE_REPORT_FILE,
     CacheError,
@@ -27,13 +28,11 @@ from datamodules.feature_cache import (
     shards_for_rank,
     tar_member_bytes,
 )
-from datamodules.synthetic import write_synthetic_shards
-from datamodules.webdataset_datamodule import WebDatasetDataModule, iter_tar_samples, parse_entities
-from tests.conftest import make_module
+from tests.helpers.modules import make_module
 
 ALL_FIELDS = "latent_moments,llm_features,clip_features,entities"
 SYNTHETIC_SHARDS = ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]  # 4 + 4 + 2 samples
-from tests.shards import png_bytes, write_tar
+from tests.helpers.shards import png_bytes, write_tar
 
 pytestmark = [pytest.mark.slow]
 
@@ -195,9 +194,9 @@ def test_loss_from_the_cache_equals_the_online_loss(source_dir, cache_dir, cfg):
         assert contexts[1].shape == (4, 77 + module.cfg.llm.max_length, 64)
         torch.testing.assert_close(contexts[1], contexts[0], atol=1e-5, rtol=1e-5)
         losses = [module.compute_losses(batch, noise=noise, timesteps=timesteps, drop=drop,
-                                        generator=torch.Generator().manual_seed(0))["loss"] for batch in (online, cached)]
+                                        generator=torch.Generator().manual_seed(0)).diffusion for batch in (online, cached)]
         other_sample = module.compute_losses(cached, noise=noise, timesteps=timesteps, drop=drop,
-                                             generator=torch.Generator().manual_seed(1))["loss"]
+                                             generator=torch.Generator().manual_seed(1)).diffusion
     assert abs(losses[0].item() - losses[1].item()) < 1e-5
     assert abs(other_sample.item() - losses[1].item()) > 1e-3  # another posterior sample is told apart
 
@@ -268,7 +267,7 @@ def test_only_the_fields_the_run_reads_are_compared(cache_dir):
 def test_settings_a_field_does_not_depend_on_leave_its_cache_usable(cache_dir):
     # Chunked CLIP (model.base.clip_chunks) changes the CLIP features, not the latents or the LLM's.
     check_cache_key(cache_dir, with_overrides("model.base.clip_chunks=3"))
-    from datamodules.feature_cache import field_key
+    from llm4gen.tools.feature_cache import field_key
 
     cfg, chunked = with_overrides(), with_overrides("model.base.clip_chunks=3")
     assert field_key(cfg, "clip_features") != field_key(chunked, "clip_features")
@@ -307,7 +306,7 @@ def test_model_identity_follows_the_weights_not_the_path(tmp_path):
     assert model_identity("org/model") == "hub:org/model@main"
     assert model_identity("embedded:tiny-sd") == "embedded:tiny-sd@tiny-sd-v2"
     # the shipped shapes base is files in the repository: its identity is their fingerprint, per part
-    from embedded.tiny import SHAPES_SD_DIR
+    from llm4gen.embedded.registry import SHAPES_SD_DIR
 
     shapes_vae = model_identity("embedded:shapes-sd", parts=("vae",))
     assert shapes_vae == f"embedded:shapes-sd@{folder_fingerprint(SHAPES_SD_DIR, ('vae',))}"

@@ -9,12 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-import cache
-from configs.schema import load_config
-from datamodules.feature_cache import DEFAULT_FIELDS, CacheKeyMismatch, check_cache_key, check_cacheable, stored_llm_tokens
-from datamodules.synthetic import write_synthetic_shards
-from datamodules.webdataset_datamodule import WebDatasetDataModule, iter_tar_samples
-from tests.conftest import make_module
+from llm4gen.cli import cache
+from llm4gen.configs.schema import load_config
+from llm4gen.datamodules.synthetic import write_synthetic_shards
+from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule, iter_tar_samples
+from llm4gen.tools.feature_cache import (
+    DEFAULT_FIELDS,
+    CacheKeyMismatch,
+    check_cache_key,
+    check_cacheable,
+    stored_llm_tokens,
+)
+from tests.helpers.modules import make_module
 
 PADDED = ["model.llm.zero_padding=false"]
 

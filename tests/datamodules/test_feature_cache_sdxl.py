@@ -9,12 +9,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import cache
-from configs.schema import load_config
-from tests.conftest import make_module
+from llm4gen.cli import cache
+from llm4gen.configs.schema import load_config
 from tests.datamodules.test_feature_cache import first_batch
 from tests.datamodules.test_size_conditioning import image_bytes
-from tests.shards import write_tar
+from tests.helpers.modules import make_module
+from tests.helpers.shards import write_tar
 
 CAPTIONS = [b"a red circle and a blue square", b"a green triangle", b"a yellow square on a black background",
             b"a white circle"]
@@ -63,7 +63,7 @@ def test_sdxl_loss_from_the_cache_equals_the_online_loss(sdxl_cache):
         for name in ("text_embeds", "time_ids"):
             torch.testing.assert_close(kwargs[1][name], kwargs[0][name], atol=1e-6, rtol=0)
         losses = [module.compute_losses(batch, noise=noise, timesteps=timesteps, drop=drop,
-                                        generator=torch.Generator().manual_seed(0))["loss"] for batch in (online, cached)]
+                                        generator=torch.Generator().manual_seed(0)).diffusion for batch in (online, cached)]
     print(f"SDXL online {losses[0].item():.8f} cached {losses[1].item():.8f}")
     assert abs(losses[0].item() - losses[1].item()) < 1e-5
 
@@ -72,8 +72,8 @@ def test_sdxl_loss_from_the_cache_equals_the_online_loss(sdxl_cache):
 def test_bucketed_sdxl_cache_holds_latents_at_each_bucket_and_gives_the_online_loss(tmp_path):
     """SDXL buckets by default: the cache stores each image's latents at its bucket's size, the loader
     batches them by bucket, and the loss from the cache equals the online one, bucket for bucket."""
-    from datamodules.buckets import bucket_sizes
-    from datamodules.webdataset_datamodule import WebDatasetDataModule
+    from llm4gen.configs.buckets import bucket_sizes
+    from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
 
     source, out = write_cache(tmp_path)
     key = json.loads(open(os.path.join(out, "cache_key.json")).read())
@@ -100,7 +100,7 @@ def test_bucketed_sdxl_cache_holds_latents_at_each_bucket_and_gives_the_online_l
         drop = torch.tensor([False, False])
         with torch.no_grad():
             losses = [module.compute_losses(batch, noise=noise, timesteps=timesteps, drop=drop,
-                                            generator=torch.Generator().manual_seed(0))["loss"] for batch in (on, off)]
+                                            generator=torch.Generator().manual_seed(0)).diffusion for batch in (on, off)]
         assert abs(losses[0].item() - losses[1].item()) < 1e-5
     assert online[1]["pixel_values"].shape[-2:] == (24, 40)
     # Resized to cover 40 x 24, then centre-cropped: 48 x 32 -> 40 x 27 (top 1), 64 x 36 -> 43 x 24 (left 1).

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules import prepare as prep
-from datamodules.prepare import main
+from llm4gen.tools import prepare as prep
+from llm4gen.tools.prepare import main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MIN_SIZE = 16

@@ -7,8 +7,8 @@ import copy
 
 import pytest
 
-import datamodules.webdataset_datamodule as wdm
-from datamodules.synthetic import write_synthetic_shards
+import llm4gen.datamodules.webdataset_datamodule as wdm
+from llm4gen.datamodules.synthetic import write_synthetic_shards
 
 SHARDS, PER_SHARD, BATCH = 40, 6, 4
 

@@ -5,9 +5,27 @@ import random
 import numpy as np
 import pytest
 
-from datamodules.shapes import (
-    BACKGROUND_RGB, CELL_NAMES, COLORS, HELD_OUT, PHRASINGS, SEEN, SHAPES, SIZES, Scene, ShapeObject, caption, entity_groups,
-    free_space, object_bbox, parse_prompt, phrasings_for, random_scene, render_scene, sample_scene, size_threshold,
+from llm4gen.shapes.world import (
+    BACKGROUND_RGB,
+    CELL_NAMES,
+    COLORS,
+    HELD_OUT,
+    PHRASINGS,
+    SEEN,
+    SHAPES,
+    SIZES,
+    Scene,
+    ShapeObject,
+    caption,
+    entity_groups,
+    free_space,
+    object_bbox,
+    parse_prompt,
+    phrasings_for,
+    random_scene,
+    render_scene,
+    sample_scene,
+    size_threshold,
 )
 
 
@@ -106,7 +124,7 @@ def test_dense_captions_fit_clip_context():
     """The longest dense caption stays within CLIP's 77 tokens, so CLIP sees every object."""
     from transformers import CLIPTokenizer
 
-    from embedded.tiny import CLIP_TOKENIZER_DIR
+    from llm4gen.embedded.registry import CLIP_TOKENIZER_DIR
 
     tokenizer = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
     longest = Scene(tuple(ShapeObject("yellow", "triangle", "small", i, 0.5, (0, 0)) for i in (0, 1, 3)))
@@ -148,7 +166,7 @@ def test_scene_round_trips_through_json():
 
 
 def test_entity_groups_bind_each_shape_to_its_own_colour_and_size_with_exact_spans():
-    from losses.entity_parser import groups_from_json
+    from llm4gen.losses.entity_parser import groups_from_json
 
     text = caption(TWO, "relative")  # "a circle that is small and red next to a large blue square"
     groups = entity_groups(text)

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datamodules.transforms import original_size, preprocess_image, preprocess_image_with_geometry
-from datamodules.webdataset_datamodule import WebDatasetDataModule
-from tests.shards import write_tar
+from llm4gen.datamodules.transforms import original_size, preprocess_image, preprocess_image_with_geometry
+from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
+from tests.helpers.shards import write_tar
 
 
 def image_bytes(width: int, height: int) -> bytes:

@@ -6,8 +6,9 @@ import tarfile
 import pytest
 from PIL import Image
 
-from datamodules.shapes import HELD_OUT, caption, parse_prompt
-from datamodules.synthetic import COLORS, Scene, ensure_synthetic_shards, write_synthetic_shards
+from llm4gen.datamodules.synthetic import COLORS, Scene, ensure_synthetic_shards, write_synthetic_shards
+from llm4gen.losses.token_alignment import mentions_in_clip_window
+from llm4gen.shapes.world import HELD_OUT, caption, parse_prompt
 
 
 def read_tar(path):
@@ -113,7 +114,7 @@ def sample_digest(samples):
 def test_default_samples_are_byte_identical_to_before_verbose_captions():
     """Pinned on samples captured before the verbose phrasing existed: a share of 0 (the default)
     writes the same bytes."""
-    from datamodules.synthetic import synthetic_sample
+    from llm4gen.datamodules.synthetic import synthetic_sample
 
     for share in ({}, {"verbose_share": 0.0}):
         assert sample_digest(synthetic_sample(i, 32, 0, **share) for i in range(64)) == (
@@ -128,9 +129,9 @@ def test_default_samples_are_byte_identical_to_before_verbose_captions():
 def test_a_verbose_share_writes_verbose_captions_with_their_clip_positions(tmp_path):
     from transformers import CLIPTokenizer
 
-    from datamodules.shapes import VERBOSE, object_mentions
-    from datamodules.synthetic import clip_tokenizer, synthetic_sample
-    from embedded.tiny import CLIP_TOKENIZER_DIR
+    from llm4gen.datamodules.synthetic import clip_tokenizer, synthetic_sample
+    from llm4gen.embedded.registry import CLIP_TOKENIZER_DIR
+    from llm4gen.shapes.world import VERBOSE, object_mentions
 
     assert clip_tokenizer() is clip_tokenizer()  # loaded once
     (path,) = write_synthetic_shards(str(tmp_path), num_samples=40, samples_per_shard=40, resolution=32, seed=2,
@@ -151,7 +152,7 @@ def test_a_verbose_share_writes_verbose_captions_with_their_clip_positions(tmp_p
         assert text == caption(Scene.from_dict(record), VERBOSE)
         assert sorted(o.attributes() for o in parse_prompt(text).objects) == sorted(
             o.attributes() for o in Scene.from_dict(record).objects)
-        assert record["mentions"] == object_mentions(text, tokenizer)
+        assert record["mentions"] == mentions_in_clip_window(text, tokenizer)
         # re-tokenized independently: the largest index of each object's colour, size and shape tokens
         pieces = tokenizer.convert_ids_to_tokens(tokenizer(text, verbose=False)["input_ids"])
         for mention in record["mentions"]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.transforms import (
+from llm4gen.datamodules.transforms import (
     SKIP_REASONS,
     SampleError,
     crop_box,

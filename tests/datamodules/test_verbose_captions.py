@@ -12,10 +12,25 @@ from collections import Counter
 
 import pytest
 
-from datamodules import shapes
-from datamodules.shapes import (
-    CELL_NAMES, CLIP_LAST_CONTENT_POSITION, COLOR_WORDS, PHRASINGS, SHAPE_WORDS, SIZE_WORDS, VERBOSE, Scene,
-    ShapeObject, caption, entity_groups, object_mentions, parse_prompt, phrasings_for, random_scene, render_scene,
+from llm4gen.losses.token_alignment import mentions_in_clip_window
+from llm4gen.shapes import world as shapes
+from llm4gen.shapes.world import (
+    CELL_NAMES,
+    CLIP_LAST_CONTENT_POSITION,
+    COLOR_WORDS,
+    PHRASINGS,
+    SHAPE_WORDS,
+    SIZE_WORDS,
+    VERBOSE,
+    Scene,
+    ShapeObject,
+    caption,
+    entity_groups,
+    object_mentions,
+    parse_prompt,
+    phrasings_for,
+    random_scene,
+    render_scene,
     sample_scene,
 )
 
@@ -24,7 +39,7 @@ from datamodules.shapes import (
 def tokenizer():
     from transformers import CLIPTokenizer
 
-    from embedded.tiny import CLIP_TOKENIZER_DIR
+    from llm4gen.embedded.registry import CLIP_TOKENIZER_DIR
 
     return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
 
@@ -78,7 +93,7 @@ def test_default_training_samples_are_unchanged_by_the_verbose_phrasing():
 
 def test_a_verbose_share_changes_captions_only_and_records_the_mentions(tokenizer):
     short = [random_scene(random.Random(f"t/{i}"), 32) for i in range(200)]
-    mixed = [random_scene(random.Random(f"t/{i}"), 32, verbose_share=0.5, tokenizer=tokenizer) for i in range(200)]
+    mixed = [random_scene(random.Random(f"t/{i}"), 32, verbose_share=0.5) for i in range(200)]
     verbose = [m for m in mixed if m["phrasing"] == VERBOSE]
     assert 70 <= len(verbose) <= 130
     for s, m in zip(short, mixed):
@@ -87,8 +102,7 @@ def test_a_verbose_share_changes_captions_only_and_records_the_mentions(tokenize
             assert m == s
         else:
             assert m["caption"] == caption(Scene.from_dict(m), VERBOSE)
-            assert m["mentions"] == object_mentions(m["caption"], tokenizer)
-            assert all("last_clip_token" in x for x in m["mentions"])
+            assert m["mentions"] == object_mentions(m["caption"])  # spans; synthetic.py adds CLIP positions
     everything = [random_scene(random.Random(f"t/{i}"), 32, verbose_share=1.0) for i in range(20)]
     assert all(r["phrasing"] == VERBOSE and "last_clip_token" not in r["mentions"][0] for r in everything)
     with pytest.raises(ValueError, match="verbose_share"):
@@ -105,7 +119,7 @@ def test_a_verbose_caption_is_a_pure_function_of_the_scene():
     assert caption(THREE, VERBOSE, rng=random.Random(1)) != PINNED_THREE
     assert caption(THREE, VERBOSE, rng=random.Random(1)) == caption(THREE, VERBOSE, rng=random.Random(1))
     # no salted hash: another interpreter with another hash seed writes the same caption
-    code = ("import json; from datamodules.shapes import Scene, caption; "
+    code = ("import json; from llm4gen.shapes.world import Scene, caption; "
             f"print(caption(Scene.from_dict(json.loads({json.dumps(json.dumps(THREE.to_dict()))})), 'verbose'))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
@@ -194,7 +208,7 @@ def test_every_object_sentence_names_its_own_cell_and_nothing_false():
 # ---------------------------------------------------------------- read back exactly
 
 def test_parse_prompt_and_entity_groups_read_every_verbose_caption_exactly():
-    from losses.entity_parser import groups_from_json
+    from llm4gen.losses.entity_parser import groups_from_json
 
     checked = Counter()
     for scene in scenes(12, 600):
@@ -214,7 +228,7 @@ def test_parse_prompt_and_entity_groups_read_every_verbose_caption_exactly():
 
 
 def test_the_analyzer_scores_the_ground_truth_of_verbose_captions_as_bound():
-    from evaluation.shapes import score
+    from llm4gen.evaluation.shapes import score
 
     results = [score(render_scene(scene, 32), caption(scene, VERBOSE)).binding for scene in scenes(13, 210)]
     assert sum(r == 1 for r in results) / len(results) >= 0.99
@@ -234,7 +248,7 @@ def clip_positions_independently(text, tokenizer):
 
 def check_mentions(text, mentions, tokenizer):
     ids, found = clip_positions_independently(text, tokenizer)
-    words = sorted((w for m in mentions for w in (m["entity"], *m["attributes"])), key=lambda w: w["start"])
+    words = sorted((w for m in mentions for w in (m.entity, *m["attributes"])), key=lambda w: w["start"])
     assert len(found) == len(words) == 3 * len(mentions)
     position = {(w["start"], w["end"]): p for w, p in zip(words, found)}
     for w, p in zip(words, found):
@@ -242,7 +256,7 @@ def check_mentions(text, mentions, tokenizer):
     truncated = tokenizer(text, max_length=77, truncation=True, padding="max_length")["input_ids"]
     assert truncated[0] == tokenizer.bos_token_id
     for m in mentions:
-        last = max(position[(w["start"], w["end"])] for w in (m["entity"], *m["attributes"]))
+        last = max(position[(w["start"], w["end"])] for w in (m.entity, *m["attributes"]))
         assert m["last_clip_token"] == last
         assert m["in_clip_window"] == (last <= CLIP_LAST_CONTENT_POSITION)
         if m["in_clip_window"]:     # CLIP's encoder gets every token of the object
@@ -251,16 +265,16 @@ def check_mentions(text, mentions, tokenizer):
 
 
 def test_object_mentions_give_each_objects_last_clip_token(tokenizer):
-    mentions = check_mentions(PINNED_THREE, object_mentions(PINNED_THREE, tokenizer), tokenizer)
+    mentions = check_mentions(PINNED_THREE, mentions_in_clip_window(PINNED_THREE, tokenizer), tokenizer)
     assert [(m["color"], m["shape"], m["in_clip_window"]) for m in mentions] == [
         ("red", "circle", True), ("blue", "square", False), ("orange", "cross", False)]
     assert [m["last_clip_token"] for m in mentions] == [59, 115, 155]
     assert object_mentions(PINNED_THREE)[0].keys() == {"color", "shape", "size", "entity", "attributes"}
     short = "a circle that is small and red next to a large blue square"
-    assert [m["last_clip_token"] for m in object_mentions(short, tokenizer)] == [7, 13]
+    assert [m["last_clip_token"] for m in mentions_in_clip_window(short, tokenizer)] == [7, 13]
     for scene in scenes(14, 60):
         text = caption(scene, VERBOSE)
-        check_mentions(text, object_mentions(text, tokenizer), tokenizer)
+        check_mentions(text, mentions_in_clip_window(text, tokenizer), tokenizer)
 
 
 def window_statistics(tokenizer, n_objects, count=300, seed=15):
@@ -268,7 +282,7 @@ def window_statistics(tokenizer, n_objects, count=300, seed=15):
     for scene in scenes(seed, count, n_objects):
         text = caption(scene, VERBOSE)
         lengths.append(len(tokenizer(text, verbose=False)["input_ids"]))
-        mentions = object_mentions(text, tokenizer)
+        mentions = mentions_in_clip_window(text, tokenizer)
         outside += [not m["in_clip_window"] for m in mentions]
         first_inside.append(mentions[0]["in_clip_window"])
     return lengths, outside, first_inside

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.synthetic import synthetic_sample, write_synthetic_shards
-from datamodules.webdataset_datamodule import (
+from llm4gen.datamodules.synthetic import synthetic_sample, write_synthetic_shards
+from llm4gen.datamodules.webdataset_datamodule import (
     PRECOMPUTED_MEMBERS,
     SKIP_REASONS,
     WebDatasetDataModule,
@@ -16,7 +16,7 @@ from datamodules.webdataset_datamodule import (
     pad_llm_features,
     resolve_shards,
 )
-from tests.shards import png_bytes, write_tar
+from tests.helpers.shards import png_bytes, write_tar
 
 NUM_SYNTHETIC = 44  # 6 shards of 8 (the last holds 4): uneven on purpose
 
@@ -367,8 +367,8 @@ class KeyRecorder:
                 self.seen = []
 
             def training_step(self, batch, batch_idx):
-                self.trainer.datamodule.on_batch_consumed(batch)
-                self.seen.append(tuple(batch["keys"]))
+                assert not {"keys", "position", "skipped"} & set(batch)  # the model sees only model input
+                self.seen.append(tuple(self.trainer.datamodule.last_keys))
                 return (self.weight * batch["pixel_values"].mean()).sum()
 
             def configure_optimizers(self):

@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from datamodules.shapes import HELD_OUT, parse_prompt
-from embedded.pretrain import PretrainConfig, make_dataset, pretrain
+from llm4gen.shapes.world import HELD_OUT, parse_prompt
+from llm4gen.tools.pretrain import PretrainConfig, make_dataset, pretrain
 
 TOY = dict(num_scenes=48, vae_steps=2, clip_steps=2, unet_steps=2, unet_refine_steps=2, vae_batch=4, clip_batch=8, unet_batch=4,
            log_every=1, eval_prompts=0, threads=1, warmup_steps=1)
@@ -26,7 +26,7 @@ def test_training_data_is_training_split_only():
 def test_pretrain_writes_a_loadable_base_reproducibly(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from encoders.stable_diffusion import load_sd15
+    from llm4gen.encoders.stable_diffusion import load_sd15
 
     log = pretrain(PretrainConfig(output=str(tmp_path / "a"), **TOY))
     base = tmp_path / "a" / "base"
@@ -80,8 +80,7 @@ def test_pretrain_writes_a_loadable_base_reproducibly(tmp_path):
 
 @pytest.mark.slow
 def test_an_interrupted_unet_stage_resumes_from_its_last_save_to_the_same_weights(tmp_path, monkeypatch):
-    import embedded.pretrain as pretrain_module
-
+    import llm4gen.tools.pretrain as pretrain_module
     settings = {**TOY, "unet_steps": 4, "unet_checkpoint_every": 2, "unet_refine_steps": 0}
     pretrain(PretrainConfig(output=str(tmp_path / "straight"), **settings))
     real_record = pretrain_module.StageLog.record
@@ -107,8 +106,8 @@ def test_an_interrupted_unet_stage_resumes_from_its_last_save_to_the_same_weight
 def test_min_snr_weights_are_one_where_noisy_and_gamma_over_snr_where_clean():
     from diffusers import DDPMScheduler
 
-    from embedded.pretrain import min_snr_weights
-    from embedded.tiny import SD15_SCHEDULER
+    from llm4gen.embedded.registry import SD15_SCHEDULER
+    from llm4gen.tools.pretrain import min_snr_weights
 
     alphas = DDPMScheduler.from_config(SD15_SCHEDULER).alphas_cumprod
     t = torch.tensor([0, 100, 500, 999])
@@ -126,8 +125,8 @@ def test_the_refine_stage_starts_from_the_first_stages_weights(tmp_path):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from embedded.pretrain import tokenize, train_unet
-    from embedded.tiny import CLIP_TOKENIZER_DIR, SHAPES_UNET, TINY_CLIP
+    from llm4gen.embedded.registry import CLIP_TOKENIZER_DIR, SHAPES_UNET, TINY_CLIP
+    from llm4gen.tools.pretrain import tokenize, train_unet
 
     torch.manual_seed(0)
     cfg = PretrainConfig(**{**TOY, "warmup_steps": 1})
@@ -150,8 +149,8 @@ def test_binding_probe_is_chance_for_a_bag_of_words_model_and_perfect_for_a_bind
     swap the same, and a tie is not a preference (0); one that binds colours to shapes reaches 1."""
     from transformers import CLIPTokenizer
 
-    from embedded.pretrain import binding_probe
-    from embedded.tiny import CLIP_TOKENIZER_DIR
+    from llm4gen.embedded.registry import CLIP_TOKENIZER_DIR
+    from llm4gen.tools.pretrain import binding_probe
 
     class BagOfWords(torch.nn.Module):
         def forward(self, input_ids, pixel_values):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from embedded.tiny import SHAPES_SD_DIR, SHAPES_UNET
+from llm4gen.embedded.registry import SHAPES_SD_DIR, SHAPES_UNET
 
 
 def test_the_shipped_base_is_a_diffusers_folder_under_25_mb_with_its_pretraining_log():
@@ -24,8 +24,8 @@ def test_the_shipped_base_is_a_diffusers_folder_under_25_mb_with_its_pretraining
 
 
 def test_the_shipped_base_loads_through_the_training_path_with_the_tiny_architecture():
-    from configs.schema import load_config
-    from encoders.stable_diffusion import load_base_model
+    from llm4gen.configs.schema import load_config
+    from llm4gen.encoders.stable_diffusion import load_base_model
 
     cfg = load_config(overrides=["model.base.pretrained=embedded:shapes-sd"])
     base = load_base_model(cfg.model.base)
@@ -38,8 +38,8 @@ def test_the_shipped_base_loads_through_the_training_path_with_the_tiny_architec
 def test_the_base_draws_single_objects_in_the_right_shape_and_colour():
     """30 single-object prompts (seen_1, fixed seeds): the analyzer finds the prompt's shape in the
     prompt's colour in >= 85% of the images (the report's full set: README, Shapes benchmark)."""
-    from evaluation import aggregate, prompt_set, score
-    from evaluation.sampler import load_base_pipeline
+    from llm4gen.evaluation import aggregate, prompt_set, score
+    from llm4gen.lightning_modules.sampler import load_base_pipeline
 
     pipe = load_base_pipeline("embedded:shapes-sd", "DDIMScheduler")
     pipe.set_progress_bar_config(disable=True)

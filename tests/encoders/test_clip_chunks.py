@@ -5,9 +5,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from configs.schema import load_config
-from encoders.clip import tokenize, tokenize_chunks
-from tests.conftest import make_module
+from llm4gen.configs.schema import load_config
+from llm4gen.encoders.clip import tokenize, tokenize_chunks
+from tests.helpers.modules import make_module
 
 SHORT = "a small red circle and a large blue square"
 # About 110 CLIP tokens: words past the 75th content token are cut off by one-window CLIP.
@@ -19,7 +19,7 @@ LONG = ("The picture is a plain flat drawing with even light and crisp edges, ma
 def tokenizer():
     from transformers import CLIPTokenizer
 
-    from embedded.tiny import CLIP_TOKENIZER_DIR
+    from llm4gen.embedded.registry import CLIP_TOKENIZER_DIR
 
     return CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR)
 
@@ -65,13 +65,13 @@ def test_generation_and_a_training_step_run_with_chunks(modules):
     images = chunked.generate([LONG, SHORT], [0, 1], num_inference_steps=2, guidance_scale=5.0)
     assert len(images) == 2 and images[0].size == (32, 32)
     batch = {"captions": [LONG, SHORT], "pixel_values": torch.zeros(2, 3, 32, 32)}
-    loss = chunked.compute_losses(batch)["loss"]
+    loss = chunked.compute_losses(batch).diffusion
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in chunked.adapter.parameters())
 
 
 def test_a_chunked_config_prints_and_the_entity_loss_is_refused_with_it():
-    from configs.schema import ConfigError
+    from llm4gen.configs.schema import ConfigError
 
     assert load_config(overrides=["model.base.clip_chunks=3"]).model.base.clip_chunks == 3
     with pytest.raises(ConfigError, match="clip_chunks=2 with model.objective.lambda_entity"):

@@ -6,11 +6,17 @@ import copy
 
 import pytest
 import torch
-from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, T5Config,
-                          T5ForConditionalGeneration)
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
-from encoders.llm import LLMEncoder
-from encoders.sources import ModelSourceError
+from llm4gen.encoders.llm import LLMEncoder
+from llm4gen.encoders.sources import ModelSourceError
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +139,7 @@ def test_a_layer_the_model_lacks_is_refused_naming_the_range(llama_folder):
 
 
 def test_the_prefix_defaults_to_what_the_llm_expects():
-    from configs.schema import default_llm_prefix, load_config
+    from llm4gen.configs.schema import default_llm_prefix, load_config
 
     assert default_llm_prefix("kalpeshk2011/rankgen-t5-xl-all") == "pre "
     assert default_llm_prefix("/models/RankGen-T5-XL") == "pre "

@@ -6,9 +6,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from configs.schema import load_config
-from encoders.sdxl import add_time_ids
-from tests.conftest import make_module
+from llm4gen.configs.schema import load_config
+from llm4gen.encoders.sdxl import add_time_ids
+from tests.helpers.modules import make_module
 
 PROMPTS = ["a red circle and a blue square", "a green triangle on a yellow background"]
 
@@ -28,7 +28,7 @@ def pipe():
     """diffusers' SDXL pipeline loaded on its own from the same folder (no weights shared with the module)."""
     from diffusers import StableDiffusionXLPipeline
 
-    from embedded.tiny import tiny_sdxl_path
+    from llm4gen.embedded.tiny_sdxl import tiny_sdxl_path
 
     return StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path())
 

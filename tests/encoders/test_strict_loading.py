@@ -9,13 +9,21 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import (AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, T5Config,
-                          T5EncoderModel, T5ForConditionalGeneration)
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5EncoderModel,
+    T5ForConditionalGeneration,
+)
 
-from configs.schema import load_config
-from encoders.llm import LLMEncoder
-from encoders.stable_diffusion import load_base_model
-from encoders.strict_loading import WeightLoadingError, check_loading_info, loading_problems
+from llm4gen.configs.schema import load_config
+from llm4gen.encoders.llm import LLMEncoder
+from llm4gen.encoders.stable_diffusion import load_base_model
+from llm4gen.encoders.strict_loading import WeightLoadingError, check_loading_info, loading_problems
 
 PROMPTS = ["a red cube and a blue sphere", "x"]
 
@@ -136,7 +144,7 @@ def test_llama_decoder_loads_strictly_head_included(tmp_path, word_tokenizer):
 
 @pytest.fixture()
 def sd_copy(tmp_path):
-    from embedded.tiny import tiny_sd_path
+    from llm4gen.embedded.tiny import tiny_sd_path
 
     target = tmp_path / "sd"
     shutil.copytree(tiny_sd_path(), target)
@@ -159,8 +167,7 @@ def test_base_model_parts_refuse_a_renamed_key(sd_copy, part, file_name, cls):
 
 
 def test_a_corrupted_unet_key_is_refused_before_training_starts(sd_copy, tmp_path, capsys):
-    import train
-
+    from llm4gen.cli import train
     rename_first_weight(sd_copy / "unet", "diffusion_pytorch_model.safetensors")
     out = tmp_path / "run"
     code = train.main([f"model.base.pretrained={sd_copy}", f"output_dir={out}", "trainer.max_steps=1",

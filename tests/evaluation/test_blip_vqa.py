@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation.blip_vqa import benchmark_score, image_score, noun_phrases, question, score_images
+from llm4gen.evaluation.blip_vqa import benchmark_score, image_score, noun_phrases, question, score_images
 
 
 @pytest.fixture(scope="module")
 def nlp():
-    from losses.entity_parser import load_spacy_pipeline
+    from llm4gen.losses.entity_parser import load_spacy_pipeline
 
     return load_spacy_pipeline()
 
@@ -63,7 +63,7 @@ def test_image_without_noun_phrase_scores_one_and_empty_mean_is_refused():
 
 @pytest.fixture(scope="module")
 def tiny_blip(tmp_path_factory):
-    from tests.evaluation.tiny_models import build_tiny_blip_vqa
+    from tests.helpers.scorer_models import build_tiny_blip_vqa
 
     return build_tiny_blip_vqa(tmp_path_factory.mktemp("blip"))
 
@@ -71,7 +71,7 @@ def tiny_blip(tmp_path_factory):
 def test_yes_probability_is_yes_over_yes_plus_no_at_the_first_decoded_token(tiny_blip, nlp):
     """With the decoder head's weights zeroed, its logits are its bias: P(yes)/(P(yes)+P(no)) = 3/4
     for every question and image, whatever the other tokens' probabilities."""
-    from evaluation.scorers import BlipVQAScorer
+    from llm4gen.evaluation.scorers import BlipVQAScorer
 
     scorer = BlipVQAScorer(str(tiny_blip))
     scorer.load()
@@ -95,7 +95,7 @@ def test_yes_probability_is_yes_over_yes_plus_no_at_the_first_decoded_token(tiny
 
 
 def test_original_image_size_interpolates_the_position_embeddings(tiny_blip):
-    from evaluation.scorers import BlipVQAScorer
+    from llm4gen.evaluation.scorers import BlipVQAScorer
 
     scorer = BlipVQAScorer(str(tiny_blip), image_size=48)
     scorer.load()

@@ -7,16 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import evaluate
-import train
-from datamodules.synthetic import write_synthetic_shards
+from llm4gen.cli import evaluate, train
+from llm4gen.datamodules.synthetic import write_synthetic_shards
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from tests.evaluation.tiny_models import build_tiny_blip_vqa, build_tiny_clip, build_tiny_vit_features
+    from tests.helpers.scorer_models import build_tiny_blip_vqa, build_tiny_clip, build_tiny_vit_features
 
     root = tmp_path_factory.mktemp("eval")
     write_synthetic_shards(root / "shards", num_samples=16, samples_per_shard=16, resolution=32)
@@ -143,10 +142,9 @@ def test_coco_set_gets_fid_and_clip_score(setup, tmp_path):
 
 
 def test_missing_scorer_model_offline_fails_before_anything_is_generated(setup, tmp_path, monkeypatch, capsys):
-    import evaluation.sampler
-
+    import llm4gen.lightning_modules.sampler as evaluation_sampler
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(evaluation.sampler, "load_sampler", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(evaluation_sampler, "load_sampler", lambda *a, **k: pytest.fail("a model was loaded"))
     out = tmp_path / "offline"
     assert evaluate.main(["--checkpoint", str(setup["checkpoint"]), "--compbench", str(setup["compbench"]),
                           "--compbench-categories", "color", "--output-dir", str(out)]) == 2

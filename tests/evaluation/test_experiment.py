@@ -1,4 +1,4 @@
-"""The evidence experiment (evaluation/experiment.py): arms read from configs, the tasks a sweep gives, paired
+"""The evidence experiment (experiments/shapes_evidence.py): arms read from configs, the tasks a sweep gives, paired
 statistics, the pre-registered gates and decision rules on constructed outcomes, and a whole tiny
 experiment (data, cache, two arms x one seed, the report) end to end."""
 
@@ -8,10 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.experiment import (
-    ARMS, ObjectRecord, Protocol, Task, arm_of, compare, decisions, donor_prompts, evaluation_tasks, gates, main,
+from llm4gen.evaluation.paired import Observation, cluster_bootstrap, paired_difference
+from llm4gen.experiments.shapes_evidence import (
+    ARMS,
+    ObjectRecord,
+    Protocol,
+    Task,
+    arm_of,
+    compare,
+    decisions,
+    donor_prompts,
+    evaluation_tasks,
+    gates,
+    main,
 )
-from evaluation.paired import Observation, cluster_bootstrap, paired_difference
 
 
 def model(enabled=True, unet="frozen", lam=0.0, chunks=1, start=0):
@@ -136,7 +146,7 @@ def test_compare_needs_both_arms():
 
 
 def test_the_ablation_takes_each_prompts_llm_features_from_the_next_scene():
-    from evaluation.prompt_sets import prompt_set
+    from llm4gen.evaluation.prompt_sets import prompt_set
 
     records_ = prompt_set("verbose_2", 4)
     donors = donor_prompts(records_)
@@ -145,7 +155,7 @@ def test_the_ablation_takes_each_prompts_llm_features_from_the_next_scene():
 
 
 def test_the_sweep_gives_every_arm_and_c_from_ds_checkpoint(tmp_path):
-    from launch.sweep import expand_runs, load_sweep
+    from llm4gen.launch.sweep import expand_runs, load_sweep
 
     spec = load_sweep("configs/sweeps/shapes_evidence.yaml")
     spec = dataclasses.replace(spec, output_root=tmp_path)
@@ -153,7 +163,7 @@ def test_the_sweep_gives_every_arm_and_c_from_ds_checkpoint(tmp_path):
         run.output_dir.mkdir(parents=True)
         from omegaconf import OmegaConf
 
-        from launch.sweep import load_experiment_config
+        from llm4gen.launch.sweep import load_experiment_config
 
         OmegaConf.save(load_experiment_config(spec.config, run.override_args), run.output_dir / "config.yaml")
         (run.output_dir / "final_metrics.json").write_text("{}")
@@ -169,9 +179,9 @@ def test_the_sweep_gives_every_arm_and_c_from_ds_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_a_tiny_experiment_runs_end_to_end(tmp_path, monkeypatch):
     """The data step (render, length check, cache), (b) and (d) x one seed on the random tiny base, the report."""
-    import evaluation.experiment as experiment
-    import sweep as sweep_entry
-    from launch.sweep import load_sweep
+    import llm4gen.experiments.shapes_evidence as experiment
+    from llm4gen.cli import sweep as sweep_entry
+    from llm4gen.launch.sweep import load_sweep
 
     monkeypatch.chdir(tmp_path)
     text = (experiment.ROOT / "configs" / "shapes_evidence.yaml").read_text()

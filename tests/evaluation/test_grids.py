@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation.grids import captioned_grid, labelled_grid, upscale, wrap
+from llm4gen.evaluation.grids import captioned_grid, labelled_grid, upscale, wrap
 
 
 def square(color, side=32):

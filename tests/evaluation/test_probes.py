@@ -4,11 +4,17 @@ that only knows which colours a caption holds, and one that truncates."""
 import pytest
 import torch
 
-from datamodules.shapes import COLORS, HELD_OUT
-from datamodules.shapes import phrasings_for
-from evaluation.probes import (
-    COLOR_INDEX, ProbeSplits, all_layer_encoder, fit_linear_probe, layer_sweep, noun_examples, noun_features, probe_scores,
+from llm4gen.experiments.probes import (
+    COLOR_INDEX,
+    ProbeSplits,
+    all_layer_encoder,
+    fit_linear_probe,
+    layer_sweep,
+    noun_examples,
+    noun_features,
+    probe_scores,
 )
+from llm4gen.shapes.world import COLORS, HELD_OUT, phrasings_for
 
 
 def test_examples_name_each_objects_noun_and_colour():
@@ -42,7 +48,7 @@ def test_the_probe_reads_a_binding_encoder_perfectly_and_a_bag_of_colours_encode
 def test_nouns_truncated_away_are_lost_and_count_as_wrong():
     from transformers import CLIPTokenizer
 
-    from embedded.tiny import CLIP_TOKENIZER_DIR
+    from llm4gen.embedded.registry import CLIP_TOKENIZER_DIR
 
     tokenizer = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
     examples = noun_examples(40, "train", seed=0, phrasings=phrasings_for(2))  # the short phrasings fit 77 tokens
@@ -79,7 +85,7 @@ def test_splits_cover_every_pair_and_every_phrasing():
 
 
 def test_every_layer_from_one_pass_equals_the_encoder_reading_that_layer():
-    from encoders.llm import LLMEncoder
+    from llm4gen.encoders.llm import LLMEncoder
 
     texts = ["a small red circle and a large blue square", "a circle that is small and green"]
     llm = LLMEncoder("embedded:minilm", max_length=24, layer=-1)
@@ -94,7 +100,7 @@ def test_every_layer_from_one_pass_equals_the_encoder_reading_that_layer():
 
 @pytest.mark.slow
 def test_the_layer_sweep_picks_the_best_validation_layer_and_scores_it_once():
-    from encoders.llm import LLMEncoder
+    from llm4gen.encoders.llm import LLMEncoder
 
     llm = LLMEncoder("embedded:minilm", max_length=192)
     choice = layer_sweep(llm, ProbeSplits.make(150, 60, 60))

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from datamodules.shapes import HELD_OUT, caption, parse_prompt, phrasings_for
-from evaluation import PROMPT_SETS, PromptRecord, prompt_set
-from evaluation.prompt_sets import SET_SIZE
+from llm4gen.evaluation import PROMPT_SETS, PromptRecord, prompt_set
+from llm4gen.evaluation.prompt_sets import SET_SIZE
+from llm4gen.losses.token_alignment import mentions_in_clip_window
+from llm4gen.shapes.world import HELD_OUT, caption, parse_prompt, phrasings_for
 
 
 def test_six_sets_of_fixed_size_with_the_split_and_object_count_in_their_name():
@@ -61,7 +62,7 @@ def test_bad_names_and_sizes_are_refused():
 
 
 def test_command_line_renders_ground_truth_and_scores_it_perfectly(tmp_path, capsys):
-    from evaluation.__main__ import main
+    from llm4gen.evaluation.__main__ import main
 
     main(["render", str(tmp_path), "--per-set", "4", "--resolution", "48"])
     rows = [json.loads(line) for line in (tmp_path / "prompts.jsonl").read_text().splitlines()]
@@ -74,7 +75,7 @@ def test_command_line_renders_ground_truth_and_scores_it_perfectly(tmp_path, cap
 
 
 def test_prompt_files_hold_one_prompt_a_line_in_record_order(tmp_path):
-    from evaluation.__main__ import main
+    from llm4gen.evaluation.__main__ import main
 
     main(["prompts", str(tmp_path), "--per-set", "5", "--sets", "seen_2", "heldout_1"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heldout_1.jsonl", "heldout_1.txt", "seen_2.jsonl", "seen_2.txt"]
@@ -113,7 +114,7 @@ LEGACY_LAST = {
 def test_the_legacy_sets_are_byte_identical_to_before_the_evidence_sets():
     import hashlib
 
-    from evaluation.prompt_sets import ALL_PROMPT_SETS, EVIDENCE_SETS
+    from llm4gen.evaluation.prompt_sets import ALL_PROMPT_SETS, EVIDENCE_SETS
 
     assert ALL_PROMPT_SETS[:6] == PROMPT_SETS and not set(EVIDENCE_SETS) & set(PROMPT_SETS)
     for name, digest in LEGACY_DIGESTS.items():
@@ -138,7 +139,7 @@ def test_records_written_before_scene_id_still_load():
 # ---------------------------------------------------------------- the evidence sets
 
 def test_phrased_sets_hold_every_short_phrasing_of_each_scene_side_by_side():
-    from datamodules.shapes import PHRASINGS
+    from llm4gen.shapes.world import PHRASINGS
 
     for name, n_objects in (("phrased_2", 2), ("phrased_3", 3)):
         records = prompt_set(name)
@@ -161,8 +162,8 @@ def test_phrased_sets_hold_every_short_phrasing_of_each_scene_side_by_side():
 def test_verbose_sets_record_where_each_object_falls_in_clip_window():
     from transformers import CLIPTokenizer
 
-    from datamodules.shapes import VERBOSE, object_mentions
-    from embedded.tiny import CLIP_TOKENIZER_DIR
+    from llm4gen.embedded.registry import CLIP_TOKENIZER_DIR
+    from llm4gen.shapes.world import VERBOSE, object_mentions
 
     tokenizer = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
     for name, n_objects in (("verbose_2", 2), ("verbose_3", 3)):
@@ -173,7 +174,7 @@ def test_verbose_sets_record_where_each_object_falls_in_clip_window():
             assert (r.phrasing, r.split, r.n_objects, r.scene_id) == (VERBOSE, "seen", n_objects, f"{name}/{i}")
             assert not {(o.color, o.shape) for o in r.scene.objects} & HELD_OUT
             assert r.text == caption(r.scene, VERBOSE)
-            assert r.mentions == object_mentions(r.text, tokenizer) and len(r.mentions) == n_objects
+            assert r.mentions == mentions_in_clip_window(r.text, tokenizer) and len(r.mentions) == n_objects
             assert sorted((m["color"], m["shape"], m["size"]) for m in r.mentions) == sorted(
                 o.attributes() for o in r.scene.objects)
             # the recorded window positions, against the tokenizer read directly
@@ -188,7 +189,7 @@ def test_verbose_sets_record_where_each_object_falls_in_clip_window():
 
 
 def test_evidence_sets_are_fixed_with_unique_seeds_and_their_own_scenes():
-    from evaluation.prompt_sets import ALL_PROMPT_SETS, EVIDENCE_SETS, SEED_BASE, set_size
+    from llm4gen.evaluation.prompt_sets import ALL_PROMPT_SETS, EVIDENCE_SETS, SEED_BASE, set_size
 
     assert EVIDENCE_SETS == ("phrased_2", "phrased_3", "verbose_2", "verbose_3")
     assert [set_size(name) for name in EVIDENCE_SETS] == [80, 80, 64, 64]
@@ -212,7 +213,7 @@ def test_evidence_sets_are_fixed_with_unique_seeds_and_their_own_scenes():
 
 
 def test_shapes_sets_all_means_the_legacy_sets_and_an_evidence_set_can_be_named():
-    from evaluation.prompts import shapes_sets
+    from llm4gen.evaluation.prompts import shapes_sets
 
     assert [s.name for s in shapes_sets("all")] == list(PROMPT_SETS)
     (phrased,) = shapes_sets("phrased_2")

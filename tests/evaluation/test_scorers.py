@@ -9,8 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation.scorers import (BlipVQAScorer, ClipScoreScorer, FIDScorer, ImageRecord, ScorerUnavailable,
-                                iter_reference_images)
+from llm4gen.evaluation.scorers import (
+    BlipVQAScorer,
+    ClipScoreScorer,
+    FIDScorer,
+    ImageRecord,
+    ScorerUnavailable,
+    iter_reference_images,
+)
 
 
 def random_images(n, seed=0, size=32):
@@ -20,14 +26,14 @@ def random_images(n, seed=0, size=32):
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    from tests.evaluation.tiny_models import build_tiny_clip
+    from tests.helpers.scorer_models import build_tiny_clip
 
     return build_tiny_clip(tmp_path_factory.mktemp("clip"), seed=3)
 
 
 @pytest.fixture(scope="module")
 def tiny_vit(tmp_path_factory):
-    from tests.evaluation.tiny_models import build_tiny_vit_features
+    from tests.helpers.scorer_models import build_tiny_vit_features
 
     return build_tiny_vit_features(tmp_path_factory.mktemp("vit"))
 
@@ -118,8 +124,7 @@ def test_missing_model_offline_is_one_paragraph_naming_the_model(make, model_id,
 
 
 def test_inception_fid_without_torch_fidelity_or_weights_says_what_to_fetch(monkeypatch):
-    import evaluation.scorers as S
-
+    import llm4gen.evaluation.scorers as S
     monkeypatch.setattr(S, "inception_weights_cached", lambda: False)
     with pytest.raises(ScorerUnavailable) as err:
         FIDScorer("inception").load()

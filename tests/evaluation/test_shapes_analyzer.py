@@ -8,12 +8,25 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from datamodules.shapes import (
-    COLORS, SHAPES, Scene, ShapeObject, draw_shape, object_bbox, render_scene, sample_scene,
+from llm4gen.evaluation import aggregate, analyze, parse_prompt, prompt_set, score
+from llm4gen.evaluation.shapes import (
+    UNASSIGNED,
+    ImageScore,
+    fill_holes,
+    max_matching,
+    maximum_assignment,
+    palette_labels,
+    remove_color_cast,
 )
-from evaluation import aggregate, analyze, parse_prompt, prompt_set, score
-from evaluation.shapes import (
-    UNASSIGNED, ImageScore, fill_holes, max_matching, maximum_assignment, palette_labels, remove_color_cast,
+from llm4gen.shapes.world import (
+    COLORS,
+    SHAPES,
+    Scene,
+    ShapeObject,
+    draw_shape,
+    object_bbox,
+    render_scene,
+    sample_scene,
 )
 
 

@@ -11,14 +11,33 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from datamodules.shapes import COLORS, SHAPES, SIZE_SCALES, Scene, ShapeObject, object_bbox, render_scene, sample_scene
-from evaluation.report import bar_plot, markdown_table
-from evaluation.scorers import ImageRecord
-from evaluation.shapes import (
-    OUTCOMES, DetectedObject, ImageScore, ObjectOutcome, aggregate, analyze, classify_objects, count_swaps,
-    max_weight_assignment, maximum_assignment, score, score_objects,
+from llm4gen.evaluation.report import bar_plot, markdown_table
+from llm4gen.evaluation.scorers import ImageRecord
+from llm4gen.evaluation.shapes import (
+    OUTCOMES,
+    DetectedObject,
+    ImageScore,
+    ObjectOutcome,
+    aggregate,
+    analyze,
+    classify_objects,
+    count_swaps,
+    max_weight_assignment,
+    maximum_assignment,
+    score,
+    score_objects,
 )
-from evaluation.shapes_scorer import ShapesScorer
+from llm4gen.evaluation.shapes_scorer import ShapesScorer
+from llm4gen.shapes.world import (
+    COLORS,
+    SHAPES,
+    SIZE_SCALES,
+    Scene,
+    ShapeObject,
+    object_bbox,
+    render_scene,
+    sample_scene,
+)
 
 RESOLUTIONS = (32, 64)
 RED_CIRCLE = ShapeObject("red", "circle", "small", 0, 0.5, (0.5, 0.5))

@@ -8,15 +8,15 @@ import textwrap
 import pytest
 from PIL import Image
 
-import sweep as sweep_cli
-from datamodules.shapes import Scene, ShapeObject, render_scene
-from datamodules.synthetic import write_synthetic_shards
-from evaluation.prompt_sets import prompt_set
-from evaluation.shapes_scorer import ShapesScorer
-from evaluation.validation import ValidationScorer
-from configs.schema import load_config
-from lightning_modules.callbacks import read_validation_scores
-from train import validation_summary
+from llm4gen.cli import sweep as sweep_cli
+from llm4gen.cli.train import validation_summary
+from llm4gen.configs.schema import load_config
+from llm4gen.datamodules.synthetic import write_synthetic_shards
+from llm4gen.evaluation.prompt_sets import prompt_set
+from llm4gen.evaluation.shapes_scorer import ShapesScorer
+from llm4gen.evaluation.validation import ValidationScorer
+from llm4gen.lightning_modules.callbacks import read_validation_scores
+from llm4gen.shapes.world import Scene, ShapeObject, render_scene
 
 
 def test_shapes_scorer_gives_ground_truth_full_binding_and_swapped_colours_none():
@@ -47,8 +47,8 @@ def test_prompts_outside_the_shapes_grammar_are_skipped():
 
 @pytest.mark.slow
 def test_validation_scores_reach_metrics_csv_final_metrics_and_the_sweep_summary(tmp_path):
-    from evaluation.scorers import ClipScoreScorer
-    from tests.evaluation.tiny_models import build_tiny_clip
+    from llm4gen.evaluation.scorers import ClipScoreScorer
+    from tests.helpers.scorer_models import build_tiny_clip
 
     clip = build_tiny_clip(tmp_path / "clip", seed=3)
     shards = tmp_path / "shards"

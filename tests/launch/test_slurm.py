@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-import submit as submit_cli
-from launch.slurm import (
+from llm4gen.cli import submit as submit_cli
+from llm4gen.launch.slurm import (
     SlurmConfig,
     SlurmError,
     load_slurm_section,
@@ -222,7 +222,7 @@ def test_time_override_read_as_a_number_is_rejected(tmp_path):
 
 
 def test_missing_config_file_is_named(tmp_path):
-    with pytest.raises(SlurmError, match=r"config file '.*nope\.yaml' does not exist; experiments live in configs/"):
+    with pytest.raises(SlurmError, match=r"config file '.*nope\.yaml' does not exist here .* and is not a shipped config; shipped: configs/"):
         load_slurm_section(tmp_path / "nope.yaml", [])
 
 

@@ -29,10 +29,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import submit as submit_cli
-import sweep as sweep_cli
-from datamodules.synthetic import write_synthetic_shards
-from launch.sweep import expand_runs, load_sweep
+from llm4gen.cli import submit as submit_cli
+from llm4gen.cli import sweep as sweep_cli
+from llm4gen.datamodules.synthetic import write_synthetic_shards
+from llm4gen.launch.sweep import expand_runs, load_sweep
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("sbatch") is None, reason="no sbatch on PATH; CI runs .ci/slurm-up.sh before these tests"),

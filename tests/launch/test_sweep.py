@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-import sweep as sweep_cli
-from datamodules.synthetic import write_synthetic_shards
-from launch.sweep import (
+from llm4gen.cli import sweep as sweep_cli
+from llm4gen.datamodules.synthetic import write_synthetic_shards
+from llm4gen.launch.sweep import (
     MAX_NAME_LENGTH,
     SweepError,
     SweepSpec,

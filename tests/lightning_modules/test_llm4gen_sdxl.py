@@ -7,10 +7,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from configs.schema import load_config
-from tests.conftest import make_module
-from tests.lightning_modules.test_entity_objective import PARSER, synthetic_captions
-from tests.lightning_modules.test_llm4gen import fixed_batch, run_steps
+from llm4gen.configs.schema import load_config
+from tests.helpers.modules import PARSER, fixed_batch, make_module, run_steps, synthetic_captions
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +46,11 @@ def test_overfitting_one_batch_with_the_adapter_alone(sdxl_config):
 
 
 def test_entity_gradient_reaches_every_cam_parameter_and_no_frozen_one(sdxl_config):
-    from datamodules.webdataset_datamodule import parse_entities
+    from llm4gen.datamodules.webdataset_datamodule import parse_entities
 
     torch.manual_seed(0)
     module = make_module(sdxl_config, **{"objective.lambda_entity": 1.0})
-    from losses.attention_capture import CapturingAttnProcessor
+    from llm4gen.losses.attention_capture import CapturingAttnProcessor
 
     layers = [n for n, p in module.unet.attn_processors.items() if isinstance(p, CapturingAttnProcessor)]
     # SDXL has no cross-attention at the highest resolution: "lowest" is its 8x8 transformer blocks here
@@ -65,8 +63,8 @@ def test_entity_gradient_reaches_every_cam_parameter_and_no_frozen_one(sdxl_conf
     losses = module.compute_losses(batch, noise=torch.randn(4, 4, 16, 16, generator=g),
                                    timesteps=torch.tensor([100, 300, 500, 700]), drop=torch.zeros(4, dtype=torch.bool),
                                    generator=torch.Generator().manual_seed(1))
-    assert losses["entity_pairs"].item() > 0 and torch.isfinite(losses["entity"])
-    losses["entity"].backward()  # the entity term alone
+    assert losses.entity_parts.num_pairs > 0 and torch.isfinite(losses.entity)
+    losses.entity.backward()  # the entity term alone
     for name, p in module.adapter.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"no entity gradient at adapter.{name}"
     for part in (module.unet, module.vae, module.clip, module.llm):
@@ -111,7 +109,7 @@ def test_generation_uses_the_fused_prompt_and_negative(module, monkeypatch):
 
 
 def test_export_loads_back_and_generates_the_same_image(module, sdxl_config, tmp_path):
-    from adapters.cross_adapter import CrossAdapter
+    from llm4gen.adapters.cross_adapter import CrossAdapter
 
     module.export_pretrained(tmp_path / "export")
     loaded = CrossAdapter.from_pretrained(tmp_path / "export" / "adapter")
@@ -127,7 +125,7 @@ def test_export_loads_back_and_generates_the_same_image(module, sdxl_config, tmp
 def test_flops_per_sample_cover_the_unets_added_conditioning_and_both_clip_encoders(module):
     """The run's FLOP count (throughput/MFU logging) builds SDXL's added_cond_kwargs for the UNet, and
     online CLIP costs both encoders, the second more than the first (it is wider)."""
-    from lightning_modules.flops import module_step_flops, text_encoder_flops
+    from llm4gen.lightning_modules.flops import module_step_flops, text_encoder_flops
 
     flops = module_step_flops(module, 32)
     first, second = (text_encoder_flops(e, 77) for e in (module.clip.text_encoder, module.clip.text_encoder_2))

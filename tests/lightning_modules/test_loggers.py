@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 
-from lightning_modules.loggers import ResumableCSVLogger, build_logger, keep_rows_before
+from llm4gen.lightning_modules.loggers import ResumableCSVLogger, build_logger, keep_rows_before
 
 
 def rows(path):

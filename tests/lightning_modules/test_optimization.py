@@ -6,10 +6,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import train
-from datamodules.synthetic import write_synthetic_shards
-from lightning_modules.optimization import hold_back, parameter_groups, schedule_factor
-from tests.conftest import make_module
+from llm4gen.cli import train
+from llm4gen.datamodules.synthetic import write_synthetic_shards
+from llm4gen.lightning_modules.optimization import hold_back, parameter_groups, schedule_factor
+from tests.helpers.modules import make_module
 
 
 def optim(**values):

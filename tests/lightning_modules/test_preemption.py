@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import lightning_modules.preemption as preemption
-from lightning_modules.preemption import Preempted, StepBoundaryCheckpoint
+import llm4gen.lightning_modules.preemption as preemption
+from llm4gen.lightning_modules.preemption import Preempted, StepBoundaryCheckpoint
 
 
 class FakeTrainer:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from lightning.fabric.plugins.io import torch_io
 
-from lightning_modules.callbacks import AtomicCheckpointIO
-from lightning_modules.run_checkpoints import (
+from llm4gen.lightning_modules.callbacks import AtomicCheckpointIO
+from llm4gen.lightning_modules.run_checkpoints import (
     CheckpointSaveError,
     checkpoint_step,
     find_resume_checkpoint,

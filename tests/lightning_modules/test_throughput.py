@@ -9,10 +9,10 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import train
-from lightning_modules.flops import module_step_flops, text_encoder_flops, trained_path_flops, vae_encoder_flops
-from lightning_modules.throughput import device_peak_flops, peak_tflops_for
-from tests.conftest import make_module
+from llm4gen.cli import train
+from llm4gen.lightning_modules.flops import module_step_flops, text_encoder_flops, trained_path_flops, vae_encoder_flops
+from llm4gen.lightning_modules.throughput import device_peak_flops, peak_tflops_for
+from tests.helpers.modules import make_module
 
 
 @pytest.mark.parametrize("name, tflops", [
@@ -44,7 +44,7 @@ def real_step_flops(module, batch, latent_size):
     with counter, sdpa_kernel(SDPBackend.MATH):
         loss = module.compute_losses(batch, noise=torch.randn(n, 4, latent_size, latent_size),
                                      timesteps=torch.full((n,), 500), drop=torch.zeros(n, dtype=torch.bool),
-                                     generator=torch.Generator().manual_seed(0))["loss"]
+                                     generator=torch.Generator().manual_seed(0)).diffusion
         loss.backward()
     module.zero_grad(set_to_none=True)
     return counter.get_total_flops()
@@ -114,8 +114,8 @@ def analytic_forward_flops(model: nn.Module, run) -> int:
 
 @pytest.fixture(scope="module")
 def sd15_parts():
-    from adapters.cross_adapter import CrossAdapter
-    from embedded.full_size import clip_l_text, sd15_unet, sd15_vae, t5_xl_encoder
+    from llm4gen.adapters.cross_adapter import CrossAdapter
+    from llm4gen.embedded.full_size import clip_l_text, sd15_unet, sd15_vae, t5_xl_encoder
 
     with torch.device("meta"):
         adapter = CrossAdapter(clip_dim=768, llm_dim=2048, num_heads=8)  # the release's CAM
@@ -169,7 +169,7 @@ def test_full_size_encoder_flops(sd15_parts):
 
 @pytest.mark.slow
 def test_training_logs_samples_per_second_tflops_and_mfu(tmp_path):
-    from datamodules.synthetic import write_synthetic_shards
+    from llm4gen.datamodules.synthetic import write_synthetic_shards
 
     out = tmp_path / "run"
     write_synthetic_shards(tmp_path / "shards", num_samples=16, samples_per_shard=16, resolution=32)

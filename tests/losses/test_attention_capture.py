@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from embedded.tiny import TINY_UNET
-from losses.attention_capture import (
+from llm4gen.embedded.registry import TINY_UNET
+from llm4gen.losses.attention_capture import (
     AttentionStore,
     CapturingAttnProcessor,
     attention_probabilities,
@@ -16,8 +16,8 @@ from losses.attention_capture import (
     install_attention_capture,
     remove_attention_capture,
 )
-from losses.entity import build_entity_targets, entity_loss
-from losses.entity_parser import EntityGroup, Word
+from llm4gen.losses.entity import build_entity_targets, entity_loss
+from llm4gen.losses.entity_parser import EntityGroup, Word
 
 LLM_TOKENS = 8
 TOKENS = 77 + LLM_TOKENS

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-import attention_maps
-from losses.attention_maps import (
+from llm4gen.cli import attention_maps
+from llm4gen.losses.attention_maps import (
     LABEL_HEIGHT,
     average_attention,
     colorize,
@@ -15,8 +15,8 @@ from losses.attention_maps import (
     render_attention_panels,
     word_maps,
 )
-from losses.entity import word_attention_maps
-from losses.entity_parser import EntityParser, entity_words
+from llm4gen.losses.entity import word_attention_maps
+from llm4gen.losses.entity_parser import EntityParser, entity_words
 
 PROMPT = "a red circle and a blue square"
 
@@ -102,7 +102,7 @@ def test_render_attention_panels_layout_and_distinct_panels():
 def test_parse_layers():
     assert attention_maps.parse_layers("all") == "all"
     assert attention_maps.parse_layers("16,32") == [16, 32]
-    from configs.errors import UserError
+    from llm4gen.configs.errors import UserError
 
     with pytest.raises(UserError, match="comma-separated feature-map sides"):
         attention_maps.parse_layers("low")
@@ -117,8 +117,8 @@ def checkpoint(tmp_path_factory, tiny_model_config):
     loaded module already has an attention store)."""
     import lightning as L
 
-    from datamodules.webdataset_datamodule import parse_entities
-    from tests.conftest import make_module
+    from llm4gen.datamodules.webdataset_datamodule import parse_entities
+    from tests.helpers.modules import make_module
 
     torch.manual_seed(0)
     module = make_module(tiny_model_config, **{"objective.lambda_entity": 0.5, "optim.warmup_steps": 0})

@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from losses.diffusion import diffusion_target, min_snr_weights, sample_noise, snr, weighted_mse
+from llm4gen.losses.diffusion import diffusion_target, min_snr_weights, sample_noise, snr, weighted_mse
 
 
 def scheduler(kind="epsilon"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPTokenizer
 
-from losses.entity import (
+from llm4gen.losses.entity import (
     EntityTargets,
     build_entity_targets,
     build_entity_targets_from_captions,
@@ -16,7 +16,7 @@ from losses.entity import (
     jensen_shannon,
     word_attention_maps,
 )
-from losses.entity_parser import EntityGroup, EntityParser, Word
+from llm4gen.losses.entity_parser import EntityGroup, EntityParser, Word
 
 LN2 = math.log(2.0)
 

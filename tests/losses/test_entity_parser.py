@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from losses.entity_parser import (
+from llm4gen.losses.entity_parser import (
     COLOUR_NOUNS,
     MATERIAL_NOUNS,
     EntityGroup,
@@ -267,8 +267,8 @@ def test_entity_words_are_distinct_and_in_caption_order():
 def test_the_shapes_grammar_parser_reads_every_training_phrasing_exactly():
     import random
 
-    from datamodules.shapes import random_scene
-    from losses.entity_parser import EntityParser
+    from llm4gen.losses.entity_parser import EntityParser
+    from llm4gen.shapes.world import random_scene
 
     parser = EntityParser("shapes")
     rng = random.Random(0)

@@ -7,8 +7,8 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, CLIPTokenizer, PreTrainedTokenizerFast
 
-from losses.entity_parser import EntityParser, Word, entity_words
-from losses.token_alignment import (
+from llm4gen.losses.entity_parser import EntityParser, Word, entity_words
+from llm4gen.losses.token_alignment import (
     batch_word_token_positions,
     fused_word_token_positions,
     word_token_positions,

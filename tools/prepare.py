@@ -65,9 +65,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from configs import choices
-from configs.errors import UserError, entry_point
-from datamodules import transforms
+from llm4gen.configs import choices
+from llm4gen.configs.errors import UserError, entry_point
+from llm4gen.datamodules import transforms
 
 MANIFEST_FORMAT = "llm4gen-webdataset-shards"
 MANIFEST_VERSION = 1
@@ -442,7 +442,7 @@ def jsonl_rows(path: Path):
 
 def read_parquet(path: Path, wanted: list[str]) -> tuple[list[str], list[dict]]:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional: only parquet inputs need it
     except ImportError:
         pq = None
     if pq is not None:
@@ -450,7 +450,7 @@ def read_parquet(path: Path, wanted: list[str]) -> tuple[list[str], list[dict]]:
         require_columns(columns, wanted, path)
         return columns, pq.read_table(path, columns=wanted).to_pylist()
     try:
-        import pandas
+        import pandas  # optional: only parquet inputs without pyarrow need it
     except ImportError:
         raise PrepareError(f"reading the parquet file {str(path)!r} needs pyarrow (or pandas), and "
                            f"neither is installed; run `pip install pyarrow`, or convert the table "

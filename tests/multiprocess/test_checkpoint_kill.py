@@ -15,14 +15,20 @@ import shutil
 import time
 
 import pytest
+
+from llm4gen.lightning_modules.run_checkpoints import checkpoint_step
+
+
+def is_readable_checkpoint(path) -> bool:
+    return checkpoint_step(path) is not None
 import torch
 from lightning.fabric.plugins.io import torch_io
 
-import train
-from lightning_modules.callbacks import AtomicCheckpointIO
-from lightning_modules.run_checkpoints import CheckpointSaveError
+from llm4gen.cli import train
+from llm4gen.lightning_modules.callbacks import AtomicCheckpointIO
+from llm4gen.lightning_modules.run_checkpoints import CheckpointSaveError
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 STEPS = 8
 BASELINE = (f"trainer.max_steps={STEPS}", "checkpoint.every_n_steps=2", "data.num_workers=0")  # as in test_resume
@@ -98,7 +104,7 @@ def test_find_resume_checkpoint_skips_truncated_and_temporary_files(tmp_path, ca
     warnings = capsys.readouterr().err.splitlines()
     assert sorted(warnings) == sorted([f"warning: skipping unreadable checkpoint {empty_hpc}",
                                        f"warning: skipping unreadable checkpoint {truncated}"])
-    assert not train.is_readable_checkpoint(truncated) and train.is_readable_checkpoint(good)
+    assert not is_readable_checkpoint(truncated) and is_readable_checkpoint(good)
 
 
 def test_find_resume_checkpoint_with_no_readable_checkpoint_starts_fresh(tmp_path, capsys):
@@ -129,7 +135,7 @@ def test_rerun_after_a_kill_mid_save_resumes_from_the_last_good_checkpoint(tiny_
     assert tiny_runs.resumed_from(output) == good
     assert [r["global_step"] for r in tiny_runs.batch_records(tmp_path / "keys.jsonl")] == [4, 5, 6, 7]
     # Step 6 was saved again, whole (ModelCheckpoint adds -v1 rather than overwrite a name it finds).
-    step6 = [p for p in checkpoints.glob("step=0000006*.ckpt") if train.is_readable_checkpoint(p)]
+    step6 = [p for p in checkpoints.glob("step=0000006*.ckpt") if is_readable_checkpoint(p)]
     assert [tiny_runs.load_checkpoint(p)["global_step"] for p in step6] == [6], sorted(checkpoints.iterdir())
     assert train.find_resume_checkpoint(run_dir).name in {"last.ckpt", "step=0000008.ckpt"}
     final = tiny_runs.load_checkpoint(checkpoints / "last.ckpt")

@@ -13,9 +13,9 @@ import json
 
 import pytest
 
-import train
+from llm4gen.cli import train
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 STEPS = 8
 TOLERANCE = 1e-6

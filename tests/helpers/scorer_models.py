@@ -7,16 +7,15 @@ from pathlib import Path
 
 import torch
 
-from embedded.tiny import CLIP_TOKENIZER_DIR
+from llm4gen.embedded.registry import CLIP_TOKENIZER_DIR
 
 
 def build_tiny_blip_vqa(directory: Path, seed: int = 0) -> Path:
     """BLIP VQA (ViT 32 px, 1-layer BERT text tower) with BERT's uncased vocabulary taken from the
     MiniLM package, plus BLIP's [DEC] (decoder start) and [ENC] tokens, as BLIP's tokenizer adds them."""
-    from transformers import (BertTokenizerFast, BlipConfig, BlipForQuestionAnswering, BlipImageProcessor,
-                              BlipProcessor)
+    from transformers import BertTokenizerFast, BlipConfig, BlipForQuestionAnswering, BlipImageProcessor, BlipProcessor
 
-    from embedded.tiny import minilm_path
+    from llm4gen.embedded.tiny import minilm_path
 
     tokenizer = BertTokenizerFast.from_pretrained(minilm_path())
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})

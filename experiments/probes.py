@@ -37,9 +37,30 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from datamodules.shapes import COLORS, caption, entity_groups, phrasings_for, sample_scene
-from losses.entity_parser import Word
-from losses.token_alignment import batch_word_token_positions
+from llm4gen.configs.schema import load_config
+from llm4gen.encoders.llm import (
+    LLMEncoder,
+    normalizes,
+    num_hidden_layers,
+    read_hidden_states,
+)
+from llm4gen.encoders.stable_diffusion import load_base_model
+from llm4gen.evaluation.prompt_sets import prompt_set
+from llm4gen.lightning_modules.sampler import load_checkpoint_module
+from llm4gen.losses.attention_capture import (
+    cross_attention_layer_names,
+    install_attention_capture,
+    remove_attention_capture,
+)
+from llm4gen.losses.entity_parser import Word
+from llm4gen.losses.token_alignment import batch_word_token_positions
+from llm4gen.shapes.world import (
+    COLORS,
+    caption,
+    entity_groups,
+    phrasings_for,
+    sample_scene,
+)
 
 COLOR_INDEX = {name: i for i, name in enumerate(COLORS)}
 
@@ -167,8 +188,6 @@ def all_layer_encoder(llm) -> Callable[[list[str]], torch.Tensor]:
     (``read_hidden_states`` with that layer's automatic normalisation), padding zeroed as the encoder does.
     Padded to the batch's longest caption rather than to max_length: the real tokens' features are the
     same (the encoder masks padding), up to float rounding, at a fraction of the cost."""
-    from encoders.llm import normalizes, num_hidden_layers, read_hidden_states
-
     layers = num_hidden_layers(llm.model.config)
 
     @torch.no_grad()
@@ -193,8 +212,6 @@ class LayerChoice:
 def layer_sweep(llm, splits: ProbeSplits) -> LayerChoice:
     """Scores every layer on the validation split (the probe fit on the training split), picks the most
     accurate (the earlier layer on a tie), and scores that one layer on the test split."""
-    from encoders.llm import num_hidden_layers
-
     names = layer_names(num_hidden_layers(llm.model.config))
     args = (all_layer_encoder(llm), llm.tokenizer, llm.max_length, llm.prefix)
     (x_train, k_train), (x_val, k_val), (x_test, k_test) = (noun_features(split, *args)
@@ -218,9 +235,6 @@ def llm_attention_share(module, prompts: Sequence[str], timesteps: Sequence[int]
     """Mean share of cross-attention probability (every cross-attention layer, head, pixel, and the given
     timesteps) on the context's LLM tokens (the positions after CLIP's) for the prompts, from a noised
     random latent, of an ``LLM4GenModule`` (or a training checkpoint's path); 0 for a run without the CAM."""
-    from evaluation.sampler import load_checkpoint_module
-    from losses.attention_capture import cross_attention_layer_names, install_attention_capture, remove_attention_capture
-
     if isinstance(module, (str, bytes)) or hasattr(module, "__fspath__"):
         module = load_checkpoint_module(module)
     module = module.eval()
@@ -246,10 +260,6 @@ def llm_attention_share(module, prompts: Sequence[str], timesteps: Sequence[int]
 
 def load_encoders(base: str, llm: str, max_length: int, layer: int | str = -1):
     """(the base's CLIP text encoder, the LLMEncoder), loaded as training loads them."""
-    from configs.schema import load_config
-    from encoders.llm import LLMEncoder
-    from encoders.stable_diffusion import load_base_model
-
     cfg = load_config(overrides=[f"model.base.pretrained={base}", f"model.llm.pretrained={llm}",
                                  f"model.llm.max_length={max_length}", f"model.llm.layer={layer}"])
     return load_base_model(cfg.model.base).text, LLMEncoder.from_config(cfg.model.llm)
@@ -298,8 +308,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                                splits.test, noun_features(splits.test, *clip_spec))
     print(score_row("CLIP (the base's, 77 tokens)", clip_scores, columns))
     if args.attention:
-        from evaluation.prompt_sets import prompt_set
-
         prompts = [r.text for r in prompt_set("verbose_2")]
         print("\n| checkpoint | cross-attention on the LLM tokens (verbose_2, t = 200/500/800) |\n| --- | --- |")
         for checkpoint in args.attention:

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+
+from llm4gen.encoders.sources import load_pretrained
+from llm4gen.lightning_modules.llm4gen import LLM4GenModule
 
 DEFAULT_BASE = "embedded:tiny-sd"
 
@@ -30,8 +34,6 @@ class SamplingSettings:
 
 def load_checkpoint_module(checkpoint: str | Path, device: str = "cpu"):
     """An ``LLM4GenModule`` from a training checkpoint (frozen parts rebuilt from their sources)."""
-    from lightning_modules.llm4gen import LLM4GenModule
-
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} is not a file; give a training checkpoint "
                                 f"such as runs/tiny/checkpoints/last.ckpt")
@@ -41,10 +43,6 @@ def load_checkpoint_module(checkpoint: str | Path, device: str = "cpu"):
 def load_exported_module(export_dir: str | Path, base: str | None = None, device: str = "cpu"):
     """An ``LLM4GenModule`` from ``export_pretrained``'s folder (``model_config.yaml``, ``adapter/``, and
     ``unet/`` or ``unet_lora/`` when the UNet trained); ``base`` replaces the recorded base model."""
-    from omegaconf import OmegaConf
-
-    from lightning_modules.llm4gen import LLM4GenModule
-
     export_dir = Path(export_dir)
     if not (export_dir / "model_config.yaml").is_file() or not (export_dir / "adapter").is_dir():
         raise FileNotFoundError(f"{str(export_dir)!r} is not an exported run: expected model_config.yaml and "
@@ -92,7 +90,6 @@ class Sampler:
 def load_base_pipeline(base: str, scheduler: str, device: str = "cpu"):
     import diffusers
 
-    from encoders.sources import load_pretrained
 
     pipe = load_pretrained(diffusers.StableDiffusionPipeline.from_pretrained, base, "--base",
                            safety_checker=None, requires_safety_checker=False)

@@ -29,16 +29,44 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import multiprocessing
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from configs.errors import UserError, entry_point
-from evaluation.paired import Difference, Observation, paired_difference
+from omegaconf import OmegaConf
+
+from llm4gen.configs.errors import UserError, entry_point
+from llm4gen.datamodules.synthetic import clip_tokenizer, ensure_synthetic_shards
+from llm4gen.datamodules.webdataset_datamodule import iter_tar_samples
+from llm4gen.encoders.sources import load_pretrained
+from llm4gen.evaluation.grids import labelled_grid
+from llm4gen.evaluation.paired import Difference, Observation, paired_difference
+from llm4gen.evaluation.prompt_sets import prompt_set
+from llm4gen.evaluation.prompts import shapes_sets
+from llm4gen.evaluation.runner import Evaluation, image_path
+from llm4gen.evaluation.shapes_scorer import ShapesScorer
+from llm4gen.experiments.probes import (
+    ProbeSplits,
+    layer_sweep,
+    llm_attention_share,
+    load_encoders,
+)
+from llm4gen.launch.sweep import (
+    check_run_configs,
+    expand_runs,
+    is_finished,
+    load_experiment_config,
+    load_sweep,
+    run_locally,
+)
+from llm4gen.lightning_modules.sampler import SamplingSettings, load_sampler
+from llm4gen.losses.token_alignment import mentions_in_clip_window
+from llm4gen.tools.feature_cache import run_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL = "docs/evidence/protocol.md"
@@ -122,10 +150,6 @@ def checkpoint_at(run_dir: Path, step: int) -> Path:
 
 def evaluation_tasks(spec, base: str) -> tuple[list[Task], list[str]]:
     """Every arm x seed the finished runs allow, and the names of unfinished runs."""
-    from omegaconf import OmegaConf
-
-    from launch.sweep import expand_runs, is_finished
-
     tasks, unfinished, seeds = [], [], set()
     for run in expand_runs(spec):
         if not is_finished(run):
@@ -166,8 +190,6 @@ class ShuffledLLM:
         self.description = {**sampler.description, "llm_features": "another prompt's (donor_prompts)"}
 
     def generate(self, prompts, seeds):
-        import contextlib
-
         module = self.sampler.module
         s = self.settings
         with (module.ema_weights() if self.sampler.use_ema else contextlib.nullcontext()):
@@ -178,12 +200,6 @@ class ShuffledLLM:
 def run_task(task: Task, protocol: Protocol = PROTOCOL_SETTINGS, threads: int = 1) -> str:
     """Generates the task's missing images and writes its analyzer details; returns its folder."""
     import torch
-
-    from evaluation.prompt_sets import prompt_set
-    from evaluation.prompts import shapes_sets
-    from evaluation.runner import Evaluation
-    from evaluation.sampler import SamplingSettings, load_sampler
-    from evaluation.shapes_scorer import ShapesScorer
 
     torch.set_num_threads(threads)
     out = Path(task.out)
@@ -241,10 +257,6 @@ class ObjectRecord:
 
 def object_records(task: Task, protocol: Protocol = PROTOCOL_SETTINGS) -> list[ObjectRecord]:
     """The task's per-object outcomes, from its analyzer details and the prompt sets' records."""
-    from datamodules.synthetic import clip_tokenizer
-    from datamodules.shapes import object_mentions
-    from evaluation.prompt_sets import prompt_set
-
     records = []
     for name in task.sets:
         prompts = prompt_set(name, protocol.prompts(name))
@@ -255,7 +267,7 @@ def object_records(task: Task, protocol: Protocol = PROTOCOL_SETTINGS) -> list[O
             windows = ["short"] * prompt.n_objects
             if prompt.phrasing == "verbose":
                 windows = ["inside" if m["in_clip_window"] else "outside"
-                           for m in object_mentions(prompt.text, clip_tokenizer())]
+                           for m in mentions_in_clip_window(prompt.text, clip_tokenizer())]
             if len(detail["categories"]) != len(windows):
                 raise ExperimentError(f"{task.out}: {name} prompt {detail['prompt_index']} has "
                                       f"{len(detail['categories'])} scored objects but {len(windows)} mentions")
@@ -446,10 +458,6 @@ def fmt(diff: Difference) -> str:
 def write_data(spec, protocol: Protocol = PROTOCOL_SETTINGS, log=print) -> Path:
     """The rendered shards (``<output_root>/data``), every caption checked against the LLM's max_length,
     and the feature cache the runs train on (``data.shards`` of the experiment config)."""
-    from datamodules.feature_cache import run_cache
-    from datamodules.synthetic import ensure_synthetic_shards
-    from launch.sweep import load_experiment_config
-
     cfg = load_experiment_config(spec.config, spec.base_overrides)
     raw = spec.output_root / "data"
     shards = ensure_synthetic_shards(str(raw), num_samples=protocol.data_samples,
@@ -472,10 +480,6 @@ def caption_lengths(cfg, shards: list[str]) -> tuple[int, int]:
     evaluation prompt."""
     from transformers import AutoTokenizer
 
-    from datamodules.webdataset_datamodule import iter_tar_samples
-    from encoders.sources import load_pretrained
-    from evaluation.prompt_sets import prompt_set
-
     tokenizer = load_pretrained(AutoTokenizer.from_pretrained, cfg.model.llm.tokenizer or cfg.model.llm.pretrained,
                                 "model.llm.tokenizer")
     captions = [r.text for name in SETS for r in prompt_set(name)]
@@ -493,9 +497,6 @@ def run_probe(spec, path: Path, log=print) -> dict:
     phrasing) at the experiment's LLM settings, written once to ``path``."""
     if path.is_file():
         return json.loads(path.read_text())
-    from evaluation.probes import ProbeSplits, layer_sweep, load_encoders
-    from launch.sweep import load_experiment_config
-
     cfg = load_experiment_config(spec.config, spec.base_overrides)
     _, llm = load_encoders(cfg.model.base.pretrained, cfg.model.llm.pretrained, cfg.model.llm.max_length)
     choice = layer_sweep(llm, ProbeSplits.make(3000, 500, 500, seed=0))
@@ -512,9 +513,6 @@ def run_probe(spec, path: Path, log=print) -> dict:
 
 def attention_shares(tasks: list[Task]) -> dict[str, float]:
     """Per CAM arm, the mean over seeds of the UNet's cross-attention share on the LLM tokens (verbose_2)."""
-    from evaluation.probes import llm_attention_share
-    from evaluation.prompt_sets import prompt_set
-
     prompts = [r.text for r in prompt_set("verbose_2")]
     shares: dict[str, list[float]] = {}
     for task in tasks:
@@ -558,23 +556,16 @@ def difference_plot(differences: list[tuple[str, Difference]], path: Path, proto
 
 def prompt_label(record) -> str:
     """A grid row's label: a short prompt as it is; a verbose one as its objects and where CLIP sees them."""
-    from datamodules.shapes import object_mentions
-    from datamodules.synthetic import clip_tokenizer
-
     if record.phrasing != "verbose":
         return record.text
     objects = [f"{m['size']} {m['color']} {m['shape']} ({'in' if m['in_clip_window'] else 'OUT of'} CLIP's window)"
-               for m in object_mentions(record.text, clip_tokenizer())]
+               for m in mentions_in_clip_window(record.text, clip_tokenizer())]
     return f"verbose, {len(record.text.split())} words: " + "; ".join(objects)
 
 
 def sample_grid(tasks: list[Task], path: Path, seed: int = 0, protocol: Protocol = PROTOCOL_SETTINGS) -> Path:
     """Rows: prompts (short post-nominal ones, then verbose ones); columns: the arms at ``seed``."""
     from PIL import Image
-
-    from evaluation.grids import labelled_grid
-    from evaluation.prompt_sets import prompt_set
-    from evaluation.runner import image_path
 
     picks = [("phrased_2", i) for i in (1, 4, 6, 9)] + [("verbose_2", i) for i in range(4)] + [("verbose_3", i) for i in range(4)]
     records = {name: prompt_set(name, protocol.prompts(name)) for name in {name for name, _ in picks}}
@@ -626,8 +617,6 @@ def breakdown_table(records: list[ObjectRecord], arms: list[str], subset: str) -
 
 def report(sweep_file: str, jobs: int = 2, base: Optional[str] = None, log=print,
            protocol: Protocol = PROTOCOL_SETTINGS) -> Path:
-    from launch.sweep import load_experiment_config, load_sweep
-
     spec = load_sweep(sweep_file)
     cfg = load_experiment_config(spec.config, spec.base_overrides)
     base = base or cfg.model.base.pretrained
@@ -702,8 +691,6 @@ def report(sweep_file: str, jobs: int = 2, base: Optional[str] = None, log=print
 
 def run(sweep_file: str, jobs: int = 2, log=print) -> Path:
     """Data (shards, feature cache), the sweep's runs, the report: the whole experiment."""
-    from launch.sweep import check_run_configs, expand_runs, load_sweep, run_locally
-
     started = time.time()
     spec = load_sweep(sweep_file)
     write_data(spec, log=log)
@@ -733,7 +720,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="training runs and evaluations at a time (2 single-thread "
                                                             "processes use 2 cores best)")
     args = parser.parse_args(argv)
-    from launch.sweep import load_sweep
 
     if args.command == "data":
         spec = load_sweep(args.sweep)

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -44,8 +46,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datamodules.shapes import Scene, random_scene, render_scene
-from embedded.tiny import CLIP_TOKENIZER_DIR, SD15_SCHEDULER, SHAPES_UNET, TINY_CLIP, TINY_VAE, save_sd15_folder
+from llm4gen.embedded.registry import CLIP_TOKENIZER_DIR, SD15_SCHEDULER, SHAPES_UNET, TINY_CLIP, TINY_VAE
+from llm4gen.embedded.tiny import save_sd15_folder
+from llm4gen.evaluation import aggregate, prompt_set, score
+from llm4gen.lightning_modules.callbacks import image_grid
+from llm4gen.shapes.world import (
+    Scene,
+    caption,
+    random_scene,
+    render_scene,
+    sample_scene,
+)
 
 TINY_VISION = dict(image_size=32, patch_size=4, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4)
@@ -193,10 +204,6 @@ def binding_probe(clip, tokenizer, resolution: int, n: int = 200, seed: int = 0)
     objects' colours swapped ("a small red circle and a large blue square" vs "... blue circle ...
     red square"), on fresh two-object training-split scenes with distinct shapes. A bag-of-words
     encoder cannot tell the two apart (a tie is not a preference: 0; with noise, 0.5 on average)."""
-    import dataclasses
-
-    from datamodules.shapes import caption, sample_scene
-
     rng = random.Random(f"binding-probe/{seed}")
     scenes = []
     while len(scenes) < n:
@@ -348,7 +355,6 @@ def evaluate_base(directory: str | os.PathLike, n_prompts: int, steps: int, guid
     (aggregate, images)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from evaluation import aggregate, prompt_set, score
 
     pipe = StableDiffusionPipeline.from_pretrained(str(directory), torch_dtype=torch.float32)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -416,8 +422,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
     log["weights_mb"] = round(weights_bytes(base) / 1e6, 2)
     log["train_wall_s"] = round(time.perf_counter() - started, 1)
     if cfg.eval_prompts:
-        from lightning_modules.callbacks import image_grid
-
         evaluation, samples = evaluate_base(base, cfg.eval_prompts, cfg.eval_steps, cfg.eval_guidance, cfg.resolution)
         image_grid(samples, columns=10).save(output / "samples_seen_1.png")
         log["eval_seen_1"] = evaluation
@@ -433,8 +437,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 def install(output: Path, target: Path) -> None:
     """Replaces ``target`` with the base folder plus ``pretrain_log.json`` and the sample grid."""
-    import shutil
-
     staging = target.with_name(target.name + ".new")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(output / "base", staging)

@@ -143,7 +143,7 @@ class TinyRuns:
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory) -> TinyRuns:
     """Runs over 4 synthetic shards of 32 samples (32x32 px), written once for the session."""
-    from datamodules.synthetic import write_synthetic_shards
+    from llm4gen.datamodules.synthetic import write_synthetic_shards
 
     directory = tmp_path_factory.mktemp("shards")
     write_synthetic_shards(str(directory), num_samples=128, samples_per_shard=32, resolution=32, seed=0)

