@@ -74,7 +74,7 @@ class SlurmConfig:
 class BaseModelConfig:
     family: str = "sd15"  # sd15 | sdxl (two CLIP encoders, pooled embedding, size/crop time ids)
     # hub id (runwayml/stable-diffusion-v1-5) or diffusers folder; embedded:shapes-sd is the tiny SD
-    # pretrained on the shapes world (shipped, embedded/pretrain.py), embedded:tiny-sd the same with random weights
+    # pretrained on the shapes world (shipped, tools/pretrain.py), embedded:tiny-sd the same with random weights
     pretrained: str = "embedded:shapes-sd"
     revision: Optional[str] = None
     dtype: str = "float32"       # frozen UNet and CLIP (bfloat16 on GPUs)

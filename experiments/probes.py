@@ -20,8 +20,8 @@ chosen layer once. That is how the evidence protocol (docs/evidence/protocol.md)
 ``model.llm.layer``. CLIP's causal encoder is probed beside it: in "a square colored red" the noun
 comes before its colour and cannot see it.
 
-    python -m evaluation.probes [--llm embedded:minilm] [--max-length 192] [--train 600 --val 300 --test 300]
-    python -m evaluation.probes --attention RUN/checkpoints/last.ckpt [...]   # + where the UNet looks
+    python -m llm4gen.experiments.probes [--llm embedded:minilm] [--max-length 192] [--train 600 --val 300 --test 300]
+    python -m llm4gen.experiments.probes --attention RUN/checkpoints/last.ckpt [...]   # + where the UNet looks
 
 ``--attention`` also measures, for trained checkpoints, how much of the UNet's cross-attention lands on
 the CAM's LLM tokens (the positions after CLIP's) rather than on CLIP's: a CAM whose tokens draw no
@@ -266,7 +266,7 @@ def load_encoders(base: str, llm: str, max_length: int, layer: int | str = -1):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m evaluation.probes", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llm4gen.experiments.probes", description=__doc__.split("\n")[0])
     parser.add_argument("--base", default="embedded:shapes-sd")
     parser.add_argument("--llm", default="embedded:minilm")
     parser.add_argument("--max-length", type=int, default=192, help="LLM tokens (192 hold every verbose caption)")

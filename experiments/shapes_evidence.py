@@ -1,8 +1,8 @@
 """The miniature LLM4GEN experiment on the shapes benchmark, run as pre-registered in docs/evidence/protocol.md.
 
-    python -m evaluation.experiment run configs/sweeps/shapes_evidence.yaml      # data, training, report
-    python -m evaluation.experiment data configs/sweeps/shapes_evidence.yaml     # shards + feature cache only
-    python -m evaluation.experiment report configs/sweeps/shapes_evidence.yaml   # evaluate finished runs
+    python -m llm4gen.experiments.shapes_evidence run configs/sweeps/shapes_evidence.yaml      # data, training, report
+    python -m llm4gen.experiments.shapes_evidence data configs/sweeps/shapes_evidence.yaml     # shards + feature cache only
+    python -m llm4gen.experiments.shapes_evidence report configs/sweeps/shapes_evidence.yaml   # evaluate finished runs
 
 LLM4GEN claims two things: an LLM's features help with long, dense descriptions that CLIP's 77-token
 window cuts off, and they bind attributes to objects better. The arms, on the shipped shapes base, the
@@ -493,7 +493,7 @@ def caption_lengths(cfg, shards: list[str]) -> tuple[int, int]:
 
 
 def run_probe(spec, path: Path, log=print) -> dict:
-    """The protocol's layer probe (evaluation.probes: 3000 / 500 / 500 captions over every pair, every
+    """The protocol's layer probe (llm4gen.experiments.probes: 3000 / 500 / 500 captions over every pair, every
     phrasing) at the experiment's LLM settings, written once to ``path``."""
     if path.is_file():
         return json.loads(path.read_text())
@@ -623,7 +623,7 @@ def report(sweep_file: str, jobs: int = 2, base: Optional[str] = None, log=print
     tasks, unfinished = evaluation_tasks(spec, base)
     if not any(t.arm != "a" for t in tasks):
         raise ExperimentError(f"no finished run under {spec.output_root}; train the arms first: "
-                              f"python -m evaluation.experiment run {sweep_file} (or python sweep.py {sweep_file})")
+                              f"python -m llm4gen.experiments.shapes_evidence run {sweep_file} (or python sweep.py {sweep_file})")
     if unfinished:
         log(f"not finished, left out of the report: {', '.join(unfinished)}")
     started = time.time()
@@ -705,14 +705,14 @@ def run(sweep_file: str, jobs: int = 2, log=print) -> Path:
                               f"this command again to resume them")
     out = report(sweep_file, jobs, log=log)
     minutes = (time.time() - started) / 60
-    (out / "wall_time.txt").write_text(f"{minutes:.1f} min for `python -m evaluation.experiment run {sweep_file}`\n")
+    (out / "wall_time.txt").write_text(f"{minutes:.1f} min for `python -m llm4gen.experiments.shapes_evidence run {sweep_file}`\n")
     log(f"the whole experiment: {minutes:.1f} min")
     return out
 
 
-@entry_point("python -m evaluation.experiment")
+@entry_point("python -m llm4gen.experiments.shapes_evidence")
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m evaluation.experiment", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m llm4gen.experiments.shapes_evidence", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("run", "data", "report"))
     parser.add_argument("sweep", help="the sweep file, e.g. configs/sweeps/shapes_evidence.yaml")

@@ -13,6 +13,7 @@ unknown flag or a bad value fails) and loads every ``--config`` with its overrid
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 import runpy
 import shlex
@@ -267,12 +268,12 @@ def module_command(script: str, args: list[str]) -> tuple[str, list[str]]:
 def dry_run_module(ctx: Context, script: str, args: list[str]):
     """``[nice -n N] python -m MODULE ...``: the module's own parser runs on the arguments (and stops)."""
     module, module_args = module_command(script, args)
-    spec_file = ROOT / (module.replace(".", "/") + ".py")
+    spec_file = Path(importlib.util.find_spec(module).origin)  # llm4gen.experiments.X -> experiments/X.py
     parse_only(str(spec_file.relative_to(ROOT)), module_args, ctx.monkeypatch)
 
 
 def run_probes(ctx: Context, script: str, args: list[str]):
-    """``python -m evaluation.probes``: the noun-colour probe of both encoders, on few captions."""
+    """``python -m llm4gen.experiments.probes``: the noun-colour probe of both encoders, on few captions."""
     from llm4gen.experiments.probes import main as probes_main
 
     _, module_args = module_command(script, args)
@@ -341,7 +342,7 @@ COVERAGE = [
     Entry(r"python bench/\w+\.py( .*)?", dry_run, "dry-run",
           "timings of minutes on the 2-core machine belong in bench/, not in tests: arguments parsed"),
     Entry(r"python -m evaluation (prompts|render|score) runs/\S+( --resolution \d+)?", run_shapes_benchmark, "run"),
-    Entry(r"(nice -n \d+ )?python -m embedded\.pretrain .*", dry_run_module, "dry-run",
+    Entry(r"(nice -n \d+ )?python -m llm4gen\.tools\.pretrain .*", dry_run_module, "dry-run",
           "pretraining the tiny base takes about 1.5 hours on 2 cores (92 min measured); tests/embedded/test_pretrain.py runs the same code "
           "at toy scale, and tests/embedded/test_shapes_base.py checks the shipped result"),
     Entry(r"python evaluate\.py (--base|--checkpoint) \S+ .*", dry_run, "dry-run",
@@ -350,8 +351,8 @@ COVERAGE = [
           "compares two finished paper-scale evaluations; tests/evaluation/test_evaluate.py runs compare on two tiny runs"),
     Entry(r"pip install torch-fidelity", optional_package_named_in_errors, "dry-run",
           "an optional package for the published Inception FID; it needs torchvision, which this CPU torch cannot import"),
-    Entry(r"python -m evaluation\.probes", run_probes, "run"),
-    Entry(r"python -m evaluation\.experiment (run|data|report) configs/sweeps/shapes_evidence\.yaml", dry_run_module,
+    Entry(r"python -m llm4gen\.experiments\.probes", run_probes, "run"),
+    Entry(r"python -m llm4gen\.experiments\.shapes_evidence (run|data|report) configs/sweeps/shapes_evidence\.yaml", dry_run_module,
           "dry-run", "the whole experiment takes about 90 minutes on 2 cores; tests/evaluation/test_experiment.py "
           "runs data, a 2-arm sweep and the report on the tiny model"),
     Entry(r"python sweep\.py configs/sweeps/shapes_evidence\.yaml( --slurm)?", dry_run_experiment_sweep, "dry-run",

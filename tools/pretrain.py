@@ -24,7 +24,7 @@ the analyzer's score of the base's samples on single-object prompts. Finished st
 Each stage draws its random initialisation and its data order from a seed of its own (``stage_seed``), so
 a stage comes out the same whether the stages before it were trained in this process or reused.
 
-    nice -n 19 python -m embedded.pretrain --output runs/pretrain --seed 0 [--install-to DIR]
+    nice -n 19 python -m llm4gen.tools.pretrain --output runs/pretrain --seed 0 [--install-to DIR]
 """
 
 from __future__ import annotations
@@ -448,7 +448,7 @@ def install(output: Path, target: Path) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m embedded.pretrain", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llm4gen.tools.pretrain", description=__doc__.split("\n")[0])
     for f in fields(PretrainConfig):
         kind = {"int": int, "float": float, "str": str}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
