@@ -248,7 +248,7 @@ def clip_positions_independently(text, tokenizer):
 
 def check_mentions(text, mentions, tokenizer):
     ids, found = clip_positions_independently(text, tokenizer)
-    words = sorted((w for m in mentions for w in (m.entity, *m["attributes"])), key=lambda w: w["start"])
+    words = sorted((w for m in mentions for w in (m["entity"], *m["attributes"])), key=lambda w: w["start"])
     assert len(found) == len(words) == 3 * len(mentions)
     position = {(w["start"], w["end"]): p for w, p in zip(words, found)}
     for w, p in zip(words, found):
@@ -256,7 +256,7 @@ def check_mentions(text, mentions, tokenizer):
     truncated = tokenizer(text, max_length=77, truncation=True, padding="max_length")["input_ids"]
     assert truncated[0] == tokenizer.bos_token_id
     for m in mentions:
-        last = max(position[(w["start"], w["end"])] for w in (m.entity, *m["attributes"]))
+        last = max(position[(w["start"], w["end"])] for w in (m["entity"], *m["attributes"]))
         assert m["last_clip_token"] == last
         assert m["in_clip_window"] == (last <= CLIP_LAST_CONTENT_POSITION)
         if m["in_clip_window"]:     # CLIP's encoder gets every token of the object

@@ -226,4 +226,4 @@ def test_report_without_finished_runs_says_what_to_run(tmp_path, monkeypatch, ca
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(f"config: {config}\noutput_root: {tmp_path / 'runs'}\ngrid: {{seed: [0]}}\n")
     assert main(["report", str(sweep_file)]) == 2
-    assert "python -m evaluation.experiment run" in capsys.readouterr().err
+    assert "python -m llm4gen.experiments.shapes_evidence run" in capsys.readouterr().err

@@ -200,7 +200,7 @@ def test_missing_slurm_section_gives_defaults(tmp_path):
         ("gpu_per_node: 2", r"unknown config key 'slurm\.gpu_per_node' \(from .*experiment\.yaml\)\. "
                             r"Closest valid keys: slurm\.gpus_per_node"),
         ("signal_second: 60", r"unknown config key 'slurm\.signal_second' .*Closest valid keys: slurm\.signal_seconds"),
-        ("signal: SIGKILL", r"slurm\.signal='SIGKILL': expected SIGUSR1, SIGUSR2 or SIGTERM"),
+        ("signal: SIGKILL", r"slurm\.signal='SIGKILL': expected one of SIGUSR1, SIGUSR2, SIGTERM"),
         ("nodes: many", r"config key 'slurm\.nodes' .*Value 'many' of type 'str' could not be converted to Integer\. "
                         r"The default is 1\."),
         # checked by SlurmConfig itself

@@ -199,14 +199,14 @@ def test_optimizing_the_cam_against_the_entity_loss_binds_attributes(tiny_model_
                                      generator=torch.Generator().manual_seed(1))
 
     def optimize(key, lr, max_steps, done):
-        """Adam steps on losses()[key] until done(losses) holds; returns (steps taken, last losses)."""
+        """Adam steps on key(losses()) until done(losses) holds; returns (steps taken, last losses)."""
         optimizer = torch.optim.Adam(module.trainable_parameters(), lr=lr)
         for steps in range(max_steps + 1):
             out = losses()
             if done(out) or steps == max_steps:
                 return steps, out
             optimizer.zero_grad(set_to_none=True)
-            out[key].backward()
+            key(out).backward()
             optimizer.step()
 
     with torch.no_grad():
@@ -216,7 +216,7 @@ def test_optimizing_the_cam_against_the_entity_loss_binds_attributes(tiny_model_
     # at initialisation the maps are indistinguishable: own entity and other entities alike
     assert start.entity_parts.positive.item() < 1e-3 and LN2 - start.entity_parts.negative.item() < 1e-3
 
-    steps, end = optimize("entity", 3e-3, 300, lambda out: out.entity.item() <= 0.7 * start_total)
+    steps, end = optimize(lambda t: t.entity, 3e-3, 300, lambda out: out.entity.item() <= 0.7 * start_total)
     print(f"entity loss {start_total:.4f} -> {end['entity'].item():.4f} in {steps} steps; positive "
           f"{start['entity_positive'].item():.5f} -> {end['entity_positive'].item():.5f}")
     assert end.entity.item() <= 0.7 * start_total, f"only reached {end['entity'].item():.4f} from {start_total:.4f}"
@@ -224,7 +224,7 @@ def test_optimizing_the_cam_against_the_entity_loss_binds_attributes(tiny_model_
     assert end.entity_parts.positive.item() < 0.1 * other_js, (end.entity_parts.positive.item(), other_js)
 
     positive_before = end.entity_parts.positive.item()
-    steps, pulled = optimize("entity_positive", 1e-3, 60,
+    steps, pulled = optimize(lambda t: t.entity_parts.positive, 1e-3, 60,
                              lambda out: out.entity_parts.positive.item() <= 0.5 * positive_before)
     print(f"positive alone: {positive_before:.5f} -> {pulled['entity_positive'].item():.5f} in {steps} steps")
     assert pulled.entity_parts.positive.item() <= 0.5 * positive_before
