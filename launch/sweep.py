@@ -47,7 +47,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from llm4gen.configs.errors import UserError
+from llm4gen.configs.errors import ConfigError, UserError
 from llm4gen.configs.schema import config_file, load_config
 from llm4gen.launch.preflight import preflight
 from llm4gen.launch.slurm import (

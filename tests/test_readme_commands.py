@@ -307,6 +307,12 @@ def fast_tier_markers_registered(ctx: Context, script: str, args: list[str]):
         assert re.search(rf"^\s+{marker}:", registered, flags=re.M), marker
 
 
+def gpu_marker_registered(ctx: Context, script: str, args: list[str]):
+    """The GPU tier selects by marker: it must be registered and carried by the CUDA tests."""
+    assert re.search(r"^\s+gpu:", (ROOT / "setup.cfg").read_text(), flags=re.M)
+    assert "pytest.mark.gpu" in (ROOT / "tests" / "gpu" / "test_cuda.py").read_text()
+
+
 @dataclass
 class Entry:
     pattern: str              # a regex the whole command must match
@@ -357,6 +363,8 @@ COVERAGE = [
           "runs data, a 2-arm sweep and the report on the tiny model"),
     Entry(r"python sweep\.py configs/sweeps/shapes_evidence\.yaml( --slurm)?", dry_run_experiment_sweep, "dry-run",
           "twelve training runs (most of an hour here) or a SLURM cluster: expanded and checked"),
+    Entry(r"python -m pytest -m gpu", gpu_marker_registered, "dry-run",
+          "needs CUDA (none here); bench/gpu_bench.py and these tests run where a GPU is lent"),
     Entry(r"python -m pytest -m 'not slow and not cluster'", fast_tier_markers_registered, "dry-run",
           "the fast tier of the suite itself (it would recurse)"),
 ]

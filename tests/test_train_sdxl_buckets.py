@@ -20,7 +20,8 @@ class BatchRecorder(L.Callback):
         self.batches = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.batches.append((tuple(batch["keys"]), tuple(batch["pixel_values"].shape[-2:])))
+        # the datamodule took the keys out of the batch (bookkeeping) and keeps those of the batch consumed last
+        self.batches.append((tuple(trainer.datamodule.last_keys), tuple(batch["pixel_values"].shape[-2:])))
 
 
 def fit(monkeypatch, out, shards, *extra):

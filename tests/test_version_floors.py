@@ -70,7 +70,7 @@ REQUIRED_APIS = [
     Api("diffusers", "0.26", "diffusers.models.autoencoders.vae (the module moved there)", "lightning_modules/llm4gen.py",
         r"from diffusers\.models\.autoencoders\.vae import",
         lambda: hasattr(importlib.import_module("diffusers.models.autoencoders.vae"), "DiagonalGaussianDistribution")),
-    Api("lightning", "2.1", "ModelCheckpoint(enable_version_counter=)", "train.py", r"enable_version_counter=",
+    Api("lightning", "2.1", "ModelCheckpoint(enable_version_counter=)", "cli/train.py", r"enable_version_counter=",
         lambda: "enable_version_counter" in inspect.signature(
             importlib.import_module("lightning.pytorch.callbacks").ModelCheckpoint.__init__).parameters),
     Api("webdataset", "0.2.86", "ShardWriter(mtime=) for reproducible tars", "datamodules/synthetic.py", r"mtime=0\.0",

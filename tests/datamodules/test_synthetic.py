@@ -131,7 +131,7 @@ def test_a_verbose_share_writes_verbose_captions_with_their_clip_positions(tmp_p
 
     from llm4gen.datamodules.synthetic import clip_tokenizer, synthetic_sample
     from llm4gen.embedded.registry import CLIP_TOKENIZER_DIR
-    from llm4gen.shapes.world import VERBOSE, object_mentions
+    from llm4gen.shapes.world import VERBOSE
 
     assert clip_tokenizer() is clip_tokenizer()  # loaded once
     (path,) = write_synthetic_shards(str(tmp_path), num_samples=40, samples_per_shard=40, resolution=32, seed=2,

@@ -4,7 +4,6 @@ experiment (data, cache, two arms x one seed, the report) end to end."""
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 
@@ -13,7 +12,6 @@ from llm4gen.experiments.shapes_evidence import (
     ARMS,
     ObjectRecord,
     Protocol,
-    Task,
     arm_of,
     compare,
     decisions,

@@ -163,7 +163,7 @@ def test_verbose_sets_record_where_each_object_falls_in_clip_window():
     from transformers import CLIPTokenizer
 
     from llm4gen.embedded.registry import CLIP_TOKENIZER_DIR
-    from llm4gen.shapes.world import VERBOSE, object_mentions
+    from llm4gen.shapes.world import VERBOSE
 
     tokenizer = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
     for name, n_objects in (("verbose_2", 2), ("verbose_3", 3)):

@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -246,7 +247,7 @@ def test_submit_cli_writes_the_script_into_the_run_folder_and_prints_job_and_log
     assert "#SBATCH --time=00:10:00" in script
     srun = shlex.split(next(line for line in script.splitlines() if line.startswith("srun")))
     assert srun[-4:] == ["--config", str(config), "trainer.max_steps=20", f"output_dir={run_dir}"]
-    assert srun[-5].endswith("train.py")
+    assert srun[-7:-4] == [sys.executable, "-m", "llm4gen.cli.train"]  # runs from an installed wheel too
     assert capsys.readouterr().out.splitlines() == [
         "submitted job 4242",
         f"log: {run_dir}/slurm-4242.out",

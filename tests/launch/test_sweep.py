@@ -149,11 +149,13 @@ def test_grid_2x2_expands_to_4_runs_with_exact_overrides_names_and_commands(tmp_
         "optim.lr=0.0003_model.adapter.num_blocks=2",
     ]
     assert all(run.output_dir == tmp_path / "out" / run.name for run in runs)
-    assert train_command(spec, runs[1], "train.py", python="python") == [
-        "python", "train.py", "--config", "exp.yaml", "trainer.max_steps=2",
+    assert train_command(spec, runs[1], python="python") == [
+        "python", "-m", "llm4gen.cli.train", "--config", "exp.yaml", "trainer.max_steps=2",
         "optim.lr=0.0001", "model.adapter.num_blocks=2",
         f"output_dir={tmp_path / 'out' / runs[1].name}",
     ]  # fmt: skip
+    # a custom training script runs by its absolute path: a job's working directory may differ
+    assert train_command(spec, runs[1], "train.py", python="python")[:2] == ["python", str(Path("train.py").absolute())]
 
 
 def test_runs_list_crossed_with_grid_puts_runs_entries_outermost(tmp_path):

@@ -126,7 +126,8 @@ def test_store_is_disabled_outside_the_step(with_entity):
     # a batch without parsed entities: no capture, no entity terms
     plain = {k: v for k, v in batch.items() if k != "entities"}
     losses, _ = step(with_entity, plain, noise, timesteps, torch.zeros(2, dtype=torch.bool))
-    assert set(losses) == {"loss", "diffusion"}
+    assert losses.entity_parts is None and losses.entity.item() == 0.0
+    assert set(losses.logs()) == {"diffusion"}
 
 
 @pytest.fixture
@@ -217,16 +218,16 @@ def test_optimizing_the_cam_against_the_entity_loss_binds_attributes(tiny_model_
     assert start.entity_parts.positive.item() < 1e-3 and LN2 - start.entity_parts.negative.item() < 1e-3
 
     steps, end = optimize(lambda t: t.entity, 3e-3, 300, lambda out: out.entity.item() <= 0.7 * start_total)
-    print(f"entity loss {start_total:.4f} -> {end['entity'].item():.4f} in {steps} steps; positive "
-          f"{start['entity_positive'].item():.5f} -> {end['entity_positive'].item():.5f}")
-    assert end.entity.item() <= 0.7 * start_total, f"only reached {end['entity'].item():.4f} from {start_total:.4f}"
+    print(f"entity loss {start_total:.4f} -> {end.entity.item():.4f} in {steps} steps; positive "
+          f"{start.entity_parts.positive.item():.5f} -> {end.entity_parts.positive.item():.5f}")
+    assert end.entity.item() <= 0.7 * start_total, f"only reached {end.entity.item():.4f} from {start_total:.4f}"
     other_js = LN2 - end.entity_parts.negative.item()  # divergence of attributes from the other entities
     assert end.entity_parts.positive.item() < 0.1 * other_js, (end.entity_parts.positive.item(), other_js)
 
     positive_before = end.entity_parts.positive.item()
     steps, pulled = optimize(lambda t: t.entity_parts.positive, 1e-3, 60,
                              lambda out: out.entity_parts.positive.item() <= 0.5 * positive_before)
-    print(f"positive alone: {positive_before:.5f} -> {pulled['entity_positive'].item():.5f} in {steps} steps")
+    print(f"positive alone: {positive_before:.5f} -> {pulled.entity_parts.positive.item():.5f} in {steps} steps")
     assert pulled.entity_parts.positive.item() <= 0.5 * positive_before
     assert LN2 - pulled.entity_parts.negative.item() >= 0.8 * other_js  # attributes stay off the other entities
 
