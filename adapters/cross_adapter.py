@@ -29,6 +29,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from llm4gen.adapters.layout import ContextLayout
+
 
 class QuickGELU(nn.Module):
     """CLIP's GELU approximation, x * sigmoid(1.702 x), as used in the released FFN."""
@@ -87,6 +89,9 @@ class CrossAdapter(ModelMixin, ConfigMixin):
             tokens' features go to the UNet like any other).
     """
 
+    timestep_aware = False
+    layout = ContextLayout.CLIP_THEN_LLM  # CLIP's tokens untouched, then one fused token per LLM token
+
     @register_to_config
     def __init__(self, clip_dim: int = 768, llm_dim: int = 2048, num_heads: int = 8, num_blocks: int = 1,
                  ffn_mult: int = 4, llm_scale: float = 1.0, use_llm_mask: bool = False):
@@ -114,8 +119,9 @@ class CrossAdapter(ModelMixin, ConfigMixin):
         return p
 
     def forward(self, clip_features: torch.Tensor, llm_features: torch.Tensor,
-                llm_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(batch, clip_tokens + llm_tokens, clip_dim): ``[clip_features, fused LLM tokens]``."""
+                llm_mask: torch.Tensor | None = None, timestep: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, clip_tokens + llm_tokens, clip_dim): ``[clip_features, fused LLM tokens]``; ``timestep`` is
+        ignored (every connector accepts it, adapters/layout.py)."""
         return torch.cat([clip_features, self.fuse(clip_features, llm_features, llm_mask)], dim=1)
 
     @classmethod

@@ -17,6 +17,7 @@ Scenarios:
   c  (a) + the entity loss (lowest-resolution layers captured)
   d  (a) with a LoRA UNet (rank 4)
   e  (a) with the full UNet trained (fp32 masters) and gradient checkpointing
+  f, g, h  (a) with ELLA's connector, LaVi-Bridge's adapter + LoRA rank 32, the MLP (``--scenarios f,g,h``)
 Each runs ``--warmup`` steps, then ``--steps`` timed ones, for each batch size of the sweep until one
 runs out of memory or the time budget is spent. MFU = FLOPs per sample (counted for the scenario's
 configuration, ``lightning_modules/flops.py``) x images/s / the device's dense bf16 peak. With
@@ -63,6 +64,12 @@ SCENARIOS = {
     "d": ("(a), LoRA UNet (rank 4)", ["model.unet_training=lora"], CACHED),
     "e": ("(a), full UNet + gradient checkpointing",
           ["model.unet_training=full", "model.base.dtype=float32", "model.performance.gradient_checkpointing=true"], CACHED),
+    # the other connectors (model.adapter.kind), on (a)'s cached features; not in the default list
+    "f": ("(a), ELLA connector (64 queries, 6 blocks)", ["model.adapter.kind=ella"], CACHED),
+    "g": ("(a), LaVi-Bridge adapter + LoRA UNet (rank 32)",
+          ["model.adapter.kind=lavi_bridge", "model.unet_training=lora", "model.lora.rank=32",
+           "model.lora.alpha=32", "model.base.dtype=float32"], CACHED),
+    "h": ("(a), MLP connector", ["model.adapter.kind=mlp"], CACHED),
 }
 
 
@@ -238,7 +245,7 @@ def print_table(results: dict) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny embedded models on the CPU (a test runs this)")
-    parser.add_argument("--scenarios", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
+    parser.add_argument("--scenarios", default="a,b,c,d,e", help="comma-separated subset of a..h (f, g, h: the other connectors)")
     parser.add_argument("--batch-sizes", default=None, help="sweep, e.g. 16,32,64 (default 32,64,128; smoke: 2)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default 10; smoke: 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; smoke: 1)")

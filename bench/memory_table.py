@@ -97,7 +97,7 @@ def llm_architecture(cfg):
 
 def build_parts(cfg, device: str = "meta"):
     """(unet, adapter) with what trains marked requires_grad, LoRA added as configured."""
-    from llm4gen.adapters.cross_adapter import CrossAdapter
+    from llm4gen.adapters.connectors import build_connector
 
     if cfg.model.base.family != "sd15":
         raise SystemExit(f"error: model.base.family={cfg.model.base.family!r}: only sd15 is described here")
@@ -108,8 +108,7 @@ def build_parts(cfg, device: str = "meta"):
         llm_width = getattr(config, "d_model", None) or config.hidden_size
     a = cfg.model.adapter
     with torch.device("meta"):
-        adapter = CrossAdapter(clip_dim=768, llm_dim=llm_width, num_heads=a.num_heads, num_blocks=a.num_blocks,
-                               ffn_mult=a.ffn_mult)
+        adapter = build_connector(a, clip_dim=768, llm_dim=llm_width)  # model.adapter.kind: the CAM or another
     if cfg.model.unet_training == "lora":
         from peft import LoraConfig
 
@@ -138,7 +137,7 @@ def count(module: nn.Module, trainable: bool) -> int:
 
 
 def saved_activation_bytes(unet, adapter, latent: int, llm_tokens: int, entity: str | None, checkpointing: bool) -> int:
-    """Bytes autograd keeps for backward through CAM -> UNet at batch 1, fp32, on the CPU."""
+    """Bytes autograd keeps for backward through connector -> UNet at batch 1, fp32, on the CPU."""
     from llm4gen.losses.attention_capture import (
         cross_attention_layer_names,
         install_attention_capture,
@@ -163,7 +162,7 @@ def saved_activation_bytes(unet, adapter, latent: int, llm_tokens: int, entity: 
     try:
         clip, llm = torch.randn(1, 77, 768), torch.randn(1, llm_tokens, adapter.config.llm_dim)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            context = adapter(clip, llm)
+            context = adapter(clip, llm, None, torch.tensor([500]))
             unet(torch.randn(1, 4, latent, latent), torch.tensor([500]), context).sample.float().pow(2).mean()
             kept = sum(m.untyped_storage().nbytes() for m in store.maps().values()) if store else 0
     finally:
@@ -208,7 +207,7 @@ def estimate(name: str, cfg, resolution: int, batch: int, cache: dict) -> Row:
     states = trainable * (4 + optimizer_bytes + (4 if m.ema.enabled else 0))
 
     entity = m.objective.entity_layers if m.objective.lambda_entity > 0 else None
-    key = (m.unet_training, entity, m.performance.gradient_checkpointing, m.llm.max_length, llm_width)
+    key = (m.adapter.kind, m.unet_training, entity, m.performance.gradient_checkpointing, m.llm.max_length, llm_width)
     if key not in cache:
         cpu_unet, cpu_adapter, _ = build_parts(cfg, device="cpu")
         low, high = (saved_activation_bytes(cpu_unet, cpu_adapter, side, m.llm.max_length, entity,
@@ -224,7 +223,8 @@ def estimate(name: str, cfg, resolution: int, batch: int, cache: dict) -> Row:
         if "vae" not in cache:
             cache["vae"] = vae_transient_bytes(128)
         transient = cache["vae"] * (resolution / 128) ** 2 * batch * size(m.base.vae_dtype) / 4
-    trains = {"frozen": "CAM", "full": "CAM + UNet", "lora": "CAM + LoRA"}[m.unet_training]
+    connector = {"cam": "CAM", "mlp": "MLP", "lavi_bridge": "LaVi-Bridge adapter", "ella": "ELLA"}[m.adapter.kind]
+    trains = connector + {"frozen": "", "full": " + UNet", "lora": " + LoRA"}[m.unet_training]
     if entity:
         trains += " + entity loss"
     return Row(name, trains, trainable, frozen, weights, states, activations, transient)

@@ -48,6 +48,12 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.adapter.num_blocks": _POSITIVE,
     "model.adapter.ffn_mult": _POSITIVE,
     "model.adapter.llm_scale": _above(0.0),
+    "model.adapter.hidden_dim": _POSITIVE,
+    "model.adapter.ella.num_latents": _POSITIVE,
+    "model.adapter.ella.num_blocks": _POSITIVE,
+    "model.adapter.ella.width": _POSITIVE,
+    "model.adapter.ella.num_heads": _POSITIVE,
+    "model.adapter.ella.time_channels": _POSITIVE,
     "model.lora.rank": _POSITIVE,
     "model.lora.alpha": _above(0.0),
     "model.lora.dropout": _SHARE,
@@ -155,6 +161,7 @@ def check_choices(cfg: DictConfig) -> None:
     if not cfg.model.adapter.enabled and cfg.model.objective.lambda_entity > 0:
         raise ConfigError("model.objective.lambda_entity > 0 needs the CAM (its targets include the fused LLM "
                           "tokens); set model.adapter.enabled=true or model.objective.lambda_entity=0")
+    check_connector(cfg)
     check_buckets(cfg)
     resume = str(cfg.resume)
     if resume not in choices.RESUME_MODES and not resume.strip():
@@ -222,6 +229,33 @@ def llm_length_limit(model_config: Optional[dict], tokenizer_config: Optional[di
     return min(limits) if limits else None
 
 
+def check_connector(cfg: DictConfig) -> None:
+    """The connector's settings fit its kind (adapters/connectors.py): the CAM fuses into CLIP's tokens, so it
+    keeps them; ELLA's queries have no word positions for the entity loss; ELLA's heads divide its width."""
+    adapter = cfg.model.adapter
+    kind = adapter.kind
+    if kind == "cam" and adapter.with_clip is False:
+        raise ConfigError("model.adapter.with_clip=false with model.adapter.kind=cam: the CAM's output is CLIP's "
+                          "tokens followed by the fused LLM tokens; use kind=mlp or lavi_bridge for an LLM-only context")
+    if kind == "ella" and adapter.enabled and cfg.model.objective.lambda_entity > 0:
+        raise ConfigError(f"model.objective.lambda_entity={cfg.model.objective.lambda_entity} with "
+                          f"model.adapter.kind=ella: ELLA's context is {adapter.ella.num_latents} learned queries, "
+                          f"which have no word positions to align the entity loss to; set "
+                          f"model.objective.lambda_entity=0 (or train kind=cam, mlp or lavi_bridge)")
+    if kind == "ella" and adapter.ella.width % adapter.ella.num_heads:
+        raise ConfigError(f"config key 'model.adapter.ella.num_heads' is {adapter.ella.num_heads}, which does not "
+                          f"divide model.adapter.ella.width={adapter.ella.width}")
+    saved_config = Path(adapter.init_from) / "config.json" if adapter.init_from else None
+    if saved_config is not None and saved_config.is_file():
+        saved = json.loads(saved_config.read_text()).get("_class_name")
+        expected = choices.CONNECTOR_CLASS_NAMES[kind]
+        if saved != expected:
+            kinds = {name: k for k, name in choices.CONNECTOR_CLASS_NAMES.items()}
+            hint = f"model.adapter.kind={kinds[saved]}" if saved in kinds else "a folder saved from a connector"
+            raise ConfigError(f"model.adapter.init_from={adapter.init_from!r} holds a {saved}, but model.adapter.kind="
+                              f"{kind} builds a {expected}; use {hint}")
+
+
 def check_against_models(cfg: DictConfig) -> None:
     """Settings that must agree with the models: CAM heads divide the CLIP width, the resolution is a
     multiple of the VAE's downsampling, max_length fits the LLM, the entity timestep window fits the
@@ -230,7 +264,7 @@ def check_against_models(cfg: DictConfig) -> None:
     # The CAM works at the UNet's context width: CLIP's width for SD1.5, both CLIP encoders' for SDXL.
     unet = model_json(base.pretrained, "unet/config.json", base.revision)
     width = unet.get("cross_attention_dim") if unet else None
-    if isinstance(width, int) and not (adapter.init_from and Path(adapter.init_from).is_dir()):
+    if adapter.kind == "cam" and isinstance(width, int) and not (adapter.init_from and Path(adapter.init_from).is_dir()):
         if width % adapter.num_heads:
             divisors = [d for d in range(1, min(width, 32) + 1) if width % d == 0]
             raise ConfigError(f"config key 'model.adapter.num_heads' is {adapter.num_heads}: the CAM's width is the "

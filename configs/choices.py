@@ -13,6 +13,11 @@ LLM_LAYER_NAMES: tuple[str, ...] = ("penultimate", "mean")
 SWITCHES: tuple[str, ...] = ("auto", "true", "false")
 BASE_FAMILIES: tuple[str, ...] = ("sd15", "sdxl")
 UNET_TRAINING: tuple[str, ...] = ("frozen", "full", "lora")
+# model.adapter.kind: the connector between the LLM and the UNet (adapters/connectors.py)
+CONNECTOR_KINDS: tuple[str, ...] = ("cam", "mlp", "lavi_bridge", "ella")
+# Each kind's class, as save_pretrained names it in config.json's _class_name
+CONNECTOR_CLASS_NAMES: dict[str, str] = {"cam": "CrossAdapter", "mlp": "MLPConnector",
+                                         "lavi_bridge": "LaViBridgeAdapter", "ella": "TimestepAwareConnector"}
 LATENTS = ("mean", "sample")  # model.objective.latents: the VAE posterior's mean, or a sample of it
 LOGGERS: tuple[str, ...] = ("csv", "tensorboard", "wandb")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_fused", "adamw_8bit")  # model.performance.optimizer

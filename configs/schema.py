@@ -109,15 +109,31 @@ class LLMConfig:
 
 
 @dataclass
-class AdapterConfig:
-    # false: no CAM, the UNet sees CLIP alone (the paper's "SD1.5 (ft)" control with unet_training=full)
-    enabled: bool = True
+class EllaConfig:
+    """ELLA's timestep-aware connector (adapters/ella.py); defaults: the published SD1.5 model."""
+    num_latents: int = 64
+    num_blocks: int = 6
+    width: int = 768
     num_heads: int = 8
-    num_blocks: int = 1
-    ffn_mult: int = 4
+    time_channels: int = 320
+
+
+@dataclass
+class AdapterConfig:
+    # false: no connector, the UNet sees CLIP alone (the paper's "SD1.5 (ft)" control with unet_training=full)
+    enabled: bool = True
+    # the connector (adapters/connectors.py): cam (LLM4GEN), mlp, lavi_bridge, ella
+    kind: str = "cam"
+    num_heads: int = 8            # cam
+    num_blocks: int = 1           # cam
+    ffn_mult: int = 4             # cam
+    hidden_dim: Optional[int] = None  # mlp, lavi_bridge: hidden width (default: the context width)
+    # CLIP's tokens before the connector's in the context; default per kind: cam, mlp yes; lavi_bridge, ella no
+    with_clip: Optional[bool] = None
+    ella: EllaConfig = field(default_factory=EllaConfig)
     llm_scale: float = 1.0        # the paper's lambda
     use_llm_mask: bool = False    # release behaviour: padding tokens are fused like any other
-    init_from: Optional[str] = None  # a save_pretrained folder or the released projector.pth
+    init_from: Optional[str] = None  # a save_pretrained folder (any kind) or the released projector.pth (cam)
 
 
 @dataclass
@@ -324,7 +340,7 @@ class Config:
 
 CHOICES = {
     "model.base.family": choices.BASE_FAMILIES, "model.llm.kind": choices.LLM_KINDS,
-    "model.unet_training": choices.UNET_TRAINING, "model.objective.latents": choices.LATENTS, "logger": choices.LOGGERS,
+    "model.unet_training": choices.UNET_TRAINING, "model.adapter.kind": choices.CONNECTOR_KINDS, "model.objective.latents": choices.LATENTS, "logger": choices.LOGGERS,
     "model.optim.scheduler": choices.LR_SCHEDULERS,
     "model.base.dtype": choices.DTYPES, "model.base.vae_dtype": choices.DTYPES,
     "model.llm.dtype": choices.DTYPES,

@@ -105,7 +105,7 @@ def _dtype(module: nn.Module) -> torch.dtype:
 
 
 def trained_path_flops(adapter: nn.Module, unet: nn.Module, latent_size: int, clip_tokens: int, llm_tokens: int) -> int:
-    """CAM -> UNet -> MSE, forward and backward, per sample (requires_grad of each weight as it is)."""
+    """Connector -> UNet -> MSE, forward and backward, per sample (requires_grad of each weight as it is)."""
 
     adapter_dtype, unet_dtype = _dtype(adapter), _dtype(unet)
     added = {}
@@ -116,7 +116,7 @@ def trained_path_flops(adapter: nn.Module, unet: nn.Module, latent_size: int, cl
                                        "time_ids": _meta(1, time_ids, dtype=unet_dtype)}}
 
     def step(adapter, unet, clip, llm, latents, timesteps):
-        context = adapter.forward(clip, llm).to(latents.dtype)  # (1, clip_tokens + llm_tokens, clip_dim)
+        context = adapter.forward(clip, llm, None, timesteps).to(latents.dtype)  # (1, context tokens, clip_dim)
         return unet.forward(latents, timesteps, context, **added).sample
 
     clip_dim, llm_dim = adapter.config.clip_dim, adapter.config.llm_dim

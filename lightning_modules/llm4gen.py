@@ -1,10 +1,12 @@
-"""The LLM4GEN LightningModule: frozen VAE, UNet, CLIP and LLM; a trainable Cross-Adapter Module.
+"""The LLM4GEN LightningModule: frozen VAE, UNet, CLIP and LLM; a trainable connector (LLM4GEN's Cross-Adapter
+Module by default, or another of adapters/connectors.py by ``model.adapter.kind``).
 
 The objective, per batch:
 
     z0      = VAE(image) * scaling          (or VAE moments precomputed in the batch)
     c, l    = CLIP(caption), LLM(caption)   (caption replaced by "" with p = caption_dropout)
     context = CAM(c, l) = [c, CAM_l(c, l)]  (batch, 77 + L, clip_dim)
+              (other connectors: connector(c, l, t), e.g. ELLA's queries at timestep t, adapters/)
               (SDXL: c is both CLIP encoders' penultimate states, 2048 wide; the UNet also gets the
                pooled embedding and size/crop time ids, see encoders/sdxl.py)
     z_t     = sqrt(a_t) z0 + sqrt(1 - a_t) eps,  t ~ U{0..T-1}
@@ -30,7 +32,9 @@ from diffusers.training_utils import EMAModel, cast_training_params
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from llm4gen.adapters.connectors import build_connector, load_connector
 from llm4gen.adapters.cross_adapter import CrossAdapter
+from llm4gen.adapters.layout import ContextLayout
 from llm4gen.adapters.release import RELEASED_PROJECTOR, save_release
 from llm4gen.configs.errors import UserError
 from llm4gen.encoders.clip import ClipText, where_text
@@ -60,6 +64,7 @@ from llm4gen.losses.diffusion import (
 from llm4gen.losses.entity import (
     EntityTargets,
     build_entity_targets_from_captions,
+    drop_leading_tokens,
     entity_loss,
 )
 from llm4gen.losses.entity_parser import groups_from_json
@@ -140,13 +145,13 @@ class LLM4GenModule(L.LightningModule):
         apply_performance(self, self.performance)
 
     # ---- construction -------------------------------------------------------------------------
-    def _build_adapter(self, acfg) -> CrossAdapter:
+    def _build_adapter(self, acfg) -> nn.Module:
         if acfg.init_from:
             path = Path(acfg.init_from)
             if path.is_dir() and (path / RELEASED_PROJECTOR).is_file():  # a release-layout folder
                 path = path / RELEASED_PROJECTOR
             if path.is_dir():
-                adapter = CrossAdapter.from_pretrained(path)
+                adapter = load_connector(path)  # any kind, as saved (configs/checks.py: it matches adapter.kind)
             else:
                 adapter = CrossAdapter.from_released(path, num_heads=acfg.num_heads, llm_scale=acfg.llm_scale)
             if (adapter.config.clip_dim, adapter.config.llm_dim) != (self.clip.hidden_size, self.llm.hidden_size):
@@ -154,9 +159,7 @@ class LLM4GenModule(L.LightningModule):
                                  f"{adapter.config.clip_dim}/{adapter.config.llm_dim}, the models need "
                                  f"{self.clip.hidden_size}/{self.llm.hidden_size}")
             return adapter
-        return CrossAdapter(clip_dim=self.clip.hidden_size, llm_dim=self.llm.hidden_size, num_heads=acfg.num_heads,
-                            num_blocks=acfg.num_blocks, ffn_mult=acfg.ffn_mult, llm_scale=acfg.llm_scale,
-                            use_llm_mask=acfg.use_llm_mask)
+        return build_connector(acfg, clip_dim=self.clip.hidden_size, llm_dim=self.llm.hidden_size)
 
     def _setup_unet_training(self, cfg) -> None:
         if cfg.unet_training == "full":
@@ -224,14 +227,23 @@ class LLM4GenModule(L.LightningModule):
                               mask=torch.zeros(len(captions), 0, dtype=torch.bool, device=clip.hidden.device))
         return clip, pad_tokens(llm, self.cfg.llm.max_length)
 
-    def fuse(self, clip_hidden: torch.Tensor, llm: LLMFeatures) -> torch.Tensor:
+    @property
+    def timestep_aware(self) -> bool:
+        """True when the context depends on the denoising timestep (ELLA): it is computed per step."""
+        return self.uses_cam and self.adapter.timestep_aware
+
+    def fuse(self, clip_hidden: torch.Tensor, llm: LLMFeatures, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's context: (batch, 77 + L, clip_dim) for the CAM; see adapters/layout.py for the others.
+        ``timesteps`` ((batch,) or one for all) reach the connector; a timestep-aware one needs them."""
         if not self.uses_cam:
             return clip_hidden  # (batch, 77, clip_dim): CLIP alone
         dtype = next(self.adapter.parameters()).dtype
-        return self.adapter(clip_hidden.to(dtype), llm.features.to(dtype), llm.mask)  # (batch, 77 + L, clip_dim)
+        return self.adapter(clip_hidden.to(dtype), llm.features.to(dtype), llm.mask, timestep=timesteps)
 
-    def conditioning(self, batch: dict, drop: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """UNet context and extra UNet inputs for a batch; rows where ``drop`` is True get the empty prompt's."""
+    def conditioning(self, batch: dict, drop: torch.Tensor | None = None,
+                     timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """UNet context and extra UNet inputs for a batch at ``timesteps``; rows where ``drop`` is True get the
+        empty prompt's."""
         captions = list(batch["captions"])
         cached = LLMFeatures(batch["llm_features"], batch["llm_mask"]) if "llm_features" in batch else None
         clip, llm = self.encode_text(captions, cached, batch.get("clip_features"), batch.get("clip_pooled"))
@@ -241,7 +253,7 @@ class LLM4GenModule(L.LightningModule):
             keep = ~drop.view(-1, 1, 1)
             llm = LLMFeatures(torch.where(keep, llm.features, null_llm.features.to(llm.features.dtype)),
                               torch.where(keep[..., 0], llm.mask, null_llm.mask))
-        return self.fuse(clip.hidden, llm), self.clip.unet_kwargs(clip, batch, self.image_size(batch))
+        return self.fuse(clip.hidden, llm, timesteps), self.clip.unet_kwargs(clip, batch, self.image_size(batch))
 
     def image_size(self, batch: dict) -> tuple[int, int]:
         """(height, width) in pixels of the batch's images (SDXL's target size)."""
@@ -272,12 +284,12 @@ class LLM4GenModule(L.LightningModule):
         batch_size = latents.shape[0]
         if drop is None and self.training and objective.caption_dropout > 0:
             drop = torch.rand(batch_size, device=self.device, generator=generator) < objective.caption_dropout
-        context, unet_kwargs = self.conditioning(batch, drop)                   # (batch, 77 + L, clip_dim)
         if noise is None:
             noise = sample_noise(latents, objective.noise_offset, generator)
         if timesteps is None:
             timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,),
                                       device=self.device, generator=generator)
+        context, unet_kwargs = self.conditioning(batch, drop, timesteps)        # (batch, 77 + L, clip_dim)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)       # z_t
         with_entity = self.attention_store is not None and "entities" in batch
         capture = self.attention_store.capturing() if with_entity else contextlib.nullcontext()
@@ -306,6 +318,11 @@ class LLM4GenModule(L.LightningModule):
             captions, groups, self.clip.tokenizer, self.llm.tokenizer,
             clip_max_length=self.clip.tokenizer.model_max_length, llm_max_length=self.cfg.llm.max_length,
             llm_prefix=self.llm.prefix)
+        if self.adapter.layout is ContextLayout.LLM:  # the connector replaced CLIP: words align to LLM tokens
+            targets = drop_leading_tokens(targets, self.clip.tokenizer.model_max_length)
+        elif not self.adapter.layout.has_word_positions:
+            raise ValueError(f"the entity loss needs word positions in the context; a {type(self.adapter).__name__} "
+                             f"context ({self.adapter.layout.value}) has none (configs/checks.py refuses this config)")
         targets.pair_mask = targets.pair_mask & applies.cpu()[:, None]
         return targets
 
@@ -415,18 +432,57 @@ class LLM4GenModule(L.LightningModule):
             dtype = self.unet.dtype
             pipe = self.pipeline(scheduler)
             generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-            return pipe(prompt_embeds=self.fuse(clip.hidden, llm).to(dtype),
-                        negative_prompt_embeds=self.fuse(neg_clip.hidden, neg_llm).to(dtype),
-                        **self.clip.pipeline_inputs(clip, neg_clip),
-                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                        generator=generators, output_type=output_type).images
+            # A timestep-aware connector's context is recomputed inside every UNet call (per_step_context); the
+            # embeddings handed to the pipeline then only fix shapes and dtypes.
+            first = pipe.scheduler.config.num_train_timesteps - 1 if self.timestep_aware else None
+            per_step = (self.per_step_context(clip, llm, neg_clip, neg_llm) if self.timestep_aware
+                        else contextlib.nullcontext())
+            with per_step:
+                return pipe(prompt_embeds=self.fuse(clip.hidden, llm, first).to(dtype),
+                            negative_prompt_embeds=self.fuse(neg_clip.hidden, neg_llm, first).to(dtype),
+                            **self.clip.pipeline_inputs(clip, neg_clip),
+                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                            generator=generators, output_type=output_type).images
         finally:
             self.train(was_training)
+
+    @contextlib.contextmanager
+    def per_step_context(self, clip: ClipText, llm: LLMFeatures, neg_clip: ClipText, neg_llm: LLMFeatures):
+        """While active, every UNet call gets its context from the connector at that call's timestep: the
+        prompts' for a batch of prompts, ``[negative; prompts]`` for classifier-free guidance's doubled batch
+        (the order diffusers' Stable Diffusion pipelines concatenate them in)."""
+        batch = clip.hidden.shape[0]
+        guided = (torch.cat([neg_clip.hidden, clip.hidden]),
+                  LLMFeatures(torch.cat([neg_llm.features, llm.features]), torch.cat([neg_llm.mask, llm.mask])))
+
+        def hook(unet, args, kwargs):
+            sample = args[0] if args else kwargs["sample"]
+            timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+            if sample.shape[0] == batch:
+                context = self.fuse(clip.hidden, llm, timestep)
+            elif sample.shape[0] == 2 * batch:
+                context = self.fuse(*guided, timestep)
+            else:
+                raise ValueError(f"the UNet was called on {sample.shape[0]} latents for {batch} prompts")
+            if len(args) > 2:
+                args = (*args[:2], context.to(unet.dtype), *args[3:])
+            else:
+                kwargs["encoder_hidden_states"] = context.to(unet.dtype)
+            return args, kwargs
+
+        handle = self.unet.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def export_release(self, directory: str | os.PathLike, use_ema: bool = True) -> Path:
         """Writes the released LLM4GEN layout (adapters/release.py): ``projector.pth`` + ``unet/`` (the
         trained UNet, or the frozen one the CAM was trained against), loadable with ``model.adapter.init_from``
         and ``model.base.unet`` or by tools that read the release."""
+        if not isinstance(self.adapter, CrossAdapter):
+            raise ValueError(f"the released LLM4GEN layout holds a CAM; this run trained a {type(self.adapter).__name__} "
+                             f"(model.adapter.kind={self.cfg.adapter.kind}): export it with export_pretrained")
         if self.cfg.unet_training == "lora":
             raise ValueError("the release layout holds a full unet/; a LoRA run exports unet_lora/ with "
                              "export_pretrained (load it with pipe.load_lora_weights), or fuse it first")
@@ -434,7 +490,8 @@ class LLM4GenModule(L.LightningModule):
             return save_release(directory, self.adapter, self.unet)
 
     def export_pretrained(self, directory: str | os.PathLike, use_ema: bool = True) -> Path:
-        """Writes the trained parts in self-contained formats: ``adapter/`` (CrossAdapter.from_pretrained),
+        """Writes the trained parts in self-contained formats: ``adapter/`` (the connector's from_pretrained, or
+        adapters.connectors.load_connector for any kind),
         ``unet_lora/`` (diffusers LoRA weights, ``pipe.load_lora_weights``) or ``unet/`` (full UNet)."""
         directory = Path(directory)
         with (self.ema_weights() if use_ema else contextlib.nullcontext()):

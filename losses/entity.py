@@ -153,6 +153,18 @@ def build_entity_targets(
     return EntityTargets(token_membership, word_mask, is_entity, pairs_tensor, pair_mask)
 
 
+def drop_leading_tokens(targets: EntityTargets, count: int) -> EntityTargets:
+    """The targets in a context without its first ``count`` tokens (a connector that replaces CLIP: words
+    align to the LLM's tokens alone). A word left with no token is masked out, with every pair it is in."""
+    if not 0 <= count <= targets.num_tokens:
+        raise ValueError(f"cannot drop {count} leading tokens from targets over {targets.num_tokens} tokens")
+    membership = targets.token_membership[:, :, count:]
+    word_mask = targets.word_mask & (membership.sum(dim=-1) > 0)
+    in_pair = torch.gather(word_mask, 1, targets.pairs.flatten(1)).view(targets.pairs.shape)
+    return EntityTargets(membership, word_mask, targets.is_entity, targets.pairs,
+                         targets.pair_mask & in_pair.all(dim=-1))
+
+
 def collate_entity_targets(targets: Sequence[EntityTargets]) -> EntityTargets:
     """Concatenate targets along the batch, padding words and pairs (a DataLoader collate piece)."""
     if not targets:
