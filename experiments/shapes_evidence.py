@@ -234,7 +234,7 @@ def run_tasks(tasks: list[Task], jobs: int = 2, log=print, protocol: Protocol = 
         for future in concurrent.futures.as_completed(futures):
             task = futures[future]
             future.result()
-            log(f"  evaluated {ARMS[task.arm]} seed {task.seed}: {task.out}")
+            log(f"  evaluated {ARMS.get(task.arm, task.arm)} seed {task.seed}: {task.out}")
 
 
 # ---------------------------------------------------------------- per-object outcomes
@@ -563,24 +563,26 @@ def prompt_label(record) -> str:
     return f"verbose, {len(record.text.split())} words: " + "; ".join(objects)
 
 
-def sample_grid(tasks: list[Task], path: Path, seed: int = 0, protocol: Protocol = PROTOCOL_SETTINGS) -> Path:
-    """Rows: prompts (short post-nominal ones, then verbose ones); columns: the arms at ``seed``."""
+def sample_grid(tasks: list[Task], path: Path, seed: int = 0, protocol: Protocol = PROTOCOL_SETTINGS,
+                labels: dict[str, str] = ARMS) -> Path:
+    """Rows: prompts (short post-nominal ones, then verbose ones); columns: the arms at ``seed``, in the order
+    and under the names of ``labels``."""
     from PIL import Image
 
     picks = [("phrased_2", i) for i in (1, 4, 6, 9)] + [("verbose_2", i) for i in range(4)] + [("verbose_3", i) for i in range(4)]
     records = {name: prompt_set(name, protocol.prompts(name)) for name in {name for name, _ in picks}}
     picks = [(name, i) for name, i in picks if i < len(records[name])]
     by_arm = {t.arm: t for t in tasks if t.seed == seed}
-    arms = [a for a in ARMS if a in by_arm]
-    rows, labels = [], []
+    arms = [a for a in labels if a in by_arm]
+    rows, row_labels = [], []
     for name, index in picks:
-        labels.append(prompt_label(records[name][index]))
+        row_labels.append(prompt_label(records[name][index]))
         row = []
         for arm in arms:
             file = image_path(Path(by_arm[arm].out), name, index, 0)
             row.append(Image.open(file).convert("RGB") if name in by_arm[arm].sets and file.is_file() else None)
         rows.append(row)
-    labelled_grid(rows, labels, [ARMS[a] for a in arms]).save(path)
+    labelled_grid(rows, row_labels, [labels[a] for a in arms]).save(path)
     return path
 
 

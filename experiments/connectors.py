@@ -1,0 +1,262 @@
+"""The connector comparison (issue 21; protocol: docs/connectors/protocol.md).
+
+    python -m llm4gen.experiments.connectors run configs/sweeps/connectors.yaml      # data, runs, report
+    python -m llm4gen.experiments.connectors report configs/sweeps/connectors.yaml   # the report alone
+
+Each kind of ``model.adapter.kind`` (cam, mlp, lavi_bridge, ella) trains on the evidence experiment's data
+and recipe with the UNet frozen, at each seed; every arm and the base (a) are sampled on the evidence
+protocol's prompt sets with the same noise, scored per object by the shapes analyzer, and compared with
+``cam`` by paired, scene-clustered bootstrap differences. The decision rules are the protocol's, in
+:func:`classify` and :func:`ella_ablation`. The data step, the sampling and the per-object records are the
+evidence experiment's own functions (llm4gen.experiments.shapes_evidence).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+from llm4gen.configs.choices import CONNECTOR_KINDS
+from llm4gen.configs.errors import entry_point
+from llm4gen.evaluation.paired import Difference
+from llm4gen.experiments import shapes_evidence as evidence
+from llm4gen.launch.sweep import check_run_configs, expand_runs, is_finished, load_sweep, run_locally
+
+PROTOCOL = "docs/connectors/protocol.md"
+SUBSETS = ("seen_1", "short", "outside", "inside")
+LABELS = {"a": "(a) base", "cam": "cam (LLM4GEN)", "mlp": "mlp", "lavi_bridge": "lavi_bridge", "ella": "ella"}
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The protocol's thresholds."""
+    effect: float = 0.03         # |difference| at least this, with its CI clear of 0
+    damage: float = 0.10         # an arm's seen_1 more than this below the base's: it damages the base
+
+
+RULES = Rules()
+
+
+def arm_of(model: dict) -> str:
+    kind = model["adapter"].get("kind", "cam")
+    return kind if model["unet_training"] == "frozen" else f"{kind}+{model['unet_training']}"
+
+
+def evaluation_tasks(spec, base: str) -> tuple[list[evidence.Task], list[str]]:
+    """Every finished run's last checkpoint, and the base at each of their seeds."""
+    tasks, unfinished, seeds = [], [], set()
+    for run in expand_runs(spec):
+        if not is_finished(run):
+            unfinished.append(run.name)
+            continue
+        cfg = OmegaConf.to_container(OmegaConf.load(run.output_dir / "config.yaml"), resolve=True)
+        arm, seed = arm_of(cfg["model"]), int(cfg["seed"])
+        seeds.add(seed)
+        tasks.append(evidence.Task(arm, seed, str(run.output_dir / "eval" / arm), evidence.SETS,
+                                   checkpoint=str(run.output_dir / "checkpoints" / "last.ckpt")))
+    tasks += [evidence.Task("a", seed, str(spec.output_root / f"base_seed={seed}" / "eval"), evidence.SETS, base=base)
+              for seed in sorted(seeds)]
+    return sorted(tasks, key=lambda t: (t.seed, t.arm)), unfinished
+
+
+# ---------------------------------------------------------------- the decision rules (pure)
+
+
+def classify(diff: Optional[Difference], rules: Rules = RULES) -> str:
+    """better / worse / no difference shown, by the protocol's rule; "not measured" without a difference."""
+    if diff is None:
+        return "not measured"
+    if diff.mean >= rules.effect and diff.low > 0:
+        return "better"
+    if diff.mean <= -rules.effect and diff.high < 0:
+        return "worse"
+    return "no difference shown"
+
+
+def damages_base(records, arm: str, rules: Rules = RULES) -> Optional[bool]:
+    own, base = evidence.rate(evidence.select(records, arm, "seen_1")), evidence.rate(evidence.select(records, "a", "seen_1"))
+    return None if own is None or base is None else own < base - rules.damage
+
+
+def verdicts(records, arms: list[str], rules: Rules = RULES) -> dict[str, dict[str, dict]]:
+    """kind -> subset -> {difference vs cam, class}; a kind that damages the base is never "better"."""
+    out = {}
+    for arm in arms:
+        if arm in ("a", "cam"):
+            continue
+        damaged = damages_base(records, arm, rules)
+        out[arm] = {}
+        for subset in SUBSETS:
+            diff = evidence.compare(records, arm, "cam", subset)
+            label = classify(diff, rules)
+            if label == "better" and damaged:
+                label = "better, but it damages the base (not called better)"
+            out[arm][subset] = {"difference": diff.to_dict() if diff else None, "class": label}
+    return out
+
+
+def ella_ablation(records, rules: Rules = RULES) -> dict:
+    """ELLA's MLP -> timestep-aware resampler ablation, on short prompts: replicates / contradicted / not decided."""
+    diff = evidence.compare(records, "ella", "mlp", "short")
+    if diff is None:
+        return {"outcome": "not measured"}
+    damaged = [arm for arm in ("ella", "mlp") if damages_base(records, arm, rules)]
+    if diff.mean >= rules.effect and diff.low > 0 and not damaged:
+        outcome = "replicates"
+    elif diff.mean <= -rules.effect and diff.high < 0:
+        outcome = "contradicted"
+    else:
+        verb = "damage" if len(damaged) > 1 else "damages"
+        outcome = "not decided" + (f" ({' and '.join(damaged)} {verb} the base)" if damaged else "")
+    return {"outcome": outcome, "difference": diff.to_dict()}
+
+
+# ---------------------------------------------------------------- size and speed
+
+
+def connector_size_and_step_time(checkpoint: str, batch_size: int = 16, warmup: int = 2, steps: int = 5) -> dict:
+    """Trainable parameters and the median wall time of one training step (forward, backward, AdamW) of a
+    run's module on a synthetic batch of its resolution, one thread."""
+    import torch
+
+    from llm4gen.lightning_modules.sampler import load_checkpoint_module
+
+    torch.set_num_threads(1)
+    module = load_checkpoint_module(checkpoint)
+    module.train()
+    params = module.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    size = module.unet.config.sample_size * 2 ** (len(module.vae.config.block_out_channels) - 1)
+    g = torch.Generator().manual_seed(0)
+    batch = {"captions": ["a small red circle and a large blue square on a white background"] * batch_size,
+             "pixel_values": torch.rand(batch_size, 3, size, size, generator=g) * 2 - 1}
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        terms = module.compute_losses(batch, generator=torch.Generator().manual_seed(i))
+        optimizer.zero_grad(set_to_none=True)
+        terms.diffusion.backward()
+        optimizer.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return {"params": sum(p.numel() for p in params), "step_seconds": statistics.median(times)}
+
+
+# ---------------------------------------------------------------- the report
+
+
+def difference_cell(diff: Optional[dict], label: str) -> str:
+    if diff is None:
+        return "-"
+    return f"{diff['mean']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}] {label}"
+
+
+def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protocol = evidence.PROTOCOL_SETTINGS) -> Path:
+    spec = load_sweep(sweep_file)
+    cfg = evidence.load_experiment_config(spec.config, spec.base_overrides)
+    tasks, unfinished = evaluation_tasks(spec, cfg.model.base.pretrained)
+    if not any(t.arm != "a" for t in tasks):
+        raise evidence.ExperimentError(f"no finished run under {spec.output_root}; train the arms first: "
+                                       f"python -m llm4gen.experiments.connectors run {sweep_file}")
+    if unfinished:
+        log(f"not finished, left out of the report: {', '.join(unfinished)}")
+    started = time.time()
+    evidence.run_tasks(tasks, jobs, log, protocol)
+    evaluation_seconds = time.time() - started
+    records = [r for task in tasks for r in evidence.object_records(task, protocol)]
+    arms = [a for a in ("a", *CONNECTOR_KINDS) if any(t.arm == a for t in tasks)]
+    seeds = sorted({t.seed for t in tasks})
+    rules = verdicts(records, arms)
+    ablation = ella_ablation(records)
+    sizes = {}
+    for arm in arms:
+        if arm != "a":
+            checkpoint = next(t.checkpoint for t in tasks if t.arm == arm)
+            sizes[arm] = connector_size_and_step_time(checkpoint)
+            log(f"  {arm}: {sizes[arm]['params']:,} parameters, {sizes[arm]['step_seconds']:.2f} s per step")
+    out = spec.output_root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    differences = [(f"{a} - cam, {s}", d) for a in arms if a not in ("a", "cam") for s in SUBSETS
+                   if (d := evidence.compare(records, a, "cam", s)) is not None]
+    plot = evidence.difference_plot(differences, out / "differences.png")
+    grid = evidence.sample_grid(tasks, out / "samples.png", protocol=protocol, labels=LABELS)
+    damage = {arm: damages_base(records, arm) for arm in arms if arm != "a"}
+    rate_rows = ["| arm | params | step (s) | " + " | ".join(SUBSETS) + " | damages the base |",
+                 "|---|---|---|" + "---|" * len(SUBSETS) + "---|"]
+    for arm in arms:
+        cells = []
+        for subset in SUBSETS:
+            chosen = evidence.select(records, arm, subset)
+            per_seed = evidence.per_seed_rates(chosen)
+            cells.append(f"{evidence.rate(chosen):.3f} ({' / '.join(f'{v:.2f}' for v in per_seed.values())})"
+                         if chosen else "-")
+        size = sizes.get(arm)
+        params = f"{size['params']:,}" if size else "-"
+        step = f"{size['step_seconds']:.2f}" if size else "-"
+        damaged = "-" if arm == "a" else ("yes" if damage[arm] else "no")
+        rate_rows.append(f"| {LABELS.get(arm, arm)} | {params} | {step} | " + " | ".join(cells) + f" | {damaged} |")
+    diff_rows = ["| kind - cam | " + " | ".join(SUBSETS) + " |", "|---|" + "---|" * len(SUBSETS)]
+    for arm, by_subset in rules.items():
+        diff_rows.append(f"| {arm} | " + " | ".join(difference_cell(by_subset[s]["difference"], by_subset[s]["class"])
+                                                    for s in SUBSETS) + " |")
+    text = "\n".join([
+        f"# Connector comparison: {len(tasks)} evaluations", "",
+        f"Protocol: `{PROTOCOL}`. Sweep `{sweep_file}`, seeds {seeds}, UNet frozen in every arm. Share of prompt "
+        f"objects drawn with every attribute right (`bound`), pooled over seeds (per seed in brackets).", "",
+        "## Bound objects per arm", "", *rate_rows, "",
+        "## Paired differences against cam (95% CI over scenes) and the protocol's class", "", *diff_rows, "",
+        f"**ELLA's ablation (ella - mlp on short prompts): {ablation['outcome']}**"
+        + (f", {difference_cell(ablation.get('difference'), '')}" if ablation.get("difference") else ""), "",
+        f"Plot: `{plot.name}`. Samples (seed {seeds[0]}): `{grid.name}`.",
+        f"Evaluation (sampling and scoring): {evaluation_seconds / 60:.1f} min.", ""])
+    (out / "report.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({
+        "rules": asdict(RULES), "verdicts": rules, "ella_ablation": ablation, "sizes": sizes, "damages_base": damage,
+        "objects": [list(asdict(r).values()) for r in records],
+        "object_fields": list(evidence.ObjectRecord.__dataclass_fields__)}, indent=1))
+    log(text)
+    log(f"report: {out / 'report.md'}")
+    return out
+
+
+def run(sweep_file: str, jobs: int = 2, log=print) -> Path:
+    started = time.time()
+    spec = load_sweep(sweep_file)
+    evidence.write_data(spec, log=log)
+    runs = expand_runs(spec)
+    train_script = evidence.ROOT / "train.py"
+    check_run_configs(spec, runs, sweep_file, train_script)
+    outcome = run_locally(spec, runs, train_script, jobs=jobs, log=log)
+    failed = [name for name, state in outcome.items() if state.startswith("failed")]
+    if failed:
+        raise evidence.ExperimentError(f"{len(failed)} runs failed ({', '.join(failed)}); see their train.log, then "
+                                       f"run this command again to resume them")
+    out = report(sweep_file, jobs, log=log)
+    minutes = (time.time() - started) / 60
+    (out / "wall_time.txt").write_text(f"{minutes:.1f} min for `python -m llm4gen.experiments.connectors run {sweep_file}`\n")
+    log(f"the whole comparison: {minutes:.1f} min")
+    return out
+
+
+@entry_point("python -m llm4gen.experiments.connectors")
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llm4gen.experiments.connectors", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("run", "report"))
+    parser.add_argument("sweep", help="the sweep file, e.g. configs/sweeps/connectors.yaml")
+    parser.add_argument("--jobs", type=int, default=2, help="training runs and evaluations at a time")
+    args = parser.parse_args(argv)
+    (run if args.command == "run" else report)(args.sweep, args.jobs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
