@@ -361,6 +361,9 @@ COVERAGE = [
     Entry(r"python -m llm4gen\.experiments\.shapes_evidence (run|data|report) configs/sweeps/shapes_evidence\.yaml", dry_run_module,
           "dry-run", "the whole experiment takes about 90 minutes on 2 cores; tests/evaluation/test_experiment.py "
           "runs data, a 2-arm sweep and the report on the tiny model"),
+    Entry(r"python -m llm4gen\.experiments\.connectors (run|report) configs/sweeps/connectors\.yaml", dry_run_module,
+          "dry-run", "twelve training runs and fifteen evaluations (over an hour on 2 cores); "
+          "tests/evaluation/test_connectors_experiment.py runs data, two kinds and the report on the tiny model"),
     Entry(r"python sweep\.py configs/sweeps/shapes_evidence\.yaml( --slurm)?", dry_run_experiment_sweep, "dry-run",
           "twelve training runs (most of an hour here) or a SLURM cluster: expanded and checked"),
     Entry(r"python -m pytest -m gpu", gpu_marker_registered, "dry-run",
