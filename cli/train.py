@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from llm4gen.configs.buckets import resolve_buckets
 from llm4gen.configs.errors import entry_point
 from llm4gen.configs.schema import load_config, to_yaml
+from llm4gen.datamodules.entity_targets import EntityTargetBuilder, TokenizerSources
 from llm4gen.datamodules.synthetic import ensure_synthetic_shards
 from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
 from llm4gen.launch.preflight import preflight
@@ -69,9 +70,13 @@ def build_datamodule(cfg):
     if data.pop("synthetic_if_missing"):
         ensure_synthetic_shards(data["shards"], resolution=data["resolution"], seed=cfg.seed)
     objective = cfg.model.objective
-    entity_parser = objective.entity_parser if objective.lambda_entity > 0 else None
+    with_entity = objective.lambda_entity > 0
+    entity_parser = objective.entity_parser if with_entity else None
+    # the entity loss's targets are aligned in the data worker (or read from the cache), never in the step
+    entity_targets = EntityTargetBuilder(TokenizerSources.from_model_config(cfg.model)) if with_entity else None
     buckets = resolve_buckets(data.pop("buckets"), data["resolution"], cfg.model.base.family)  # None: square crops
-    return WebDatasetDataModule(**data, seed=cfg.seed, entity_parser=entity_parser, buckets=buckets)
+    return WebDatasetDataModule(**data, seed=cfg.seed, entity_parser=entity_parser, entity_targets=entity_targets,
+                                buckets=buckets)
 
 
 def build_signal_checkpoint(cfg):

@@ -72,6 +72,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
+from llm4gen.datamodules.entity_targets import EntityTargetBuilder
 from llm4gen.datamodules.transforms import (
     DEFAULT_CAPTION_KEYS,
     SKIP_REASONS,
@@ -82,6 +83,7 @@ from llm4gen.datamodules.transforms import (
     preprocess_image_with_geometry,
     sample_rng,
 )
+from llm4gen.losses.entity import EntityTargets
 from llm4gen.losses.entity_parser import EntityParser, groups_to_json
 
 __all__ = [
@@ -105,7 +107,10 @@ PRECOMPUTED_MEMBERS: dict[str, str] = {
     "original_size": "original_size.npy",  # (2,) (height, width) before any resize
     "crop_top_left": "crop_top_left.npy",  # (2,) (top, left) of the crop in the resized image
     "entities": "entities.json",  # the entity parse of the caption, passed through as parsed JSON
+    # its words' positions in the fused [CLIP, LLM] context: {"positions": [[int]], "num_tokens": int}
+    "entity_positions": "entity_positions.json",
 }
+_JSON_MEMBERS = ("entities", "entity_positions")
 
 BOOKKEEPING = ("keys", "skipped", "position")  # batch fields for the datamodule, not for the model
 _REASON_INDEX = {reason: i for i, reason in enumerate(SKIP_REASONS)}
@@ -291,6 +296,7 @@ def encode_precomputed(
     clip_pooled: Optional[Union[np.ndarray, torch.Tensor]] = None,
     original_size: Optional[Sequence[int]] = None,
     crop_top_left: Optional[Sequence[int]] = None,
+    entity_positions: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, bytes]:
     """Tar members for one sample's cached values, named by :data:`PRECOMPUTED_MEMBERS`.
 
@@ -309,8 +315,9 @@ def encode_precomputed(
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
         members[PRECOMPUTED_MEMBERS[name]] = buffer.getvalue()
-    if entities is not None:
-        members[PRECOMPUTED_MEMBERS["entities"]] = json.dumps(entities).encode("utf-8")
+    for name, value in (("entities", entities), ("entity_positions", entity_positions)):
+        if value is not None:
+            members[PRECOMPUTED_MEMBERS[name]] = json.dumps(value).encode("utf-8")
     return members
 
 
@@ -334,10 +341,10 @@ def decode_precomputed(sample: Mapping[str, Any], fields: Sequence[str]) -> dict
     out: dict[str, Any] = {}
     try:
         for name in fields:
-            if name == "entities":
-                raw = sample.get(PRECOMPUTED_MEMBERS["entities"])
+            if name in _JSON_MEMBERS:
+                raw = sample.get(PRECOMPUTED_MEMBERS[name])
                 if raw is None:
-                    raise SampleError("bad_precomputed", f"member {PRECOMPUTED_MEMBERS['entities']!r} is missing")
+                    raise SampleError("bad_precomputed", f"member {PRECOMPUTED_MEMBERS[name]!r} is missing")
                 out[name] = json.loads(raw)
                 continue
             names = [name]
@@ -399,12 +406,24 @@ def collate_samples(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             batch[name] = torch.tensor([s[name] for s in samples], dtype=torch.long)  # (batch, 2)
     if "clip_pooled" in samples[0]:
         batch["clip_pooled"] = torch.stack([s["clip_pooled"] for s in samples])  # (batch, pooled_dim)
-    if "entities" in samples[0]:
-        batch["entities"] = [s["entities"] for s in samples]
+    for name in _JSON_MEMBERS:
+        if name in samples[0]:
+            batch[name] = [s[name] for s in samples]
     return batch
 
 
 _PARSERS: dict[str, Any] = {}
+
+
+def targets_of_batch(builder: EntityTargetBuilder, batch: dict[str, Any]) -> EntityTargets:
+    """The batch's entity-loss targets: from its cached positions (no tokenizer runs) or aligned now."""
+    cached = batch.pop("entity_positions", None)
+    if cached is None:
+        return builder(batch["captions"], batch["entities"])
+    lengths = {c["num_tokens"] for c in cached}
+    if len(lengths) != 1:
+        raise ValueError(f"cached entity positions of one batch index different context lengths {sorted(lengths)}")
+    return builder(batch["captions"], batch["entities"], [c["positions"] for c in cached], lengths.pop())
 
 
 def parse_entities(model: str, captions: Sequence[str]) -> list[list[dict]]:
@@ -457,6 +476,7 @@ class StreamConfig:
     precomputed_keys: tuple[str, ...]
     entity_parser: Optional[str] = None  # spaCy model: parse captions in the worker (unless cached)
     buckets: Optional[list[tuple[int, int]]] = None  # (width, height) aspect-ratio buckets; None: square crops
+    entity_targets: Optional[EntityTargetBuilder] = None  # builds each batch's entity-loss targets in the worker
 
 
 class ShardStream(IterableDataset):
@@ -632,6 +652,8 @@ class ShardStream(IterableDataset):
             batch = collate_samples([sample for _, sample in samples])
             if c.entity_parser and "entities" not in batch:
                 batch["entities"] = parse_entities(c.entity_parser, batch["captions"])
+            if c.entity_targets is not None and "entities" in batch:
+                batch["entity_targets"] = targets_of_batch(c.entity_targets, batch)
             batch["skipped"] = torch.tensor([n - r for n, r in zip(counts_after, reported)], dtype=torch.long)
             reported[:] = counts_after
             batch["position"] = {
@@ -762,6 +784,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         epoch_batches: Optional[int] = None,
         precomputed_keys: Sequence[str] = (),
         entity_parser: Optional[str] = None,
+        entity_targets: Optional[EntityTargetBuilder] = None,
         pin_memory: bool = False,
         prefetch_factor: Optional[int] = None,
         rank: Optional[int] = None,
@@ -804,6 +827,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         self.epoch_batches = None if epoch_batches is None else int(epoch_batches)
         self.precomputed_keys = tuple(precomputed_keys)
         self.entity_parser = entity_parser
+        self.entity_targets = entity_targets
         self.pin_memory = bool(pin_memory)
         self.prefetch_factor = prefetch_factor
         self._explicit_rank = None if rank is None else (int(rank), int(world_size))
@@ -867,6 +891,7 @@ class WebDatasetDataModule(L.LightningDataModule):
             precomputed_keys=self.precomputed_keys,
             entity_parser=self.entity_parser,
             buckets=None if self.buckets is None else list(self.buckets),
+            entity_targets=self.entity_targets,
         )
         return _PassDataLoader(
             ShardStream(config),

@@ -29,6 +29,7 @@ from llm4gen.configs.errors import entry_point
 from llm4gen.evaluation.paired import Difference
 from llm4gen.experiments import shapes_evidence as evidence
 from llm4gen.launch.sweep import check_run_configs, expand_runs, is_finished, load_sweep, run_locally
+from llm4gen.lightning_modules.sampler import load_checkpoint_module
 
 PROTOCOL = "docs/connectors/protocol.md"
 SUBSETS = ("seen_1", "short", "outside", "inside")
@@ -126,8 +127,6 @@ def connector_size_and_step_time(checkpoint: str, batch_size: int = 16, warmup: 
     """Trainable parameters and the median wall time of one training step (forward, backward, AdamW) of a
     run's module on a synthetic batch of its resolution, one thread."""
     import torch
-
-    from llm4gen.lightning_modules.sampler import load_checkpoint_module
 
     torch.set_num_threads(1)
     module = load_checkpoint_module(checkpoint)

@@ -21,6 +21,7 @@ optimizer; loading rebuilds the frozen parts from their configured sources.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from llm4gen.adapters.cross_adapter import CrossAdapter
 from llm4gen.adapters.layout import ContextLayout
 from llm4gen.adapters.release import RELEASED_PROJECTOR, save_release
 from llm4gen.configs.errors import UserError
+from llm4gen.datamodules.entity_targets import EntityTargetBuilder
 from llm4gen.encoders.clip import ClipText, where_text
 from llm4gen.encoders.llm import LLMEncoder, LLMFeatures
 from llm4gen.encoders.stable_diffusion import load_base_model
@@ -63,11 +65,9 @@ from llm4gen.losses.diffusion import (
 )
 from llm4gen.losses.entity import (
     EntityTargets,
-    build_entity_targets_from_captions,
     drop_leading_tokens,
     entity_loss,
 )
-from llm4gen.losses.entity_parser import groups_from_json
 from llm4gen.losses.terms import LossTerms
 
 
@@ -141,6 +141,7 @@ class LLM4GenModule(L.LightningModule):
             self.attention_store = install_attention_capture(
                 self.unet, cross_attention_layer_names(self.unet, resolutions), enabled=False)
         self._null_text: tuple | None = None
+        self._entity_targets: EntityTargetBuilder | None = None  # for batches that bring no targets
         self.performance = performance_config(cfg)  # fast paths: channels_last, checkpointing, compile, TF32
         apply_performance(self, self.performance)
 
@@ -291,7 +292,7 @@ class LLM4GenModule(L.LightningModule):
                                       device=self.device, generator=generator)
         context, unet_kwargs = self.conditioning(batch, drop, timesteps)        # (batch, 77 + L, clip_dim)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)       # z_t
-        with_entity = self.attention_store is not None and "entities" in batch
+        with_entity = self.attention_store is not None and ("entity_targets" in batch or "entities" in batch)
         capture = self.attention_store.capturing() if with_entity else contextlib.nullcontext()
         with capture:
             prediction = self.unet(noisy.to(self.unet.dtype), timesteps, context.to(self.unet.dtype), **unet_kwargs).sample
@@ -310,21 +311,28 @@ class LLM4GenModule(L.LightningModule):
         return LossTerms(diffusion=diffusion, entity=entity.total, entity_parts=entity)
 
     def entity_targets(self, batch: dict, applies: torch.Tensor) -> EntityTargets:
-        """Word -> fused-sequence token positions and (attribute, entity) pairs for each caption; pairs of
-        samples where the loss does not apply (timestep window, dropped caption) are masked out."""
-        captions = list(batch["captions"])
-        groups = [groups_from_json(parsed, caption) for parsed, caption in zip(batch["entities"], captions)]
-        targets = build_entity_targets_from_captions(
-            captions, groups, self.clip.tokenizer, self.llm.tokenizer,
-            clip_max_length=self.clip.tokenizer.model_max_length, llm_max_length=self.cfg.llm.max_length,
-            llm_prefix=self.llm.prefix)
+        """Word -> fused-sequence token positions and (attribute, entity) pairs for each caption: the batch's
+        own (built in the data worker, datamodules/entity_targets.py), or built here from its parsed entities
+        when it has none (a hand-made batch); pairs of samples where the loss does not apply (timestep window,
+        dropped caption) are masked out."""
+        targets = batch.get("entity_targets")
+        if targets is None:
+            if self._entity_targets is None:  # the same builder the data uses, over this module's tokenizers
+                self._entity_targets = EntityTargetBuilder(
+                    tokenizers=(self.clip.tokenizer, self.llm.tokenizer), llm_max_length=self.cfg.llm.max_length,
+                    llm_prefix=self.llm.prefix)
+            targets = self._entity_targets(list(batch["captions"]), batch["entities"])
+        expected = self.clip.tokenizer.model_max_length + self.cfg.llm.max_length
+        if targets.num_tokens != expected:
+            raise ValueError(f"the batch's entity targets index {targets.num_tokens} context tokens, this model's "
+                             f"context has {expected} (77 CLIP + model.llm.max_length): were they cached with "
+                             f"another model.llm.max_length?")
         if self.adapter.layout is ContextLayout.LLM:  # the connector replaced CLIP: words align to LLM tokens
             targets = drop_leading_tokens(targets, self.clip.tokenizer.model_max_length)
         elif not self.adapter.layout.has_word_positions:
             raise ValueError(f"the entity loss needs word positions in the context; a {type(self.adapter).__name__} "
                              f"context ({self.adapter.layout.value}) has none (configs/checks.py refuses this config)")
-        targets.pair_mask = targets.pair_mask & applies.cpu()[:, None]
-        return targets
+        return dataclasses.replace(targets, pair_mask=targets.pair_mask & applies.to(targets.pair_mask.device)[:, None])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         accumulate = self.trainer.accumulate_grad_batches

@@ -17,6 +17,8 @@ sample and under the same ``__key__``, the original members (caption ``txt``/``j
   ``clip_features.npy``   (77, dim) CLIP's last hidden state (SDXL: both encoders' penultimate states)
   ``clip_pooled.npy``     (pooled_dim,) SDXL only, with clip_features: the second encoder's pooled embedding
   ``entities.json``       ``losses.entity_parser.groups_to_json`` of the caption's parse
+  ``entity_positions.json`` {"positions", "num_tokens"}: its words' positions in the fused [CLIP, LLM] context
+                          (datamodules/entity_targets.py); a batch of them builds the entity targets untokenized
 
 Unpadded LLM features are exact only when padding features are zeros (``model.llm.zero_padding=true``):
 training pads them back with zeros and a False mask, which is then what the encoder would have given.
@@ -58,6 +60,7 @@ from omegaconf import DictConfig, OmegaConf
 from llm4gen.configs.buckets import resolve_buckets
 from llm4gen.configs.errors import UserError, entry_point
 from llm4gen.configs.schema import load_config
+from llm4gen.datamodules.entity_targets import EntityTargetBuilder, TokenizerSources
 from llm4gen.datamodules.synthetic import ensure_synthetic_shards
 from llm4gen.datamodules.transforms import (
     IMAGE_EXTENSIONS,
@@ -88,7 +91,7 @@ from llm4gen.losses.entity_parser import (
 from llm4gen.shapes.world import SHAPES_WORLD_VERSION
 from llm4gen.tools.prepare import member_info, write_json
 
-CACHE_FIELDS: tuple[str, ...] = ("latent_moments", "llm_features", "clip_features", "entities")
+CACHE_FIELDS: tuple[str, ...] = ("latent_moments", "llm_features", "clip_features", "entities", "entity_positions")
 DEFAULT_FIELDS: tuple[str, ...] = ("latent_moments", "llm_features", "entities")
 CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 CACHE_KEY_FILE = "cache_key.json"
@@ -195,9 +198,14 @@ FIELD_DEPENDENCIES: dict[str, dict[str, tuple[str, ...]]] = {
     "llm_features": {"model.llm": ("revision", "trust_remote_code"), "data": DATA_NOT_IN_VALUES + IMAGE_SETTINGS},
     "clip_features": {"model.base": ("revision", "vae_dtype", "unet"), "data": DATA_NOT_IN_VALUES + IMAGE_SETTINGS},
     "entities": {"model.objective.entity_parser": (), "data": DATA_NOT_IN_VALUES + IMAGE_SETTINGS},
+    # the words (the parser), where they fall in CLIP's and the LLM's tokens (both tokenizers, the LLM's length
+    # and prefix): the entity loss's targets with no tokenizer at training time (datamodules/entity_targets.py)
+    "entity_positions": {"model.objective.entity_parser": (), "model.base.pretrained": (), "model.llm.pretrained": (),
+                         "model.llm.tokenizer": (), "model.llm.max_length": (), "model.llm.prefix": (),
+                         "data": DATA_NOT_IN_VALUES + IMAGE_SETTINGS},
 }
 # Which files of a model folder a field's values come from (for model_identity's fingerprint).
-MODEL_PARTS = {"latent_moments": ("vae",),
+MODEL_PARTS = {"latent_moments": ("vae",), "entity_positions": ("tokenizer",),
                "clip_features": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
 
 
@@ -234,7 +242,7 @@ def field_key(cfg: DictConfig, name: str, cache_dtype: Optional[str] = None) -> 
                 continue
             dotted = section if setting is None else f"{section}.{setting}"
             key[dotted] = _key_value(cfg, name, dotted, value)
-    if cache_dtype is not None and name != "entities":
+    if cache_dtype is not None and name not in ("entities", "entity_positions"):
         key["cache.dtype"] = cache_dtype
     return key
 
@@ -420,8 +428,10 @@ class FeatureEncoders:
             del loaded  # the UNet is not needed: freed here
         if "llm_features" in fields:
             self.llm = LLMEncoder.from_config(llm).to(self.device)
-        if "entities" in fields:
+        if {"entities", "entity_positions"} & set(fields):
             self.parser = EntityParser(entity_parser_name(cfg))
+        self.entity_targets = (EntityTargetBuilder(TokenizerSources.from_model_config(cfg.model))
+                               if "entity_positions" in fields else None)
 
     @torch.no_grad()
     def encode(self, captions: list[str], pixels: Optional[torch.Tensor]) -> dict[str, list[Any]]:
@@ -441,7 +451,13 @@ class FeatureEncoders:
             if text.pooled is not None:  # SDXL
                 out["clip_pooled"] = list(self._to_numpy(text.pooled))  # (pooled_dim,) each
         if self.parser is not None:
-            out["entities"] = [groups_to_json(groups) for groups in self.parser.parse_many(captions)]
+            entities = [groups_to_json(groups) for groups in self.parser.parse_many(captions)]
+            if "entities" in self.fields:
+                out["entities"] = entities
+            if self.entity_targets is not None:
+                num_tokens = self.entity_targets.num_tokens
+                out["entity_positions"] = [{"positions": p, "num_tokens": num_tokens}
+                                           for p in self.entity_targets.positions(captions, entities)]
         return out
 
     def _to_numpy(self, tensor: torch.Tensor) -> np.ndarray:

@@ -30,7 +30,7 @@ from llm4gen.tools.feature_cache import (
 )
 from tests.helpers.modules import make_module
 
-ALL_FIELDS = "latent_moments,llm_features,clip_features,entities"
+ALL_FIELDS = "latent_moments,llm_features,clip_features,entities,entity_positions"
 SYNTHETIC_SHARDS = ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]  # 4 + 4 + 2 samples
 from tests.helpers.shards import png_bytes, write_tar
 

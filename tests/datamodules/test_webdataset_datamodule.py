@@ -188,7 +188,8 @@ def test_pad_llm_features_pads_with_zeros_and_masks_real_tokens():
 def test_encode_precomputed_uses_the_shared_member_names():
     members = encode_precomputed(np.zeros((4, 2, 2), np.float16), torch.zeros(5, 6), [{"entity": "circle"}],
                                  clip_features=torch.zeros(77, 8), clip_pooled=torch.zeros(8),
-                                 original_size=(480, 640), crop_top_left=(0, 16))
+                                 original_size=(480, 640), crop_top_left=(0, 16),
+                                 entity_positions={"positions": [[1, 80]], "num_tokens": 109})
     assert set(members) == set(PRECOMPUTED_MEMBERS.values())
     with pytest.raises(ValueError, match="dims"):
         encode_precomputed(latent_moments=np.zeros((2, 2)))
