@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Floors, from the ground up (README, "Layout"). A module takes its package's floor unless listed itself.
 FLOORS: dict[str, int] = {
     "llm4gen": 0, "llm4gen.configs": 0, "llm4gen.shapes": 0, "llm4gen.embedded.registry": 0,
-    "llm4gen.adapters": 1, "llm4gen.encoders": 1, "llm4gen.embedded": 1,
+    "llm4gen.adapters": 1, "llm4gen.encoders": 1, "llm4gen.embedded": 1, "llm4gen.pipelines": 2,
     "llm4gen.losses": 2, "llm4gen.datamodules": 2,
     "llm4gen.evaluation": 3,
     "llm4gen.lightning_modules": 4,
@@ -33,7 +33,7 @@ LAZY_ALLOWED = {
 }
 
 PACKAGE_DIRS = {"llm4gen": ROOT / "llm4gen", **{f"llm4gen.{d}": ROOT / d for d in (
-    "adapters", "encoders", "lightning_modules", "datamodules", "losses", "launch", "embedded", "configs", "evaluation",
+    "adapters", "pipelines", "encoders", "lightning_modules", "datamodules", "losses", "launch", "embedded", "configs", "evaluation",
     "shapes", "tools", "experiments", "cli")}}
 
 

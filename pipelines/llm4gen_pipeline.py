@@ -1,0 +1,166 @@
+"""``LLM4GenPipeline``: Stable Diffusion 1.5 conditioned on CLIP and a frozen LLM through a trained connector,
+as a diffusers pipeline a recipient loads with ``DiffusionPipeline.from_pretrained(folder)``.
+
+It is ``StableDiffusionPipeline`` with three more components, ``llm`` (a transformers model), ``llm_tokenizer``
+and ``adapter`` (any connector of ``llm4gen.adapters.connectors``), and the LLM's reading rules in its config
+(``llm_max_length``, ``llm_prefix``, ``llm_layer``, ``llm_layer_norm``, ``llm_zero_padding``, ``llm_kind``), so a
+saved pipeline conditions exactly as training did. ``encode_prompt`` returns the connector's context instead of
+CLIP's alone; everything else (schedulers, guidance, ``num_images_per_prompt``, ``callback_on_step_end``,
+offloading, dtype moves, the output class) is the parent's. A timestep-aware connector (ELLA) is run inside each
+UNet call at that call's timestep, for both halves of classifier-free guidance.
+
+    pipe = LLM4GenPipeline.from_pretrained("runs/tiny/export/pipeline")
+    image = pipe("a red circle and a blue square", generator=torch.Generator().manual_seed(0)).images[0]
+
+Build one from a training module with :func:`pipeline_from_module`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Optional
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+# diffusers loads a component only from a module already imported: every connector's module, here
+import llm4gen.adapters.connectors  # noqa: F401
+from llm4gen.encoders.llm import LLMFeatures, hidden_state_index, normalizes, num_hidden_layers, read_hidden_states
+
+
+class LLM4GenPipeline(StableDiffusionPipeline):
+    model_cpu_offload_seq = "llm->text_encoder->adapter->unet->vae"
+    _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, llm, llm_tokenizer, adapter,
+                 safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker: bool = False,
+                 llm_max_length: int = 32, llm_prefix: str = "", llm_layer: Any = -1, llm_layer_norm: str = "auto",
+                 llm_zero_padding: bool = True, llm_kind: str = "encoder"):
+        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                         safety_checker=safety_checker, feature_extractor=feature_extractor, image_encoder=image_encoder,
+                         requires_safety_checker=requires_safety_checker)
+        self.register_modules(llm=llm, llm_tokenizer=llm_tokenizer, adapter=adapter)
+        self.register_to_config(llm_max_length=llm_max_length, llm_prefix=llm_prefix, llm_layer=llm_layer,
+                                llm_layer_norm=llm_layer_norm, llm_zero_padding=llm_zero_padding, llm_kind=llm_kind)
+        self._guided_text: Optional[tuple[torch.Tensor, LLMFeatures]] = None
+
+    # ---- the LLM's features, read as training read them (encoders/llm.py)
+
+    @torch.no_grad()
+    def encode_llm(self, prompts: list[str], device) -> LLMFeatures:
+        """(batch, llm_max_length, llm_dim) features and their mask."""
+        c = self.config
+        tokens = self.llm_tokenizer([c.llm_prefix + p for p in prompts], max_length=c.llm_max_length,
+                                    padding="max_length", truncation=True, return_tensors="pt").to(device)
+        kwargs = dict(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        if c.llm_kind == "decoder":
+            kwargs["use_cache"] = False
+        layers = num_hidden_layers(self.llm.config)
+        layer = hidden_state_index(c.llm_layer, layers)
+        normalize = normalizes(layer, c.llm_layer_norm, c.llm_kind, layers)
+        if layer == -1 and not normalize:
+            hidden = self.llm(**kwargs).last_hidden_state
+        else:
+            hidden = read_hidden_states(self.llm(**kwargs, output_hidden_states=True).hidden_states, layer, normalize)
+        mask = tokens["attention_mask"].bool()
+        if c.llm_zero_padding:
+            hidden = hidden * mask[..., None].to(hidden.dtype)
+        return LLMFeatures(features=hidden, mask=mask)
+
+    def connect(self, clip_hidden: torch.Tensor, llm: LLMFeatures, timestep=None) -> torch.Tensor:
+        dtype = next(self.adapter.parameters()).dtype
+        return self.adapter(clip_hidden.to(dtype), llm.features.to(dtype), llm.mask, timestep=timestep)
+
+    # ---- StableDiffusionPipeline's hook: the context the UNet reads
+
+    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None,
+                      prompt_embeds: Optional[torch.Tensor] = None, negative_prompt_embeds: Optional[torch.Tensor] = None,
+                      lora_scale: Optional[float] = None, clip_skip: Optional[int] = None):
+        """The connector's context for the prompts and the negative prompts (``prompt_embeds`` given: used as
+        they are, already a connector's context)."""
+        if prompt_embeds is not None:
+            return super().encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+                                         negative_prompt, prompt_embeds, negative_prompt_embeds, lora_scale, clip_skip)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = ([""] * len(prompts) if negative_prompt is None else
+                     [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
+        clip, clip_negative = super().encode_prompt(prompts, device, 1, True, negatives, lora_scale=lora_scale,
+                                                    clip_skip=clip_skip)  # (batch, 77, clip_dim) each
+        llm, llm_negative = self.encode_llm(prompts, device), self.encode_llm(negatives, device)
+
+        def repeat(x: torch.Tensor) -> torch.Tensor:
+            return x.repeat_interleave(num_images_per_prompt, dim=0)
+
+        clip, clip_negative = repeat(clip), repeat(clip_negative)
+        llm = LLMFeatures(repeat(llm.features), repeat(llm.mask))
+        llm_negative = LLMFeatures(repeat(llm_negative.features), repeat(llm_negative.mask))
+        first = self.scheduler.config.num_train_timesteps - 1 if self.adapter.timestep_aware else None
+        self._guided_text = None
+        if self.adapter.timestep_aware:  # recomputed per step by per_step_context; these fix shapes only
+            self._guided_text = (clip, llm, clip_negative, llm_negative)
+        context = self.connect(clip, llm, first).to(self.unet.dtype)
+        negative = self.connect(clip_negative, llm_negative, first).to(self.unet.dtype) if do_classifier_free_guidance else None
+        return context, negative
+
+    @contextlib.contextmanager
+    def per_step_context(self):
+        """While active, a timestep-aware connector gives every UNet call its context at that call's timestep."""
+        def hook(unet, args, kwargs):
+            if self._guided_text is None:
+                return args, kwargs
+            clip, llm, clip_negative, llm_negative = self._guided_text
+            sample = args[0] if args else kwargs["sample"]
+            timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+            if sample.shape[0] == clip.shape[0]:
+                context = self.connect(clip, llm, timestep)
+            else:
+                both = LLMFeatures(torch.cat([llm_negative.features, llm.features]), torch.cat([llm_negative.mask, llm.mask]))
+                context = self.connect(torch.cat([clip_negative, clip]), both, timestep)
+            kwargs["encoder_hidden_states"] = context.to(unet.dtype)
+            return args, kwargs
+
+        handle = self.unet.register_forward_pre_hook(hook, with_kwargs=True) if self.adapter.timestep_aware else None
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()
+            self._guided_text = None
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        with self.per_step_context():
+            return super().__call__(*args, **kwargs)
+
+
+def pipeline_from_module(module, scheduler: str = "DDIMScheduler") -> LLM4GenPipeline:
+    """An ``LLM4GenPipeline`` over a trained ``LLM4GenModule``'s components (shared, not copied): save it with
+    ``save_pretrained``. SD1.5 with one CLIP window only."""
+    import diffusers
+
+    if module.cfg.base.family != "sd15" or module.clip.context_length != module.clip.tokenizer.model_max_length:
+        raise ValueError("LLM4GenPipeline is Stable Diffusion 1.5 with one 77-token CLIP window "
+                         f"(this module: model.base.family={module.cfg.base.family}, clip_chunks={module.cfg.base.clip_chunks})")
+    if not module.uses_cam:
+        raise ValueError("this module trains no connector (model.adapter.enabled=false): use StableDiffusionPipeline")
+    llm = module.llm
+    scheduler_obj = getattr(diffusers, scheduler).from_config(module.noise_scheduler.config)
+    return LLM4GenPipeline(vae=module.vae, text_encoder=module.clip.text_encoder, tokenizer=module.clip.tokenizer,
+                           unet=module.unet, scheduler=scheduler_obj, llm=saveable_llm(llm.model), llm_tokenizer=llm.tokenizer,
+                           adapter=module.adapter, llm_max_length=module.cfg.llm.max_length, llm_prefix=llm.prefix,
+                           llm_layer=module.cfg.llm.layer, llm_layer_norm=str(module.cfg.llm.get("layer_norm", "auto")),
+                           llm_zero_padding=llm.zero_padding, llm_kind=llm.kind)
+
+
+def saveable_llm(model):
+    """The LLM as a transformers model that saves and loads by itself: a T5 encoder stack (what the training
+    module reads) goes into a ``T5EncoderModel`` sharing its weights."""
+    from transformers import PreTrainedModel, T5EncoderModel
+
+    if isinstance(model, PreTrainedModel):
+        return model
+    if type(model).__name__ == "T5Stack":
+        encoder = T5EncoderModel(model.config)
+        encoder.encoder, encoder.shared = model, model.embed_tokens
+        return encoder.to(next(model.parameters()).dtype)
+    raise TypeError(f"cannot save an LLM of type {type(model).__name__} in a pipeline")
