@@ -1,28 +1,42 @@
-"""Export a trained run in the authors' release layout: `python export.py --help`.
+"""Export a trained run: `python export.py --help`.
 
-    python export.py --checkpoint runs/x/checkpoints/last.ckpt --output runs/x/release
+    python export.py --checkpoint runs/x/checkpoints/last.ckpt --output runs/x/pipeline                   # diffusers
+    python export.py --checkpoint runs/x/checkpoints/last.ckpt --output runs/x/release --format release
 
-writes ``projector.pth`` (the CAM under the released key names) and ``unet/`` (the trained UNet, or the
-frozen one the CAM was trained against), the layout of the released LLM4GEN SD1.5 model: load it with
-``generate.py --release`` or ``model.adapter.init_from=DIR model.base.unet=DIR/unet``. EMA weights are
-exported when the run has them (``--no-ema``: the trained ones).
+``--format diffusers`` (the default) writes an ``LLM4GenPipeline`` folder (pipelines/llm4gen_pipeline.py):
+``model_index.json``, every component, and a model card ``README.md`` in the hub's format; anyone loads it
+with ``LLM4GenPipeline.from_pretrained(folder)`` or samples it with ``generate.py --pipeline folder``.
+``--format release`` writes ``projector.pth`` (the CAM under the released key names) and ``unet/`` (the
+trained UNet, or the frozen one the CAM was trained against), the layout of the released LLM4GEN SD1.5
+model: load it with ``generate.py --release`` or ``model.adapter.init_from=DIR model.base.unet=DIR/unet``.
+EMA weights are exported when the run has them (``--no-ema``: the trained ones).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
 
 from llm4gen.cli.generate import check_checkpoint_sources
 from llm4gen.configs.errors import UserError, entry_point
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule
+from llm4gen.pipelines.llm4gen_pipeline import pipeline_from_module
+from llm4gen.pipelines.model_card import model_card, run_scores
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a training checkpoint (.ckpt)")
-    parser.add_argument("--output", required=True, help="the folder to write projector.pth and unet/ into")
+    parser.add_argument("--output", required=True, help="the folder to write the export into")
+    parser.add_argument("--format", choices=("diffusers", "release"), default="diffusers",
+                        help="diffusers: an LLM4GenPipeline folder with a model card (default); release: the "
+                             "authors' layout, projector.pth + unet/")
     parser.add_argument("--no-ema", action="store_true", help="export the trained weights, not their EMA")
     return parser.parse_args(argv)
 
@@ -33,11 +47,33 @@ def main(argv=None) -> int:
     check_checkpoint_sources(load_checkpoint_checked(args.checkpoint, what="--checkpoint"))
 
     module = LLM4GenModule.load_from_checkpoint(args.checkpoint, map_location="cpu")
+    if args.format == "diffusers":
+        print(export_pipeline(module, Path(args.output), Path(args.checkpoint), use_ema=not args.no_ema))
+        return 0
     try:
         print(module.export_release(args.output, use_ema=not args.no_ema))
     except ValueError as err:  # a run the release layout cannot hold (LoRA)
         raise UserError(str(err)) from None
     return 0
+
+
+def export_pipeline(module, output: Path, checkpoint: Path, use_ema: bool = True) -> Path:
+    """The run as an LLM4GenPipeline folder with its model card; the EMA weights when ``use_ema``."""
+    if module.cfg.unet_training == "lora":
+        raise UserError("--format diffusers does not hold a LoRA UNet yet: the run's export/unet_lora/ (written by "
+                        "train.py) loads into a pipeline with pipe.load_lora_weights; or export --format release after "
+                        "fusing, or train with model.unet_training=frozen or full")
+    try:
+        with (module.ema_weights() if use_ema else contextlib.nullcontext()):
+            pipe = pipeline_from_module(module)
+            pipe.save_pretrained(output, safe_serialization=True)
+    except ValueError as err:  # a module the pipeline cannot hold (SDXL, chunked CLIP, no connector)
+        raise UserError(str(err)) from None
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+    step = torch.load(checkpoint, map_location="cpu", weights_only=False).get("global_step")
+    model = OmegaConf.to_container(module.cfg, resolve=True)
+    (output / "README.md").write_text(model_card(model, step, run_scores(run_dir), references={}))
+    return output
 
 
 if __name__ == "__main__":

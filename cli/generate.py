@@ -6,7 +6,8 @@
     python generate.py --release /models/llm4gen-sd15 --config configs/llm4gen_sd15.yaml \
         --prompt "a red circle" --output-dir out/
 
-``--release`` takes a folder in the authors' release layout (``projector.pth`` + ``unet/``, see
+``--pipeline`` takes a folder ``export.py`` wrote (an ``LLM4GenPipeline``, pipelines/llm4gen_pipeline.py) and
+samples through it: what a recipient of the folder gets. ``--release`` takes a folder in the authors' release layout (``projector.pth`` + ``unet/``, see
 adapters/release.py; ``export.py`` writes one from a run); the base SD1.5 (VAE, CLIP, scheduler) and the
 LLM come from ``--config`` and its overrides. Prompt i is sampled with seed ``seed + i``, so the same command writes identical images. The negative
 prompt (default empty) goes through CLIP, the LLM and the CAM, as in training's caption dropout.
@@ -29,6 +30,7 @@ from llm4gen.encoders.sources import check_source
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule
 from llm4gen.lightning_modules.sampler import Sampler, SamplingSettings, load_sampler
+from llm4gen.pipelines.llm4gen_pipeline import LLM4GenPipeline
 
 
 def slug(text: str, length: int = 40) -> str:
@@ -40,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a training checkpoint (.ckpt)")
     source.add_argument("--release", help="a release-layout folder (projector.pth + unet/); needs --config")
+    source.add_argument("--pipeline", help="an exported LLM4GenPipeline folder (export.py --format diffusers)")
     parser.add_argument("--config", help="with --release: the experiment YAML giving the base SD and the LLM")
     parser.add_argument("overrides", nargs="*", help="with --release: dotted.key=value config overrides")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
@@ -91,13 +94,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not [p for p in args.prompt if p.strip()]:
         raise UserError("--prompt is empty: give at least one non-empty prompt")
-    if args.checkpoint and (args.config or args.overrides):
-        raise UserError("--config and overrides go with --release; a checkpoint carries its own config")
+    if (args.checkpoint or args.pipeline) and (args.config or args.overrides):
+        raise UserError("--config and overrides go with --release; a checkpoint or pipeline carries its own config")
     check_sampling_args(args)
     device = args.device or ("cuda" if _cuda() else "cpu")
 
     settings = SamplingSettings(args.steps, args.guidance_scale, args.scheduler, args.negative_prompt)
-    if args.release:
+    if args.pipeline:
+        sampler = PipelineSampler(load_pipeline(args.pipeline, args.scheduler, device), settings)
+    elif args.release:
         try:
             module = load_release_module(args.release, args.config, args.overrides)
         except (ValueError, FileNotFoundError) as err:
@@ -116,6 +121,36 @@ def main(argv=None) -> int:
         image.save(path)
         print(path)
     return 0
+
+
+def load_pipeline(folder: str, scheduler: str, device: str):
+    """An exported LLM4GenPipeline, with ``scheduler`` built from its own scheduler's config."""
+    import diffusers
+
+    if not (Path(folder) / "model_index.json").is_file():
+        raise UserError(f"--pipeline {folder!r} is not a pipeline folder: it has no model_index.json "
+                        f"(export.py --format diffusers writes one)")
+    pipe = LLM4GenPipeline.from_pretrained(folder)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+class PipelineSampler:
+    """``generate(prompts, seeds)`` through a pipeline, with the checkpoint sampler's seeding (one CPU
+    generator per prompt) and settings."""
+
+    def __init__(self, pipe, settings: SamplingSettings):
+        self.pipe, self.settings = pipe, settings
+
+    def generate(self, prompts: list[str], seeds: list[int]):
+        import torch
+
+        s = self.settings
+        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+        return self.pipe(list(prompts), negative_prompt=[s.negative_prompt] * len(prompts),
+                         num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                         generator=generators, output_type="pil").images
 
 
 if __name__ == "__main__":

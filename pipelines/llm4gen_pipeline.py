@@ -157,10 +157,10 @@ def saveable_llm(model):
     module reads) goes into a ``T5EncoderModel`` sharing its weights."""
     from transformers import PreTrainedModel, T5EncoderModel
 
-    if isinstance(model, PreTrainedModel):
-        return model
-    if type(model).__name__ == "T5Stack":
+    if type(model).__name__ == "T5Stack":  # a PreTrainedModel too, but not one from_pretrained can name
         encoder = T5EncoderModel(model.config)
         encoder.encoder, encoder.shared = model, model.embed_tokens
         return encoder.to(next(model.parameters()).dtype)
+    if isinstance(model, PreTrainedModel):
+        return model
     raise TypeError(f"cannot save an LLM of type {type(model).__name__} in a pipeline")

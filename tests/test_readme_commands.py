@@ -172,7 +172,18 @@ def run_checkpoint_tool(ctx: Context, script: str, args: list[str]):
         args += ["--steps", "2", "--device", "cpu"]
     assert module["main"](args) == 0
     written = list((ctx.tmp / "out").rglob("*"))
-    assert any(p.suffix in (".png", ".pth") for p in written), written
+    assert any(p.suffix in (".png", ".pth", ".safetensors") for p in written), written
+
+
+def run_pipeline_tool(ctx: Context, script: str, args: list[str]):
+    """generate.py --pipeline on the tiny run exported as a pipeline where the README's folder is."""
+    from llm4gen.cli import export, generate
+    args = relocated(args, ctx)
+    folder = args[args.index("--pipeline") + 1]
+    run = ctx.tiny_run()
+    assert export.main(["--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--output", folder]) == 0
+    assert generate.main([*args, "--steps", "2", "--device", "cpu"]) == 0
+    assert list((ctx.tmp / "out").rglob("*.png"))
 
 
 def run_prepare(ctx: Context, script: str, args: list[str]):
@@ -334,6 +345,7 @@ COVERAGE = [
     Entry(r"python train\.py --config configs/\S+\.yaml --print-config", run_print_config, "run"),
     Entry(r"python generate\.py --checkpoint runs/\S+ .*", run_checkpoint_tool, "run"),
     Entry(r"python attention_maps\.py --checkpoint runs/\S+ .*", run_checkpoint_tool, "run"),
+    Entry(r"python generate\.py --pipeline runs/\S+ .*", run_pipeline_tool, "run"),
     Entry(r"python export\.py --checkpoint runs/\S+ .*", run_checkpoint_tool, "run"),
     Entry(r"python generate\.py --release /models/\S+ --config configs/\S+ .*", dry_run, "dry-run",
           "needs the authors' release and SD1.5; tests/test_release.py runs the same path on a tiny release"),

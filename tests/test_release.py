@@ -145,7 +145,7 @@ def test_release_generation_matches_the_reference_then_trains_exports_and_reload
                              "trainer.enable_progress_bar=false", "model.optim.warmup_steps=0", "model.optim.lr=1e-3"])
     assert train.run(cfg)["global_step"] == 3
     checkpoint = out / "checkpoints" / "last.ckpt"
-    assert export.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "exported")]) == 0
+    assert export.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "exported"), "--format", "release"]) == 0
     assert {p.name for p in (tmp_path / "exported").iterdir()} == {"projector.pth", "unet"}
 
     from llm4gen.lightning_modules.llm4gen import LLM4GenModule
@@ -155,6 +155,16 @@ def test_release_generation_matches_the_reference_then_trains_exports_and_reload
     trained_images, reloaded_images = our_generate(trained), our_generate(reloaded)
     assert np.abs(trained_images - ours).max() > 1e-4  # training moved the model
     np.testing.assert_array_equal(reloaded_images, trained_images)
+    # The diffusers export of the same run (a T5 encoder: saved as a T5EncoderModel sharing its weights).
+    assert export.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "pipeline"), "--no-ema"]) == 0
+    from llm4gen.pipelines import LLM4GenPipeline
+
+    pipe = LLM4GenPipeline.from_pretrained(tmp_path / "pipeline")
+    assert type(pipe.llm).__name__ == "T5EncoderModel"
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in SEEDS]
+    piped = pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, negative_prompt=[""] * len(PROMPTS),
+                 generator=generators, output_type="np").images
+    np.testing.assert_allclose(piped, trained_images, rtol=0, atol=1e-5)
     # The exported CAM is the released layout: the reference implementation reads it too.
     np.testing.assert_allclose(reference_generate(tmp_path / "exported", t5_folder, base, PROMPTS, SEEDS),
                                trained_images, rtol=0, atol=1e-5)
