@@ -1,0 +1,40 @@
+"""A LoRA run's export/unet_lora/ is in the format diffusers and peft read: it loads with load_lora_weights into
+a stock StableDiffusionPipeline built from the same base (no connector, no llm4gen code in the pipeline), changes
+its images, and fused (fuse_lora) gives the unfused images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llm4gen.cli import train
+from llm4gen.encoders.sources import resolve_source
+from tests.helpers.training import FAST
+
+
+@pytest.mark.slow
+def test_the_exported_lora_loads_into_a_stock_pipeline_and_fuses_to_the_same_images(tmp_path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    out = tmp_path / "run"
+    assert train.main([f"output_dir={out}", f"data.shards={tmp_path / 'data'}", "trainer.max_steps=3",
+                       "model.unet_training=lora", "model.lora.rank=4", "model.optim.lr=1e-2",
+                       "validation.at_start=false", *FAST]) == 0
+    assert (out / "export" / "unet_lora" / "pytorch_lora_weights.safetensors").is_file()
+
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_source("embedded:shapes-sd"), safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample():
+        return pipe("a red circle", num_inference_steps=3, guidance_scale=4.0,
+                    generator=torch.Generator("cpu").manual_seed(0), output_type="np").images
+
+    stock = sample()
+    pipe.load_lora_weights(str(out / "export" / "unet_lora"))
+    with_lora = sample()
+    assert np.abs(with_lora - stock).max() > 1e-4  # the trained LoRA changes what the base draws
+    pipe.fuse_lora()
+    np.testing.assert_allclose(sample(), with_lora, atol=1e-5, rtol=0)
