@@ -18,14 +18,27 @@ Build one from a training module with :func:`pipeline_from_module`.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Optional
 
+import diffusers
 import torch
 from diffusers import StableDiffusionPipeline
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer
 
 # diffusers loads a component only from a module already imported: every connector's module, here
 import llm4gen.adapters.connectors  # noqa: F401
-from llm4gen.encoders.llm import LLMFeatures, hidden_state_index, normalizes, num_hidden_layers, read_hidden_states
+from llm4gen.adapters.cross_adapter import CrossAdapter
+from llm4gen.adapters.release import RELEASED_PROJECTOR, RELEASED_UNET
+from llm4gen.encoders.llm import (
+    LLMEncoder,
+    LLMFeatures,
+    hidden_state_index,
+    normalizes,
+    num_hidden_layers,
+    read_hidden_states,
+)
+from llm4gen.encoders.sources import resolve_source
 
 
 class LLM4GenPipeline(StableDiffusionPipeline):
@@ -126,6 +139,30 @@ class LLM4GenPipeline(StableDiffusionPipeline):
             if handle is not None:
                 handle.remove()
             self._guided_text = None
+
+    @classmethod
+    def from_release(cls, folder, base: str, llm: str, llm_tokenizer: Optional[str] = None, llm_max_length: int = 256,
+                     llm_prefix: str = "pre ", llm_zero_padding: bool = False, num_heads: int = 8,
+                     scheduler: str = "DDIMScheduler", torch_dtype: torch.dtype = torch.float32) -> "LLM4GenPipeline":
+        """The authors' release (``projector.pth`` + optionally ``unet/``, adapters/release.py) over the base SD1.5
+        folder or hub id ``base`` and the T5 encoder ``llm`` (the release's RankGen T5-XL; its tokenizer
+        ``llm_tokenizer`` when elsewhere). The defaults are the release's: 256 tokens, "pre ", pad-token outputs
+        kept. ``generate.py --release`` samples the same images."""
+        folder, base = Path(folder), resolve_source(base)
+        unet_source = folder if (folder / RELEASED_UNET / "config.json").is_file() else base  # the release's own UNet
+        unet = diffusers.UNet2DConditionModel.from_pretrained(unet_source, subfolder="unet", torch_dtype=torch_dtype)
+        encoder = LLMEncoder(llm, tokenizer=llm_tokenizer, kind="encoder-decoder", max_length=llm_max_length,
+                             prefix=llm_prefix, zero_padding=llm_zero_padding, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_source(llm_tokenizer or llm))
+        tokenizer.padding_side = "right"
+        return cls(vae=diffusers.AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch_dtype),
+                   text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=torch_dtype),
+                   tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"), unet=unet,
+                   scheduler=getattr(diffusers, scheduler).from_pretrained(base, subfolder="scheduler", clip_sample=False),
+                   llm=saveable_llm(encoder.model), llm_tokenizer=tokenizer,
+                   adapter=CrossAdapter.from_released(folder / RELEASED_PROJECTOR, num_heads=num_heads).to(torch_dtype),
+                   llm_max_length=llm_max_length, llm_prefix=llm_prefix, llm_layer=-1, llm_layer_norm="auto",
+                   llm_zero_padding=llm_zero_padding, llm_kind="encoder-decoder")
 
     @torch.no_grad()
     def __call__(self, *args, **kwargs):

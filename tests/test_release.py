@@ -120,6 +120,19 @@ def our_generate(module):
     return module.generate(PROMPTS, SEEDS, STEPS, GUIDANCE, "DDIMScheduler", "", output_type="np")
 
 
+def test_the_release_loads_as_a_pipeline_that_samples_what_generate_release_samples(release):
+    from llm4gen.pipelines import LLM4GenPipeline
+
+    release_dir, t5_folder, base = release
+    module = generate.load_release_module(str(release_dir), None, model_overrides(t5_folder, base))
+    pipe = LLM4GenPipeline.from_release(release_dir, base=str(base), llm=str(t5_folder), llm_max_length=LLM_TOKENS)
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in SEEDS]
+    piped = pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, negative_prompt=[""] * len(PROMPTS),
+                 generator=generators, output_type="np").images
+    np.testing.assert_allclose(piped, our_generate(module), rtol=0, atol=1e-6)
+
+
 def test_release_generation_matches_the_reference_then_trains_exports_and_reloads(release, tmp_path, capsys):
     release_dir, t5_folder, base = release
     module = generate.load_release_module(str(release_dir), None, model_overrides(t5_folder, base))
