@@ -30,7 +30,7 @@ from llm4gen.encoders.sources import check_source
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule
 from llm4gen.lightning_modules.sampler import Sampler, SamplingSettings, load_sampler
-from llm4gen.pipelines.llm4gen_pipeline import LLM4GenPipeline
+from llm4gen.pipelines.llm4gen_pipeline import load_pipeline as load_llm4gen_pipeline
 
 
 def slug(text: str, length: int = 40) -> str:
@@ -127,10 +127,10 @@ def load_pipeline(folder: str, scheduler: str, device: str):
     """An exported LLM4GenPipeline, with ``scheduler`` built from its own scheduler's config."""
     import diffusers
 
-    if not (Path(folder) / "model_index.json").is_file():
-        raise UserError(f"--pipeline {folder!r} is not a pipeline folder: it has no model_index.json "
-                        f"(export.py --format diffusers writes one)")
-    pipe = LLM4GenPipeline.from_pretrained(folder)
+    try:
+        pipe = load_llm4gen_pipeline(folder)  # LLM4GenPipeline or LLM4GenXLPipeline, as the folder says
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(f"--pipeline: {err}") from None
     pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -18,12 +18,13 @@ Build one from a training module with :func:`pipeline_from_module`.
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Any, Optional
 
 import diffusers
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer
 
 # diffusers loads a component only from a module already imported: every connector's module, here
@@ -41,21 +42,11 @@ from llm4gen.encoders.llm import (
 from llm4gen.encoders.sources import resolve_source
 
 
-class LLM4GenPipeline(StableDiffusionPipeline):
-    model_cpu_offload_seq = "llm->text_encoder->adapter->unet->vae"
-    _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
+class LLMConditioning:
+    """What both pipelines add to their parent: the LLM's features, the connector, and per-step conditioning
+    for a timestep-aware connector. ``self.config`` holds the LLM's reading rules."""
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, llm, llm_tokenizer, adapter,
-                 safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker: bool = False,
-                 llm_max_length: int = 32, llm_prefix: str = "", llm_layer: Any = -1, llm_layer_norm: str = "auto",
-                 llm_zero_padding: bool = True, llm_kind: str = "encoder"):
-        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                         safety_checker=safety_checker, feature_extractor=feature_extractor, image_encoder=image_encoder,
-                         requires_safety_checker=requires_safety_checker)
-        self.register_modules(llm=llm, llm_tokenizer=llm_tokenizer, adapter=adapter)
-        self.register_to_config(llm_max_length=llm_max_length, llm_prefix=llm_prefix, llm_layer=llm_layer,
-                                llm_layer_norm=llm_layer_norm, llm_zero_padding=llm_zero_padding, llm_kind=llm_kind)
-        self._guided_text: Optional[tuple[torch.Tensor, LLMFeatures]] = None
+    _guided_text = None  # (clip, llm, clip_negative, llm_negative) while a timestep-aware pipeline call runs
 
     # ---- the LLM's features, read as training read them (encoders/llm.py)
 
@@ -84,21 +75,9 @@ class LLM4GenPipeline(StableDiffusionPipeline):
         dtype = next(self.adapter.parameters()).dtype
         return self.adapter(clip_hidden.to(dtype), llm.features.to(dtype), llm.mask, timestep=timestep)
 
-    # ---- StableDiffusionPipeline's hook: the context the UNet reads
-
-    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None,
-                      prompt_embeds: Optional[torch.Tensor] = None, negative_prompt_embeds: Optional[torch.Tensor] = None,
-                      lora_scale: Optional[float] = None, clip_skip: Optional[int] = None):
-        """The connector's context for the prompts and the negative prompts (``prompt_embeds`` given: used as
-        they are, already a connector's context)."""
-        if prompt_embeds is not None:
-            return super().encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance,
-                                         negative_prompt, prompt_embeds, negative_prompt_embeds, lora_scale, clip_skip)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = ([""] * len(prompts) if negative_prompt is None else
-                     [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
-        clip, clip_negative = super().encode_prompt(prompts, device, 1, True, negatives, lora_scale=lora_scale,
-                                                    clip_skip=clip_skip)  # (batch, 77, clip_dim) each
+    def connector_context(self, clip, clip_negative, prompts, negatives, num_images_per_prompt, device, guided: bool):
+        """The connector's context for prompts and negatives from their CLIP hidden states (batch, 77, clip_dim),
+        each repeated ``num_images_per_prompt`` times; for ELLA, kept for the per-step calls."""
         llm, llm_negative = self.encode_llm(prompts, device), self.encode_llm(negatives, device)
 
         def repeat(x: torch.Tensor) -> torch.Tensor:
@@ -108,12 +87,17 @@ class LLM4GenPipeline(StableDiffusionPipeline):
         llm = LLMFeatures(repeat(llm.features), repeat(llm.mask))
         llm_negative = LLMFeatures(repeat(llm_negative.features), repeat(llm_negative.mask))
         first = self.scheduler.config.num_train_timesteps - 1 if self.adapter.timestep_aware else None
-        self._guided_text = None
-        if self.adapter.timestep_aware:  # recomputed per step by per_step_context; these fix shapes only
-            self._guided_text = (clip, llm, clip_negative, llm_negative)
+        self._guided_text = (clip, llm, clip_negative, llm_negative) if self.adapter.timestep_aware else None
         context = self.connect(clip, llm, first).to(self.unet.dtype)
-        negative = self.connect(clip_negative, llm_negative, first).to(self.unet.dtype) if do_classifier_free_guidance else None
+        negative = self.connect(clip_negative, llm_negative, first).to(self.unet.dtype) if guided else None
         return context, negative
+
+    @staticmethod
+    def prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = ([""] * len(prompts) if negative_prompt is None else
+                     [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
+        return prompts, negatives
 
     @contextlib.contextmanager
     def per_step_context(self):
@@ -140,6 +124,42 @@ class LLM4GenPipeline(StableDiffusionPipeline):
                 handle.remove()
             self._guided_text = None
 
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        with self.per_step_context():
+            return super().__call__(*args, **kwargs)
+
+
+class LLM4GenPipeline(LLMConditioning, StableDiffusionPipeline):
+    model_cpu_offload_seq = "llm->text_encoder->adapter->unet->vae"
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, llm, llm_tokenizer, adapter,
+                 safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker: bool = False,
+                 llm_max_length: int = 32, llm_prefix: str = "", llm_layer: Any = -1, llm_layer_norm: str = "auto",
+                 llm_zero_padding: bool = True, llm_kind: str = "encoder"):
+        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                         safety_checker=safety_checker, feature_extractor=feature_extractor, image_encoder=image_encoder,
+                         requires_safety_checker=requires_safety_checker)
+        self.register_modules(llm=llm, llm_tokenizer=llm_tokenizer, adapter=adapter)
+        self.register_to_config(llm_max_length=llm_max_length, llm_prefix=llm_prefix, llm_layer=llm_layer,
+                                llm_layer_norm=llm_layer_norm, llm_zero_padding=llm_zero_padding, llm_kind=llm_kind)
+
+    # ---- StableDiffusionPipeline's hook: the context the UNet reads
+
+    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None,
+                      prompt_embeds: Optional[torch.Tensor] = None, negative_prompt_embeds: Optional[torch.Tensor] = None,
+                      lora_scale: Optional[float] = None, clip_skip: Optional[int] = None):
+        """The connector's context for the prompts and the negative prompts (``prompt_embeds`` given: used as
+        they are, already a connector's context)."""
+        if prompt_embeds is not None:
+            return super().encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+                                         negative_prompt, prompt_embeds, negative_prompt_embeds, lora_scale, clip_skip)
+        prompts, negatives = self.prompt_lists(prompt, negative_prompt)
+        clip, clip_negative = super().encode_prompt(prompts, device, 1, True, negatives, lora_scale=lora_scale,
+                                                    clip_skip=clip_skip)  # (batch, 77, clip_dim) each
+        return self.connector_context(clip, clip_negative, prompts, negatives, num_images_per_prompt, device,
+                                      do_classifier_free_guidance)
+
     @classmethod
     def from_release(cls, folder, base: str, llm: str, llm_tokenizer: Optional[str] = None, llm_max_length: int = 256,
                      llm_prefix: str = "pre ", llm_zero_padding: bool = False, num_heads: int = 8,
@@ -164,29 +184,65 @@ class LLM4GenPipeline(StableDiffusionPipeline):
                    llm_max_length=llm_max_length, llm_prefix=llm_prefix, llm_layer=-1, llm_layer_norm="auto",
                    llm_zero_padding=llm_zero_padding, llm_kind="encoder-decoder")
 
-    @torch.no_grad()
-    def __call__(self, *args, **kwargs):
-        with self.per_step_context():
-            return super().__call__(*args, **kwargs)
+
+class LLM4GenXLPipeline(LLMConditioning, StableDiffusionXLPipeline):
+    """``LLM4GenPipeline`` for SDXL: both CLIP encoders' penultimate states through the connector; the pooled
+    embedding and the size/crop ids stay SDXL's own. The negative prompt goes through the connector like the
+    prompt (never zeros), as in training's caption dropout."""
+
+    model_cpu_offload_seq = "llm->text_encoder->text_encoder_2->adapter->unet->vae"
+
+    def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, llm, llm_tokenizer,
+                 adapter, image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt: bool = False,
+                 add_watermarker: Optional[bool] = False, llm_max_length: int = 32, llm_prefix: str = "",
+                 llm_layer: Any = -1, llm_layer_norm: str = "auto", llm_zero_padding: bool = True,
+                 llm_kind: str = "encoder"):
+        super().__init__(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                         tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, image_encoder=image_encoder,
+                         feature_extractor=feature_extractor, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+                         add_watermarker=add_watermarker)
+        self.register_modules(llm=llm, llm_tokenizer=llm_tokenizer, adapter=adapter)
+        self.register_to_config(llm_max_length=llm_max_length, llm_prefix=llm_prefix, llm_layer=llm_layer,
+                                llm_layer_norm=llm_layer_norm, llm_zero_padding=llm_zero_padding, llm_kind=llm_kind)
+
+    def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt: int = 1,
+                      do_classifier_free_guidance: bool = True, negative_prompt=None, negative_prompt_2=None,
+                      prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
+                      negative_pooled_prompt_embeds=None, lora_scale=None, clip_skip=None):
+        """(context, negative context, pooled, negative pooled); given ``prompt_embeds`` are used as they are."""
+        if prompt_embeds is not None:
+            return super().encode_prompt(prompt, prompt_2, device, num_images_per_prompt, do_classifier_free_guidance,
+                                         negative_prompt, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
+                                         pooled_prompt_embeds, negative_pooled_prompt_embeds, lora_scale, clip_skip)
+        prompts, negatives = self.prompt_lists(prompt, negative_prompt)
+        clip, clip_negative, pooled, pooled_negative = super().encode_prompt(
+            prompts, None, device, 1, True, negatives, None, lora_scale=lora_scale, clip_skip=clip_skip)
+        context, negative = self.connector_context(clip, clip_negative, prompts, negatives, num_images_per_prompt,
+                                                   device, do_classifier_free_guidance)
+        pooled = pooled.repeat_interleave(num_images_per_prompt, dim=0)
+        pooled_negative = pooled_negative.repeat_interleave(num_images_per_prompt, dim=0)
+        return context, negative, pooled, pooled_negative
 
 
-def pipeline_from_module(module, scheduler: str = "DDIMScheduler") -> LLM4GenPipeline:
-    """An ``LLM4GenPipeline`` over a trained ``LLM4GenModule``'s components (shared, not copied): save it with
-    ``save_pretrained``. SD1.5 with one CLIP window only."""
-    import diffusers
-
-    if module.cfg.base.family != "sd15" or module.clip.context_length != module.clip.tokenizer.model_max_length:
-        raise ValueError("LLM4GenPipeline is Stable Diffusion 1.5 with one 77-token CLIP window "
-                         f"(this module: model.base.family={module.cfg.base.family}, clip_chunks={module.cfg.base.clip_chunks})")
+def pipeline_from_module(module, scheduler: str = "DDIMScheduler"):
+    """An ``LLM4GenPipeline`` (SD1.5) or ``LLM4GenXLPipeline`` (SDXL) over a trained ``LLM4GenModule``'s
+    components (shared, not copied): save it with ``save_pretrained``. One CLIP window only."""
+    if module.clip.context_length != module.clip.tokenizer.model_max_length:
+        raise ValueError(f"a pipeline reads one 77-token CLIP window; this module has model.base.clip_chunks="
+                         f"{module.cfg.base.clip_chunks}")
     if not module.uses_cam:
         raise ValueError("this module trains no connector (model.adapter.enabled=false): use StableDiffusionPipeline")
-    llm = module.llm
-    scheduler_obj = getattr(diffusers, scheduler).from_config(module.noise_scheduler.config)
-    return LLM4GenPipeline(vae=module.vae, text_encoder=module.clip.text_encoder, tokenizer=module.clip.tokenizer,
-                           unet=module.unet, scheduler=scheduler_obj, llm=saveable_llm(llm.model), llm_tokenizer=llm.tokenizer,
-                           adapter=module.adapter, llm_max_length=module.cfg.llm.max_length, llm_prefix=llm.prefix,
-                           llm_layer=module.cfg.llm.layer, llm_layer_norm=str(module.cfg.llm.get("layer_norm", "auto")),
-                           llm_zero_padding=llm.zero_padding, llm_kind=llm.kind)
+    llm, text = module.llm, module.clip
+    common = dict(vae=module.vae, unet=module.unet,
+                  scheduler=getattr(diffusers, scheduler).from_config(module.noise_scheduler.config),
+                  text_encoder=text.text_encoder, tokenizer=text.tokenizer, llm=saveable_llm(llm.model),
+                  llm_tokenizer=llm.tokenizer, adapter=module.adapter, llm_max_length=module.cfg.llm.max_length,
+                  llm_prefix=llm.prefix, llm_layer=module.cfg.llm.layer,
+                  llm_layer_norm=str(module.cfg.llm.get("layer_norm", "auto")), llm_zero_padding=llm.zero_padding,
+                  llm_kind=llm.kind)
+    if module.cfg.base.family == "sdxl":
+        return LLM4GenXLPipeline(text_encoder_2=text.text_encoder_2, tokenizer_2=text.tokenizer_2, **common)
+    return LLM4GenPipeline(**common)
 
 
 def saveable_llm(model):
@@ -201,3 +257,18 @@ def saveable_llm(model):
     if isinstance(model, PreTrainedModel):
         return model
     raise TypeError(f"cannot save an LLM of type {type(model).__name__} in a pipeline")
+
+
+PIPELINES = {"LLM4GenPipeline": LLM4GenPipeline, "LLM4GenXLPipeline": LLM4GenXLPipeline}
+
+
+def load_pipeline(folder, **kwargs):
+    """The LLM4GenPipeline or LLM4GenXLPipeline a folder's ``model_index.json`` names."""
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not a pipeline folder: it has no model_index.json "
+                                f"(export.py --format diffusers writes one)")
+    name = json.loads(index.read_text()).get("_class_name")
+    if name not in PIPELINES:
+        raise ValueError(f"{index} names {name!r}, not one of {', '.join(PIPELINES)}")
+    return PIPELINES[name].from_pretrained(folder, **kwargs)

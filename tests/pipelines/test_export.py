@@ -46,3 +46,17 @@ def test_the_exported_pipeline_writes_the_checkpoints_images_and_a_model_card(ru
 def test_generate_refuses_a_folder_that_is_not_a_pipeline(tmp_path, capsys):
     assert generate.main(["--pipeline", str(tmp_path), "--prompt", "a cat", "--output-dir", str(tmp_path / "o")]) == 2
     assert "has no model_index.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_tiny_sdxl_run_exports_and_samples_through_generate_pipeline(tmp_path):
+    out = tmp_path / "run"
+    assert train.main(["--config", "configs/tiny_sdxl.yaml", f"output_dir={out}", f"data.shards={tmp_path / 'data'}",
+                       "trainer.max_steps=2", "validation.at_start=false", *FAST]) == 0
+    checkpoint = out / "checkpoints" / "last.ckpt"
+    assert export.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "pipe")]) == 0
+    common = ["--prompt", "a red circle", "--seed", "2", "--steps", "2", "--device", "cpu"]
+    assert generate.main(["--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "a"), *common]) == 0
+    assert generate.main(["--pipeline", str(tmp_path / "pipe"), "--output-dir", str(tmp_path / "b"), *common]) == 0
+    assert all(np.array_equal(x, y) for x, y in zip(images(tmp_path / "a"), images(tmp_path / "b")))
+    assert read_card_metadata(tmp_path / "pipe" / "README.md")["base_model"] == "embedded:tiny-sdxl"

@@ -67,3 +67,23 @@ def test_a_fresh_process_loads_the_folder_with_the_installed_package_alone(modul
               f"print('same images')\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "same images" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind", ["cam", "ella"])
+def test_the_xl_pipeline_samples_what_the_sdxl_module_samples_and_round_trips(kind, tmp_path):
+    from omegaconf import OmegaConf
+
+    from llm4gen.configs.schema import load_config
+    from llm4gen.pipelines import LLM4GenXLPipeline
+
+    sdxl = OmegaConf.to_container(load_config("configs/tiny_sdxl.yaml").model, resolve=True)
+    torch.manual_seed(0)
+    extra = {"adapter.ella": {"num_latents": 8, "num_blocks": 1, "width": 64, "num_heads": 4, "time_channels": 16}}
+    module = make_module(sdxl, **{"adapter.kind": kind, **(extra if kind == "ella" else {})})
+    pipe = pipeline_from_module(module)
+    assert isinstance(pipe, LLM4GenXLPipeline)
+    expected = module_images(module)
+    np.testing.assert_allclose(pipeline_images(pipe), expected, atol=1e-5, rtol=0)
+    pipe.save_pretrained(tmp_path / "xl")
+    np.testing.assert_allclose(pipeline_images(LLM4GenXLPipeline.from_pretrained(tmp_path / "xl")), expected,
+                               atol=1e-5, rtol=0)
