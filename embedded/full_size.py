@@ -8,7 +8,9 @@ path). The values are copied from the released config files:
 - SD1.5 ``unet/``, ``vae/`` and ``text_encoder/`` (CLIP ViT-L/14's text tower) of
   stable-diffusion-v1-5/stable-diffusion-v1-5;
 - T5-XL of google/t5-v1_1-xl, the architecture of RankGen's ``rankgen-t5-xl-all`` encoder
-  (width 2048, 24 layers, gated-GELU FFN of 5120; the encoder alone holds 1.22B parameters).
+  (width 2048, 24 layers, gated-GELU FFN of 5120; the encoder alone holds 1.22B parameters);
+- SDXL's ``unet/``, ``vae/``, ``text_encoder/`` (CLIP ViT-L) and ``text_encoder_2/`` (OpenCLIP ViT-bigG, with
+  projection) of stabilityai/stable-diffusion-xl-base-1.0: 2,567M, 84M, 123M and 695M parameters.
 """
 
 from __future__ import annotations
@@ -44,6 +46,27 @@ T5_XL = dict(
     layer_norm_epsilon=1e-6, dropout_rate=0.1, tie_word_embeddings=False, is_encoder_decoder=True,
     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
 )
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+    center_input_sample=False, downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1,
+)
+SDXL_VAE = {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+OPENCLIP_BIGG_TEXT = dict(
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, layer_norm_eps=1e-5,
+    bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+SDXL_SCHEDULER = dict(
+    _class_name="EulerDiscreteScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+    beta_schedule="scaled_linear", prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False,
+    timestep_spacing="leading", steps_offset=1, sample_max_value=1.0, clip_sample=False, set_alpha_to_one=False,
+    skip_prk_steps=True,
+)
 # Hub ids whose architecture is T5-XL (what the memory table and FLOP counts build for them).
 T5_XL_SOURCES = ("kalpeshk2011/rankgen-t5-xl-all", "google/t5-v1_1-xl", "google/flan-t5-xl")
 
@@ -74,6 +97,49 @@ def t5_xl_encoder(device: str | torch.device = "meta"):
 
     with torch.device(device):
         return T5EncoderModel(T5Config(**T5_XL))
+
+
+def sdxl_unet(device: str | torch.device = "meta"):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device(device):
+        return UNet2DConditionModel(**SDXL_UNET)
+
+
+def sdxl_vae(device: str | torch.device = "meta"):
+    from diffusers import AutoencoderKL
+
+    with torch.device(device):
+        return AutoencoderKL(**SDXL_VAE)
+
+
+def openclip_bigg_text(device: str | torch.device = "meta"):
+    """SDXL's second text encoder: OpenCLIP ViT-bigG's text tower with its projection (the pooled embedding)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    with torch.device(device):
+        return CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG_TEXT))
+
+
+def write_random_sdxl(directory: str | os.PathLike, seed: int = 0, device: str = "cpu",
+                      dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A full-size SDXL base folder (diffusers layout, about 7 GB in bf16) with random weights, for
+    ``model.base.pretrained`` with ``model.base.family=sdxl``. Both tokenizers are CLIP's real BPE; the
+    second pads with ``!``, as SDXL base 1.0's ``tokenizer_2`` does."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet, vae = sdxl_unet(device), sdxl_vae(device)
+        text, text_2 = clip_l_text(device), openclip_bigg_text(device)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.to(dtype), text_encoder=text.to(dtype), text_encoder_2=text_2.to(dtype),
+        tokenizer=CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR),
+        tokenizer_2=CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR, pad_token="!"), unet=unet.to(dtype),
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER), add_watermarker=False)
+    pipe.save_pretrained(directory)
+    return Path(directory)
 
 
 def write_random_sd15(directory: str | os.PathLike, seed: int = 0, device: str = "cpu",
