@@ -99,16 +99,15 @@ def build_parts(cfg, device: str = "meta"):
     """(unet, adapter) with what trains marked requires_grad, LoRA added as configured."""
     from llm4gen.adapters.connectors import build_connector
 
-    if cfg.model.base.family != "sd15":
-        raise SystemExit(f"error: model.base.family={cfg.model.base.family!r}: only sd15 is described here")
-    unet = full_size.sd15_unet("meta").requires_grad_(cfg.model.unet_training == "full")
+    sdxl = cfg.model.base.family == "sdxl"
+    unet = (full_size.sdxl_unet if sdxl else full_size.sd15_unet)("meta").requires_grad_(cfg.model.unet_training == "full")
     llm_width = llm_architecture(cfg).config.d_model if cfg.model.llm.pretrained in full_size.T5_XL_SOURCES else None
     if llm_width is None:
         config = llm_architecture(cfg).config
         llm_width = getattr(config, "d_model", None) or config.hidden_size
     a = cfg.model.adapter
     with torch.device("meta"):
-        adapter = build_connector(a, clip_dim=768, llm_dim=llm_width)  # model.adapter.kind: the CAM or another
+        adapter = build_connector(a, clip_dim=unet.config.cross_attention_dim, llm_dim=llm_width)  # model.adapter.kind: the CAM or another
     if cfg.model.unet_training == "lora":
         from peft import LoraConfig
 
@@ -160,10 +159,14 @@ def saved_activation_bytes(unet, adapter, latent: int, llm_tokens: int, entity: 
     if checkpointing:
         unet.enable_gradient_checkpointing()
     try:
-        clip, llm = torch.randn(1, 77, 768), torch.randn(1, llm_tokens, adapter.config.llm_dim)
+        clip, llm = torch.randn(1, 77, adapter.config.clip_dim), torch.randn(1, llm_tokens, adapter.config.llm_dim)
+        added = {}
+        if unet.config.addition_embed_type == "text_time":  # SDXL: the pooled embedding and 6 size/crop ids
+            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            added = {"added_cond_kwargs": {"text_embeds": torch.randn(1, pooled), "time_ids": torch.randn(1, 6)}}
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             context = adapter(clip, llm, None, torch.tensor([500]))
-            unet(torch.randn(1, 4, latent, latent), torch.tensor([500]), context).sample.float().pow(2).mean()
+            unet(torch.randn(1, 4, latent, latent), torch.tensor([500]), context, **added).sample.float().pow(2).mean()
             kept = sum(m.untyped_storage().nbytes() for m in store.maps().values()) if store else 0
     finally:
         if checkpointing:
@@ -195,19 +198,22 @@ def estimate(name: str, cfg, resolution: int, batch: int, cache: dict) -> Row:
     m = cfg.model
     unet, adapter, llm_width = build_parts(cfg)
     llm = llm_architecture(cfg)
-    vae, clip = full_size.sd15_vae(), full_size.clip_l_text()
+    sdxl = m.base.family == "sdxl"
+    vae = full_size.sdxl_vae() if sdxl else full_size.sd15_vae()
+    texts = [full_size.clip_l_text()] + ([full_size.openclip_bigg_text()] if sdxl else [])
+    clip_params = sum(p.numel() for text in texts for p in text.parameters())
     trainable = count(unet, True) + count(adapter, True)
-    frozen = count(unet, False) + sum(p.numel() for p in (*vae.parameters(), *clip.parameters(), *llm.parameters()))
+    frozen = count(unet, False) + sum(p.numel() for p in (*vae.parameters(), *llm.parameters())) + clip_params
     size = lambda dtype: TORCH_DTYPES[dtype].itemsize  # noqa: E731
     unet_frozen_bytes = count(unet, False) * (size(m.base.dtype))
     weights = (unet_frozen_bytes + sum(p.numel() for p in vae.parameters()) * size(m.base.vae_dtype)
-               + sum(p.numel() for p in clip.parameters()) * size(m.base.dtype)
+               + clip_params * size(m.base.dtype)
                + sum(p.numel() for p in llm.parameters()) * size(m.llm.dtype) + trainable * 4)
     optimizer_bytes = 2 if m.performance.optimizer == "adamw_8bit" else 8
     states = trainable * (4 + optimizer_bytes + (4 if m.ema.enabled else 0))
 
     entity = m.objective.entity_layers if m.objective.lambda_entity > 0 else None
-    key = (m.adapter.kind, m.unet_training, entity, m.performance.gradient_checkpointing, m.llm.max_length, llm_width)
+    key = (m.base.family, m.adapter.kind, m.unet_training, entity, m.performance.gradient_checkpointing, m.llm.max_length, llm_width)
     if key not in cache:
         cpu_unet, cpu_adapter, _ = build_parts(cfg, device="cpu")
         low, high = (saved_activation_bytes(cpu_unet, cpu_adapter, side, m.llm.max_length, entity,
