@@ -3,6 +3,7 @@
     python bench/gpu_bench.py                      # full-size SD1.5 + T5-XL, random weights, ~5-8 min on one H100/H200
     python bench/gpu_bench.py --smoke              # the same code on the embedded tiny models, CPU, seconds
     python bench/gpu_bench.py --scenarios a,e --batch-sizes 32,64 --out runs/gpu_bench.json
+    python bench/gpu_bench.py --scenarios i,j,k    # SDXL at 1024 px, full size
 
 Full size means the published configs (``embedded/full_size.py``) with random weights: SD1.5 UNet,
 VAE and CLIP-L, and the T5-XL encoder. They are written once as ordinary model folders under
@@ -18,6 +19,8 @@ Scenarios:
   d  (a) with a LoRA UNet (rank 4)
   e  (a) with the full UNet trained (fp32 masters) and gradient checkpointing
   f, g, h  (a) with ELLA's connector, LaVi-Bridge's adapter + LoRA rank 32, the MLP (``--scenarios f,g,h``)
+  i, j, k  SDXL base 1.0 + T5-XL at 1024 px: cached features with a frozen UNet, online encoding, LoRA
+           (batch sweep 4, 8, 16; the full-size SDXL folder, ~7 GB, is written once under ``--workdir``)
 Each runs ``--warmup`` steps, then ``--steps`` timed ones, for each batch size of the sweep until one
 runs out of memory or the time budget is spent. MFU = FLOPs per sample (counted for the scenario's
 configuration, ``lightning_modules/flops.py``) x images/s / the device's dense bf16 peak. With
@@ -57,6 +60,7 @@ CAPTIONS = [
     "A small orange fox in a snowy birch forest, wearing a knitted purple scarf.",
 ]
 CACHED = ["latent_moments", "llm_features"]
+SDXL = "model.base.family=sdxl"  # marks a scenario that runs on the SDXL base
 SCENARIOS = {
     "a": ("cached latents + LLM features, frozen UNet", [], CACHED),
     "b": ("online: VAE + LLM + CLIP + UNet", [], []),
@@ -70,6 +74,10 @@ SCENARIOS = {
           ["model.adapter.kind=lavi_bridge", "model.unet_training=lora", "model.lora.rank=32",
            "model.lora.alpha=32", "model.base.dtype=float32"], CACHED),
     "h": ("(a), MLP connector", ["model.adapter.kind=mlp"], CACHED),
+    # SDXL base 1.0 at 1024 px (full size: embedded/full_size.py's random-weight folder; smoke: the tiny SDXL)
+    "i": ("SDXL 1024 px: cached latents + LLM features, frozen UNet", [SDXL], CACHED),
+    "j": ("SDXL 1024 px: online VAE + LLM + both CLIPs + UNet", [SDXL], []),
+    "k": ("SDXL 1024 px: (i), LoRA UNet (rank 4)", [SDXL, "model.unet_training=lora"], CACHED),
 }
 
 
@@ -88,6 +96,20 @@ def full_size_overrides(workdir: Path, device: str) -> list[str]:
             "model.llm.kind=encoder-decoder", "model.llm.max_length=256", "model.llm.dtype=bfloat16",
             "model.llm.zero_padding=false", "data.resolution=512", "model.performance.tf32=true",
             "model.performance.optimizer=adamw_fused", "model.performance.channels_last=true"]
+
+
+def full_size_sdxl_overrides(workdir: Path, device: str) -> list[str]:
+    """Config overrides for full-size SDXL base 1.0 + T5-XL at 1024 px (random weights, written once)."""
+    from llm4gen.embedded.full_size import write_random_sdxl
+
+    sdxl = workdir / "sdxl-random"
+    if not (sdxl / ".complete").exists():
+        print(f"writing {sdxl} (random weights, once)", flush=True)
+        write_random_sdxl(sdxl, device=device)
+        (sdxl / ".complete").touch()
+    sd15 = full_size_overrides(workdir, device)  # the T5-XL folder and the fast paths
+    return [o for o in sd15 if not o.startswith(("model.base.pretrained=", "data.resolution="))] + [
+        f"model.base.pretrained={sdxl}", "data.resolution=1024", "data.buckets.enabled=false"]
 
 
 def make_batches(module: LLM4GenModule, batch_size: int, resolution: int, cached: list[str], entities: bool,
@@ -167,15 +189,18 @@ def is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def run_scenario(name: str, base: list[str], args, peak_flops: float | None, deadline: float) -> dict:
+def run_scenario(name: str, base: list[str], args, peak_flops: float | None, deadline: float,
+                 sdxl_base: list[str] | None = None) -> dict:
     description, overrides, cached = SCENARIOS[name]
-    cfg = load_config(None, [*base, *overrides, "model.optim.warmup_steps=0", "model.ema.enabled=false"])
+    sdxl = SDXL in overrides
+    cfg = load_config(None, [*(sdxl_base if sdxl else base), *overrides, "model.optim.warmup_steps=0",
+                             "model.ema.enabled=false"])
     result = {"description": description, "overrides": overrides, "cached": cached, "runs": []}
     gpu = torch.cuda.is_available()
     module = LLM4GenModule(OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed)
     flops = module_step_flops(module, cfg.data.resolution, cached)
     result["flops_per_sample"] = flops.as_dict()
-    for batch_size in args.batch_sizes:
+    for batch_size in (args.sdxl_batch_sizes if sdxl else args.batch_sizes):
         if time.monotonic() > deadline and result["runs"]:
             result["runs"].append({"batch_size": batch_size, "status": "skipped: time budget"})
             break
@@ -245,8 +270,11 @@ def print_table(results: dict) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny embedded models on the CPU (a test runs this)")
-    parser.add_argument("--scenarios", default="a,b,c,d,e", help="comma-separated subset of a..h (f, g, h: the other connectors)")
+    parser.add_argument("--scenarios", default=None,
+                        help="comma-separated subset of a..k (f, g, h: the other connectors; i, j, k: SDXL); default "
+                             "a..e on a GPU (one 10-minute command; run i,j,k as a second), a..e and i, j, k with --smoke")
     parser.add_argument("--batch-sizes", default=None, help="sweep, e.g. 16,32,64 (default 32,64,128; smoke: 2)")
+    parser.add_argument("--sdxl-batch-sizes", default=None, help="the SDXL scenarios' sweep (default 4,8,16; smoke: 2)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default 10; smoke: 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; smoke: 1)")
     parser.add_argument("--budget-s", type=float, default=390.0, help="stop sweeping larger batches after this")
@@ -257,12 +285,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="where the random-weight full-size folders are written (~6 GB, once)")
     parser.add_argument("--out", default="runs/gpu_bench.json", help="JSON results")
     args = parser.parse_args(argv)
+    args.scenarios = args.scenarios or ("a,b,c,d,e,i,j,k" if args.smoke else "a,b,c,d,e")
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = sorted(set(args.scenarios) - set(SCENARIOS))
     if unknown:
         parser.error(f"unknown scenarios {unknown}; choose from {', '.join(SCENARIOS)}")
     default_sizes = "2" if args.smoke else "32,64,128"
     args.batch_sizes = [int(b) for b in (args.batch_sizes or default_sizes).split(",")]
+    args.sdxl_batch_sizes = [int(b) for b in (args.sdxl_batch_sizes or ("2" if args.smoke else "4,8,16")).split(",")]
     args.steps = args.steps or (2 if args.smoke else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
     args.profile = torch.cuda.is_available() if args.profile is None else args.profile
@@ -279,11 +309,14 @@ def main(argv=None) -> dict:
     if not gpu and not args.smoke:
         print("error: no CUDA device; the full-size bench needs a GPU (use --smoke on a CPU)", file=sys.stderr)
         raise SystemExit(2)
+    any_sdxl = any(SDXL in SCENARIOS[name][1] for name in args.scenarios)
     if args.smoke:
         base = ["trainer.precision=32-true"]
+        sdxl_base = [*base, "model.base.pretrained=embedded:tiny-sdxl", "data.resolution=32", "data.buckets.enabled=false"]
         args.precision = "32-true"
     else:
         base = full_size_overrides(Path(args.workdir).expanduser(), "cuda")
+        sdxl_base = full_size_sdxl_overrides(Path(args.workdir).expanduser(), "cuda") if any_sdxl else None
         args.precision = "bf16-mixed"
     device = torch.device("cuda" if gpu else "cpu")
     peak = device_peak_flops(device, args.peak_tflops)
@@ -291,7 +324,7 @@ def main(argv=None) -> dict:
     results = {}
     for name in args.scenarios:
         print(f"scenario {name}: {SCENARIOS[name][0]}", flush=True)
-        results[name] = run_scenario(name, base, args, peak, deadline)
+        results[name] = run_scenario(name, base, args, peak, deadline, sdxl_base)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu",

@@ -25,7 +25,7 @@ def test_smoke_runs_every_scenario_and_writes_the_report(tmp_path):
     report = bench.main(["--smoke", "--profile", "--steps", "1", "--peak-tflops", "1.0", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     scenarios = report["scenarios"]
-    assert list(scenarios) == ["a", "b", "c", "d", "e"]
+    assert list(scenarios) == ["a", "b", "c", "d", "e", "i", "j", "k"]  # i, j, k: SDXL, on the tiny SDXL here
     for name, result in scenarios.items():
         best = result["best"]
         assert best["status"] == "ok" and best["images_per_sec"] > 0, name
@@ -34,6 +34,7 @@ def test_smoke_runs_every_scenario_and_writes_the_report(tmp_path):
     flops = {name: result["flops_per_sample"] for name, result in scenarios.items()}
     assert flops["a"]["vae"] == flops["a"]["llm"] == 0 and flops["b"]["vae"] > 0 and flops["b"]["llm"] > 0
     assert flops["e"]["trained"] > 1.3 * flops["a"]["trained"]  # the UNet's weight gradients
+    assert flops["i"]["clip"] > 0 and flops["i"]["vae"] == 0 and flops["j"]["vae"] > 0  # SDXL: online CLIPs, cached VAE
     assert "aten::" in scenarios["a"]["profile"]
 
 
