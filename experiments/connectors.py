@@ -128,7 +128,17 @@ def connector_size_and_step_time(checkpoint: str, batch_size: int = 16, warmup: 
     run's module on a synthetic batch of its resolution, one thread."""
     import torch
 
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each evaluation worker runs; restored for the caller
+    try:
+        return _size_and_step_time(checkpoint, batch_size, warmup, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _size_and_step_time(checkpoint: str, batch_size: int, warmup: int, steps: int) -> dict:
+    import torch
+
     module = load_checkpoint_module(checkpoint)
     module.train()
     params = module.trainable_parameters()
