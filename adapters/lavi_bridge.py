@@ -56,7 +56,7 @@ class LaViBridgeAdapter(ModelMixin, ConfigMixin):
 
     @property
     def layout(self) -> ContextLayout:
-        return ContextLayout.CLIP_THEN_LLM if self.config.with_clip else ContextLayout.LLM
+        return ContextLayout.of_tokens(self.config.with_clip)
 
     def forward(self, clip_features: torch.Tensor, llm_features: torch.Tensor, llm_mask: torch.Tensor | None = None,
                 timestep: torch.Tensor | None = None) -> torch.Tensor:

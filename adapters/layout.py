@@ -25,6 +25,11 @@ class ContextLayout(str, enum.Enum):
     QUERIES = "queries"
     CLIP_THEN_QUERIES = "clip+queries"
 
+    @classmethod
+    def of_tokens(cls, with_clip: bool) -> "ContextLayout":
+        """One context token per LLM token, after CLIP's or alone (the MLP's and LaVi-Bridge's layouts)."""
+        return cls.CLIP_THEN_LLM if with_clip else cls.LLM
+
     @property
     def has_word_positions(self) -> bool:
         return self in (ContextLayout.CLIP_THEN_LLM, ContextLayout.LLM)

@@ -28,7 +28,7 @@ from llm4gen.configs.choices import CONNECTOR_KINDS
 from llm4gen.configs.errors import entry_point
 from llm4gen.evaluation.paired import Difference
 from llm4gen.experiments import shapes_evidence as evidence
-from llm4gen.launch.sweep import check_run_configs, expand_runs, is_finished, load_sweep, run_locally
+from llm4gen.launch.sweep import expand_runs, is_finished, load_sweep
 from llm4gen.lightning_modules.sampler import load_checkpoint_module
 
 PROTOCOL = "docs/connectors/protocol.md"
@@ -240,14 +240,7 @@ def run(sweep_file: str, jobs: int = 2, log=print) -> Path:
     started = time.time()
     spec = load_sweep(sweep_file)
     evidence.write_data(spec, log=log)
-    runs = expand_runs(spec)
-    train_script = evidence.ROOT / "train.py"
-    check_run_configs(spec, runs, sweep_file, train_script)
-    outcome = run_locally(spec, runs, train_script, jobs=jobs, log=log)
-    failed = [name for name, state in outcome.items() if state.startswith("failed")]
-    if failed:
-        raise evidence.ExperimentError(f"{len(failed)} runs failed ({', '.join(failed)}); see their train.log, then "
-                                       f"run this command again to resume them")
+    evidence.train_runs(spec, sweep_file, jobs, log)
     out = report(sweep_file, jobs, log=log)
     minutes = (time.time() - started) / 60
     (out / "wall_time.txt").write_text(f"{minutes:.1f} min for `python -m llm4gen.experiments.connectors run {sweep_file}`\n")

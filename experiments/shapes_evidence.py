@@ -691,12 +691,9 @@ def report(sweep_file: str, jobs: int = 2, base: Optional[str] = None, log=print
     return out
 
 
-def run(sweep_file: str, jobs: int = 2, log=print) -> Path:
-    """Data (shards, feature cache), the sweep's runs, the report: the whole experiment."""
-    started = time.time()
-    spec = load_sweep(sweep_file)
-    write_data(spec, log=log)
-    run_probe(spec, spec.output_root / "probe.json", log)
+def train_runs(spec, sweep_file: str, jobs: int = 2, log=print) -> None:
+    """Every run of the sweep checked, then trained here ``jobs`` at a time (finished ones skipped); a failed run
+    stops the experiment, naming it."""
     runs = expand_runs(spec)
     train_script = ROOT / "train.py"
     check_run_configs(spec, runs, sweep_file, train_script)
@@ -705,6 +702,15 @@ def run(sweep_file: str, jobs: int = 2, log=print) -> Path:
     if failed:
         raise ExperimentError(f"{len(failed)} runs failed ({', '.join(failed)}); see their train.log, then run "
                               f"this command again to resume them")
+
+
+def run(sweep_file: str, jobs: int = 2, log=print) -> Path:
+    """Data (shards, feature cache), the sweep's runs, the report: the whole experiment."""
+    started = time.time()
+    spec = load_sweep(sweep_file)
+    write_data(spec, log=log)
+    run_probe(spec, spec.output_root / "probe.json", log)
+    train_runs(spec, sweep_file, jobs, log)
     out = report(sweep_file, jobs, log=log)
     minutes = (time.time() - started) / 60
     (out / "wall_time.txt").write_text(f"{minutes:.1f} min for `python -m llm4gen.experiments.shapes_evidence run {sweep_file}`\n")

@@ -69,6 +69,7 @@ from llm4gen.losses.entity import (
     entity_loss,
 )
 from llm4gen.losses.terms import LossTerms
+from llm4gen.pipelines.llm4gen_pipeline import timestep_conditioning
 
 
 class CheckpointKeyError(UserError, KeyError):
@@ -454,35 +455,11 @@ class LLM4GenModule(L.LightningModule):
         finally:
             self.train(was_training)
 
-    @contextlib.contextmanager
     def per_step_context(self, clip: ClipText, llm: LLMFeatures, neg_clip: ClipText, neg_llm: LLMFeatures):
-        """While active, every UNet call gets its context from the connector at that call's timestep: the
-        prompts' for a batch of prompts, ``[negative; prompts]`` for classifier-free guidance's doubled batch
-        (the order diffusers' Stable Diffusion pipelines concatenate them in)."""
-        batch = clip.hidden.shape[0]
-        guided = (torch.cat([neg_clip.hidden, clip.hidden]),
-                  LLMFeatures(torch.cat([neg_llm.features, llm.features]), torch.cat([neg_llm.mask, llm.mask])))
-
-        def hook(unet, args, kwargs):
-            sample = args[0] if args else kwargs["sample"]
-            timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-            if sample.shape[0] == batch:
-                context = self.fuse(clip.hidden, llm, timestep)
-            elif sample.shape[0] == 2 * batch:
-                context = self.fuse(*guided, timestep)
-            else:
-                raise ValueError(f"the UNet was called on {sample.shape[0]} latents for {batch} prompts")
-            if len(args) > 2:
-                args = (*args[:2], context.to(unet.dtype), *args[3:])
-            else:
-                kwargs["encoder_hidden_states"] = context.to(unet.dtype)
-            return args, kwargs
-
-        handle = self.unet.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            yield
-        finally:
-            handle.remove()
+        """While active, every UNet call gets its context from the connector at that call's timestep, for the
+        prompts and for guidance's negative half (pipelines/llm4gen_pipeline.py, the pipelines' own mechanism)."""
+        texts = (clip.hidden, llm, neg_clip.hidden, neg_llm)
+        return timestep_conditioning(self.unet, self.fuse, lambda: texts)
 
     def export_release(self, directory: str | os.PathLike, use_ema: bool = True) -> Path:
         """Writes the released LLM4GEN layout (adapters/release.py): ``projector.pth`` + ``unet/`` (the

@@ -42,6 +42,39 @@ from llm4gen.encoders.llm import (
 from llm4gen.encoders.sources import resolve_source
 
 
+@contextlib.contextmanager
+def timestep_conditioning(unet, connect, texts):
+    """While active, every call of ``unet`` gets its context from ``connect(clip_hidden, llm, timestep)`` at that
+    call's own timestep: the prompts' for a batch of prompts, ``[negative; prompts]`` for classifier-free
+    guidance's doubled batch (the order diffusers' Stable Diffusion pipelines concatenate them in). ``texts()``
+    gives ``(clip_hidden, llm, negative_clip_hidden, negative_llm)``, or None to leave the call as it is."""
+    def hook(module, args, kwargs):
+        held = texts()
+        if held is None:
+            return args, kwargs
+        clip, llm, clip_negative, llm_negative = held
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        if sample.shape[0] == clip.shape[0]:
+            context = connect(clip, llm, timestep)
+        elif sample.shape[0] == 2 * clip.shape[0]:
+            both = LLMFeatures(torch.cat([llm_negative.features, llm.features]), torch.cat([llm_negative.mask, llm.mask]))
+            context = connect(torch.cat([clip_negative, clip]), both, timestep)
+        else:
+            raise ValueError(f"the UNet was called on {sample.shape[0]} latents for {clip.shape[0]} prompts")
+        if len(args) > 2:
+            args = (*args[:2], context.to(module.dtype), *args[3:])
+        else:
+            kwargs["encoder_hidden_states"] = context.to(module.dtype)
+        return args, kwargs
+
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class LLMConditioning:
     """What both pipelines add to their parent: the LLM's features, the connector, and per-step conditioning
     for a timestep-aware connector. ``self.config`` holds the LLM's reading rules."""
@@ -99,35 +132,20 @@ class LLMConditioning:
                      [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
         return prompts, negatives
 
-    @contextlib.contextmanager
     def per_step_context(self):
-        """While active, a timestep-aware connector gives every UNet call its context at that call's timestep."""
-        def hook(unet, args, kwargs):
-            if self._guided_text is None:
-                return args, kwargs
-            clip, llm, clip_negative, llm_negative = self._guided_text
-            sample = args[0] if args else kwargs["sample"]
-            timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-            if sample.shape[0] == clip.shape[0]:
-                context = self.connect(clip, llm, timestep)
-            else:
-                both = LLMFeatures(torch.cat([llm_negative.features, llm.features]), torch.cat([llm_negative.mask, llm.mask]))
-                context = self.connect(torch.cat([clip_negative, clip]), both, timestep)
-            kwargs["encoder_hidden_states"] = context.to(unet.dtype)
-            return args, kwargs
-
-        handle = self.unet.register_forward_pre_hook(hook, with_kwargs=True) if self.adapter.timestep_aware else None
-        try:
-            yield
-        finally:
-            if handle is not None:
-                handle.remove()
-            self._guided_text = None
+        """While active, a timestep-aware connector gives every UNet call its context at that call's timestep
+        (from the texts ``encode_prompt`` kept; none kept: the UNet call is left as it is)."""
+        if not self.adapter.timestep_aware:
+            return contextlib.nullcontext()
+        return timestep_conditioning(self.unet, self.connect, lambda: self._guided_text)
 
     @torch.no_grad()
     def __call__(self, *args, **kwargs):
-        with self.per_step_context():
-            return super().__call__(*args, **kwargs)
+        try:
+            with self.per_step_context():
+                return super().__call__(*args, **kwargs)
+        finally:
+            self._guided_text = None
 
 
 class LLM4GenPipeline(LLMConditioning, StableDiffusionPipeline):
