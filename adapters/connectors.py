@@ -31,14 +31,14 @@ def default_with_clip(kind: str) -> bool:
 
 def build_connector(acfg, clip_dim: int, llm_dim: int):
     """A new connector of ``acfg.kind`` (``model.adapter``) between the given widths."""
-    kind = acfg.get("kind", "cam")
+    kind = acfg.kind
     common = dict(clip_dim=clip_dim, llm_dim=llm_dim, llm_scale=acfg.llm_scale, use_llm_mask=acfg.use_llm_mask)
     if kind == "cam":
         return CrossAdapter(num_heads=acfg.num_heads, num_blocks=acfg.num_blocks, ffn_mult=acfg.ffn_mult, **common)
-    with_clip = acfg.get("with_clip")
+    with_clip = acfg.with_clip
     common["with_clip"] = default_with_clip(kind) if with_clip is None else bool(with_clip)
     if kind in ("mlp", "lavi_bridge"):
-        return CONNECTORS[kind](hidden_dim=acfg.get("hidden_dim"), **common)
+        return CONNECTORS[kind](hidden_dim=acfg.hidden_dim, **common)
     if kind == "ella":
         ella = acfg.ella
         return TimestepAwareConnector(width=ella.width, num_blocks=ella.num_blocks, num_heads=ella.num_heads,

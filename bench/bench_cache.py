@@ -116,7 +116,7 @@ def main() -> None:
 
         from llm4gen.lightning_modules.llm4gen import LLM4GenModule
 
-        module = LLM4GenModule(OmegaConf.to_container(cfg.model, resolve=True))
+        module = LLM4GenModule(OmegaConf.to_object(cfg.model))
         online_batch = first_batch(source, args.resolution, args.batch_size, [])
         cached_batch = first_batch(cache_dir, args.resolution, args.batch_size, CACHED_KEYS)
         online_step = step_time(module, online_batch, args.steps)

@@ -197,7 +197,7 @@ def run_scenario(name: str, base: list[str], args, peak_flops: float | None, dea
                              "model.ema.enabled=false"])
     result = {"description": description, "overrides": overrides, "cached": cached, "runs": []}
     gpu = torch.cuda.is_available()
-    module = LLM4GenModule(OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed)
+    module = LLM4GenModule(OmegaConf.to_object(cfg.model), seed=cfg.seed)
     flops = module_step_flops(module, cfg.data.resolution, cached)
     result["flops_per_sample"] = flops.as_dict()
     for batch_size in (args.sdxl_batch_sizes if sdxl else args.batch_sizes):

@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from llm4gen.cli.generate import check_checkpoint_sources
 from llm4gen.configs.errors import UserError, entry_point
+from llm4gen.configs.schema import as_plain
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule
 from llm4gen.pipelines.llm4gen_pipeline import pipeline_from_module
@@ -71,7 +71,7 @@ def export_pipeline(module, output: Path, checkpoint: Path, use_ema: bool = True
         raise UserError(str(err)) from None
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
     step = torch.load(checkpoint, map_location="cpu", weights_only=False).get("global_step")
-    model = OmegaConf.to_container(module.cfg, resolve=True)
+    model = as_plain(module.cfg)
     (output / "README.md").write_text(model_card(model, step, run_scores(run_dir), references={}))
     return output
 

@@ -86,7 +86,7 @@ def check_checkpoint_sources(checkpoint: dict) -> None:
 def load_release_module(release: str, config: str | None, overrides=()):
     """An LLM4GenModule holding a release-layout folder's CAM and UNet over the config's base and LLM."""
     cfg = load_config(config, [*release_overrides(release), *overrides])
-    return LLM4GenModule(OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed)
+    return LLM4GenModule(OmegaConf.to_object(cfg.model), seed=cfg.seed)
 
 
 @entry_point("generate.py")

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from llm4gen.configs.buckets import resolve_buckets
 from llm4gen.configs.errors import entry_point
-from llm4gen.configs.schema import load_config, to_yaml
+from llm4gen.configs.schema import DataConfig, load_config, to_yaml
 from llm4gen.datamodules.entity_targets import EntityTargetBuilder, TokenizerSources
 from llm4gen.datamodules.synthetic import ensure_synthetic_shards
 from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
@@ -65,18 +65,23 @@ def find_resume_checkpoint(output_dir: Path) -> Path | None:
     return run_checkpoints.find_resume_checkpoint(output_dir)
 
 
-def build_datamodule(cfg):
-    data = dict(cfg.data)
-    if data.pop("synthetic_if_missing"):
-        ensure_synthetic_shards(data["shards"], resolution=data["resolution"], seed=cfg.seed)
+def build_datamodule(cfg) -> WebDatasetDataModule:
+    data: DataConfig = OmegaConf.to_object(cfg.data)
+    if data.synthetic_if_missing:
+        ensure_synthetic_shards(data.shards, resolution=data.resolution, seed=cfg.seed)
     objective = cfg.model.objective
     with_entity = objective.lambda_entity > 0
-    entity_parser = objective.entity_parser if with_entity else None
     # the entity loss's targets are aligned in the data worker (or read from the cache), never in the step
     entity_targets = EntityTargetBuilder(TokenizerSources.from_model_config(cfg.model)) if with_entity else None
-    buckets = resolve_buckets(data.pop("buckets"), data["resolution"], cfg.model.base.family)  # None: square crops
-    return WebDatasetDataModule(**data, seed=cfg.seed, entity_parser=entity_parser, entity_targets=entity_targets,
-                                buckets=buckets)
+    return WebDatasetDataModule.from_config(
+        data, seed=cfg.seed, entity_parser=objective.entity_parser if with_entity else None,
+        entity_targets=entity_targets,
+        buckets=resolve_buckets(data.buckets, data.resolution, cfg.model.base.family))  # None: square crops
+
+
+def build_module(cfg) -> LLM4GenModule:
+    """The LightningModule of a loaded config: its typed ``model`` section and the run's seed."""
+    return LLM4GenModule(OmegaConf.to_object(cfg.model), seed=cfg.seed)
 
 
 def build_signal_checkpoint(cfg):
@@ -129,7 +134,7 @@ def run(cfg, ckpt_path: str | None = None) -> dict:
     try:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = build_datamodule(cfg)
-        module = LLM4GenModule(OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed)
+        module = build_module(cfg)
         resume_step = checkpoint_step(ckpt_path) if ckpt_path else None
         trainer = build_trainer(cfg, resume_step, signal_checkpoint)
         if ckpt_path:

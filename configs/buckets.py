@@ -20,7 +20,7 @@ Pure functions, so the datamodule and the latent cache agree on them:
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from llm4gen.configs.choices import BUCKET_MODES as ENABLED_VALUES
 
@@ -76,9 +76,9 @@ def buckets_enabled(enabled: Any, family: str) -> bool:
     return family == "sdxl" if value == "auto" else value == "true"
 
 
-def resolve_buckets(settings: Optional[Mapping[str, Any]], resolution: int, family: str) -> Optional[list[Bucket]]:
-    """``data.buckets`` of a config -> the bucket list, or None when bucketing is off."""
-    if not settings or not buckets_enabled(settings.get("enabled", "auto"), family):
+def resolve_buckets(settings: Optional[Any], resolution: int, family: str) -> Optional[list[Bucket]]:
+    """``data.buckets`` of a config (schema.BucketConfig, or its DictConfig) -> the bucket list, or None
+    when bucketing is off."""
+    if settings is None or not buckets_enabled(settings.enabled, family):
         return None
-    return bucket_sizes(int(resolution), settings.get("step"), float(settings.get("min_aspect", 0.5)),
-                        float(settings.get("max_aspect", 2.0)))
+    return bucket_sizes(int(resolution), settings.step, float(settings.min_aspect), float(settings.max_aspect))

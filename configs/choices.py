@@ -19,6 +19,9 @@ CONNECTOR_KINDS: tuple[str, ...] = ("cam", "mlp", "lavi_bridge", "ella")
 CONNECTOR_CLASS_NAMES: dict[str, str] = {"cam": "CrossAdapter", "mlp": "MLPConnector",
                                          "lavi_bridge": "LaViBridgeAdapter", "ella": "TimestepAwareConnector"}
 LATENTS = ("mean", "sample")  # model.objective.latents: the VAE posterior's mean, or a sample of it
+# data.caption_keys' default: the members a caption is read from, first present wins ("json:caption": that
+# field of the sample's .json, where img2dataset writes it)
+CAPTION_KEYS: tuple[str, ...] = ("txt", "caption", "json:caption")
 LOGGERS: tuple[str, ...] = ("csv", "tensorboard", "wandb")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_fused", "adamw_8bit")  # model.performance.optimizer
 LR_SCHEDULERS: tuple[str, ...] = ("constant_with_warmup", "cosine", "linear", "constant")

@@ -13,7 +13,7 @@ import importlib.util
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -228,7 +228,7 @@ class DataConfig:
     resolution: int = 32
     center_crop: bool = True
     random_flip: bool = False
-    caption_keys: list[str] = field(default_factory=lambda: ["txt", "caption", "json:caption"])
+    caption_keys: list[str] = field(default_factory=lambda: list(choices.CAPTION_KEYS))
     shuffle_buffer: int = 64
     resampled: bool = False
     epoch_batches: Optional[int] = None  # batches per epoch per rank: set it under DDP (equal counts)
@@ -469,6 +469,37 @@ def load_config(config_path: str | Path | None = None, overrides: list[str] = ()
     check_values(cfg)
     check_trainer_args(cfg.trainer)  # last: it imports Lightning, which the other checks need not wait for
     return resolve_defaults(cfg)
+
+
+def _typed(cls: type, section: Any, source: str) -> Any:
+    if isinstance(section, cls):
+        return section
+    schema = OmegaConf.structured(cls)
+    try:
+        merged = OmegaConf.merge(schema, section)
+    except OmegaConfBaseException as err:
+        raise _explain(err, schema, source) from None
+    return OmegaConf.to_object(merged)
+
+
+def model_config(model: "ModelConfig | Mapping | DictConfig", source: str = "the model config") -> ModelConfig:
+    """The typed ``model`` section: a :class:`ModelConfig` as is, or a mapping (a checkpoint's
+    ``hyper_parameters.model``, a resolved ``cfg.model``) checked against the schema, whose defaults fill
+    the keys it lacks (a checkpoint written before a key existed). Raises ConfigError on an unknown key or
+    a wrong type, naming ``source``."""
+    return _typed(ModelConfig, model, source)
+
+
+def data_config(data: "DataConfig | Mapping | DictConfig", source: str = "the data config") -> DataConfig:
+    """The typed ``data`` section, as :func:`model_config` makes the model's."""
+    return _typed(DataConfig, data, source)
+
+
+def as_plain(section: Any) -> dict:
+    """A config section (dataclass, DictConfig or mapping) as plain, resolved Python containers: what a
+    checkpoint's hyper_parameters hold, so reading one never needs this package's classes."""
+    return OmegaConf.to_container(OmegaConf.create(section) if not isinstance(section, DictConfig) else section,
+                                  resolve=True)
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -25,7 +25,7 @@ from llm4gen.configs.buckets import assign_bucket
 
 SKIP_REASONS: tuple[str, ...] = choices.SAMPLE_SKIP_REASONS  # index order of batch["skipped"]
 IMAGE_EXTENSIONS: tuple[str, ...] = choices.IMAGE_EXTENSIONS
-DEFAULT_CAPTION_KEYS: tuple[str, ...] = ("txt", "caption", "json:caption")
+DEFAULT_CAPTION_KEYS: tuple[str, ...] = choices.CAPTION_KEYS
 
 
 class SampleError(Exception):

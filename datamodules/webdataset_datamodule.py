@@ -72,9 +72,9 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
+from llm4gen.configs.schema import Config, DataConfig
 from llm4gen.datamodules.entity_targets import EntityTargetBuilder
 from llm4gen.datamodules.transforms import (
-    DEFAULT_CAPTION_KEYS,
     SKIP_REASONS,
     SampleError,
     extract_caption,
@@ -746,6 +746,9 @@ class _PassDataLoader(DataLoader):
 # ---------------------------------------------------------------- the datamodule
 
 
+_SCHEMA = DataConfig()  # the schema's data defaults, which the keyword constructor shares
+
+
 class WebDatasetDataModule(L.LightningDataModule):
     """Training batches from WebDataset shards.
 
@@ -768,25 +771,27 @@ class WebDatasetDataModule(L.LightningDataModule):
     :meth:`on_batch_consumed` once per batch trained on.
     """
 
+    # Keyword defaults are the schema's (configs/schema.DataConfig), never restated: a datamodule built
+    # in a notebook batches like one built from a config.
     def __init__(
         self,
         shards: Union[str, Sequence[str]],
-        batch_size: int = 4,
-        num_workers: int = 0,
-        resolution: int = 512,
-        center_crop: bool = True,
-        random_flip: bool = False,
-        caption_keys: Sequence[str] = DEFAULT_CAPTION_KEYS,
-        shuffle_buffer: int = 1000,
+        batch_size: int = _SCHEMA.batch_size,
+        num_workers: int = _SCHEMA.num_workers,
+        resolution: int = _SCHEMA.resolution,
+        center_crop: bool = _SCHEMA.center_crop,
+        random_flip: bool = _SCHEMA.random_flip,
+        caption_keys: Sequence[str] = tuple(_SCHEMA.caption_keys),
+        shuffle_buffer: int = _SCHEMA.shuffle_buffer,
         shuffle_shards: bool = True,
-        resampled: bool = False,
-        seed: int = 0,
-        epoch_batches: Optional[int] = None,
-        precomputed_keys: Sequence[str] = (),
+        resampled: bool = _SCHEMA.resampled,
+        seed: int = Config.seed,
+        epoch_batches: Optional[int] = _SCHEMA.epoch_batches,
+        precomputed_keys: Sequence[str] = tuple(_SCHEMA.precomputed_keys),
         entity_parser: Optional[str] = None,
         entity_targets: Optional[EntityTargetBuilder] = None,
-        pin_memory: bool = False,
-        prefetch_factor: Optional[int] = None,
+        pin_memory: bool = _SCHEMA.pin_memory,
+        prefetch_factor: Optional[int] = _SCHEMA.prefetch_factor,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
         buckets: Optional[Sequence[Sequence[int]]] = None,
@@ -844,6 +849,19 @@ class WebDatasetDataModule(L.LightningDataModule):
         self._skipped_totals = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
         self._skipped_consumed = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
         self.last_keys: list[str] = []  # the ``__key__`` of each sample of the batch consumed last
+
+    @classmethod
+    def from_config(cls, data: DataConfig, *, seed: int, entity_parser: Optional[str] = None,
+                    entity_targets: Optional[EntityTargetBuilder] = None,
+                    buckets: Optional[Sequence[Sequence[int]]] = None) -> "WebDatasetDataModule":
+        """From the typed ``data`` section (``OmegaConf.to_object(cfg.data)``); ``buckets`` resolved from
+        ``data.buckets`` by configs.buckets.resolve_buckets (None: square crops)."""
+        return cls(data.shards, batch_size=data.batch_size, num_workers=data.num_workers, resolution=data.resolution,
+                   center_crop=data.center_crop, random_flip=data.random_flip, caption_keys=data.caption_keys,
+                   shuffle_buffer=data.shuffle_buffer, resampled=data.resampled, seed=seed,
+                   epoch_batches=data.epoch_batches, precomputed_keys=data.precomputed_keys,
+                   entity_parser=entity_parser, entity_targets=entity_targets, pin_memory=data.pin_memory,
+                   prefetch_factor=data.prefetch_factor, buckets=buckets)
 
     # ---- Lightning hooks
 

@@ -104,7 +104,7 @@ class LLMEncoder(nn.Module):
         return cls(cfg.pretrained, tokenizer=cfg.tokenizer, kind=cfg.kind, layer=cfg.layer, max_length=cfg.max_length,
                    prefix=prefix, zero_padding=cfg.zero_padding, dtype=TORCH_DTYPES[cfg.dtype],
                    revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                   layer_norm=str(cfg.get("layer_norm", "auto")))
+                   layer_norm=str(cfg.layer_norm))
 
     @property
     def hidden_size(self) -> int:

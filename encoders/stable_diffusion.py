@@ -93,4 +93,4 @@ LOADERS = {"sd15": load_sd15, "sdxl": load_sdxl}
 def load_base_model(cfg) -> BaseModel:
     """From the ``model.base`` config section."""
     return LOADERS[cfg.family](cfg.pretrained, cfg.revision, TORCH_DTYPES[cfg.dtype], TORCH_DTYPES[cfg.vae_dtype],
-                               unet_source=cfg.get("unet"), clip_chunks=cfg.get("clip_chunks", 1))
+                               unet_source=cfg.unet, clip_chunks=cfg.clip_chunks)

@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import lightning as L
 import torch
@@ -38,6 +38,7 @@ from llm4gen.adapters.cross_adapter import CrossAdapter
 from llm4gen.adapters.layout import ContextLayout
 from llm4gen.adapters.release import RELEASED_PROJECTOR, save_release
 from llm4gen.configs.errors import UserError
+from llm4gen.configs.schema import Config, ModelConfig, as_plain, model_config
 from llm4gen.datamodules.entity_targets import EntityTargetBuilder
 from llm4gen.encoders.clip import ClipText, where_text
 from llm4gen.encoders.llm import LLMEncoder, LLMFeatures
@@ -51,7 +52,6 @@ from llm4gen.lightning_modules.optimization import (
 from llm4gen.lightning_modules.performance import (
     apply_performance,
     build_optimizer,
-    performance_config,
 )
 from llm4gen.losses.attention_capture import (
     cross_attention_layer_names,
@@ -109,12 +109,15 @@ def step_generator(seed: int, step: int, micro_batch: int, rank: int, device: to
 
 
 class LLM4GenModule(L.LightningModule):
-    def __init__(self, model: dict | DictConfig, seed: int = 0):
+    def __init__(self, model: ModelConfig | Mapping[str, Any] | DictConfig, seed: int = Config.seed):
+        """``model``: the ``model`` section, typed (``OmegaConf.to_object(cfg.model)``) or as a mapping (a
+        checkpoint's ``hyper_parameters.model``, checked against the schema and completed by its defaults)."""
         super().__init__()
-        self.save_hyperparameters()
+        cfg = model_config(model, "the module's model config (a checkpoint's hyper_parameters.model?)")
+        # plain containers in the checkpoint: it loads without this package's classes
+        self.save_hyperparameters({"model": as_plain(cfg), "seed": seed})
         self.seed = seed
-        cfg = model if isinstance(model, DictConfig) else OmegaConf.create(model)
-        self.cfg = cfg
+        self.cfg: ModelConfig = cfg
         base = load_base_model(cfg.base)
         self.vae, self.unet, self.clip = base.vae, base.unet, base.text
         self.noise_scheduler = base.noise_scheduler
@@ -143,7 +146,7 @@ class LLM4GenModule(L.LightningModule):
                 self.unet, cross_attention_layer_names(self.unet, resolutions), enabled=False)
         self._null_text: tuple | None = None
         self._entity_targets: EntityTargetBuilder | None = None  # for batches that bring no targets
-        self.performance = performance_config(cfg)  # fast paths: channels_last, checkpointing, compile, TF32
+        self.performance = cfg.performance  # fast paths: channels_last, checkpointing, compile, TF32
         apply_performance(self, self.performance)
 
     # ---- construction -------------------------------------------------------------------------
@@ -179,7 +182,7 @@ class LLM4GenModule(L.LightningModule):
     @property
     def uses_cam(self) -> bool:
         """False with ``model.adapter.enabled=false``: the UNet is conditioned on CLIP alone."""
-        return self.cfg.adapter.get("enabled", True)
+        return self.cfg.adapter.enabled
 
     def frozen_modules(self) -> list[nn.Module]:
         frozen = [self.vae, self.clip, self.llm] + ([] if self.uses_cam else [self.adapter])
@@ -274,7 +277,7 @@ class LLM4GenModule(L.LightningModule):
             with torch.no_grad():
                 moments = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist.parameters
         posterior = DiagonalGaussianDistribution(moments.float())
-        latents = posterior.mode() if self.cfg.objective.get("latents", "sample") == "mean" else posterior.sample(generator)
+        latents = posterior.mode() if self.cfg.objective.latents == "mean" else posterior.sample(generator)
         return latents * self.vae.config.scaling_factor
 
     def compute_losses(self, batch: dict, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,

@@ -34,14 +34,13 @@ class GroupSettings:
 
 
 def group_settings(optim) -> dict[str, GroupSettings]:
-    """The two groups' settings from the ``model.optim`` section (older checkpoints lack the UNet keys)."""
-    unet_lr = optim.get("unet_lr")
-    unet_decay = optim.get("unet_weight_decay")
+    """The two groups' settings from the ``model.optim`` section (schema.OptimConfig)."""
+    unet_lr, unet_decay = optim.unet_lr, optim.unet_weight_decay
     return {
         ADAPTER_GROUP: GroupSettings(ADAPTER_GROUP, optim.lr, optim.weight_decay, 0),
         UNET_GROUP: GroupSettings(UNET_GROUP, optim.lr if unet_lr is None else unet_lr,
                                   optim.weight_decay if unet_decay is None else unet_decay,
-                                  int(optim.get("unet_start_step", 0) or 0)),
+                                  int(optim.unet_start_step)),
     }
 
 

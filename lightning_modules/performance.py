@@ -25,16 +25,8 @@ import importlib.util
 import shutil
 
 import torch
-from omegaconf import OmegaConf
-
-from llm4gen.configs.schema import PerformanceConfig
 
 OPTIMIZERS = ("adamw", "adamw_fused", "adamw_8bit")
-
-
-def performance_config(model_cfg):
-    """The ``model.performance`` section with schema defaults filled in (older checkpoints have none)."""
-    return OmegaConf.merge(OmegaConf.structured(PerformanceConfig), model_cfg.get("performance") or {})
 
 
 def check_compile_supported(backend: str) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from llm4gen.configs.schema import model_config
 from llm4gen.encoders.sources import load_pretrained
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule
 
@@ -54,7 +55,7 @@ def load_exported_module(export_dir: str | Path, base: str | None = None, device
     cfg.unet_training = "frozen"  # trained UNet weights are loaded below, from their own export
     cfg.ema.enabled = False
     cfg.objective.lambda_entity = 0.0
-    module = LLM4GenModule(OmegaConf.to_container(cfg, resolve=True)).to(device)
+    module = LLM4GenModule(model_config(cfg, f"{export_dir / 'model_config.yaml'}")).to(device)
     if (export_dir / "unet").is_dir():
         from diffusers import UNet2DConditionModel
 

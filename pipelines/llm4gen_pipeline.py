@@ -256,7 +256,7 @@ def pipeline_from_module(module, scheduler: str = "DDIMScheduler"):
                   text_encoder=text.text_encoder, tokenizer=text.tokenizer, llm=saveable_llm(llm.model),
                   llm_tokenizer=llm.tokenizer, adapter=module.adapter, llm_max_length=module.cfg.llm.max_length,
                   llm_prefix=llm.prefix, llm_layer=module.cfg.llm.layer,
-                  llm_layer_norm=str(module.cfg.llm.get("layer_norm", "auto")), llm_zero_padding=llm.zero_padding,
+                  llm_layer_norm=str(module.cfg.llm.layer_norm), llm_zero_padding=llm.zero_padding,
                   llm_kind=llm.kind)
     if module.cfg.base.family == "sdxl":
         return LLM4GenXLPipeline(text_encoder_2=text.text_encoder_2, tokenizer_2=text.tokenizer_2, **common)

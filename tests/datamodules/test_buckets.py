@@ -14,6 +14,7 @@ from PIL import Image
 
 import llm4gen.datamodules.webdataset_datamodule as wdm
 from llm4gen.configs.buckets import assign_bucket, bucket_sizes, buckets_enabled, resolve_buckets
+from llm4gen.configs.schema import BucketConfig
 from llm4gen.datamodules.synthetic import write_synthetic_shards
 from llm4gen.datamodules.transforms import preprocess_image_with_geometry
 
@@ -73,9 +74,9 @@ def test_every_image_size_lands_in_exactly_one_bucket_the_nearest_in_log_aspect(
 def test_enabled_auto_means_sdxl_only():
     assert buckets_enabled("auto", "sdxl") and not buckets_enabled("auto", "sd15")
     assert buckets_enabled("True", "sd15") and not buckets_enabled(False, "sdxl")
-    assert resolve_buckets({"enabled": "auto", "min_aspect": 0.5, "max_aspect": 2.0, "step": None}, 32, "sd15") is None
-    assert resolve_buckets({"enabled": "auto", "min_aspect": 0.5, "max_aspect": 2.0, "step": None}, 32, "sdxl") == \
-        bucket_sizes(32)
+    assert resolve_buckets(BucketConfig(enabled="auto"), 32, "sd15") is None
+    assert resolve_buckets(BucketConfig(enabled="auto"), 32, "sdxl") == bucket_sizes(32)
+    assert resolve_buckets(None, 32, "sdxl") is None
     with pytest.raises(ValueError, match="auto, true, false"):
         buckets_enabled("sometimes", "sdxl")
 

@@ -11,7 +11,6 @@ from llm4gen.lightning_modules.optimization import parameter_groups
 from llm4gen.lightning_modules.performance import build_optimizer
 from tests.helpers.modules import fixed_batch, fixed_inputs, make_module, objective_loss
 
-
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 

@@ -4,9 +4,9 @@ continues them bitwise."""
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from llm4gen.cli import train
+from llm4gen.configs.schema import OptimConfig
 from llm4gen.datamodules.synthetic import write_synthetic_shards
 from llm4gen.lightning_modules.optimization import hold_back, parameter_groups, schedule_factor
 from tests.helpers.modules import make_module
@@ -15,7 +15,7 @@ from tests.helpers.modules import make_module
 def optim(**values):
     base = dict(lr=1e-3, weight_decay=0.01, unet_lr=None, unet_weight_decay=None, unet_start_step=0,
                 scheduler="constant_with_warmup", warmup_steps=2)
-    return OmegaConf.create({**base, **values})
+    return OptimConfig(**{**base, **values})
 
 
 def test_groups_split_by_name_and_take_their_own_settings():
