@@ -27,6 +27,7 @@ from llm4gen.configs.checks import check_scheduler_name
 from llm4gen.configs.errors import UserError, entry_point
 from llm4gen.configs.schema import load_config
 from llm4gen.encoders.sources import check_source
+from llm4gen.launch.preflight import check_init_from, check_sources, model_widths
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule
 from llm4gen.lightning_modules.sampler import Sampler, SamplingSettings, load_sampler
@@ -86,6 +87,8 @@ def check_checkpoint_sources(checkpoint: dict) -> None:
 def load_release_module(release: str, config: str | None, overrides=()):
     """An LLM4GenModule holding a release-layout folder's CAM and UNet over the config's base and LLM."""
     cfg = load_config(config, [*release_overrides(release), *overrides])
+    check_sources(cfg)
+    check_init_from(cfg.model.adapter.init_from, model_widths(cfg))  # projector.pth read and checked before weights load
     return LLM4GenModule(OmegaConf.to_object(cfg.model), seed=cfg.seed)
 
 

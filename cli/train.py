@@ -197,6 +197,12 @@ def main(argv=None) -> int:
     except CheckpointSaveError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
+    except BaseException as err:  # a bug or a crash after the preflight: say what is kept, keep the traceback
+        if Path(cfg.output_dir).is_dir() and not isinstance(err, (SystemExit, KeyboardInterrupt)):
+            print(f"train.py: the run stopped with {type(err).__name__}; what it wrote is kept in {cfg.output_dir} "
+                  f"(config.yaml, checkpoints/, logs/); the same command resumes from its last checkpoint",
+                  file=sys.stderr, flush=True)
+        raise
     return 0
 
 

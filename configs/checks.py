@@ -120,6 +120,24 @@ def entity_layer_sides(text: str) -> str | list[int]:
     return sides
 
 
+def unet_cross_attention_sides(unet_config: dict) -> list[int]:
+    """Feature-map sides (at the config's ``sample_size``) of a diffusers UNet2DConditionModel's cross-attention
+    layers, read from its config.json alone, largest first: down block i works at sample_size / 2^i (every
+    block but the last halves the map), the mid block at the deepest side, up block j mirrors down block
+    (n - 1 - j). losses.attention_capture.cross_attention_layer_sides finds the same on a built UNet."""
+    size = unet_config.get("sample_size")
+    down = list(unet_config.get("down_block_types") or ())
+    up = list(unet_config.get("up_block_types") or ())
+    if not isinstance(size, int) or not down:
+        return []
+    deepest = len(down) - 1
+    sides = {size // 2**i for i, kind in enumerate(down) if "CrossAttn" in kind}
+    sides |= {size // 2**(deepest - j) for j, kind in enumerate(up) if "CrossAttn" in kind}
+    if "CrossAttn" in str(unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn")):
+        sides.add(size // 2**deepest)
+    return sorted(sides, reverse=True)
+
+
 def check_buckets(cfg: DictConfig) -> None:
     """``data.buckets``: a known mode, and a range and step that leave at least one bucket."""
     buckets = cfg.data.buckets
@@ -270,6 +288,15 @@ def check_against_models(cfg: DictConfig) -> None:
             raise ConfigError(f"config key 'model.adapter.num_heads' is {adapter.num_heads}: the CAM's width is the "
                               f"CLIP width of {base.pretrained} ({width}), which {adapter.num_heads} heads do not "
                               f"divide; choose a divisor such as {', '.join(map(str, divisors[-4:]))}.")
+    sides = entity_layer_sides(cfg.model.objective.entity_layers)
+    available = unet_cross_attention_sides(unet) if unet else []
+    if cfg.model.objective.lambda_entity > 0 and isinstance(sides, list) and available \
+            and set(sides) - set(available):
+        raise ConfigError(f"config key 'model.objective.entity_layers' is {cfg.model.objective.entity_layers!r}: the "
+                          f"UNet of {base.pretrained} has no cross-attention layer with feature-map side "
+                          f"{', '.join(map(str, sorted(set(sides) - set(available))))}; its cross-attention maps have "
+                          f"sides {', '.join(map(str, available))} (at its sample_size {unet['sample_size']}): pick "
+                          f"among those, or use lowest or all.")
     vae = model_json(base.pretrained, "vae/config.json", base.revision)
     if vae and isinstance(vae.get("block_out_channels"), list):
         factor = 2 ** (len(vae["block_out_channels"]) - 1)

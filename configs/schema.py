@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from llm4gen.configs import choices
@@ -448,6 +448,29 @@ def config_file(config_path: str | Path) -> Path:
                       f"shipped: configs/{', configs/'.join(available)}")
 
 
+def read_config_file(path: Path) -> DictConfig:
+    """An experiment file's keys. Raises ConfigError naming the file, and the line and column of a YAML
+    syntax error, or saying what the file holds when it is not a mapping of keys."""
+    import yaml
+
+    try:
+        layer = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}. Fix the file "
+                          f"(indentation, a missing ']' or ':', a tab) and run again.") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                          f"is it a YAML file?") from None
+    if not isinstance(layer, DictConfig):
+        kind = "a list" if isinstance(layer, ListConfig) else f"a {type(layer).__name__}"
+        raise ConfigError(f"config file {str(path)!r} holds {kind}, not a mapping of config keys; an experiment "
+                          f"file looks like configs/tiny.yaml (output_dir: runs/x, model: {{...}}).")
+    return layer
+
+
 def load_config(config_path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
     """Schema defaults <- experiment file <- dotted overrides, validated. Raises ConfigError."""
     schema = OmegaConf.structured(Config)
@@ -455,7 +478,7 @@ def load_config(config_path: str | Path | None = None, overrides: list[str] = ()
     layers = []
     if config_path is not None:
         path = config_file(config_path)
-        layers.append((str(path), OmegaConf.load(path)))
+        layers.append((str(path), read_config_file(path)))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")

@@ -12,12 +12,16 @@ ranges and agreement with the models' config files, is ``llm4gen.configs.schema.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
-from llm4gen.configs.checks import check_scheduler_name
+from llm4gen.adapters.cross_adapter import convert_released_state_dict
+from llm4gen.adapters.release import RELEASED_PROJECTOR
+from llm4gen.configs.checks import check_scheduler_name, model_json
 from llm4gen.configs.errors import ConfigError
 from llm4gen.datamodules.webdataset_datamodule import resolve_shards
 from llm4gen.encoders.sources import check_source
@@ -86,9 +90,77 @@ def looks_like_torch_file(path: Path) -> bool:
     return head == ZIP_MAGIC or head[:1] == PICKLE_MAGIC
 
 
-def check_init_from(init_from: str | None) -> None:
-    """A CrossAdapter ``save_pretrained`` folder (config.json beside the weights) or a torch file such as the
-    released ``projector.pth``."""
+def model_widths(cfg: DictConfig) -> tuple[int | None, int | None]:
+    """(UNet context width, LLM width) from the models' config files, without weights; None where a model's
+    config is not on this machine."""
+    base, llm = cfg.model.base, cfg.model.llm
+    unet = (model_json(base.unet, "config.json") if base.unet else None) \
+        or model_json(base.pretrained, "unet/config.json", base.revision) or {}
+    llm_config = model_json(llm.pretrained, "config.json", llm.revision) or {}
+    context = unet.get("cross_attention_dim")
+    width = llm_config.get("d_model") or llm_config.get("hidden_size")
+    return (context if isinstance(context, int) else None), (width if isinstance(width, int) else None)
+
+
+def _check_widths(init_from: str, found: tuple[int, int], widths: tuple[int | None, int | None]) -> None:
+    expected = tuple(w if w is not None else f for w, f in zip(widths, found))
+    if tuple(found) != expected:
+        raise ConfigError(f"config key 'model.adapter.init_from' is {init_from!r}, a connector between widths "
+                          f"{found[0]} (UNet context) and {found[1]} (LLM); this config's models need {expected[0]} "
+                          f"and {expected[1]}. Was it trained on another base model (model.base) or LLM (model.llm)?")
+
+
+def check_adapter_folder(init_from: str, path: Path, widths: tuple[int | None, int | None]) -> None:
+    """A ``save_pretrained`` folder: its config.json parses, its weights file opens, its widths fit."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"config key 'model.adapter.init_from' is {init_from!r}, whose config.json cannot be read "
+                          f"({err}); write the folder again with save_pretrained (export.py).") from None
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if not weights:
+        raise ConfigError(f"config key 'model.adapter.init_from' is {init_from!r}, which has a config.json but no "
+                          f"weights file (diffusion_pytorch_model.safetensors); was the copy interrupted?")
+    if weights[0].suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(weights[0]), "pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ConfigError(f"config key 'model.adapter.init_from' is {init_from!r}, whose {weights[0].name} is not "
+                              f"a readable safetensors file ({str(err).splitlines()[0]}): truncated or corrupt? "
+                              f"Copy or export it again.") from None
+    if isinstance(config.get("clip_dim"), int) and isinstance(config.get("llm_dim"), int):
+        _check_widths(init_from, (config["clip_dim"], config["llm_dim"]), widths)
+
+
+def check_released_projector(init_from: str, path: Path, widths: tuple[int | None, int | None]) -> None:
+    """A released-layout ``projector.pth``: it loads as a state dict of the release's CAM keys that fit."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # the unpickler's and the zip reader's errors have no common class
+        raise ConfigError(f"config key 'model.adapter.init_from' is {init_from!r}, which is not a readable torch "
+                          f"file ({str(err).splitlines()[0].split('. ')[0] or type(err).__name__}): truncated or corrupt? Copy "
+                          f"it again (the released projector.pth is about 35 MB).") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"config key 'model.adapter.init_from' is {init_from!r}, a torch file that holds "
+                          f"{type(state).__name__}, not a state dict of tensors (the released projector.pth is one).")
+    try:
+        converted = convert_released_state_dict(state)
+        clip_dim, llm_dim = converted["blocks.0.llm_proj.weight"].shape
+    except (KeyError, ValueError) as err:
+        message = err.args[0] if err.args else str(err)
+        raise ConfigError(f"config key 'model.adapter.init_from' is {init_from!r}, a torch file in another layout "
+                          f"than the released CAM's: {message}. A training checkpoint goes in resume=, a "
+                          f"save_pretrained folder in init_from.") from None
+    _check_widths(init_from, (int(clip_dim), int(llm_dim)), widths)
+
+
+def check_init_from(init_from: str | None, widths: tuple[int | None, int | None] = (None, None)) -> None:
+    """A connector ``save_pretrained`` folder (config.json beside the weights), a release-layout folder, or a
+    torch file such as the released ``projector.pth``, read and checked against ``widths`` (the UNet's
+    context width and the LLM's, :func:`model_widths`)."""
     if not init_from:
         return
     path = Path(init_from).expanduser()
@@ -96,19 +168,23 @@ def check_init_from(init_from: str | None) -> None:
         raise ConfigError(f"config key 'model.adapter.init_from' is {init_from!r}, which does not exist; give a "
                           f"CrossAdapter save_pretrained folder (e.g. runs/x/export/adapter) or the released "
                           f"projector.pth.")
+    if path.is_dir() and (path / RELEASED_PROJECTOR).is_file():  # a release-layout folder
+        path = path / RELEASED_PROJECTOR
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"config key 'model.adapter.init_from' is {init_from!r}, a folder without config.json: "
                               f"not a CrossAdapter save_pretrained folder (e.g. runs/x/export/adapter).")
+        check_adapter_folder(init_from, path, widths)
         return
     if not looks_like_torch_file(path):
         raise ConfigError(f"config key 'model.adapter.init_from' is {init_from!r}, which is not a torch file "
                           f"(the released projector.pth is one) nor a CrossAdapter save_pretrained folder.")
+    check_released_projector(init_from, path, widths)
 
 
 def check_run_paths(cfg: DictConfig) -> None:
     check_output_dir(str(cfg.output_dir))
-    check_init_from(cfg.model.adapter.init_from)
+    check_init_from(cfg.model.adapter.init_from, model_widths(cfg))
     check_shards(cfg)
 
 

@@ -83,6 +83,14 @@ def write_case_files(root: Path) -> dict[str, str]:
         f"config: {REPO_ROOT / 'configs' / 'tiny.yaml'}\noutput_root: {root / 'sweep-out'}\n"
         "gird:\n  model.optim.lr: [1.0e-4]\n")
     paths["sweep_bad_key"] = str(root / "sweep-key.yaml")
+    (root / "syntax.yaml").write_text("model:\n  adapter: {num_heads: 4\n  llm:\n")
+    paths["yaml_syntax"] = str(root / "syntax.yaml")
+    (root / "a-list.yaml").write_text("- model.adapter.num_heads=4\n- trainer.max_steps=10\n")
+    paths["yaml_list"] = str(root / "a-list.yaml")
+    release = root / "release"
+    release.mkdir()
+    (release / "projector.pth").write_bytes(data[: len(data) // 3])  # a torch file cut short in the copy
+    paths["bad_release"] = str(release)
     return paths
 
 
@@ -132,6 +140,15 @@ CASES = [
     ("train", [T, "model.adapter.num_heads=four"], "four"),
     ("train", [T, "validation.scheduler=DDIMSchedular"], "DDIMSchedular"),
     ("train", ["--config", "configs/nope.yaml"], "configs/nope.yaml"),
+    # issue 24: files and values that used to end in a traceback
+    ("train", ["--config", "{yaml_syntax}", T], "{yaml_syntax}' is not valid YAML, line 3, column 6"),
+    ("train", ["--config", "{yaml_list}", T], "{yaml_list}' holds a list, not a mapping"),
+    ("train", [T, "model.llm.layer=7"], "layer' is 7: embedded:minilm has 6 layers"),
+    ("train", [T, "model.objective.lambda_entity=0.1", "model.objective.entity_layers=64"],
+     "no cross-attention layer with feature-map side 64"),
+    ("train", [T, "model.adapter.init_from={truncated}"], "{truncated}', which is not a readable torch file"),
+    ("train", [T, "model.adapter.init_from={torchfile}"], "in another layout than the released CAM's"),
+    ("train", [T, "model.adapter.init_from={bad_release}"], "{bad_release}', which is not a readable torch file"),
     # train.py: paths and checkpoints
     ("train", ["output_dir={garbage}/run"], "{garbage}"),
     ("train", [T, "model.adapter.init_from={garbage}"], "{garbage}"),
@@ -184,6 +201,8 @@ CASES = [
     ("evaluate", ["--base", "embedded:tiny-sd", "--shapes", "seen_1", "--images-per-prompt", "0",
                   "--output-dir", "{tmp}/ev"], "--images-per-prompt 0"),
     ("evaluate", ["compare", "{tmp}/no-such-eval", "--output-dir", "{tmp}/cmp"], "no-such-eval"),
+    ("generate", ["--release", "{bad_release}", "--config", "configs/tiny.yaml", "--prompt", "a",
+                  "--output-dir", "{tmp}/gen"], "projector.pth', which is not a readable torch file"),
     # export.py
     ("export", ["--checkpoint", "{garbage}", "--output", "{tmp}/release"], "{garbage}"),
     ("export", ["--checkpoint", "{empty_dir}", "--output", "{tmp}/release"], "{empty_dir}"),
@@ -270,6 +289,33 @@ def test_bad_input_as_a_real_process_exits_2_fast_without_traceback(index, files
     assert seconds < import_seconds + SLACK_SECONDS, (
         f"{entry}.py used {seconds:.1f} CPU s to refuse a config/path mistake; importing Lightning costs "
         f"{import_seconds:.1f} s here")
+
+
+# issue 24's refusals, as real processes in an empty folder: nothing may be left behind (no run folder, no
+# synthetic shards in the default data/ folder, no log)
+LEAVES_NOTHING = [i for i, (entry, argv, expected) in enumerate(CASES)
+                  if any(token in expected for token in ("not valid YAML", "not a mapping", "has 6 layers",
+                                                        "feature-map side", "readable torch file",
+                                                        "another layout"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", LEAVES_NOTHING, ids=lambda i: case_id(CASES[i]))
+def test_a_refused_run_leaves_nothing_behind(index, files, tmp_path):
+    entry, argv, expected = CASES[index]
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    argv = [a.replace(T, f"output_dir={workdir}/run") for a in argv]
+    result = subprocess.run([sys.executable, str(REPO_ROOT / f"{entry}.py"), *fill(argv, files)], cwd=workdir,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert expected.format(**files) in result.stderr
+    assert sorted(p.name for p in workdir.iterdir()) == [], "a refused run wrote files"
+    assert not (Path(files["tmp"]) / "gen").exists()
+
+
+def test_the_leaves_nothing_table_holds_every_issue_24_case():
+    assert len(LEAVES_NOTHING) == 8
 
 
 def test_an_unexpected_exception_keeps_its_traceback():

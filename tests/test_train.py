@@ -49,6 +49,19 @@ def test_missing_config_file_is_refused(no_model_loading, capsys):
     assert "configs/nope.yaml" in capsys.readouterr().err
 
 
+def test_a_run_that_fails_after_the_preflight_keeps_its_folder_and_says_where(tmp_path, monkeypatch, capsys):
+    def crash(cfg):
+        raise RuntimeError("the shards' file system went away")
+
+    monkeypatch.setattr(train, "build_datamodule", crash)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="went away"):  # a crash keeps its traceback
+        train.main([f"output_dir={out}", f"data.shards={tmp_path / 'data'}"])
+    err = capsys.readouterr().err
+    assert f"the run stopped with RuntimeError; what it wrote is kept in {out}" in err
+    assert (out / "config.yaml").is_file()
+
+
 def test_print_config_shows_the_resolved_values(capsys):
     assert train.main(["--config", "configs/sd15_t5xl.yaml", "--print-config", "model.optim.lr=3e-5"]) == 0
     out = capsys.readouterr().out

@@ -94,3 +94,29 @@ def test_cache_key_covers_every_model_setting_not_explicitly_ignored():
     cfg.model.llm.new_setting = "x"
     assert field_key(cfg, "llm_features")["model.llm.new_setting"] == "x"
     assert "model.llm.new_setting" not in field_key(cfg, "latent_moments")
+
+
+@pytest.mark.parametrize("which", ["tiny-sd", "tiny-sdxl", "sd15-full", "sdxl-full"])
+def test_cross_attention_sides_from_the_config_json_match_the_built_unet(which):
+    """The preflight's entity-layer check reads sides from config.json; the capture finds them on the UNet."""
+    import json
+
+    from llm4gen.configs.checks import unet_cross_attention_sides
+    from llm4gen.embedded import full_size
+    from llm4gen.embedded.tiny import tiny_sd_path
+    from llm4gen.embedded.tiny_sdxl import tiny_sdxl_path
+    from llm4gen.losses.attention_capture import cross_attention_layer_sides
+
+    if which.endswith("full"):
+        unet = full_size.sd15_unet() if which == "sd15-full" else full_size.sdxl_unet()  # on the meta device
+    else:
+        from diffusers import UNet2DConditionModel
+
+        root = tiny_sd_path() if which == "tiny-sd" else tiny_sdxl_path()
+        unet = UNet2DConditionModel.from_pretrained(root / "unet")
+    config = json.loads(unet.to_json_string())  # what config.json holds
+    built = sorted({h for h, w in cross_attention_layer_sides(unet).values()}, reverse=True)
+    assert unet_cross_attention_sides(config) == built
+    expected = {"sd15-full": [64, 32, 16, 8], "sdxl-full": [64, 32]}.get(which)
+    if expected:
+        assert built == expected
