@@ -45,6 +45,7 @@ SAMPLE_SKIP_REASONS: tuple[str, ...] = (
     "empty_caption",  # a caption key is present but holds only whitespace
     "bad_precomputed",  # a precomputed member the config asks for is missing or undecodable
     "bad_shard",  # the tar itself failed (truncated, unreadable, not a tar); rest of that shard lost
+    "failed_download",  # the json's status is not "success" (img2dataset, DataComp and LAION shards record it)
 )
 
 # Why prepare.py leaves an input out of the shards (reported per reason in report.json).

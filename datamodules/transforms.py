@@ -188,14 +188,35 @@ def preprocess_image_with_geometry(
     return image_to_tensor(flipped), (decoded.size[1], decoded.size[0]), (box[1], left)
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def original_size(sample: Mapping[str, object], decoded_hw: tuple[int, int]) -> tuple[int, int]:
-    """(height, width) of the image before any resize: the ``original_size`` (width, height) that
-    ``prepare.py`` records in the json member, else the decoded image's own."""
+    """(height, width) of the image before any resize, SDXL's ``original_size``: from the json member's
+    ``original_width`` / ``original_height`` (img2dataset, DataComp and LAION shards, whose images the
+    downloader resized), else its ``original_size`` [width, height] (prepare.py's record), else the decoded
+    image's own size."""
     meta = read_json_member(sample)
-    recorded = meta.get("original_size") if isinstance(meta, dict) else None
-    if isinstance(recorded, (list, tuple)) and len(recorded) == 2 and all(isinstance(v, int) and v > 0 for v in recorded):
+    if not isinstance(meta, dict):
+        return decoded_hw
+    width, height = meta.get("original_width"), meta.get("original_height")
+    if _positive_int(width) and _positive_int(height):
+        return height, width
+    recorded = meta.get("original_size")
+    if isinstance(recorded, (list, tuple)) and len(recorded) == 2 and all(_positive_int(v) for v in recorded):
         return recorded[1], recorded[0]
     return decoded_hw
+
+
+def check_download_status(sample: Mapping[str, object]) -> None:
+    """Raises ``SampleError("failed_download")`` when the json member records a download ``status`` other than
+    ``success`` (img2dataset writes one per sample; a sample without a status is taken as it is)."""
+    meta = read_json_member(sample)
+    status = meta.get("status") if isinstance(meta, dict) else None
+    if status is not None and status != "success":
+        detail = meta.get("error_message") or ""
+        raise SampleError("failed_download", f"json status {status!r}{f': {detail}' if detail else ''}")
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> random.Random:

@@ -79,6 +79,7 @@ from llm4gen.datamodules.transforms import (
     SampleError,
     extract_caption,
     find_image_member,
+    check_download_status,
     original_size,
     preprocess_image_with_geometry,
     sample_rng,
@@ -595,6 +596,7 @@ class ShardStream(IterableDataset):
     def _decode(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         c = self.config
         key = raw["__key__"]
+        check_download_status(raw)
         sample: dict[str, Any] = {"key": key, "caption": extract_caption(raw, c.caption_keys)}
         if c.precomputed_keys:
             sample.update(decode_precomputed(raw, c.precomputed_keys))

@@ -68,6 +68,7 @@ from llm4gen.datamodules.transforms import (
     SampleError,
     extract_caption,
     find_image_member,
+    check_download_status,
     original_size,
     preprocess_image_with_geometry,
 )
@@ -557,6 +558,7 @@ def cache_shard(url: str, out_path: str, encoders: FeatureEncoders, *, caption_k
             for raw in iter_tar_samples(url):
                 read_any = True
                 try:
+                    check_download_status(raw)
                     caption = extract_caption(raw, caption_keys)
                     pixels, geometry = None, {}
                     if encoders.vae is not None:

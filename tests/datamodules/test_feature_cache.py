@@ -133,7 +133,7 @@ def test_corrupt_samples_are_skipped_and_counted_like_the_datamodule(cache_dir):
         report = json.load(handle)
     assert report["samples"] == 10 + 2 + 3
     assert report["skipped"] == {"bad_image": 1, "missing_caption": 1, "empty_caption": 1, "bad_precomputed": 0,
-                                 "bad_shard": 1}
+                                 "bad_shard": 1, "failed_download": 0}
 
 
 def test_storage_report_gives_bytes_per_sample_per_field(cache_dir):

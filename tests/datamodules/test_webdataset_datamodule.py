@@ -56,7 +56,8 @@ def data_dir(tmp_path_factory):
 
 SYNTHETIC_KEYS = {f"sample-{i:06d}" for i in range(NUM_SYNTHETIC)}
 EXPECTED_GOOD = SYNTHETIC_KEYS | {f"good-{i}" for i in range(5)} | {f"cut-{i}" for i in range(3)}
-EXPECTED_SKIPS = {"bad_image": 2, "missing_caption": 1, "empty_caption": 1, "bad_precomputed": 0, "bad_shard": 1}
+EXPECTED_SKIPS = {"bad_image": 2, "missing_caption": 1, "empty_caption": 1, "bad_precomputed": 0, "bad_shard": 1,
+                  "failed_download": 0}
 
 
 def synthetic_only(data_dir):

@@ -13,7 +13,13 @@ from llm4gen.embedded.registry import CLIP_TOKENIZER_DIR
 def build_tiny_blip_vqa(directory: Path, seed: int = 0) -> Path:
     """BLIP VQA (ViT 32 px, 1-layer BERT text tower) with BERT's uncased vocabulary taken from the
     MiniLM package, plus BLIP's [DEC] (decoder start) and [ENC] tokens, as BLIP's tokenizer adds them."""
-    from transformers import BertTokenizerFast, BlipConfig, BlipForQuestionAnswering, BlipImageProcessor, BlipProcessor
+    from transformers import (
+        BertTokenizerFast,
+        BlipConfig,
+        BlipForQuestionAnswering,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
 
     from llm4gen.embedded.tiny import minilm_path
 
@@ -40,7 +46,13 @@ def build_tiny_blip_vqa(directory: Path, seed: int = 0) -> Path:
 
 def build_tiny_clip(directory: Path, seed: int = 0) -> Path:
     """CLIP (text and vision towers of width 32) with CLIP's real BPE tokenizer."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
 
     config = CLIPConfig(
         text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -20,3 +20,43 @@ def write_tar(path, samples) -> None:
                 info = tarfile.TarInfo(f"{key}.{extension}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+
+
+def jpeg_bytes(width: int, height: int, seed: int = 0) -> bytes:
+    """A JPEG of varied pixels (a flat colour would hide crop and resize mistakes)."""
+    import numpy as np
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_img2dataset_folder(folder, samples) -> None:
+    """An img2dataset output folder (LAION / DataComp layout): ``00000.tar`` with ``KEY.jpg``, ``KEY.txt`` and
+    ``KEY.json`` per sample, beside ``00000.parquet`` and ``00000_stats.json``. ``samples``: dicts with
+    ``key``, ``caption``, ``size`` (width, height as downloaded and resized), ``original`` (width, height
+    before the resize), and optionally ``status`` (default "success") and ``txt`` (False: caption in the
+    json only). The json fields are img2dataset's."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    members = []
+    for i, s in enumerate(samples):
+        (width, height), (original_width, original_height) = s["size"], s["original"]
+        status = s.get("status", "success")
+        meta = {"url": f"https://example.com/{s['key']}.jpg", "key": s["key"], "status": status,
+                "error_message": None if status == "success" else "HTTP 404", "width": width, "height": height,
+                "original_width": original_width, "original_height": original_height, "caption": s["caption"],
+                "exif": None, "sha256": f"{i:064x}"}
+        entry = {"jpg": jpeg_bytes(width, height, seed=i), "json": json.dumps(meta).encode()}
+        if s.get("txt", True):
+            entry["txt"] = s["caption"].encode()
+        members.append((s["key"], entry))
+    write_tar(folder / "00000.tar", members)
+    (folder / "00000.parquet").write_bytes(b"PAR1" + b"\0" * 64 + b"PAR1")  # the downloader's table, not a shard
+    (folder / "00000_stats.json").write_text(json.dumps({"count": len(samples), "successes": sum(
+        s.get("status", "success") == "success" for s in samples), "failed_to_download": sum(
+        s.get("status", "success") != "success" for s in samples)}))
