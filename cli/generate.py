@@ -27,6 +27,7 @@ from llm4gen.configs.checks import check_scheduler_name
 from llm4gen.configs.errors import UserError, entry_point
 from llm4gen.configs.schema import load_config
 from llm4gen.encoders.sources import check_source
+from llm4gen.evaluation.grids import captioned_grid
 from llm4gen.launch.preflight import check_init_from, check_sources, model_widths
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule
@@ -123,6 +124,10 @@ def main(argv=None) -> int:
         path = out / f"{i:03d}-seed{args.seed + i}-{slug(prompt)}.png"
         image.save(path)
         print(path)
+    if len(images) > 1:  # the prompts side by side, as the validation grids show them
+        grid = out / "grid.png"
+        captioned_grid(images, args.prompt, columns=min(4, len(images)), side=max(128, images[0].size[0])).save(grid)
+        print(grid)
     return 0
 
 

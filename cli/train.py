@@ -29,7 +29,7 @@ from llm4gen.datamodules.entity_targets import EntityTargetBuilder, TokenizerSou
 from llm4gen.datamodules.synthetic import ensure_synthetic_shards
 from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
 from llm4gen.launch.preflight import preflight
-from llm4gen.lightning_modules import run_checkpoints
+from llm4gen.lightning_modules import console, run_checkpoints
 from llm4gen.lightning_modules.callbacks import (
     AtomicCheckpointIO,
     RunCheckpoint,
@@ -56,6 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="experiment YAML overlaid on the defaults (configs/*.yaml)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    level = parser.add_mutually_exclusive_group()
+    level.add_argument("--quiet", "-q", action="store_true",
+                       help="no progress bar, model table or validation lines: warnings, errors and the final summary")
+    level.add_argument("--verbose", "-v", action="store_true",
+                       help="every library notice, Lightning's model summary and the loading bars")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     return parser.parse_args(argv)
 
@@ -95,7 +100,7 @@ def build_signal_checkpoint(cfg):
                                   requeue_job=slurm_job_id() if in_slurm_job and cfg.slurm.requeue else None)
 
 
-def build_trainer(cfg, resume_step=None, signal_checkpoint=None, extra_callbacks=()):
+def build_trainer(cfg, resume_step=None, signal_checkpoint=None, extra_callbacks=(), console_level: str = "default"):
     import lightning as L
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
@@ -104,7 +109,7 @@ def build_trainer(cfg, resume_step=None, signal_checkpoint=None, extra_callbacks
                                   every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True,
                                   save_top_k=cfg.checkpoint.keep_last, monitor="step", mode="max",
                                   enable_version_counter=False)  # rewrite a step's file, never "-v1" beside a bad one
-    validation = ValidationImages(out / "samples", **dict(cfg.validation))
+    validation = ValidationImages(out / "samples", **dict(cfg.validation), announce=console_level != "quiet")
     logger = build_logger(cfg.logger, out, resume_step, wandb_options={k: v for k, v in dict(cfg.wandb).items() if v is not None})
     callbacks = ([signal_checkpoint] if signal_checkpoint is not None else []) + [checkpoints, validation,
                                                                                   SkippedSamples(), *extra_callbacks]
@@ -112,15 +117,20 @@ def build_trainer(cfg, resume_step=None, signal_checkpoint=None, extra_callbacks
     callbacks.append(TrainingThroughput(cfg.data.resolution, list(cfg.data.precomputed_keys),
                                         cfg.model.performance.peak_tflops,
                                         window_size=max(2, min(100, int(cfg.trainer.get("log_every_n_steps", 50))))))
+    options = console.trainer_options(console_level, dict(cfg.trainer))
+    if {**dict(cfg.trainer), **options}.get("enable_progress_bar", True):
+        callbacks.append(console.StepProgressBar())
+    if console_level == "default" and not cfg.trainer.get("enable_model_summary", False):
+        callbacks.append(console.PartsSummary())
     plugins = [AtomicCheckpointIO(run_dir=out)]
     if "SLURM_JOB_ID" in os.environ and SLURMEnvironment.detect():
         # Ranks and addresses from SLURM; the requeue is ours (a step-boundary save), not Lightning's in-handler one.
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    return L.Trainer(**cfg.trainer, default_root_dir=out, callbacks=callbacks, logger=logger,
+    return L.Trainer(**cfg.trainer, **options, default_root_dir=out, callbacks=callbacks, logger=logger,
                      plugins=plugins)
 
 
-def run(cfg, ckpt_path: str | None = None) -> dict:
+def run(cfg, ckpt_path: str | None = None, console_level: str = "default") -> dict:
     """Trains one run described by a config that passed the preflight, from ``ckpt_path`` when given;
     returns its final metrics."""
     import lightning as L
@@ -136,7 +146,7 @@ def run(cfg, ckpt_path: str | None = None) -> dict:
         datamodule = build_datamodule(cfg)
         module = build_module(cfg)
         resume_step = checkpoint_step(ckpt_path) if ckpt_path else None
-        trainer = build_trainer(cfg, resume_step, signal_checkpoint)
+        trainer = build_trainer(cfg, resume_step, signal_checkpoint, console_level=console_level)
         if ckpt_path:
             print(f"resuming from {ckpt_path} (step {resume_step})")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -184,13 +194,15 @@ def validation_summary(samples: Path) -> str | None:
 @entry_point("train.py")
 def main(argv=None) -> int:
     args = parse_args(argv)
+    level = "quiet" if args.quiet else "verbose" if args.verbose else "default"
+    console.configure(level)
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(to_yaml(cfg))
         return 0
     ckpt_path = preflight(cfg)  # everything checked before any weights load
     try:
-        run(cfg, ckpt_path)
+        run(cfg, ckpt_path, console_level=level)
     except Preempted as stop:
         print(stop, file=sys.stderr, flush=True)
         return stop.exit_code

@@ -62,4 +62,5 @@ PREPARE_SKIP_REASONS: dict[str, str] = {
     "image_too_large": "the image exceeds PIL's decompression-bomb limit",
     "unsupported_image_mode": "the image's pixel mode cannot be converted to RGB",
     "too_small": "the image's shorter side is below min_size",
+    "failed_download": "a shard sample whose json status is not success (img2dataset)",
 }

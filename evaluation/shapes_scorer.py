@@ -29,7 +29,7 @@ class ShapesScorer(Scorer):
     kinds = ("shapes",)
 
     def load(self) -> None:
-        importlib.import_module("evaluation.shapes")  # pure numpy: no model to fetch
+        importlib.import_module("llm4gen.evaluation.shapes")  # pure numpy: no model to fetch
 
     def score_images(self, images: list, prompts: list[str]) -> dict[str, float]:
         """Means over the images whose prompt the benchmark's grammar reads (others are skipped; none
@@ -44,6 +44,19 @@ class ShapesScorer(Scorer):
             return {}
         summary = aggregate(scores)
         return {**{k: summary[k] for k in REPORTED}, "parsed": len(scores) / len(prompts)}
+
+    def verdicts(self, images: list, prompts: list[str]) -> list[str]:
+        """Per image, what the analyzer found: "bound 1/2" (objects drawn with every attribute right, of
+        those asked for), "" for a prompt the grammar cannot read."""
+        marks = []
+        for image, prompt in zip(images, prompts):
+            try:
+                result = score(image, prompt)
+            except ValueError:
+                marks.append("")
+                continue
+            marks.append(f"bound {round(result.binding * result.n_objects)}/{result.n_objects}")
+        return marks
 
     def score(self, prompt_set, records):
         per_image = [score(image, r.prompt) for image, r in zip(load_images(records), records)]

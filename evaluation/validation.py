@@ -17,6 +17,19 @@ from llm4gen.configs.choices import VALIDATION_METRICS
 from llm4gen.evaluation.scorers import DEFAULT_CLIP, ClipScoreScorer
 from llm4gen.evaluation.shapes_scorer import ShapesScorer
 
+# The scores a validation line prints, in this order, with their short names.
+HEADLINE = (("shapes_binding", "binding"), ("shapes_any_correct", "one object right"), ("clip_score", "CLIPScore"))
+
+
+def score_line(scores: dict[str, float]) -> str:
+    """``val/...`` scores in one line: "binding 0.344, one object right 0.625; seen: binding 0.500, ..."."""
+    parts = []
+    for prefix, label in (("val/", ""), ("val/seen_", "seen: ")):
+        values = [f"{name} {scores[prefix + key]:.3f}" for key, name in HEADLINE if prefix + key in scores]
+        if values:
+            parts.append(label + ", ".join(values))
+    return "; ".join(parts)
+
 
 class ValidationScorer:
     def __init__(self, metrics: Sequence[str] = (), clip_model: str | None = None):
@@ -46,6 +59,13 @@ class ValidationScorer:
         if self.shapes is not None:
             scores.update({f"val/shapes_{k}": v for k, v in self.shapes.score_images(images, list(prompts)).items()})
         return scores
+
+    def marks(self, images: list, prompts: list[str]) -> list[str] | None:
+        """A short per-image verdict for the grid (the shapes analyzer's), or None without one."""
+        if self.shapes is None:
+            return None
+        marks = self.shapes.verdicts(images, list(prompts))
+        return marks if any(marks) else None
 
     @staticmethod
     def log_scores(trainer, scores: dict[str, float]) -> None:

@@ -182,8 +182,32 @@ def check_init_from(init_from: str | None, widths: tuple[int | None, int | None]
     check_released_projector(init_from, path, widths)
 
 
+def check_base_unet(cfg: DictConfig) -> None:
+    """``model.base.unet``: a diffusers UNet folder (config.json and weights) whose context width and
+    latent channels are the base model's, so it can stand in for the base's UNet."""
+    base = cfg.model.base
+    if not base.unet or not Path(base.unet).expanduser().is_dir():
+        return  # check_sources names a missing one; a hub id is checked when it loads
+    folder = Path(base.unet).expanduser()
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"config key 'model.base.unet' is {base.unet!r}, which has no readable config.json ({err}); "
+                          f"expected a diffusers UNet folder such as a release's unet/.") from None
+    if not (sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))):
+        raise ConfigError(f"config key 'model.base.unet' is {base.unet!r}, which has a config.json but no weights "
+                          f"file (diffusion_pytorch_model.safetensors); was the copy interrupted?")
+    reference = model_json(base.pretrained, "unet/config.json", base.revision) or {}
+    for key in ("cross_attention_dim", "in_channels"):
+        if key in reference and key in config and config[key] != reference[key]:
+            raise ConfigError(f"config key 'model.base.unet' is {base.unet!r}, a UNet with {key}={config[key]}, but "
+                              f"the base model {base.pretrained} has {key}={reference[key]}: it belongs to another "
+                              f"model family (SD1.5 768, SDXL 2048 wide); set model.base.pretrained to its base.")
+
+
 def check_run_paths(cfg: DictConfig) -> None:
     check_output_dir(str(cfg.output_dir))
+    check_base_unet(cfg)
     check_init_from(cfg.model.adapter.init_from, model_widths(cfg))
     check_shards(cfg)
 

@@ -12,22 +12,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 
-from llm4gen.evaluation.validation import ValidationScorer
+from llm4gen.evaluation.grids import captioned_grid
+from llm4gen.evaluation.validation import ValidationScorer, score_line
 from llm4gen.lightning_modules.run_checkpoints import (
     CheckpointSaveError,
     prune_signal_checkpoints,
 )
-
-
-def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
-    """Images of one size pasted row-major into one picture."""
-    columns = columns or len(images)
-    rows = -(-len(images) // columns)
-    width, height = images[0].size
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    return grid
 
 
 class SkippedSamples(L.Callback):
@@ -44,6 +34,7 @@ class SkippedSamples(L.Callback):
 
 
 SCORES_FILE = "scores.jsonl"
+GRID_COLUMNS, GRID_SIDE = 4, 128  # validation grids: images per row, least side of each image
 
 
 def read_validation_scores(directory: str | os.PathLike) -> list[dict]:
@@ -73,8 +64,10 @@ class ValidationImages(L.Callback):
 
     def __init__(self, directory: str | os.PathLike, prompts: list[str], seed: int, every_n_steps: int,
                  num_inference_steps: int, guidance_scale: float, scheduler: str, metrics: list[str] = (),
-                 clip_model: str | None = None, at_start: bool = True, seen_prompts: list[str] = ()):
+                 clip_model: str | None = None, at_start: bool = True, seen_prompts: list[str] = (),
+                 announce: bool = True):
         self.directory = Path(directory)
+        self.announce = announce  # one printed line per validation: its step, scores and grid
         self.prompts, self.seed, self.every_n_steps = list(prompts), seed, every_n_steps
         self.seen_prompts = list(seen_prompts)
         self.sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler)
@@ -99,6 +92,12 @@ class ValidationImages(L.Callback):
         if self.every_n_steps > 0 and trainer.global_step != self._last_step:
             self.sample(trainer, pl_module)
 
+    def grid(self, images: list[Image.Image], prompts: list[str]) -> Image.Image:
+        """Rows of 4, upscaled (nearest) to at least 128 px, each prompt under its image, with the shapes
+        analyzer's verdict when it scored them."""
+        return captioned_grid(images, prompts, columns=GRID_COLUMNS, side=max(GRID_SIDE, images[0].size[0]),
+                              marks=self.scorer.marks(images, prompts))
+
     @rank_zero_only
     def sample(self, trainer, pl_module) -> Path:
         self._last_step = trainer.global_step
@@ -108,13 +107,13 @@ class ValidationImages(L.Callback):
                                              **self.sampling) if self.seen_prompts else []
         path = self.directory / f"step_{trainer.global_step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        grid = image_grid(images)
+        scores = self.scorer(images, self.prompts)
+        grid = self.grid(images, self.prompts)
         grid.save(path)
         line = {"step": trainer.global_step, "grid": path.name}
-        scores = self.scorer(images, self.prompts)
         if seen_images:
             seen_path = path.with_name(f"{path.stem}_seen.png")
-            image_grid(seen_images).save(seen_path)
+            self.grid(seen_images, self.seen_prompts).save(seen_path)
             line["seen_grid"] = seen_path.name
             scores.update({name.replace("val/", "val/seen_", 1): value
                            for name, value in self.scorer(seen_images, self.seen_prompts).items()})
@@ -122,6 +121,8 @@ class ValidationImages(L.Callback):
             self.scorer.log_scores(trainer, scores)
             with open(self.directory / SCORES_FILE, "a") as handle:
                 handle.write(json.dumps({**line, "scores": scores}) + "\n")
+        if self.announce:
+            print(f"validation at step {trainer.global_step}: {score_line(scores) or 'sampled'} -> {path}", flush=True)
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_image"):  # TensorBoard
             import numpy as np

@@ -87,6 +87,10 @@ def write_case_files(root: Path) -> dict[str, str]:
     paths["yaml_syntax"] = str(root / "syntax.yaml")
     (root / "a-list.yaml").write_text("- model.adapter.num_heads=4\n- trainer.max_steps=10\n")
     paths["yaml_list"] = str(root / "a-list.yaml")
+    (root / "unet-xl").mkdir()
+    (root / "unet-xl" / "config.json").write_text('{"cross_attention_dim": 2048, "in_channels": 4}')
+    (root / "unet-xl" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    paths["sdxl_unet"] = str(root / "unet-xl")
     release = root / "release"
     release.mkdir()
     (release / "projector.pth").write_bytes(data[: len(data) // 3])  # a torch file cut short in the copy
@@ -149,6 +153,7 @@ CASES = [
     ("train", [T, "model.adapter.init_from={truncated}"], "{truncated}', which is not a readable torch file"),
     ("train", [T, "model.adapter.init_from={torchfile}"], "in another layout than the released CAM's"),
     ("train", [T, "model.adapter.init_from={bad_release}"], "{bad_release}', which is not a readable torch file"),
+    ("train", [T, "model.base.unet={sdxl_unet}"], "cross_attention_dim=2048, but the base model embedded:shapes-sd"),
     # train.py: paths and checkpoints
     ("train", ["output_dir={garbage}/run"], "{garbage}"),
     ("train", [T, "model.adapter.init_from={garbage}"], "{garbage}"),

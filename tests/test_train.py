@@ -176,7 +176,10 @@ def test_generate_writes_the_same_images_for_the_same_seed(trained_run, tmp_path
     assert generate.main([*args, "--output-dir", str(tmp_path / "a"), "--seed", "7"]) == 0
     assert generate.main([*args, "--output-dir", str(tmp_path / "b"), "--seed", "7"]) == 0
     a, b = sorted((tmp_path / "a").glob("*.png")), sorted((tmp_path / "b").glob("*.png"))
-    assert [p.name for p in a] == ["000-seed7-a-red-circle.png", "001-seed8-a-blue-square.png"]
+    assert [p.name for p in a] == ["000-seed7-a-red-circle.png", "001-seed8-a-blue-square.png", "grid.png"]
+    grid = Image.open(a[2])
+    assert grid.width == 2 * (128 + 12) and grid.height > 128 + 30  # two captioned 128 px cells in a row
+    a, b = a[:2], b[:2]
     for x, y in zip(a, b):
         assert np.array_equal(np.asarray(Image.open(x)), np.asarray(Image.open(y)))
     assert not np.array_equal(np.asarray(Image.open(a[0])), np.asarray(Image.open(a[1])))

@@ -66,9 +66,9 @@ from llm4gen.datamodules.transforms import (
     IMAGE_EXTENSIONS,
     SKIP_REASONS,
     SampleError,
+    check_download_status,
     extract_caption,
     find_image_member,
-    check_download_status,
     original_size,
     preprocess_image_with_geometry,
 )

@@ -11,7 +11,12 @@ Sources (one input per image / row / line):
     order; files and folders whose name starts with "." are ignored, `.txt` files are captions;
   * a CSV (`,`) or TSV (tab, no quote handling, one row per line) with a header row;
   * a JSONL file (one object per line; blank lines are not inputs);
-  * a parquet file (needs pyarrow or pandas).
+  * a parquet file (needs pyarrow or pandas);
+  * a folder of WebDataset `*.tar` shards, such as img2dataset's output for LAION or DataComp: each sample
+    re-sharded (resized, filtered, a manifest) without downloading again; a sample whose json `status`
+    is not success is `failed_download`, the caption is its `.txt` or the json's `caption`, and the
+    recorded `original_size` is the json's `original_width` / `original_height` (the size before the
+    downloader's resize); the `.parquet` and `_stats.json` files beside the tars are not inputs.
 Table paths are resolved against `image_root` (default: the table's folder). Captions are UTF-8,
 stripped of surrounding whitespace (a BOM is dropped). The sample's `source` is the path as listed
 (folder: relative to the folder; table: the cell's value).
@@ -115,12 +120,13 @@ class SourceItem:
     caption_path: str | None = None
     skip: str | None = None
     detail: str = ""
+    members: tuple[tuple[str, str], ...] = ()  # a shard sample's (extension, tar member name); image_path: the tar
 
 
 @dataclass(frozen=True)
 class SourceSpec:
     path: str
-    kind: str  # folder | csv | tsv | jsonl | parquet
+    kind: str  # folder | shards | csv | tsv | jsonl | parquet
     image_column: str = "image"
     caption_column: str = "caption"
     key_column: str | None = None
@@ -332,17 +338,70 @@ def render_image(data: bytes, settings: ShardSettings) -> RenderedImage:
                          original_format, rgb.size, True)
 
 
+_OPEN_SHARD: dict[str, tarfile.TarFile] = {}  # the shard a chunk is reading (its samples come in tar order)
+
+
+def shard_members(item: SourceItem) -> dict[str, bytes]:
+    """A shard sample's members by extension, read from its tar (kept open for the next sample)."""
+    tar = _OPEN_SHARD.get(item.image_path)
+    if tar is None:
+        for old in _OPEN_SHARD.values():
+            old.close()
+        _OPEN_SHARD.clear()
+        tar = _OPEN_SHARD[item.image_path] = tarfile.open(item.image_path)
+    members = {}
+    for extension, name in item.members:
+        handle = tar.extractfile(name)
+        members[extension] = handle.read() if handle is not None else b""
+    return members
+
+
+def read_shard_sample(item: SourceItem) -> tuple[str, bytes, dict]:
+    """(caption, image bytes, the downloader's json) of a shard sample, img2dataset's layout: ``KEY.jpg``
+    (or another image extension), ``KEY.txt`` or the json's ``caption``, ``KEY.json`` with ``status``."""
+    members = shard_members(item)
+    try:
+        meta = json.loads(members["json"]) if "json" in members else {}
+    except ValueError:
+        meta = {}
+    meta = meta if isinstance(meta, dict) else {}
+    status = meta.get("status")
+    if status is not None and status != "success":
+        raise SkipSample("failed_download", f"status {status!r}")
+    if "txt" in members:
+        caption = caption_from_bytes(members["txt"])
+    elif isinstance(meta.get("caption"), str):
+        caption = caption_from_text(meta["caption"])
+    else:
+        raise SkipSample("missing_caption", "no .txt member and no caption in the json")
+    images = [ext for ext, _ in item.members if f".{ext.lower()}" in IMAGE_EXTENSIONS]
+    if not images:
+        raise SkipSample("missing_image", f"no image member among {[ext for ext, _ in item.members]}")
+    data = members[images[0]]
+    if not data:
+        raise SkipSample("empty_file")
+    return caption, data, meta
+
+
 def build_sample(item: SourceItem, settings: ShardSettings) -> dict[str, bytes]:
     """The tar members of one sample, keyed by extension; raises SkipSample with the first problem."""
     if item.skip is not None:
         raise SkipSample(item.skip, item.detail)
-    caption = read_caption(item)
-    rendered = render_image(read_image_bytes(item.image_path), settings)
+    downloaded: dict = {}
+    if item.members:  # a sample of an existing shard (img2dataset output)
+        caption, data, downloaded = read_shard_sample(item)
+    else:
+        caption, data = read_caption(item), None
+    rendered = render_image(read_image_bytes(item.image_path) if data is None else data, settings)
+    original = list(rendered.original_size)
+    if isinstance(downloaded.get("original_width"), int) and isinstance(downloaded.get("original_height"), int):
+        original = [downloaded["original_width"], downloaded["original_height"]]  # before the downloader's resize
     metadata = {
         "key": item.key,
         "source": printable(item.source),
         "caption": caption,
-        "original_size": list(rendered.original_size),
+        **({"url": downloaded["url"]} if isinstance(downloaded.get("url"), str) else {}),
+        "original_size": original,
         "original_mode": rendered.original_mode,
         "original_format": rendered.original_format,
         "size": list(rendered.size),
@@ -360,7 +419,7 @@ def build_sample(item: SourceItem, settings: ShardSettings) -> dict[str, bytes]:
 
 def detect_source_kind(path: Path) -> str:
     if path.is_dir():
-        return "folder"
+        return "shards" if any(path.glob("*.tar")) else "folder"
     if not path.exists():
         raise PrepareError(f"source {str(path)!r} does not exist; give a folder of images with .txt "
                            f"captions or a .csv/.tsv/.jsonl/.parquet file")
@@ -387,6 +446,31 @@ def list_folder(folder: Path) -> list[SourceItem]:
         stem = os.path.splitext(os.path.basename(relative))[0]
         caption_path = os.path.splitext(absolute)[0] + CAPTION_EXTENSION
         items.append(with_key(SourceItem(index, None, relative, absolute, caption_path=caption_path), stem))
+    return items
+
+
+def list_shards(folder: Path) -> list[SourceItem]:
+    """The samples of the ``*.tar`` shards in ``folder`` (an img2dataset output: the ``.parquet`` and
+    ``_stats.json`` files beside them are not inputs), in shard and tar order; the key is the sample's own."""
+    items = []
+    for tar_path in sorted(folder.glob("*.tar")):
+        grouped: dict[str, list[tuple[str, str]]] = {}
+        try:
+            with tarfile.open(tar_path) as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    directory, base = os.path.split(member.name)
+                    if "." not in base or base.startswith("."):
+                        continue
+                    stem, extension = base.split(".", 1)
+                    grouped.setdefault(os.path.join(directory, stem), []).append((extension, member.name))
+        except (tarfile.TarError, OSError) as err:
+            raise PrepareError(f"shard {str(tar_path)!r} cannot be read as a tar ({err}); remove it or download "
+                               f"it again") from None
+        for stem, members in grouped.items():
+            item = SourceItem(len(items), None, f"{tar_path.name}/{stem}", str(tar_path), members=tuple(members))
+            items.append(with_key(item, os.path.basename(stem)))
     return items
 
 
@@ -498,6 +582,8 @@ def list_table(spec: SourceSpec) -> list[SourceItem]:
 def list_source(spec: SourceSpec) -> list[SourceItem]:
     if spec.kind == "folder":
         return list_folder(Path(spec.path))
+    if spec.kind == "shards":
+        return list_shards(Path(spec.path))
     return list_table(spec)
 
 
@@ -927,7 +1013,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write WebDataset tar shards (KEY.jpg, KEY.json, KEY.txt), manifest.json and report.json "
                     "from a folder of images with .txt captions, or a CSV/TSV/JSONL/parquet table of "
                     "(image path, caption). Reruns with the same arguments resume.")
-    parser.add_argument("source", nargs="?", metavar="SOURCE", help="folder of images + .txt sidecars, or a .csv/.tsv/.jsonl/.parquet file")
+    parser.add_argument("source", nargs="?", metavar="SOURCE", help="folder of images + .txt sidecars, folder of .tar shards (img2dataset), or a .csv/.tsv/.jsonl/.parquet file")
     parser.add_argument("--output", "-o", metavar="DIR", required=True, help="output folder (shards/, chunks/, manifest.json, report.json)")
     shards = parser.add_argument_group("shards and images")
     shards.add_argument("--samples-per-shard", type=int, metavar="N", default=DEFAULT_SAMPLES_PER_SHARD,
@@ -999,9 +1085,9 @@ def config_from_args(args: argparse.Namespace, environ: dict) -> PrepareConfig:
         raise PrepareError("SOURCE is missing: give a folder of images with .txt captions or a "
                            ".csv/.tsv/.jsonl/.parquet file (only --merge runs without one)")
     kind = detect_source_kind(Path(args.source))
-    if kind == "folder" and (args.key_column or args.image_root):
+    if kind in ("folder", "shards") and (args.key_column or args.image_root):
         raise PrepareError("--key-column and --image-root apply to table sources; a folder's keys come "
-                           "from the file names")
+                           "from the file names, a shard's from its samples")
     if args.image_root is not None and not Path(args.image_root).is_dir():
         raise PrepareError(f"--image-root {args.image_root!r} is not a folder")
     chunk_index, num_chunks = args.chunk_index, args.num_chunks

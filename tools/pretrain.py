@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from llm4gen.embedded.registry import CLIP_TOKENIZER_DIR, SD15_SCHEDULER, SHAPES_UNET, TINY_CLIP, TINY_VAE
 from llm4gen.embedded.tiny import save_sd15_folder
 from llm4gen.evaluation import aggregate, prompt_set, score
-from llm4gen.lightning_modules.callbacks import image_grid
+from llm4gen.evaluation.grids import captioned_grid
 from llm4gen.shapes.world import (
     Scene,
     caption,
@@ -423,7 +423,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     log["train_wall_s"] = round(time.perf_counter() - started, 1)
     if cfg.eval_prompts:
         evaluation, samples = evaluate_base(base, cfg.eval_prompts, cfg.eval_steps, cfg.eval_guidance, cfg.resolution)
-        image_grid(samples, columns=10).save(output / "samples_seen_1.png")
+        captioned_grid(samples, [r.text for r in prompt_set("seen_1", cfg.eval_prompts)], columns=10,
+                       side=64).save(output / "samples_seen_1.png")
         log["eval_seen_1"] = evaluation
         print(f"single-object prompts: right colour and shape in {evaluation['color']:.1%} of "
               f"{cfg.eval_prompts} samples ({output / 'samples_seen_1.png'})")

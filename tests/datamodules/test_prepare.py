@@ -592,3 +592,35 @@ def test_finished_tar_size_matches_tarfile(tmp_path):
             tar.addfile(prep.member_info(f"k{size}.bin", size), io.BytesIO(b"x" * size))
         offset = tar.offset
     assert prep.finished_tar_size(offset) == path.stat().st_size
+
+
+def test_an_img2dataset_folder_is_resharded_without_downloading(tmp_path, capsys):
+    """LAION / DataComp shards as img2dataset wrote them: resized to --resize-to, a failed download
+    skipped, the json-only caption read, the downloader's original size kept, the side files not inputs."""
+    from tests.helpers.shards import write_img2dataset_folder
+
+    source = tmp_path / "laion-part"
+    write_img2dataset_folder(source, [
+        {"key": "000000000", "caption": "a red bus", "size": (96, 64), "original": (1536, 1024)},
+        {"key": "000000001", "caption": "a dog on grass", "size": (64, 80), "original": (800, 1000),
+         "status": "failed_to_download"},
+        {"key": "000000002", "caption": "a green kite", "size": (64, 64), "original": (640, 640), "txt": False},
+    ])
+    output = tmp_path / "resharded"
+    assert main([str(source), "--output", str(output), "--resize-to", "32", "--quiet"]) == 0
+    report = json.loads((output / "report.json").read_text())
+    assert report["inputs"] == 3 and report["outcomes"] == {"written": 2, "failed_download": 1}
+    samples = read_shards(output)
+    assert set(samples) == {"000000000", "000000002"}
+    bus, kite = (json.loads(samples[k]["json"]) for k in ("000000000", "000000002"))
+    assert samples["000000002"]["txt"].decode() == "a green kite" == kite["caption"]
+    assert bus["original_size"] == [1536, 1024] and bus["size"] == [48, 32]  # shorter side to 32
+    assert bus["url"] == "https://example.com/000000000.jpg"
+    assert json.loads((output / "manifest.json").read_text())["source"]["kind"] == "shards"
+    # the re-sharded folder trains as it is, with the downloader's original size for SDXL
+    from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
+
+    dm = WebDatasetDataModule(str(output / "manifest.json"), batch_size=2, shuffle_buffer=0, shuffle_shards=False,
+                              resolution=32)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["original_size"].tolist() == [[1024, 1536], [640, 640]]
