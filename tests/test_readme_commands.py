@@ -126,6 +126,14 @@ def dry_run_cache(ctx: Context, script: str, args: list[str]):
     check_cacheable(load_configs(namespace), namespace.fields.split(","))
 
 
+def img2dataset_writes_webdataset(ctx: Context, script: str, args: list[str]):
+    """The README's img2dataset command writes WebDataset tars with the fields the datamodule reads, into the
+    folder the next command trains on."""
+    options = {a: b for a, b in zip(args, args[1:]) if a.startswith("--")}
+    assert options.get("--output_format") == "webdataset", args
+    assert f"data.shards={options['--output_folder']}" in README.read_text()
+
+
 def run_train(ctx: Context, script: str, args: list[str]):
     """The tiny default as the README runs it, shortened to 2 steps in a temporary folder."""
     if args:
@@ -378,6 +386,11 @@ COVERAGE = [
           "tests/evaluation/test_connectors_experiment.py runs data, two kinds and the report on the tiny model"),
     Entry(r"python sweep\.py configs/sweeps/shapes_evidence\.yaml( --slurm)?", dry_run_experiment_sweep, "dry-run",
           "twelve training runs (most of an hour here) or a SLURM cluster: expanded and checked"),
+    Entry(r"img2dataset .*", img2dataset_writes_webdataset, "dry-run",
+          "downloads LAION images (no network here); tests/datamodules/test_img2dataset_shards.py writes its output "
+          "layout and trains and caches on it"),
+    Entry(r"python train\.py --config configs/llm4gen_sdxl\.yaml data\.shards=/data/\S+", dry_run, "dry-run",
+          "trains full-size SDXL on a downloaded LAION part: parsed and its config loaded through the schema"),
     Entry(r"python -m pytest -m gpu", gpu_marker_registered, "dry-run",
           "needs CUDA (none here); bench/gpu_bench.py and these tests run where a GPU is lent"),
     Entry(r"python -m pytest -m 'not slow and not cluster'", fast_tier_markers_registered, "dry-run",
