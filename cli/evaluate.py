@@ -36,6 +36,7 @@ from llm4gen.evaluation.scorers import ScorerUnavailable
 from llm4gen.evaluation.shapes_scorer import ShapesScorer
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
 from llm4gen.lightning_modules.sampler import SamplingSettings, describe, load_sampler
+from llm4gen.pipelines.llm4gen_pipeline import pipeline_class
 
 
 def _cuda() -> bool:
@@ -48,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to evaluate (one of)")
     what.add_argument("--checkpoint", help="a training checkpoint (.ckpt)")
+    what.add_argument("--pipeline", help="an exported pipeline folder (export.py --format diffusers)")
     what.add_argument("--adapter", help="an exported run folder (<run>/export: model_config.yaml, adapter/)")
     what.add_argument("--base", help="the base model (hub id or diffusers folder): alone, the baseline; with "
                                      "--adapter, replaces the base recorded in the export")
@@ -141,18 +143,23 @@ def evaluate(args) -> int:
                         f"{args.steps}: each must be >= 1")
     device = args.device or ("cuda" if _cuda() else "cpu")
     try:
-        if not (args.checkpoint or args.adapter or args.base):
-            raise ValueError("nothing to evaluate: give --checkpoint, --adapter (an export folder) or --base")
+        if not (args.checkpoint or args.pipeline or args.adapter or args.base):
+            raise ValueError("nothing to evaluate: give --checkpoint, --pipeline (an exported pipeline folder), "
+                             "--adapter (an export folder) or --base")
+        if args.pipeline:
+            pipeline_class(args.pipeline)  # a pipeline folder at all, before any scorer loads
         sets = prompt_sets(args)
         evaluation = Evaluation(Path(args.output_dir), sets, build_scorers(args, sets, device), args.images_per_prompt,
                                 args.seed, args.batch_size, progress=not args.no_progress)
         settings = SamplingSettings(args.steps, args.guidance_scale, args.scheduler, args.negative_prompt)
         plan = evaluation.plan()
         evaluation.load_scorers()  # before any image: a model that is not here fails now
-        evaluation.check_output(describe(args.checkpoint, args.adapter, args.base, not args.no_ema), settings)
+        evaluation.check_output(describe(args.checkpoint, args.adapter, args.base, not args.no_ema, args.pipeline),
+                                settings)
     except (ValueError, FileNotFoundError, ScorerUnavailable, EvaluationError) as err:
         raise UserError(str(err)) from None
-    sampler = load_sampler(args.checkpoint, args.adapter, args.base, settings, device, use_ema=not args.no_ema)
+    sampler = load_sampler(args.checkpoint, args.adapter, args.base, settings, device, use_ema=not args.no_ema,
+                           pipeline=args.pipeline)
     generated = evaluation.generate(sampler, plan)
     print(f"generated {generated} new images ({sum(len(r) for r in plan.values())} in the plan)")
     scores = evaluation.score(plan)

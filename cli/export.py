@@ -25,8 +25,8 @@ from llm4gen.cli.generate import check_checkpoint_sources
 from llm4gen.configs.errors import UserError, entry_point
 from llm4gen.configs.schema import as_plain
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
-from llm4gen.lightning_modules.llm4gen import LLM4GenModule
-from llm4gen.pipelines.llm4gen_pipeline import pipeline_from_module
+from llm4gen.lightning_modules.llm4gen import LLM4GenModule, fused_unet, save_unet_lora
+from llm4gen.pipelines.llm4gen_pipeline import frozen_references, pipeline_from_module, save_by_reference
 from llm4gen.pipelines.model_card import model_card, run_scores
 
 
@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="diffusers: an LLM4GenPipeline folder with a model card (default); release: the "
                              "authors' layout, projector.pth + unet/")
     parser.add_argument("--no-ema", action="store_true", help="export the trained weights, not their EMA")
+    parser.add_argument("--full", action="store_true",
+                        help="diffusers: copy the frozen parts (VAE, CLIP, LLM, a frozen UNet) into the folder; by "
+                             "default they are referenced by their sources and loaded from there")
     return parser.parse_args(argv)
 
 
@@ -48,7 +51,8 @@ def main(argv=None) -> int:
 
     module = LLM4GenModule.load_from_checkpoint(args.checkpoint, map_location="cpu")
     if args.format == "diffusers":
-        print(export_pipeline(module, Path(args.output), Path(args.checkpoint), use_ema=not args.no_ema))
+        print(export_pipeline(module, Path(args.output), Path(args.checkpoint), use_ema=not args.no_ema,
+                              full=args.full))
         return 0
     try:
         print(module.export_release(args.output, use_ema=not args.no_ema))
@@ -57,22 +61,31 @@ def main(argv=None) -> int:
     return 0
 
 
-def export_pipeline(module, output: Path, checkpoint: Path, use_ema: bool = True) -> Path:
-    """The run as an LLM4GenPipeline folder with its model card; the EMA weights when ``use_ema``."""
-    if module.cfg.unet_training == "lora":
-        raise UserError("--format diffusers does not hold a LoRA UNet yet: the run's export/unet_lora/ (written by "
-                        "train.py) loads into a pipeline with pipe.load_lora_weights; or export --format release after "
-                        "fusing, or train with model.unet_training=frozen or full")
+def export_pipeline(module, output: Path, checkpoint: Path, use_ema: bool = True, full: bool = False) -> Path:
+    """The run as an LLM4GenPipeline folder with its model card; the EMA weights when ``use_ema``; the frozen
+    parts copied with ``full``, else referenced by their sources (the folder holds what trained)."""
+    lora = module.cfg.unet_training == "lora"
     try:
         with (module.ema_weights() if use_ema else contextlib.nullcontext()):
             pipe = pipeline_from_module(module)
-            pipe.save_pretrained(output, safe_serialization=True)
+            if lora:  # the pipeline's UNet has the LoRA merged in; unet_lora/ keeps it apart for load_lora_weights
+                pipe.register_modules(unet=fused_unet(module.unet))
+                save_unet_lora(module.unet, output / "unet_lora")
+            references = {} if full else frozen_references(module)
+            if references:
+                save_by_reference(pipe, output, references)
+            else:
+                pipe.save_pretrained(output, safe_serialization=True)
     except ValueError as err:  # a module the pipeline cannot hold (SDXL, chunked CLIP, no connector)
         raise UserError(str(err)) from None
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
     step = torch.load(checkpoint, map_location="cpu", weights_only=False).get("global_step")
     model = as_plain(module.cfg)
-    (output / "README.md").write_text(model_card(model, step, run_scores(run_dir), references={}))
+    shown = {name: f"{r['source']}" + (f" ({r['subfolder']})" if r.get("subfolder") else "") for name, r in references.items()}
+    (output / "README.md").write_text(model_card(model, step, run_scores(run_dir), references=shown))
+    if references:
+        print(f"frozen parts referenced, not copied (export.py --full copies them): "
+              f"{', '.join(f'{k} <- {v}' for k, v in shown.items())}")
     return output
 
 

@@ -32,7 +32,6 @@ from llm4gen.launch.preflight import check_init_from, check_sources, model_width
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule
 from llm4gen.lightning_modules.sampler import Sampler, SamplingSettings, load_sampler
-from llm4gen.pipelines.llm4gen_pipeline import load_pipeline as load_llm4gen_pipeline
 
 
 def slug(text: str, length: int = 40) -> str:
@@ -105,7 +104,10 @@ def main(argv=None) -> int:
 
     settings = SamplingSettings(args.steps, args.guidance_scale, args.scheduler, args.negative_prompt)
     if args.pipeline:
-        sampler = PipelineSampler(load_pipeline(args.pipeline, args.scheduler, device), settings)
+        try:
+            sampler = load_sampler(pipeline=args.pipeline, settings=settings, device=device)
+        except (FileNotFoundError, ValueError) as err:
+            raise UserError(f"--pipeline: {err}") from None
     elif args.release:
         try:
             module = load_release_module(args.release, args.config, args.overrides)
@@ -129,36 +131,6 @@ def main(argv=None) -> int:
         captioned_grid(images, args.prompt, columns=min(4, len(images)), side=max(128, images[0].size[0])).save(grid)
         print(grid)
     return 0
-
-
-def load_pipeline(folder: str, scheduler: str, device: str):
-    """An exported LLM4GenPipeline, with ``scheduler`` built from its own scheduler's config."""
-    import diffusers
-
-    try:
-        pipe = load_llm4gen_pipeline(folder)  # LLM4GenPipeline or LLM4GenXLPipeline, as the folder says
-    except (FileNotFoundError, ValueError) as err:
-        raise UserError(f"--pipeline: {err}") from None
-    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-class PipelineSampler:
-    """``generate(prompts, seeds)`` through a pipeline, with the checkpoint sampler's seeding (one CPU
-    generator per prompt) and settings."""
-
-    def __init__(self, pipe, settings: SamplingSettings):
-        self.pipe, self.settings = pipe, settings
-
-    def generate(self, prompts: list[str], seeds: list[int]):
-        import torch
-
-        s = self.settings
-        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
-        return self.pipe(list(prompts), negative_prompt=[s.negative_prompt] * len(prompts),
-                         num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
-                         generator=generators, output_type="pil").images
 
 
 if __name__ == "__main__":

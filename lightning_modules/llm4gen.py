@@ -21,6 +21,7 @@ optimizer; loading rebuilds the frozen parts from their configured sources.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 from pathlib import Path
@@ -106,6 +107,27 @@ def step_generator(seed: int, step: int, micro_batch: int, rank: int, device: to
     uninterrupted one would have, with no RNG state to save."""
     mixed = hash((seed, step, micro_batch, rank)) & 0x7FFF_FFFF_FFFF_FFFF
     return torch.Generator(device).manual_seed(mixed)
+
+
+def save_unet_lora(unet, directory: str | os.PathLike) -> Path:
+    """The UNet's LoRA in diffusers' format (``pipe.load_lora_weights(directory)`` reads it, into a stock
+    ``StableDiffusionPipeline`` too)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict  # peft: only LoRA runs need it
+
+    StableDiffusionPipeline.save_lora_weights(
+        directory, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    return Path(directory)
+
+
+def fused_unet(unet):
+    """A copy of a LoRA-trained UNet with the LoRA merged into its weights and the LoRA layers gone: a plain
+    UNet2DConditionModel any pipeline loads."""
+    fused = copy.deepcopy(unet)
+    fused.fuse_lora()
+    fused.unload_lora()
+    return fused
 
 
 class LLM4GenModule(L.LightningModule):
@@ -485,12 +507,7 @@ class LLM4GenModule(L.LightningModule):
         with (self.ema_weights() if use_ema else contextlib.nullcontext()):
             self.adapter.save_pretrained(directory / "adapter")
             if self.cfg.unet_training == "lora":
-                from diffusers import StableDiffusionPipeline
-                from diffusers.utils import convert_state_dict_to_diffusers
-                from peft.utils import get_peft_model_state_dict
-
-                StableDiffusionPipeline.save_lora_weights(
-                    directory / "unet_lora", unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet)))
+                save_unet_lora(self.unet, directory / "unet_lora")
             elif self.cfg.unet_training == "full":
                 self.unet.save_pretrained(directory / "unet")
         OmegaConf.save(self.cfg, directory / "model_config.yaml")

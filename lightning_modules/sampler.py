@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from llm4gen.configs.schema import model_config
 from llm4gen.encoders.sources import load_pretrained
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule
+from llm4gen.pipelines.llm4gen_pipeline import load_pipeline
 
 DEFAULT_BASE = "embedded:tiny-sd"
 
@@ -99,9 +100,21 @@ def load_base_pipeline(base: str, scheduler: str, device: str = "cpu"):
     return pipe.to(device)
 
 
+def load_pipeline_folder(folder: str, scheduler: str, device: str = "cpu"):
+    """An exported LLM4GenPipeline folder (export.py), with ``scheduler`` built from its own scheduler's config."""
+    import diffusers
+
+    pipe = load_pipeline(folder)  # LLM4GenPipeline or LLM4GenXLPipeline, as the folder says
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
 def describe(checkpoint: str | None = None, adapter: str | None = None, base: str | None = None,
-             use_ema: bool = True) -> dict:
+             use_ema: bool = True, pipeline: str | None = None) -> dict:
     """What is sampled from, as recorded in the run's run.json."""
+    if pipeline:
+        return {"kind": "pipeline", "pipeline": str(pipeline)}
     if checkpoint:
         return {"kind": "checkpoint", "checkpoint": str(checkpoint), "ema": use_ema}
     if adapter:
@@ -110,11 +123,16 @@ def describe(checkpoint: str | None = None, adapter: str | None = None, base: st
 
 
 def load_sampler(checkpoint: str | None = None, adapter: str | None = None, base: str | None = None,
-                 settings: SamplingSettings | None = None, device: str = "cpu", use_ema: bool = True) -> Sampler:
-    """Exactly one of: ``checkpoint``; ``adapter`` (an export folder; ``base`` optional); ``base`` alone."""
+                 settings: SamplingSettings | None = None, device: str = "cpu", use_ema: bool = True,
+                 pipeline: str | None = None) -> Sampler:
+    """Exactly one of: ``checkpoint``; ``pipeline`` (an exported pipeline folder); ``adapter`` (an export folder;
+    ``base`` optional); ``base`` alone. A pipeline is sampled as the base is: one CPU generator per prompt."""
     settings = settings or SamplingSettings()
-    if checkpoint and adapter:
-        raise ValueError("give either --checkpoint or --adapter, not both")
+    if sum(bool(x) for x in (checkpoint, adapter, pipeline)) > 1:
+        raise ValueError("give one of --checkpoint, --pipeline or --adapter")
+    if pipeline:
+        return Sampler(describe(pipeline=pipeline), settings,
+                       pipeline=load_pipeline_folder(pipeline, settings.scheduler, device))
     if checkpoint:
         module = load_checkpoint_module(checkpoint, device)
         return Sampler(describe(checkpoint, use_ema=use_ema), settings, module=module, use_ema=use_ema)

@@ -18,6 +18,7 @@ Build one from a training module with :func:`pipeline_from_module`.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -35,6 +36,8 @@ from llm4gen.encoders.llm import (
     LLMEncoder,
     LLMFeatures,
     hidden_state_index,
+    load_llm_config,
+    load_llm_model,
     normalizes,
     num_hidden_layers,
     read_hidden_states,
@@ -75,11 +78,61 @@ def timestep_conditioning(unet, connect, texts):
         handle.remove()
 
 
+FROZEN = ("vae", "text_encoder", "unet", "llm")  # the big frozen parts an export may name instead of copying
+SHIM_FILE = "pipeline"  # <folder>/pipeline.py: the class for DiffusionPipeline.from_pretrained(..., trust_remote_code=True)
+SHIM = """# The pipeline class of this folder, for diffusers' custom-pipeline loading:
+#     DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+# It is defined by the llm4gen package (pip install llm4gen); this file only names it.
+from llm4gen.pipelines.llm4gen_pipeline import {name}  # noqa: F401
+"""
+
+
+def load_reference(reference: dict):
+    """A frozen component an export names instead of copying (``frozen_sources`` in model_index.json):
+    ``{"library", "class", "source", "subfolder"}``; ``embedded:`` sources resolve on any machine with llm4gen;
+    the LLM goes through llm4gen's strict loader (RankGen's layout included)."""
+    source = resolve_source(reference["source"])
+    if reference["library"] == "llm4gen":  # the LLM, read as training read it
+        config = load_llm_config(source, None, False)
+        return saveable_llm(load_llm_model(source, config, reference.get("kind", "encoder"), torch.float32))
+    loader = getattr(importlib.import_module(reference["library"]), reference["class"])
+    return loader.from_pretrained(source, **({"subfolder": reference["subfolder"]} if reference.get("subfolder") else {}))
+
+
+def resolve_frozen(components: dict, frozen_sources: Optional[dict]) -> dict:
+    """``components`` with each one that is None and named in ``frozen_sources`` loaded from its reference."""
+    for name, reference in (frozen_sources or {}).items():
+        if components.get(name) is None:
+            components[name] = load_reference(reference)
+    return components
+
+
 class LLMConditioning:
     """What both pipelines add to their parent: the LLM's features, the connector, and per-step conditioning
-    for a timestep-aware connector. ``self.config`` holds the LLM's reading rules."""
+    for a timestep-aware connector. ``self.config`` holds the LLM's reading rules.
+
+    Saved folders name their class as the hub's custom pipelines do (``"_class_name": ["pipeline",
+    "LLM4GenPipeline"]`` beside a ``pipeline.py`` that imports it), so a bare
+    ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` finds it; this class's own
+    ``from_pretrained`` reads the same folder without running any of its code."""
 
     _guided_text = None  # (clip, llm, clip_negative, llm_negative) while a timestep-aware pipeline call runs
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if isinstance(config, dict) and isinstance(config.get("_class_name"), (list, tuple)):
+            config["_class_name"] = config["_class_name"][1]  # this class is the one the folder names
+        return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        index = Path(save_directory) / "model_index.json"
+        config = json.loads(index.read_text())
+        config["_class_name"] = [SHIM_FILE, type(self).__name__]
+        index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (Path(save_directory) / f"{SHIM_FILE}.py").write_text(SHIM.format(name=type(self).__name__))
 
     # ---- the LLM's features, read as training read them (encoders/llm.py)
 
@@ -150,17 +203,22 @@ class LLMConditioning:
 
 class LLM4GenPipeline(LLMConditioning, StableDiffusionPipeline):
     model_cpu_offload_seq = "llm->text_encoder->adapter->unet->vae"
+    # the frozen parts may be saved by reference (``frozen_sources``): null in model_index.json, loaded from there
+    _optional_components = [*StableDiffusionPipeline._optional_components, *FROZEN]
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, llm, llm_tokenizer, adapter,
                  safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker: bool = False,
                  llm_max_length: int = 32, llm_prefix: str = "", llm_layer: Any = -1, llm_layer_norm: str = "auto",
-                 llm_zero_padding: bool = True, llm_kind: str = "encoder"):
+                 llm_zero_padding: bool = True, llm_kind: str = "encoder", frozen_sources: Optional[dict] = None):
+        frozen = resolve_frozen(dict(vae=vae, text_encoder=text_encoder, unet=unet, llm=llm), frozen_sources)
+        vae, text_encoder, unet, llm = (frozen[k] for k in ("vae", "text_encoder", "unet", "llm"))
         super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                          safety_checker=safety_checker, feature_extractor=feature_extractor, image_encoder=image_encoder,
                          requires_safety_checker=requires_safety_checker)
         self.register_modules(llm=llm, llm_tokenizer=llm_tokenizer, adapter=adapter)
         self.register_to_config(llm_max_length=llm_max_length, llm_prefix=llm_prefix, llm_layer=llm_layer,
-                                llm_layer_norm=llm_layer_norm, llm_zero_padding=llm_zero_padding, llm_kind=llm_kind)
+                                llm_layer_norm=llm_layer_norm, llm_zero_padding=llm_zero_padding, llm_kind=llm_kind,
+                                frozen_sources=frozen_sources)
 
     # ---- StableDiffusionPipeline's hook: the context the UNet reads
 
@@ -209,19 +267,24 @@ class LLM4GenXLPipeline(LLMConditioning, StableDiffusionXLPipeline):
     prompt (never zeros), as in training's caption dropout."""
 
     model_cpu_offload_seq = "llm->text_encoder->text_encoder_2->adapter->unet->vae"
+    _optional_components = [*StableDiffusionXLPipeline._optional_components, *FROZEN, "text_encoder_2"]
 
     def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, llm, llm_tokenizer,
                  adapter, image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt: bool = False,
                  add_watermarker: Optional[bool] = False, llm_max_length: int = 32, llm_prefix: str = "",
                  llm_layer: Any = -1, llm_layer_norm: str = "auto", llm_zero_padding: bool = True,
-                 llm_kind: str = "encoder"):
+                 llm_kind: str = "encoder", frozen_sources: Optional[dict] = None):
+        names = ("vae", "text_encoder", "text_encoder_2", "unet", "llm")
+        frozen = resolve_frozen(dict(zip(names, (vae, text_encoder, text_encoder_2, unet, llm))), frozen_sources)
+        vae, text_encoder, text_encoder_2, unet, llm = (frozen[k] for k in names)
         super().__init__(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
                          tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, image_encoder=image_encoder,
                          feature_extractor=feature_extractor, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
                          add_watermarker=add_watermarker)
         self.register_modules(llm=llm, llm_tokenizer=llm_tokenizer, adapter=adapter)
         self.register_to_config(llm_max_length=llm_max_length, llm_prefix=llm_prefix, llm_layer=llm_layer,
-                                llm_layer_norm=llm_layer_norm, llm_zero_padding=llm_zero_padding, llm_kind=llm_kind)
+                                llm_layer_norm=llm_layer_norm, llm_zero_padding=llm_zero_padding, llm_kind=llm_kind,
+                                frozen_sources=frozen_sources)
 
     def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt: int = 1,
                       do_classifier_free_guidance: bool = True, negative_prompt=None, negative_prompt_2=None,
@@ -263,6 +326,46 @@ def pipeline_from_module(module, scheduler: str = "DDIMScheduler"):
     return LLM4GenPipeline(**common)
 
 
+def frozen_references(module) -> dict[str, dict]:
+    """Where a trained module's frozen parts come from (the VAE, CLIP, the LLM, and the UNet when it did not
+    train), as ``frozen_sources`` references: what an export names instead of copying."""
+    cfg = module.cfg
+
+    def source(path: str) -> str:
+        local = Path(path).expanduser()
+        return str(local.resolve()) if not path.startswith("embedded:") and local.exists() else path
+
+    base = source(cfg.base.pretrained)
+    references = {"vae": {"library": "diffusers", "class": "AutoencoderKL", "source": base, "subfolder": "vae"},
+                  "text_encoder": {"library": "transformers", "class": "CLIPTextModel", "source": base,
+                                   "subfolder": "text_encoder"},
+                  "llm": {"library": "llm4gen", "class": "LLMEncoder", "source": source(cfg.llm.pretrained),
+                          "kind": module.llm.kind}}
+    if cfg.base.family == "sdxl":
+        references["text_encoder_2"] = {"library": "transformers", "class": "CLIPTextModelWithProjection",
+                                        "source": base, "subfolder": "text_encoder_2"}
+    if cfg.unet_training == "frozen":
+        references["unet"] = {"library": "diffusers", "class": "UNet2DConditionModel",
+                              "source": source(cfg.base.unet) if cfg.base.unet else base,
+                              "subfolder": None if cfg.base.unet else "unet"}
+    return references
+
+
+def save_by_reference(pipe, directory, frozen_sources: dict[str, dict]) -> Path:
+    """Saves ``pipe`` with the components named in ``frozen_sources`` recorded, not copied: null in
+    ``model_index.json``, loaded from their sources when the folder is loaded (``from_pretrained(folder,
+    vae=...)`` still replaces any of them)."""
+    kept = {name: getattr(pipe, name) for name in frozen_sources}
+    try:
+        pipe.register_modules(**{name: None for name in frozen_sources})
+        pipe.register_to_config(frozen_sources=frozen_sources)
+        pipe.save_pretrained(directory, safe_serialization=True)
+    finally:
+        pipe.register_modules(**kept)
+        pipe.register_to_config(frozen_sources=None)
+    return Path(directory)
+
+
 def saveable_llm(model):
     """The LLM as a transformers model that saves and loads by itself: a T5 encoder stack (what the training
     module reads) goes into a ``T5EncoderModel`` sharing its weights."""
@@ -280,13 +383,22 @@ def saveable_llm(model):
 PIPELINES = {"LLM4GenPipeline": LLM4GenPipeline, "LLM4GenXLPipeline": LLM4GenXLPipeline}
 
 
-def load_pipeline(folder, **kwargs):
-    """The LLM4GenPipeline or LLM4GenXLPipeline a folder's ``model_index.json`` names."""
+def pipeline_class(folder) -> type:
+    """The LLM4GenPipeline or LLM4GenXLPipeline a folder's ``model_index.json`` names (read without weights)."""
     index = Path(folder) / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(f"{str(folder)!r} is not a pipeline folder: it has no model_index.json "
                                 f"(export.py --format diffusers writes one)")
-    name = json.loads(index.read_text()).get("_class_name")
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except ValueError as err:
+        raise ValueError(f"{index} is not valid JSON ({err})") from None
+    name = name[1] if isinstance(name, list) and len(name) == 2 else name
     if name not in PIPELINES:
         raise ValueError(f"{index} names {name!r}, not one of {', '.join(PIPELINES)}")
-    return PIPELINES[name].from_pretrained(folder, **kwargs)
+    return PIPELINES[name]
+
+
+def load_pipeline(folder, **kwargs):
+    """The LLM4GenPipeline or LLM4GenXLPipeline a folder's ``model_index.json`` names."""
+    return pipeline_class(folder).from_pretrained(folder, **kwargs)

@@ -152,3 +152,20 @@ def test_missing_scorer_model_offline_fails_before_anything_is_generated(setup, 
     assert err.startswith("evaluate.py: error: ") and "\n" not in err
     assert "Salesforce/blip-vqa-capfilt-large" in err and "hf download Salesforce/blip-vqa-capfilt-large" in err
     assert not out.exists()
+
+
+def test_an_exported_pipeline_evaluates_to_the_checkpoints_images(setup, ckpt_eval, tmp_path):
+    """evaluate.py --pipeline samples through the LLM4GenPipeline folder export.py writes, the one sampling
+    path generate.py --pipeline takes: the same images as the checkpoint's."""
+    from llm4gen.cli import export
+
+    ckpt = ckpt_eval[0]
+    assert export.main(["--checkpoint", str(setup["checkpoint"]), "--output", str(tmp_path / "pipe")]) == 0
+    out = tmp_path / "from-pipeline"
+    assert evaluate.main(["--pipeline", str(tmp_path / "pipe"), *compbench_args(
+        setup, out, source=setup["compbench"] / "color_val.txt", scorers="blip_vqa")]) == 0
+    produced = sorted((out / "images").rglob("*.png"))
+    assert len(produced) == 4
+    for path in produced:
+        assert np.array_equal(pixels(path), pixels(ckpt / path.relative_to(out)))
+    assert json.loads((out / "run.json").read_text())["sampler"] == {"kind": "pipeline", "pipeline": str(tmp_path / "pipe")}
