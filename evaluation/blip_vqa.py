@@ -44,9 +44,12 @@ IGNORED_NOUN_PHRASES = frozenset({"top", "the side", "the left", "the right"})
 MAX_QUESTION_TOKENS = 35
 
 
-def noun_phrases(prompt: str, nlp) -> list[str]:
-    """spaCy noun chunks of the prompt, in order, without T2I-CompBench's ignored spatial phrases."""
-    return [chunk.text for chunk in nlp(prompt).noun_chunks if chunk.text not in IGNORED_NOUN_PHRASES]
+def noun_phrases(prompt: str, nlp, cap: int | None = None, ignore_spatial: bool = True) -> list[str]:
+    """spaCy noun chunks of the prompt, in order, without T2I-CompBench's ignored spatial phrases (today's
+    scorer; its 2023 version kept them), the first ``cap`` of them (its ``--np_num``: 2 in 2023, 8 today)."""
+    phrases = [chunk.text for chunk in nlp(prompt).noun_chunks
+               if not (ignore_spatial and chunk.text in IGNORED_NOUN_PHRASES)]
+    return phrases if cap is None else phrases[:cap]
 
 
 def question(phrase: str) -> str:
@@ -73,12 +76,12 @@ YesProbability = Callable[[list[Image.Image], list[str]], torch.Tensor]  # (imag
 
 
 def score_images(images: Sequence[Image.Image], prompts: Sequence[str], nlp, yes_probability: YesProbability,
-                 batch_size: int = 32) -> list[dict]:
+                 batch_size: int = 32, noun_phrase_cap: int | None = None, ignore_spatial: bool = True) -> list[dict]:
     """Per image: its noun phrases, each one's P(yes), and the product. One VQA call per batch of
     (image, question) pairs; ``yes_probability`` is the model (a fake one in tests)."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-    phrases = {p: noun_phrases(p, nlp) for p in dict.fromkeys(prompts)}
+    phrases = {p: noun_phrases(p, nlp, noun_phrase_cap, ignore_spatial) for p in dict.fromkeys(prompts)}
     pairs = [(i, q) for i, p in enumerate(prompts) for q in (question(np_) for np_ in phrases[p])]
     probabilities: list[float] = []
     for start in range(0, len(pairs), batch_size):

@@ -3,6 +3,7 @@ shapes benchmark's fixed sets. A set is a name and its prompts, in a fixed order
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,8 @@ def compbench_sets(source: str | Path, categories=COMPBENCH_ATTRIBUTE_CATEGORIES
                                     f"T2I-CompBench's examples/dataset folder or at one category file")
     else:
         raise FileNotFoundError(f"--compbench {str(source)!r} is neither a folder nor a prompt file")
-    return [PromptSet(compbench_category(f), read_prompt_file(f, limit), kind="compbench") for f in files]
+    return [PromptSet(compbench_category(f), read_prompt_file(f, limit), kind="compbench",
+                      meta={"path": str(f), "file_sha256": hashlib.sha256(f.read_bytes()).hexdigest()}) for f in files]
 
 
 def coco_set(captions: str | Path, reference_images: str | Path, limit: int | None = None,

@@ -45,11 +45,44 @@ def markdown_table(runs: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def read_run(run_dir: str | Path) -> tuple[str, dict[str, dict[str, float]]]:
+    label, scores, _ = read_run_record(run_dir)
+    return label, scores
+
+
+def read_run_record(run_dir: str | Path) -> tuple[str, dict[str, dict[str, float]], dict | None]:
+    """(label, scores, protocol record or None for a run written before records existed)."""
     path = Path(run_dir) / "scores.json"
     if not path.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} has no scores.json: is it an evaluate.py output folder?")
     data = json.loads(path.read_text())
-    return data.get("label") or Path(run_dir).name, data["scores"]
+    return data.get("label") or Path(run_dir).name, data["scores"], data.get("protocol")
+
+
+# Fields that differ between the runs of one table by design: what was evaluated, and the code's version.
+PER_RUN_FIELDS = ("sampler", "code")
+
+
+def _flatten(record: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def protocol_differences(records: dict[str, dict | None]) -> list[str]:
+    """The protocol fields on which the runs differ, as "field: run=value, ..." (per-run fields aside)."""
+    flat = {label: _flatten({k: v for k, v in (r or {}).items() if k not in PER_RUN_FIELDS})
+            for label, r in records.items()}
+    fields = sorted(set().union(*flat.values())) if flat else []
+    differences = []
+    for field_name in fields:
+        values = {label: f.get(field_name, "(not recorded)") for label, f in flat.items()}
+        if len({json.dumps(v, sort_keys=True, default=str) for v in values.values()}) > 1:
+            differences.append(f"{field_name}: " + ", ".join(f"{label}={v}" for label, v in values.items()))
+    return differences
 
 
 def bar_plot(runs: dict[str, dict[str, dict[str, float]]], path: str | Path) -> Path:
@@ -80,14 +113,27 @@ def bar_plot(runs: dict[str, dict[str, dict[str, float]]], path: str | Path) -> 
     return path
 
 
-def compare(run_dirs: list[str | Path], out: str | Path) -> tuple[Path, Path]:
-    """``<out>/compare.md`` and ``<out>/compare.png`` over the runs' scores.json."""
+class MixedProtocols(ValueError):
+    pass
+
+
+def compare(run_dirs: list[str | Path], out: str | Path, allow_mixed_protocols: bool = False) -> tuple[Path, Path]:
+    """``<out>/compare.md`` and ``<out>/compare.png`` over the runs' scores.json. Runs measured under
+    different protocols (prompt files, parser, scorer options, generation settings) are refused unless
+    ``allow_mixed_protocols``."""
     runs: dict[str, dict] = {}
+    records: dict[str, dict | None] = {}
     for run_dir in run_dirs:
-        label, scores = read_run(run_dir)
+        label, scores, record = read_run_record(run_dir)
         if label in runs:
             label = str(run_dir)
-        runs[label] = scores
+        runs[label], records[label] = scores, record
+    differences = protocol_differences(records)
+    if differences and not allow_mixed_protocols:
+        shown = "; ".join(differences[:6]) + ("; ..." if len(differences) > 6 else "")
+        raise MixedProtocols(f"these runs were measured under different protocols, so their numbers do not belong "
+                             f"in one table: {shown}. Re-run them under one protocol, or pass "
+                             f"--allow-mixed-protocols to compare anyway.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = out / "compare.md"

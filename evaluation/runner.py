@@ -19,11 +19,13 @@ a temporary name, then renamed).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import llm4gen
 from llm4gen.evaluation.prompts import PromptSet
 from llm4gen.evaluation.report import markdown_table
 from llm4gen.evaluation.scorers import ImageRecord, Scorer
@@ -35,9 +37,13 @@ class EvaluationError(ValueError):
     pass
 
 
-def image_seed(seed: int, prompt_index: int, image_index: int, own_seed: int | None = None) -> int:
+def image_seed(seed: int, prompt_index: int, image_index: int, own_seed: int | None = None,
+               shared: bool = False) -> int:
+    """``shared``: every prompt's image j has seed + j (T2I-CompBench's generation script: 42 + j)."""
     if not 0 <= image_index < MAX_IMAGES_PER_PROMPT:
         raise ValueError(f"image index {image_index}: at most {MAX_IMAGES_PER_PROMPT} images per prompt")
+    if shared:
+        return seed + image_index
     if own_seed is not None:
         return seed + own_seed + 1_000_000 * image_index
     return seed + MAX_IMAGES_PER_PROMPT * prompt_index + image_index
@@ -47,9 +53,11 @@ def image_path(out: Path, set_name: str, prompt_index: int, image_index: int) ->
     return out / "images" / set_name / f"{prompt_index:05d}_{image_index:02d}.png"
 
 
-def plan_images(out: Path, prompt_set: PromptSet, images_per_prompt: int, seed: int) -> list[ImageRecord]:
+def plan_images(out: Path, prompt_set: PromptSet, images_per_prompt: int, seed: int,
+                shared_seeds: bool = False) -> list[ImageRecord]:
     own = prompt_set.seeds or [None] * len(prompt_set.prompts)
-    return [ImageRecord(i, j, prompt, image_seed(seed, i, j, own[i]), image_path(out, prompt_set.name, i, j))
+    return [ImageRecord(i, j, prompt, image_seed(seed, i, j, own[i], shared_seeds),
+                        image_path(out, prompt_set.name, i, j))
             for i, prompt in enumerate(prompt_set.prompts) for j in range(images_per_prompt)]
 
 
@@ -84,7 +92,7 @@ def check_run_record(out: Path, record: dict) -> None:
     path = out / "run.json"
     if path.is_file():
         previous = json.loads(path.read_text())
-        keys = ("sampler", "sampling", "seed")
+        keys = ("sampler", "sampling", "seed", "shared_seeds")
         if any(previous.get(k) != record.get(k) for k in keys):
             changed = [k for k in keys if previous.get(k) != record.get(k)]
             raise EvaluationError(
@@ -103,6 +111,7 @@ class Evaluation:
     seed: int = 0
     batch_size: int = 8
     progress: bool = True
+    shared_seeds: bool = False  # image j of every prompt has seed + j (a T2I-CompBench protocol)
 
     def load_scorers(self) -> None:
         """Every scorer's model, before any image is generated (a missing model fails in seconds)."""
@@ -110,11 +119,15 @@ class Evaluation:
             scorer.load()
 
     def plan(self) -> dict[str, list[ImageRecord]]:
-        return {s.name: plan_images(self.out, s, self.images_per_prompt, self.seed) for s in self.prompt_sets}
+        return {s.name: plan_images(self.out, s, self.images_per_prompt, self.seed, self.shared_seeds)
+                for s in self.prompt_sets}
 
     def check_output(self, description: dict, settings) -> None:
         """Refuses an output folder holding images of another model or other settings (before loading)."""
-        check_run_record(self.out, {"sampler": description, "sampling": settings.as_dict(), "seed": self.seed})
+        record = {"sampler": description, "sampling": settings.as_dict(), "seed": self.seed}
+        if self.shared_seeds:
+            record["shared_seeds"] = True
+        check_run_record(self.out, record)
 
     def generate(self, sampler, plan: dict[str, list[ImageRecord]]) -> int:
         self.check_output(sampler.description, sampler.settings)
@@ -150,8 +163,29 @@ class Evaluation:
                                             for r, d in zip(records, details)))
         return scores
 
-    def write(self, scores: dict[str, dict[str, float]], label: str | None = None) -> None:
+    def protocol_record(self, sampler_description: dict, settings, protocol: str | None = None,
+                        dtype: str = "float32") -> dict:
+        """What the scores depend on beyond the model: the prompt sets (with checksums of their prompts),
+        the generation settings and seeds, each scorer's model and options, the code version."""
+        scorers = {s.name: s.record() for s in self.scorers if hasattr(s, "record")}
+        scorers.update({s.name: {} for s in self.scorers if not hasattr(s, "record")})
+        return {
+            "protocol": protocol or "custom",
+            "prompt_sets": {s.name: {"kind": s.kind, "prompts": len(s.prompts),
+                                     "sha256": hashlib.sha256("\n".join(s.prompts).encode()).hexdigest(),
+                                     **({"file_sha256": s.meta["file_sha256"]} if "file_sha256" in s.meta else {})}
+                            for s in self.prompt_sets},
+            "generation": {**settings.as_dict(), "images_per_prompt": self.images_per_prompt, "dtype": dtype,
+                           "seeds": (f"image j of every prompt: {self.seed} + j" if self.shared_seeds else
+                                     f"image j of prompt i: {self.seed} + 1000 i + j")},
+            "scorers": scorers,
+            "sampler": sampler_description,
+            "code": {"llm4gen": llm4gen.__version__},
+        }
+
+    def write(self, scores: dict[str, dict[str, float]], label: str | None = None, protocol: dict | None = None) -> None:
         _write_json(self.out / "scores.json", {"label": label or self.out.name, "scores": scores,
                                                "images_per_prompt": self.images_per_prompt,
-                                               "prompts": {s.name: len(s.prompts) for s in self.prompt_sets}})
+                                               "prompts": {s.name: len(s.prompts) for s in self.prompt_sets},
+                                               **({"protocol": protocol} if protocol else {})})
         (self.out / "scores.md").write_text(markdown_table({label or self.out.name: scores}) + "\n")

