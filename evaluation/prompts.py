@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,10 +63,12 @@ def compbench_sets(source: str | Path, categories=COMPBENCH_ATTRIBUTE_CATEGORIES
 
 
 def coco_set(captions: str | Path, reference_images: str | Path, limit: int | None = None,
-             name: str = "coco") -> PromptSet:
+             name: str = "coco", seed: int = 0) -> PromptSet:
     """COCO caption annotations (``{"annotations": [{"image_id", "caption"}, ...]}``): the first caption
-    of each image, in image-id order, the first ``limit`` of them. FID compares with the images under
-    ``reference_images`` (a folder, or WebDataset shards)."""
+    of each image, in image-id order; with ``limit``, a random sample of that many images' captions drawn
+    with ``seed`` (the 30k-caption MS-COCO FID protocol samples, rather than taking the first ids), kept in
+    image-id order. FID compares with the images under ``reference_images`` (a folder, WebDataset shards,
+    or a .txt list of image paths: the matched reference list)."""
     captions = Path(captions)
     if not captions.is_file():
         raise FileNotFoundError(f"COCO caption file {str(captions)!r} does not exist")
@@ -77,11 +80,16 @@ def coco_set(captions: str | Path, reference_images: str | Path, limit: int | No
     first: dict = {}
     for item in annotations:
         first.setdefault(item["image_id"], " ".join(str(item["caption"]).split()))
-    prompts = [first[k] for k in sorted(first)]
+    ids = sorted(first)
+    if limit and limit < len(ids):
+        ids = sorted(random.Random(seed).sample(ids, limit))
+    prompts = [first[k] for k in ids]
     if not Path(reference_images).exists() and "{" not in str(reference_images):
         raise FileNotFoundError(f"reference images {str(reference_images)!r} do not exist (a folder of images "
                                 f"or WebDataset shards, e.g. the MS-COCO val2014 images)")
-    return PromptSet(name, prompts[:limit] if limit else prompts, kind="coco", reference_images=str(reference_images))
+    return PromptSet(name, prompts, kind="coco", reference_images=str(reference_images),
+                     meta={"caption_sample": {"limit": limit, "seed": seed, "image_ids_sha256": hashlib.sha256(
+                         json.dumps(ids).encode()).hexdigest()}})
 
 
 def shapes_sets(names: str | list[str], limit: int | None = None) -> list[PromptSet]:

@@ -206,10 +206,33 @@ def inception_weights_cached() -> bool:
     return hub.is_file()
 
 
+def reference_view(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """A reference image as FID compares it with generated ``size`` (width, height) images: centre-cropped to
+    their aspect ratio, then resized to their size (bicubic). Inception's own resize to 299 follows inside
+    the feature extractor, as for the generated images (the clean-fid / torch-fidelity protocol)."""
+    width, height = image.size
+    target = size[0] / size[1]
+    if width / height > target:  # too wide: crop the sides
+        crop_w = round(height * target)
+        box = ((width - crop_w) // 2, 0, (width - crop_w) // 2 + crop_w, height)
+    else:
+        crop_h = round(width / target)
+        box = (0, (height - crop_h) // 2, width, (height - crop_h) // 2 + crop_h)
+    return image.convert("RGB").crop(box).resize(size, Image.BICUBIC)
+
+
 def iter_reference_images(source: str, limit: int | None = None):
-    """PIL images from a folder (recursively, sorted) or from WebDataset shards (a .tar, a folder of
+    """PIL images from a folder (recursively, sorted), a ``.txt`` list of image paths (one per line,
+    relative to the list's folder: a matched reference set), or WebDataset shards (a .tar, a folder of
     .tar files or a brace pattern)."""
     path = Path(source)
+    if path.suffix == ".txt" and path.is_file():
+        files = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        for count, name in enumerate(files):
+            if limit is not None and count >= limit:
+                return
+            yield Image.open(path.parent / name).convert("RGB")
+        return
     tars = sorted(path.glob("*.tar")) if path.is_dir() else []
     count = 0
     if path.is_dir() and not tars:
@@ -276,9 +299,14 @@ class FIDScorer(Scorer):
                                         feature_extractor_weights_path=self.inception_weights).to(self.device)
 
     def _tensor(self, images: list[Image.Image]) -> torch.Tensor:
+        """(n, 3, h, w) uint8 at the images' own size for Inception, which resizes to 299 inside (torchmetrics'
+        NoTrainInceptionV3, torch-fidelity's resize); a transformers extractor's own preprocessing otherwise."""
         if self.extractor is not None:
             return self.extractor.preprocess(images).to(self.device)
-        return torch.stack([_uint8_chw(im.resize((299, 299), Image.BICUBIC)) for im in images]).to(self.device)
+        sizes = {im.size for im in images}
+        if len(sizes) > 1:
+            raise ValueError(f"FID batches images of one size; got {sorted(sizes)}")
+        return torch.stack([_uint8_chw(im) for im in images]).to(self.device)
 
     def _update(self, metric, images, real: bool) -> int:
         n = 0
@@ -296,9 +324,21 @@ class FIDScorer(Scorer):
     def score(self, prompt_set, records):
         reference = prompt_set.reference_images or self.reference
         metric = self._metric()
-        n_real = self._update(metric, iter_reference_images(reference, self.max_reference), real=True)
+        if not records:
+            raise ValueError("FID needs generated images; the set has none")
+        with Image.open(records[0].path) as first:
+            size = first.size  # references are cropped and resized to the generated images' size
+        n_real = self._update(metric, (reference_view(im, size) for im in
+                                       iter_reference_images(reference, self.max_reference)), real=True)
         n_fake = self._update(metric, (Image.open(r.path).convert("RGB") for r in records), real=False)
         if n_real < 2 or n_fake < 2:
             raise ValueError(f"FID needs at least 2 reference and 2 generated images; got {n_real} from "
                              f"{reference!r} and {n_fake} generated")
         return {"fid": float(metric.compute())}, []
+
+    def record(self) -> dict:
+        return {"features": self.features, "reference": str(self.reference) if self.reference else "the set's",
+                "max_reference": self.max_reference,
+                "preprocessing": "references centre-cropped to the generated aspect and resized (bicubic) to the "
+                                 "generated size; Inception resizes both to 299 inside (torchmetrics)"
+                                 if self.extractor is None else "the feature model's own processor"}

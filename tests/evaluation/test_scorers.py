@@ -16,12 +16,16 @@ from llm4gen.evaluation.scorers import (
     ImageRecord,
     ScorerUnavailable,
     iter_reference_images,
+    reference_view,
 )
 
 
-def random_images(n, seed=0, size=32):
+def random_images(n, seed=0, size=32, vary=True):
+    """``n`` random images, ``size`` high and (``vary``) of several widths, as references come; one size
+    (``vary=False``) as a model generates them."""
     rng = np.random.RandomState(seed)
-    return [Image.fromarray(rng.randint(0, 255, (size, size + 3 * i % 7, 3), dtype=np.uint8)) for i in range(n)]
+    return [Image.fromarray(rng.randint(0, 255, (size, size + (3 * i % 7 if vary else 0), 3), dtype=np.uint8))
+            for i in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +81,13 @@ def test_fid_with_a_local_feature_extractor(tiny_vit, tmp_path):
     ref = tmp_path / "ref"
     save_records(random_images(12, seed=1), ref)
     records = save_records([im.transpose(Image.FLIP_LEFT_RIGHT).point(lambda v: v // 2)
-                            for im in random_images(10, seed=2)], tmp_path / "gen")
+                            for im in random_images(10, seed=2, vary=False)], tmp_path / "gen")
     value = scorer.score(RefSet(ref), records)[0]["fid"]
 
     def features(images):
         return scorer.extractor(scorer.extractor.preprocess(images)).double().numpy()
 
-    f_real = features([Image.open(p).convert("RGB") for p in sorted(ref.glob("*.png"))])
+    f_real = features([reference_view(Image.open(p).convert("RGB"), (32, 32)) for p in sorted(ref.glob("*.png"))])
     f_fake = features([Image.open(r.path).convert("RGB") for r in records])
     mu1, mu2 = f_real.mean(0), f_fake.mean(0)
     s1, s2 = np.cov(f_real, rowvar=False), np.cov(f_fake, rowvar=False)
@@ -106,7 +110,7 @@ def test_fid_with_a_local_feature_extractor(tiny_vit, tmp_path):
 def test_fid_of_a_set_against_itself_is_zero(tiny_vit, tmp_path):
     scorer = FIDScorer(str(tiny_vit))
     scorer.load()
-    records = save_records(random_images(8, seed=4), tmp_path)
+    records = save_records(random_images(8, seed=4, vary=False), tmp_path)
     assert abs(scorer.score(RefSet(tmp_path), records)[0]["fid"]) < 1e-6
 
 
