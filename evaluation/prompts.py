@@ -9,6 +9,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llm4gen.evaluation import geneval
 from llm4gen.evaluation.prompt_sets import PROMPT_SETS, prompt_set
 
 COMPBENCH_ATTRIBUTE_CATEGORIES = ("color", "shape", "texture")  # the BLIP-VQA categories
@@ -90,6 +91,13 @@ def coco_set(captions: str | Path, reference_images: str | Path, limit: int | No
     return PromptSet(name, prompts, kind="coco", reference_images=str(reference_images),
                      meta={"caption_sample": {"limit": limit, "seed": seed, "image_ids_sha256": hashlib.sha256(
                          json.dumps(ids).encode()).hexdigest()}})
+
+
+def geneval_set(limit: int | None = None) -> PromptSet:
+    """GenEval's 553 prompts (evaluation/geneval.py), each with its task and clauses in ``meta["metadata"]``."""
+    rows = geneval.metadata(limit)
+    return PromptSet("geneval", [r["prompt"] for r in rows], kind="geneval",
+                     meta={"metadata": rows, "file_sha256": geneval.METADATA_SHA256, "commit": geneval.COMMIT})
 
 
 def shapes_sets(names: str | list[str], limit: int | None = None) -> list[PromptSet]:

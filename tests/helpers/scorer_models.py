@@ -82,3 +82,26 @@ def build_tiny_vit_features(directory: Path, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
     return Path(directory)
+
+
+def build_tiny_mask2former(directory: Path, seed: int = 0) -> Path:
+    """A Mask2Former instance segmenter (Swin of width 16, 8 queries) over GenEval's 80 COCO classes, random
+    weights, with its image processor at 64 px: GenEval's detector path on tiny weights."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+    from transformers import Mask2FormerImageProcessorPil as Processor
+
+    from llm4gen.evaluation.geneval import object_names
+
+    names = object_names()
+    backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4, image_size=64,
+                          out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(backbone_config=backbone, hidden_dim=32, mask_feature_size=32, feature_size=32,
+                               encoder_feedforward_dim=64, dim_feedforward=64, encoder_layers=1, decoder_layers=2,
+                               num_attention_heads=2, num_queries=8, id2label=dict(enumerate(names)),
+                               label2id={n: i for i, n in enumerate(names)})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Mask2FormerForUniversalSegmentation(config)
+    model.save_pretrained(directory)
+    Processor(size={"height": 64, "width": 64}).save_pretrained(directory)
+    return Path(directory)
