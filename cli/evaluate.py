@@ -43,6 +43,7 @@ from llm4gen.evaluation.scorers import ScorerUnavailable
 from llm4gen.evaluation.shapes_scorer import ShapesScorer
 from llm4gen.evaluation.t2i_compbench import OFFICIAL_SPACY, PROTOCOLS, check_prompt_file, shipped_folder
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
+from llm4gen.lightning_modules.generation_cost import sampler_cost
 from llm4gen.lightning_modules.sampler import SamplingSettings, describe, load_sampler
 from llm4gen.pipelines.llm4gen_pipeline import pipeline_class
 
@@ -51,6 +52,12 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def device_name(device: str) -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda") else None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -239,6 +246,9 @@ def evaluate(args) -> int:
         print(f"evaluate.py: warning: {warning}", file=sys.stderr)
     sampler = load_sampler(args.checkpoint, args.adapter, args.base, settings, device, use_ema=not args.no_ema,
                            pipeline=args.pipeline)
+    todo = sum(1 for records in plan.values() for r in records if not r.path.is_file())
+    if todo:
+        print(f"cost: {sampler_cost(sampler, todo).summary(device_name(device))}", flush=True)
     generated = evaluation.generate(sampler, plan)
     print(f"generated {generated} new images ({sum(len(r) for r in plan.values())} in the plan)")
     scores = evaluation.score(plan)

@@ -55,7 +55,7 @@ def test_the_noun_phrase_cap_and_the_ignore_list_follow_the_protocol():
 
 
 @pytest.mark.slow
-def test_the_2023_protocol_samples_seeds_42_to_51_for_every_prompt_with_30_ddim_steps(tmp_path, monkeypatch):
+def test_the_2023_protocol_samples_seeds_42_to_51_for_every_prompt_with_30_ddim_steps(tmp_path, monkeypatch, capsys):
     """A spy sampler records what evaluate.py --protocol t2i-compbench-2023 asks for; the BLIP scorer gets
     the 2-phrase cap; scores.json carries the record."""
     from llm4gen.cli import evaluate
@@ -64,8 +64,18 @@ def test_the_2023_protocol_samples_seeds_42_to_51_for_every_prompt_with_30_ddim_
 
     calls = []
 
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    from llm4gen.encoders.sources import resolve_source
+
+    unet = UNet2DConditionModel.from_pretrained(resolve_source("embedded:tiny-sd"), subfolder="unet")
+
     class Spy:
         description = {"kind": "base", "base": "embedded:tiny-sd"}  # what evaluate.py records for --base
+        module = None
+        pipeline = SimpleNamespace(unet=unet, config=SimpleNamespace())  # what the cost estimate reads
 
         def __init__(self, settings):
             self.settings = settings
@@ -92,6 +102,7 @@ def test_the_2023_protocol_samples_seeds_42_to_51_for_every_prompt_with_30_ddim_
             "--compbench-limit", "2", "--blip-model", str(blip), "--output-dir", str(out), "--no-progress",
             "--batch-size", "10"]
     assert evaluate.main(argv) == 0
+    assert "cost: 20 images to generate: 1,200 UNet calls" in capsys.readouterr().out  # 20 x 30 steps x 2 (guidance)
     seeds = [s for _, batch in calls for s in batch]
     prompts = [p for batch, _ in calls for p in batch]
     first_two = (shipped_folder("2023-07") / "color_val.txt").read_text().splitlines()[:2]
