@@ -19,7 +19,8 @@ Checkpoint: the paper's table (T2I-CompBench's script) uses BLIP's ``model_base_
 
 - Image size: the original resizes to 480 x 480 (bicubic) and its position embeddings are at 480;
   the transformers checkpoint was converted at 384 px (embeddings interpolated from 480), and its
-  processor resizes to 384. ``image_size=480`` resizes to 480 and interpolates the embeddings back.
+  processor resizes to 384. ``image_size=480`` resizes to 480 and interpolates the embeddings back;
+  ``tools/convert_lavis_blip.py`` converts the original checkpoint at its native 480 px instead.
 - Question start token: BLIP replaces the question's first token ([CLS]) with its [ENC] token
   (the id after the decoder's [DEC] start token); transformers' ``BlipForQuestionAnswering`` keeps
   [CLS]. We follow BLIP (``question_start="enc"``); ``question_start="cls"`` follows transformers.
