@@ -61,12 +61,15 @@ def plan_images(out: Path, prompt_set: PromptSet, images_per_prompt: int, seed: 
             for i, prompt in enumerate(prompt_set.prompts) for j in range(images_per_prompt)]
 
 
-def generate_missing(sampler, records: list[ImageRecord], batch_size: int, progress: bool = True) -> int:
-    """Generates the records whose image file is absent, ``batch_size`` at a time; returns how many."""
+def generate_missing(sampler, records: list[ImageRecord], batch_size: int, progress: bool = True, bar=None) -> int:
+    """Generates the records whose image file is absent, ``batch_size`` at a time; returns how many.
+    ``bar``: a progress bar over a larger run to advance (else one of its own)."""
     from tqdm.auto import tqdm
 
     todo = [r for r in records if not r.path.is_file()]
-    bar = tqdm(total=len(todo), desc="generating", unit="img", disable=not progress or not todo)
+    own = bar is None
+    if own:
+        bar = tqdm(total=len(todo), desc="generating", unit="img", disable=not progress or not todo)
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         images = sampler.generate([r.prompt for r in batch], [r.seed for r in batch])
@@ -76,7 +79,8 @@ def generate_missing(sampler, records: list[ImageRecord], batch_size: int, progr
             image.save(tmp)
             os.replace(tmp, record.path)
         bar.update(len(batch))
-    bar.close()
+    if own:
+        bar.close()
     return len(todo)
 
 
@@ -130,7 +134,12 @@ class Evaluation:
         check_run_record(self.out, record)
 
     def generate(self, sampler, plan: dict[str, list[ImageRecord]]) -> int:
+        """Every missing image of every set, under one progress bar."""
+        from tqdm.auto import tqdm
+
         self.check_output(sampler.description, sampler.settings)
+        todo = sum(1 for records in plan.values() for r in records if not r.path.is_file())
+        bar = tqdm(total=todo, desc="generating", unit="img", disable=not self.progress or not todo)
         generated = 0
         for prompt_set in self.prompt_sets:
             records = plan[prompt_set.name]
@@ -138,7 +147,8 @@ class Evaluation:
                         {"name": prompt_set.name, "kind": prompt_set.kind, "prompts": prompt_set.prompts,
                          "images": [{"prompt_index": r.prompt_index, "image_index": r.image_index, "seed": r.seed,
                                      "path": str(r.path.relative_to(self.out))} for r in records]})
-            generated += generate_missing(sampler, records, self.batch_size, self.progress)
+            generated += generate_missing(sampler, records, self.batch_size, self.progress, bar=bar)
+        bar.close()
         return generated
 
     def score(self, plan: dict[str, list[ImageRecord]]) -> dict[str, dict[str, float]]:

@@ -386,6 +386,8 @@ COVERAGE = [
           "tests/evaluation/test_connectors_experiment.py runs data, two kinds and the report on the tiny model"),
     Entry(r"python sweep\.py configs/sweeps/shapes_evidence\.yaml( --slurm)?", dry_run_experiment_sweep, "dry-run",
           "twelve training runs (most of an hour here) or a SLURM cluster: expanded and checked"),
+    Entry(r"python -m llm4gen\.tools\.convert_lavis_blip \S+ --output \S+", dry_run_module, "dry-run",
+          "needs BLIP's original 480-px checkpoint; tests/evaluation/test_convert_lavis_blip.py converts a tiny one"),
     Entry(r"img2dataset .*", img2dataset_writes_webdataset, "dry-run",
           "downloads LAION images (no network here); tests/datamodules/test_img2dataset_shards.py writes its output "
           "layout and trains and caches on it"),
