@@ -180,6 +180,7 @@ def check_choices(cfg: DictConfig) -> None:
         raise ConfigError("model.objective.lambda_entity > 0 needs the CAM (its targets include the fused LLM "
                           "tokens); set model.adapter.enabled=true or model.objective.lambda_entity=0")
     check_connector(cfg)
+    check_llm_lora(cfg)
     check_buckets(cfg)
     resume = str(cfg.resume)
     if resume not in choices.RESUME_MODES and not resume.strip():
@@ -245,6 +246,18 @@ def llm_length_limit(model_config: Optional[dict], tokenizer_config: Optional[di
     if model_config and isinstance(model_config.get("max_position_embeddings"), int):
         limits.append((model_config["max_position_embeddings"], "the model's max_position_embeddings"))
     return min(limits) if limits else None
+
+
+def check_llm_lora(cfg: DictConfig) -> None:
+    """``model.llm.lora_rank``: a LoRA rank >= 0, and with it no cached LLM features."""
+    llm = cfg.model.llm
+    if llm.lora_rank < 0:
+        raise ConfigError(f"config key 'model.llm.lora_rank' is {llm.lora_rank}: expected 0 (a frozen LLM) or a "
+                          f"LoRA rank such as 8.")
+    if llm.lora_rank > 0 and "llm_features" in cfg.data.precomputed_keys:
+        raise ConfigError(f"model.llm.lora_rank={llm.lora_rank} trains LoRA in the LLM, so its features change every "
+                          f"step and cached ones would be stale: drop llm_features from data.precomputed_keys (the "
+                          f"latents can stay cached), or set model.llm.lora_rank=0.")
 
 
 def check_connector(cfg: DictConfig) -> None:

@@ -106,6 +106,11 @@ class LLMConfig:
     dtype: str = "float32"
     revision: Optional[str] = None
     trust_remote_code: bool = False
+    # LoRA inside the LLM's attention (LaVi-Bridge's option): 0 keeps the LLM frozen. Its features then change
+    # as it trains, so they cannot be cached (data.precomputed_keys without llm_features).
+    lora_rank: int = 0
+    lora_alpha: Optional[float] = None          # None: the rank
+    lora_target_modules: list[str] = field(default_factory=list)  # []: the attention's query and value by model type
 
 
 @dataclass

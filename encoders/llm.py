@@ -99,12 +99,15 @@ class LLMEncoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg) -> "LLMEncoder":
-        """From the ``model.llm`` config section."""
+        """From the ``model.llm`` config section (with its LoRA when ``lora_rank`` > 0)."""
         prefix = cfg.prefix if cfg.prefix is not None else default_llm_prefix(cfg.pretrained)
-        return cls(cfg.pretrained, tokenizer=cfg.tokenizer, kind=cfg.kind, layer=cfg.layer, max_length=cfg.max_length,
-                   prefix=prefix, zero_padding=cfg.zero_padding, dtype=TORCH_DTYPES[cfg.dtype],
-                   revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                   layer_norm=str(cfg.layer_norm))
+        encoder = cls(cfg.pretrained, tokenizer=cfg.tokenizer, kind=cfg.kind, layer=cfg.layer,
+                      max_length=cfg.max_length, prefix=prefix, zero_padding=cfg.zero_padding,
+                      dtype=TORCH_DTYPES[cfg.dtype], revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                      layer_norm=str(cfg.layer_norm))
+        if cfg.lora_rank > 0:
+            encoder.add_lora(cfg.lora_rank, cfg.lora_alpha, list(cfg.lora_target_modules))
+        return encoder
 
     @property
     def hidden_size(self) -> int:
@@ -115,8 +118,27 @@ class LLMEncoder(nn.Module):
         return self.tokenizer([self.prefix + p for p in prompts], max_length=self.max_length,
                               padding="max_length", truncation=True, return_tensors="pt")
 
-    @torch.no_grad()
+    @property
+    def trains(self) -> bool:
+        """True once :meth:`add_lora` gave the LLM trainable weights."""
+        return any(p.requires_grad for p in self.model.parameters())
+
+    def add_lora(self, rank: int, alpha: float | None = None, target_modules: list[str] | None = None) -> None:
+        """LoRA of ``rank`` in the LLM's attention (query and value projections by default), the only
+        trainable weights of the LLM (LaVi-Bridge's option)."""
+        from peft import LoraConfig, inject_adapter_in_model  # peft: only LoRA runs need it
+
+        targets = list(target_modules or ()) or default_lora_targets(self.model.config)
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets,
+                                           init_lora_weights=True), self.model)
+        for name, parameter in self.model.named_parameters():
+            parameter.requires_grad_("lora_" in name)
+
     def forward(self, prompts: list[str]) -> LLMFeatures:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trains):  # frozen: never a graph
+            return self._features(prompts)
+
+    def _features(self, prompts: list[str]) -> LLMFeatures:
         tokens = self.tokenize(prompts).to(self.model.device)
         kwargs = dict(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
         if self.kind == "decoder":
@@ -130,6 +152,21 @@ class LLMEncoder(nn.Module):
         if self.zero_padding:
             hidden = hidden * mask[..., None].to(hidden.dtype)
         return LLMFeatures(features=hidden, mask=mask)  # (batch, max_length, llm_dim)
+
+
+LORA_TARGETS = {"t5": ["q", "v"], "mt5": ["q", "v"], "umt5": ["q", "v"], "bert": ["query", "value"],
+                "roberta": ["query", "value"], "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
+                "qwen2": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
+                "phi3": ["qkv_proj"]}
+
+
+def default_lora_targets(config) -> list[str]:
+    """The attention's query and value projections of an LLM family, for its LoRA."""
+    targets = LORA_TARGETS.get(getattr(config, "model_type", None))
+    if targets is None:
+        raise ValueError(f"no default LoRA targets for LLM model_type {getattr(config, 'model_type', None)!r}; set "
+                         f"model.llm.lora_target_modules (e.g. [q_proj, v_proj])")
+    return targets
 
 
 def num_hidden_layers(config) -> int:

@@ -116,7 +116,8 @@ def load_checkpoint_checked(path: str | Path, model_config: Mapping[str, Any] | 
             raise CheckpointError(f"{what} {str(path)!r} was written with another configuration: "
                                   f"{'; '.join(differences)}. Set these keys to the checkpoint's values, or start "
                                   f"a new run (resume=never, or another output_dir).")
-        expected = {"adapter"} | ({"unet"} if current.get("unet_training", "frozen") != "frozen" else set())
+        expected = {"adapter"} | ({"unet"} if current.get("unet_training", "frozen") != "frozen" else set()) \
+            | ({"llm"} if (current.get("llm") or {}).get("lora_rank", 0) > 0 else set())
         found = trainable_groups(checkpoint["state_dict"])
         if found != expected:
             raise CheckpointError(f"{what} {str(path)!r} holds trainable weights of {sorted(found)}, this config "

@@ -121,6 +121,32 @@ def save_unet_lora(unet, directory: str | os.PathLike) -> Path:
     return Path(directory)
 
 
+LLM_LORA_FILE = "llm_lora.safetensors"
+
+
+def save_llm_lora(model, directory: str | os.PathLike) -> Path:
+    """The LLM's LoRA weights (``lora_`` parameters, named as in the LLM), safetensors."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items() if "lora_" in k},
+              str(directory / LLM_LORA_FILE))
+    return directory
+
+
+def load_llm_lora(model, directory: str | os.PathLike) -> None:
+    """Loads :func:`save_llm_lora`'s weights into an LLM that has the same LoRA layers; every one must fit."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(directory) / LLM_LORA_FILE))
+    expected = {k for k in model.state_dict() if "lora_" in k}
+    if set(weights) != expected:
+        raise CheckpointKeyError(f"{directory}: LLM LoRA weights {sorted(set(weights) ^ expected)[:4]} do not match "
+                                 f"this LLM's LoRA layers (model.llm.lora_rank / lora_target_modules?)")
+    model.load_state_dict(weights, strict=False)
+
+
 def fused_unet(unet):
     """A copy of a LoRA-trained UNet with the LoRA merged into its weights and the LoRA layers gone: a plain
     UNet2DConditionModel any pipeline loads."""
@@ -143,7 +169,7 @@ class LLM4GenModule(L.LightningModule):
         base = load_base_model(cfg.base)
         self.vae, self.unet, self.clip = base.vae, base.unet, base.text
         self.noise_scheduler = base.noise_scheduler
-        self.llm = LLMEncoder.from_config(cfg.llm)
+        self.llm = LLMEncoder.from_config(dataclasses.replace(cfg.llm, lora_rank=0))  # its LoRA: below, seeded
         context_dim = self.unet.config.cross_attention_dim
         if context_dim != self.clip.hidden_size:
             raise ValueError(f"UNet cross_attention_dim {context_dim} != CLIP width {self.clip.hidden_size}: "
@@ -156,6 +182,9 @@ class LLM4GenModule(L.LightningModule):
             if not self.uses_cam:  # built (one checkpoint layout), never used or trained
                 self.adapter.requires_grad_(False)
             self._setup_unet_training(cfg)
+            if cfg.llm.lora_rank > 0:  # LaVi-Bridge's LoRA inside the LLM
+                self.llm.add_lora(cfg.llm.lora_rank, cfg.llm.lora_alpha, list(cfg.llm.lora_target_modules))
+                cast_training_params(self.llm.model, dtype=torch.float32)
         self.ema = (EMAModel(self.trainable_parameters(), decay=cfg.ema.decay,
                              update_after_step=cfg.ema.update_after_step) if cfg.ema.enabled else None)
         # The entity loss reads cross-attention maps; nothing is captured (and every layer keeps the fused
@@ -236,6 +265,8 @@ class LLM4GenModule(L.LightningModule):
     def null_text(self) -> tuple[ClipText, LLMFeatures]:
         """The empty prompt through both encoders (as ``encode_text`` runs them): the unconditional input
         of classifier-free guidance."""
+        if self.llm.trains:  # a training LLM's features of "" change every step (and carry this step's graph)
+            return self.encode_text([""])
         if self._null_text is None or self._null_text[0].hidden.device != self.device:
             self._null_text = self.encode_text([""])
         return self._null_text
@@ -510,5 +541,7 @@ class LLM4GenModule(L.LightningModule):
                 save_unet_lora(self.unet, directory / "unet_lora")
             elif self.cfg.unet_training == "full":
                 self.unet.save_pretrained(directory / "unet")
+            if self.llm.trains:
+                save_llm_lora(self.llm.model, directory / "llm_lora")
         OmegaConf.save(self.cfg, directory / "model_config.yaml")
         return directory

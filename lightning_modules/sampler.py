@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from llm4gen.configs.schema import model_config
 from llm4gen.encoders.sources import load_pretrained
-from llm4gen.lightning_modules.llm4gen import LLM4GenModule
+from llm4gen.lightning_modules.llm4gen import LLM4GenModule, load_llm_lora
 from llm4gen.pipelines.llm4gen_pipeline import load_pipeline
 
 DEFAULT_BASE = "embedded:tiny-sd"
@@ -63,6 +63,8 @@ def load_exported_module(export_dir: str | Path, base: str | None = None, device
         module.unet = UNet2DConditionModel.from_pretrained(export_dir / "unet").to(device).eval()
     elif (export_dir / "unet_lora").is_dir():
         module.pipeline().load_lora_weights(str(export_dir / "unet_lora"))  # into module.unet, shared
+    if (export_dir / "llm_lora").is_dir():  # the config built the LLM's LoRA layers; their trained weights
+        load_llm_lora(module.llm.model, export_dir / "llm_lora")
     return module
 
 

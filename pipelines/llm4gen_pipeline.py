@@ -18,6 +18,7 @@ Build one from a training module with :func:`pipeline_from_module`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import json
 from pathlib import Path
@@ -314,9 +315,10 @@ def pipeline_from_module(module, scheduler: str = "DDIMScheduler"):
     if not module.uses_cam:
         raise ValueError("this module trains no connector (model.adapter.enabled=false): use StableDiffusionPipeline")
     llm, text = module.llm, module.clip
+    llm_model = merged_lora_copy(llm.model) if llm.trains else llm.model  # a trained LLM LoRA, merged in
     common = dict(vae=module.vae, unet=module.unet,
                   scheduler=getattr(diffusers, scheduler).from_config(module.noise_scheduler.config),
-                  text_encoder=text.text_encoder, tokenizer=text.tokenizer, llm=saveable_llm(llm.model),
+                  text_encoder=text.text_encoder, tokenizer=text.tokenizer, llm=saveable_llm(llm_model),
                   llm_tokenizer=llm.tokenizer, adapter=module.adapter, llm_max_length=module.cfg.llm.max_length,
                   llm_prefix=llm.prefix, llm_layer=module.cfg.llm.layer,
                   llm_layer_norm=str(module.cfg.llm.layer_norm), llm_zero_padding=llm.zero_padding,
@@ -341,6 +343,8 @@ def frozen_references(module) -> dict[str, dict]:
                                    "subfolder": "text_encoder"},
                   "llm": {"library": "llm4gen", "class": "LLMEncoder", "source": source(cfg.llm.pretrained),
                           "kind": module.llm.kind}}
+    if cfg.llm.lora_rank > 0:
+        del references["llm"]  # its LoRA trained: the pipeline carries the merged LLM
     if cfg.base.family == "sdxl":
         references["text_encoder_2"] = {"library": "transformers", "class": "CLIPTextModelWithProjection",
                                         "source": base, "subfolder": "text_encoder_2"}
@@ -364,6 +368,19 @@ def save_by_reference(pipe, directory, frozen_sources: dict[str, dict]) -> Path:
         pipe.register_modules(**kept)
         pipe.register_to_config(frozen_sources=None)
     return Path(directory)
+
+
+def merged_lora_copy(model):
+    """A copy of a model with its injected LoRA layers merged into the base weights and removed."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+    from peft.tuners.tuners_utils import BaseTunerLayer  # peft: only LoRA runs need it
+
+    merged = copy.deepcopy(model)
+    for layer in merged.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.merge()
+    recurse_remove_peft_layers(merged)
+    return merged.requires_grad_(False)
 
 
 def saveable_llm(model):

@@ -186,6 +186,8 @@ CASES = [
     ("cache", ["--shards", "{empty_dir}", "--output", "{tmp}/cache", "--fields", "latent_moments,bogus"], "bogus"),
     ("cache", ["--shards", "{empty_dir}", "--output", "{tmp}/cache", "--batch-size", "0"], "got 0"),
     ("cache", ["--shards", "/no/such/shards", "--output", "{tmp}/cache"], "/no/such/shards"),
+    ("cache", ["--shards", "{empty_dir}", "--output", "{tmp}/cache", "--fields", "llm_features",
+               "model.llm.lora_rank=4"], "model.llm.lora_rank=4"),
     ("cache", ["--shards", "{empty_dir}", "--output", "{tmp}/cache", "model.llm.max_length=0"], "max_length' is 0"),
     # submit.py
     ("submit", ["--config", "configs/tiny.yaml", "output_dir={tmp}/job", "slurm.nodez=2"], "slurm.nodez"),

@@ -355,6 +355,10 @@ def check_cacheable(cfg: DictConfig, fields: Sequence[str]) -> None:
         if not cfg.data.center_crop:
             raise CacheError("data.center_crop=false: random crops are drawn per sample and epoch, so cached latents "
                              "cannot hold them. Cache (and train) with data.center_crop=true, or train on pixels.")
+    if "llm_features" in fields and cfg.model.llm.lora_rank > 0:
+        raise CacheError(f"model.llm.lora_rank={cfg.model.llm.lora_rank}: the LLM trains (LoRA), so its features "
+                         f"are not a function of the caption alone; cache latent_moments (and clip_features) only, "
+                         f"or set model.llm.lora_rank=0.")
     if "llm_features" in fields and not cfg.model.llm.zero_padding and cfg.model.adapter.use_llm_mask:
         raise CacheError("model.llm.zero_padding=false with model.adapter.use_llm_mask=true: the cache stores the "
                          "padded features without their mask, and this CAM reads the mask. Cache (and train) with "
