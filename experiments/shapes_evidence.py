@@ -532,6 +532,32 @@ COMPARISONS = (  # (a, b, subset): what the plot and the table show, in order
 )
 
 
+def arm_tag(arm: str) -> str:
+    """An arm's short name in the plot and the table: "(d)", and "(d shuffled)" for the ablation of (d)."""
+    return "(d shuffled)" if arm == "d_shuffled" else ARMS[arm].split(" ")[0]
+
+
+def difference_label(a: str, b: str, subset: str) -> str:
+    return f"{arm_tag(a)} - {arm_tag(b)}, {subset}"
+
+
+# Labels of results written before arm_tag: the shuffled-features ablation was shown as "(d)," (issue 20)
+LEGACY_LABELS = {"(d), - (b), outside": difference_label("d_shuffled", "b", "outside")}
+
+
+def replot(results: Path, out: Path, protocol: Protocol = PROTOCOL_SETTINGS) -> Path:
+    """``differences.png`` again from a report's ``results.json`` (or .json.gz), labels as they are now."""
+    import gzip
+
+    opener = gzip.open if results.suffix == ".gz" else open
+    with opener(results, "rt") as handle:
+        recorded = json.load(handle)["differences"]
+    differences = [(LEGACY_LABELS.get(label, label),
+                    Difference(d["mean"], d["low"], d["high"], {int(k): v for k, v in d["per_seed"].items()}, d["n"],
+                               d["clusters"])) for label, d in recorded.items()]
+    return difference_plot(differences, out, protocol)
+
+
 def difference_plot(differences: list[tuple[str, Difference]], path: Path, protocol: Protocol = PROTOCOL_SETTINGS) -> Path:
     import matplotlib
 
@@ -639,7 +665,7 @@ def report(sweep_file: str, jobs: int = 2, base: Optional[str] = None, log=print
     attention = attention_shares(tasks)
     gate_checks = gates(records, probe, truncated, attention)
     rules = decisions(records, gate_checks)
-    differences = [(f"{ARMS[a].split(' ')[0]} - {ARMS[b].split(' ')[0]}, {subset}", diff) for a, b, subset in COMPARISONS
+    differences = [(difference_label(a, b, subset), diff) for a, b, subset in COMPARISONS
                    if (diff := compare(records, a, b, subset)) is not None]
     plot = difference_plot(differences, out / "differences.png")
     grid = sample_grid(tasks, out / "samples.png", protocol=protocol)
@@ -722,8 +748,9 @@ def run(sweep_file: str, jobs: int = 2, log=print) -> Path:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llm4gen.experiments.shapes_evidence", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("run", "data", "report"))
-    parser.add_argument("sweep", help="the sweep file, e.g. configs/sweeps/shapes_evidence.yaml")
+    parser.add_argument("command", choices=("run", "data", "report", "replot"))
+    parser.add_argument("sweep", help="the sweep file, e.g. configs/sweeps/shapes_evidence.yaml (replot: a report's "
+                                      "results.json[.gz]; differences.png is written beside it)")
     parser.add_argument("--base", help="report: evaluate this base for arm (a) (default: the config's)")
     parser.add_argument("--jobs", type=int, default=2, help="training runs and evaluations at a time (2 single-thread "
                                                             "processes use 2 cores best)")
@@ -735,6 +762,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         run_probe(spec, spec.output_root / "probe.json")
     elif args.command == "report":
         report(args.sweep, args.jobs, args.base)
+    elif args.command == "replot":
+        print(replot(Path(args.sweep), Path(args.sweep).parent / "differences.png"))
     else:
         run(args.sweep, args.jobs)
     return 0
