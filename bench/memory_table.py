@@ -253,16 +253,19 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-described", action="store_true",
                         help="leave out the two paper recipes described in this script (once their files exist)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a dotted override applied to every config (e.g. model.unet_training=full)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    entries = [(str(path), load_config(path)) for path in (args.configs or [BASE_CONFIG])]
+    suffix = f" ({', '.join(args.set)})" if args.set else ""
+    entries = [(f"{Path(path).stem}{suffix}", load_config(path, args.set)) for path in (args.configs or [BASE_CONFIG])]
     if not args.no_described:
         entries += [(name, load_config(BASE_CONFIG, overrides)) for name, overrides in DESCRIBED.items()]
     cache: dict = {}
     rows = []
     for name, cfg in entries:
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        rows.append(estimate(Path(name).stem if name.endswith(".yaml") else name, cfg, args.resolution, args.batch_size, cache))
+        rows.append(estimate(name, cfg, args.resolution, args.batch_size, cache))
     print_table(rows, args.resolution, args.batch_size)
     return rows
 
