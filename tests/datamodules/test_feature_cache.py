@@ -324,7 +324,7 @@ def test_train_refuses_a_mismatched_cache_before_loading_any_model(cache_dir, tm
     assert "model.llm.max_length=32, this run has 64" in capsys.readouterr().err
 
     started = []
-    monkeypatch.setattr(train, "run", lambda cfg, ckpt_path=None: started.append(cfg))
+    monkeypatch.setattr(train, "run", lambda cfg, ckpt_path=None, **kwargs: started.append(cfg))
     assert train.main(common) == 0 and len(started) == 1
 
 

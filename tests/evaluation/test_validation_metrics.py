@@ -15,9 +15,19 @@ from llm4gen.datamodules.synthetic import write_synthetic_shards
 from llm4gen.evaluation.prompt_sets import prompt_set
 from llm4gen.evaluation.shapes_scorer import ShapesScorer
 from llm4gen.evaluation.validation import ValidationScorer
-from llm4gen.lightning_modules.callbacks import read_validation_scores
+from llm4gen.lightning_modules.callbacks import GRID_COLUMNS, GRID_SIDE, read_validation_scores
 from llm4gen.shapes.world import Scene, ShapeObject, render_scene
 
+
+
+def grid_images(grid: Image.Image, n: int, side: int = GRID_SIDE, columns: int = GRID_COLUMNS, size: int = 32):
+    """The ``n`` sampled images of a validation grid (rows of ``columns`` cells, each image nearest-upscaled
+    to ``side`` at the cell's top left, 6 px in, 4 px down), back at their ``size``."""
+    rows = -(-n // columns)
+    cell_w, cell_h = grid.width // columns, grid.height // rows
+    return [grid.crop(((i % columns) * cell_w + 6, (i // columns) * cell_h + 4,
+                       (i % columns) * cell_w + 6 + side, (i // columns) * cell_h + 4 + side)).resize((size, size), Image.NEAREST)
+            for i in range(n)]
 
 def test_shapes_scorer_gives_ground_truth_full_binding_and_swapped_colours_none():
     records = prompt_set("seen_2", 6)
@@ -77,7 +87,7 @@ def test_validation_scores_reach_metrics_csv_final_metrics_and_the_sweep_summary
     # the logged CLIPScore is the score of the grid's images (PNG: lossless) against the prompts
     prompts = list(load_config().validation.prompts)
     grid = Image.open(run / "samples" / "step_0000004.png").convert("RGB")
-    images = [grid.crop((32 * i, 0, 32 * i + 32, 32)) for i in range(len(prompts))]
+    images = grid_images(grid, len(prompts))
     scorer = ClipScoreScorer(str(clip))
     scorer.load()
     assert float(rows[-1]["val/clip_score"]) == pytest.approx(scorer.score_images(images, prompts)[0], abs=1e-4)
@@ -90,7 +100,7 @@ def test_validation_scores_reach_metrics_csv_final_metrics_and_the_sweep_summary
     # the seen prompts: their own grid, scored apart under val/seen_
     seen_prompts = list(load_config().validation.seen_prompts)
     seen_grid = Image.open(run / "samples" / "step_0000004_seen.png").convert("RGB")
-    seen_images = [seen_grid.crop((32 * i, 0, 32 * i + 32, 32)) for i in range(len(seen_prompts))]
+    seen_images = grid_images(seen_grid, len(seen_prompts))
     seen_shapes = ShapesScorer().score_images(seen_images, seen_prompts)
     assert lines[-1]["scores"]["val/seen_shapes_binding"] == pytest.approx(seen_shapes["binding"])
     assert lines[-1]["scores"]["val/seen_clip_score"] == pytest.approx(scorer.score_images(seen_images, seen_prompts)[0],
