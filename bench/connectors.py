@@ -49,7 +49,40 @@ def connector_rows(llm_width: int = 2048, llm_tokens: int = 128, resolution: int
     return rows
 
 
-def main(argv=None) -> list[dict]:
+PAPER_CONFIGS = ("configs/sd15_t5xl.yaml", "configs/ella_sd15.yaml", "configs/lavi_bridge_sd15.yaml")
+
+
+def config_rows(configs=PAPER_CONFIGS, resolution: int = 512) -> list[dict]:
+    """Each shipped connector config at full size on the meta device: its own LLM (T5-XL, FLAN-T5-XL's
+    T5-XL encoder, Llama-2-7B) at its own max_length, its connector, its UNet training; FLOPs per sample of
+    the LLM's forward and of the trained path (connector -> UNet, forward and backward)."""
+    from peft import LoraConfig
+
+    from llm4gen.lightning_modules.flops import text_encoder_flops
+
+    rows = []
+    for path in configs:
+        cfg = load_config(path)
+        llm = full_size.llm_architecture(cfg.model.llm.pretrained)
+        width = getattr(llm.config, "d_model", None) or llm.config.hidden_size
+        tokens = cfg.model.llm.max_length
+        with torch.device("meta"):
+            connector = build_connector(cfg.model.adapter, clip_dim=768, llm_dim=width)
+        unet = full_size.sd15_unet("meta").requires_grad_(cfg.model.unet_training == "full")
+        if cfg.model.unet_training == "lora":
+            lora = cfg.model.lora
+            unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules)))
+        rows.append({"config": Path(path).name, "llm": cfg.model.llm.pretrained,
+                     "llm_params": sum(p.numel() for p in llm.parameters()), "tokens": tokens,
+                     "llm_tflops": text_encoder_flops(llm, tokens, decoder=cfg.model.llm.kind == "decoder") / 1e12,
+                     "kind": cfg.model.adapter.kind, "unet_training": cfg.model.unet_training,
+                     "trained": sum(p.numel() for p in connector.parameters())
+                     + sum(p.numel() for p in unet.parameters() if p.requires_grad),
+                     "path_tflops": trained_path_flops(connector, unet, resolution // 8, 77, tokens) / 1e12})
+    return rows
+
+
+def main(argv=None) -> dict[str, list[dict]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llm-width", type=int, default=2048)
     parser.add_argument("--llm-tokens", type=int, default=128)
@@ -63,7 +96,15 @@ def main(argv=None) -> list[dict]:
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['kind']} | {r['params'] / 1e6:.2f} M | {r['context']} | {r['tflops_frozen']:.3f} | {r['tflops_lora']:.3f} |")
-    return rows
+    configs = config_rows(resolution=args.resolution)
+    print(f"\nThe shipped connector configs at full size (SD1.5 at {args.resolution} px, each with its own LLM)\n")
+    print("| config | LLM | LLM params | tokens | LLM forward TFLOPs | connector | UNet | trained params | "
+          "trained path TFLOPs |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in configs:
+        print(f"| {r['config']} | {r['llm']} | {r['llm_params'] / 1e9:.2f} B | {r['tokens']} | {r['llm_tflops']:.3f} | "
+              f"{r['kind']} | {r['unet_training']} | {r['trained'] / 1e6:.2f} M | {r['path_tflops']:.3f} |")
+    return {"connectors": rows, "configs": configs}
 
 
 if __name__ == "__main__":

@@ -80,19 +80,11 @@ class Row:
 
 
 def llm_architecture(cfg):
-    """The LLM's architecture on the meta device: T5-XL for its known sources, else the local folder's config."""
-    source = cfg.model.llm.pretrained
-    if source in full_size.T5_XL_SOURCES:
-        return full_size.t5_xl_encoder()
-    if Path(source).expanduser().is_dir():
-        from transformers import AutoConfig, AutoModel
-
-        config = AutoConfig.from_pretrained(Path(source).expanduser(), trust_remote_code=cfg.model.llm.trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModel.from_config(config, trust_remote_code=cfg.model.llm.trust_remote_code)
-        return model.get_encoder() if getattr(config, "is_encoder_decoder", False) else model
-    raise SystemExit(f"error: model.llm.pretrained={source!r}: no architecture known offline; known: "
-                     f"{', '.join(full_size.T5_XL_SOURCES)} or a local model folder")
+    """The LLM's architecture on the meta device (embedded/full_size.py's known sources, or a local folder)."""
+    try:
+        return full_size.llm_architecture(cfg.model.llm.pretrained, cfg.model.llm.trust_remote_code)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def build_parts(cfg, device: str = "meta"):
@@ -101,10 +93,8 @@ def build_parts(cfg, device: str = "meta"):
 
     sdxl = cfg.model.base.family == "sdxl"
     unet = (full_size.sdxl_unet if sdxl else full_size.sd15_unet)("meta").requires_grad_(cfg.model.unet_training == "full")
-    llm_width = llm_architecture(cfg).config.d_model if cfg.model.llm.pretrained in full_size.T5_XL_SOURCES else None
-    if llm_width is None:
-        config = llm_architecture(cfg).config
-        llm_width = getattr(config, "d_model", None) or config.hidden_size
+    config = llm_architecture(cfg).config
+    llm_width = getattr(config, "d_model", None) or config.hidden_size
     a = cfg.model.adapter
     with torch.device("meta"):
         adapter = build_connector(a, clip_dim=unet.config.cross_attention_dim, llm_dim=llm_width)  # model.adapter.kind: the CAM or another

@@ -69,6 +69,13 @@ SDXL_SCHEDULER = dict(
 )
 # Hub ids whose architecture is T5-XL (what the memory table and FLOP counts build for them).
 T5_XL_SOURCES = ("kalpeshk2011/rankgen-t5-xl-all", "google/t5-v1_1-xl", "google/flan-t5-xl")
+# meta-llama/Llama-2-7b-hf's config.json (LaVi-Bridge's LLM): 6.74B parameters with the LM head, 6.61B without
+LLAMA2_7B = dict(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
+    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+)
+LLAMA2_7B_SOURCES = ("meta-llama/Llama-2-7b-hf",)
 
 
 def sd15_unet(device: str | torch.device = "meta"):
@@ -90,6 +97,32 @@ def clip_l_text(device: str | torch.device = "meta"):
 
     with torch.device(device):
         return CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
+
+
+def llama2_7b(device: str | torch.device = "meta"):
+    """Llama-2-7B's decoder stack (what the LLM encoder reads: ``base_model``, no LM head)."""
+    from transformers import LlamaConfig, LlamaModel
+
+    with torch.device(device):
+        return LlamaModel(LlamaConfig(**LLAMA2_7B))
+
+
+def llm_architecture(source: str, trust_remote_code: bool = False, device: str | torch.device = "meta"):
+    """A ``model.llm.pretrained`` source's architecture, as the LLM encoder reads it: T5-XL's encoder for its
+    known sources, Llama-2-7B's stack, else a local folder's config. Raises ValueError for a hub id not known."""
+    if source in T5_XL_SOURCES:
+        return t5_xl_encoder(device)
+    if source in LLAMA2_7B_SOURCES:
+        return llama2_7b(device)
+    if Path(source).expanduser().is_dir():
+        from transformers import AutoConfig, AutoModel
+
+        config = AutoConfig.from_pretrained(Path(source).expanduser(), trust_remote_code=trust_remote_code)
+        with torch.device(device):
+            model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+        return model.get_encoder() if getattr(config, "is_encoder_decoder", False) else model
+    raise ValueError(f"model.llm.pretrained={source!r}: no architecture known offline; known: "
+                     f"{', '.join(T5_XL_SOURCES + LLAMA2_7B_SOURCES)} or a local model folder")
 
 
 def t5_xl_encoder(device: str | torch.device = "meta"):

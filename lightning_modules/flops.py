@@ -22,6 +22,7 @@ and attention is counted as its two matmuls, whatever kernel runs.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
@@ -135,7 +136,12 @@ def vae_encoder_flops(vae: nn.Module, image_size: int) -> int:
 def text_encoder_flops(model: nn.Module, tokens: int, decoder: bool = False) -> int:
     """A transformers text model's forward over ``tokens`` token ids (CLIP, T5 encoder, BERT, Llama)."""
     ids = torch.zeros(1, tokens, dtype=torch.long, device="meta")
-    extra = {"use_cache": False} if decoder else {}
+    extra = {}
+    if decoder:  # an empty cache: transformers then skips its packed-sequence check, which reads values
+        from transformers import DynamicCache
+
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        extra = {"use_cache": True, name: DynamicCache(config=model.config)}
     # No attention mask: a mask changes no product, and building one reads values (impossible on meta).
     return count_flops(lambda m, i: m.forward(input_ids=i, **extra).last_hidden_state, [model], [ids])
 
