@@ -28,6 +28,7 @@ Images already generated are kept, so a report run again only scores.
 from __future__ import annotations
 
 import argparse
+import gzip
 import concurrent.futures
 import contextlib
 import json
@@ -547,8 +548,6 @@ LEGACY_LABELS = {"(d), - (b), outside": difference_label("d_shuffled", "b", "out
 
 def replot(results: Path, out: Path, protocol: Protocol = PROTOCOL_SETTINGS) -> Path:
     """``differences.png`` again from a report's ``results.json`` (or .json.gz), labels as they are now."""
-    import gzip
-
     opener = gzip.open if results.suffix == ".gz" else open
     with opener(results, "rt") as handle:
         recorded = json.load(handle)["differences"]
