@@ -161,3 +161,15 @@ def test_the_checker_sees_a_circle_and_an_upward_import():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert floor_of("llm4gen.cli.train") > floor_of("llm4gen.lightning_modules.llm4gen") > floor_of("llm4gen.configs.schema")
     assert floor_of("llm4gen.embedded.registry") == 0 < floor_of("llm4gen.embedded.tiny")
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in conftest.py and tests/helpers/ (the README's promise)."""
+    offenders = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(ROOT)} imports {n}" for n in names
+                          if n.startswith("tests.") and n.rsplit(".", 1)[-1].startswith("test_")]
+    assert offenders == []

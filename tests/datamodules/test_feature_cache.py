@@ -32,7 +32,7 @@ from tests.helpers.modules import make_module
 
 ALL_FIELDS = "latent_moments,llm_features,clip_features,entities,entity_positions"
 SYNTHETIC_SHARDS = ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]  # 4 + 4 + 2 samples
-from tests.helpers.shards import png_bytes, write_tar
+from tests.helpers.shards import first_batch, png_bytes, write_tar
 
 pytestmark = [pytest.mark.slow]
 
@@ -157,12 +157,6 @@ def test_tar_and_npy_sizes():
 
 
 # ---------------------------------------------------------------- using the cache
-
-
-def first_batch(shards, precomputed_keys):
-    dm = WebDatasetDataModule(shards, batch_size=4, shuffle_buffer=0, shuffle_shards=False, resolution=32,
-                              precomputed_keys=precomputed_keys)
-    return next(iter(dm.train_dataloader()))
 
 
 def test_loss_from_the_cache_equals_the_online_loss(source_dir, cache_dir, cfg):

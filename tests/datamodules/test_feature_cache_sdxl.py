@@ -11,10 +11,9 @@ from omegaconf import OmegaConf
 
 from llm4gen.cli import cache
 from llm4gen.configs.schema import load_config
-from tests.datamodules.test_feature_cache import first_batch
-from tests.datamodules.test_size_conditioning import image_bytes
 from tests.helpers.modules import make_module
-from tests.helpers.shards import write_tar
+from tests.helpers.shards import first_batch, write_tar
+from tests.helpers.shards import gradient_png as image_bytes
 
 CAPTIONS = [b"a red circle and a blue square", b"a green triangle", b"a yellow square on a black background",
             b"a white circle"]

@@ -11,14 +11,9 @@ from PIL import Image
 
 from llm4gen.datamodules.transforms import original_size, preprocess_image, preprocess_image_with_geometry
 from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
-from tests.helpers.shards import write_tar
+from tests.helpers.shards import gradient_png, write_tar
 
-
-def image_bytes(width: int, height: int) -> bytes:
-    pixels = torch.arange(width * height * 3, dtype=torch.int64).remainder(251).to(torch.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.view(height, width, 3).numpy()).save(buffer, format="PNG")
-    return buffer.getvalue()
+image_bytes = gradient_png
 
 
 def test_centre_crop_geometry_of_a_portrait_image():

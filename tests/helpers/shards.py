@@ -60,3 +60,22 @@ def write_img2dataset_folder(folder, samples) -> None:
     (folder / "00000_stats.json").write_text(json.dumps({"count": len(samples), "successes": sum(
         s.get("status", "success") == "success" for s in samples), "failed_to_download": sum(
         s.get("status", "success") != "success" for s in samples)}))
+
+
+def gradient_png(width: int, height: int) -> bytes:
+    """A PNG whose pixels all differ (values counting up mod 251): crops and resizes show in every pixel."""
+    import torch
+
+    pixels = torch.arange(width * height * 3, dtype=torch.int64).remainder(251).to(torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.view(height, width, 3).numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def first_batch(shards, precomputed_keys, **settings):
+    """The first batch of 4 of ``shards`` in order at 32 px, with ``precomputed_keys`` read from the shards."""
+    from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
+
+    dm = WebDatasetDataModule(shards, batch_size=4, shuffle_buffer=0, shuffle_shards=False, resolution=32,
+                              precomputed_keys=precomputed_keys, **settings)
+    return next(iter(dm.train_dataloader()))
