@@ -38,7 +38,7 @@ from llm4gen.evaluation.prompts import (
     shapes_sets,
 )
 from llm4gen.evaluation.report import MixedProtocols, compare
-from llm4gen.evaluation.runner import Evaluation, EvaluationError
+from llm4gen.evaluation.runner import Evaluation, EvaluationError, missing_images
 from llm4gen.evaluation.scorers import ScorerUnavailable
 from llm4gen.evaluation.shapes_scorer import ShapesScorer
 from llm4gen.evaluation.t2i_compbench import OFFICIAL_SPACY, PROTOCOLS, check_prompt_file, shipped_folder
@@ -246,7 +246,7 @@ def evaluate(args) -> int:
         print(f"evaluate.py: warning: {warning}", file=sys.stderr)
     sampler = load_sampler(args.checkpoint, args.adapter, args.base, settings, device, use_ema=not args.no_ema,
                            pipeline=args.pipeline)
-    todo = sum(1 for records in plan.values() for r in records if not r.path.is_file())
+    todo = missing_images(plan)
     if todo:
         print(f"cost: {sampler_cost(sampler, todo).summary(device_name(device))}", flush=True)
     generated = evaluation.generate(sampler, plan)

@@ -61,6 +61,11 @@ def plan_images(out: Path, prompt_set: PromptSet, images_per_prompt: int, seed: 
             for i, prompt in enumerate(prompt_set.prompts) for j in range(images_per_prompt)]
 
 
+def missing_images(plan: dict[str, list[ImageRecord]]) -> int:
+    """How many planned images are not on disk yet (what a run will generate)."""
+    return sum(1 for records in plan.values() for r in records if not r.path.is_file())
+
+
 def generate_missing(sampler, records: list[ImageRecord], batch_size: int, progress: bool = True, bar=None) -> int:
     """Generates the records whose image file is absent, ``batch_size`` at a time; returns how many.
     ``bar``: a progress bar over a larger run to advance (else one of its own)."""
@@ -138,7 +143,7 @@ class Evaluation:
         from tqdm.auto import tqdm
 
         self.check_output(sampler.description, sampler.settings)
-        todo = sum(1 for records in plan.values() for r in records if not r.path.is_file())
+        todo = missing_images(plan)
         bar = tqdm(total=todo, desc="generating", unit="img", disable=not self.progress or not todo)
         generated = 0
         for prompt_set in self.prompt_sets:

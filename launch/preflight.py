@@ -110,25 +110,33 @@ def _check_widths(init_from: str, found: tuple[int, int], widths: tuple[int | No
                           f"and {expected[1]}. Was it trained on another base model (model.base) or LLM (model.llm)?")
 
 
+def read_model_folder(key: str, value: str, folder: Path, remedy: str) -> tuple[dict, Path]:
+    """(config.json, the first weights file) of a ``save_pretrained`` folder named by config ``key``; a
+    ConfigError naming the key when either is missing or the config does not parse."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"config key {key!r} is {value!r}, whose config.json cannot be read ({err}); "
+                          f"{remedy}.") from None
+    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not weights:
+        raise ConfigError(f"config key {key!r} is {value!r}, which has a config.json but no weights file "
+                          f"(diffusion_pytorch_model.safetensors); was the copy interrupted?")
+    return config, weights[0]
+
+
 def check_adapter_folder(init_from: str, path: Path, widths: tuple[int | None, int | None]) -> None:
     """A ``save_pretrained`` folder: its config.json parses, its weights file opens, its widths fit."""
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"config key 'model.adapter.init_from' is {init_from!r}, whose config.json cannot be read "
-                          f"({err}); write the folder again with save_pretrained (export.py).") from None
-    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    if not weights:
-        raise ConfigError(f"config key 'model.adapter.init_from' is {init_from!r}, which has a config.json but no "
-                          f"weights file (diffusion_pytorch_model.safetensors); was the copy interrupted?")
-    if weights[0].suffix == ".safetensors":
+    config, weights = read_model_folder("model.adapter.init_from", init_from, path,
+                                        "write the folder again with save_pretrained (export.py)")
+    if weights.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
         try:
-            with safe_open(str(weights[0]), "pt") as handle:
+            with safe_open(str(weights), "pt") as handle:
                 handle.keys()
         except (SafetensorError, OSError, ValueError) as err:
-            raise ConfigError(f"config key 'model.adapter.init_from' is {init_from!r}, whose {weights[0].name} is not "
+            raise ConfigError(f"config key 'model.adapter.init_from' is {init_from!r}, whose {weights.name} is not "
                               f"a readable safetensors file ({str(err).splitlines()[0]}): truncated or corrupt? "
                               f"Copy or export it again.") from None
     if isinstance(config.get("clip_dim"), int) and isinstance(config.get("llm_dim"), int):
@@ -188,15 +196,8 @@ def check_base_unet(cfg: DictConfig) -> None:
     base = cfg.model.base
     if not base.unet or not Path(base.unet).expanduser().is_dir():
         return  # check_sources names a missing one; a hub id is checked when it loads
-    folder = Path(base.unet).expanduser()
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"config key 'model.base.unet' is {base.unet!r}, which has no readable config.json ({err}); "
-                          f"expected a diffusers UNet folder such as a release's unet/.") from None
-    if not (sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))):
-        raise ConfigError(f"config key 'model.base.unet' is {base.unet!r}, which has a config.json but no weights "
-                          f"file (diffusion_pytorch_model.safetensors); was the copy interrupted?")
+    config, _ = read_model_folder("model.base.unet", base.unet, Path(base.unet).expanduser(),
+                                  "expected a diffusers UNet folder such as a release's unet/")
     reference = model_json(base.pretrained, "unet/config.json", base.revision) or {}
     for key in ("cross_attention_dim", "in_channels"):
         if key in reference and key in config and config[key] != reference[key]:
