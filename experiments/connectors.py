@@ -2,18 +2,21 @@
 
     python -m llm4gen.experiments.connectors run configs/sweeps/connectors.yaml      # data, runs, report
     python -m llm4gen.experiments.connectors report configs/sweeps/connectors.yaml   # the report alone
+    python -m llm4gen.experiments.connectors run configs/sweeps/connectors_lora.yaml # the UNet-LoRA variant
 
 Each kind of ``model.adapter.kind`` (cam, mlp, lavi_bridge, ella) trains on the evidence experiment's data
-and recipe with the UNet frozen, at each seed; every arm and the base (a) are sampled on the evidence
-protocol's prompt sets with the same noise, scored per object by the shapes analyzer, and compared with
-``cam`` by paired, scene-clustered bootstrap differences. The decision rules are the protocol's, in
-:func:`classify` and :func:`ella_ablation`. The data step, the sampling and the per-object records are the
+and recipe, at each seed, with the UNet frozen (connectors.yaml) or with LoRA in it (connectors_lora.yaml,
+arms named ``kind+lora``); every arm and the base (a) are sampled on the evidence protocol's prompt sets
+with the same noise, scored per object by the shapes analyzer, and compared with the sweep's CAM arm by
+paired, scene-clustered bootstrap differences. The decision rules are the protocols', in :func:`classify`,
+:func:`ella_ablation` and (the LoRA variant against the shipped frozen records) :func:`lora_effects`. The data step, the sampling and the per-object records are the
 evidence experiment's own functions (llm4gen.experiments.shapes_evidence).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import statistics
 import sys
@@ -31,7 +34,9 @@ from llm4gen.experiments import shapes_evidence as evidence
 from llm4gen.launch.sweep import expand_runs, is_finished, load_sweep
 from llm4gen.lightning_modules.sampler import load_checkpoint_module
 
-PROTOCOL = "docs/connectors/protocol.md"
+PROTOCOLS = {"": "docs/connectors/protocol.md", "+lora": "docs/connectors/protocol_lora.md"}  # by variant
+UNET = {"": "UNet frozen", "+lora": "LoRA in the UNet"}
+FROZEN_RESULTS = evidence.ROOT / "docs" / "connectors" / "results.json.gz"  # the frozen variant's records
 SUBSETS = ("seen_1", "short", "outside", "inside")
 LABELS = {"a": "(a) base", "cam": "cam (LLM4GEN)", "mlp": "mlp", "lavi_bridge": "lavi_bridge", "ella": "ella"}
 
@@ -49,6 +54,32 @@ RULES = Rules()
 def arm_of(model: dict) -> str:
     kind = model["adapter"].get("kind", "cam")
     return kind if model["unet_training"] == "frozen" else f"{kind}+{model['unet_training']}"
+
+
+def split_arm(arm: str) -> tuple[str, str]:
+    """``"ella+lora"`` -> (``"ella"``, ``"+lora"``); ``"cam"`` -> (``"cam"``, ``""``)."""
+    kind, plus, training = arm.partition("+")
+    return kind, plus + training
+
+
+def sweep_arms(arms) -> tuple[list[str], str]:
+    """The sweep's arms in a fixed order (the base, then CONNECTOR_KINDS') and the variant they share:
+    ``""`` (UNet frozen) or ``"+lora"``. One report reads one variant: a mix is refused."""
+    variants = {split_arm(a)[1] for a in arms if a != "a"}
+    if len(variants) > 1:
+        raise evidence.ExperimentError(f"one sweep, one UNet variant: these arms mix {sorted(variants)} "
+                                       f"({sorted(set(arms))}); report the frozen and LoRA sweeps apart")
+    variant = variants.pop() if variants else ""
+    if variant not in PROTOCOLS:
+        raise evidence.ExperimentError(f"no connector protocol for the variant {variant!r}; "
+                                       f"the comparison runs {sorted(PROTOCOLS)}")
+    order = ["a", *(kind + variant for kind in CONNECTOR_KINDS)]
+    return [a for a in order if a in set(arms)], variant
+
+
+def label(arm: str) -> str:
+    kind, variant = split_arm(arm)
+    return LABELS.get(kind, kind) + variant
 
 
 def evaluation_tasks(spec, base: str) -> tuple[list[evidence.Task], list[str]]:
@@ -87,16 +118,16 @@ def damages_base(records, arm: str, rules: Rules = RULES) -> Optional[bool]:
     return None if own is None or base is None else own < base - rules.damage
 
 
-def verdicts(records, arms: list[str], rules: Rules = RULES) -> dict[str, dict[str, dict]]:
-    """kind -> subset -> {difference vs cam, class}; a kind that damages the base is never "better"."""
+def verdicts(records, arms: list[str], rules: Rules = RULES, reference: str = "cam") -> dict[str, dict[str, dict]]:
+    """arm -> subset -> {difference vs ``reference``, class}; an arm that damages the base is never "better"."""
     out = {}
     for arm in arms:
-        if arm in ("a", "cam"):
+        if arm in ("a", reference):
             continue
         damaged = damages_base(records, arm, rules)
         out[arm] = {}
         for subset in SUBSETS:
-            diff = evidence.compare(records, arm, "cam", subset)
+            diff = evidence.compare(records, arm, reference, subset)
             label = classify(diff, rules)
             if label == "better" and damaged:
                 label = "better, but it damages the base (not called better)"
@@ -104,12 +135,13 @@ def verdicts(records, arms: list[str], rules: Rules = RULES) -> dict[str, dict[s
     return out
 
 
-def ella_ablation(records, rules: Rules = RULES) -> dict:
+def ella_ablation(records, rules: Rules = RULES, variant: str = "") -> dict:
     """ELLA's MLP -> timestep-aware resampler ablation, on short prompts: replicates / contradicted / not decided."""
-    diff = evidence.compare(records, "ella", "mlp", "short")
+    ella, mlp = "ella" + variant, "mlp" + variant
+    diff = evidence.compare(records, ella, mlp, "short")
     if diff is None:
         return {"outcome": "not measured"}
-    damaged = [arm for arm in ("ella", "mlp") if damages_base(records, arm, rules)]
+    damaged = [arm for arm in (ella, mlp) if damages_base(records, arm, rules)]
     if diff.mean >= rules.effect and diff.low > 0 and not damaged:
         outcome = "replicates"
     elif diff.mean <= -rules.effect and diff.high < 0:
@@ -118,6 +150,50 @@ def ella_ablation(records, rules: Rules = RULES) -> dict:
         verb = "damage" if len(damaged) > 1 else "damages"
         outcome = "not decided" + (f" ({' and '.join(damaged)} {verb} the base)" if damaged else "")
     return {"outcome": outcome, "difference": diff.to_dict()}
+
+
+def base_agrees(records, frozen_records) -> Optional[str]:
+    """None when the base (a) drew, object for object, what it drew in the frozen run (so the two runs' arms
+    pair on the same draws); else why not."""
+    def outcomes(rs):
+        return {(r.seed, r.set, r.prompt, r.object): r.category for r in rs if r.arm == "a"}
+    here, there = outcomes(records), outcomes(frozen_records)
+    if not here or not there:
+        return "a run holds no base records"
+    if here.keys() != there.keys():
+        return f"the runs sampled different prompts or seeds ({len(here)} vs {len(there)} base objects)"
+    differ = sum(here[k] != there[k] for k in here)
+    return f"the base's outcome differs on {differ} of {len(here)} objects" if differ else None
+
+
+def lora_effects(records, frozen_records, arms: list[str], rules: Rules = RULES) -> dict:
+    """protocol_lora.md rule 4: (kind+lora) - (kind, frozen) per subset, paired with the frozen run's
+    records, classed by rule 1's thresholds; "not measured" unless the base agrees object for object."""
+    disagreement = base_agrees(records, frozen_records)
+    if disagreement:
+        return {"outcome": "not measured", "reason": disagreement}
+    words = {"better": "LoRA helps", "worse": "LoRA hurts"}
+    by_kind = {}
+    for arm in arms:
+        kind, variant = split_arm(arm)
+        if arm == "a" or not variant:
+            continue
+        pooled = [r for r in records if r.arm == arm] + [r for r in frozen_records if r.arm == kind]
+        by_kind[kind] = {}
+        for subset in SUBSETS:
+            diff = evidence.compare(pooled, arm, kind, subset)
+            by_kind[kind][subset] = {"difference": diff.to_dict() if diff else None,
+                                     "class": words.get(classify(diff, rules), classify(diff, rules))}
+    return {"outcome": "measured", "by_kind": by_kind}
+
+
+def load_records(path: Path) -> list[evidence.ObjectRecord]:
+    """The per-object records of a report's results.json (gzipped or not)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        results = json.load(f)
+    fields = results["object_fields"]
+    return [evidence.ObjectRecord(**dict(zip(fields, row))) for row in results["objects"]]
 
 
 # ---------------------------------------------------------------- size and speed
@@ -156,7 +232,9 @@ def _size_and_step_time(checkpoint: str, batch_size: int, warmup: int, steps: in
         optimizer.step()
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return {"params": sum(p.numel() for p in params), "step_seconds": statistics.median(times)}
+    connector = sum(p.numel() for p in module.adapter.parameters() if p.requires_grad)
+    return {"params": sum(p.numel() for p in params), "connector_params": connector,
+            "step_seconds": statistics.median(times)}
 
 
 # ---------------------------------------------------------------- the report
@@ -168,23 +246,33 @@ def difference_cell(diff: Optional[dict], label: str) -> str:
     return f"{diff['mean']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}] {label}"
 
 
-def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protocol = evidence.PROTOCOL_SETTINGS) -> Path:
+def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protocol = evidence.PROTOCOL_SETTINGS,
+           frozen_results: Optional[Path] = FROZEN_RESULTS) -> Path:
+    """Evaluates every finished run and the base, applies the variant's protocol and writes ``report/``
+    (report.md, results.json, differences.png, samples.png). A LoRA sweep is also paired with the frozen
+    variant's records in ``frozen_results`` (protocol_lora.md, rule 4)."""
     spec = load_sweep(sweep_file)
     cfg = evidence.load_experiment_config(spec.config, spec.base_overrides)
     tasks, unfinished = evaluation_tasks(spec, cfg.model.base.pretrained)
     if not any(t.arm != "a" for t in tasks):
         raise evidence.ExperimentError(f"no finished run under {spec.output_root}; train the arms first: "
                                        f"python -m llm4gen.experiments.connectors run {sweep_file}")
+    arms, variant = sweep_arms([t.arm for t in tasks])
+    reference = "cam" + variant
     if unfinished:
         log(f"not finished, left out of the report: {', '.join(unfinished)}")
     started = time.time()
     evidence.run_tasks(tasks, jobs, log, protocol)
     evaluation_seconds = time.time() - started
     records = [r for task in tasks for r in evidence.object_records(task, protocol)]
-    arms = [a for a in ("a", *CONNECTOR_KINDS) if any(t.arm == a for t in tasks)]
     seeds = sorted({t.seed for t in tasks})
-    rules = verdicts(records, arms)
-    ablation = ella_ablation(records)
+    rules = verdicts(records, arms, reference=reference)
+    ablation = ella_ablation(records, variant=variant)
+    effects = None
+    if variant:
+        effects = (lora_effects(records, load_records(Path(frozen_results)), arms)
+                   if frozen_results is not None and Path(frozen_results).exists()
+                   else {"outcome": "not measured", "reason": f"no frozen-variant records at {frozen_results}"})
     sizes = {}
     for arm in arms:
         if arm != "a":
@@ -193,13 +281,38 @@ def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protoco
             log(f"  {arm}: {sizes[arm]['params']:,} parameters, {sizes[arm]['step_seconds']:.2f} s per step")
     out = spec.output_root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    differences = [(f"{a} - cam, {s}", d) for a in arms if a not in ("a", "cam") for s in SUBSETS
-                   if (d := evidence.compare(records, a, "cam", s)) is not None]
+    differences = [(f"{a} - {reference}, {s}", d) for a in arms if a not in ("a", reference) for s in SUBSETS
+                   if (d := evidence.compare(records, a, reference, s)) is not None]
     plot = evidence.difference_plot(differences, out / "differences.png")
-    grid = evidence.sample_grid(tasks, out / "samples.png", protocol=protocol, labels=LABELS)
+    grid = evidence.sample_grid(tasks, out / "samples.png", protocol=protocol, labels={a: label(a) for a in arms})
     damage = {arm: damages_base(records, arm) for arm in arms if arm != "a"}
-    rate_rows = ["| arm | params | step (s) | " + " | ".join(SUBSETS) + " | damages the base |",
-                 "|---|---|---|" + "---|" * len(SUBSETS) + "---|"]
+    text = "\n".join([
+        f"# Connector comparison ({UNET[variant]}): {len(tasks)} evaluations", "",
+        f"Protocol: `{PROTOCOLS[variant]}`. Sweep `{sweep_file}`, seeds {seeds}, {UNET[variant]} in every connector "
+        f"arm. Share of prompt objects drawn with every attribute right (`bound`), pooled over seeds (per seed in "
+        f"brackets). Params: what trains (the connector's own in brackets).", "",
+        "## Bound objects per arm", "", *rate_table(records, arms, sizes, damage), "",
+        f"## Paired differences against {reference} (95% CI over scenes) and the protocol's class", "",
+        *difference_table(rules, f"arm - {reference}"), "",
+        f"**ELLA's ablation (ella{variant} - mlp{variant} on short prompts): {ablation['outcome']}**"
+        + (f", {difference_cell(ablation.get('difference'), '')}" if ablation.get("difference") else ""), "",
+        *lora_section(effects), f"Plot: `{plot.name}`. Samples (seed {seeds[0]}): `{grid.name}`.",
+        f"Evaluation (sampling and scoring): {evaluation_seconds / 60:.1f} min.", ""])
+    (out / "report.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({
+        "protocol": PROTOCOLS[variant], "variant": variant, "reference": reference,
+        "rules": asdict(RULES), "verdicts": rules, "ella_ablation": ablation, "lora_effects": effects,
+        "sizes": sizes, "damages_base": damage,
+        "objects": [list(asdict(r).values()) for r in records],
+        "object_fields": list(evidence.ObjectRecord.__dataclass_fields__)}, indent=1))
+    log(text)
+    log(f"report: {out / 'report.md'}")
+    return out
+
+
+def rate_table(records, arms: list[str], sizes: dict, damage: dict) -> list[str]:
+    rows = ["| arm | params | step (s) | " + " | ".join(SUBSETS) + " | damages the base |",
+            "|---|---|---|" + "---|" * len(SUBSETS) + "---|"]
     for arm in arms:
         cells = []
         for subset in SUBSETS:
@@ -208,32 +321,32 @@ def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protoco
             cells.append(f"{evidence.rate(chosen):.3f} ({' / '.join(f'{v:.2f}' for v in per_seed.values())})"
                          if chosen else "-")
         size = sizes.get(arm)
-        params = f"{size['params']:,}" if size else "-"
+        params = "-"
+        if size:
+            own = size.get("connector_params", size["params"])
+            params = f"{size['params']:,}" + (f" ({own:,})" if own != size["params"] else "")
         step = f"{size['step_seconds']:.2f}" if size else "-"
         damaged = "-" if arm == "a" else ("yes" if damage[arm] else "no")
-        rate_rows.append(f"| {LABELS.get(arm, arm)} | {params} | {step} | " + " | ".join(cells) + f" | {damaged} |")
-    diff_rows = ["| kind - cam | " + " | ".join(SUBSETS) + " |", "|---|" + "---|" * len(SUBSETS)]
-    for arm, by_subset in rules.items():
-        diff_rows.append(f"| {arm} | " + " | ".join(difference_cell(by_subset[s]["difference"], by_subset[s]["class"])
-                                                    for s in SUBSETS) + " |")
-    text = "\n".join([
-        f"# Connector comparison: {len(tasks)} evaluations", "",
-        f"Protocol: `{PROTOCOL}`. Sweep `{sweep_file}`, seeds {seeds}, UNet frozen in every arm. Share of prompt "
-        f"objects drawn with every attribute right (`bound`), pooled over seeds (per seed in brackets).", "",
-        "## Bound objects per arm", "", *rate_rows, "",
-        "## Paired differences against cam (95% CI over scenes) and the protocol's class", "", *diff_rows, "",
-        f"**ELLA's ablation (ella - mlp on short prompts): {ablation['outcome']}**"
-        + (f", {difference_cell(ablation.get('difference'), '')}" if ablation.get("difference") else ""), "",
-        f"Plot: `{plot.name}`. Samples (seed {seeds[0]}): `{grid.name}`.",
-        f"Evaluation (sampling and scoring): {evaluation_seconds / 60:.1f} min.", ""])
-    (out / "report.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({
-        "rules": asdict(RULES), "verdicts": rules, "ella_ablation": ablation, "sizes": sizes, "damages_base": damage,
-        "objects": [list(asdict(r).values()) for r in records],
-        "object_fields": list(evidence.ObjectRecord.__dataclass_fields__)}, indent=1))
-    log(text)
-    log(f"report: {out / 'report.md'}")
-    return out
+        rows.append(f"| {label(arm)} | {params} | {step} | " + " | ".join(cells) + f" | {damaged} |")
+    return rows
+
+
+def difference_table(by_arm: dict[str, dict[str, dict]], title: str) -> list[str]:
+    rows = [f"| {title} | " + " | ".join(SUBSETS) + " |", "|---|" + "---|" * len(SUBSETS)]
+    for arm, by_subset in by_arm.items():
+        rows.append(f"| {arm} | " + " | ".join(difference_cell(by_subset[s]["difference"], by_subset[s]["class"])
+                                               for s in SUBSETS) + " |")
+    return rows
+
+
+def lora_section(effects: Optional[dict]) -> list[str]:
+    """protocol_lora.md rule 4 in the report: nothing for a frozen sweep."""
+    if effects is None:
+        return []
+    head = "## What LoRA does to each kind: (kind+lora) - (kind, frozen), paired with the frozen run's records"
+    if effects["outcome"] != "measured":
+        return [head, "", f"**Not measured**: {effects['reason']}.", ""]
+    return [head, "", *difference_table(effects["by_kind"], "kind"), ""]
 
 
 def run(sweep_file: str, jobs: int = 2, log=print) -> Path:

@@ -28,9 +28,9 @@ Images already generated are kept, so a report run again only scores.
 from __future__ import annotations
 
 import argparse
-import gzip
 import concurrent.futures
 import contextlib
+import gzip
 import json
 import multiprocessing
 import sys

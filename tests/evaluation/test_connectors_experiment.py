@@ -1,5 +1,6 @@
-"""The connector comparison's decision rules (docs/connectors/protocol.md) on records whose outcome is known,
-and its sweep: four kinds x three seeds on the evidence recipe, UNet frozen, every config valid."""
+"""The connector comparison's decision rules (docs/connectors/protocol.md, protocol_lora.md) on records whose
+outcome is known, and its sweeps: four kinds x three seeds on the evidence recipe, UNet frozen or with LoRA,
+every config valid."""
 
 from __future__ import annotations
 
@@ -67,6 +68,65 @@ def test_the_sweep_trains_four_kinds_at_three_seeds_with_the_unet_frozen():
     assert seen == {(kind, seed) for kind in ("cam", "mlp", "lavi_bridge", "ella") for seed in (0, 1, 2)}
 
 
+def test_a_lora_sweep_is_read_against_cam_lora_and_its_ablation_pairs_the_lora_arms():
+    data = records({"a": 0.9, "cam+lora": 0.5, "mlp+lora": 0.85, "ella+lora": 0.1, "lavi_bridge+lora": 0.51})
+    arms, variant = connectors.sweep_arms([r.arm for r in data])
+    assert arms == ["a", "cam+lora", "mlp+lora", "lavi_bridge+lora", "ella+lora"] and variant == "+lora"
+    verdicts = connectors.verdicts(data, arms, reference="cam+lora")
+    assert set(verdicts) == {"mlp+lora", "ella+lora", "lavi_bridge+lora"}
+    assert verdicts["mlp+lora"]["short"]["class"] == "better" and verdicts["ella+lora"]["short"]["class"] == "worse"
+    ablation = connectors.ella_ablation(data, variant="+lora")
+    assert ablation["outcome"] == "contradicted" and ablation["difference"]["mean"] < -0.5
+    assert connectors.label("cam+lora") == "cam (LLM4GEN)+lora" and connectors.label("a") == "(a) base"
+
+
+def test_a_sweep_that_mixes_frozen_and_lora_arms_is_refused():
+    with pytest.raises(ValueError, match=r"mix \['', '\+lora'\]"):
+        connectors.sweep_arms(["a", "cam", "mlp+lora"])
+    with pytest.raises(ValueError, match="no connector protocol for the variant '\+full'"):
+        connectors.sweep_arms(["a", "cam+full"])
+
+
+def test_lora_effects_pair_each_lora_arm_with_its_frozen_kind():
+    frozen = records({"a": 0.9, "cam": 0.3, "ella": 0.05, "mlp": 0.5})
+    lora = records({"a": 0.9, "cam+lora": 0.3, "ella+lora": 0.8, "mlp+lora": 0.1})
+    effects = connectors.lora_effects(lora, frozen, ["a", "cam+lora", "mlp+lora", "ella+lora"])
+    assert effects["outcome"] == "measured" and set(effects["by_kind"]) == {"cam", "mlp", "ella"}
+    by_kind = effects["by_kind"]
+    assert by_kind["ella"]["short"]["class"] == "LoRA helps" and by_kind["mlp"]["short"]["class"] == "LoRA hurts"
+    assert by_kind["cam"]["short"]["class"] == "no difference shown"
+    assert by_kind["ella"]["short"]["difference"]["mean"] > 0.6 and by_kind["ella"]["outside"]["difference"] is None
+
+
+def test_lora_effects_are_not_measured_when_the_base_drew_otherwise():
+    frozen = records({"a": 0.9, "cam": 0.3})
+    lora = records({"a": 0.9, "cam+lora": 0.8}, seed=1)  # other draws: the base's outcomes differ
+    effects = connectors.lora_effects(lora, frozen, ["a", "cam+lora"])
+    assert effects["outcome"] == "not measured" and "the base's outcome differs on" in effects["reason"]
+    fewer = records({"a": 0.9, "cam+lora": 0.8}, seeds=(0, 1))
+    assert "different prompts or seeds" in connectors.lora_effects(fewer, frozen, ["a", "cam+lora"])["reason"]
+
+
+def test_the_shipped_frozen_records_load_with_their_base_and_every_kind():
+    frozen = connectors.load_records(connectors.FROZEN_RESULTS)
+    assert {r.arm for r in frozen} == {"a", "cam", "mlp", "lavi_bridge", "ella"}
+    assert {r.seed for r in frozen} == {0, 1, 2}
+    assert connectors.base_agrees(frozen, frozen) is None
+
+
+def test_the_lora_sweep_differs_from_the_frozen_one_in_the_unets_lora_alone():
+    frozen, lora = (load_sweep(f"configs/sweeps/{name}.yaml") for name in ("connectors", "connectors_lora"))
+    assert [r.override_args for r in expand_runs(frozen)] == [r.override_args for r in expand_runs(lora)]
+    for run in expand_runs(lora):
+        cfg = load_experiment_config(lora.config, [*lora.base_overrides, *run.override_args])
+        twin = load_experiment_config(frozen.config, [*frozen.base_overrides, *run.override_args])
+        assert cfg.model.unet_training == "lora" and cfg.model.optim.unet_lr == 1e-4
+        assert cfg.model.lora.rank == 4 and cfg.model.optim.lr == twin.model.optim.lr == 1e-3
+        assert connectors.arm_of(dict(cfg.model)) == f"{cfg.model.adapter.kind}+lora"
+        assert str(cfg.data.shards) == "runs/connectors-lora/cache"
+        assert {k: v for k, v in dict(cfg.trainer).items()} == dict(twin.trainer) and cfg.seed == twin.seed
+
+
 @pytest.mark.slow
 def test_a_tiny_comparison_runs_end_to_end(tmp_path, monkeypatch):
     """Data, cam and ella x one seed for two steps on the random tiny base, and the report."""
@@ -97,3 +157,21 @@ def test_a_tiny_comparison_runs_end_to_end(tmp_path, monkeypatch):
     assert set(results["verdicts"]) == {"ella"} and set(results["verdicts"]["ella"]) == set(connectors.SUBSETS)
     assert results["sizes"]["ella"]["params"] > 0 and results["sizes"]["cam"]["step_seconds"] > 0
     assert "| ella |" in (report / "report.md").read_text()
+
+    # The LoRA variant of the same sweep: its arms are kind+lora, read against cam+lora, and paired with the
+    # frozen report's records (rule 4), which holds because the base draws the same images in both.
+    lora = tmp_path / "sweep_lora.yaml"
+    lora.write_text(sweep.read_text().replace(f"output_root: {tmp_path / 'runs'}", f"output_root: {tmp_path / 'lora'}")
+                    .replace("trainer.max_steps=2]", "trainer.max_steps=2, model.unet_training=lora, "
+                             "model.optim.unet_lr=1.0e-4]"))
+    assert sweep_entry.main([str(lora)]) == 0
+    lora_report = connectors.report(str(lora), jobs=1, log=lambda *a: None, protocol=tiny,
+                                    frozen_results=report / "results.json")
+    lora_results = json.loads((lora_report / "results.json").read_text())
+    assert lora_results["reference"] == "cam+lora" and set(lora_results["verdicts"]) == {"ella+lora"}
+    assert lora_results["lora_effects"]["outcome"] == "measured"
+    assert set(lora_results["lora_effects"]["by_kind"]) == {"cam", "ella"}
+    size = lora_results["sizes"]["cam+lora"]
+    assert size["params"] > size["connector_params"] == results["sizes"]["cam"]["params"]
+    text = (lora_report / "report.md").read_text()
+    assert "| ella+lora |" in text and "What LoRA does to each kind" in text and "protocol_lora.md" in text
