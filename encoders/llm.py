@@ -94,6 +94,7 @@ class LLMEncoder(nn.Module):
         self.model = load_llm_model(pretrained, config, self.kind, dtype, revision, trust_remote_code)
         self.layer = hidden_state_index(layer, num_hidden_layers(self.model.config))
         self.normalize = normalizes(self.layer, layer_norm, self.kind, num_hidden_layers(self.model.config))
+        self.last_layer_run = last_layer_needed(self.model, self.layer, num_hidden_layers(self.model.config))
         self.max_length, self.prefix, self.zero_padding = max_length, prefix, zero_padding
         self.requires_grad_(False).eval()
 
@@ -145,6 +146,8 @@ class LLMEncoder(nn.Module):
             kwargs["use_cache"] = False
         if self.layer == -1 and not self.normalize:
             hidden = self.model(**kwargs).last_hidden_state
+        elif self.last_layer_run is not None:  # a middle layer: the layers above it never run
+            hidden = read_hidden_states((run_until(self.model, kwargs, self.last_layer_run),), 0, self.normalize)
         else:
             hidden = read_hidden_states(self.model(**kwargs, output_hidden_states=True).hidden_states,
                                         self.layer, self.normalize)
@@ -207,6 +210,54 @@ def normalizes(layer: int | str, layer_norm: str, kind: str, layers: int) -> boo
         raise ValueError(f"model.llm.layer_norm is {layer_norm!r}: expected auto, true or false")
     final = layer == -1 or layer == layers
     return not final and kind in ("decoder", "encoder-decoder")
+
+
+LAYER_STACKS = ("layers", "encoder.layer", "block", "h", "transformer.h", "model.layers")  # Llama, BERT, T5, GPT-2
+
+
+def last_layer_needed(model: nn.Module, layer: int | str, layers: int) -> nn.Module | None:
+    """The transformer layer whose output is hidden state ``layer`` when that is a middle one (neither the
+    embeddings nor the last, which may be final-normed), so that a read can stop there: reading layer 15
+    of 30 then costs half a forward pass. None when the whole model must run ("mean", the ends, or a model
+    whose layer list is not at one of ``LAYER_STACKS``)."""
+    if not isinstance(layer, int):
+        return None
+    index = layer if layer >= 0 else layers + 1 + layer
+    if not 1 <= index < layers:
+        return None
+    for path in LAYER_STACKS:
+        try:
+            stack = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(stack, nn.ModuleList) and len(stack) == layers:
+            return stack[index - 1]
+    return None
+
+
+class _Reached(Exception):
+    """Carries the output of the last layer a read needs out of the forward pass."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+
+def run_until(model: nn.Module, kwargs: dict, last: nn.Module) -> torch.Tensor:
+    """``model(**kwargs)`` stopped as ``last`` (one of its layers) returns: that layer's hidden states
+    (batch, tokens, dim), the same tensor the full pass reports at that index; the autograd graph up to
+    it is kept (LoRA inside the LLM trains through it)."""
+    def stop(module, args, output):
+        raise _Reached(output[0] if isinstance(output, tuple) else output)
+
+    handle = last.register_forward_hook(stop)
+    try:
+        model(**kwargs)
+    except _Reached as reached:
+        return reached.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError(f"the LLM's forward pass never ran its layer {type(last).__name__}: cannot read it")
 
 
 def read_hidden_states(hidden_states: tuple[torch.Tensor, ...], layer: int | str, normalize: bool) -> torch.Tensor:

@@ -15,7 +15,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from llm4gen.encoders.llm import LLMEncoder
+from llm4gen.encoders.llm import LLMEncoder, last_layer_needed, read_hidden_states
 from llm4gen.encoders.sources import ModelSourceError
 
 
@@ -129,6 +129,59 @@ def test_mean_is_the_mean_of_every_layer_normalised(t5_folder):
     hidden = llm.model(**tokens, output_hidden_states=True).hidden_states  # embeddings + 2 layers
     norm = lambda h: torch.nn.functional.layer_norm(h, h.shape[-1:])  # noqa: E731
     torch.testing.assert_close(llm(PROMPTS).features, (norm(hidden[1]) + norm(hidden[2])) / 2)
+
+
+def layer_calls(llm) -> list[int]:
+    """Spies on the LLM's layers: the list gets each layer's index as it runs."""
+    stack = next(llm.model.get_submodule(path) for path in ("layers", "encoder.layer", "block")
+                 if hasattr(llm.model, path.split(".")[0]))
+    calls = []
+    for i, layer in enumerate(stack):
+        layer.register_forward_hook(lambda module, args, output, i=i: calls.append(i))
+    return calls
+
+
+@pytest.mark.parametrize("source, layer, layers", [("llama", 1, 3), ("llama", -2, 3), ("minilm", 3, 6),
+                                                   ("minilm", 5, 6), ("t5", 1, 2)])
+def test_a_middle_layer_is_read_without_running_the_layers_above_it(source, layer, layers, llama_folder, t5_folder):
+    pretrained = {"llama": str(llama_folder), "minilm": "embedded:minilm", "t5": str(t5_folder)}[source]
+    llm = LLMEncoder(pretrained, max_length=12, layer=layer, zero_padding=False)
+    tokens = llm.tokenize(PROMPTS)
+    full = read_hidden_states(llm.model(**tokens, output_hidden_states=True).hidden_states, llm.layer, llm.normalize)
+    calls = layer_calls(llm)
+    features = llm(PROMPTS).features
+    torch.testing.assert_close(features, full, rtol=0, atol=0)  # the very tensor the full pass reports
+    index = layer if layer >= 0 else layers + 1 + layer
+    assert calls == list(range(index)) and index < layers
+
+
+def test_the_ends_and_the_mean_run_every_layer(llama_folder):
+    for layer in (0, -1, "mean"):
+        llm = LLMEncoder(str(llama_folder), max_length=12, layer=layer)
+        calls = layer_calls(llm)
+        llm(PROMPTS)
+        assert llm.last_layer_run is None and calls == [0, 1, 2]
+
+
+def test_a_model_whose_layer_list_is_elsewhere_runs_whole():
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stages = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+
+    assert last_layer_needed(Wrapped(), 1, 3) is None
+    assert last_layer_needed(torch.nn.Module(), 1, 3) is None
+
+
+def test_lora_in_the_llm_trains_through_a_middle_layer_read(llama_folder):
+    llm = LLMEncoder(str(llama_folder), max_length=12, layer=2)
+    llm.add_lora(4)
+    assert llm.last_layer_run is not None
+    llm(PROMPTS).features.square().sum().backward()
+    grads = {n: p.grad for n, p in llm.model.named_parameters() if p.requires_grad}
+    below = [g for n, g in grads.items() if n.startswith(("layers.0.", "layers.1."))]
+    above = [g for n, g in grads.items() if n.startswith("layers.2.")]
+    assert below and all(g is not None for g in below) and all(g is None for g in above)
 
 
 def test_a_layer_the_model_lacks_is_refused_naming_the_range(llama_folder):
