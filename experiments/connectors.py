@@ -314,12 +314,7 @@ def rate_table(records, arms: list[str], sizes: dict, damage: dict) -> list[str]
     rows = ["| arm | params | step (s) | " + " | ".join(SUBSETS) + " | damages the base |",
             "|---|---|---|" + "---|" * len(SUBSETS) + "---|"]
     for arm in arms:
-        cells = []
-        for subset in SUBSETS:
-            chosen = evidence.select(records, arm, subset)
-            per_seed = evidence.per_seed_rates(chosen)
-            cells.append(f"{evidence.rate(chosen):.3f} ({' / '.join(f'{v:.2f}' for v in per_seed.values())})"
-                         if chosen else "-")
+        cells = [rate_cell(records, arm, subset) for subset in SUBSETS]
         size = sizes.get(arm)
         params = "-"
         if size:
@@ -329,6 +324,15 @@ def rate_table(records, arms: list[str], sizes: dict, damage: dict) -> list[str]
         damaged = "-" if arm == "a" else ("yes" if damage[arm] else "no")
         rows.append(f"| {label(arm)} | {params} | {step} | " + " | ".join(cells) + f" | {damaged} |")
     return rows
+
+
+def rate_cell(records, arm: str, subset: str) -> str:
+    """An arm's bound share on a subset, pooled over seeds, each seed's in brackets; "-" without records."""
+    chosen = evidence.select(records, arm, subset)
+    if not chosen:
+        return "-"
+    per_seed = evidence.per_seed_rates(chosen)
+    return f"{evidence.rate(chosen):.3f} ({' / '.join(f'{v:.2f}' for v in per_seed.values())})"
 
 
 def difference_table(by_arm: dict[str, dict[str, dict]], title: str) -> list[str]:

@@ -114,13 +114,7 @@ def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protoco
     rows = ["| arm | " + " | ".join(SUBSETS) + " |", "|---|" + "---|" * len(SUBSETS)]
     for arm, name in (("a", "(a) base, this run"), ("b", "(b) UNet ft on CLIP, shipped"),
                       ("d", "(d) MiniLM layer 3, shipped"), (ARM, LABELS[ARM])):
-        cells = []
-        for subset in SUBSETS:
-            chosen = evidence.select(both, arm, subset)
-            per_seed = evidence.per_seed_rates(chosen)
-            cells.append(f"{evidence.rate(chosen):.3f} ({' / '.join(f'{v:.2f}' for v in per_seed.values())})"
-                         if chosen else "-")
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+        rows.append(f"| {name} | " + " | ".join(connectors.rate_cell(both, arm, s) for s in SUBSETS) + " |")
     lines = [f"# The real-LLM arm: (d) with SmolLM2-135M-Instruct, {len(tasks)} evaluations", "",
              f"Protocol: `{PROTOCOL}`. Sweep `{sweep_file}`, seeds {seeds}. Share of prompt objects drawn with "
              f"every attribute right, pooled over seeds (per seed in brackets); (b) and (d) are the shipped "

@@ -80,6 +80,14 @@ def test_a_lora_sweep_is_read_against_cam_lora_and_its_ablation_pairs_the_lora_a
     assert connectors.label("cam+lora") == "cam (LLM4GEN)+lora" and connectors.label("a") == "(a) base"
 
 
+def test_a_rate_cell_pools_the_seeds_and_lists_each():
+    data = [ObjectRecord("cam", seed, "seen_1", prompt, 0, f"scene-{prompt}", "list", 1,
+                         "bound" if prompt < bound else "missing_object", "short")
+            for seed, bound in ((0, 1), (1, 3)) for prompt in range(4)]
+    assert connectors.rate_cell(data, "cam", "seen_1") == "0.500 (0.25 / 0.75)"
+    assert connectors.rate_cell(data, "cam", "outside") == "-" and connectors.rate_cell(data, "mlp", "seen_1") == "-"
+
+
 def test_a_sweep_that_mixes_frozen_and_lora_arms_is_refused():
     with pytest.raises(ValueError, match=r"mix \['', '\+lora'\]"):
         connectors.sweep_arms(["a", "cam", "mlp+lora"])
