@@ -281,9 +281,7 @@ def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protoco
             log(f"  {arm}: {sizes[arm]['params']:,} parameters, {sizes[arm]['step_seconds']:.2f} s per step")
     out = spec.output_root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    differences = [(f"{a} - {reference}, {s}", d) for a in arms if a not in ("a", reference) for s in SUBSETS
-                   if (d := evidence.compare(records, a, reference, s)) is not None]
-    plot = evidence.difference_plot(differences, out / "differences.png")
+    plot = difference_plot(rules, effects, reference, out / "differences.png")
     grid = evidence.sample_grid(tasks, out / "samples.png", protocol=protocol, labels={a: label(a) for a in arms})
     damage = {arm: damages_base(records, arm) for arm in arms if arm != "a"}
     text = "\n".join([
@@ -308,6 +306,33 @@ def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protoco
     log(text)
     log(f"report: {out / 'report.md'}")
     return out
+
+
+def plot_rows(by_arm: dict[str, dict[str, dict]], effects: Optional[dict], reference: str) -> list[tuple[str, Difference]]:
+    """(label, difference) for every arm against ``reference`` per subset and, for a LoRA sweep whose rule 4
+    was measured, for what the LoRA does to each kind; unmeasured cells left out."""
+    rows = [(f"{arm} - {reference}, {s}", v["difference"]) for arm, by_subset in by_arm.items()
+            for s, v in by_subset.items()]
+    if effects and effects.get("outcome") == "measured":
+        rows += [(f"{kind}+lora - {kind} (frozen), {s}", v["difference"]) for kind, by_subset in effects["by_kind"].items()
+                 for s, v in by_subset.items()]
+    return [(label, Difference(d["mean"], d["low"], d["high"], {int(k): v for k, v in d["per_seed"].items()},
+                               d["n"], d["clusters"])) for label, d in rows if d is not None]
+
+
+def difference_plot(by_arm: dict[str, dict[str, dict]], effects: Optional[dict], reference: str, path: Path) -> Path:
+    """:func:`plot_rows` with their CIs and the protocol's +-effect lines."""
+    lines = [(RULES.effect, f"+{RULES.effect}: better (CI above 0)"), (-RULES.effect, f"-{RULES.effect}: worse (CI below 0)")]
+    return evidence.difference_plot(plot_rows(by_arm, effects, reference), path, thresholds=lines)
+
+
+def replot(results: Path, out: Path) -> Path:
+    """``differences.png`` again from a report's results.json (or .json.gz)."""
+    opener = gzip.open if results.suffix == ".gz" else open
+    with opener(results, "rt") as f:
+        recorded = json.load(f)
+    reference = recorded.get("reference", "cam")
+    return difference_plot(recorded["verdicts"], recorded.get("lora_effects"), reference, out)
 
 
 def rate_table(records, arms: list[str], sizes: dict, damage: dict) -> list[str]:

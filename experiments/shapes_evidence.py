@@ -557,7 +557,10 @@ def replot(results: Path, out: Path, protocol: Protocol = PROTOCOL_SETTINGS) -> 
     return difference_plot(differences, out, protocol)
 
 
-def difference_plot(differences: list[tuple[str, Difference]], path: Path, protocol: Protocol = PROTOCOL_SETTINGS) -> Path:
+def difference_plot(differences: list[tuple[str, Difference]], path: Path, protocol: Protocol = PROTOCOL_SETTINGS,
+                    thresholds: Optional[list[tuple[float, str]]] = None) -> Path:
+    """One row per paired difference with its CI; vertical lines at ``thresholds`` ((x, legend) pairs;
+    default: this protocol's primary effect and its gate)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -568,8 +571,11 @@ def difference_plot(differences: list[tuple[str, Difference]], path: Path, proto
         y = len(differences) - 1 - i
         ax.errorbar(diff.mean, y, xerr=[[diff.mean - diff.low], [diff.high - diff.mean]], fmt="o", color="C0", capsize=3)
     ax.axvline(0, color="black", lw=0.8)
-    ax.axvline(protocol.primary_effect, color="C2", lw=0.8, ls="--", label=f"primary effect +{protocol.primary_effect}")
-    ax.axvline(protocol.gate_base_drop, color="C3", lw=0.8, ls=":", label=f"gate / keep {protocol.gate_base_drop}")
+    if thresholds is None:
+        thresholds = [(protocol.primary_effect, f"primary effect +{protocol.primary_effect}"),
+                      (protocol.gate_base_drop, f"gate / keep {protocol.gate_base_drop}")]
+    for i, (x, legend) in enumerate(thresholds):
+        ax.axvline(x, color=f"C{2 + i}", lw=0.8, ls="--" if i % 2 == 0 else ":", label=legend)
     ax.set_yticks(range(len(differences)), [label for label, _ in reversed(differences)], fontsize=8)
     ax.set_xlabel("paired difference in the share of objects drawn bound (95% CI, scenes resampled)")
     ax.legend(fontsize=7, loc="lower right")

@@ -4,6 +4,8 @@ every config valid."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import random
 
 import pytest
@@ -122,6 +124,17 @@ def test_the_shipped_frozen_records_load_with_their_base_and_every_kind():
     assert connectors.base_agrees(frozen, frozen) is None
 
 
+def test_the_shipped_lora_report_plots_every_difference_against_cam_lora_and_what_lora_does(tmp_path):
+    recorded = json.loads(gzip.open(connectors.evidence.ROOT / "docs/connectors/lora/results.json.gz", "rt").read())
+    rows = connectors.plot_rows(recorded["verdicts"], recorded["lora_effects"], recorded["reference"])
+    assert len(rows) == 3 * 4 + 4 * 4  # three arms against cam+lora, four kinds against their frozen selves
+    labels = dict(rows)
+    assert labels["ella+lora - cam+lora, short"].mean == recorded["verdicts"]["ella+lora"]["short"]["difference"]["mean"]
+    assert "lavi_bridge+lora - lavi_bridge (frozen), seen_1" in labels
+    out = connectors.replot(connectors.evidence.ROOT / "docs/connectors/lora/results.json.gz", tmp_path / "d.png")
+    assert out.stat().st_size > 10_000
+
+
 def test_the_lora_sweep_differs_from_the_frozen_one_in_the_unets_lora_alone():
     frozen, lora = (load_sweep(f"configs/sweeps/{name}.yaml") for name in ("connectors", "connectors_lora"))
     assert [r.override_args for r in expand_runs(frozen)] == [r.override_args for r in expand_runs(lora)]
@@ -138,8 +151,6 @@ def test_the_lora_sweep_differs_from_the_frozen_one_in_the_unets_lora_alone():
 @pytest.mark.slow
 def test_a_tiny_comparison_runs_end_to_end(tmp_path, monkeypatch):
     """Data, cam and ella x one seed for two steps on the random tiny base, and the report."""
-    import json
-
     from llm4gen.cli import sweep as sweep_entry
     from llm4gen.experiments import shapes_evidence as evidence
 

@@ -19,7 +19,6 @@ from llm4gen.lightning_modules.callbacks import GRID_COLUMNS, GRID_SIDE, read_va
 from llm4gen.shapes.world import Scene, ShapeObject, render_scene
 
 
-
 def grid_images(grid: Image.Image, n: int, side: int = GRID_SIDE, columns: int = GRID_COLUMNS, size: int = 32):
     """The ``n`` sampled images of a validation grid (rows of ``columns`` cells, each image nearest-upscaled
     to ``side`` at the cell's top left, 6 px in, 4 px down), back at their ``size``."""
