@@ -243,7 +243,7 @@ def _size_and_step_time(checkpoint: str, batch_size: int, warmup: int, steps: in
 def difference_cell(diff: Optional[dict], label: str) -> str:
     if diff is None:
         return "-"
-    return f"{diff['mean']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}] {label}"
+    return f"{diff['mean']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}] {label}".rstrip()
 
 
 def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protocol = evidence.PROTOCOL_SETTINGS,
