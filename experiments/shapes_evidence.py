@@ -578,7 +578,7 @@ def difference_plot(differences: list[tuple[str, Difference]], path: Path, proto
         ax.axvline(x, color=f"C{2 + i}", lw=0.8, ls="--" if i % 2 == 0 else ":", label=legend)
     ax.set_yticks(range(len(differences)), [label for label, _ in reversed(differences)], fontsize=8)
     ax.set_xlabel("paired difference in the share of objects drawn bound (95% CI, scenes resampled)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="best")  # where it hides no interval
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
