@@ -92,9 +92,10 @@ class LLMEncoder(nn.Module):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"  # real tokens first: causal features do not see the padding
         self.model = load_llm_model(pretrained, config, self.kind, dtype, revision, trust_remote_code)
-        self.layer = hidden_state_index(layer, num_hidden_layers(self.model.config))
-        self.normalize = normalizes(self.layer, layer_norm, self.kind, num_hidden_layers(self.model.config))
-        self.last_layer_run = last_layer_needed(self.model, self.layer, num_hidden_layers(self.model.config))
+        layers = num_hidden_layers(self.model.config)
+        self.layer = hidden_state_index(layer, layers)
+        self.normalize = normalizes(self.layer, layer_norm, self.kind, layers)
+        self.last_layer_run = last_layer_needed(self.model, self.layer, layers)
         self.max_length, self.prefix, self.zero_padding = max_length, prefix, zero_padding
         self.requires_grad_(False).eval()
 

@@ -43,6 +43,11 @@ class Difference:
         return {"mean": self.mean, "low": self.low, "high": self.high, "n": self.n, "clusters": self.clusters,
                 "per_seed": {str(k): v for k, v in self.per_seed.items()}}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Difference":
+        """The inverse of :meth:`to_dict` (a report's results.json)."""
+        return cls(d["mean"], d["low"], d["high"], {int(k): v for k, v in d["per_seed"].items()}, d["n"], d["clusters"])
+
     @property
     def positive_in_every_seed(self) -> bool:
         return bool(self.per_seed) and all(v > 0 for v in self.per_seed.values())

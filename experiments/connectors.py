@@ -16,7 +16,6 @@ evidence experiment's own functions (llm4gen.experiments.shapes_evidence).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import statistics
 import sys
@@ -182,16 +181,14 @@ def lora_effects(records, frozen_records, arms: list[str], rules: Rules = RULES)
         by_kind[kind] = {}
         for subset in SUBSETS:
             diff = evidence.compare(pooled, arm, kind, subset)
-            by_kind[kind][subset] = {"difference": diff.to_dict() if diff else None,
-                                     "class": words.get(classify(diff, rules), classify(diff, rules))}
+            label = classify(diff, rules)
+            by_kind[kind][subset] = {"difference": diff.to_dict() if diff else None, "class": words.get(label, label)}
     return {"outcome": "measured", "by_kind": by_kind}
 
 
 def load_records(path: Path) -> list[evidence.ObjectRecord]:
     """The per-object records of a report's results.json (gzipped or not)."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        results = json.load(f)
+    results = evidence.read_results(path)
     fields = results["object_fields"]
     return [evidence.ObjectRecord(**dict(zip(fields, row))) for row in results["objects"]]
 
@@ -316,8 +313,7 @@ def plot_rows(by_arm: dict[str, dict[str, dict]], effects: Optional[dict], refer
     if effects and effects.get("outcome") == "measured":
         rows += [(f"{kind}+lora - {kind} (frozen), {s}", v["difference"]) for kind, by_subset in effects["by_kind"].items()
                  for s, v in by_subset.items()]
-    return [(label, Difference(d["mean"], d["low"], d["high"], {int(k): v for k, v in d["per_seed"].items()},
-                               d["n"], d["clusters"])) for label, d in rows if d is not None]
+    return [(label, Difference.from_dict(d)) for label, d in rows if d is not None]
 
 
 def difference_plot(by_arm: dict[str, dict[str, dict]], effects: Optional[dict], reference: str, path: Path) -> Path:
@@ -328,9 +324,7 @@ def difference_plot(by_arm: dict[str, dict[str, dict]], effects: Optional[dict],
 
 def replot(results: Path, out: Path) -> Path:
     """``differences.png`` again from a report's results.json (or .json.gz)."""
-    opener = gzip.open if results.suffix == ".gz" else open
-    with opener(results, "rt") as f:
-        recorded = json.load(f)
+    recorded = evidence.read_results(results)
     reference = recorded.get("reference", "cam")
     return difference_plot(recorded["verdicts"], recorded.get("lora_effects"), reference, out)
 

@@ -546,14 +546,17 @@ def difference_label(a: str, b: str, subset: str) -> str:
 LEGACY_LABELS = {"(d), - (b), outside": difference_label("d_shuffled", "b", "outside")}
 
 
+def read_results(path: Path) -> dict:
+    """A report's ``results.json``, or the ``.json.gz`` it ships as."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as handle:
+        return json.load(handle)
+
+
 def replot(results: Path, out: Path, protocol: Protocol = PROTOCOL_SETTINGS) -> Path:
     """``differences.png`` again from a report's ``results.json`` (or .json.gz), labels as they are now."""
-    opener = gzip.open if results.suffix == ".gz" else open
-    with opener(results, "rt") as handle:
-        recorded = json.load(handle)["differences"]
-    differences = [(LEGACY_LABELS.get(label, label),
-                    Difference(d["mean"], d["low"], d["high"], {int(k): v for k, v in d["per_seed"].items()}, d["n"],
-                               d["clusters"])) for label, d in recorded.items()]
+    differences = [(LEGACY_LABELS.get(label, label), Difference.from_dict(d))
+                   for label, d in read_results(results)["differences"].items()]
     return difference_plot(differences, out, protocol)
 
 

@@ -4,7 +4,6 @@ every config valid."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import random
 
@@ -14,6 +13,7 @@ from llm4gen.experiments import connectors
 from llm4gen.experiments.shapes_evidence import ObjectRecord
 from llm4gen.launch.slurm import load_experiment_config
 from llm4gen.launch.sweep import expand_runs, load_sweep
+from tests.helpers.experiments import TINY_PROTOCOL, tiny_experiment_config
 
 
 def records(shares: dict[str, float], sets=("seen_1", "phrased_2"), scenes=40, seeds=(0, 1, 2), seed=0):
@@ -125,7 +125,7 @@ def test_the_shipped_frozen_records_load_with_their_base_and_every_kind():
 
 
 def test_the_shipped_lora_report_plots_every_difference_against_cam_lora_and_what_lora_does(tmp_path):
-    recorded = json.loads(gzip.open(connectors.evidence.ROOT / "docs/connectors/lora/results.json.gz", "rt").read())
+    recorded = connectors.evidence.read_results(connectors.evidence.ROOT / "docs/connectors/lora/results.json.gz")
     rows = connectors.plot_rows(recorded["verdicts"], recorded["lora_effects"], recorded["reference"])
     assert len(rows) == 3 * 4 + 4 * 4  # three arms against cam+lora, four kinds against their frozen selves
     labels = dict(rows)
@@ -155,11 +155,7 @@ def test_a_tiny_comparison_runs_end_to_end(tmp_path, monkeypatch):
     from llm4gen.experiments import shapes_evidence as evidence
 
     monkeypatch.chdir(tmp_path)
-    text = (evidence.ROOT / "configs" / "shapes_evidence.yaml").read_text()
-    for old, new in (("runs/shapes-evidence/cache", str(tmp_path / "cache")), ("  batch_size: 16", "  batch_size: 4")):
-        text = text.replace(old, new)
-    config = tmp_path / "experiment.yaml"
-    config.write_text(text)
+    config = tiny_experiment_config(tmp_path)
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"config: {config}\noutput_root: {tmp_path / 'runs'}\n"
                      "base_overrides: ['model.base.pretrained=embedded:tiny-sd', trainer.max_steps=2]\n"
@@ -167,7 +163,7 @@ def test_a_tiny_comparison_runs_end_to_end(tmp_path, monkeypatch):
                      "  - {model.adapter.kind: ella, model.adapter.ella.width: 64, model.adapter.ella.num_blocks: 1,"
                      " model.adapter.ella.num_latents: 8, model.adapter.ella.time_channels: 16}\n"
                      "grid: {seed: [0]}\n")
-    tiny = evidence.Protocol(data_samples=16, samples_per_shard=8, sampling_steps=1, eval_batch=4, prompts_per_set=2)
+    tiny = TINY_PROTOCOL
     evidence.write_data(load_sweep(str(sweep)), tiny, log=lambda *a: None)
     assert sweep_entry.main([str(sweep)]) == 0
     report = connectors.report(str(sweep), jobs=1, log=lambda *a: None, protocol=tiny)

@@ -7,11 +7,10 @@ import json
 
 import pytest
 
-from llm4gen.evaluation.paired import Observation, cluster_bootstrap, paired_difference
+from llm4gen.evaluation.paired import Difference, Observation, cluster_bootstrap, paired_difference
 from llm4gen.experiments.shapes_evidence import (
     ARMS,
     ObjectRecord,
-    Protocol,
     arm_of,
     compare,
     decisions,
@@ -20,6 +19,7 @@ from llm4gen.experiments.shapes_evidence import (
     gates,
     main,
 )
+from tests.helpers.experiments import TINY_PROTOCOL, tiny_experiment_config
 
 
 def model(enabled=True, unet="frozen", lam=0.0, chunks=1, start=0):
@@ -44,6 +44,14 @@ def test_paired_difference_pairs_by_key_and_resamples_scenes():
     assert diff.per_seed == {0: 0.5, 1: 0.5} and diff.positive_in_every_seed
     with pytest.raises(ValueError, match="do not pair"):
         paired_difference(a, b[:-1])
+
+
+def test_a_difference_survives_its_results_json_form():
+    a = [Observation((s, i), f"scene-{i}", s, float(i % 3 == 0)) for s in (0, 1) for i in range(30)]
+    b = [Observation((s, i), f"scene-{i}", s, float(i % 2 == 0)) for s in (0, 1) for i in range(30)]
+    diff = paired_difference(a, b, samples=200)
+    back = Difference.from_dict(json.loads(json.dumps(diff.to_dict())))
+    assert back == diff and set(back.per_seed) == {0, 1}
 
 
 def test_the_bootstrap_interval_is_reproducible_and_covers_the_mean():
@@ -182,20 +190,15 @@ def test_a_tiny_experiment_runs_end_to_end(tmp_path, monkeypatch):
     from llm4gen.launch.sweep import load_sweep
 
     monkeypatch.chdir(tmp_path)
-    text = (experiment.ROOT / "configs" / "shapes_evidence.yaml").read_text()
-    for old, new in (("runs/shapes-evidence/cache", str(tmp_path / "cache")), ("  max_steps: 300", "  max_steps: 2"),
-                     ("  batch_size: 16", "  batch_size: 4"), ("  every_n_steps: 200 ", "  every_n_steps: 1 ")):
-        assert old in text
-        text = text.replace(old, new)
-    config = tmp_path / "experiment.yaml"
-    config.write_text(text)
+    config = tiny_experiment_config(tmp_path, ("  max_steps: 300", "  max_steps: 2"),
+                                    ("  every_n_steps: 200 ", "  every_n_steps: 1 "))
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"config: {config}\noutput_root: {tmp_path / 'runs'}\n"
                      "base_overrides: ['model.base.pretrained=embedded:tiny-sd']\n"
                      "runs:\n  - {model.adapter.enabled: false, model.unet_training: full}\n"
                      "  - {model.unet_training: full, model.optim.unet_start_step: 1}\n"
                      "grid: {seed: [0]}\n")
-    tiny = Protocol(data_samples=16, samples_per_shard=8, sampling_steps=1, eval_batch=4, prompts_per_set=2)
+    tiny = TINY_PROTOCOL
     monkeypatch.setattr(experiment, "run_probe", lambda spec, path, log=print: PROBE)
 
     experiment.write_data(load_sweep(str(sweep)), tiny, log=lambda *a: None)

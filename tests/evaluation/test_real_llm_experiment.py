@@ -15,6 +15,7 @@ from llm4gen.experiments import real_llm
 from llm4gen.experiments.shapes_evidence import ObjectRecord
 from llm4gen.launch.slurm import load_experiment_config
 from llm4gen.launch.sweep import expand_runs, load_sweep
+from tests.helpers.experiments import TINY_PROTOCOL, tiny_experiment_config
 
 
 def records(shares: dict[str, float], scenes=40, seeds=(0, 1, 2), seed=0):
@@ -93,18 +94,14 @@ def test_a_tiny_real_llm_arm_runs_end_to_end(tmp_path, monkeypatch):
     LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
                                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)).save_pretrained(llama)
     tokenizer.save_pretrained(llama)
-    text = (evidence.ROOT / "configs" / "shapes_evidence.yaml").read_text()
-    for old, new in (("runs/shapes-evidence/cache", str(tmp_path / "cache")), ("  batch_size: 16", "  batch_size: 4")):
-        text = text.replace(old, new)
-    config = tmp_path / "experiment.yaml"
-    config.write_text(text)
+    config = tiny_experiment_config(tmp_path)
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"config: {config}\noutput_root: {tmp_path / 'runs'}\n"
                      f"base_overrides: ['model.base.pretrained=embedded:tiny-sd', 'model.llm.pretrained={llama}',"
                      " model.llm.kind=decoder, model.llm.layer=2, checkpoint.every_n_steps=2]\n"
                      "runs:\n  - {model.unet_training: full, model.optim.unet_start_step: 2, trainer.max_steps: 4}\n"
                      "grid: {seed: [0]}\n")
-    tiny = evidence.Protocol(data_samples=16, samples_per_shard=8, sampling_steps=1, eval_batch=4, prompts_per_set=2)
+    tiny = TINY_PROTOCOL
     spec = load_sweep(str(sweep))
     assert real_llm.ensure_llm(evidence.load_experiment_config(spec.config, spec.base_overrides)) == llama
     evidence.write_data(spec, tiny, log=lambda *a: None)
