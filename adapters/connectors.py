@@ -18,6 +18,7 @@ from llm4gen.adapters.cross_adapter import CrossAdapter
 from llm4gen.adapters.ella import TimestepAwareConnector
 from llm4gen.adapters.lavi_bridge import LaViBridgeAdapter
 from llm4gen.adapters.mlp import MLPConnector
+from llm4gen.configs.choices import KINDS_WITH_CLIP
 
 CONNECTORS = {"cam": CrossAdapter, "mlp": MLPConnector, "lavi_bridge": LaViBridgeAdapter,
               "ella": TimestepAwareConnector}
@@ -26,7 +27,7 @@ KIND_OF_CLASS = {cls.__name__: kind for kind, cls in CONNECTORS.items()}
 
 def default_with_clip(kind: str) -> bool:
     """Whether a kind keeps CLIP's tokens in the context unless told otherwise (as each was published)."""
-    return kind in ("cam", "mlp")
+    return kind in KINDS_WITH_CLIP
 
 
 def build_connector(acfg, clip_dim: int, llm_dim: int):

@@ -85,8 +85,9 @@ class CrossAdapter(ModelMixin, ConfigMixin):
         num_blocks: stacked blocks (the release: 1).
         ffn_mult: FFN hidden width as a multiple of ``clip_dim`` (the release: 4).
         llm_scale: the paper's lambda, multiplying the fused LLM tokens (the release: 1.0).
-        use_llm_mask: zero the fused features at LLM padding positions (the release: off, padding
-            tokens' features go to the UNet like any other).
+        use_llm_mask: LLM padding leaves every attention: the fused tokens are zeroed there and the model masks
+            them out of the UNet's cross-attention (layout.py). Off: the release, whose 256 positions, padding
+            included, all go to the UNet unmasked.
     """
 
     timestep_aware = False
@@ -94,7 +95,7 @@ class CrossAdapter(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, clip_dim: int = 768, llm_dim: int = 2048, num_heads: int = 8, num_blocks: int = 1,
-                 ffn_mult: int = 4, llm_scale: float = 1.0, use_llm_mask: bool = False):
+                 ffn_mult: int = 4, llm_scale: float = 1.0, use_llm_mask: bool = True):
         super().__init__()
         if num_blocks < 1:
             raise ValueError(f"num_blocks={num_blocks}: the adapter needs at least one block")
@@ -126,11 +127,12 @@ class CrossAdapter(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_released(cls, path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
-                      num_heads: int = 8, llm_scale: float = 1.0) -> "CrossAdapter":
+                      num_heads: int = 8, llm_scale: float = 1.0, use_llm_mask: bool = True) -> "CrossAdapter":
         """Loads the authors' ``projector.pth`` (module ``LLMFusionModule``) into a CrossAdapter.
 
         Widths and block count are read from the tensors; heads are not stored, so pass them if the
-        checkpoint was not the released 8-head one.
+        checkpoint was not the released 8-head one. The layout records no masking: ``use_llm_mask=False``
+        reads it as the authors ran it, every padded position attended (configs/sd15_t5xl.yaml).
         """
         state = path_or_state_dict
         if not isinstance(state, Mapping):
@@ -140,7 +142,7 @@ class CrossAdapter(ModelMixin, ConfigMixin):
         num_blocks = 1 + max(int(k.split(".")[1]) for k in converted)
         ffn_mult = converted["blocks.0.ffn.0.weight"].shape[0] // clip_dim
         adapter = cls(clip_dim=clip_dim, llm_dim=llm_dim, num_heads=num_heads, num_blocks=num_blocks,
-                      ffn_mult=ffn_mult, llm_scale=llm_scale)
+                      ffn_mult=ffn_mult, llm_scale=llm_scale, use_llm_mask=use_llm_mask)
         adapter.load_state_dict(converted, strict=True)
         return adapter
 
@@ -174,13 +176,14 @@ def convert_released_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, 
 def to_released_state_dict(adapter: "CrossAdapter") -> dict[str, torch.Tensor]:
     """The inverse of :func:`convert_released_state_dict`: CrossAdapter weights under the released names.
 
-    The release has no ``llm_scale`` or ``use_llm_mask``: an adapter that uses either is refused, since a
-    tool reading the release would run a different model.
+    The release has no ``llm_scale``: an adapter that uses one is refused, since a tool reading the release
+    would run a different model. Whether padding is masked is the reader's setting (``use_llm_mask``), not
+    the weights': the layout records none.
     """
-    if adapter.config.llm_scale != 1.0 or adapter.config.use_llm_mask:
-        raise ValueError(f"the released CAM layout has no llm_scale or use_llm_mask; this adapter has llm_scale="
-                         f"{adapter.config.llm_scale}, use_llm_mask={adapter.config.use_llm_mask}. Export it with "
-                         f"save_pretrained instead, or train with llm_scale=1.0 and use_llm_mask=false.")
+    if adapter.config.llm_scale != 1.0:
+        raise ValueError(f"the released CAM layout has no llm_scale; this adapter has llm_scale="
+                         f"{adapter.config.llm_scale}. Export it with save_pretrained instead, or train with "
+                         f"llm_scale=1.0.")
     ours_to_released = {ours: released for released, ours in RELEASED_BLOCK_NAMES.items()}
     converted = {}
     for key, value in adapter.state_dict().items():

@@ -94,7 +94,7 @@ class TimestepAwareConnector(ModelMixin, ConfigMixin):
         time_channels: sinusoidal timestep channels (ELLA: 320, as SD1.5's UNet).
         with_clip: put CLIP's tokens before the queries (default False: ELLA replaces CLIP).
         llm_scale: multiplies the output queries.
-        use_llm_mask: mask LLM padding tokens out of the queries' attention.
+        use_llm_mask: mask LLM padding out of the queries' attention (off: the padded positions are attended).
     """
 
     timestep_aware = True
@@ -102,7 +102,7 @@ class TimestepAwareConnector(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, clip_dim: int = 768, llm_dim: int = 2048, width: int = 768, num_blocks: int = 6,
                  num_heads: int = 8, num_latents: int = 64, time_channels: int = 320, with_clip: bool = False,
-                 llm_scale: float = 1.0, use_llm_mask: bool = False):
+                 llm_scale: float = 1.0, use_llm_mask: bool = True):
         super().__init__()
         if num_blocks < 1 or num_latents < 1:
             raise ValueError(f"num_blocks={num_blocks}, num_latents={num_latents}: ELLA needs at least one of each")

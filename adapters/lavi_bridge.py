@@ -39,14 +39,14 @@ class LaViBridgeAdapter(ModelMixin, ConfigMixin):
         hidden_dim: the adapter's hidden width (default: ``clip_dim``).
         with_clip: keep CLIP's tokens before the adapted LLM tokens (default False: LaVi-Bridge replaces CLIP).
         llm_scale: multiplies the adapted tokens.
-        use_llm_mask: zero the adapted tokens at LLM padding positions.
+        use_llm_mask: LLM padding leaves every attention (zeroed here, masked out of the UNet's; layout.py).
     """
 
     timestep_aware = False
 
     @register_to_config
     def __init__(self, clip_dim: int = 768, llm_dim: int = 4096, hidden_dim: int | None = None, with_clip: bool = False,
-                 llm_scale: float = 1.0, use_llm_mask: bool = False):
+                 llm_scale: float = 1.0, use_llm_mask: bool = True):
         super().__init__()
         hidden = hidden_dim or clip_dim
         self.proj_in = nn.Linear(llm_dim, hidden)

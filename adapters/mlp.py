@@ -24,14 +24,14 @@ class MLPConnector(ModelMixin, ConfigMixin):
         hidden_dim: the MLP's hidden width (default: ``clip_dim``).
         with_clip: put CLIP's tokens before the projected LLM tokens (default) or use the LLM tokens alone.
         llm_scale: multiplies the projected LLM tokens.
-        use_llm_mask: zero the projected tokens at LLM padding positions.
+        use_llm_mask: LLM padding leaves every attention (zeroed here, masked out of the UNet's; layout.py).
     """
 
     timestep_aware = False
 
     @register_to_config
     def __init__(self, clip_dim: int = 768, llm_dim: int = 2048, hidden_dim: int | None = None, with_clip: bool = True,
-                 llm_scale: float = 1.0, use_llm_mask: bool = False):
+                 llm_scale: float = 1.0, use_llm_mask: bool = True):
         super().__init__()
         hidden = hidden_dim or clip_dim
         self.proj = nn.Sequential(nn.Linear(llm_dim, hidden), nn.GELU(), nn.Linear(hidden, clip_dim))

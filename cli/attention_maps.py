@@ -24,7 +24,7 @@ from llm4gen.configs.errors import UserError, entry_point
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule
 from llm4gen.losses.attention_capture import (
-    CapturingAttnProcessor,
+    captured_layers,
     cross_attention_layer_names,
     cross_attention_layer_sides,
     install_attention_capture,
@@ -84,7 +84,7 @@ def capture_store(module, layers: str | None):
     if layers is None and store is not None:
         return store
     wanted = cross_attention_layer_names(module.unet, parse_layers(layers or "lowest"))
-    captured = [name for name, p in module.unet.attn_processors.items() if isinstance(p, CapturingAttnProcessor)]
+    captured = captured_layers(module.unet)
     if store is not None and sorted(captured) == sorted(wanted):
         return store
     if captured:

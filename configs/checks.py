@@ -260,6 +260,11 @@ def check_llm_lora(cfg: DictConfig) -> None:
                           f"latents can stay cached), or set model.llm.lora_rank=0.")
 
 
+def starts_with_clip(kind: str, with_clip) -> bool:
+    """Whether a connector's context begins with CLIP's tokens (adapters/connectors.py's per-kind default)."""
+    return kind in choices.KINDS_WITH_CLIP if with_clip is None else bool(with_clip)
+
+
 def check_connector(cfg: DictConfig) -> None:
     """The connector's settings fit its kind (adapters/connectors.py): the CAM fuses into CLIP's tokens, so it
     keeps them; ELLA's queries have no word positions for the entity loss; ELLA's heads divide its width."""
@@ -273,6 +278,15 @@ def check_connector(cfg: DictConfig) -> None:
                           f"model.adapter.kind=ella: ELLA's context is {adapter.ella.num_latents} learned queries, "
                           f"which have no word positions to align the entity loss to; set "
                           f"model.objective.lambda_entity=0 (or train kind=cam, mlp or lavi_bridge)")
+    if adapter.fusion == "gated" and adapter.enabled and not starts_with_clip(kind, adapter.with_clip):
+        raise ConfigError(f"model.adapter.fusion=gated with model.adapter.kind={kind} and with_clip="
+                          f"{adapter.with_clip}: the gated fusion adds the connector's attention to the base's own "
+                          f"over CLIP's tokens, and this context has none; set model.adapter.with_clip=true or "
+                          f"model.adapter.fusion=concat")
+    if adapter.fusion == "gated" and adapter.init_from and not Path(adapter.init_from).is_dir():
+        raise ConfigError(f"model.adapter.fusion=gated with model.adapter.init_from={adapter.init_from!r}: the "
+                          f"released projector.pth holds a CAM for the concatenated context and no gated layers; "
+                          f"use fusion=concat to load it")
     if kind == "ella" and adapter.ella.width % adapter.ella.num_heads:
         raise ConfigError(f"config key 'model.adapter.ella.num_heads' is {adapter.ella.num_heads}, which does not "
                           f"divide model.adapter.ella.width={adapter.ella.width}")

@@ -15,6 +15,11 @@ BASE_FAMILIES: tuple[str, ...] = ("sd15", "sdxl")
 UNET_TRAINING: tuple[str, ...] = ("frozen", "full", "lora")
 # model.adapter.kind: the connector between the LLM and the UNet (adapters/connectors.py)
 CONNECTOR_KINDS: tuple[str, ...] = ("cam", "mlp", "lavi_bridge", "ella")
+# The kinds whose context keeps CLIP's tokens before theirs unless model.adapter.with_clip says otherwise (as each
+# was published: LaVi-Bridge and ELLA replace CLIP)
+KINDS_WITH_CLIP: tuple[str, ...] = ("cam", "mlp")
+# model.adapter.fusion: how the UNet reads the connector's tokens (adapters/gated_fusion.py)
+FUSIONS: tuple[str, ...] = ("concat", "gated")
 # Each kind's class, as save_pretrained names it in config.json's _class_name
 CONNECTOR_CLASS_NAMES: dict[str, str] = {"cam": "CrossAdapter", "mlp": "MLPConnector",
                                          "lavi_bridge": "LaViBridgeAdapter", "ella": "TimestepAwareConnector"}

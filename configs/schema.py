@@ -137,7 +137,14 @@ class AdapterConfig:
     with_clip: Optional[bool] = None
     ella: EllaConfig = field(default_factory=EllaConfig)
     llm_scale: float = 1.0        # the paper's lambda
-    use_llm_mask: bool = False    # release behaviour: padding tokens are fused like any other
+    # LLM padding leaves every attention: the connector's tokens are zeroed there, ELLA's resampler and every UNet
+    # cross-attention mask it out, and the context ends at the batch's longest caption. false: the release's
+    # context (configs/sd15_t5xl.yaml), every max_length position attended, padding included.
+    use_llm_mask: bool = True
+    # How the UNet reads the connector's tokens: concat (the paper: CLIP's and the LLM's tokens in one softmax) |
+    # gated (their own attention in every cross-attention layer, added through a tanh gate at zero: the UNet is
+    # the base, bitwise, until it opens; adapters/gated_fusion.py).
+    fusion: str = "concat"
     init_from: Optional[str] = None  # a save_pretrained folder (any kind) or the released projector.pth (cam)
 
 
@@ -345,7 +352,8 @@ class Config:
 
 CHOICES = {
     "model.base.family": choices.BASE_FAMILIES, "model.llm.kind": choices.LLM_KINDS,
-    "model.unet_training": choices.UNET_TRAINING, "model.adapter.kind": choices.CONNECTOR_KINDS, "model.objective.latents": choices.LATENTS, "logger": choices.LOGGERS,
+    "model.unet_training": choices.UNET_TRAINING, "model.adapter.kind": choices.CONNECTOR_KINDS,
+    "model.adapter.fusion": choices.FUSIONS, "model.objective.latents": choices.LATENTS, "logger": choices.LOGGERS,
     "model.optim.scheduler": choices.LR_SCHEDULERS,
     "model.base.dtype": choices.DTYPES, "model.base.vae_dtype": choices.DTYPES,
     "model.llm.dtype": choices.DTYPES,

@@ -46,6 +46,44 @@ class LLMFeatures:
     features: torch.Tensor  # (batch, tokens, llm_dim)
     mask: torch.Tensor      # (batch, tokens) bool, True at real tokens
 
+    @property
+    def longest(self) -> int:
+        """Real tokens of the longest prompt (at least 1: a context never has an empty LLM part)."""
+        return max(1, int(self.mask.sum(dim=1).max())) if self.mask.numel() else 1
+
+    def padded_to(self, length: int) -> "LLMFeatures":
+        """The token axis padded (zeros, mask False) or cut to ``length``; cutting a real token is refused."""
+        batch, tokens, dim = self.features.shape
+        if tokens > length:
+            if self.mask[:, length:].any():
+                raise ValueError(f"LLM features have {self.longest} real tokens, more than the {length} asked for "
+                                 f"(model.llm.max_length?)")
+            return LLMFeatures(self.features[:, :length], self.mask[:, :length])
+        if tokens == length:
+            return self
+        pad = length - tokens
+        return LLMFeatures(features=torch.cat([self.features, self.features.new_zeros(batch, pad, dim)], dim=1),
+                           mask=torch.cat([self.mask, self.mask.new_zeros(batch, pad)], dim=1))
+
+    def trimmed(self) -> "LLMFeatures":
+        """Cut to the longest prompt's real tokens: what a masked context needs (the rest is padding)."""
+        return self.padded_to(self.longest)
+
+    def where(self, keep: torch.Tensor, other: "LLMFeatures") -> "LLMFeatures":
+        """Row i from ``self`` where ``keep[i]``, else from ``other`` (one row, or as many as ``self``), padded
+        to a common length (caption dropout's empty prompt, guidance's negative half)."""
+        length = max(self.features.shape[1], other.features.shape[1])
+        mine, theirs = self.padded_to(length), other.padded_to(length)
+        keep = keep.view(-1, 1)
+        return LLMFeatures(torch.where(keep[..., None], mine.features, theirs.features.to(mine.features.dtype)),
+                           torch.where(keep, mine.mask, theirs.mask))
+
+
+def common_length(*features: LLMFeatures) -> list[LLMFeatures]:
+    """The features padded to one token count (the longest of them): halves of one guided UNet batch."""
+    length = max(f.features.shape[1] for f in features)
+    return [f.padded_to(length) for f in features]
+
 
 def detect_kind(config) -> str:
     if getattr(config, "is_encoder_decoder", False):

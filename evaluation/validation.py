@@ -21,14 +21,23 @@ from llm4gen.evaluation.shapes_scorer import ShapesScorer
 HEADLINE = (("shapes_binding", "binding"), ("shapes_any_correct", "one object right"), ("clip_score", "CLIPScore"))
 
 
-def score_line(scores: dict[str, float]) -> str:
+def score_line(scores: dict[str, float], sets=(("val/", ""), ("val/seen_", "seen: "))) -> str:
     """``val/...`` scores in one line: "binding 0.344, one object right 0.625; seen: binding 0.500, ..."."""
     parts = []
-    for prefix, label in (("val/", ""), ("val/seen_", "seen: ")):
+    for prefix, label in sets:
         values = [f"{name} {scores[prefix + key]:.3f}" for key, name in HEADLINE if prefix + key in scores]
         if values:
             parts.append(label + ", ".join(values))
     return "; ".join(parts)
+
+
+def cost_line(scores: dict[str, float], base: dict[str, float], prefix: str) -> str:
+    """The connector at its initial weights against the base alone on one prompt set: "binding 0.500 vs the
+    base's 0.531 (-0.031), ..." for each headline score both have under ``prefix``."""
+    values = [f"{name} {scores[prefix + key]:.3f} vs the base's {base[prefix + key]:.3f} "
+              f"({scores[prefix + key] - base[prefix + key]:+.3f})"
+              for key, name in HEADLINE if prefix + key in scores and prefix + key in base]
+    return ", ".join(values)
 
 
 class ValidationScorer:

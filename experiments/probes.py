@@ -46,12 +46,8 @@ from llm4gen.encoders.llm import (
 )
 from llm4gen.encoders.stable_diffusion import load_base_model
 from llm4gen.evaluation.prompt_sets import prompt_set
+from llm4gen.lightning_modules.attention_split import AttentionSplit, attention_split
 from llm4gen.lightning_modules.sampler import load_checkpoint_module
-from llm4gen.losses.attention_capture import (
-    cross_attention_layer_names,
-    install_attention_capture,
-    remove_attention_capture,
-)
 from llm4gen.losses.entity_parser import Word
 from llm4gen.losses.token_alignment import batch_word_token_positions
 from llm4gen.shapes.world import (
@@ -229,33 +225,13 @@ def score_row(name: str, scores: dict[str, dict], columns: Sequence[str]) -> str
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
-@torch.no_grad()
 def llm_attention_share(module, prompts: Sequence[str], timesteps: Sequence[int] = (200, 500, 800),
-                        seed: int = 0) -> float:
-    """Mean share of cross-attention probability (every cross-attention layer, head, pixel, and the given
-    timesteps) on the context's LLM tokens (the positions after CLIP's) for the prompts, from a noised
-    random latent, of an ``LLM4GenModule`` (or a training checkpoint's path); 0 for a run without the CAM."""
+                        seed: int = 0) -> AttentionSplit:
+    """Where the UNet's cross-attention goes for the prompts (CLIP, the connector's real tokens, LLM padding:
+    lightning_modules/attention_split.py), for an ``LLM4GenModule`` or a training checkpoint's path."""
     if isinstance(module, (str, bytes)) or hasattr(module, "__fspath__"):
         module = load_checkpoint_module(module)
-    module = module.eval()
-    if not module.uses_cam:
-        return 0.0
-    remove_attention_capture(module.unet)  # a run with the entity loss has its own capture on some layers
-    store = install_attention_capture(module.unet, cross_attention_layer_names(module.unet, "all"))
-    try:
-        context, unet_kwargs = module.conditioning({"captions": list(prompts)})
-        clip_tokens = context.shape[1] - module.cfg.llm.max_length
-        generator = torch.Generator().manual_seed(seed)
-        size = module.unet.config.sample_size
-        shares = []
-        for t in timesteps:
-            latents = torch.randn(len(prompts), module.unet.config.in_channels, size, size, generator=generator)
-            module.unet(latents, torch.full((len(prompts),), t), context, **unet_kwargs)
-            for probs in store.maps().values():                              # (batch, pixels, tokens)
-                shares.append(float(probs[..., clip_tokens:].sum(-1).mean()))
-    finally:
-        remove_attention_capture(module.unet)
-    return sum(shares) / len(shares)
+    return attention_split(module, prompts, timesteps, seed)
 
 
 def load_encoders(base: str, llm: str, max_length: int, layer: int | str = -1):
@@ -309,9 +285,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(score_row("CLIP (the base's, 77 tokens)", clip_scores, columns))
     if args.attention:
         prompts = [r.text for r in prompt_set("verbose_2")]
-        print("\n| checkpoint | cross-attention on the LLM tokens (verbose_2, t = 200/500/800) |\n| --- | --- |")
+        print("\n| checkpoint | cross-attention on CLIP / LLM tokens / LLM padding (verbose_2, t = 200/500/800) |"
+              "\n| --- | --- |")
         for checkpoint in args.attention:
-            print(f"| {checkpoint} | {llm_attention_share(checkpoint, prompts):.3f} |")
+            split = llm_attention_share(checkpoint, prompts)
+            print(f"| {checkpoint} | {split.clip:.3f} / {split.llm:.3f} / {split.padding:.3f} |")
     return 0
 
 

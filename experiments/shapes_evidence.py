@@ -518,7 +518,8 @@ def attention_shares(tasks: list[Task]) -> dict[str, float]:
     shares: dict[str, list[float]] = {}
     for task in tasks:
         if task.arm in ("c", "d", "e"):
-            shares.setdefault(task.arm, []).append(llm_attention_share(task.checkpoint, prompts))
+            split = llm_attention_share(task.checkpoint, prompts)
+            shares.setdefault(task.arm, []).append(split.llm + split.padding)
     return {arm: sum(v) / len(v) for arm, v in shares.items()}
 
 

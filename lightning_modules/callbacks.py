@@ -13,7 +13,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 
 from llm4gen.evaluation.grids import captioned_grid
-from llm4gen.evaluation.validation import ValidationScorer, score_line
+from llm4gen.evaluation.validation import ValidationScorer, cost_line, score_line
+from llm4gen.lightning_modules.attention_split import attention_split
 from llm4gen.lightning_modules.run_checkpoints import (
     CheckpointSaveError,
     prune_signal_checkpoints,
@@ -98,6 +99,16 @@ class ValidationImages(L.Callback):
         return captioned_grid(images, prompts, columns=GRID_COLUMNS, side=max(GRID_SIDE, images[0].size[0]),
                               marks=self.scorer.marks(images, prompts))
 
+    def base_alone(self, pl_module) -> dict[str, float]:
+        """The scores of the base alone (CLIP's context, no connector) on the seen prompts (else the validation
+        prompts), under the same names as the connector's: what the connector costs before it has learned."""
+        if not pl_module.uses_cam or not self.scorer.metrics:
+            return {}
+        prompts, prefix = (self.seen_prompts, "val/seen_") if self.seen_prompts else (self.prompts, "val/")
+        with pl_module.base_alone():
+            images = pl_module.generate(prompts, [self.seed + i for i in range(len(prompts))], **self.sampling)
+        return {name.replace("val/", prefix, 1): value for name, value in self.scorer(images, prompts).items()}
+
     @rank_zero_only
     def sample(self, trainer, pl_module) -> Path:
         self._last_step = trainer.global_step
@@ -105,6 +116,7 @@ class ValidationImages(L.Callback):
             images = pl_module.generate(self.prompts, [self.seed + i for i in range(len(self.prompts))], **self.sampling)
             seen_images = pl_module.generate(self.seen_prompts, [self.seed + i for i in range(len(self.seen_prompts))],
                                              **self.sampling) if self.seen_prompts else []
+            split = attention_split(pl_module, self.seen_prompts or self.prompts)
         path = self.directory / f"step_{trainer.global_step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         scores = self.scorer(images, self.prompts)
@@ -117,12 +129,19 @@ class ValidationImages(L.Callback):
             line["seen_grid"] = seen_path.name
             scores.update({name.replace("val/", "val/seen_", 1): value
                            for name, value in self.scorer(seen_images, self.seen_prompts).items()})
-        if scores:
-            self.scorer.log_scores(trainer, scores)
-            with open(self.directory / SCORES_FILE, "a") as handle:
-                handle.write(json.dumps({**line, "scores": scores}) + "\n")
+        scores.update(split.logs())
+        base = self.base_alone(pl_module) if trainer.global_step == 0 else {}
+        self.scorer.log_scores(trainer, scores)
+        with open(self.directory / SCORES_FILE, "a") as handle:
+            handle.write(json.dumps({**line, "scores": scores, **({"base_alone": base} if base else {})}) + "\n")
         if self.announce:
             print(f"validation at step {trainer.global_step}: {score_line(scores) or 'sampled'} -> {path}", flush=True)
+            if pl_module.uses_cam:
+                print(f"  {split.line()}", flush=True)
+            if base:
+                prefix = "val/seen_" if self.seen_prompts else "val/"
+                print(f"  the connector at its initial weights, {'seen' if self.seen_prompts else 'validation'} "
+                      f"prompts: {cost_line(scores, base, prefix)}", flush=True)
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_image"):  # TensorBoard
             import numpy as np

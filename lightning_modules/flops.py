@@ -105,8 +105,11 @@ def _dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-def trained_path_flops(adapter: nn.Module, unet: nn.Module, latent_size: int, clip_tokens: int, llm_tokens: int) -> int:
-    """Connector -> UNet -> MSE, forward and backward, per sample (requires_grad of each weight as it is)."""
+def trained_path_flops(adapter: nn.Module, unet: nn.Module, latent_size: int, clip_tokens: int, llm_tokens: int,
+                       fusion: nn.Module | None = None) -> int:
+    """Connector -> UNet -> MSE, forward and backward, per sample (requires_grad of each weight as it is), at
+    ``llm_tokens`` LLM positions (a masked context is shorter: this is its longest). ``fusion``: the gated
+    fusion installed in ``unet``'s cross-attention, counted with it."""
 
     adapter_dtype, unet_dtype = _dtype(adapter), _dtype(unet)
     added = {}
@@ -116,7 +119,8 @@ def trained_path_flops(adapter: nn.Module, unet: nn.Module, latent_size: int, cl
         added = {"added_cond_kwargs": {"text_embeds": _meta(1, pooled, dtype=unet_dtype),
                                        "time_ids": _meta(1, time_ids, dtype=unet_dtype)}}
 
-    def step(adapter, unet, clip, llm, latents, timesteps):
+    def step(adapter, unet, *rest):  # rest: [the fusion, whose layers the UNet's processors call,] the inputs
+        clip, llm, latents, timesteps = rest[-4:]
         context = adapter.forward(clip, llm, None, timesteps).to(latents.dtype)  # (1, context tokens, clip_dim)
         return unet.forward(latents, timesteps, context, **added).sample
 
@@ -125,7 +129,7 @@ def trained_path_flops(adapter: nn.Module, unet: nn.Module, latent_size: int, cl
               _meta(1, unet.config.in_channels, latent_size, latent_size, dtype=unet_dtype),
               torch.zeros(1, dtype=torch.long, device="meta"))
     with _without_checkpointing(unet):
-        return count_flops(step, [adapter, unet], inputs, backward=True)
+        return count_flops(step, [adapter, unet] + ([fusion] if fusion is not None else []), inputs, backward=True)
 
 
 def vae_encoder_flops(vae: nn.Module, image_size: int) -> int:
@@ -153,14 +157,18 @@ def latent_size_for(vae: nn.Module, resolution: int) -> int:
     return resolution // factor
 
 
-def module_step_flops(module, resolution: int, precomputed_keys: Sequence[str] = ()) -> StepFlops:
+def module_step_flops(module, resolution: int, precomputed_keys: Sequence[str] = (),
+                      context_llm_tokens: int | None = None) -> StepFlops:
     """Per-sample training FLOPs of an LLM4GenModule at ``data.resolution``, with the encoders whose
-    features come from a cache (``data.precomputed_keys``) left out."""
+    features come from a cache (``data.precomputed_keys``) left out. The UNet reads ``context_llm_tokens`` LLM
+    positions (default ``model.llm.max_length``: a masked context is cut at its batch's longest caption, so
+    that is an upper bound there; the LLM itself always reads max_length)."""
     cached = set(precomputed_keys)
     window = module.clip.tokenizer.model_max_length
     chunks = module.clip.context_length // window  # model.base.clip_chunks windows of 77 tokens
     flops = StepFlops(trained=trained_path_flops(module.adapter, module.unet, latent_size_for(module.vae, resolution),
-                                                 module.clip.context_length, module.cfg.llm.max_length))
+                                                 module.clip.context_length,
+                                                 context_llm_tokens or module.cfg.llm.max_length, module.fusion))
     if "latent_moments" not in cached:
         flops.vae = vae_encoder_flops(module.vae, resolution)
     if "clip_features" not in cached:

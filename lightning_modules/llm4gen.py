@@ -36,13 +36,14 @@ from torch import nn
 
 from llm4gen.adapters.connectors import build_connector, load_connector
 from llm4gen.adapters.cross_adapter import CrossAdapter
+from llm4gen.adapters.gated_fusion import FUSION_FOLDER, GatedFusion
 from llm4gen.adapters.layout import ContextLayout
 from llm4gen.adapters.release import RELEASED_PROJECTOR, save_release
 from llm4gen.configs.errors import UserError
 from llm4gen.configs.schema import Config, ModelConfig, as_plain, model_config
 from llm4gen.datamodules.entity_targets import EntityTargetBuilder
 from llm4gen.encoders.clip import ClipText, where_text
-from llm4gen.encoders.llm import LLMEncoder, LLMFeatures
+from llm4gen.encoders.llm import LLMEncoder, LLMFeatures, common_length
 from llm4gen.encoders.stable_diffusion import load_base_model
 from llm4gen.lightning_modules.optimization import (
     ADAPTER_GROUP,
@@ -68,9 +69,15 @@ from llm4gen.losses.entity import (
     EntityTargets,
     drop_leading_tokens,
     entity_loss,
+    keep_leading_tokens,
+    only_rows,
 )
 from llm4gen.losses.terms import LossTerms
-from llm4gen.pipelines.llm4gen_pipeline import timestep_conditioning
+from llm4gen.pipelines.llm4gen_pipeline import (
+    context_conditioning,
+    guided_context_mask,
+    masks_padding,
+)
 
 
 class CheckpointKeyError(UserError, KeyError):
@@ -86,19 +93,6 @@ def check_checkpoint_keys(expected: set[str], found: set[str]) -> None:
             f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected {unexpected[:5]}"
             f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)}). Was it written with another "
             f"model.unet_training, LoRA or adapter setting? The checkpoint's config is in its hyper_parameters.")
-
-
-def pad_tokens(features: LLMFeatures, length: int) -> LLMFeatures:
-    """Pads (with zeros, mask False) or checks the token axis to ``length``."""
-    batch, tokens, dim = features.features.shape
-    if tokens > length:
-        raise ValueError(f"LLM features have {tokens} tokens, more than model.llm.max_length={length}")
-    if tokens == length:
-        return features
-    pad = length - tokens
-    return LLMFeatures(
-        features=torch.cat([features.features, features.features.new_zeros(batch, pad, dim)], dim=1),
-        mask=torch.cat([features.mask, features.mask.new_zeros(batch, pad)], dim=1))
 
 
 def step_generator(seed: int, step: int, micro_batch: int, rank: int, device: torch.device) -> torch.Generator:
@@ -181,6 +175,7 @@ class LLM4GenModule(L.LightningModule):
             self.adapter = self._build_adapter(cfg.adapter)
             if not self.uses_cam:  # built (one checkpoint layout), never used or trained
                 self.adapter.requires_grad_(False)
+            self.fusion = self._build_fusion(cfg.adapter)  # None: the connector's tokens join CLIP's softmax
             self._setup_unet_training(cfg)
             if cfg.llm.lora_rank > 0:  # LaVi-Bridge's LoRA inside the LLM
                 self.llm.add_lora(cfg.llm.lora_rank, cfg.llm.lora_alpha, list(cfg.llm.lora_target_modules))
@@ -208,14 +203,29 @@ class LLM4GenModule(L.LightningModule):
                 path = path / RELEASED_PROJECTOR
             if path.is_dir():
                 adapter = load_connector(path)  # any kind, as saved (configs/checks.py: it matches adapter.kind)
+                adapter.register_to_config(use_llm_mask=acfg.use_llm_mask)  # the run's reading of padding, not the folder's
             else:
-                adapter = CrossAdapter.from_released(path, num_heads=acfg.num_heads, llm_scale=acfg.llm_scale)
+                adapter = CrossAdapter.from_released(path, num_heads=acfg.num_heads, llm_scale=acfg.llm_scale,
+                                                     use_llm_mask=acfg.use_llm_mask)
             if (adapter.config.clip_dim, adapter.config.llm_dim) != (self.clip.hidden_size, self.llm.hidden_size):
                 raise ValueError(f"model.adapter.init_from={acfg.init_from!r} has widths "
                                  f"{adapter.config.clip_dim}/{adapter.config.llm_dim}, the models need "
                                  f"{self.clip.hidden_size}/{self.llm.hidden_size}")
             return adapter
         return build_connector(acfg, clip_dim=self.clip.hidden_size, llm_dim=self.llm.hidden_size)
+
+    def _build_fusion(self, acfg) -> GatedFusion | None:
+        """The gated fusion's layers, installed in the UNet's cross-attention (``model.adapter.fusion=gated``):
+        saved beside an exported connector (``adapter/fusion/``) and read back from ``init_from`` when there."""
+        if not (self.uses_cam and acfg.fusion == "gated"):
+            return None
+        saved = Path(acfg.init_from) / FUSION_FOLDER if acfg.init_from else None
+        if saved is not None and saved.is_dir():
+            fusion = GatedFusion.from_pretrained(saved)
+        else:
+            fusion = GatedFusion.for_unet(self.unet, clip_tokens=self.clip.context_length)
+        fusion.install(self.unet)
+        return fusion
 
     def _setup_unet_training(self, cfg) -> None:
         if cfg.unet_training == "full":
@@ -232,8 +242,19 @@ class LLM4GenModule(L.LightningModule):
 
     @property
     def uses_cam(self) -> bool:
-        """False with ``model.adapter.enabled=false``: the UNet is conditioned on CLIP alone."""
-        return self.cfg.adapter.enabled
+        """False with ``model.adapter.enabled=false`` (and inside :meth:`base_alone`): the UNet is conditioned on
+        CLIP alone."""
+        return self.cfg.adapter.enabled and not getattr(self, "_base_alone", False)
+
+    @contextlib.contextmanager
+    def base_alone(self):
+        """Inside the block the module is its base: CLIP's context alone, no connector, no fusion (what a
+        connector's cost at its initial weights is measured against)."""
+        self._base_alone = True
+        try:
+            yield self
+        finally:
+            self._base_alone = False
 
     def frozen_modules(self) -> list[nn.Module]:
         frozen = [self.vae, self.clip, self.llm] + ([] if self.uses_cam else [self.adapter])
@@ -283,7 +304,26 @@ class LLM4GenModule(L.LightningModule):
         else:  # CLIP alone: nothing reads LLM features, so the LLM is not run (all padding)
             llm = LLMFeatures(features=clip.hidden.new_zeros(len(captions), 0, self.llm.hidden_size),
                               mask=torch.zeros(len(captions), 0, dtype=torch.bool, device=clip.hidden.device))
-        return clip, pad_tokens(llm, self.cfg.llm.max_length)
+        return clip, self.context_tokens(llm)
+
+    @property
+    def masks_padding(self) -> bool:
+        """True when LLM padding leaves every attention (``model.adapter.use_llm_mask``, the default)."""
+        return self.uses_cam and masks_padding(self.adapter)
+
+    def context_tokens(self, llm: LLMFeatures) -> LLMFeatures:
+        """The LLM positions the context holds: the batch's longest caption's real tokens when padding is
+        masked (the rest would be masked anyway; cutting it makes every attention cheaper), else all
+        ``model.llm.max_length`` of them, as the release ran."""
+        length = self.cfg.llm.max_length
+        if llm.features.shape[1] > length and llm.mask[:, length:].any():
+            raise ValueError(f"LLM features have {llm.longest} tokens, more than model.llm.max_length={length}")
+        return llm.trimmed() if self.masks_padding else llm.padded_to(length)
+
+    def context_mask(self, clip_hidden: torch.Tensor, llm: LLMFeatures) -> torch.Tensor | None:
+        """(batch, context tokens) bool, the UNet's ``encoder_attention_mask``: False at LLM padding; None when
+        nothing is masked (CLIP alone, a query connector, ``use_llm_mask: false``)."""
+        return guided_context_mask(self.adapter, clip_hidden, llm) if self.masks_padding else None
 
     @property
     def timestep_aware(self) -> bool:
@@ -308,10 +348,12 @@ class LLM4GenModule(L.LightningModule):
         if drop is not None and drop.any():
             null_clip, null_llm = self.null_text()
             clip = where_text(~drop, clip, null_clip)
-            keep = ~drop.view(-1, 1, 1)
-            llm = LLMFeatures(torch.where(keep, llm.features, null_llm.features.to(llm.features.dtype)),
-                              torch.where(keep[..., 0], llm.mask, null_llm.mask))
-        return self.fuse(clip.hidden, llm, timesteps), self.clip.unet_kwargs(clip, batch, self.image_size(batch))
+            llm = self.context_tokens(llm.where(~drop, null_llm))
+        unet_kwargs = self.clip.unet_kwargs(clip, batch, self.image_size(batch))
+        mask = self.context_mask(clip.hidden, llm)
+        if mask is not None:
+            unet_kwargs["encoder_attention_mask"] = mask
+        return self.fuse(clip.hidden, llm, timesteps), unet_kwargs
 
     def image_size(self, batch: dict) -> tuple[int, int]:
         """(height, width) in pixels of the batch's images (SDXL's target size)."""
@@ -363,11 +405,11 @@ class LLM4GenModule(L.LightningModule):
         applies = (timesteps >= low) & (timesteps < high)
         if drop is not None:
             applies &= ~drop  # a dropped caption has no words to bind
-        targets = self.entity_targets(batch, applies)
+        targets = self.entity_targets(batch, applies, context.shape[1])
         entity = entity_loss(self.attention_store.maps(), targets.to(self.device), objective.entity_negative_weight)
         return LossTerms(diffusion=diffusion, entity=entity.total, entity_parts=entity)
 
-    def entity_targets(self, batch: dict, applies: torch.Tensor) -> EntityTargets:
+    def entity_targets(self, batch: dict, applies: torch.Tensor, context_tokens: int) -> EntityTargets:
         """Word -> fused-sequence token positions and (attribute, entity) pairs for each caption: the batch's
         own (built in the data worker, datamodules/entity_targets.py), or built here from its parsed entities
         when it has none (a hand-made batch); pairs of samples where the loss does not apply (timestep window,
@@ -384,12 +426,16 @@ class LLM4GenModule(L.LightningModule):
             raise ValueError(f"the batch's entity targets index {targets.num_tokens} context tokens, this model's "
                              f"context has {expected} (77 CLIP + model.llm.max_length): were they cached with "
                              f"another model.llm.max_length?")
+        targets = only_rows(targets, applies.to(targets.pair_mask.device))
+        if self.adapter.layout.has_word_positions:  # a masked context ends at the batch's longest caption
+            not_in_context = 0 if self.adapter.layout.starts_with_clip else self.clip.tokenizer.model_max_length
+            targets = keep_leading_tokens(targets, not_in_context + context_tokens)
         if self.adapter.layout is ContextLayout.LLM:  # the connector replaced CLIP: words align to LLM tokens
             targets = drop_leading_tokens(targets, self.clip.tokenizer.model_max_length)
         elif not self.adapter.layout.has_word_positions:
             raise ValueError(f"the entity loss needs word positions in the context; a {type(self.adapter).__name__} "
                              f"context ({self.adapter.layout.value}) has none (configs/checks.py refuses this config)")
-        return dataclasses.replace(targets, pair_mask=targets.pair_mask & applies.to(targets.pair_mask.device)[:, None])
+        return targets
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         accumulate = self.trainer.accumulate_grad_batches
@@ -494,15 +540,15 @@ class LLM4GenModule(L.LightningModule):
                     raise ValueError(f"{len(llm_prompts)} llm_prompts for {len(prompts)} prompts; give one each")
                 llm = self.encode_text(list(llm_prompts))[1]
             neg_clip, neg_llm = self.encode_text([negative_prompt] * len(prompts))
+            llm, neg_llm = common_length(llm, neg_llm)  # guidance concatenates the two halves
             dtype = self.unet.dtype
             pipe = self.pipeline(scheduler)
             generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-            # A timestep-aware connector's context is recomputed inside every UNet call (per_step_context); the
-            # embeddings handed to the pipeline then only fix shapes and dtypes.
+            # Every UNet call gets its context's padding mask, and a timestep-aware connector's context is
+            # recomputed inside it (per_step_context); the embeddings handed to the pipeline then only fix
+            # shapes and dtypes.
             first = pipe.scheduler.config.num_train_timesteps - 1 if self.timestep_aware else None
-            per_step = (self.per_step_context(clip, llm, neg_clip, neg_llm) if self.timestep_aware
-                        else contextlib.nullcontext())
-            with per_step:
+            with self.per_step_context(clip, llm, neg_clip, neg_llm):
                 return pipe(prompt_embeds=self.fuse(clip.hidden, llm, first).to(dtype),
                             negative_prompt_embeds=self.fuse(neg_clip.hidden, neg_llm, first).to(dtype),
                             **self.clip.pipeline_inputs(clip, neg_clip),
@@ -512,10 +558,13 @@ class LLM4GenModule(L.LightningModule):
             self.train(was_training)
 
     def per_step_context(self, clip: ClipText, llm: LLMFeatures, neg_clip: ClipText, neg_llm: LLMFeatures):
-        """While active, every UNet call gets its context from the connector at that call's timestep, for the
-        prompts and for guidance's negative half (pipelines/llm4gen_pipeline.py, the pipelines' own mechanism)."""
+        """While active, every UNet call gets its context's padding mask and, from a timestep-aware connector,
+        its context at that call's timestep, for the prompts and for guidance's negative half
+        (pipelines/llm4gen_pipeline.py, the pipelines' own mechanism); nothing to add: a no-op."""
+        if not self.uses_cam:
+            return contextlib.nullcontext()
         texts = (clip.hidden, llm, neg_clip.hidden, neg_llm)
-        return timestep_conditioning(self.unet, self.fuse, lambda: texts)
+        return context_conditioning(self.unet, self.adapter, self.fuse, lambda: texts)
 
     def export_release(self, directory: str | os.PathLike, use_ema: bool = True) -> Path:
         """Writes the released LLM4GEN layout (adapters/release.py): ``projector.pth`` + ``unet/`` (the
@@ -524,6 +573,9 @@ class LLM4GenModule(L.LightningModule):
         if not isinstance(self.adapter, CrossAdapter):
             raise ValueError(f"the released LLM4GEN layout holds a CAM; this run trained a {type(self.adapter).__name__} "
                              f"(model.adapter.kind={self.cfg.adapter.kind}): export it with export_pretrained")
+        if self.fusion is not None:
+            raise ValueError("the released LLM4GEN layout holds a CAM for the concatenated context; this run trained "
+                             "a gated fusion (model.adapter.fusion=gated) besides it: export it with export_pretrained")
         if self.cfg.unet_training == "lora":
             raise ValueError("the release layout holds a full unet/; a LoRA run exports unet_lora/ with "
                              "export_pretrained (load it with pipe.load_lora_weights), or fuse it first")
@@ -537,6 +589,8 @@ class LLM4GenModule(L.LightningModule):
         directory = Path(directory)
         with (self.ema_weights() if use_ema else contextlib.nullcontext()):
             self.adapter.save_pretrained(directory / "adapter")
+            if self.fusion is not None:
+                self.fusion.save_pretrained(directory / "adapter" / FUSION_FOLDER)
             if self.cfg.unet_training == "lora":
                 save_unet_lora(self.unet, directory / "unet_lora")
             elif self.cfg.unet_training == "full":

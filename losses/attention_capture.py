@@ -35,6 +35,9 @@ from collections.abc import Sequence
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from llm4gen.adapters.attention import attention_probabilities
+from llm4gen.adapters.gated_fusion import GatedFusionProcessor
+
 _PROCESSOR_SUFFIX = ".processor"
 _BLOCK_PATTERN = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
 
@@ -76,30 +79,6 @@ class AttentionStore:
 
     def __len__(self) -> int:
         return len(self._maps)
-
-
-def attention_probabilities(
-    query: torch.Tensor, key: torch.Tensor, scale: float, attention_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) over keys, in float32 whatever the input dtype or autocast.
-
-    query (batch, heads, queries, head_dim), key (batch, heads, keys, head_dim),
-    attention_mask broadcastable to (batch, heads, queries, keys): additive (float) or keep-where-True
-    (bool), as `scaled_dot_product_attention` takes it -> (batch, heads, queries, keys).
-    Float32 because the entity loss sums these over thousands of pixels, and bf16 logits would differ
-    from what the fused kernel (which accumulates in float32) attends with.
-    """
-    device_type = query.device.type
-    # (meta tensors, as in FLOP counting, have no autocast to turn off)
-    no_autocast = torch.autocast(device_type=device_type, enabled=False) if device_type != "meta" else contextlib.nullcontext()
-    with no_autocast:
-        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
-        if attention_mask is not None:
-            if attention_mask.dtype == torch.bool:
-                scores = scores.masked_fill(~attention_mask, float("-inf"))
-            else:
-                scores = scores + attention_mask.float()
-        return scores.softmax(dim=-1)
 
 
 class CapturingAttnProcessor:
@@ -278,7 +257,7 @@ def install_attention_capture(unet, layer_names: Sequence[str], enabled: bool = 
     """
     if not layer_names:
         raise ValueError("install_attention_capture needs at least one layer name, got none")
-    if any(isinstance(p, CapturingAttnProcessor) for p in unet.attn_processors.values()):
+    if captured_layers(unet):
         raise RuntimeError(
             "attention capture is already installed on this UNet; call remove_attention_capture first"
         )
@@ -295,18 +274,35 @@ def install_attention_capture(unet, layer_names: Sequence[str], enabled: bool = 
 
     store = AttentionStore(enabled=enabled)
     for key, module in modules.items():
-        module.set_processor(CapturingAttnProcessor(store, key, replaced=module.processor))
+        if isinstance(module.processor, GatedFusionProcessor):  # it writes out and records its own softmaxes
+            module.processor.store, module.processor.name = store, key
+        else:
+            module.set_processor(CapturingAttnProcessor(store, key, replaced=module.processor))
     store._hook_handle = unet.register_forward_pre_hook(lambda _module, _args: store.clear())
     return store
+
+
+def captured_layers(unet) -> list[str]:
+    """The ``unet.attn_processors`` keys of the layers whose maps are captured."""
+    return [name for name, processor in unet.attn_processors.items()
+            if isinstance(processor, CapturingAttnProcessor)
+            or (isinstance(processor, GatedFusionProcessor) and processor.store is not None)]
 
 
 def remove_attention_capture(unet) -> None:
     """Put back the processors `install_attention_capture` replaced (the fused AttnProcessor2_0 by default)."""
     for module in unet.modules():
-        if isinstance(module, Attention) and isinstance(module.processor, CapturingAttnProcessor):
-            capturing = module.processor
-            module.set_processor(capturing.replaced if capturing.replaced is not None else AttnProcessor2_0())
-            if capturing.store._hook_handle is not None:
-                capturing.store._hook_handle.remove()
-                capturing.store._hook_handle = None
-            capturing.store.clear()
+        if not isinstance(module, Attention):
+            continue
+        processor = module.processor
+        if isinstance(processor, CapturingAttnProcessor):
+            store = processor.store
+            module.set_processor(processor.replaced if processor.replaced is not None else AttnProcessor2_0())
+        elif isinstance(processor, GatedFusionProcessor) and processor.store is not None:
+            store, processor.store, processor.name = processor.store, None, None
+        else:
+            continue
+        if store._hook_handle is not None:
+            store._hook_handle.remove()
+            store._hook_handle = None
+        store.clear()

@@ -29,6 +29,8 @@ Memory of the negative term: (batch, pairs, words, pixels) floats per layer; at 
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -163,6 +165,26 @@ def drop_leading_tokens(targets: EntityTargets, count: int) -> EntityTargets:
     in_pair = torch.gather(word_mask, 1, targets.pairs.flatten(1)).view(targets.pairs.shape)
     return EntityTargets(membership, word_mask, targets.is_entity, targets.pairs,
                          targets.pair_mask & in_pair.all(dim=-1))
+
+
+def only_rows(targets: EntityTargets, rows: torch.Tensor) -> EntityTargets:
+    """The targets of the samples where ``rows`` (batch,) bool is True; the others keep no word and no pair (the
+    loss does not apply to them: outside its timestep window, or their caption was dropped)."""
+    rows = rows.to(torch.bool)
+    return EntityTargets(targets.token_membership * rows[:, None, None].to(targets.token_membership.dtype),
+                         targets.word_mask & rows[:, None], targets.is_entity, targets.pairs,
+                         targets.pair_mask & rows[:, None])
+
+
+def keep_leading_tokens(targets: EntityTargets, count: int) -> EntityTargets:
+    """The targets over the first ``count`` context tokens only: a masked context ends at its batch's longest
+    caption. Every word's tokens must lie there (positions past it are padding, never a word's)."""
+    if count >= targets.num_tokens:
+        return targets
+    if targets.token_membership[:, :, count:].any():
+        raise ValueError(f"entity targets place words past context token {count}, where the context holds only "
+                         f"padding: were they built for another tokenizer or prefix?")
+    return dataclasses.replace(targets, token_membership=targets.token_membership[:, :, :count])
 
 
 def collate_entity_targets(targets: Sequence[EntityTargets]) -> EntityTargets:

@@ -32,10 +32,12 @@ from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer
 # diffusers loads a component only from a module already imported: every connector's module, here
 import llm4gen.adapters.connectors  # noqa: F401
 from llm4gen.adapters.cross_adapter import CrossAdapter
+from llm4gen.adapters.gated_fusion import GatedFusion
 from llm4gen.adapters.release import RELEASED_PROJECTOR, RELEASED_UNET
 from llm4gen.encoders.llm import (
     LLMEncoder,
     LLMFeatures,
+    common_length,
     hidden_state_index,
     load_llm_config,
     load_llm_model,
@@ -46,30 +48,59 @@ from llm4gen.encoders.llm import (
 from llm4gen.encoders.sources import resolve_source
 
 
+def masks_padding(connector) -> bool:
+    """Whether LLM padding leaves the UNet's attention under this connector (its ``use_llm_mask``, saved with it)."""
+    return bool(getattr(connector.config, "use_llm_mask", False)) and connector.layout.has_word_positions
+
+
+def guided_context_mask(connector, clip: torch.Tensor, llm: LLMFeatures) -> torch.Tensor | None:
+    """(batch, context tokens) bool: the UNet's ``encoder_attention_mask`` for a context made of ``clip``
+    (batch, 77, dim) and ``llm``; None where nothing is masked."""
+    return connector.layout.context_mask(clip.shape[1], llm.mask) if masks_padding(connector) else None
+
+
+def needs_per_call_conditioning(connector) -> bool:
+    return connector.timestep_aware or masks_padding(connector)
+
+
 @contextlib.contextmanager
-def timestep_conditioning(unet, connect, texts):
-    """While active, every call of ``unet`` gets its context from ``connect(clip_hidden, llm, timestep)`` at that
-    call's own timestep: the prompts' for a batch of prompts, ``[negative; prompts]`` for classifier-free
-    guidance's doubled batch (the order diffusers' Stable Diffusion pipelines concatenate them in). ``texts()``
-    gives ``(clip_hidden, llm, negative_clip_hidden, negative_llm)``, or None to leave the call as it is."""
+def context_conditioning(unet, connector, connect, texts):
+    """While active, every call of ``unet`` is conditioned as training conditions it, for a batch of prompts or
+    ``[negative; prompts]`` (classifier-free guidance's doubled batch, in the order diffusers' Stable Diffusion
+    pipelines concatenate them):
+
+    - a timestep-aware connector (ELLA) gives the call its context, ``connect(clip_hidden, llm, timestep)`` at
+      the call's own timestep;
+    - a connector that masks LLM padding gives the call ``encoder_attention_mask`` (the pipelines pass the
+      context alone, and a zero key at a padded position would still score 0 in the softmax).
+
+    ``texts()`` gives ``(clip_hidden, llm, negative_clip_hidden, negative_llm)``, the two LLM halves padded to one
+    length, or None to leave the call as it is."""
+    if not needs_per_call_conditioning(connector):
+        yield
+        return
+
     def hook(module, args, kwargs):
         held = texts()
         if held is None:
             return args, kwargs
         clip, llm, clip_negative, llm_negative = held
         sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        if sample.shape[0] == clip.shape[0]:
-            context = connect(clip, llm, timestep)
-        elif sample.shape[0] == 2 * clip.shape[0]:
-            both = LLMFeatures(torch.cat([llm_negative.features, llm.features]), torch.cat([llm_negative.mask, llm.mask]))
-            context = connect(torch.cat([clip_negative, clip]), both, timestep)
-        else:
+        if sample.shape[0] == 2 * clip.shape[0]:
+            clip = torch.cat([clip_negative, clip])
+            llm = LLMFeatures(torch.cat([llm_negative.features, llm.features]), torch.cat([llm_negative.mask, llm.mask]))
+        elif sample.shape[0] != clip.shape[0]:
             raise ValueError(f"the UNet was called on {sample.shape[0]} latents for {clip.shape[0]} prompts")
-        if len(args) > 2:
-            args = (*args[:2], context.to(module.dtype), *args[3:])
-        else:
-            kwargs["encoder_hidden_states"] = context.to(module.dtype)
+        if connector.timestep_aware:
+            timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+            context = connect(clip, llm, timestep).to(module.dtype)
+            if len(args) > 2:
+                args = (*args[:2], context, *args[3:])
+            else:
+                kwargs["encoder_hidden_states"] = context
+        mask = guided_context_mask(connector, clip, llm)
+        if mask is not None:
+            kwargs["encoder_attention_mask"] = mask
         return args, kwargs
 
     handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
@@ -100,6 +131,12 @@ def load_reference(reference: dict):
     return loader.from_pretrained(source, **({"subfolder": reference["subfolder"]} if reference.get("subfolder") else {}))
 
 
+def install_fusion(fusion: Optional[GatedFusion], unet) -> None:
+    """A gated fusion's layers into the UNet's cross-attention (none: the UNet reads the context as it is)."""
+    if fusion is not None and unet is not None:
+        fusion.install(unet)
+
+
 def resolve_frozen(components: dict, frozen_sources: Optional[dict]) -> dict:
     """``components`` with each one that is None and named in ``frozen_sources`` loaded from its reference."""
     for name, reference in (frozen_sources or {}).items():
@@ -117,7 +154,7 @@ class LLMConditioning:
     ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` finds it; this class's own
     ``from_pretrained`` reads the same folder without running any of its code."""
 
-    _guided_text = None  # (clip, llm, clip_negative, llm_negative) while a timestep-aware pipeline call runs
+    _guided_text = None  # (clip, llm, clip_negative, llm_negative) while a pipeline call runs
 
     @classmethod
     def load_config(cls, *args, **kwargs):
@@ -166,6 +203,9 @@ class LLMConditioning:
         """The connector's context for prompts and negatives from their CLIP hidden states (batch, 77, clip_dim),
         each repeated ``num_images_per_prompt`` times; for ELLA, kept for the per-step calls."""
         llm, llm_negative = self.encode_llm(prompts, device), self.encode_llm(negatives, device)
+        if masks_padding(self.adapter):  # padding leaves the context: each half cut to its longest, then one length
+            llm, llm_negative = llm.trimmed(), llm_negative.trimmed()
+        llm, llm_negative = common_length(llm, llm_negative)
 
         def repeat(x: torch.Tensor) -> torch.Tensor:
             return x.repeat_interleave(num_images_per_prompt, dim=0)
@@ -174,7 +214,7 @@ class LLMConditioning:
         llm = LLMFeatures(repeat(llm.features), repeat(llm.mask))
         llm_negative = LLMFeatures(repeat(llm_negative.features), repeat(llm_negative.mask))
         first = self.scheduler.config.num_train_timesteps - 1 if self.adapter.timestep_aware else None
-        self._guided_text = (clip, llm, clip_negative, llm_negative) if self.adapter.timestep_aware else None
+        self._guided_text = (clip, llm, clip_negative, llm_negative)
         context = self.connect(clip, llm, first).to(self.unet.dtype)
         negative = self.connect(clip_negative, llm_negative, first).to(self.unet.dtype) if guided else None
         return context, negative
@@ -187,11 +227,10 @@ class LLMConditioning:
         return prompts, negatives
 
     def per_step_context(self):
-        """While active, a timestep-aware connector gives every UNet call its context at that call's timestep
-        (from the texts ``encode_prompt`` kept; none kept: the UNet call is left as it is)."""
-        if not self.adapter.timestep_aware:
-            return contextlib.nullcontext()
-        return timestep_conditioning(self.unet, self.connect, lambda: self._guided_text)
+        """While active, every UNet call gets the padding mask of its context and, from a timestep-aware connector,
+        its context at that call's timestep (from the texts ``encode_prompt`` kept; none kept: the call is left
+        as it is, e.g. for ``prompt_embeds`` given by the caller)."""
+        return context_conditioning(self.unet, self.adapter, self.connect, lambda: self._guided_text)
 
     @torch.no_grad()
     def __call__(self, *args, **kwargs):
@@ -205,18 +244,20 @@ class LLMConditioning:
 class LLM4GenPipeline(LLMConditioning, StableDiffusionPipeline):
     model_cpu_offload_seq = "llm->text_encoder->adapter->unet->vae"
     # the frozen parts may be saved by reference (``frozen_sources``): null in model_index.json, loaded from there
-    _optional_components = [*StableDiffusionPipeline._optional_components, *FROZEN]
+    _optional_components = [*StableDiffusionPipeline._optional_components, *FROZEN, "fusion"]
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, llm, llm_tokenizer, adapter,
                  safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker: bool = False,
                  llm_max_length: int = 32, llm_prefix: str = "", llm_layer: Any = -1, llm_layer_norm: str = "auto",
-                 llm_zero_padding: bool = True, llm_kind: str = "encoder", frozen_sources: Optional[dict] = None):
+                 llm_zero_padding: bool = True, llm_kind: str = "encoder", frozen_sources: Optional[dict] = None,
+                 fusion: Optional[GatedFusion] = None):
         frozen = resolve_frozen(dict(vae=vae, text_encoder=text_encoder, unet=unet, llm=llm), frozen_sources)
         vae, text_encoder, unet, llm = (frozen[k] for k in ("vae", "text_encoder", "unet", "llm"))
         super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                          safety_checker=safety_checker, feature_extractor=feature_extractor, image_encoder=image_encoder,
                          requires_safety_checker=requires_safety_checker)
-        self.register_modules(llm=llm, llm_tokenizer=llm_tokenizer, adapter=adapter)
+        self.register_modules(llm=llm, llm_tokenizer=llm_tokenizer, adapter=adapter, fusion=fusion)
+        install_fusion(fusion, unet)
         self.register_to_config(llm_max_length=llm_max_length, llm_prefix=llm_prefix, llm_layer=llm_layer,
                                 llm_layer_norm=llm_layer_norm, llm_zero_padding=llm_zero_padding, llm_kind=llm_kind,
                                 frozen_sources=frozen_sources)
@@ -240,11 +281,13 @@ class LLM4GenPipeline(LLMConditioning, StableDiffusionPipeline):
     @classmethod
     def from_release(cls, folder, base: str, llm: str, llm_tokenizer: Optional[str] = None, llm_max_length: int = 256,
                      llm_prefix: str = "pre ", llm_zero_padding: bool = False, num_heads: int = 8,
-                     scheduler: str = "DDIMScheduler", torch_dtype: torch.dtype = torch.float32) -> "LLM4GenPipeline":
+                     scheduler: str = "DDIMScheduler", torch_dtype: torch.dtype = torch.float32,
+                     mask_padding: bool = True) -> "LLM4GenPipeline":
         """The authors' release (``projector.pth`` + optionally ``unet/``, adapters/release.py) over the base SD1.5
         folder or hub id ``base`` and the T5 encoder ``llm`` (the release's RankGen T5-XL; its tokenizer
         ``llm_tokenizer`` when elsewhere). The defaults are the release's: 256 tokens, "pre ", pad-token outputs
-        kept. ``generate.py --release`` samples the same images."""
+        kept, except that LLM padding is masked out of every attention; ``mask_padding=False`` runs the release
+        exactly as published (all 256 positions attended). ``generate.py --release`` samples the same images."""
         folder, base = Path(folder), resolve_source(base)
         unet_source = folder if (folder / RELEASED_UNET / "config.json").is_file() else base  # the release's own UNet
         unet = diffusers.UNet2DConditionModel.from_pretrained(unet_source, subfolder="unet", torch_dtype=torch_dtype)
@@ -257,7 +300,8 @@ class LLM4GenPipeline(LLMConditioning, StableDiffusionPipeline):
                    tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"), unet=unet,
                    scheduler=getattr(diffusers, scheduler).from_pretrained(base, subfolder="scheduler", clip_sample=False),
                    llm=saveable_llm(encoder.model), llm_tokenizer=tokenizer,
-                   adapter=CrossAdapter.from_released(folder / RELEASED_PROJECTOR, num_heads=num_heads).to(torch_dtype),
+                   adapter=CrossAdapter.from_released(folder / RELEASED_PROJECTOR, num_heads=num_heads,
+                                                      use_llm_mask=mask_padding).to(torch_dtype),
                    llm_max_length=llm_max_length, llm_prefix=llm_prefix, llm_layer=-1, llm_layer_norm="auto",
                    llm_zero_padding=llm_zero_padding, llm_kind="encoder-decoder")
 
@@ -268,13 +312,13 @@ class LLM4GenXLPipeline(LLMConditioning, StableDiffusionXLPipeline):
     prompt (never zeros), as in training's caption dropout."""
 
     model_cpu_offload_seq = "llm->text_encoder->text_encoder_2->adapter->unet->vae"
-    _optional_components = [*StableDiffusionXLPipeline._optional_components, *FROZEN, "text_encoder_2"]
+    _optional_components = [*StableDiffusionXLPipeline._optional_components, *FROZEN, "text_encoder_2", "fusion"]
 
     def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, llm, llm_tokenizer,
                  adapter, image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt: bool = False,
                  add_watermarker: Optional[bool] = False, llm_max_length: int = 32, llm_prefix: str = "",
                  llm_layer: Any = -1, llm_layer_norm: str = "auto", llm_zero_padding: bool = True,
-                 llm_kind: str = "encoder", frozen_sources: Optional[dict] = None):
+                 llm_kind: str = "encoder", frozen_sources: Optional[dict] = None, fusion: Optional[GatedFusion] = None):
         names = ("vae", "text_encoder", "text_encoder_2", "unet", "llm")
         frozen = resolve_frozen(dict(zip(names, (vae, text_encoder, text_encoder_2, unet, llm))), frozen_sources)
         vae, text_encoder, text_encoder_2, unet, llm = (frozen[k] for k in names)
@@ -282,7 +326,8 @@ class LLM4GenXLPipeline(LLMConditioning, StableDiffusionXLPipeline):
                          tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, image_encoder=image_encoder,
                          feature_extractor=feature_extractor, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
                          add_watermarker=add_watermarker)
-        self.register_modules(llm=llm, llm_tokenizer=llm_tokenizer, adapter=adapter)
+        self.register_modules(llm=llm, llm_tokenizer=llm_tokenizer, adapter=adapter, fusion=fusion)
+        install_fusion(fusion, unet)
         self.register_to_config(llm_max_length=llm_max_length, llm_prefix=llm_prefix, llm_layer=llm_layer,
                                 llm_layer_norm=llm_layer_norm, llm_zero_padding=llm_zero_padding, llm_kind=llm_kind,
                                 frozen_sources=frozen_sources)
@@ -322,7 +367,7 @@ def pipeline_from_module(module, scheduler: str = "DDIMScheduler"):
                   llm_tokenizer=llm.tokenizer, adapter=module.adapter, llm_max_length=module.cfg.llm.max_length,
                   llm_prefix=llm.prefix, llm_layer=module.cfg.llm.layer,
                   llm_layer_norm=str(module.cfg.llm.layer_norm), llm_zero_padding=llm.zero_padding,
-                  llm_kind=llm.kind)
+                  llm_kind=llm.kind, fusion=module.fusion)
     if module.cfg.base.family == "sdxl":
         return LLM4GenXLPipeline(text_encoder_2=text.text_encoder_2, tokenizer_2=text.tokenizer_2, **common)
     return LLM4GenPipeline(**common)

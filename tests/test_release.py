@@ -55,10 +55,12 @@ def release(tmp_path_factory):
     return root / "model", root / "t5", tiny_sd_path()
 
 
-def model_overrides(t5_folder, base):
-    """The release's LLM, over the random tiny SD the reference generation reads (not the default base)."""
+def model_overrides(t5_folder, base, masked=False):
+    """The release's LLM, over the random tiny SD the reference generation reads (not the default base); as
+    published (every padded position attended, ``use_llm_mask=false``), or ``masked`` as every other config."""
     return [f"model.base.pretrained={base}", f"model.llm.pretrained={t5_folder}", "model.llm.kind=encoder-decoder",
-            f"model.llm.max_length={LLM_TOKENS}", "model.llm.prefix='pre '", "model.llm.zero_padding=false"]
+            f"model.llm.max_length={LLM_TOKENS}", "model.llm.prefix='pre '", "model.llm.zero_padding=false",
+            f"model.adapter.use_llm_mask={str(masked).lower()}"]
 
 
 def reference_cam(state, clip, llm, heads):
@@ -78,7 +80,9 @@ def reference_cam(state, clip, llm, heads):
 
 
 @torch.no_grad()
-def reference_generate(release_dir, t5_folder, base, prompts, seeds):
+def reference_generate(release_dir, t5_folder, base, prompts, seeds, masked=False):
+    """The release sampled as its authors' code samples it (every one of the LLM_TOKENS positions attended); with
+    ``masked``, the padded positions zeroed and masked out of the UNet's attention, at full length."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(release_dir / "unet").eval()
@@ -94,12 +98,15 @@ def reference_generate(release_dir, t5_folder, base, prompts, seeds):
         llm = t5_tok(["pre " + t for t in texts], max_length=LLM_TOKENS, padding="max_length", truncation=True,
                      return_tensors="pt")
         features = t5(input_ids=llm.input_ids, attention_mask=llm.attention_mask).last_hidden_state  # pads kept
-        return reference_cam(state, clip(ids).last_hidden_state, features, heads=8)
+        fused = reference_cam(state, clip(ids).last_hidden_state, features, heads=8)
+        keep = torch.cat([torch.ones(len(texts), 77, dtype=torch.bool), llm.attention_mask.bool()], dim=1)
+        return (fused * keep[..., None], keep) if masked else (fused, None)
 
     images = []
     for prompt, seed in zip(prompts, seeds):
-        cond, uncond = context([prompt]), context([""])
+        (cond, cond_keep), (uncond, uncond_keep) = context([prompt]), context([""])
         assert cond.shape == (1, 77 + LLM_TOKENS, 64)
+        mask = torch.cat([uncond_keep, cond_keep]) if masked else None
         # SD1.5's scheduler config never clips x0 (clip_sample false), nor does the tiny folder's.
         scheduler = DDIMScheduler.from_pretrained(base, subfolder="scheduler", clip_sample=False)
         scheduler.set_timesteps(STEPS)
@@ -107,7 +114,8 @@ def reference_generate(release_dir, t5_folder, base, prompts, seeds):
         latents = torch.randn((1, 4, size, size), generator=torch.Generator("cpu").manual_seed(seed))
         latents = latents * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
-            eps = unet(torch.cat([latents] * 2), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+            eps = unet(torch.cat([latents] * 2), t, encoder_hidden_states=torch.cat([uncond, cond]),
+                       encoder_attention_mask=mask).sample
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + GUIDANCE * (eps_cond - eps_uncond)
             latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
@@ -124,8 +132,9 @@ def test_the_release_loads_as_a_pipeline_that_samples_what_generate_release_samp
     from llm4gen.pipelines import LLM4GenPipeline
 
     release_dir, t5_folder, base = release
-    module = generate.load_release_module(str(release_dir), None, model_overrides(t5_folder, base))
+    module = generate.load_release_module(str(release_dir), None, model_overrides(t5_folder, base, masked=True))
     pipe = LLM4GenPipeline.from_release(release_dir, base=str(base), llm=str(t5_folder), llm_max_length=LLM_TOKENS)
+    assert pipe.adapter.config.use_llm_mask  # padding masked unless mask_padding=False
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in SEEDS]
     piped = pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, negative_prompt=[""] * len(PROMPTS),
@@ -146,6 +155,13 @@ def test_release_generation_matches_the_reference_then_trains_exports_and_reload
     assert ours.shape == expected.shape == (2, 32, 32, 3)
     assert np.abs(ours - expected).max() < 1e-5
     assert np.abs(ours[0] - ours[1]).max() > 1e-3  # the images depend on prompt and seed at all
+    # The same release with its padding masked, as every config but the release's reads it: the reference's
+    # full-length context with a key mask equals ours, cut to the longest prompt; both differ from the unmasked.
+    masked = our_generate(generate.load_release_module(str(release_dir), None,
+                                                       model_overrides(t5_folder, base, masked=True)))
+    masked_reference = reference_generate(release_dir, t5_folder, base, PROMPTS, SEEDS, masked=True)
+    assert np.abs(masked - masked_reference).max() < 1e-5
+    assert np.abs(masked - ours).max() > 1e-3
 
     # The release as the starting point of training: CAM and UNet both trained, 3 steps.
     shards = tmp_path / "shards"

@@ -13,18 +13,19 @@ sample and under the same ``__key__``, the original members (caption ``txt``/``j
   ``latent_moments.npy``  (2C, h, w) VAE posterior mean and log-variance at ``data.resolution``, centre crop;
                           with aspect-ratio buckets (``data.buckets``) at the image's bucket size instead
   ``llm_features.npy``    (tokens, dim) the caption's real tokens only (``tokens`` = its attention-mask sum);
-                          all ``max_length`` tokens with ``model.llm.zero_padding=false``
+                          all ``max_length`` tokens for the release's context (:func:`keeps_llm_padding`)
   ``clip_features.npy``   (77, dim) CLIP's last hidden state (SDXL: both encoders' penultimate states)
   ``clip_pooled.npy``     (pooled_dim,) SDXL only, with clip_features: the second encoder's pooled embedding
   ``entities.json``       ``losses.entity_parser.groups_to_json`` of the caption's parse
   ``entity_positions.json`` {"positions", "num_tokens"}: its words' positions in the fused [CLIP, LLM] context
                           (datamodules/entity_targets.py); a batch of them builds the entity targets untokenized
 
-Unpadded LLM features are exact only when padding features are zeros (``model.llm.zero_padding=true``):
-training pads them back with zeros and a False mask, which is then what the encoder would have given.
-With ``model.llm.zero_padding=false`` (the release) the pad positions' outputs are part of the CAM's input
-and depend on the caption (T5's pad positions attend to it), so the cache stores all ``max_length``
-tokens of each caption (:func:`stored_llm_tokens`); training reads them as they are.
+Unpadded LLM features are exact when nothing reads the padding: LLM padding masked out of every attention
+(``model.adapter.use_llm_mask=true``, every config but the release's), or padding features that are zeros
+(``model.llm.zero_padding=true``); training pads them back with zeros and a False mask. The release's context
+(``use_llm_mask=false`` with ``zero_padding=false``) attends to the pad positions' outputs, which depend on the
+caption (T5's pad positions attend to it), so there the cache stores all ``max_length`` tokens of each caption
+(:func:`stored_llm_tokens`); training reads them as they are.
 
 Completion and resume. A shard is written to ``NAME.tar.tmp-PID`` and renamed when complete, after its
 statistics (``DIR/.cache_stats/NAME.json``); a shard whose ``DIR/NAME.tar`` exists is finished and a rerun
@@ -243,6 +244,8 @@ def field_key(cfg: DictConfig, name: str, cache_dtype: Optional[str] = None) -> 
                 continue
             dotted = section if setting is None else f"{section}.{setting}"
             key[dotted] = _key_value(cfg, name, dotted, value)
+    if name == "llm_features" and not cfg.model.llm.zero_padding and cfg.model.adapter.use_llm_mask:
+        key["model.adapter.use_llm_mask"] = True  # pad outputs not stored: they leave every attention
     if cache_dtype is not None and name not in ("entities", "entity_positions"):
         key["cache.dtype"] = cache_dtype
     return key
@@ -359,20 +362,22 @@ def check_cacheable(cfg: DictConfig, fields: Sequence[str]) -> None:
         raise CacheError(f"model.llm.lora_rank={cfg.model.llm.lora_rank}: the LLM trains (LoRA), so its features "
                          f"are not a function of the caption alone; cache latent_moments (and clip_features) only, "
                          f"or set model.llm.lora_rank=0.")
-    if "llm_features" in fields and not cfg.model.llm.zero_padding and cfg.model.adapter.use_llm_mask:
-        raise CacheError("model.llm.zero_padding=false with model.adapter.use_llm_mask=true: the cache stores the "
-                         "padded features without their mask, and this CAM reads the mask. Cache (and train) with "
-                         "model.llm.zero_padding=true (features stored unpadded, mask restored exactly), or with "
-                         "model.adapter.use_llm_mask=false as the release does, or train online.")
 
 
-def stored_llm_tokens(mask_row: torch.Tensor, zero_padding: bool) -> int:
-    """How many token features of one caption the cache stores: its real tokens when pads are zeros, all
-    ``max_length`` when the pad positions carry the encoder's outputs (they depend on the caption)."""
+def keeps_llm_padding(cfg: DictConfig) -> bool:
+    """Whether the features at LLM padding are part of what the model reads, so the cache must store them: the
+    release's context (padding attended, ``model.adapter.use_llm_mask=false``) with the encoder's outputs at the
+    pad tokens (``model.llm.zero_padding=false``). Otherwise a caption's real tokens are all that matters."""
+    return not cfg.model.llm.zero_padding and not cfg.model.adapter.use_llm_mask
+
+
+def stored_llm_tokens(mask_row: torch.Tensor, keep_padding: bool) -> int:
+    """How many token features of one caption the cache stores: its real tokens, or all ``max_length`` when the
+    pad positions' outputs are read (they depend on the caption: :func:`keeps_llm_padding`)."""
     length = int(mask_row.sum())
     if not bool(mask_row[:length].all()):
         raise CacheError("the LLM tokenizer pads on the left; caching needs real tokens first")
-    return length if zero_padding else int(mask_row.shape[0])
+    return int(mask_row.shape[0]) if keep_padding else length
 
 
 def shards_for_rank(shards: Sequence[str], rank: int, world_size: int) -> list[str]:
@@ -431,6 +436,7 @@ class FeatureEncoders:
             self.vae = loaded.vae.to(self.device) if "latent_moments" in fields else None
             self.clip = loaded.text.to(self.device) if "clip_features" in fields else None
             del loaded  # the UNet is not needed: freed here
+        self.keep_padding = keeps_llm_padding(cfg)
         if "llm_features" in fields:
             self.llm = LLMEncoder.from_config(llm).to(self.device)
         if {"entities", "entity_positions"} & set(fields):
@@ -447,7 +453,7 @@ class FeatureEncoders:
             out["latent_moments"] = list(self._to_numpy(moments))
         if self.llm is not None:
             llm = self.llm(captions)  # features (B, max_length, D), mask (B, max_length)
-            lengths = [stored_llm_tokens(row, self.llm.zero_padding) for row in llm.mask]
+            lengths = [stored_llm_tokens(row, self.keep_padding) for row in llm.mask]
             features = self._to_numpy(llm.features)
             out["llm_features"] = [features[i, :length] for i, length in enumerate(lengths)]  # (tokens_i, D)
         if self.clip is not None:

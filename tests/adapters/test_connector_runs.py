@@ -1,4 +1,4 @@
-"""train.py with each non-default connector kind, end to end on the tiny model: a run interrupted after two
+"""train.py with each non-default connector kind and the gated fusion, end to end on the tiny model: a run interrupted after two
 steps and resumed reaches the uninterrupted run's weights, optimizer and EMA bitwise; its export loads
 back (any kind) and samples the same images as its checkpoint; the FLOP count runs the connector."""
 
@@ -15,6 +15,7 @@ from tests.helpers.training import FAST
 
 KINDS = {
     "mlp": [],
+    "cam_gated": ["model.adapter.fusion=gated", "model.objective.lambda_entity=0.1"],
     "lavi_bridge": ["model.unet_training=lora", "model.lora.rank=4", "model.objective.lambda_entity=0.1"],
     "ella": ["model.adapter.ella.num_latents=8", "model.adapter.ella.num_blocks=2", "model.adapter.ella.width=64",
              "model.adapter.ella.num_heads=4", "model.adapter.ella.time_channels=32"],
@@ -27,7 +28,7 @@ def runs(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(kind)
     write_synthetic_shards(str(root / "shards"), num_samples=16, samples_per_shard=8)
     common = [f"data.shards={root / 'shards'}", "data.synthetic_if_missing=false", "model.base.pretrained=embedded:tiny-sd",
-              f"model.adapter.kind={kind}", *KINDS[kind], "model.ema.enabled=true", "checkpoint.every_n_steps=2",
+              f"model.adapter.kind={kind.split('_gated')[0]}", *KINDS[kind], "model.ema.enabled=true", "checkpoint.every_n_steps=2",
               "model.optim.lr=1e-3", "validation.at_start=false", *FAST]
     assert train.main([f"output_dir={root / 'straight'}", "trainer.max_steps=4", *common]) == 0
     assert train.main([f"output_dir={root / 'resumed'}", "trainer.max_steps=2", *common]) == 0
@@ -55,6 +56,9 @@ def test_a_resumed_run_reaches_the_uninterrupted_one_bitwise(runs):
     assert all(torch.equal(x, y) for x, y in zip(straight["ema"]["shadow_params"], resumed["ema"]["shadow_params"]))
     start = load(root / "straight" / "checkpoints" / "step=0000002.ckpt")["state_dict"]
     assert any(not torch.equal(start[k], weights[k]) for k in weights if k.startswith("adapter."))  # it trained
+    if kind == "cam_gated":  # the gated layers are what trains besides the CAM, and the frozen UNet is not saved
+        assert {k.split(".")[0] for k in weights} == {"adapter", "fusion"}
+        assert any(not torch.equal(start[k], weights[k]) for k in weights if k.endswith(".gate"))
 
 
 @pytest.mark.slow
@@ -63,6 +67,7 @@ def test_the_export_loads_back_and_samples_what_the_checkpoint_samples(runs):
     from_checkpoint = load_checkpoint_module(root / "straight" / "checkpoints" / "last.ckpt")
     from_export = load_exported_module(root / "straight" / "export")
     assert type(from_export.adapter) is type(from_checkpoint.adapter)
+    assert (from_export.fusion is None) == (kind != "cam_gated")
     args = dict(prompts=["a red circle"], seeds=[3], num_inference_steps=2, guidance_scale=3.0, output_type="np")
     with from_checkpoint.ema_weights():  # the export holds the EMA weights
         expected = from_checkpoint.generate(**args)

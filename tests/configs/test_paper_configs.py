@@ -19,7 +19,8 @@ RELEASE_VALUES = {  # what the release fixes, the same in both
     "model.llm.pretrained": "kalpeshk2011/rankgen-t5-xl-all", "model.llm.tokenizer": "google/t5-v1_1-xl",
     "model.llm.kind": "encoder-decoder", "model.llm.max_length": 256, "model.llm.prefix": "pre ",
     "model.llm.zero_padding": False, "model.adapter.num_heads": 8, "model.adapter.num_blocks": 1,
-    "model.adapter.llm_scale": 1.0, "model.adapter.use_llm_mask": False, "data.resolution": 512,
+    "model.adapter.llm_scale": 1.0, "data.resolution": 512,
+    "model.adapter.use_llm_mask": True,  # ours: LLM padding out of every attention (configs/sd15_t5xl.yaml: the release's)
 }
 SOURCE = re.compile(r"#.*\[(paper|release|ours)\]")
 

@@ -1,6 +1,7 @@
-"""The release's model.llm.zero_padding=false can be cached: T5-style pad positions attend to the caption,
-so their outputs are part of the CAM's input; the cache stores all max_length tokens and a run reading it
-conditions the UNet exactly as one computing the features online."""
+"""The release's context (model.llm.zero_padding=false, model.adapter.use_llm_mask=false) can be cached: T5-style
+pad positions attend to the caption, so their outputs are part of the CAM's input; the cache stores all
+max_length tokens and a run reading it conditions the UNet exactly as one computing the features online. With
+padding masked (every other config), only the real tokens are stored, whatever sits at the padding."""
 
 import io
 from pathlib import Path
@@ -18,11 +19,12 @@ from llm4gen.tools.feature_cache import (
     CacheKeyMismatch,
     check_cache_key,
     check_cacheable,
+    keeps_llm_padding,
     stored_llm_tokens,
 )
 from tests.helpers.modules import make_module
 
-PADDED = ["model.llm.zero_padding=false"]
+PADDED = ["model.llm.zero_padding=false", "model.adapter.use_llm_mask=false"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def first_batch(shards, precomputed_keys):
 
 def test_padded_cache_holds_every_position_and_conditions_like_online(padded_cache, tiny_model_config):
     source, out = padded_cache
-    module = make_module(tiny_model_config, **{"llm.zero_padding": False}).eval()
+    module = make_module(tiny_model_config, **{"llm.zero_padding": False, "adapter.use_llm_mask": False}).eval()
     max_length = module.cfg.llm.max_length
     padded_samples = 0
     for sample in iter_tar_samples(str(out / "shard-000000.tar")):
@@ -73,14 +75,21 @@ def test_the_run_must_match_the_caches_padding(padded_cache):
     check_cache_key(str(out), load_config(overrides=[*PADDED, keys]))
     with pytest.raises(CacheKeyMismatch, match="model.llm.zero_padding=False, this run has True"):
         check_cache_key(str(out), load_config(overrides=[keys]))
+    # pad outputs with the padding masked: the stored padding would be read as real tokens
+    with pytest.raises(CacheKeyMismatch, match="model.adapter.use_llm_mask=<not recorded>, this run has True"):
+        check_cache_key(str(out), load_config(overrides=["model.llm.zero_padding=false", keys]))
 
 
 def test_stored_tokens_per_padding_mode():
     mask = torch.tensor([True, True, True, False, False])
-    assert stored_llm_tokens(mask, zero_padding=True) == 3
-    assert stored_llm_tokens(mask, zero_padding=False) == 5
+    assert stored_llm_tokens(mask, keep_padding=False) == 3
+    assert stored_llm_tokens(mask, keep_padding=True) == 5
     with pytest.raises(ValueError, match="pads on the left"):
-        stored_llm_tokens(torch.tensor([False, True, True]), zero_padding=True)
+        stored_llm_tokens(torch.tensor([False, True, True]), keep_padding=False)
+    release = load_config(overrides=PADDED)
+    assert keeps_llm_padding(release)
+    assert not keeps_llm_padding(load_config(overrides=["model.llm.zero_padding=false"]))  # masked: real tokens only
+    assert not keeps_llm_padding(load_config(overrides=["model.adapter.use_llm_mask=false"]))  # zeros at padding
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")))

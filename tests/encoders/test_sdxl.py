@@ -53,7 +53,8 @@ def test_conditioning_matches_diffusers_encode_prompt_and_time_ids(module, pipe)
     batch = {"captions": PROMPTS, "pixel_values": torch.zeros(2, 3, 32, 32)}
     context, unet_kwargs = module.conditioning(batch)
     embeds, pooled, time_ids = diffusers_conditioning(pipe, PROMPTS, [(32, 32)] * 2, [(0, 0)] * 2, (32, 32))
-    assert context.shape == (2, 77 + module.cfg.llm.max_length, 80) and embeds.shape == (2, 77, 80)
+    longest = module.llm(PROMPTS).longest  # padding past the longest prompt is cut (the rest is masked)
+    assert context.shape == (2, 77 + longest, 80) and embeds.shape == (2, 77, 80)
     torch.testing.assert_close(context[:, :77], embeds, rtol=0, atol=1e-6)
     assert context[:, 77:].abs().max() == 0  # llm_scale = 0: the LLM branch adds nothing
     added = unet_kwargs["added_cond_kwargs"]
@@ -83,8 +84,9 @@ def test_caption_dropout_swaps_in_the_empty_prompt_everywhere(sdxl_config, pipe)
     context, kwargs = module.conditioning(batch, drop)
     empty, empty_kwargs = module.conditioning({"captions": ["", ""], "pixel_values": batch["pixel_values"]})
     kept, kept_kwargs = module.conditioning(batch)
-    torch.testing.assert_close(context[0], empty[0])
-    torch.testing.assert_close(context[1], kept[1])
+    torch.testing.assert_close(context[0, :empty.shape[1]], empty[0])  # then the empty prompt's padding: zeros
+    assert context[0, empty.shape[1]:].abs().max() == 0
+    torch.testing.assert_close(context[1], kept[1, :context.shape[1]])
     pooled = kwargs["added_cond_kwargs"]["text_embeds"]
     torch.testing.assert_close(pooled[0], empty_kwargs["added_cond_kwargs"]["text_embeds"][0])
     torch.testing.assert_close(pooled[1], kept_kwargs["added_cond_kwargs"]["text_embeds"][1])

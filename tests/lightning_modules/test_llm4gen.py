@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from llm4gen.encoders.llm import LLMFeatures
-from llm4gen.lightning_modules.llm4gen import CheckpointKeyError, check_checkpoint_keys, pad_tokens
+from llm4gen.lightning_modules.llm4gen import CheckpointKeyError, check_checkpoint_keys
 from tests.helpers.modules import fixed_batch, fixed_inputs, make_module, run_steps
 
 
@@ -22,9 +22,13 @@ def test_only_the_adapter_trains_by_default(module):
 def test_context_shape_and_clip_passthrough(module):
     batch = fixed_batch()
     context, unet_kwargs = module.conditioning(batch)
-    assert context.shape == (4, 77 + module.cfg.llm.max_length, module.clip.hidden_size)
+    real = module.llm(batch["captions"]).mask  # (4, max_length)
+    longest = int(real.sum(1).max())
+    assert longest < module.cfg.llm.max_length
+    assert context.shape == (4, 77 + longest, module.clip.hidden_size)  # padding past the longest caption: cut
     torch.testing.assert_close(context[:, :77], module.clip(batch["captions"]).hidden)
-    assert unet_kwargs == {}
+    assert list(unet_kwargs) == ["encoder_attention_mask"]  # the rest of the padding: masked
+    assert unet_kwargs["encoder_attention_mask"].tolist() == [[True] * 77 + row[:longest] for row in real.tolist()]
 
 
 @pytest.mark.slow
@@ -34,8 +38,12 @@ def test_caption_dropout_uses_the_empty_prompt(module):
     context, _ = module.conditioning(batch, drop)
     empty, _ = module.conditioning({"captions": [""] * 4})
     kept, _ = module.conditioning(batch)
-    torch.testing.assert_close(context[drop], empty[drop])
-    torch.testing.assert_close(context[~drop], kept[~drop])
+    length = context.shape[1]  # the longest caption left after the drop: the context is cut there
+    assert empty.shape[1] < length <= kept.shape[1]
+    torch.testing.assert_close(context[drop][:, :empty.shape[1]], empty[drop])
+    assert context[drop][:, empty.shape[1]:].abs().max() == 0  # the empty prompt's padding, zeroed (and masked)
+    torch.testing.assert_close(context[~drop], kept[~drop][:, :length])
+    assert kept[~drop][:, length:].abs().max() == 0
 
 
 def test_train_mode_keeps_frozen_parts_in_eval(module):
@@ -118,13 +126,26 @@ def test_load_state_dict_refuses_frozen_or_missing_keys(module):
         module.load_state_dict(state)
 
 
-def test_pad_tokens():
-    f = LLMFeatures(torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.bool))
-    padded = pad_tokens(f, 5)
+def test_llm_features_pad_cut_and_trim():
+    f = LLMFeatures(torch.ones(2, 3, 4), torch.tensor([[True, True, False], [True, False, False]]))
+    padded = f.padded_to(5)
     assert padded.features.shape == (2, 5, 4) and padded.features[:, 3:].abs().sum() == 0
-    assert padded.mask.tolist() == [[True] * 3 + [False] * 2] * 2
-    with pytest.raises(ValueError, match="max_length=2"):
-        pad_tokens(f, 2)
+    assert padded.mask.tolist() == [[True, True, False, False, False], [True, False, False, False, False]]
+    assert f.longest == 2 and f.trimmed().features.shape == (2, 2, 4)
+    assert f.trimmed().mask.tolist() == [[True, True], [True, False]]
+    with pytest.raises(ValueError, match="2 real tokens, more than the 1"):
+        f.padded_to(1)  # cutting a real token is refused
+    empty = LLMFeatures(torch.zeros(1, 4, 4), torch.zeros(1, 4, dtype=torch.bool))
+    assert empty.trimmed().features.shape == (1, 1, 4)  # a context never has an empty LLM part
+
+
+def test_llm_features_where_pads_both_sides_to_one_length():
+    long = LLMFeatures(torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.bool))
+    short = LLMFeatures(torch.full((1, 1, 4), 7.0), torch.ones(1, 1, dtype=torch.bool))
+    merged = long.where(torch.tensor([True, False]), short)
+    assert merged.features.shape == (2, 3, 4)
+    assert merged.features[0].eq(1).all() and merged.features[1, 0].eq(7).all() and merged.features[1, 1:].eq(0).all()
+    assert merged.mask.tolist() == [[True] * 3, [True, False, False]]
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from llm4gen.configs.schema import load_config
+from llm4gen.encoders.llm import common_length
 from tests.helpers.modules import PARSER, fixed_batch, make_module, run_steps, synthetic_captions
 
 
@@ -102,6 +103,7 @@ def test_generation_uses_the_fused_prompt_and_negative(module, monkeypatch):
         module.generate(["a red circle"], [0], negative_prompt="blurry")
     clip, llm = module.encode_text(["a red circle"])
     neg_clip, neg_llm = module.encode_text(["blurry"])
+    llm, neg_llm = common_length(llm, neg_llm)  # guidance's two halves: one length
     torch.testing.assert_close(seen["prompt_embeds"], module.fuse(clip.hidden, llm))
     torch.testing.assert_close(seen["negative_prompt_embeds"], module.fuse(neg_clip.hidden, neg_llm))
     torch.testing.assert_close(seen["pooled_prompt_embeds"], clip.pooled)

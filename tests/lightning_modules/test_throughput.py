@@ -56,12 +56,15 @@ def test_counted_flops_equal_the_modules_own_training_step(tiny_model_config):
     trained = {}
     for unet_training in ("frozen", "full"):
         module = make_module(tiny_model_config, unet_training=unet_training)
-        counted = module_step_flops(module, resolution=32)
+        real_tokens = module.llm(batch["captions"]).longest  # the context is cut there (padding masked)
+        counted = module_step_flops(module, resolution=32, context_llm_tokens=real_tokens)
         assert counted.vae > 0 and counted.clip > 0 and counted.llm > 0
         assert counted.total == pytest.approx(real_step_flops(module, batch, 16), rel=0.01)
+        assert module_step_flops(module, resolution=32).trained > counted.trained  # max_length: the upper bound
         trained[unet_training] = counted.trained
     # with cached latents and LLM features only CLIP and the trained path remain
-    cached = module_step_flops(module, resolution=32, precomputed_keys=["latent_moments", "llm_features"])
+    cached = module_step_flops(module, resolution=32, precomputed_keys=["latent_moments", "llm_features"],
+                               context_llm_tokens=real_tokens)
     assert (cached.vae, cached.llm, cached.clip, cached.trained) == (0, 0, counted.clip, counted.trained)
     # the UNet's weight gradients: ~3x its forward instead of ~2x
     assert 1.3 < trained["full"] / trained["frozen"] < 1.7

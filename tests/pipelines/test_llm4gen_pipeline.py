@@ -1,6 +1,7 @@
 """LLM4GenPipeline (pipelines/llm4gen_pipeline.py): a trained module's pipeline samples the images the module's
 own generate() samples, and a saved pipeline loads back (from another process's view: only the folder) to the
-same images; ELLA's connector is called at every denoising step inside the pipeline too."""
+same images; ELLA's connector is called at every denoising step inside the pipeline too, and a gated fusion
+travels with the folder."""
 
 from __future__ import annotations
 
@@ -27,11 +28,23 @@ def pipeline_images(pipe):
     return pipe(PROMPTS, generator=generators, output_type="np", **SETTINGS).images
 
 
-@pytest.fixture(scope="module", params=["cam", "ella"])
+EXTRA = {"ella": {"adapter.ella": {"num_latents": 8, "num_blocks": 1, "width": 64, "num_heads": 4, "time_channels": 16}},
+         "gated": {"adapter.kind": "cam", "adapter.fusion": "gated"}}
+
+
+def open_gates(module):
+    """Gates away from zero, so that the LLM branch shows in the images (a closed gate samples the base)."""
+    if module.fusion is not None:
+        with torch.no_grad():
+            for i, layer in enumerate(module.fusion.layers.values()):
+                layer.gate.fill_(0.3 + 0.05 * i)
+    return module
+
+
+@pytest.fixture(scope="module", params=["cam", "ella", "gated"])
 def module(request, tiny_model_config):
     torch.manual_seed(0)
-    extra = {"adapter.ella": {"num_latents": 8, "num_blocks": 1, "width": 64, "num_heads": 4, "time_channels": 16}}
-    return make_module(tiny_model_config, **{"adapter.kind": request.param, **(extra if request.param == "ella" else {})})
+    return open_gates(make_module(tiny_model_config, **{"adapter.kind": request.param, **EXTRA.get(request.param, {})}))
 
 
 def test_the_pipeline_samples_what_the_module_samples(module):
@@ -50,7 +63,7 @@ def test_a_saved_pipeline_loads_back_to_the_same_images(module, tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     expected = pipeline_images(pipe)
     loaded = LLM4GenPipeline.from_pretrained(tmp_path / "pipe")
-    assert type(loaded.adapter) is type(module.adapter)
+    assert type(loaded.adapter) is type(module.adapter) and (loaded.fusion is None) == (module.fusion is None)
     np.testing.assert_allclose(pipeline_images(loaded), expected, atol=1e-6, rtol=0)
 
 
@@ -70,7 +83,7 @@ def test_a_fresh_process_loads_the_folder_with_the_installed_package_alone(modul
     assert result.returncode == 0 and "same images" in result.stdout, result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("kind", ["cam", "ella"])
+@pytest.mark.parametrize("kind", ["cam", "ella", "gated"])
 def test_the_xl_pipeline_samples_what_the_sdxl_module_samples_and_round_trips(kind, tmp_path):
     from omegaconf import OmegaConf
 
@@ -79,8 +92,7 @@ def test_the_xl_pipeline_samples_what_the_sdxl_module_samples_and_round_trips(ki
 
     sdxl = OmegaConf.to_container(load_config("configs/tiny_sdxl.yaml").model, resolve=True)
     torch.manual_seed(0)
-    extra = {"adapter.ella": {"num_latents": 8, "num_blocks": 1, "width": 64, "num_heads": 4, "time_channels": 16}}
-    module = make_module(sdxl, **{"adapter.kind": kind, **(extra if kind == "ella" else {})})
+    module = open_gates(make_module(sdxl, **{"adapter.kind": kind, **EXTRA.get(kind, {})}))
     pipe = pipeline_from_module(module)
     assert isinstance(pipe, LLM4GenXLPipeline)
     expected = module_images(module)
