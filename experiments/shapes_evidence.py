@@ -65,7 +65,7 @@ from llm4gen.launch.sweep import (
     load_sweep,
     run_locally,
 )
-from llm4gen.lightning_modules.sampler import SamplingSettings, load_sampler
+from llm4gen.lightning_modules.sampler import SamplingSettings, initial_sampler, load_sampler
 from llm4gen.losses.token_alignment import mentions_in_clip_window
 from llm4gen.tools.feature_cache import run_cache
 
@@ -140,9 +140,10 @@ class Task:
     seed: int
     out: str
     sets: tuple[str, ...]
-    checkpoint: Optional[str] = None    # None: the base alone
+    checkpoint: Optional[str] = None    # None: the base alone (or ``initial``)
     base: Optional[str] = None
     shuffle_llm: bool = False
+    initial: Optional[str] = None       # a run's config.yaml: what it trains, at its initial weights (step 0)
 
 
 def checkpoint_at(run_dir: Path, step: int) -> Path:
@@ -210,7 +211,8 @@ def run_task(task: Task, protocol: Protocol = PROTOCOL_SETTINGS, threads: int = 
     evaluation = Evaluation(out, sets, [ShapesScorer()], images_per_prompt=1, seed=task.seed,
                             batch_size=protocol.eval_batch, progress=False)
     settings = SamplingSettings(protocol.sampling_steps, protocol.guidance_scale)
-    sampler = load_sampler(task.checkpoint, base=task.base, settings=settings)
+    sampler = (initial_sampler(task.initial, settings) if task.initial
+               else load_sampler(task.checkpoint, base=task.base, settings=settings))
     if task.shuffle_llm:
         donors = {}
         for name in task.sets:

@@ -91,6 +91,15 @@ class Sampler:
                              generator=generators, output_type="pil").images
 
 
+def initial_sampler(config: str | Path, settings: SamplingSettings | None = None, device: str = "cpu") -> Sampler:
+    """A run at its initial weights (step 0), from its resolved ``config.yaml``: what trains starts from a function
+    of the run's seed alone (LLM4GenModule), so this is exactly the model its first step trained."""
+    cfg = OmegaConf.load(config)
+    module = LLM4GenModule(model_config(cfg.model, str(config)), seed=int(cfg.seed)).to(device)
+    return Sampler({"kind": "initial", "config": str(config)}, settings or SamplingSettings(), module=module,
+                   use_ema=False)
+
+
 def load_base_pipeline(base: str, scheduler: str, device: str = "cpu"):
     import diffusers
 
