@@ -39,6 +39,7 @@ from llm4gen.lightning_modules.callbacks import (
 )
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule
 from llm4gen.lightning_modules.loggers import build_logger
+from llm4gen.lightning_modules.nonfinite import NonFiniteStepsError
 from llm4gen.lightning_modules.preemption import (
     Preempted,
     StepBoundaryCheckpoint,
@@ -209,10 +210,15 @@ def main(argv=None) -> int:
     except CheckpointSaveError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
+    except NonFiniteStepsError:  # its message names the step, the terms and the last good checkpoint
+        raise
     except BaseException as err:  # a bug or a crash after the preflight: say what is kept, keep the traceback
         if Path(cfg.output_dir).is_dir() and not isinstance(err, (SystemExit, KeyboardInterrupt)):
+            kept = find_resume_checkpoint(Path(cfg.output_dir))
             print(f"train.py: the run stopped with {type(err).__name__}; what it wrote is kept in {cfg.output_dir} "
-                  f"(config.yaml, checkpoints/, logs/); the same command resumes from its last checkpoint",
+                  f"(config.yaml, checkpoints/, logs/); "
+                  + (f"the same command resumes from its last checkpoint ({kept})" if kept else
+                     "it wrote no checkpoint, so the same command starts it again from the beginning"),
                   file=sys.stderr, flush=True)
         raise
     return 0

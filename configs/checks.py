@@ -45,6 +45,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.llm.max_length": _POSITIVE,
     "model.base.clip_chunks": _POSITIVE,
     "model.adapter.num_heads": _POSITIVE,
+    "model.optim.max_nonfinite_steps": _POSITIVE,
     "model.adapter.num_blocks": _POSITIVE,
     "model.adapter.ffn_mult": _POSITIVE,
     "model.adapter.llm_scale": _above(0.0),

@@ -186,6 +186,9 @@ class OptimConfig:
     eps: float = 1e-8
     scheduler: str = "constant_with_warmup"  # constant_with_warmup | cosine | linear | constant
     warmup_steps: int = 20
+    # A step whose loss or gradients are not finite changes no weight and is counted (train/skipped_nonfinite);
+    # this many in a row stop the run, naming the last good checkpoint (lightning_modules/nonfinite.py).
+    max_nonfinite_steps: int = 3
 
 
 @dataclass

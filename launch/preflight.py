@@ -4,7 +4,8 @@ is queued, so a mistake fails in seconds on the login node instead of on a compu
 
 ``preflight(cfg)`` checks, in order: every model source exists (``check_sources``), the run's paths
 (the shards exist and can be read, ``output_dir`` can be written, ``model.adapter.init_from`` is a
-CrossAdapter folder or a torch file), the validation scheduler is a diffusers class, a feature cache
+CrossAdapter folder or a torch file, every local model folder holds readable weights whose names fit its
+config: ``check_model_weights``), the validation scheduler is a diffusers class, a feature cache
 was made with this run's settings, and the file ``resume`` names is a checkpoint of this configuration.
 It returns the checkpoint to resume from, read and checked once. (The config itself, its keys, types,
 ranges and agreement with the models' config files, is ``llm4gen.configs.schema.load_config``'s job.)
@@ -19,12 +20,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from llm4gen.adapters.connectors import CONNECTORS
 from llm4gen.adapters.cross_adapter import convert_released_state_dict
+from llm4gen.adapters.gated_fusion import FUSION_FOLDER, GatedFusion
 from llm4gen.adapters.release import RELEASED_PROJECTOR
 from llm4gen.configs.checks import check_scheduler_name, model_json
 from llm4gen.configs.errors import ConfigError
 from llm4gen.datamodules.webdataset_datamodule import resolve_shards
-from llm4gen.encoders.sources import check_source
+from llm4gen.encoders.sources import check_source, is_local
+from llm4gen.encoders.weight_files import WeightFileError, check_weights
 from llm4gen.lightning_modules import run_checkpoints
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
 from llm4gen.tools.feature_cache import check_cache_key
@@ -210,6 +214,7 @@ def check_run_paths(cfg: DictConfig) -> None:
     check_output_dir(str(cfg.output_dir))
     check_base_unet(cfg)
     check_init_from(cfg.model.adapter.init_from, model_widths(cfg))
+    check_model_weights(cfg)  # after the folders' configs: a mismatch there says more than a missing file
     check_shards(cfg)
 
 
@@ -221,6 +226,49 @@ def check_sources(cfg: DictConfig) -> None:
         check_source(cfg.model.base.unet, "model.base.unet")
     if cfg.model.llm.tokenizer:
         check_source(cfg.model.llm.tokenizer, "model.llm.tokenizer")
+
+
+def local_folder(source: str | None) -> Path | None:
+    """A configured source that is a folder on this machine (not a hub id, not an embedded model, built here)."""
+    if not source or source.startswith("embedded:") or not is_local(source):
+        return None
+    path = Path(source).expanduser()
+    return path if path.is_dir() else None
+
+
+def check_model_weights(cfg: DictConfig) -> None:
+    """Each local model folder the config names holds readable weights, read without loading them
+    (encoders/weight_files.py): the base's parts (the UNet's and VAE's tensor names against their configs),
+    ``model.base.unet``, the LLM, and an ``init_from`` connector folder (and its gated fusion)."""
+    base = cfg.model.base
+    checks: list[tuple[str, str, Path, bool, dict | None]] = []  # (key, value, folder, names?, classes)
+    folder = local_folder(base.pretrained)
+    if folder is not None:
+        parts = ["vae", "text_encoder"] + ([] if base.unet else ["unet"])
+        parts += ["text_encoder_2"] if base.family == "sdxl" else []
+        for part in parts:
+            if not (folder / part / "config.json").is_file():
+                raise ConfigError(f"config key 'model.base.pretrained' is {base.pretrained!r}, which has no {part}/ "
+                                  f"folder with a config.json: not a complete Stable Diffusion folder (was the copy "
+                                  f"interrupted?)")
+            checks.append(("model.base.pretrained", base.pretrained, folder / part, part in ("unet", "vae"), None))
+    if local_folder(base.unet) is not None:
+        checks.append(("model.base.unet", base.unet, local_folder(base.unet), True, None))
+    if local_folder(cfg.model.llm.pretrained) is not None:
+        checks.append(("model.llm.pretrained", cfg.model.llm.pretrained, local_folder(cfg.model.llm.pretrained),
+                       False, None))
+    init_from = local_folder(cfg.model.adapter.init_from)
+    if init_from is not None and (init_from / "config.json").is_file():
+        classes = {cls.__name__: cls for cls in (*CONNECTORS.values(), GatedFusion)}
+        checks.append(("model.adapter.init_from", cfg.model.adapter.init_from, init_from, True, classes))
+        if (init_from / FUSION_FOLDER / "config.json").is_file():
+            checks.append(("model.adapter.init_from", cfg.model.adapter.init_from, init_from / FUSION_FOLDER, True,
+                           classes))
+    for key, value, path, names, classes in checks:
+        try:
+            check_weights(path, names_from_config=names, classes=classes)
+        except (WeightFileError, OSError, ValueError) as err:
+            raise ConfigError(f"config key {key!r} is {value!r}: {err}") from None
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:

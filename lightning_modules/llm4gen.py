@@ -45,12 +45,21 @@ from llm4gen.datamodules.entity_targets import EntityTargetBuilder
 from llm4gen.encoders.clip import ClipText, where_text
 from llm4gen.encoders.llm import LLMEncoder, LLMFeatures, common_length
 from llm4gen.encoders.stable_diffusion import load_base_model
+from llm4gen.lightning_modules.nonfinite import (
+    NonFiniteSteps,
+    NonFiniteStepsError,
+    drop_gradients,
+    gradients_finite,
+    nonfinite_tensors,
+    nonfinite_terms,
+)
 from llm4gen.lightning_modules.optimization import (
     ADAPTER_GROUP,
     build_lr_scheduler,
     hold_back,
     parameter_groups,
 )
+from llm4gen.lightning_modules.run_checkpoints import CheckpointSaveError
 from llm4gen.lightning_modules.performance import (
     apply_performance,
     build_optimizer,
@@ -116,6 +125,7 @@ def save_unet_lora(unet, directory: str | os.PathLike) -> Path:
 
 
 LLM_LORA_FILE = "llm_lora.safetensors"
+NONFINITE_KEY = "nonfinite_steps"  # a checkpoint's count of skipped non-finite steps (nonfinite.py)
 
 
 def save_llm_lora(model, directory: str | os.PathLike) -> Path:
@@ -190,6 +200,9 @@ class LLM4GenModule(L.LightningModule):
             resolutions = layers if layers in ("lowest", "all") else [int(x) for x in str(layers).split(",")]
             self.attention_store = install_attention_capture(
                 self.unet, cross_attention_layer_names(self.unet, resolutions), enabled=False)
+        self.nonfinite_steps = NonFiniteSteps()
+        self._nonfinite_terms: list[str] = []  # this optimizer step's loss terms that were not finite
+        self._skip_step = False
         self._null_text: tuple | None = None
         self._entity_targets: EntityTargetBuilder | None = None  # for batches that bring no targets
         self.performance = cfg.performance  # fast paths: channels_last, checkpointing, compile, TF32
@@ -443,8 +456,9 @@ class LLM4GenModule(L.LightningModule):
         terms = self.compute_losses(batch, generator=generator)
         lambda_entity = self.cfg.objective.lambda_entity
         loss = terms.diffusion + lambda_entity * terms.entity  # L = L_diffusion + lambda_entity * L_entity
-        self.log_dict({"train/loss": loss.detach(), **{f"train/{k}": v for k, v in terms.logs().items()}},
-                      prog_bar=True, sync_dist=False)
+        logs = {"train/loss": loss.detach(), **{f"train/{k}": v for k, v in terms.logs().items()}}
+        self._nonfinite_terms += nonfinite_terms(logs)  # such a step is skipped before the optimizer (nonfinite.py)
+        self.log_dict({k: v for k, v in logs.items() if k not in self._nonfinite_terms}, prog_bar=True, sync_dist=False)
         return loss
 
     # ---- optimisation, EMA, checkpoints -------------------------------------------------------
@@ -459,6 +473,33 @@ class LLM4GenModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         hold_back(optimizer, self.global_step)  # a group before its start step (the UNet's) neither moves nor clips
+        self._skip_step = self._step_is_nonfinite()
+        if self._skip_step:
+            drop_gradients(self.trainable_parameters())  # the optimizer then changes nothing (nonfinite.py)
+
+    def _step_is_nonfinite(self) -> bool:
+        """Whether this optimizer step's loss or gradients are not finite on any rank; counts it, and stops the
+        run after ``model.optim.max_nonfinite_steps`` such steps in a row."""
+        local = bool(self._nonfinite_terms) or not gradients_finite(self.trainable_parameters())
+        flag = torch.tensor(float(local), device=self.device)
+        if self.trainer.world_size > 1:  # every rank skips the same step
+            flag = self.trainer.strategy.reduce(flag, reduce_op="sum")
+        terms, self._nonfinite_terms = sorted(set(self._nonfinite_terms)), []
+        skip = bool(flag > 0)
+        counts = self.nonfinite_steps
+        counts.skipped, counts.in_a_row = counts.skipped + skip, counts.in_a_row + 1 if skip else 0
+        self.log("train/skipped_nonfinite", float(counts.skipped), prog_bar=False)
+        limit = self.cfg.optim.max_nonfinite_steps
+        if skip and counts.in_a_row >= limit:
+            callback = self.trainer.checkpoint_callback
+            last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+            raise NonFiniteStepsError(
+                f"step {self.global_step}: {counts.in_a_row} steps in a row with a non-finite loss or gradient "
+                f"(model.optim.max_nonfinite_steps={limit}); not finite here: "
+                f"{', '.join(terms) or 'the gradients (the loss was finite on this rank)'}. Those steps changed no "
+                f"weight; the last good checkpoint is {last or 'none yet (no checkpoint was written)'}. Lower "
+                f"model.optim.lr or look for bad samples in the data, then run the same command to resume")
+        return skip
 
     def on_fit_start(self) -> None:
         if self.ema is not None:
@@ -466,7 +507,7 @@ class LLM4GenModule(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
+        if self.ema is not None and not self._skip_step:
             self.ema.step(self.trainable_parameters())
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -479,8 +520,19 @@ class LLM4GenModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
+        checkpoint[NONFINITE_KEY] = self.nonfinite_steps.state_dict()
+        bad = nonfinite_tensors(checkpoint)
+        if bad:
+            raise CheckpointSaveError(f"step {checkpoint.get('global_step')}: not writing a checkpoint whose trained "
+                                      f"state is not finite ({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); "
+                                      f"the checkpoints already written are kept")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        bad = nonfinite_tensors(checkpoint)
+        if bad:
+            raise NonFiniteStepsError(f"the checkpoint's trained state is not finite ({', '.join(bad[:4])}"
+                                      f"{' ...' if len(bad) > 4 else ''}): resume from an earlier checkpoint of the "
+                                      f"run (resume=auto passes over such a one by itself)")
         saved = checkpoint.get("optimizer_states") or []
         groups = len(parameter_groups(self.named_parameters(), self.cfg.optim))
         if saved and len(saved[0]["param_groups"]) != groups:
@@ -493,6 +545,8 @@ class LLM4GenModule(L.LightningModule):
             if "ema" not in checkpoint:
                 raise CheckpointKeyError("model.ema.enabled is on but the checkpoint holds no EMA state")
             self.ema.load_state_dict(checkpoint["ema"])
+        if NONFINITE_KEY in checkpoint:  # written before the count existed: none skipped
+            self.nonfinite_steps.load_state_dict(checkpoint[NONFINITE_KEY])
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         check_checkpoint_keys(self.trainable_state_keys(), set(state_dict))

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from llm4gen.lightning_modules.nonfinite import nonfinite_tensors
+
 KIND_ORDER = {"hpc": 0, "step": 1, "last": 2}  # at equal steps, the higher wins
 
 
@@ -48,8 +50,14 @@ def run_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted((output_dir / "checkpoints").glob("*.ckpt")) + sorted(output_dir.glob("hpc_ckpt_*.ckpt"))
 
 
+def nonfinite_in(path: str | Path) -> list[str]:
+    """The non-finite trained tensors a checkpoint file holds (lightning_modules/nonfinite.py); [] for a good one."""
+    return nonfinite_tensors(torch.load(path, map_location="cpu", mmap=True, weights_only=False))
+
+
 def find_resume_checkpoint(output_dir: str | Path) -> Path | None:
-    """The readable checkpoint of a run with the highest stored step (then kind, then file time)."""
+    """The readable checkpoint of a run with the highest stored step (then kind, then file time) whose trained
+    state is finite: one holding NaN or inf (written by code that did not check) is passed over, with a warning."""
     ranked = []
     for path in run_checkpoints(output_dir):
         step = checkpoint_step(path)
@@ -57,7 +65,13 @@ def find_resume_checkpoint(output_dir: str | Path) -> Path | None:
             print(f"warning: skipping unreadable checkpoint {path}", file=sys.stderr)
             continue
         ranked.append(((step, KIND_ORDER[checkpoint_kind(path)], path.stat().st_mtime), path))
-    return max(ranked, key=lambda item: item[0])[1] if ranked else None
+    for _, path in sorted(ranked, key=lambda item: item[0], reverse=True):
+        bad = nonfinite_in(path)
+        if not bad:
+            return path
+        print(f"warning: skipping checkpoint {path}: its trained state is not finite ({', '.join(bad[:3])}"
+              f"{' ...' if len(bad) > 3 else ''})", file=sys.stderr)
+    return None
 
 
 def prune_signal_checkpoints(output_dir: str | Path, saved_step: int, saved: str | Path) -> list[Path]:

@@ -91,6 +91,30 @@ def write_case_files(root: Path) -> dict[str, str]:
     (root / "unet-xl" / "config.json").write_text('{"cross_attention_dim": 2048, "in_channels": 4}')
     (root / "unet-xl" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     paths["sdxl_unet"] = str(root / "unet-xl")
+    # issue 37: model folders with a config and no (or broken, or foreign) weights, refused before anything loads
+    import shutil
+
+    from llm4gen.adapters.cross_adapter import CrossAdapter
+    from llm4gen.adapters.mlp import MLPConnector
+    from llm4gen.encoders.sources import resolve_source
+
+    shapes = Path(resolve_source("embedded:shapes-sd"))
+    shutil.copytree(shapes, root / "sd-no-unet-weights")
+    for weights in (root / "sd-no-unet-weights" / "unet").glob("*.safetensors"):
+        weights.unlink()
+    paths["sd_no_unet_weights"] = str(root / "sd-no-unet-weights")
+    (root / "llm-config-only").mkdir()
+    shutil.copy(Path(resolve_source("embedded:minilm")) / "config.json", root / "llm-config-only")
+    paths["llm_config_only"] = str(root / "llm-config-only")
+    (root / "unet-cut").mkdir()
+    shutil.copy(shapes / "unet" / "config.json", root / "unet-cut")
+    unet_weights = (shapes / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    (root / "unet-cut" / "diffusion_pytorch_model.safetensors").write_bytes(unet_weights[: len(unet_weights) // 2])
+    paths["unet_cut"] = str(root / "unet-cut")
+    MLPConnector(clip_dim=64, llm_dim=384).save_pretrained(root / "foreign-adapter")  # an MLP's weights ...
+    CrossAdapter(clip_dim=64, llm_dim=384, num_heads=4).save_config(root / "cam-config")
+    shutil.copy(root / "cam-config" / "config.json", root / "foreign-adapter")       # ... under a CAM's config
+    paths["foreign_adapter"] = str(root / "foreign-adapter")
     release = root / "release"
     release.mkdir()
     (release / "projector.pth").write_bytes(data[: len(data) // 3])  # a torch file cut short in the copy
@@ -154,6 +178,11 @@ CASES = [
     ("train", [T, "model.adapter.init_from={torchfile}"], "in another layout than the released CAM's"),
     ("train", [T, "model.adapter.init_from={bad_release}"], "{bad_release}', which is not a readable torch file"),
     ("train", [T, "model.base.unet={sdxl_unet}"], "cross_attention_dim=2048, but the base model embedded:shapes-sd"),
+    # issue 37: a model folder without its weights (or with broken or foreign ones), refused before any loads
+    ("train", [T, "model.base.pretrained={sd_no_unet_weights}"], "unet holds no weights file"),
+    ("train", [T, "model.llm.pretrained={llm_config_only}"], "llm-config-only holds no weights file"),
+    ("train", [T, "model.base.unet={unet_cut}"], "the file is truncated"),
+    ("train", [T, "model.adapter.init_from={foreign_adapter}"], "weights lack"),
     # train.py: paths and checkpoints
     ("train", ["output_dir={garbage}/run"], "{garbage}"),
     ("train", [T, "model.adapter.init_from={garbage}"], "{garbage}"),
@@ -298,12 +327,13 @@ def test_bad_input_as_a_real_process_exits_2_fast_without_traceback(index, files
         f"{import_seconds:.1f} s here")
 
 
-# issue 24's refusals, as real processes in an empty folder: nothing may be left behind (no run folder, no
+# issue 24's and issue 37's refusals, as real processes in an empty folder: nothing may be left behind (no run folder, no
 # synthetic shards in the default data/ folder, no log)
 LEAVES_NOTHING = [i for i, (entry, argv, expected) in enumerate(CASES)
                   if any(token in expected for token in ("not valid YAML", "not a mapping", "has 6 layers",
                                                         "feature-map side", "readable torch file",
-                                                        "another layout"))]
+                                                        "another layout", "holds no weights file",
+                                                        "the file is truncated", "weights lack"))]
 
 
 @pytest.mark.slow
@@ -321,8 +351,8 @@ def test_a_refused_run_leaves_nothing_behind(index, files, tmp_path):
     assert not (Path(files["tmp"]) / "gen").exists()
 
 
-def test_the_leaves_nothing_table_holds_every_issue_24_case():
-    assert len(LEAVES_NOTHING) == 8
+def test_the_leaves_nothing_table_holds_every_issue_24_and_37_case():
+    assert len(LEAVES_NOTHING) == 8 + 4
 
 
 def test_an_unexpected_exception_keeps_its_traceback():

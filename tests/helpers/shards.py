@@ -2,6 +2,7 @@
 
 import io
 import tarfile
+from pathlib import Path
 
 from PIL import Image
 
@@ -79,3 +80,39 @@ def first_batch(shards, precomputed_keys, **settings):
     dm = WebDatasetDataModule(shards, batch_size=4, shuffle_buffer=0, shuffle_shards=False, resolution=32,
                               precomputed_keys=precomputed_keys, **settings)
     return next(iter(dm.train_dataloader()))
+
+
+def write_latent_shards(directory, num_samples: int, samples_per_shard: int, poisoned=(), seed: int = 0,
+                        latent_shape=(8, 16, 16), overrides=("model.base.pretrained=embedded:tiny-sd",)) -> list:
+    """Shards whose samples carry a caption, an image and cached ``latent_moments`` (the tiny VAE's at 32 px),
+    with the cache key of a run with ``overrides``; the samples whose index is in ``poisoned`` hold +inf
+    moments: a batch with one of them has an inf loss."""
+    import json
+    import random
+
+    import numpy as np
+
+    from llm4gen.configs.schema import load_config
+    from llm4gen.tools.feature_cache import CACHE_KEY_FILE, cache_key
+
+    key = cache_key(load_config(overrides=list(overrides)), ["latent_moments"], "float32")
+    (Path(directory) / CACHE_KEY_FILE).write_text(json.dumps(key))
+
+    from llm4gen.datamodules.synthetic import random_scene
+    from llm4gen.datamodules.webdataset_datamodule import encode_precomputed
+
+    rng, generator = random.Random(seed), np.random.default_rng(seed)
+    paths = []
+    for first in range(0, num_samples, samples_per_shard):
+        samples = []
+        for index in range(first, min(first + samples_per_shard, num_samples)):
+            moments = generator.standard_normal(latent_shape).astype(np.float32) * 0.5
+            if index in poisoned:
+                moments[:] = np.inf
+            samples.append((f"sample-{index:06d}", {"txt": random_scene(rng, 32)["caption"].encode(),
+                                                    "png": png_bytes(32),
+                                                    **encode_precomputed(latent_moments=moments)}))
+        path = f"{directory}/shard-{first // samples_per_shard:06d}.tar"
+        write_tar(path, samples)
+        paths.append(path)
+    return paths
