@@ -87,8 +87,13 @@ def set_size(name: str) -> int:
     raise ValueError(f"unknown prompt set {name!r}; expected one of {ALL_PROMPT_SETS}")
 
 
-def prompt_set(name: str, n: Optional[int] = None) -> list[PromptRecord]:
-    """The first ``n`` (default: the full set, ``set_size(name)``) records of prompt set ``name``."""
+DRAW_SEED_STRIDE = 1_000  # a fresh draw's image seeds: the set's own plus draw * this (sets hold < 1000 records)
+
+
+def prompt_set(name: str, n: Optional[int] = None, draw: int = 0) -> list[PromptRecord]:
+    """The first ``n`` (default: the full set, ``set_size(name)``) records of prompt set ``name``. ``draw`` > 0:
+    the same set's recipe (object counts, split, phrasings) over freshly drawn scenes and image seeds, for a
+    replication on scenes no earlier evaluation saw; draw 0 is the set as it always was."""
     if name not in ALL_PROMPT_SETS:
         raise ValueError(f"unknown prompt set {name!r}; expected one of {ALL_PROMPT_SETS}")
     n = set_size(name) if n is None else n
@@ -97,7 +102,10 @@ def prompt_set(name: str, n: Optional[int] = None) -> list[PromptRecord]:
     kind, count = name.rsplit("_", 1)
     n_objects = int(count)
     split = "seen" if name in EVIDENCE_SETS else kind
-    seed_base = SEED_BASE * (ALL_PROMPT_SETS.index(name) + 1)
+    if draw < 0:
+        raise ValueError(f"draw must be 0 (the fixed set) or a positive draw number, got {draw}")
+    seed_base = SEED_BASE * (ALL_PROMPT_SETS.index(name) + 1) + DRAW_SEED_STRIDE * draw
+    key = f"prompt-set/{name}" + (f"/draw{draw}" if draw else "")
     phrasings = phrasings_for(n_objects)
     tokenizer = None
     if kind == "verbose":
@@ -110,10 +118,10 @@ def prompt_set(name: str, n: Optional[int] = None) -> list[PromptRecord]:
             scene_index, phrasing = i, VERBOSE
         else:                   # a legacy set: one scene per record, the phrasings cycled
             scene_index, phrasing = i, phrasings[i % len(phrasings)]
-        scene = sample_scene(random.Random(f"prompt-set/{name}/{scene_index}"), split, n_objects)
+        scene = sample_scene(random.Random(f"{key}/{scene_index}"), split, n_objects)
         text = caption(scene, phrasing)
         records.append(PromptRecord(
             id=f"{name}-{i:03d}", set=name, text=text, scene=scene, seed=seed_base + i, split=split,
-            n_objects=n_objects, phrasing=phrasing, scene_id=f"{name}/{scene_index}",
+            n_objects=n_objects, phrasing=phrasing, scene_id=f"{key.removeprefix('prompt-set/')}/{scene_index}",
             mentions=mentions_in_clip_window(text, tokenizer) if tokenizer is not None else None))
     return records

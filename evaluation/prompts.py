@@ -100,13 +100,13 @@ def geneval_set(limit: int | None = None) -> PromptSet:
                      meta={"metadata": rows, "file_sha256": geneval.METADATA_SHA256, "commit": geneval.COMMIT})
 
 
-def shapes_sets(names: str | list[str], limit: int | None = None) -> list[PromptSet]:
+def shapes_sets(names: str | list[str], limit: int | None = None, draw: int = 0) -> list[PromptSet]:
     """The shapes benchmark's fixed sets (``evaluation.prompt_sets``: seen_1..3, heldout_1..3, and the
     evidence sets phrased_2/3, verbose_2/3), with their own seeds. "all" means the six legacy sets
-    (``PROMPT_SETS``); name an evidence set to get it."""
+    (``PROMPT_SETS``); name an evidence set to get it. ``draw`` > 0: the sets over freshly drawn scenes."""
     names = list(PROMPT_SETS) if names in ("all", ["all"]) else (names.split(",") if isinstance(names, str) else names)
     sets = []
     for name in names:
-        records = prompt_set(name, limit)  # raises on an unknown name, listing the known ones
+        records = prompt_set(name, limit, draw)  # raises on an unknown name, listing the known ones
         sets.append(PromptSet(name, [r.text for r in records], kind="shapes", seeds=[r.seed for r in records]))
     return sets

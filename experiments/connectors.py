@@ -48,6 +48,8 @@ class Rules:
 
 
 RULES = Rules()
+RULES_V3 = Rules(damage=0.03)  # protocol v3 (docs/evidence/protocol_v3.md): 0.03 below the base damages it
+V3_DOCUMENT = "docs/evidence/protocol_v3.md"
 
 
 def arm_of(model: dict) -> str:
@@ -186,11 +188,7 @@ def lora_effects(records, frozen_records, arms: list[str], rules: Rules = RULES)
     return {"outcome": "measured", "by_kind": by_kind}
 
 
-def load_records(path: Path) -> list[evidence.ObjectRecord]:
-    """The per-object records of a report's results.json (gzipped or not)."""
-    results = evidence.read_results(path)
-    fields = results["object_fields"]
-    return [evidence.ObjectRecord(**dict(zip(fields, row))) for row in results["objects"]]
+load_records = evidence.load_object_records  # the per-object records of a report's results.json (gzipped or not)
 
 
 # ---------------------------------------------------------------- size and speed
@@ -244,7 +242,7 @@ def difference_cell(diff: Optional[dict], label: str) -> str:
 
 
 def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protocol = evidence.PROTOCOL_SETTINGS,
-           frozen_results: Optional[Path] = FROZEN_RESULTS) -> Path:
+           frozen_results: Optional[Path] = FROZEN_RESULTS, v3: bool = False) -> Path:
     """Evaluates every finished run and the base, applies the variant's protocol and writes ``report/``
     (report.md, results.json, differences.png, samples.png). A LoRA sweep is also paired with the frozen
     variant's records in ``frozen_results`` (protocol_lora.md, rule 4)."""
@@ -256,6 +254,7 @@ def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protoco
                                        f"python -m llm4gen.experiments.connectors run {sweep_file}")
     arms, variant = sweep_arms([t.arm for t in tasks])
     reference = "cam" + variant
+    thresholds, document = (RULES_V3, V3_DOCUMENT) if v3 else (RULES, PROTOCOLS[variant])
     if unfinished:
         log(f"not finished, left out of the report: {', '.join(unfinished)}")
     started = time.time()
@@ -263,8 +262,8 @@ def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protoco
     evaluation_seconds = time.time() - started
     records = [r for task in tasks for r in evidence.object_records(task, protocol)]
     seeds = sorted({t.seed for t in tasks})
-    rules = verdicts(records, arms, reference=reference)
-    ablation = ella_ablation(records, variant=variant)
+    rules = verdicts(records, arms, thresholds, reference=reference)
+    ablation = ella_ablation(records, thresholds, variant=variant)
     effects = None
     if variant:
         effects = (lora_effects(records, load_records(Path(frozen_results)), arms)
@@ -280,10 +279,10 @@ def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protoco
     out.mkdir(parents=True, exist_ok=True)
     plot = difference_plot(rules, effects, reference, out / "differences.png")
     grid = evidence.sample_grid(tasks, out / "samples.png", protocol=protocol, labels={a: label(a) for a in arms})
-    damage = {arm: damages_base(records, arm) for arm in arms if arm != "a"}
+    damage = {arm: damages_base(records, arm, thresholds) for arm in arms if arm != "a"}
     text = "\n".join([
         f"# Connector comparison ({UNET[variant]}): {len(tasks)} evaluations", "",
-        f"Protocol: `{PROTOCOLS[variant]}`. Sweep `{sweep_file}`, seeds {seeds}, {UNET[variant]} in every connector "
+        f"Protocol: `{document}`. Sweep `{sweep_file}`, seeds {seeds}, {UNET[variant]} in every connector "
         f"arm. Share of prompt objects drawn with every attribute right (`bound`), pooled over seeds (per seed in "
         f"brackets). Params: what trains (the connector's own in brackets).", "",
         "## Bound objects per arm", "", *rate_table(records, arms, sizes, damage), "",
@@ -295,8 +294,8 @@ def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protoco
         f"Evaluation (sampling and scoring): {evaluation_seconds / 60:.1f} min.", ""])
     (out / "report.md").write_text(text)
     (out / "results.json").write_text(json.dumps({
-        "protocol": PROTOCOLS[variant], "variant": variant, "reference": reference,
-        "rules": asdict(RULES), "verdicts": rules, "ella_ablation": ablation, "lora_effects": effects,
+        "protocol": document, "variant": variant, "reference": reference,
+        "rules": asdict(thresholds), "verdicts": rules, "ella_ablation": ablation, "lora_effects": effects,
         "sizes": sizes, "damages_base": damage,
         "objects": [list(asdict(r).values()) for r in records],
         "object_fields": list(evidence.ObjectRecord.__dataclass_fields__)}, indent=1))
@@ -372,14 +371,15 @@ def lora_section(effects: Optional[dict]) -> list[str]:
     return [head, "", *difference_table(effects["by_kind"], "kind"), ""]
 
 
-def run(sweep_file: str, jobs: int = 2, log=print) -> Path:
+def run(sweep_file: str, jobs: int = 2, log=print, v3: bool = False) -> Path:
     started = time.time()
     spec = load_sweep(sweep_file)
     evidence.write_data(spec, log=log)
     evidence.train_runs(spec, sweep_file, jobs, log)
-    out = report(sweep_file, jobs, log=log)
+    out = report(sweep_file, jobs, log=log, v3=v3)
     minutes = (time.time() - started) / 60
-    (out / "wall_time.txt").write_text(f"{minutes:.1f} min for `python -m llm4gen.experiments.connectors run {sweep_file}`\n")
+    (out / "wall_time.txt").write_text(f"{minutes:.1f} min for `python -m llm4gen.experiments.connectors run "
+                                       f"{sweep_file}{' --protocol v3' if v3 else ''}`\n")
     log(f"the whole comparison: {minutes:.1f} min")
     return out
 
@@ -391,8 +391,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("command", choices=("run", "report"))
     parser.add_argument("sweep", help="the sweep file, e.g. configs/sweeps/connectors.yaml")
     parser.add_argument("--jobs", type=int, default=2, help="training runs and evaluations at a time")
+    parser.add_argument("--protocol", choices=("v2", "v3"), default="v2",
+                        help="v2: the sweep's own protocol (protocol.md, protocol_lora.md); v3: protocol_v3.md's rules")
     args = parser.parse_args(argv)
-    (run if args.command == "run" else report)(args.sweep, args.jobs)
+    (run if args.command == "run" else report)(args.sweep, args.jobs, v3=args.protocol == "v3")
     return 0
 
 

@@ -80,6 +80,8 @@ ARMS = {
     "d": "(d) CAM, then CAM + UNet",
     "e": "(e) (d) + entity loss",
     "d_shuffled": "(d), LLM features of another prompt",
+    "c_gated": "(c) gated CAM, UNet frozen",
+    "d_gated": "(d) gated CAM, then + UNet",
 }
 SETS = ("seen_1", "heldout_2", "phrased_2", "phrased_3", "verbose_2", "verbose_3")
 # Arms that need fewer sets: (b2) differs from (b) only past CLIP's window; the ablation asks about verbose prompts.
@@ -91,7 +93,9 @@ PRE_NOMINAL = ("list", "beside")         # "a red circle": it can
 
 @dataclass(frozen=True)
 class Protocol:
-    """The settings docs/evidence/protocol.md fixes (the training recipe lives in the configs)."""
+    """The settings a protocol document fixes (the training recipe lives in the configs): protocol.md (v2)
+    by default, protocol_v3.md in ``PROTOCOLS["v3"]``."""
+    document: str = PROTOCOL
     data_samples: int = 4096
     data_seed: int = 2025               # pretraining drew from "pretrain/0": disjoint scenes
     verbose_share: float = 0.75
@@ -100,6 +104,7 @@ class Protocol:
     guidance_scale: float = 5.0
     eval_batch: int = 48
     prompts_per_set: Optional[int] = None  # None: every prompt of a set (but SET_LIMITS); tests take a few
+    scene_draw: int = 0                    # 0: the fixed evaluation scenes; > 0: freshly drawn ones (a replication)
 
     def prompts(self, name: str) -> Optional[int]:
         """How many of set ``name``'s prompts are sampled (the first ones)."""
@@ -112,9 +117,15 @@ class Protocol:
     keep_inside: float = -0.03           # (d) - (b) on inside-window objects and seen_1, at least
     secondary_effect: float = 0.04       # (d) - (b) on post-nominal short prompts, at least
     secondary_refuted_below: float = 0.02
+    damage: Optional[float] = None       # v3: an arm more than this below the base on seen_1 "damages the base"
 
 
 PROTOCOL_SETTINGS = Protocol()
+PROTOCOLS = {  # --protocol: what each study reads its rules and evaluation scenes from
+    "v2": PROTOCOL_SETTINGS,
+    "v3": Protocol(document="docs/evidence/protocol_v3.md", damage=0.03),
+    "v3-replication": Protocol(document="docs/evidence/protocol_v3.md", damage=0.03, scene_draw=1),
+}
 
 
 class ExperimentError(UserError, ValueError):
@@ -128,9 +139,12 @@ def arm_of(model: dict) -> str:
     """The arm letter of a run's resolved ``model`` config section (see the module docstring)."""
     if not model["adapter"].get("enabled", True):
         return "b2" if model["base"].get("clip_chunks", 1) > 1 else "b"
+    gated = "_gated" if model["adapter"].get("fusion") == "gated" else ""
     if model["unet_training"] == "frozen":
-        return "c"
-    return "e" if model["objective"]["lambda_entity"] > 0 else "d"
+        return "c" + gated
+    if model["objective"]["lambda_entity"] > 0:
+        return "e" + gated
+    return "d" + gated
 
 
 @dataclass(frozen=True)
@@ -163,10 +177,13 @@ def evaluation_tasks(spec, base: str) -> tuple[list[Task], list[str]]:
         last = str(run.output_dir / "checkpoints" / "last.ckpt")
         evaluated = run.output_dir / "eval"
         tasks.append(Task(arm, seed, str(evaluated / arm), ARM_SETS.get(arm, SETS), checkpoint=last))
-        if arm == "d":
+        if arm in ("d", "d_gated"):
             start = int(cfg["model"]["optim"].get("unet_start_step") or 0)
+            frozen = arm.replace("d", "c", 1)  # (c): (d) at its start step, the CAM trained with the UNet frozen
             if start > 0:
-                tasks.append(Task("c", seed, str(evaluated / "c"), SETS, checkpoint=str(checkpoint_at(run.output_dir, start))))
+                tasks.append(Task(frozen, seed, str(evaluated / frozen), SETS,
+                                  checkpoint=str(checkpoint_at(run.output_dir, start))))
+        if arm == "d":
             tasks.append(Task("d_shuffled", seed, str(evaluated / "d_shuffled"), ARM_SETS["d_shuffled"],
                               checkpoint=last, shuffle_llm=True))
     tasks += [Task("a", seed, str(spec.output_root / f"base_seed={seed}" / "eval"), SETS, base=base) for seed in sorted(seeds)]
@@ -207,7 +224,7 @@ def run_task(task: Task, protocol: Protocol = PROTOCOL_SETTINGS, threads: int = 
     out = Path(task.out)
     if (out / "scores.json").is_file():
         return task.out
-    sets = [shapes_sets([name], protocol.prompts(name))[0] for name in task.sets]
+    sets = [shapes_sets([name], protocol.prompts(name), protocol.scene_draw)[0] for name in task.sets]
     evaluation = Evaluation(out, sets, [ShapesScorer()], images_per_prompt=1, seed=task.seed,
                             batch_size=protocol.eval_batch, progress=False)
     settings = SamplingSettings(protocol.sampling_steps, protocol.guidance_scale)
@@ -216,7 +233,7 @@ def run_task(task: Task, protocol: Protocol = PROTOCOL_SETTINGS, threads: int = 
     if task.shuffle_llm:
         donors = {}
         for name in task.sets:
-            donors.update(donor_prompts(prompt_set(name, protocol.prompts(name))))
+            donors.update(donor_prompts(prompt_set(name, protocol.prompts(name), protocol.scene_draw)))
         sampler = ShuffledLLM(sampler, donors)
     plan = evaluation.plan()
     evaluation.generate(sampler, plan)
@@ -262,7 +279,7 @@ def object_records(task: Task, protocol: Protocol = PROTOCOL_SETTINGS) -> list[O
     """The task's per-object outcomes, from its analyzer details and the prompt sets' records."""
     records = []
     for name in task.sets:
-        prompts = prompt_set(name, protocol.prompts(name))
+        prompts = prompt_set(name, protocol.prompts(name), protocol.scene_draw)
         details = [json.loads(line) for line in (Path(task.out) / "details" / f"{name}.shapes.jsonl").read_text().splitlines()]
         if len(details) != len(prompts):
             raise ExperimentError(f"{task.out}: {len(details)} scored images of {name}, expected {len(prompts)}")
@@ -373,8 +390,9 @@ def gates(records: list[ObjectRecord], probe: Optional[dict], truncated: int, at
                             test["all"]["own"] >= protocol.gate_probe, f"{test['all']['own']:.3f}", ()))
     checks.append(Check("no caption truncated by the LLM (the long-description claim's precondition)", truncated == 0,
                         f"{truncated} captions over max_length"))
-    checks.append(Check("cross-attention share on the CAM's tokens measured", bool(attention) or None,
-                        ", ".join(f"{ARMS[a]} {v:.3f}" for a, v in attention.items()) or "not measured"))
+    checks.append(Check("cross-attention on CLIP / the CAM's tokens / LLM padding measured", bool(attention) or None,
+                        ", ".join(f"{ARMS[a]} {v['clip']:.2f} / {v['llm']:.2f} / {v['padding']:.2f}"
+                                  for a, v in attention.items()) or "not measured"))
     return checks
 
 
@@ -466,7 +484,7 @@ def write_data(spec, protocol: Protocol = PROTOCOL_SETTINGS, log=print) -> Path:
     shards = ensure_synthetic_shards(str(raw), num_samples=protocol.data_samples,
                                      samples_per_shard=protocol.samples_per_shard, resolution=cfg.data.resolution,
                                      seed=protocol.data_seed, verbose_share=protocol.verbose_share)
-    longest, truncated = caption_lengths(cfg, shards)
+    longest, truncated = caption_lengths(cfg, shards, protocol)
     if truncated:
         raise ExperimentError(f"{truncated} captions are longer than model.llm.max_length={cfg.model.llm.max_length} "
                               f"LLM tokens (the longest: {longest}); the protocol lets the LLM see every caption whole: "
@@ -478,14 +496,14 @@ def write_data(spec, protocol: Protocol = PROTOCOL_SETTINGS, log=print) -> Path:
     return Path(cfg.data.shards)
 
 
-def caption_lengths(cfg, shards: list[str]) -> tuple[int, int]:
+def caption_lengths(cfg, shards: list[str], protocol: Protocol = PROTOCOL_SETTINGS) -> tuple[int, int]:
     """(the longest caption in LLM tokens, how many exceed max_length) over the training shards and every
-    evaluation prompt."""
+    evaluation prompt (of the protocol's scene draw)."""
     from transformers import AutoTokenizer
 
     tokenizer = load_pretrained(AutoTokenizer.from_pretrained, cfg.model.llm.tokenizer or cfg.model.llm.pretrained,
                                 "model.llm.tokenizer")
-    captions = [r.text for name in SETS for r in prompt_set(name)]
+    captions = [r.text for name in SETS for r in prompt_set(name, draw=protocol.scene_draw)]
     for shard in shards:
         captions += [sample["txt"].decode() for sample in iter_tar_samples(shard) if "txt" in sample]
     lengths = [len(ids) for ids in tokenizer([cfg.model.llm.prefix + c for c in captions]).input_ids]
@@ -514,15 +532,20 @@ def run_probe(spec, path: Path, log=print) -> dict:
     return result
 
 
-def attention_shares(tasks: list[Task]) -> dict[str, float]:
-    """Per CAM arm, the mean over seeds of the UNet's cross-attention share on the LLM tokens (verbose_2)."""
+CONNECTOR_ARMS = ("c", "d", "e", "c_gated", "d_gated")
+
+
+def attention_shares(tasks: list[Task]) -> dict[str, dict[str, float]]:
+    """Per connector arm, the mean over seeds of where the UNet's cross-attention goes on verbose_2 (with the
+    EMA weights the arm is evaluated with): CLIP's tokens, the connector's real tokens, LLM padding
+    (lightning_modules/attention_split.py)."""
     prompts = [r.text for r in prompt_set("verbose_2")]
-    shares: dict[str, list[float]] = {}
+    shares: dict[str, list] = {}
     for task in tasks:
-        if task.arm in ("c", "d", "e"):
-            split = llm_attention_share(task.checkpoint, prompts)
-            shares.setdefault(task.arm, []).append(split.llm + split.padding)
-    return {arm: sum(v) / len(v) for arm, v in shares.items()}
+        if task.arm in CONNECTOR_ARMS and task.checkpoint:
+            shares.setdefault(task.arm, []).append(llm_attention_share(task.checkpoint, prompts))
+    return {arm: {part: sum(getattr(s, part) for s in splits) / len(splits) for part in ("clip", "llm", "padding")}
+            for arm, splits in shares.items()}
 
 
 # ---------------------------------------------------------------- pictures
@@ -533,12 +556,18 @@ COMPARISONS = (  # (a, b, subset): what the plot and the table show, in order
     ("e", "b", "outside"), ("d_shuffled", "b", "outside"), ("d", "b", "inside"), ("d", "b", "seen_1"),
     ("d", "b", "post_nominal"), ("d", "b", "pre_nominal"), ("e", "d", "post_nominal"), ("d", "b", "heldout_2"),
     ("b", "a", "seen_1"), ("b", "a", "short"), ("b2", "a", "seen_1"), ("c", "a", "short"),
+    # protocol v3's gated fusion (absent from v2's records: those rows are left out there)
+    ("d_gated", "b", "outside"), ("d_gated", "d", "outside"), ("c_gated", "c", "outside"), ("d_gated", "b", "post_nominal"),
+    ("c", "a", "seen_1"), ("c_gated", "a", "seen_1"), ("d_gated", "a", "seen_1"),
 )
 
 
 def arm_tag(arm: str) -> str:
-    """An arm's short name in the plot and the table: "(d)", and "(d shuffled)" for the ablation of (d)."""
-    return "(d shuffled)" if arm == "d_shuffled" else ARMS[arm].split(" ")[0]
+    """An arm's short name in the plot and the table: "(d)", "(d shuffled)" for the ablation of (d), "(d gated)"."""
+    if arm == "d_shuffled":
+        return "(d shuffled)"
+    letter = ARMS[arm].split(" ")[0]
+    return f"{letter[:-1]} gated)" if arm.endswith("_gated") else letter
 
 
 def difference_label(a: str, b: str, subset: str) -> str:
@@ -607,7 +636,7 @@ def sample_grid(tasks: list[Task], path: Path, seed: int = 0, protocol: Protocol
     from PIL import Image
 
     picks = [("phrased_2", i) for i in (1, 4, 6, 9)] + [("verbose_2", i) for i in range(4)] + [("verbose_3", i) for i in range(4)]
-    records = {name: prompt_set(name, protocol.prompts(name)) for name in {name for name, _ in picks}}
+    records = {name: prompt_set(name, protocol.prompts(name), protocol.scene_draw) for name in {name for name, _ in picks}}
     picks = [(name, i) for name, i in picks if i < len(records[name])]
     by_arm = {t.arm: t for t in tasks if t.seed == seed}
     arms = [a for a in labels if a in by_arm]
@@ -630,8 +659,19 @@ CATEGORY_ORDER = ("bound", "wrong_size", "leaked_color", "leaked_shape", "foreig
                   "missing_object")
 
 
-def rate_table(records: list[ObjectRecord], arms: list[str], subsets: list[str]) -> str:
-    lines = ["| arm | " + " | ".join(subsets) + " |", "|---|" + "---|" * len(subsets)]
+def damages_base(records: list[ObjectRecord], arm: str, protocol: Protocol) -> Optional[bool]:
+    """Protocol v3: the arm's seen_1 bound share more than ``protocol.damage`` below the base's (a)."""
+    own, base = rate(select(records, arm, "seen_1")), rate(select(records, "a", "seen_1"))
+    if protocol.damage is None or own is None or base is None or arm == "a":
+        return None
+    return own < base - protocol.damage
+
+
+def rate_table(records: list[ObjectRecord], arms: list[str], subsets: list[str],
+               protocol: Protocol = PROTOCOL_SETTINGS) -> str:
+    damage = protocol.damage is not None
+    lines = ["| arm | " + " | ".join(subsets) + (" | damages the base |" if damage else " |"),
+             "|---|" + "---|" * (len(subsets) + damage)]
     for arm in arms:
         cells = []
         for subset in subsets:
@@ -641,6 +681,9 @@ def rate_table(records: list[ObjectRecord], arms: list[str], subsets: list[str])
                 continue
             seeds = per_seed_rates(chosen)
             cells.append(f"{rate(chosen):.3f} ({' / '.join(f'{v:.2f}' for v in seeds.values())})")
+        if damage:
+            damaged = damages_base(records, arm, protocol)
+            cells.append("-" if damaged is None else ("**yes**" if damaged else "no"))
         lines.append(f"| {ARMS[arm]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -655,7 +698,9 @@ def breakdown_table(records: list[ObjectRecord], arms: list[str], subset: str) -
 
 
 def report(sweep_file: str, jobs: int = 2, base: Optional[str] = None, log=print,
-           protocol: Protocol = PROTOCOL_SETTINGS) -> Path:
+           protocol: Protocol = PROTOCOL_SETTINGS, replication: Optional[str] = None) -> Path:
+    """Evaluates the finished runs, applies the protocol's gates and rules, writes the report; ``replication``:
+    another study's report folder (or results.json) whose outcome is added as a section of this report."""
     spec = load_sweep(sweep_file)
     cfg = load_experiment_config(spec.config, spec.base_overrides)
     base = base or cfg.model.base.pretrained
@@ -672,13 +717,13 @@ def report(sweep_file: str, jobs: int = 2, base: Optional[str] = None, log=print
     out = spec.output_root / "report"
     out.mkdir(parents=True, exist_ok=True)
     probe = run_probe(spec, spec.output_root / "probe.json", log)
-    _, truncated = caption_lengths(cfg, [])
+    _, truncated = caption_lengths(cfg, [], protocol)
     attention = attention_shares(tasks)
-    gate_checks = gates(records, probe, truncated, attention)
-    rules = decisions(records, gate_checks)
+    gate_checks = gates(records, probe, truncated, attention, protocol)
+    rules = decisions(records, gate_checks, protocol)
     differences = [(difference_label(a, b, subset), diff) for a, b, subset in COMPARISONS
                    if (diff := compare(records, a, b, subset)) is not None]
-    plot = difference_plot(differences, out / "differences.png")
+    plot = difference_plot(differences, out / "differences.png", protocol)
     grid = sample_grid(tasks, out / "samples.png", protocol=protocol)
     arms = [a for a in ARMS if any(t.arm == a for t in tasks)]
     seeds = sorted({t.seed for t in tasks})
@@ -690,11 +735,12 @@ def report(sweep_file: str, jobs: int = 2, base: Optional[str] = None, log=print
             swaps[arm] = (sum(c[0] for c in counts) / drawn if drawn else None, drawn)
     text = "\n".join([
         f"# The miniature LLM4GEN experiment: {len(tasks)} evaluations", "",
-        f"Protocol: `{PROTOCOL}`. Sweep `{sweep_file}`, base `{base}`, seeds {seeds}; DDIM "
-        f"{PROTOCOL_SETTINGS.sampling_steps} steps, guidance {PROTOCOL_SETTINGS.guidance_scale}, one image per prompt, "
+        f"Protocol: `{protocol.document}`. Sweep `{sweep_file}`, base `{base}`, seeds {seeds}"
+        f"{'' if not protocol.scene_draw else f', evaluation scenes of draw {protocol.scene_draw} (fresh)'}; DDIM "
+        f"{protocol.sampling_steps} steps, guidance {protocol.guidance_scale}, one image per prompt, "
         f"every arm on the same noise per (prompt, seed). Share of prompt objects drawn with every attribute right "
         f"(`bound`), pooled over seeds (per seed in brackets).", "",
-        "## Bound objects per arm", "", rate_table(records, arms, list(SUBSETS)), "",
+        "## Bound objects per arm", "", rate_table(records, arms, list(SUBSETS), protocol), "",
         "Subsets: " + "; ".join(f"`{k}`: {v[0]}" for k, v in SUBSETS.items()) + ".", "",
         "## What went wrong instead (shares of the subset's objects)", "",
         "### verbose prompts, objects past CLIP's window", "", breakdown_table(records, arms, "outside"), "",
@@ -713,11 +759,13 @@ def report(sweep_file: str, jobs: int = 2, base: Optional[str] = None, log=print
             f"**{name}: {rule['outcome']}** (with every gate guarding it, the literal probe gate included: "
             f"{rule['literal']})", "",
             *[f"- {'pass' if c['passed'] else 'fail'}: {c['name']}: {c['detail']}" for c in rule["checks"]], "")],
+        *(replication_section(Path(replication), protocol) if replication else []),
         f"Plot: `{plot.name}`. Samples (seed {seeds[0]}; a row per prompt, a column per arm): `{grid.name}`.",
         f"Evaluation (sampling and scoring, {len(tasks)} arm x seed tasks): {evaluation_seconds / 60:.1f} min.", ""])
     (out / "report.md").write_text(text)
     (out / "results.json").write_text(json.dumps({
-        "protocol": asdict(PROTOCOL_SETTINGS), "probe": probe, "attention_share": attention,
+        "protocol": asdict(protocol), "probe": probe, "attention_share": attention,
+        "damages_base": {a: damages_base(records, a, protocol) for a in arms},
         "gates": [asdict(c) for c in gate_checks], "decisions": rules,
         "differences": {label: diff.to_dict() for label, diff in differences},
         "swap_rate_phrased_2": {a: v for a, (v, _) in swaps.items()},
@@ -726,6 +774,36 @@ def report(sweep_file: str, jobs: int = 2, base: Optional[str] = None, log=print
     log(text)
     log(f"report: {out / 'report.md'}")
     return out
+
+
+def load_object_records(path: Path) -> list[ObjectRecord]:
+    """The per-object records a report's results.json (or .json.gz) holds."""
+    results = read_results(path)
+    fields = results["object_fields"]
+    return [ObjectRecord(**dict(zip(fields, row))) for row in results["objects"]]
+
+
+REPLICATED = (("d", "b", "outside"), ("d", "b2", "outside"), ("d", "b", "post_nominal"), ("d_gated", "b", "outside"),
+              ("d_gated", "b", "post_nominal"), ("b", "a", "seen_1"))
+
+
+def replication_section(path: Path, protocol: Protocol = PROTOCOL_SETTINGS) -> list[str]:
+    """A replication study's outcome (its report folder or results.json): rates, gates, rules, key differences."""
+    results_file = path / "results.json" if path.is_dir() else path
+    results = read_results(results_file)
+    records = load_object_records(results_file)
+    arms = [a for a in ARMS if any(r.arm == a for r in records)]
+    seeds = sorted({r.seed for r in records})
+    draw = results["protocol"].get("scene_draw", 0)
+    lines = [f"## Replication: seeds {seeds}, evaluation scenes of draw {draw} (`{results_file}`)", "",
+             rate_table(records, arms, list(SUBSETS), protocol), "", "Gates:", ""]
+    lines += [f"- {'PASS' if c['passed'] else ('FAIL' if c['passed'] is False else 'NOT MEASURED')}: {c['name']}: "
+              f"{c['detail']}" for c in results["gates"]]
+    lines += ["", "Rules: " + "; ".join(f"**{name}: {rule['outcome']}**" for name, rule in results["decisions"].items()),
+              "", "| comparison | difference [CI] |", "|---|---|"]
+    lines += [f"| {difference_label(a, b, subset)} | {fmt(diff)} |" for a, b, subset in REPLICATED
+              if (diff := compare(records, a, b, subset)) is not None]
+    return lines + [""]
 
 
 def train_runs(spec, sweep_file: str, jobs: int = 2, log=print) -> None:
@@ -741,16 +819,19 @@ def train_runs(spec, sweep_file: str, jobs: int = 2, log=print) -> None:
                               f"this command again to resume them")
 
 
-def run(sweep_file: str, jobs: int = 2, log=print) -> Path:
+def run(sweep_file: str, jobs: int = 2, log=print, protocol: Protocol = PROTOCOL_SETTINGS, name: str = "v2",
+        replication: Optional[str] = None) -> Path:
     """Data (shards, feature cache), the sweep's runs, the report: the whole experiment."""
     started = time.time()
     spec = load_sweep(sweep_file)
-    write_data(spec, log=log)
+    write_data(spec, protocol, log=log)
     run_probe(spec, spec.output_root / "probe.json", log)
     train_runs(spec, sweep_file, jobs, log)
-    out = report(sweep_file, jobs, log=log)
+    out = report(sweep_file, jobs, log=log, protocol=protocol, replication=replication)
     minutes = (time.time() - started) / 60
-    (out / "wall_time.txt").write_text(f"{minutes:.1f} min for `python -m llm4gen.experiments.shapes_evidence run {sweep_file}`\n")
+    flag = "" if name == "v2" else f" --protocol {name}"
+    (out / "wall_time.txt").write_text(f"{minutes:.1f} min for `python -m llm4gen.experiments.shapes_evidence run "
+                                       f"{sweep_file}{flag}`\n")
     log(f"the whole experiment: {minutes:.1f} min")
     return out
 
@@ -765,18 +846,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--base", help="report: evaluate this base for arm (a) (default: the config's)")
     parser.add_argument("--jobs", type=int, default=2, help="training runs and evaluations at a time (2 single-thread "
                                                             "processes use 2 cores best)")
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default="v2",
+                        help="whose rules and evaluation scenes: v2 (docs/evidence/protocol.md), v3 "
+                             "(protocol_v3.md), v3-replication (v3 on freshly drawn scenes)")
+    parser.add_argument("--replication", help="report/run: a replication study's report folder, added as a section")
     args = parser.parse_args(argv)
+    protocol = PROTOCOLS[args.protocol]
 
     if args.command == "data":
         spec = load_sweep(args.sweep)
-        write_data(spec)
+        write_data(spec, protocol)
         run_probe(spec, spec.output_root / "probe.json")
     elif args.command == "report":
-        report(args.sweep, args.jobs, args.base)
+        report(args.sweep, args.jobs, args.base, protocol=protocol, replication=args.replication)
     elif args.command == "replot":
-        print(replot(Path(args.sweep), Path(args.sweep).parent / "differences.png"))
+        print(replot(Path(args.sweep), Path(args.sweep).parent / "differences.png", protocol))
     else:
-        run(args.sweep, args.jobs)
+        run(args.sweep, args.jobs, protocol=protocol, name=args.protocol, replication=args.replication)
     return 0
 
 

@@ -10,14 +10,18 @@ import pytest
 from llm4gen.evaluation.paired import Difference, Observation, cluster_bootstrap, paired_difference
 from llm4gen.experiments.shapes_evidence import (
     ARMS,
+    PROTOCOLS,
     ObjectRecord,
     arm_of,
     compare,
+    damages_base,
     decisions,
     donor_prompts,
     evaluation_tasks,
     gates,
     main,
+    rate_table,
+    replication_section,
 )
 from tests.helpers.experiments import TINY_PROTOCOL, tiny_experiment_config
 
@@ -98,12 +102,13 @@ def constructed(d_outside, b_outside=0.2, b2_outside=0.2, shuffled=0.2, d_inside
     return rows
 
 
+SPLIT = {"d": {"clip": 0.7, "llm": 0.3, "padding": 0.0}}  # the attention split the gates report
 PROBE = {"layer": 3, "test": {"all": {"own": 0.93}, "short": {"own": 0.97}, "verbose": {"own": 0.73}}}
 
 
 def test_a_large_llm_gain_past_clips_window_is_shown_and_the_literal_probe_gate_says_inconclusive():
     rows = constructed(d_outside=0.6)
-    checks = gates(rows, PROBE, truncated=0, attention={"d": 0.3})
+    checks = gates(rows, PROBE, truncated=0, attention=SPLIT)
     assert [c.passed for c in checks] == [True, True, True, False, True, True]
     rules = decisions(rows, checks)
     assert rules["primary"]["outcome"] == "shown", rules["primary"]
@@ -112,15 +117,15 @@ def test_a_large_llm_gain_past_clips_window_is_shown_and_the_literal_probe_gate_
 
 
 def test_no_gain_refutes_and_more_tokens_alone_matching_refutes_too():
-    checks = gates(constructed(d_outside=0.2), PROBE, 0, {"d": 0.3})
+    checks = gates(constructed(d_outside=0.2), PROBE, 0, SPLIT)
     assert decisions(constructed(d_outside=0.2), checks)["primary"]["outcome"] == "refuted"
     matched = constructed(d_outside=0.6, b2_outside=0.6)
-    assert decisions(matched, gates(matched, PROBE, 0, {"d": 0.3}))["primary"]["outcome"] == "refuted"
+    assert decisions(matched, gates(matched, PROBE, 0, SPLIT))["primary"]["outcome"] == "refuted"
 
 
 def test_a_gain_the_shuffled_ablation_keeps_is_not_shown():
     rows = constructed(d_outside=0.6, shuffled=0.55)
-    rule = decisions(rows, gates(rows, PROBE, 0, {"d": 0.3}))["primary"]
+    rule = decisions(rows, gates(rows, PROBE, 0, SPLIT))["primary"]
     assert rule["outcome"] == "inconclusive"
     assert [c["passed"] for c in rule["checks"]] == [True, True, False, True, True]
 
@@ -129,19 +134,19 @@ def test_a_failed_gate_makes_the_rules_it_guards_inconclusive():
     rows = constructed(d_outside=0.6)
     damaged = [dataclasses.replace(r, category="missing_object") if r.arm == "b" and r.set == "seen_1" and r.prompt < 4
                else r for r in rows]  # (b) - (a) on seen_1 = -0.1
-    checks = gates(damaged, PROBE, 0, {"d": 0.3})
+    checks = gates(damaged, PROBE, 0, SPLIT)
     assert checks[0].passed is False
     assert decisions(damaged, checks)["primary"]["outcome"] == "inconclusive (a gate failed)"
-    truncated = gates(rows, PROBE, truncated=3, attention={"d": 0.3})
+    truncated = gates(rows, PROBE, truncated=3, attention=SPLIT)
     assert decisions(rows, truncated)["primary"]["outcome"] == "inconclusive (a gate failed)"
 
 
 def test_a_binding_gain_from_fewer_leaks_on_post_nominal_prompts_is_shown():
     rows = constructed(d_outside=0.6, post_d=0.7, post_b=0.5, post_other="leaked_color")
-    rule = decisions(rows, gates(rows, PROBE, 0, {"d": 0.3}))["secondary"]
+    rule = decisions(rows, gates(rows, PROBE, 0, SPLIT))["secondary"]
     assert rule["outcome"] == "shown", rule
     fewer_missing = constructed(d_outside=0.6, post_d=0.7, post_b=0.5, post_other="missing_object")
-    rule = decisions(fewer_missing, gates(fewer_missing, PROBE, 0, {"d": 0.3}))["secondary"]
+    rule = decisions(fewer_missing, gates(fewer_missing, PROBE, 0, SPLIT))["secondary"]
     assert rule["outcome"] == "inconclusive" and rule["checks"][1]["passed"] is False
 
 
@@ -175,7 +180,8 @@ def test_the_sweep_gives_every_arm_and_c_from_ds_checkpoint(tmp_path):
         (run.output_dir / "final_metrics.json").write_text("{}")
     tasks, unfinished = evaluation_tasks(spec, "embedded:shapes-sd")
     assert not unfinished
-    assert sorted({(t.arm, t.seed) for t in tasks}) == sorted((arm, s) for arm in ARMS for s in (0, 1, 2))
+    v2_arms = [arm for arm in ARMS if not arm.endswith("_gated")]  # protocol v3 added the gated ones
+    assert sorted({(t.arm, t.seed) for t in tasks}) == sorted((arm, s) for arm in v2_arms for s in (0, 1, 2))
     c = next(t for t in tasks if t.arm == "c" and t.seed == 1)
     assert c.checkpoint.endswith("step=0000200.ckpt") and "unet_start_step=200" in c.checkpoint
     assert next(t for t in tasks if t.arm == "d_shuffled").shuffle_llm
@@ -228,3 +234,46 @@ def test_report_without_finished_runs_says_what_to_run(tmp_path, monkeypatch, ca
     sweep_file.write_text(f"config: {config}\noutput_root: {tmp_path / 'runs'}\ngrid: {{seed: [0]}}\n")
     assert main(["report", str(sweep_file)]) == 2
     assert "python -m llm4gen.experiments.shapes_evidence run" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- protocol v3 (docs/evidence/protocol_v3.md)
+
+
+def test_v3_reads_the_gated_arms_and_marks_an_arm_that_damages_the_base():
+    gated = {"adapter": {"enabled": True, "fusion": "gated"}, "unet_training": "full", "objective": {"lambda_entity": 0},
+             "base": {}}
+    assert arm_of(gated) == "d_gated" and arm_of({**gated, "unet_training": "frozen"}) == "c_gated"
+    rows = (records("a", 0.9, window="short", phrasing="list", set_name="seen_1")
+            + records("c", 0.88, window="short", phrasing="list", set_name="seen_1")
+            + records("d", 0.8, window="short", phrasing="list", set_name="seen_1"))
+    v3, v2 = PROTOCOLS["v3"], PROTOCOLS["v2"]
+    assert damages_base(rows, "c", v3) is False and damages_base(rows, "d", v3) is True  # 0.02 / 0.10 below
+    assert damages_base(rows, "d", v2) is None  # v2 wrote no such label
+    assert "damages the base" in rate_table(rows, ["a", "c", "d"], ["seen_1"], v3)
+    assert "**yes**" in rate_table(rows, ["a", "c", "d"], ["seen_1"], v3).splitlines()[-1]
+
+
+def test_the_replication_draws_fresh_scenes_and_seeds_for_every_set():
+    from llm4gen.evaluation.prompt_sets import prompt_set
+
+    for name in ("seen_1", "phrased_2", "verbose_3", "heldout_2"):
+        fixed, fresh = prompt_set(name), prompt_set(name, draw=1)
+        assert len(fixed) == len(fresh) and [r.phrasing for r in fixed] == [r.phrasing for r in fresh]
+        assert not {r.scene_id for r in fixed} & {r.scene_id for r in fresh}
+        assert not {r.seed for r in fixed} & {r.seed for r in fresh}
+        assert sum(a.text == b.text for a, b in zip(fixed, fresh)) < len(fixed) / 4  # other scenes (a few coincide)
+    assert prompt_set("seen_1", 3, draw=0) == prompt_set("seen_1", 3)  # draw 0: the set as it always was
+
+
+def test_the_replication_section_reads_a_report_and_applies_the_same_rules(tmp_path):
+    from dataclasses import asdict
+
+    rows = constructed(d_outside=0.6)
+    checks = gates(rows, PROBE, 0, SPLIT)
+    (tmp_path / "results.json").write_text(json.dumps({
+        "protocol": asdict(PROTOCOLS["v3-replication"]), "gates": [asdict(c) for c in checks],
+        "decisions": decisions(rows, checks), "objects": [list(asdict(r).values()) for r in rows],
+        "object_fields": list(ObjectRecord.__dataclass_fields__)}))
+    text = "\n".join(replication_section(tmp_path, PROTOCOLS["v3"]))
+    assert "evaluation scenes of draw 1" in text and "**primary: shown**" in text
+    assert "(d) - (b), outside" in text
