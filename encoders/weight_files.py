@@ -18,6 +18,9 @@ import struct
 from pathlib import Path
 from typing import Optional
 
+import diffusers
+from accelerate import init_empty_weights
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on a header
 
@@ -86,9 +89,6 @@ def weight_names(folder: Path, stem: Optional[str] = None) -> Optional[set[str]]
 def expected_names(folder: Path, classes: Optional[dict] = None) -> Optional[set[str]]:
     """The state-dict names of the diffusers model (or one of ``classes``, by class name) a folder's
     ``config.json`` describes (its ``_class_name``), built on the meta device; None for any other config."""
-    import diffusers
-    from accelerate import init_empty_weights
-
     config = json.loads((folder / "config.json").read_text())
     name = str(config.get("_class_name"))
     cls = (classes or {}).get(name) or getattr(diffusers, name, None)
