@@ -180,6 +180,7 @@ def report(sweep_file: str, jobs: int = 2, log=print) -> Path:
     if unfinished:
         log(f"not finished, left out of the report: {', '.join(unfinished)}")
     tasks = evaluation_tasks(spec, cfg.model.base.pretrained, runs)
+    todo = sum(not (Path(t.out) / "scores.json").is_file() for t in tasks)
     started = time.time()
     evidence.run_tasks(tasks, jobs, log)
     evaluation_seconds = time.time() - started
@@ -208,7 +209,10 @@ def report(sweep_file: str, jobs: int = 2, log=print) -> Path:
     text += ["", "![bound share against training step](curves.png)", ""]
     for kind in kinds:
         text += [f"## {kind}", "", kind_table(records, kind, runs[kind].output_dir, splits), ""]
-    text += [f"Evaluation: {evaluation_seconds / 60:.1f} min for the {len(tasks)} evaluations (2 one-thread processes)."]
+    text += [f"Evaluation: {evaluation_seconds / 60:.1f} min for {todo} of the {len(tasks)} evaluations (2 one-thread "
+             f"processes; the others' images were there from an earlier run of this command)."
+             if todo < len(tasks) else
+             f"Evaluation: {evaluation_seconds / 60:.1f} min for the {len(tasks)} evaluations (2 one-thread processes)."]
     (out / "report.md").write_text("\n".join(text) + "\n")
     (out / "lengths.json").write_text(json.dumps({k: asdict(v) for k, v in lengths.items()}, indent=2) + "\n")
     with gzip.open(out / "results.json.gz", "wt") as handle:

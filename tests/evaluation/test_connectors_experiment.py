@@ -190,3 +190,15 @@ def test_a_tiny_comparison_runs_end_to_end(tmp_path, monkeypatch):
     assert size["params"] > size["connector_params"] == results["sizes"]["cam"]["params"]
     text = (lora_report / "report.md").read_text()
     assert "| ella+lora |" in text and "What LoRA does to each kind" in text and "protocol_lora.md" in text
+
+
+def test_the_v3_sweep_trains_each_kind_for_its_pilot_length_with_padding_masked():
+    spec = load_sweep("configs/sweeps/connectors_v3.yaml")
+    lengths = {}
+    for run in expand_runs(spec):
+        cfg = load_experiment_config(spec.config, [*spec.base_overrides, *run.override_args])
+        assert cfg.model.unet_training == "frozen" and cfg.model.adapter.use_llm_mask
+        assert cfg.model.objective.lambda_entity == 0 and cfg.seed in (0, 1, 2)
+        lengths.setdefault(cfg.model.adapter.kind, set()).add(cfg.trainer.max_steps)
+    assert lengths == {"cam": {1500}, "mlp": {2000}, "lavi_bridge": {1500}, "ella": {2000}}  # docs/evidence/pilot_v3
+    assert connectors.RULES_V3.damage == 0.03 and connectors.RULES_V3.effect == connectors.RULES.effect

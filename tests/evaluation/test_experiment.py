@@ -277,3 +277,25 @@ def test_the_replication_section_reads_a_report_and_applies_the_same_rules(tmp_p
     text = "\n".join(replication_section(tmp_path, PROTOCOLS["v3"]))
     assert "evaluation scenes of draw 1" in text and "**primary: shown**" in text
     assert "(d) - (b), outside" in text
+
+
+@pytest.mark.parametrize("sweep, seeds", [("configs/sweeps/evidence_v3.yaml", (0, 1, 2)),
+                                          ("configs/sweeps/evidence_v3_replication.yaml", (3, 4, 5))])
+def test_the_v3_sweeps_train_the_pilots_lengths_with_padding_masked(sweep, seeds):
+    from omegaconf import OmegaConf
+
+    from llm4gen.launch.sweep import expand_runs, load_experiment_config, load_sweep
+
+    spec = load_sweep(sweep)
+    arms = {}
+    for run in expand_runs(spec):
+        cfg = load_experiment_config(spec.config, [*spec.base_overrides, *run.override_args])
+        arm = arm_of(OmegaConf.to_container(cfg.model, resolve=True))
+        arms.setdefault(arm, set()).add(cfg.seed)
+        assert cfg.model.adapter.use_llm_mask and cfg.data.shards == "runs/shapes-evidence/cache"
+        if arm in ("d", "e", "d_gated"):  # the CAM phase: the pilot's 1500 steps, then 300 with the UNet
+            assert (cfg.model.optim.unet_start_step, cfg.trainer.max_steps) == (1500, 1800)
+            assert 1500 % cfg.checkpoint.every_n_steps == 0  # (c) is the checkpoint at the start step
+        else:
+            assert cfg.trainer.max_steps == 300
+    assert arms == {arm: set(seeds) for arm in ("b", "b2", "d", "e", "d_gated")}
