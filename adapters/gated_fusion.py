@@ -57,6 +57,10 @@ class GatedLLMAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.gate = nn.Parameter(torch.zeros(()))
 
+    def forward(self, llm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) of the LLM tokens (batch, tokens, context_dim) -> (batch, tokens, inner_dim) each."""
+        return self.to_k(llm), self.to_v(llm)
+
     def openness(self) -> torch.Tensor:
         return torch.tanh(self.gate)
 
@@ -169,7 +173,7 @@ class GatedFusionProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        llm_key, llm_value = heads(self.layer.to_k(llm)), heads(self.layer.to_v(llm))
+        llm_key, llm_value = map(heads, self.layer(llm))  # called as a module: a sharded layer gathers its weights
         if attn.norm_k is not None:
             llm_key = attn.norm_k(llm_key)
         real = (attention_mask[:, 0, clip_tokens:] > -1.0 if attention_mask is not None   # the UNet's bias: 0 or -10000

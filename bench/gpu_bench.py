@@ -19,6 +19,7 @@ Scenarios:
   d  (a) with a LoRA UNet (rank 4)
   e  (a) with the full UNet trained (fp32 masters) and gradient checkpointing
   f, g, h  (a) with ELLA's connector, LaVi-Bridge's adapter + LoRA rank 32, the MLP (``--scenarios f,g,h``)
+  l  (e) sharded: trainer.strategy=fsdp2 on one GPU (bf16 params, fp32 reduction, activation checkpointing)
   i, j, k  SDXL base 1.0 + T5-XL at 1024 px: cached features with a frozen UNet, online encoding, LoRA
            (batch sweep 4, 8, 16; the full-size SDXL folder, ~7 GB, is written once under ``--workdir``)
 Each runs ``--warmup`` steps, then ``--steps`` timed ones, for each batch size of the sweep until one
@@ -51,6 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 from llm4gen.configs.schema import load_config  # noqa: E402
 from llm4gen.lightning_modules.flops import latent_size_for, module_step_flops  # noqa: E402
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule  # noqa: E402
+from llm4gen.lightning_modules.sharding import STRATEGY_NAME, ShardedStrategy  # noqa: E402
 from llm4gen.lightning_modules.throughput import device_peak_flops  # noqa: E402
 
 CAPTIONS = [
@@ -74,6 +76,11 @@ SCENARIOS = {
           ["model.adapter.kind=lavi_bridge", "model.unet_training=lora", "model.lora.rank=32",
            "model.lora.alpha=32", "model.base.dtype=float32"], CACHED),
     "h": ("(a), MLP connector", ["model.adapter.kind=mlp"], CACHED),
+    # sharded data parallel (trainer.strategy=fsdp2: lightning_modules/sharding.py) on one GPU: the full UNet's
+    # blocks gathered in bf16 from fp32 shards, activations recomputed per block; not in the default list
+    "l": ("(e) sharded: FSDP2, bf16 params, activation checkpointing",
+          ["model.unet_training=full", "model.base.dtype=float32", "model.performance.gradient_checkpointing=true",
+           f"trainer.strategy={STRATEGY_NAME}"], CACHED),
     # SDXL base 1.0 at 1024 px (full size: embedded/full_size.py's random-weight folder; smoke: the tiny SDXL)
     "i": ("SDXL 1024 px: cached latents + LLM features, frozen UNet", [SDXL], CACHED),
     "j": ("SDXL 1024 px: online VAE + LLM + both CLIPs + UNet", [SDXL], []),
@@ -175,10 +182,12 @@ class StepTimer(L.Callback):
             self.profiler.stop()
 
 
-def fit_steps(module, batches, steps: int, warmup: int, accelerator: str, precision: str, profiler=None) -> float:
+def fit_steps(module, batches, steps: int, warmup: int, accelerator: str, precision: str, profiler=None,
+              sharded: bool = False) -> float:
     """Seconds per step of ``steps`` timed training steps after ``warmup``."""
     timer = StepTimer(warmup, profiler)
     trainer = L.Trainer(max_steps=warmup + steps, accelerator=accelerator, devices=1, precision=precision,
+                        strategy=ShardedStrategy(world_size=1) if sharded else "auto",
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, gradient_clip_val=1.0, callbacks=[timer])
     trainer.fit(module, train_dataloaders=DataLoader(Repeat(batches), batch_size=None, pin_memory=False))
@@ -209,7 +218,8 @@ def run_scenario(name: str, base: list[str], args, peak_flops: float | None, dea
             torch.cuda.reset_peak_memory_stats()
         batches = make_batches(module, batch_size, cfg.data.resolution, cached, cfg.model.objective.lambda_entity > 0)
         try:
-            seconds = fit_steps(module, batches, args.steps, args.warmup, "gpu" if gpu else "cpu", args.precision)
+            seconds = fit_steps(module, batches, args.steps, args.warmup, "gpu" if gpu else "cpu", args.precision,
+                                sharded=cfg.trainer.get("strategy") == STRATEGY_NAME)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
             if not is_oom(error):
                 raise

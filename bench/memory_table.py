@@ -3,6 +3,8 @@
     python bench/memory_table.py                                   # configs/sd15_t5xl.yaml + the two paper recipes (described below)
     python bench/memory_table.py configs/sd15_t5xl.yaml configs/llm4gen_sd15.yaml configs/llm4gen_sd15_adapter_only.yaml
     python bench/memory_table.py --resolution 512 --batch-size 32 --no-described
+    python bench/memory_table.py --strategy fsdp2 --gpus 8 configs/llm4gen_sdxl.yaml --set model.unet_training=full \
+        --set model.base.dtype=float32 --resolution 1024 --batch-size 8 --no-described
 
 Method (prints a Markdown table; ~1-2 minutes on a CPU, no GPU, no download):
 - Parameters: exact. The full-size architectures are built from their published configs
@@ -22,6 +24,10 @@ Method (prints a Markdown table; ~1-2 minutes on a CPU, no GPU, no download):
   is transient: estimated as the largest (input + output) of any leaf module of the VAE encoder at the
   target resolution (measured at 128 px and scaled by pixels) times the batch, which bounds the live
   set from below; the T5-XL activations at 256 tokens are small beside it.
+- ``--strategy fsdp2 --gpus N`` (lightning_modules/sharding.py): what trains (fp32 masters, gradients, AdamW
+  moments, EMA) is split over the N GPUs; frozen parts stay whole on each; while a sharded block runs its
+  weights are gathered whole in the compute dtype (bf16), and the next block's are prefetched: two of the
+  largest block's are added to the weights. Activations are per GPU and unchanged.
 - Estimated peak = weights + gradients + optimizer + EMA + max(saved activations, encoder transient).
   Not counted: the allocator's fragmentation, cuDNN/cuBLAS workspaces, the transient gradients of one
   layer during backward, and with checkpointing one block's recomputed activations: expect the real
@@ -184,7 +190,14 @@ def vae_transient_bytes(image: int) -> int:
     return largest
 
 
-def estimate(name: str, cfg, resolution: int, batch: int, cache: dict) -> Row:
+def largest_sharded_block(unet) -> int:
+    """Parameters of the biggest unit FSDP2 gathers at once (lightning_modules/sharding.py's units)."""
+    from llm4gen.lightning_modules.sharding import sharded_blocks
+
+    return max(sum(p.numel() for p in block.parameters()) for block in sharded_blocks(unet))
+
+
+def estimate(name: str, cfg, resolution: int, batch: int, cache: dict, gpus: int = 1, sharded: bool = False) -> Row:
     m = cfg.model
     unet, adapter, llm_width = build_parts(cfg)
     llm = llm_architecture(cfg)
@@ -201,6 +214,9 @@ def estimate(name: str, cfg, resolution: int, batch: int, cache: dict) -> Row:
                + sum(p.numel() for p in llm.parameters()) * size(m.llm.dtype) + trainable * 4)
     optimizer_bytes = 2 if m.performance.optimizer == "adamw_8bit" else 8
     states = trainable * (4 + optimizer_bytes + (4 if m.ema.enabled else 0))
+    if sharded:  # what trains split over the GPUs; two blocks' weights gathered whole (bf16) at a time
+        weights += trainable * 4 / gpus - trainable * 4 + 2 * largest_sharded_block(unet) * 2
+        states /= gpus
 
     entity = m.objective.entity_layers if m.objective.lambda_entity > 0 else None
     key = (m.base.family, m.adapter.kind, m.unet_training, entity, m.performance.gradient_checkpointing, m.llm.max_length, llm_width)
@@ -226,8 +242,9 @@ def estimate(name: str, cfg, resolution: int, batch: int, cache: dict) -> Row:
     return Row(name, trains, trainable, frozen, weights, states, activations, transient)
 
 
-def print_table(rows: list[Row], resolution: int, batch: int) -> None:
-    print(f"\n{resolution} px, batch {batch} per GPU, bf16-mixed (GiB; parameters in millions)\n")
+def print_table(rows: list[Row], resolution: int, batch: int, strategy: str = "ddp", gpus: int = 1) -> None:
+    how = "DDP (a whole copy on every GPU)" if strategy == "ddp" else f"FSDP2 over {gpus} GPUs (what trains split)"
+    print(f"\n{resolution} px, batch {batch} per GPU, bf16-mixed, {how}: per-GPU memory (GiB; parameters in millions)\n")
     print("| config | trains | trainable | frozen | weights | grads + optimizer + EMA | saved activations "
           "| encoder transient | est. peak |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -245,7 +262,12 @@ def main(argv=None) -> list[Row]:
                         help="leave out the two paper recipes described in this script (once their files exist)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a dotted override applied to every config (e.g. model.unet_training=full)")
+    parser.add_argument("--strategy", choices=("ddp", "fsdp2"), default="ddp",
+                        help="fsdp2: what trains sharded over --gpus GPUs (trainer.strategy=fsdp2)")
+    parser.add_argument("--gpus", type=int, default=8, help="with --strategy fsdp2: how many GPUs share the shards")
     args = parser.parse_args(argv)
+    if args.gpus < 1:
+        parser.error(f"--gpus {args.gpus}: at least 1")
     torch.manual_seed(0)
     suffix = f" ({', '.join(args.set)})" if args.set else ""
     entries = [(f"{Path(path).stem}{suffix}", load_config(path, args.set)) for path in (args.configs or [BASE_CONFIG])]
@@ -255,8 +277,8 @@ def main(argv=None) -> list[Row]:
     rows = []
     for name, cfg in entries:
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        rows.append(estimate(name, cfg, args.resolution, args.batch_size, cache))
-    print_table(rows, args.resolution, args.batch_size)
+        rows.append(estimate(name, cfg, args.resolution, args.batch_size, cache, args.gpus, args.strategy == "fsdp2"))
+    print_table(rows, args.resolution, args.batch_size, args.strategy, args.gpus)
     return rows
 
 

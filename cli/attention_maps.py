@@ -22,7 +22,7 @@ from pathlib import Path
 from llm4gen.cli.generate import check_checkpoint_sources, check_sampling_args
 from llm4gen.configs.errors import UserError, entry_point
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
-from llm4gen.lightning_modules.llm4gen import LLM4GenModule
+from llm4gen.lightning_modules.sampler import load_checkpoint_module
 from llm4gen.losses.attention_capture import (
     captured_layers,
     cross_attention_layer_names,
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     check_sampling_args(args)
     check_checkpoint_sources(checkpoint)
 
-    module = LLM4GenModule.load_from_checkpoint(args.checkpoint, map_location="cpu").to(args.device or ("cuda" if _cuda() else "cpu"))
+    module = load_checkpoint_module(args.checkpoint, args.device or ("cuda" if _cuda() else "cpu"))
     try:
         store = capture_store(module, args.layers)
     except ValueError as error:  # sides the UNet has no cross-attention layer at

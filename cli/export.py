@@ -25,7 +25,8 @@ from llm4gen.cli.generate import check_checkpoint_sources
 from llm4gen.configs.errors import UserError, entry_point
 from llm4gen.configs.schema import as_plain
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
-from llm4gen.lightning_modules.llm4gen import LLM4GenModule, fused_unet, save_unet_lora
+from llm4gen.lightning_modules.llm4gen import fused_unet, save_unet_lora
+from llm4gen.lightning_modules.sampler import load_checkpoint_module
 from llm4gen.pipelines.llm4gen_pipeline import frozen_references, pipeline_from_module, save_by_reference
 from llm4gen.pipelines.model_card import model_card, run_scores
 
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     check_checkpoint_sources(load_checkpoint_checked(args.checkpoint, what="--checkpoint"))
 
-    module = LLM4GenModule.load_from_checkpoint(args.checkpoint, map_location="cpu")
+    module = load_checkpoint_module(args.checkpoint)  # a sharded run's folder too
     if args.format == "diffusers":
         print(export_pipeline(module, Path(args.output), Path(args.checkpoint), use_ema=not args.no_ema,
                               full=args.full))

@@ -46,6 +46,8 @@ from llm4gen.lightning_modules.preemption import (
     signal_number,
     slurm_job_id,
 )
+from llm4gen.lightning_modules.sampler import load_checkpoint_module
+from llm4gen.lightning_modules.sharding import STRATEGY_NAME, ShardedStrategy
 from llm4gen.lightning_modules.run_checkpoints import (
     CheckpointSaveError,
     checkpoint_step,
@@ -123,12 +125,17 @@ def build_trainer(cfg, resume_step=None, signal_checkpoint=None, extra_callbacks
         callbacks.append(console.StepProgressBar())
     if console_level == "default" and not cfg.trainer.get("enable_model_summary", False):
         callbacks.append(console.PartsSummary())
-    plugins = [AtomicCheckpointIO(run_dir=out)]
+    trainer_options = {**dict(cfg.trainer), **options}
+    sharded = trainer_options.get("strategy") == STRATEGY_NAME
+    # a sharded run writes its checkpoint folders itself, atomically (lightning_modules/sharding.py)
+    plugins = [] if sharded else [AtomicCheckpointIO(run_dir=out)]
     if "SLURM_JOB_ID" in os.environ and SLURMEnvironment.detect():
         # Ranks and addresses from SLURM; the requeue is ours (a step-boundary save), not Lightning's in-handler one.
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    return L.Trainer(**cfg.trainer, **options, default_root_dir=out, callbacks=callbacks, logger=logger,
-                     plugins=plugins)
+    if sharded:
+        devices = trainer_options.get("devices", 1)
+        trainer_options["strategy"] = ShardedStrategy(world_size=int(devices) * int(trainer_options.get("num_nodes", 1)))
+    return L.Trainer(**trainer_options, default_root_dir=out, callbacks=callbacks, logger=logger, plugins=plugins)
 
 
 def run(cfg, ckpt_path: str | None = None, console_level: str = "default") -> dict:
@@ -156,6 +163,8 @@ def run(cfg, ckpt_path: str | None = None, console_level: str = "default") -> di
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["global_step"] = trainer.global_step
     if trainer.is_global_zero:
+        if isinstance(trainer.strategy, ShardedStrategy):  # its weights are shards: export the consolidated last step
+            module = load_checkpoint_module(out / "checkpoints" / "last.ckpt")
         module.export_pretrained(out / "export")
         (out / "final_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         print(f"\nrun folder: {out}\n  checkpoints: {out / 'checkpoints'}\n  samples:     {out / 'samples'}\n"

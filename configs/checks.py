@@ -182,6 +182,7 @@ def check_choices(cfg: DictConfig) -> None:
                           "tokens); set model.adapter.enabled=true or model.objective.lambda_entity=0")
     check_connector(cfg)
     check_llm_lora(cfg)
+    check_sharding(cfg)
     check_buckets(cfg)
     resume = str(cfg.resume)
     if resume not in choices.RESUME_MODES and not resume.strip():
@@ -264,6 +265,29 @@ def check_llm_lora(cfg: DictConfig) -> None:
 def starts_with_clip(kind: str, with_clip) -> bool:
     """Whether a connector's context begins with CLIP's tokens (adapters/connectors.py's per-kind default)."""
     return kind in choices.KINDS_WITH_CLIP if with_clip is None else bool(with_clip)
+
+
+SHARDED = "fsdp2"  # trainer.strategy of sharded data parallel (lightning_modules/sharding.py)
+SHARDED_PRECISIONS = ("32-true", "32", "bf16-mixed")
+
+
+def check_sharding(cfg: DictConfig) -> None:
+    """``trainer.strategy: fsdp2`` where sharding pays: a UNet that trains (full or LoRA) and a frozen LLM."""
+    trainer = cfg.trainer
+    if trainer.get("strategy") != SHARDED:
+        return
+    if cfg.model.unet_training == "frozen":
+        raise ConfigError("trainer.strategy=fsdp2 with model.unet_training=frozen: what trains (the connector) is "
+                          "small enough to keep whole on every GPU, so sharding saves nothing and costs a gather "
+                          "per block; use trainer.strategy=ddp (the default), or train the UNet "
+                          "(model.unet_training=full or lora)")
+    if cfg.model.llm.lora_rank > 0:
+        raise ConfigError(f"trainer.strategy=fsdp2 with model.llm.lora_rank={cfg.model.llm.lora_rank}: the LLM's LoRA "
+                          f"is not sharded; use trainer.strategy=ddp, or model.llm.lora_rank=0")
+    precision = str(trainer.get("precision", "32-true"))
+    if precision not in SHARDED_PRECISIONS:
+        raise ConfigError(f"trainer.strategy=fsdp2 with trainer.precision={precision!r}: the sharded strategy runs "
+                          f"fp32 (32-true) or bf16 compute with fp32 masters and reduction (bf16-mixed)")
 
 
 def check_connector(cfg: DictConfig) -> None:

@@ -24,7 +24,8 @@ ZIP_MAGIC = b"PK\x03\x04"
 # values cannot be loaded into this model (dotted under the config's `model` section).
 ARCHITECTURE_FIELDS = (
     "base.family", "base.pretrained", "base.revision", "llm.pretrained", "llm.revision", "llm.layer",
-    "adapter.num_heads", "adapter.num_blocks", "adapter.ffn_mult", "adapter.use_llm_mask", "unet_training",
+    "adapter.kind", "adapter.fusion", "adapter.num_heads", "adapter.num_blocks", "adapter.ffn_mult",
+    "adapter.use_llm_mask", "unet_training",
     "lora.rank", "lora.target_modules", "ema.enabled",
 )
 
@@ -39,7 +40,8 @@ def checkpoint_problem(path: str | Path) -> Optional[str]:
     if not path.exists():
         return "does not exist"
     if path.is_dir():
-        return "is a folder, not a checkpoint file (give a .ckpt file, e.g. runs/x/checkpoints/last.ckpt)"
+        return ("is a folder, not a checkpoint (give a .ckpt file, e.g. runs/x/checkpoints/last.ckpt, or a sharded "
+                "run's checkpoint folder, which holds meta.pt)")
     try:
         with open(path, "rb") as handle:
             head = handle.read(4)
@@ -59,8 +61,43 @@ def checkpoint_problem(path: str | Path) -> Optional[str]:
     return None
 
 
+META_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a distributed (sharded) checkpoint folder
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A sharded run's checkpoint (lightning_modules/sharding.py): a folder of DCP shards beside ``meta.pt``."""
+    return Path(path).is_dir() and (Path(path) / META_FILE).is_file()
+
+
+def checkpoint_metadata(path: str | Path) -> dict:
+    """The non-tensor part of a sharded checkpoint (``global_step``, hyper-parameters, loops, callbacks)."""
+    import torch
+
+    return torch.load(Path(path) / META_FILE, map_location="cpu", weights_only=False)
+
+
+def sharded_checkpoint_index(path: Path) -> dict[str, Any]:
+    """A sharded checkpoint folder without its tensors: its metadata and its ``state_dict`` keys (from the DCP
+    index; the values are None)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    checkpoint = checkpoint_metadata(path)
+    stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    checkpoint["state_dict"] = {key.removeprefix("state_dict."): None for key in stored if key.startswith("state_dict.")}
+    return checkpoint
+
+
 def read_checkpoint(path: str | Path, what: str = "--checkpoint") -> dict[str, Any]:
-    """The checkpoint's contents (tensors memory-mapped), or CheckpointError saying what is wrong."""
+    """The checkpoint's contents (tensors memory-mapped; a sharded folder's index alone, its tensors are read by
+    ``sharding.consolidated_checkpoint``), or CheckpointError saying what is wrong."""
+    if is_sharded_checkpoint(path):
+        try:
+            checkpoint = sharded_checkpoint_index(Path(path))
+        except Exception as error:  # the DCP reader's errors share no class
+            raise CheckpointError(f"{what} {str(path)!r} is a sharded checkpoint folder that cannot be read "
+                                  f"({error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''}): "
+                                  f"a save that was interrupted, or an incomplete copy.") from None
+        return _checked_contents(path, what, checkpoint)
     problem = checkpoint_problem(path)
     if problem:
         raise CheckpointError(f"{what} {str(path)!r} {problem}.")
@@ -72,6 +109,10 @@ def read_checkpoint(path: str | Path, what: str = "--checkpoint") -> dict[str, A
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as error:
         raise CheckpointError(f"{what} {str(path)!r} is truncated or corrupt and cannot be read "
                               f"({error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''}).") from None
+    return _checked_contents(path, what, checkpoint)
+
+
+def _checked_contents(path, what: str, checkpoint: Any) -> dict[str, Any]:
     hyper = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hyper, Mapping) or "model" not in hyper or "state_dict" not in checkpoint:
         kind = "a Lightning checkpoint of another model" if isinstance(checkpoint, dict) and "state_dict" in checkpoint \
@@ -117,7 +158,8 @@ def load_checkpoint_checked(path: str | Path, model_config: Mapping[str, Any] | 
                                   f"{'; '.join(differences)}. Set these keys to the checkpoint's values, or start "
                                   f"a new run (resume=never, or another output_dir).")
         expected = {"adapter"} | ({"unet"} if current.get("unet_training", "frozen") != "frozen" else set()) \
-            | ({"llm"} if (current.get("llm") or {}).get("lora_rank", 0) > 0 else set())
+            | ({"llm"} if (current.get("llm") or {}).get("lora_rank", 0) > 0 else set()) \
+            | ({"fusion"} if (current.get("adapter") or {}).get("fusion") == "gated" else set())
         found = trainable_groups(checkpoint["state_dict"])
         if found != expected:
             raise CheckpointError(f"{what} {str(path)!r} holds trainable weights of {sorted(found)}, this config "

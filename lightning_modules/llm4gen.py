@@ -60,6 +60,7 @@ from llm4gen.lightning_modules.optimization import (
     parameter_groups,
 )
 from llm4gen.lightning_modules.run_checkpoints import CheckpointSaveError
+from llm4gen.lightning_modules.sharding import shard_module
 from llm4gen.lightning_modules.performance import (
     apply_performance,
     build_optimizer,
@@ -286,6 +287,21 @@ class LLM4GenModule(L.LightningModule):
         if self.cfg.unet_training == "lora":
             self.unet.eval()  # base layers behave as at inference; LoRA dropout is configured off by default
         return self
+
+    def configure_model(self) -> None:
+        """Under ``trainer.strategy: fsdp2`` (Lightning's ModelParallelStrategy gives this module its device mesh):
+        FSDP2 over what trains (lightning_modules/sharding.py), and the EMA rebuilt over the sharded weights.
+        Under any other strategy, nothing."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        precision = str(getattr(self.trainer, "precision", "32-true")) if self._trainer is not None else "32-true"
+        param_dtype = torch.bfloat16 if precision.startswith("bf16") and self.device.type == "cuda" else None
+        shard_module(self, mesh["data_parallel"], param_dtype)
+        self._sharded = True
+        if self.ema is not None:  # its shadow copies follow the weights' new (sharded) tensors; the values are the same
+            self.ema = EMAModel(self.trainable_parameters(), decay=self.cfg.ema.decay,
+                                update_after_step=self.cfg.ema.update_after_step)
 
     def setup(self, stage: str) -> None:
         # DDP then neither broadcasts nor buckets frozen weights: only what trains is wrapped.
@@ -521,7 +537,10 @@ class LLM4GenModule(L.LightningModule):
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
         checkpoint[NONFINITE_KEY] = self.nonfinite_steps.state_dict()
-        bad = nonfinite_tensors(checkpoint)
+        bad = nonfinite_tensors(checkpoint)  # of this rank's shards, when sharded: every rank must agree
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = bad if float(self.trainer.strategy.reduce(torch.tensor(float(len(bad)), device=self.device),
+                                                            reduce_op="sum")) == 0 else bad or ["(another rank's shard)"]
         if bad:
             raise CheckpointSaveError(f"step {checkpoint.get('global_step')}: not writing a checkpoint whose trained "
                                       f"state is not finite ({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); "

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from llm4gen.configs.errors import UserError
 
@@ -72,6 +73,8 @@ def nonfinite_tensors(checkpoint: Mapping[str, Any]) -> list[str]:
 
     def visit(name: str, value: Any) -> None:
         if isinstance(value, torch.Tensor):
+            if isinstance(value, DTensor):  # a sharded run: this rank's shard (the caller reduces over ranks)
+                value = value.to_local()
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 found.append(name)
         elif isinstance(value, Mapping):

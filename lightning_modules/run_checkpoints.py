@@ -9,12 +9,15 @@ its newest step), then the kind (last.ckpt, a step file, a signal checkpoint), t
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 from llm4gen.lightning_modules.nonfinite import nonfinite_tensors
+from llm4gen.lightning_modules.checkpoint_files import checkpoint_metadata, is_sharded_checkpoint
+from llm4gen.lightning_modules.sharding import consolidated_checkpoint
 
 KIND_ORDER = {"hpc": 0, "step": 1, "last": 2}  # at equal steps, the higher wins
 
@@ -36,7 +39,10 @@ def checkpoint_step(path: str | Path) -> int | None:
     Cheap: the file is memory-mapped, so only the small pickled index is read, never the tensor data.
     """
     try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        if is_sharded_checkpoint(path):  # a sharded run's folder: the step is in its metadata
+            checkpoint = checkpoint_metadata(path)
+        else:
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception:  # truncated, not a zip, not a checkpoint: all mean "unreadable"
         return None
     if not isinstance(checkpoint, dict):
@@ -51,7 +57,10 @@ def run_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def nonfinite_in(path: str | Path) -> list[str]:
-    """The non-finite trained tensors a checkpoint file holds (lightning_modules/nonfinite.py); [] for a good one."""
+    """The non-finite trained tensors a checkpoint file (or sharded folder) holds (lightning_modules/nonfinite.py);
+    [] for a good one."""
+    if is_sharded_checkpoint(path):
+        return nonfinite_tensors(consolidated_checkpoint(path))
     return nonfinite_tensors(torch.load(path, map_location="cpu", mmap=True, weights_only=False))
 
 
@@ -83,6 +92,6 @@ def prune_signal_checkpoints(output_dir: str | Path, saved_step: int, saved: str
             continue
         step = checkpoint_step(path)
         if step is not None and step <= saved_step:
-            path.unlink(missing_ok=True)
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)  # a sharded one is a folder
             removed.append(path)
     return removed

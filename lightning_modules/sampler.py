@@ -17,7 +17,9 @@ from omegaconf import OmegaConf
 
 from llm4gen.configs.schema import model_config
 from llm4gen.encoders.sources import load_pretrained
+from llm4gen.lightning_modules.checkpoint_files import is_sharded_checkpoint
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule, load_llm_lora
+from llm4gen.lightning_modules.sharding import checkpoint_buffer
 from llm4gen.pipelines.llm4gen_pipeline import load_pipeline
 
 DEFAULT_BASE = "embedded:tiny-sd"
@@ -35,7 +37,10 @@ class SamplingSettings:
 
 
 def load_checkpoint_module(checkpoint: str | Path, device: str = "cpu"):
-    """An ``LLM4GenModule`` from a training checkpoint (frozen parts rebuilt from their sources)."""
+    """An ``LLM4GenModule`` from a training checkpoint (frozen parts rebuilt from their sources); a sharded run's
+    checkpoint folder is consolidated in this process first (lightning_modules/sharding.py)."""
+    if is_sharded_checkpoint(checkpoint):
+        return LLM4GenModule.load_from_checkpoint(checkpoint_buffer(checkpoint), map_location="cpu").to(device)
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} is not a file; give a training checkpoint "
                                 f"such as runs/tiny/checkpoints/last.ckpt")

@@ -178,6 +178,10 @@ CASES = [
     ("train", [T, "model.adapter.init_from={torchfile}"], "in another layout than the released CAM's"),
     ("train", [T, "model.adapter.init_from={bad_release}"], "{bad_release}', which is not a readable torch file"),
     ("train", [T, "model.base.unet={sdxl_unet}"], "cross_attention_dim=2048, but the base model embedded:shapes-sd"),
+    # issue 36: sharding where it cannot pay or cannot work
+    ("train", [T, "trainer.strategy=fsdp2"], "model.unet_training=frozen: what trains (the connector) is small"),
+    ("train", [T, "trainer.strategy=fsdp2", "model.unet_training=full", "trainer.precision=16-mixed"],
+     "trainer.precision='16-mixed'"),
     # issue 37: a model folder without its weights (or with broken or foreign ones), refused before any loads
     ("train", [T, "model.base.pretrained={sd_no_unet_weights}"], "unet holds no weights file"),
     ("train", [T, "model.llm.pretrained={llm_config_only}"], "llm-config-only holds no weights file"),

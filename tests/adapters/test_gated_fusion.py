@@ -13,22 +13,20 @@ from llm4gen.adapters.gated_fusion import GatedFusion, GatedFusionProcessor
 from llm4gen.configs.errors import ConfigError
 from llm4gen.configs.schema import load_config
 from llm4gen.lightning_modules.attention_split import attention_split
-from tests.helpers.modules import PARSER, fixed_batch, fixed_inputs, make_module, objective_loss, run_steps
+from tests.helpers.modules import (
+    PARSER,
+    fixed_batch,
+    fixed_inputs,
+    make_module,
+    objective_loss,
+    run_steps,
+    unet_prediction,
+)
 
 
 @pytest.fixture(scope="module")
 def sdxl_model_config():
     return OmegaConf.to_container(load_config("configs/tiny_sdxl.yaml").model, resolve=True)
-
-
-def unet_output(module, batch):
-    noise, timesteps = fixed_inputs(module, batch)
-    with torch.no_grad():
-        latents = module.latents(batch, torch.Generator().manual_seed(1))
-        context, unet_kwargs = module.conditioning(batch, torch.zeros(len(batch["captions"]), dtype=torch.bool),
-                                                   timesteps)
-        return module.unet(module.noise_scheduler.add_noise(latents, noise, timesteps), timesteps, context,
-                           **unet_kwargs).sample
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -44,9 +42,9 @@ def test_at_step_0_the_unet_is_the_base_bitwise(tiny_model_config, sdxl_model_co
     assert context.shape[1] > 77  # the LLM's tokens are in the context, the gates keep them out
     store = gated.attention_store
     with store.capturing() if store is not None else torch.no_grad():
-        ours = unet_output(gated, batch)
+        ours = unet_prediction(gated, batch)
     with base.attention_store.capturing() if base.attention_store is not None else torch.no_grad():
-        theirs = unet_output(base, batch)
+        theirs = unet_prediction(base, batch)
     assert torch.equal(ours, theirs)
     if store is not None:  # captured: CLIP's probabilities as the base's, then the LLM branch's, each summing to 1
         for name, probs in store.maps().items():
@@ -93,9 +91,9 @@ def test_its_layers_save_load_and_refuse_another_unet(tiny_model_config, sdxl_mo
     module.fusion.save_pretrained(tmp_path / "fusion")
     loaded = GatedFusion.from_pretrained(tmp_path / "fusion")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), module.fusion.state_dict().values()))
-    before = unet_output(module.eval(), fixed_batch())
+    before = unet_prediction(module.eval(), fixed_batch())
     loaded.install(module.unet)
-    assert torch.equal(unet_output(module, fixed_batch()), before)
+    assert torch.equal(unet_prediction(module, fixed_batch()), before)
     sdxl = make_module(sdxl_model_config)
     with pytest.raises(ValueError, match="made for a UNet with cross-attention layers"):
         loaded.install(sdxl.unet)

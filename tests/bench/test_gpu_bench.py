@@ -42,3 +42,14 @@ def test_unknown_scenario_is_refused(capsys):
     with pytest.raises(SystemExit):
         load_bench().parse_args(["--smoke", "--scenarios", "a,z"])
     assert "unknown scenarios ['z']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smoke_runs_the_sharded_scenario_with_the_sharded_strategy(tmp_path):
+    """Scenario l (trainer.strategy=fsdp2 on one device) runs through ShardedStrategy: its UNet's blocks sharded."""
+    bench = load_bench()
+    report = bench.main(["--smoke", "--scenarios", "l", "--steps", "1", "--peak-tflops", "1.0",
+                         "--out", str(tmp_path / "bench.json")])
+    best = report["scenarios"]["l"]["best"]
+    assert best["status"] == "ok" and best["images_per_sec"] > 0
+    assert report["scenarios"]["l"]["flops_per_sample"]["trained"] > 0

@@ -33,3 +33,18 @@ def test_parameter_counts_follow_what_trains():
     lora_params = table.count(lora, True)
     assert 0 < lora_params < 2_000_000 and table.count(lora, False) == 859_520_964
     assert table.llm_architecture(release).num_parameters() == 1_223_527_424  # T5-XL encoder
+
+
+@pytest.mark.slow
+def test_sharding_splits_what_trains_over_the_gpus_and_adds_two_gathered_blocks():
+    table = load_table()
+    cfg = load_config(ROOT / "configs" / "sd15_t5xl.yaml", ["model.unet_training=full", "model.base.dtype=float32"])
+    cache = {("sd15", "cam", "full", None, False, 256, 2048): (0.0, 0.0)}  # activations: not what this checks
+    ddp = table.estimate("ddp", cfg, 512, 8, cache)
+    sharded = table.estimate("fsdp2", cfg, 512, 8, cache, gpus=8, sharded=True)
+    unet, _, _ = table.build_parts(cfg)
+    block = table.largest_sharded_block(unet)
+    assert 0 < block < ddp.trainable / 4  # a block, not the UNet
+    assert sharded.states == pytest.approx(ddp.states / 8)  # gradients, AdamW moments, EMA: 1/8 on each GPU
+    assert sharded.weights == pytest.approx(ddp.weights - ddp.trainable * 4 * 7 / 8 + 2 * block * 2)
+    assert sharded.activations == ddp.activations and sharded.peak < ddp.peak

@@ -64,3 +64,20 @@ def test_channels_last_and_compile_give_the_plain_loss_on_cuda(tiny_model_config
         torch.manual_seed(0)
         loss = loss_on_cuda(make_module(tiny_model_config, **overrides)).item()
         assert loss == pytest.approx(reference, rel=1e-3), overrides
+
+
+def test_a_sharded_run_trains_in_bf16_with_fp32_masters_and_activation_checkpointing(tmp_path):
+    """trainer.strategy=fsdp2 on one GPU with bf16-mixed: FSDP2 gathers bf16 copies of fp32 shards, checkpointed
+    blocks recompute their activations, the loss falls and the checkpoint folder holds fp32 weights."""
+    from llm4gen.cli import train
+    from llm4gen.lightning_modules.sharding import consolidated_checkpoint
+
+    out = tmp_path / "run"
+    metrics = train.run(train.load_config(None, [
+        f"output_dir={out}", f"data.shards={tmp_path / 'data'}", "trainer.accelerator=gpu", "trainer.devices=1",
+        "trainer.strategy=fsdp2", "trainer.precision=bf16-mixed", "model.unet_training=full",
+        "model.performance.gradient_checkpointing=true", "trainer.max_steps=20", "validation.every_n_steps=0",
+        "validation.at_start=false", "model.optim.lr=1e-3", "checkpoint.every_n_steps=20"]))
+    assert metrics["global_step"] == 20 and metrics["train/loss"] == metrics["train/loss"]
+    weights = consolidated_checkpoint(out / "checkpoints" / "last.ckpt")["state_dict"]
+    assert weights and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())

@@ -44,6 +44,18 @@ def fixed_inputs(module, batch, seed=0):
     return noise, timesteps
 
 
+def unet_prediction(module, batch):
+    """The UNet's noise prediction for a batch, as the training step computes it (``fixed_inputs``' noise and
+    timesteps, no caption dropped), without a graph."""
+    noise, timesteps = fixed_inputs(module, batch)
+    with torch.no_grad():
+        latents = module.latents(batch, torch.Generator().manual_seed(1))
+        context, unet_kwargs = module.conditioning(batch, torch.zeros(len(batch["captions"]), dtype=torch.bool),
+                                                   timesteps)
+        noisy = module.noise_scheduler.add_noise(latents, noise, timesteps)
+        return module.unet(noisy, timesteps, context, **unet_kwargs).sample
+
+
 def run_steps(module, steps, batch, lr=1e-3, stop_below=None):
     """Up to ``steps`` AdamW steps on one fixed batch; with ``stop_below``, stops at the first loss at or
     under that share of the first loss (a "drops by X within N steps" check needs no more)."""

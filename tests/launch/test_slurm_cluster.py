@@ -178,7 +178,13 @@ def read_records(path: Path) -> list[dict]:
 
 
 def trainable_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    """last.ckpt's trained weights (a sharded run's folder consolidated: lightning_modules/sharding.py)."""
+    from llm4gen.lightning_modules.sharding import consolidated_checkpoint
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_dir():
+        return consolidated_checkpoint(last)["state_dict"]
+    return torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
 
 
 # ---------------------------------------------------------------- tests
@@ -316,17 +322,19 @@ def batch_lines(path: Path) -> int:
     return sum(1 for line in path.read_text().splitlines() if '"keys"' in line) if path.exists() else 0
 
 
-@pytest.mark.parametrize("signals, num_workers", [(1, 0), (2, 2)])
+@pytest.mark.parametrize("signals, num_workers, strategy", [(1, 0, "ddp"), (2, 2, "ddp"), (1, 0, "fsdp2")])
 def test_ddp_job_preempted_with_usr1_requeues_itself_and_ends_with_the_uninterrupted_weights(
-    tmp_path, shards, capsys, monkeypatch, signals, num_workers
+    tmp_path, shards, capsys, monkeypatch, signals, num_workers, strategy
 ):
     """`scancel --signal=USR1` is SLURM's preemption warning: each rank records it, the ranks agree at
     the next step boundary, save hpc_ckpt_<step>.ckpt there, rank 0 requeues; the requeued job resumes
     from it. Against an uninterrupted 2-rank run: same samples per step, weights within 1e-6, every
-    step logged once, and no signal checkpoint left once a later periodic checkpoint is written."""
+    step logged once, and no signal checkpoint left once a later periodic checkpoint is written. Under
+    ``trainer.strategy=fsdp2`` (the UNet trained, sharded) every checkpoint is a folder of DCP shards."""
     steps = 10
     training = [*fast(shards), f"trainer.max_steps={steps}", "checkpoint.every_n_steps=4", "data.epoch_batches=8",
-                "trainer.devices=2", "trainer.strategy=ddp", f"data.num_workers={num_workers}"]
+                "trainer.devices=2", f"trainer.strategy={strategy}", f"data.num_workers={num_workers}",
+                *(["model.unet_training=full"] if strategy == "fsdp2" else [])]
     run_dir = tmp_path / "runs" / "preempted"
     keys = tmp_path / "job-keys.jsonl"
     monkeypatch.setenv("LLM4GEN_RECORD_KEYS", str(keys))

@@ -12,7 +12,7 @@ import torch
 from llm4gen.encoders.llm import LLMFeatures
 from llm4gen.lightning_modules.attention_split import attention_split
 from llm4gen.pipelines import pipeline_from_module
-from tests.helpers.modules import fixed_batch, fixed_inputs, make_module
+from tests.helpers.modules import fixed_batch, make_module, unet_prediction
 
 SMALL_ELLA = {"adapter.ella": {"num_latents": 8, "num_blocks": 2, "width": 64, "num_heads": 4, "time_channels": 32}}
 CONNECTORS = {"cam": {}, "cam_gated": {"adapter.fusion": "gated"}, "mlp": {}, "lavi_bridge": {},
@@ -31,17 +31,6 @@ def connector_module(config, name, **overrides):
     return module
 
 
-def prediction(module, batch):
-    """The UNet's noise prediction for a batch, as the training step computes it (fixed noise and timesteps)."""
-    noise, timesteps = fixed_inputs(module, batch)
-    with torch.no_grad():
-        latents = module.latents(batch, torch.Generator().manual_seed(1))
-        context, unet_kwargs = module.conditioning(batch, torch.zeros(len(batch["captions"]), dtype=torch.bool),
-                                                   timesteps)
-        noisy = module.noise_scheduler.add_noise(latents, noise, timesteps)
-        return module.unet(noisy, timesteps, context, **unet_kwargs).sample
-
-
 def with_padding(features: LLMFeatures, length: int, value: float) -> LLMFeatures:
     """The same real tokens, padded to ``length`` with ``value`` * noise at every padded position."""
     padded = features.padded_to(length)
@@ -54,10 +43,10 @@ def test_what_sits_at_padding_changes_no_training_output(tiny_model_config, name
     module = connector_module(tiny_model_config, name)
     batch = fixed_batch()
     llm = module.llm(batch["captions"])  # (4, max_length): online features, padded to max_length
-    online = prediction(module, batch)
+    online = unet_prediction(module, batch)
     for length, value in ((llm.longest, 0.0), (module.cfg.llm.max_length, 3.0), (module.cfg.llm.max_length, -50.0)):
         cached = with_padding(llm, length, value)  # cached features: another padding length, garbage at it
-        other = prediction(module, {**batch, "llm_features": cached.features, "llm_mask": cached.mask})
+        other = unet_prediction(module, {**batch, "llm_features": cached.features, "llm_mask": cached.mask})
         torch.testing.assert_close(other, online, atol=1e-6, rtol=0)
     assert online.abs().max() > 0
 
@@ -69,8 +58,8 @@ def test_the_release_setting_attends_to_padding(tiny_model_config, name):
     llm = module.llm(batch["captions"])
     assert module.conditioning(batch)[0].shape[1] == 77 + module.cfg.llm.max_length  # every position, as published
     garbage = with_padding(llm, module.cfg.llm.max_length, 3.0)
-    other = prediction(module, {**batch, "llm_features": garbage.features, "llm_mask": garbage.mask})
-    assert (other - prediction(module, batch)).abs().max() > 1e-3
+    other = unet_prediction(module, {**batch, "llm_features": garbage.features, "llm_mask": garbage.mask})
+    assert (other - unet_prediction(module, batch)).abs().max() > 1e-3
 
 
 def sample(module, **settings):

@@ -83,8 +83,8 @@ class TinyRuns:
         self.shards_dir, self.root = shards_dir, root
         self._baselines: dict[tuple[str, ...], Path] = {}
 
-    def argv(self, output_dir: Path, *overrides: str, shards_dir: Path | None = None) -> list[str]:
-        return [sys.executable, str(TRAIN_SCRIPT), "--config", str(REPO_ROOT / "configs" / "tiny.yaml"),
+    def argv(self, output_dir: Path, *overrides: str, shards_dir: Path | None = None, config: str = "tiny.yaml") -> list[str]:
+        return [sys.executable, str(TRAIN_SCRIPT), "--config", str(REPO_ROOT / "configs" / config),
                 f"output_dir={output_dir}", f"data.shards={shards_dir or self.shards_dir}", *FAST, *overrides]
 
     @staticmethod
