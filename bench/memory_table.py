@@ -94,8 +94,11 @@ def llm_architecture(cfg):
 
 
 def build_parts(cfg, device: str = "meta"):
-    """(unet, adapter) with what trains marked requires_grad, LoRA added as configured."""
+    """(unet, adapter) with what trains marked requires_grad, LoRA added as configured; a gated fusion
+    (``model.adapter.fusion: gated``) installed in the UNet's cross-attention and counted with the UNet, whose
+    submodule it is here (training keeps it beside the connector: the same parameters, the same activations)."""
     from llm4gen.adapters.connectors import build_connector
+    from llm4gen.adapters.gated_fusion import GatedFusion
 
     sdxl = cfg.model.base.family == "sdxl"
     unet = (full_size.sdxl_unet if sdxl else full_size.sd15_unet)("meta").requires_grad_(cfg.model.unet_training == "full")
@@ -109,6 +112,11 @@ def build_parts(cfg, device: str = "meta"):
 
         lora = cfg.model.lora
         unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules)))
+    if a.fusion == "gated":
+        with torch.device("meta"):
+            fusion = GatedFusion.for_unet(unet, clip_tokens=77)
+        fusion.install(unet)
+        unet.add_module("gated_fusion", fusion)
     if device != "meta":
         unet, adapter = materialize(unet, device), materialize(adapter, device)
     return unet, adapter, llm_width
@@ -219,7 +227,8 @@ def estimate(name: str, cfg, resolution: int, batch: int, cache: dict, gpus: int
         states /= gpus
 
     entity = m.objective.entity_layers if m.objective.lambda_entity > 0 else None
-    key = (m.base.family, m.adapter.kind, m.unet_training, entity, m.performance.gradient_checkpointing, m.llm.max_length, llm_width)
+    key = (m.base.family, m.adapter.kind, m.adapter.fusion, m.unet_training, entity, m.performance.gradient_checkpointing,
+           m.llm.max_length, llm_width)
     if key not in cache:
         cpu_unet, cpu_adapter, _ = build_parts(cfg, device="cpu")
         low, high = (saved_activation_bytes(cpu_unet, cpu_adapter, side, m.llm.max_length, entity,
@@ -236,6 +245,7 @@ def estimate(name: str, cfg, resolution: int, batch: int, cache: dict, gpus: int
             cache["vae"] = vae_transient_bytes(128)
         transient = cache["vae"] * (resolution / 128) ** 2 * batch * size(m.base.vae_dtype) / 4
     connector = {"cam": "CAM", "mlp": "MLP", "lavi_bridge": "LaVi-Bridge adapter", "ella": "ELLA"}[m.adapter.kind]
+    connector += " (gated)" if m.adapter.fusion == "gated" else ""
     trains = connector + {"frozen": "", "full": " + UNet", "lora": " + LoRA"}[m.unet_training]
     if entity:
         trains += " + entity loss"

@@ -120,3 +120,18 @@ def test_the_attention_split_reads_a_closed_gate_as_the_base(tiny_model_config):
 def test_a_gated_setting_that_cannot_work_is_refused_before_any_model_loads(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=overrides)
+
+
+def test_it_trains_beside_unet_lora_and_its_weights_stay_its_own(tiny_model_config):
+    """With LoRA in the UNet the gated layers are the fusion's (peft wraps the UNet's projections only), and the
+    first steps move the gates, the LoRA and then everything else that trains."""
+    module = make_module(tiny_model_config, **{"adapter.fusion": "gated", "unet_training": "lora"})
+    assert not any("lora_" in name for name, _ in module.fusion.named_parameters())
+    trained = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert {n.split(".")[0] for n in trained} == {"adapter", "fusion", "unet"}
+    assert all("lora_" in n for n in trained if n.startswith("unet."))
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    run_steps(module, 3, fixed_batch(n=2), lr=1e-2)
+    moved = {n for n, p in module.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    assert any(n.endswith(".gate") for n in moved) and any("lora_B" in n for n in moved)
+    assert any(n.startswith("adapter.") for n in moved) and any(".to_k." in n for n in moved if n.startswith("fusion."))

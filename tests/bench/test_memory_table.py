@@ -39,7 +39,7 @@ def test_parameter_counts_follow_what_trains():
 def test_sharding_splits_what_trains_over_the_gpus_and_adds_two_gathered_blocks():
     table = load_table()
     cfg = load_config(ROOT / "configs" / "sd15_t5xl.yaml", ["model.unet_training=full", "model.base.dtype=float32"])
-    cache = {("sd15", "cam", "full", None, False, 256, 2048): (0.0, 0.0)}  # activations: not what this checks
+    cache = {("sd15", "cam", "concat", "full", None, False, 256, 2048): (0.0, 0.0)}  # activations: not checked here
     ddp = table.estimate("ddp", cfg, 512, 8, cache)
     sharded = table.estimate("fsdp2", cfg, 512, 8, cache, gpus=8, sharded=True)
     unet, _, _ = table.build_parts(cfg)
@@ -48,3 +48,14 @@ def test_sharding_splits_what_trains_over_the_gpus_and_adds_two_gathered_blocks(
     assert sharded.states == pytest.approx(ddp.states / 8)  # gradients, AdamW moments, EMA: 1/8 on each GPU
     assert sharded.weights == pytest.approx(ddp.weights - ddp.trainable * 4 * 7 / 8 + 2 * block * 2)
     assert sharded.activations == ddp.activations and sharded.peak < ddp.peak
+
+
+@pytest.mark.slow
+def test_the_gated_fusion_counts_two_projections_per_cross_attention_layer():
+    table = load_table()
+    concat, adapter, _ = table.build_parts(load_config(ROOT / "configs" / "sd15_t5xl.yaml"))
+    gated, _, _ = table.build_parts(load_config(ROOT / "configs" / "sd15_t5xl.yaml", ["model.adapter.fusion=gated"]))
+    layers = [m for n, m in concat.named_modules() if n.endswith("attn2")]
+    assert len(layers) == 16  # SD1.5's cross-attention layers
+    expected = sum(2 * 768 * layer.to_k.out_features + 1 for layer in layers)  # keys, values, a gate each
+    assert table.count(gated, True) == expected and table.count(concat, True) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from llm4gen.cli import export, generate, train
@@ -12,11 +13,14 @@ from llm4gen.pipelines.model_card import read_card_metadata
 from tests.helpers.training import FAST
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+@pytest.fixture(scope="module", params=["concat", "gated"])
+def run(request, tmp_path_factory):
+    """A 2-step tiny run, with the paper's concatenation or the gated fusion (at a rate that opens its gates
+    enough to show in the images: a closed gate samples the base)."""
     out = tmp_path_factory.mktemp("export") / "run"
+    gated = ["model.adapter.fusion=gated", "model.optim.lr=2e-2"] if request.param == "gated" else []
     assert train.main([f"output_dir={out}", f"data.shards={out.parent / 'data'}", "trainer.max_steps=2",
-                       "model.ema.enabled=true", "validation.at_start=false", *FAST]) == 0
+                       "model.ema.enabled=true", "validation.at_start=false", *FAST, *gated]) == 0
     return out
 
 
@@ -49,6 +53,8 @@ def test_the_exported_pipeline_writes_the_checkpoints_images_and_a_model_card(ru
     checkpoint = run / "checkpoints" / "last.ckpt"
     assert export.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "pipe")]) == 0
     assert (tmp_path / "pipe" / "model_index.json").is_file() and (tmp_path / "pipe" / "adapter").is_dir()
+    gated = OmegaConf.load(run / "config.yaml").model.adapter.fusion == "gated"
+    assert (tmp_path / "pipe" / "fusion" / "config.json").is_file() == gated
     common = ["--prompt", "a red circle", "--prompt", "a blue square and a green triangle", "--seed", "5",
               "--steps", "3", "--device", "cpu"]
     assert generate.main(["--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "a"), *common]) == 0
