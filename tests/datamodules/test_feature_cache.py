@@ -185,7 +185,10 @@ def test_loss_from_the_cache_equals_the_online_loss(source_dir, cache_dir, cfg):
         latents = [module.latents(batch, torch.Generator().manual_seed(0)) for batch in (online, cached)]
         torch.testing.assert_close(latents[1], latents[0], atol=1e-5, rtol=1e-5)
         contexts = [module.conditioning(batch, drop)[0] for batch in (online, cached)]
-        assert contexts[1].shape == (4, 77 + module.cfg.llm.max_length, 64)
+        # the context ends at the batch's longest caption (padding masked), cached or online alike
+        longest = int(module.llm.tokenize(online["captions"])["attention_mask"].sum(1).max())
+        assert longest < module.cfg.llm.max_length
+        assert contexts[0].shape == contexts[1].shape == (4, 77 + longest, 64)
         torch.testing.assert_close(contexts[1], contexts[0], atol=1e-5, rtol=1e-5)
         losses = [module.compute_losses(batch, noise=noise, timesteps=timesteps, drop=drop,
                                         generator=torch.Generator().manual_seed(0)).diffusion for batch in (online, cached)]
@@ -334,9 +337,10 @@ def test_random_crops_and_flips_cannot_be_cached(cfg):
         check_cacheable(crop, ["latent_moments", "llm_features"])
     check_cacheable(flip, ["llm_features", "entities"])  # text fields do not see the image
     check_cacheable(load_config(overrides=["model.llm.zero_padding=false"]), ["llm_features"])  # stored padded
-    with pytest.raises(CacheError, match="model.llm.zero_padding=false with model.adapter.use_llm_mask=true.*use"):
-        check_cacheable(load_config(overrides=["model.llm.zero_padding=false", "model.adapter.use_llm_mask=true"]),
-                        ["llm_features"])
+    # the release's unmasked context reads the LLM at padding: cacheable too, stored padded
+    # (tests/datamodules/test_feature_cache_padded.py)
+    check_cacheable(load_config(overrides=["model.llm.zero_padding=false", "model.adapter.use_llm_mask=false"]),
+                    ["llm_features"])
     with pytest.raises(CacheError, match="unknown cache fields \\['latents'\\]"):
         check_cacheable(cfg, ["latents"])
 

@@ -168,12 +168,14 @@ def test_base_model_parts_refuse_a_renamed_key(sd_copy, part, file_name, cls):
 
 def test_a_corrupted_unet_key_is_refused_before_training_starts(sd_copy, tmp_path, capsys):
     from llm4gen.cli import train
-    rename_first_weight(sd_copy / "unet", "diffusion_pytorch_model.safetensors")
+    old, _ = rename_first_weight(sd_copy / "unet", "diffusion_pytorch_model.safetensors")
     out = tmp_path / "run"
     code = train.main([f"model.base.pretrained={sd_copy}", f"output_dir={out}", "trainer.max_steps=1",
                        f"data.shards={tmp_path / 'shards'}"])
     assert code == 2
-    assert "does not match UNet2DConditionModel" in capsys.readouterr().err
+    # the preflight reads the safetensors header against config.json before any model is built
+    err = capsys.readouterr().err
+    assert "model.base.pretrained" in err and "1 of the" in err and "tensors its config.json needs" in err and old in err
     assert not (out / "checkpoints").exists() and not (out / "logs").exists()
 
 
