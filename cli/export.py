@@ -19,13 +19,12 @@ import contextlib
 import sys
 from pathlib import Path
 
-import torch
-
 from llm4gen.cli.generate import check_checkpoint_sources
 from llm4gen.configs.errors import UserError, entry_point
 from llm4gen.configs.schema import as_plain
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
 from llm4gen.lightning_modules.llm4gen import fused_unet, save_unet_lora
+from llm4gen.lightning_modules.run_checkpoints import checkpoint_step
 from llm4gen.lightning_modules.sampler import load_checkpoint_module
 from llm4gen.pipelines.llm4gen_pipeline import frozen_references, pipeline_from_module, save_by_reference
 from llm4gen.pipelines.model_card import model_card, run_scores
@@ -80,7 +79,8 @@ def export_pipeline(module, output: Path, checkpoint: Path, use_ema: bool = True
     except ValueError as err:  # a module the pipeline cannot hold (SDXL, chunked CLIP, no connector)
         raise UserError(str(err)) from None
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
-    step = torch.load(checkpoint, map_location="cpu", weights_only=False).get("global_step")
+    step = checkpoint_step(checkpoint)  # a file or a sharded run's folder (-1 or None: not known)
+    step = step if step is not None and step >= 0 else None
     model = as_plain(module.cfg)
     shown = {name: f"{r['source']}" + (f" ({r['subfolder']})" if r.get("subfolder") else "") for name, r in references.items()}
     (output / "README.md").write_text(model_card(model, step, run_scores(run_dir), references=shown))

@@ -60,7 +60,10 @@ def test_sharded_training_follows_ddp_and_saves_only_what_trains(tiny_runs, tmp_
     ddp_weights = trained(tmp_path / "ddp" / "checkpoints" / "last.ckpt")
     assert weights == set(ddp_weights)  # what DDP's checkpoint holds, no more
     consolidated = trained(last)
-    assert max(float((consolidated[k] - ddp_weights[k]).abs().max()) for k in ddp_weights) < 1e-5
+    # AdamW normalises each step by the gradient's running size, so where a gradient is near zero (a few biases)
+    # the reduction order's float noise can move an element by up to ~lr (1e-4) a step; all others agree to 1e-5
+    differences = torch.cat([(consolidated[k] - ddp_weights[k]).abs().flatten() for k in ddp_weights])
+    assert float(differences.max()) < 5 * 1e-4 and float((differences > 1e-5).float().mean()) < 1e-3
     assert (tmp_path / "fsdp2" / "export" / "unet" / "config.json").is_file()  # exported from the consolidated weights
     if config == "tiny.yaml":  # diffusers' gradient checkpointing recomputes under FSDP2: the same losses
         train(tiny_runs, tmp_path / "checkpointed", "trainer.max_steps=5", "model.performance.gradient_checkpointing=true")
