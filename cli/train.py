@@ -51,6 +51,7 @@ from llm4gen.lightning_modules.sharding import STRATEGY_NAME, ShardedStrategy
 from llm4gen.lightning_modules.run_checkpoints import (
     CheckpointSaveError,
     checkpoint_step,
+    prune_signal_checkpoints,
 )
 from llm4gen.lightning_modules.throughput import TrainingThroughput
 
@@ -134,7 +135,8 @@ def build_trainer(cfg, resume_step=None, signal_checkpoint=None, extra_callbacks
         plugins.append(SLURMEnvironment(auto_requeue=False))
     if sharded:
         devices = trainer_options.get("devices", 1)
-        trainer_options["strategy"] = ShardedStrategy(world_size=int(devices) * int(trainer_options.get("num_nodes", 1)))
+        trainer_options["strategy"] = ShardedStrategy(world_size=int(devices) * int(trainer_options.get("num_nodes", 1)),
+                                                      after_save=lambda step, path: prune_signal_checkpoints(out, step, path))
     return L.Trainer(**trainer_options, default_root_dir=out, callbacks=callbacks, logger=logger, plugins=plugins)
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import io
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -90,9 +90,12 @@ class ShardedStrategy(ModelParallelStrategy):
     that hold only what trains: the module's trainable weights (its ``on_save_checkpoint`` drops the frozen ones),
     the optimizer state and the EMA, each sharded into the DCP folder, written atomically."""
 
-    def __init__(self, world_size: int, **kwargs):
+    def __init__(self, world_size: int, after_save: Optional[Callable[[int, Path], Any]] = None, **kwargs):
+        """``after_save(step, path)`` runs on rank 0 once a checkpoint is complete under its name (train.py prunes
+        the run's older signal checkpoints there, as AtomicCheckpointIO does for an unsharded run)."""
         super().__init__(data_parallel_size=world_size, tensor_parallel_size=1, save_distributed_checkpoint=True,
                          **kwargs)
+        self.after_save = after_save
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
         from torch.distributed.checkpoint import save
@@ -117,6 +120,8 @@ class ShardedStrategy(ModelParallelStrategy):
             tmp.rename(path)  # the checkpoint is complete under its name, or the previous one is
             if old.exists():
                 shutil.rmtree(old)
+            if self.after_save is not None and isinstance(checkpoint.get("global_step"), int):
+                self.after_save(checkpoint["global_step"], path)
         self.barrier("sharded_checkpoint_done")
 
     def remove_checkpoint(self, filepath) -> None:

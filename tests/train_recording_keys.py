@@ -61,7 +61,10 @@ class KeyRecorder(L.Callback):
         digest, total = hashlib.sha256(), 0.0
         for name, param in sorted(pl_module.named_parameters()):
             if param.requires_grad:
-                data = param.detach().float().cpu().contiguous()
+                data = param.detach()
+                if hasattr(data, "full_tensor"):  # a sharded (FSDP2) parameter: gathered on every rank
+                    data = data.full_tensor()
+                data = data.float().cpu().contiguous()
                 digest.update(name.encode())
                 digest.update(data.numpy().tobytes())
                 total += float(data.double().sum())
