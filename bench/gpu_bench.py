@@ -31,6 +31,7 @@ configuration, ``lightning_modules/flops.py``) x images/s / the device's dense b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -186,12 +187,28 @@ def fit_steps(module, batches, steps: int, warmup: int, accelerator: str, precis
               sharded: bool = False) -> float:
     """Seconds per step of ``steps`` timed training steps after ``warmup``."""
     timer = StepTimer(warmup, profiler)
-    trainer = L.Trainer(max_steps=warmup + steps, accelerator=accelerator, devices=1, precision=precision,
-                        strategy=ShardedStrategy(world_size=1) if sharded else "auto",
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, gradient_clip_val=1.0, callbacks=[timer])
-    trainer.fit(module, train_dataloaders=DataLoader(Repeat(batches), batch_size=None, pin_memory=False))
+    with (process_group_of_its_own() if sharded else contextlib.nullcontext()):
+        trainer = L.Trainer(max_steps=warmup + steps, accelerator=accelerator, devices=1, precision=precision,
+                            strategy=ShardedStrategy(world_size=1) if sharded else "auto",
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, gradient_clip_val=1.0, callbacks=[timer])
+        trainer.fit(module, train_dataloaders=DataLoader(Repeat(batches), batch_size=None, pin_memory=False))
     return (timer.end - timer.start) / steps
+
+
+@contextlib.contextmanager
+def process_group_of_its_own():
+    """The sharded strategy starts a (one-process) process group and Lightning writes MASTER_PORT and the ranks into
+    os.environ: both are undone afterwards, so that nothing started later from this process (a SLURM job, another
+    scenario) inherits a port this process still listens on."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def is_oom(error: BaseException) -> bool:

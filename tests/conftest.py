@@ -7,6 +7,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 torch.set_num_threads(2)
 
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_left_behind():
+    """A test that starts a process group in the test process ends it and restores the launch variables Lightning
+    writes to os.environ: a later test's SLURM job or subprocess would inherit a port this process still holds."""
+    before = {k: os.environ.get(k) for k in LAUNCH_VARIABLES}
+    yield
+    leaked = torch.distributed.is_available() and torch.distributed.is_initialized()
+    changed = [k for k in LAUNCH_VARIABLES if os.environ.get(k) != before[k]]
+    assert not leaked and not changed, f"the test left a process group ({leaked}) or launch variables {changed} behind"
+
 
 @pytest.fixture(scope="session")
 def tiny_model_config():

@@ -47,9 +47,16 @@ def test_unknown_scenario_is_refused(capsys):
 @pytest.mark.slow
 def test_smoke_runs_the_sharded_scenario_with_the_sharded_strategy(tmp_path):
     """Scenario l (trainer.strategy=fsdp2 on one device) runs through ShardedStrategy: its UNet's blocks sharded."""
+    import os
+
+    import torch.distributed as dist
+
     bench = load_bench()
+    before = dict(os.environ)
     report = bench.main(["--smoke", "--scenarios", "l", "--steps", "1", "--peak-tflops", "1.0",
                          "--out", str(tmp_path / "bench.json")])
+    # its process group is gone and os.environ as it was: a SLURM job submitted later gets no port this process holds
+    assert not dist.is_initialized() and dict(os.environ) == before
     best = report["scenarios"]["l"]["best"]
     assert best["status"] == "ok" and best["images_per_sec"] > 0
     assert report["scenarios"]["l"]["flops_per_sample"]["trained"] > 0

@@ -97,3 +97,18 @@ def test_a_sharded_run_resumes_bitwise_and_across_world_sizes(tiny_runs, tmp_pat
         after = trained(run / "checkpoints" / "last.ckpt")
         assert not same(after, saved) and all(torch.isfinite(v).all() for v in after.values())
         assert len(losses(run)) == 4 and all(loss == loss for loss in losses(run))
+
+
+def test_unet_lora_trains_sharded_as_under_ddp(tiny_runs, tmp_path):
+    """``model.unet_training=lora``: the UNet's blocks are sharded with their LoRA inside, only the LoRA and the
+    connector train and are saved, and the losses follow DDP's."""
+    lora = ("trainer.max_steps=3", "model.unet_training=lora", "model.ema.enabled=false")
+    train(tiny_runs, tmp_path / "ddp", *lora, "trainer.strategy=ddp")
+    train(tiny_runs, tmp_path / "fsdp2", *lora)
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "fsdp2")), torch.tensor(losses(tmp_path / "ddp")),
+                               rtol=1e-4, atol=1e-5)
+    sharded, ddp = trained(tmp_path / "fsdp2" / "checkpoints" / "last.ckpt"), trained(tmp_path / "ddp" / "checkpoints" / "last.ckpt")
+    assert set(sharded) == set(ddp) and {k.split(".")[0] for k in sharded} == {"adapter", "unet"}
+    assert all("lora_" in k for k in sharded if k.startswith("unet."))  # the frozen UNet weights are not saved
+    differences = torch.cat([(sharded[k] - ddp[k]).abs().flatten() for k in ddp])
+    assert float(differences.max()) < 5 * 1e-4 and float((differences > 1e-5).float().mean()) < 1e-3
