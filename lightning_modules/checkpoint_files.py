@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from llm4gen.configs.errors import UserError
+from llm4gen.configs.schema import ModelConfig
 
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -126,9 +127,10 @@ def _checked_contents(path, what: str, checkpoint: Any) -> dict[str, Any]:
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """``model.<field>: checkpoint X, config Y`` for every architecture field that differs."""
     saved_cfg, current_cfg = OmegaConf.create(dict(saved)), OmegaConf.create(dict(current))
+    defaults = OmegaConf.structured(ModelConfig)  # a field a checkpoint predates meant its default then
     differences = []
     for field in ARCHITECTURE_FIELDS:
-        was = OmegaConf.select(saved_cfg, field, default=None)
+        was = OmegaConf.select(saved_cfg, field, default=OmegaConf.select(defaults, field, default=None))
         now = OmegaConf.select(current_cfg, field, default=None)
         was = OmegaConf.to_container(was) if isinstance(was, (DictConfig,)) or hasattr(was, "_content") else was
         now = OmegaConf.to_container(now) if isinstance(now, (DictConfig,)) or hasattr(now, "_content") else now

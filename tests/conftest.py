@@ -16,6 +16,7 @@ def no_process_group_left_behind():
     writes to os.environ: a later test's SLURM job or subprocess would inherit a port this process still holds."""
     before = {k: os.environ.get(k) for k in LAUNCH_VARIABLES}
     yield
+    torch.set_num_threads(2)  # benchmarks run in-process set their own count; later tests compare at the suite's
     leaked = torch.distributed.is_available() and torch.distributed.is_initialized()
     changed = [k for k in LAUNCH_VARIABLES if os.environ.get(k) != before[k]]
     assert not leaked and not changed, f"the test left a process group ({leaked}) or launch variables {changed} behind"

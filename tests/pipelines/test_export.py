@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 
+torch.set_num_threads(int(sys.argv[3]))  # the test process's count: float sums depend on it
 pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
 pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
 image = pipe(["a red circle"], negative_prompt=[""], num_inference_steps=3, guidance_scale=7.5,
@@ -98,7 +100,8 @@ def test_the_default_export_holds_only_what_trained_and_loads_like_a_full_copy(r
     script = tmp_path / "bare.py"
     script.write_text(BARE_LOAD)
     for folder in (referenced, full):
-        result = subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / f"{folder.name}.npy")],
+        result = subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / f"{folder.name}.npy"),
+                                 str(torch.get_num_threads())],
                                 cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "LLM4GenPipeline True" in result.stdout
