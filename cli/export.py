@@ -24,7 +24,6 @@ from llm4gen.configs.errors import UserError, entry_point
 from llm4gen.configs.schema import as_plain
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
 from llm4gen.lightning_modules.llm4gen import fused_unet, save_unet_lora
-from llm4gen.lightning_modules.run_checkpoints import checkpoint_step
 from llm4gen.lightning_modules.sampler import load_checkpoint_module
 from llm4gen.pipelines.llm4gen_pipeline import frozen_references, pipeline_from_module, save_by_reference
 from llm4gen.pipelines.model_card import model_card, run_scores
@@ -47,12 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 @entry_point("export.py")
 def main(argv=None) -> int:
     args = parse_args(argv)
-    check_checkpoint_sources(load_checkpoint_checked(args.checkpoint, what="--checkpoint"))
+    checked = load_checkpoint_checked(args.checkpoint, what="--checkpoint")  # a file's or a sharded folder's index
+    check_checkpoint_sources(checked)
 
     module = load_checkpoint_module(args.checkpoint)  # a sharded run's folder too
     if args.format == "diffusers":
-        print(export_pipeline(module, Path(args.output), Path(args.checkpoint), use_ema=not args.no_ema,
-                              full=args.full))
+        print(export_pipeline(module, Path(args.output), Path(args.checkpoint), step=checked.get("global_step"),
+                              use_ema=not args.no_ema, full=args.full))
         return 0
     try:
         print(module.export_release(args.output, use_ema=not args.no_ema))
@@ -61,9 +61,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def export_pipeline(module, output: Path, checkpoint: Path, use_ema: bool = True, full: bool = False) -> Path:
+def export_pipeline(module, output: Path, checkpoint: Path, step: int | None = None, use_ema: bool = True,
+                    full: bool = False) -> Path:
     """The run as an LLM4GenPipeline folder with its model card; the EMA weights when ``use_ema``; the frozen
-    parts copied with ``full``, else referenced by their sources (the folder holds what trained)."""
+    parts copied with ``full``, else referenced by their sources (the folder holds what trained); ``step``: the
+    checkpoint's optimizer steps, for the model card."""
     lora = module.cfg.unet_training == "lora"
     try:
         with (module.ema_weights() if use_ema else contextlib.nullcontext()):
@@ -79,8 +81,6 @@ def export_pipeline(module, output: Path, checkpoint: Path, use_ema: bool = True
     except ValueError as err:  # a module the pipeline cannot hold (SDXL, chunked CLIP, no connector)
         raise UserError(str(err)) from None
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
-    step = checkpoint_step(checkpoint)  # a file or a sharded run's folder (-1 or None: not known)
-    step = step if step is not None and step >= 0 else None
     model = as_plain(module.cfg)
     shown = {name: f"{r['source']}" + (f" ({r['subfolder']})" if r.get("subfolder") else "") for name, r in references.items()}
     (output / "README.md").write_text(model_card(model, step, run_scores(run_dir), references=shown))

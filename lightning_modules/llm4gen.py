@@ -539,8 +539,9 @@ class LLM4GenModule(L.LightningModule):
         checkpoint[NONFINITE_KEY] = self.nonfinite_steps.state_dict()
         bad = nonfinite_tensors(checkpoint)  # of this rank's shards, when sharded: every rank must agree
         if self._trainer is not None and self.trainer.world_size > 1:
-            bad = bad if float(self.trainer.strategy.reduce(torch.tensor(float(len(bad)), device=self.device),
-                                                            reduce_op="sum")) == 0 else bad or ["(another rank's shard)"]
+            count = torch.tensor(float(len(bad)), device=self.device)
+            if float(self.trainer.strategy.reduce(count, reduce_op="sum")) > 0 and not bad:
+                bad = ["(another rank's shard)"]
         if bad:
             raise CheckpointSaveError(f"step {checkpoint.get('global_step')}: not writing a checkpoint whose trained "
                                       f"state is not finite ({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); "

@@ -5,7 +5,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-torch.set_num_threads(2)
+SUITE_THREADS = 2  # every test runs at this count (fixtures and reference images were made with it)
+torch.set_num_threads(SUITE_THREADS)
 
 LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
 
@@ -16,7 +17,7 @@ def no_process_group_left_behind():
     writes to os.environ: a later test's SLURM job or subprocess would inherit a port this process still holds."""
     before = {k: os.environ.get(k) for k in LAUNCH_VARIABLES}
     yield
-    torch.set_num_threads(2)  # benchmarks run in-process set their own count; later tests compare at the suite's
+    torch.set_num_threads(SUITE_THREADS)  # benchmarks run in-process set their own count; later tests compare at the suite's
     leaked = torch.distributed.is_available() and torch.distributed.is_initialized()
     changed = [k for k in LAUNCH_VARIABLES if os.environ.get(k) != before[k]]
     assert not leaked and not changed, f"the test left a process group ({leaked}) or launch variables {changed} behind"
