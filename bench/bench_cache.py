@@ -12,7 +12,7 @@ Writes synthetic shards (PNG shapes at --source-resolution) into a temporary dir
    a cached batch (neither runs), median of --steps after one warm-up;
 3. bytes per sample per field of this cache (from its storage report), and the same computed for the
    full-size setup: SD1.5 at 512 px (moments 8x64x64), T5-XL (width 2048) at several caption lengths,
-   CLIP ViT-L (77x768), so the README can quote them.
+   CLIP ViT-L (77x768), so docs/performance.md can quote them.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ TINY_UNET = dict(
 )
 # The shapes base's UNet: tiny-sd's, 48/96 channels instead of 32/64. At 32/64 (1.1 M parameters) the
 # pretrained base drew single objects right 81% of the time, failing on small shapes; more training did
-# not help (README, "The shapes base"). 2.4 M parameters, stored in fp16 (4.8 MB).
+# not help (docs/shapes.md, "The pretrained tiny base"). 2.4 M parameters, stored in fp16 (4.8 MB).
 SHAPES_UNET = dict(TINY_UNET, block_out_channels=(48, 96), norm_num_groups=16)
 TINY_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,

@@ -5,6 +5,7 @@ heavy dependency listed below. Read from the source (ast), so it covers code no 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import llm4gen
@@ -164,7 +165,7 @@ def test_the_checker_sees_a_circle_and_an_upward_import():
 
 
 def test_no_test_module_imports_another():
-    """Shared test code lives in conftest.py and tests/helpers/ (the README's promise)."""
+    """Shared test code lives in conftest.py and tests/helpers/ (docs/tests.md's promise)."""
     offenders = []
     for path in sorted((ROOT / "tests").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -173,3 +174,19 @@ def test_no_test_module_imports_another():
             offenders += [f"{path.relative_to(ROOT)} imports {n}" for n in names
                           if n.startswith("tests.") and n.rsplit(".", 1)[-1].startswith("test_")]
     assert offenders == []
+
+
+def test_readme_layout_lists_every_package_at_its_floor():
+    """The README's Layout block is this table: each package (or listed module) on the line of its floor."""
+    block = re.search(r"## Layout.*?```\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S).group(1)
+    lines = {int(m.group(1)): m.group(2) for m in re.finditer(r"^\s*(\d)\s+(.*)$", block, flags=re.M)}
+    misplaced = []
+    for module, floor in FLOORS.items():
+        parts = module.split(".")[1:]
+        if not parts or parts[-1] == "__main__":
+            continue  # the package root; `python -m llm4gen.evaluation` (an entry point)
+        name = "/".join(parts) + ("/" if len(parts) == 1 else ".py")
+        folders_and_files = {w for w in lines.get(floor, "").split() if w.endswith(("/", ".py"))}
+        if name not in folders_and_files:
+            misplaced.append(f"{name} (floor {floor})")
+    assert not misplaced, f"README Layout does not show these at their floor: {misplaced}"

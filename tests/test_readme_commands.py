@@ -1,7 +1,8 @@
-"""Every command the README shows is exercised: run on the embedded tiny default, or dry-run where it needs
-real weights, a cluster or a fresh machine.
+"""Every command the README and the guide's pages (docs/*.md) show is exercised: run on the embedded tiny
+default, or dry-run where it needs real weights, a cluster or a fresh machine. Every relative link in them
+resolves, and the README stays a door.
 
-Commands are read from the README's ```bash blocks and from inline code starting with ``python``,
+Commands are read from the pages' ```bash blocks and from inline code starting with ``python``,
 ``time python`` or ``bash``; a line joined by ``&&`` is split into its commands. Each one must match an
 entry of :data:`COVERAGE`, which says how it is exercised and, for a dry run, why it cannot run here. A
 command that matches no entry fails the test, so a command added to the README gets covered.
@@ -26,6 +27,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+GUIDE = [README, *sorted((ROOT / "docs").glob("*.md"))]   # the door and the guide's pages
+
+
+def guide_text() -> str:
+    return "\n".join(page.read_text() for page in GUIDE)
+
+
+def guide_commands() -> list[str]:
+    return list(dict.fromkeys(c for page in GUIDE for c in readme_commands(page.read_text())))
 TINY_RUN = ["trainer.max_steps=2", "validation.every_n_steps=0", "checkpoint.every_n_steps=2",
             "trainer.enable_progress_bar=false", "data.batch_size=4", "model.optim.warmup_steps=0"]
 
@@ -131,7 +141,7 @@ def img2dataset_writes_webdataset(ctx: Context, script: str, args: list[str]):
     folder the next command trains on."""
     options = {a: b for a, b in zip(args, args[1:]) if a.startswith("--")}
     assert options.get("--output_format") == "webdataset", args
-    assert f"data.shards={options['--output_folder']}" in README.read_text()
+    assert f"data.shards={options['--output_folder']}" in guide_text()
 
 
 def run_train(ctx: Context, script: str, args: list[str]):
@@ -223,7 +233,7 @@ def run_submit_dry(ctx: Context, script: str, args: list[str]):
 
 def write_readme_sweep(ctx: Context) -> None:
     """The README's sweeps/lr.yaml block, written under the test folder (its config path made absolute)."""
-    block = re.search(r"```yaml\n# sweeps/lr.yaml\n(.*?)```", README.read_text(), flags=re.S).group(1)
+    block = re.search(r"```yaml\n# sweeps/lr.yaml\n(.*?)```", guide_text(), flags=re.S).group(1)
     block = re.sub(r"^config: (\S+)", lambda m: f"config: {ROOT / m.group(1)}", block, flags=re.M)
     block = re.sub(r"^output_root: (\S+)", lambda m: f"output_root: {ctx.tmp / m.group(1)}", block, flags=re.M)
     (ctx.tmp / "sweeps").mkdir(exist_ok=True)
@@ -435,16 +445,16 @@ def tiny_run_factory(tmp_path_factory):
 
 
 def test_every_readme_command_is_covered():
-    commands = readme_commands(README.read_text())
+    commands = guide_commands()
     unknown = [c for c in commands if entry_for(c) is None]
-    assert not unknown, ("README commands with no runner or dry-run entry in tests/test_readme_commands.py "
+    assert not unknown, ("README or docs/*.md commands with no runner or dry-run entry in tests/test_readme_commands.py "
                          "COVERAGE; add one (run it on the tiny default, or say why it can only be dry-run):\n"
                          + "\n".join(unknown))
     assert len(commands) >= 15
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", readme_commands(README.read_text()))
+@pytest.mark.parametrize("command", guide_commands())
 def test_readme_command(command, tmp_path, monkeypatch, capsys, tiny_run_factory):
     entry = entry_for(command)
     assert entry is not None, f"no coverage entry for {command!r}"
@@ -453,3 +463,46 @@ def test_readme_command(command, tmp_path, monkeypatch, capsys, tiny_run_factory
         tokens = tokens[1:]
     script, args = (tokens[1], tokens[2:]) if tokens[0] == "python" and len(tokens) > 1 else (tokens[0], tokens[1:])
     entry.how(Context(tmp_path, monkeypatch, capsys, tiny_run_factory), script, args)
+
+
+# ---------------------------------------------------------------- the door and its links
+
+
+def links(text: str) -> list[str]:
+    """Relative markdown link targets outside code (``[x](target)``), anchors kept."""
+    outside = re.sub(r"`[^`\n]*`", "", re.sub(r"```.*?```", "", text, flags=re.S))
+    return [t for t in re.findall(r"\]\(([^)\s]+)\)", outside) if not re.match(r"[a-z]+://|mailto:", t)]
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation but hyphens and underscores dropped, spaces -> '-'."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", page.read_text(), flags=re.S), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_links_extraction_and_anchors(tmp_path):
+    page = tmp_path / "p.md"
+    page.write_text("# GPU throughput (H100)\n[a](b.md#c) [w](https://x.y) `[no](code.md)`\n```\n[no](x.md)\n```\n")
+    assert links(page.read_text()) == ["b.md#c"]
+    assert anchors(page) == {"gpu-throughput-h100"}
+
+
+@pytest.mark.parametrize("page", GUIDE, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_relative_link_resolves(page):
+    broken = []
+    for target in links(page.read_text()):
+        path, _, anchor = target.partition("#")
+        resolved = (page.parent / path).resolve() if path else page
+        if not resolved.exists():
+            broken.append(f"{target}: no {resolved.relative_to(ROOT) if resolved.is_relative_to(ROOT) else resolved}")
+        elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
+            broken.append(f"{target}: no heading #{anchor} in {resolved.name}")
+    assert not broken, f"{page.name}: " + "; ".join(broken)
+
+
+def test_readme_is_a_door_to_every_guide_page():
+    """At most ~250 lines (the rest is in docs/), and every page of the guide is on its map."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= 250, len(text.splitlines())
+    unlisted = [p.name for p in GUIDE[1:] if f"](docs/{p.name})" not in text]
+    assert not unlisted, f"docs pages missing from the README's guide table: {unlisted}"

@@ -1,6 +1,6 @@
 """SDXL base 1.0 at full size, from its published configs (embedded/full_size.py), on the meta device: the
 parameter counts are the published model's, the CAM fits its 2048-wide context, and one training sample at
-1024 px is counted (the figure the README's SDXL section gives)."""
+1024 px is counted (the figure docs/sdxl.md gives)."""
 
 import pytest
 import torch
@@ -32,4 +32,4 @@ def test_the_cam_on_sdxls_context_and_the_flops_of_one_1024px_sample():
         context = cam(torch.empty(1, 77, 2048), torch.empty(1, 256, 2048))
     assert context.shape == (1, 77 + 256, 2048) and millions(cam) == 50
     tflops = trained_path_flops(cam, unet, 128, 77, 256) / 1e12  # 1024 px: 128 x 128 latents
-    assert 14.0 < tflops < 15.5, tflops  # measured 14.76 (README, SDXL)
+    assert 14.0 < tflops < 15.5, tflops  # measured 14.76 (docs/sdxl.md)

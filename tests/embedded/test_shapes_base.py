@@ -37,7 +37,7 @@ def test_the_shipped_base_loads_through_the_training_path_with_the_tiny_architec
 @pytest.mark.slow
 def test_the_base_draws_single_objects_in_the_right_shape_and_colour():
     """30 single-object prompts (seen_1, fixed seeds): the analyzer finds the prompt's shape in the
-    prompt's colour in >= 85% of the images (the report's full set: README, Shapes benchmark)."""
+    prompt's colour in >= 85% of the images (the report's full set: docs/shapes.md)."""
     from llm4gen.evaluation import aggregate, prompt_set, score
     from llm4gen.lightning_modules.sampler import load_base_pipeline
 
