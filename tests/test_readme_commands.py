@@ -377,6 +377,9 @@ COVERAGE = [
     Entry(r"python cache\.py --config configs/sd15_t5xl\.yaml .*", dry_run_cache, "dry-run",
           "needs SD1.5 and T5-XL: parsed, config loaded, its cache settings accepted"),
     Entry(r"python submit\.py --config configs/\S+ .*", run_submit_dry, "dry-run", "needs a SLURM cluster"),
+    Entry(r"python submit\.py --config configs/\S+ .*data\.precomputed_keys=.*", dry_run, "dry-run",
+          "needs a SLURM cluster and a cache of SD1.5 + T5-XL features: parsed and its config loaded through the "
+          "schema; tests/datamodules/test_feature_cache.py trains on a tiny cache"),
     Entry(r"python sweep\.py sweeps/lr\.yaml( --slurm| --jobs \d)?", run_sweep, "dry-run",
           "its runs train the paper config (real weights) or go to SLURM: sweep.py's own --dry-run expands them"),
     Entry(r"python sweep\.py sweeps/lr\.yaml --summary", run_sweep, "run"),
