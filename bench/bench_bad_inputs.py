@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 
 def main() -> None:
@@ -28,7 +27,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs per case; the fastest is reported")
     args = parser.parse_args()
 
-    from tests import test_bad_inputs as cases  # the cases and the files they point at
+    import importlib.util  # the cases and the files they point at live in the checkout's tests/
+
+    spec = importlib.util.spec_from_file_location("bad_input_cases", REPO_ROOT / "tests" / "test_bad_inputs.py")
+    cases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cases)
 
     with tempfile.TemporaryDirectory() as tmp:
         files = cases.write_case_files(Path(tmp))
@@ -39,7 +42,7 @@ def main() -> None:
             for _ in range(args.repeat):
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 start = time.perf_counter()
-                result = subprocess.run([sys.executable, str(REPO_ROOT / f"{entry}.py"), *cases.fill(argv, files)],
+                result = subprocess.run([sys.executable, "-m", f"llm4gen.cli.{entry}", *cases.fill(argv, files)],
                                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
                 wall = time.perf_counter() - start
                 after = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llm4gen.datamodules.synthetic import synthetic_sample, write_synthetic_shards  # noqa: E402
 from llm4gen.datamodules.transforms import preprocess_image, sample_rng  # noqa: E402

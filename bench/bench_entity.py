@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from bench.bench_parser import DENSE, SHORT, captions_per_second  # noqa: E402
-from bench.bench_step import make_batches, plain_loop  # noqa: E402
+from bench_parser import DENSE, SHORT, captions_per_second  # noqa: E402  (a sibling: python puts bench/ on the path)
+from bench_step import make_batches, plain_loop  # noqa: E402
 from llm4gen.configs.schema import load_config  # noqa: E402
 from llm4gen.datamodules.webdataset_datamodule import parse_entities  # noqa: E402
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule  # noqa: E402

@@ -7,11 +7,8 @@ Prints a table of captions/s for `EntityParser.parse_many` (nlp.pipe) and `Entit
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llm4gen.losses.entity_parser import EntityParser  # noqa: E402
 

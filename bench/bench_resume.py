@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llm4gen.datamodules.synthetic import write_synthetic_shards  # noqa: E402
 from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule  # noqa: E402

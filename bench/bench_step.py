@@ -2,7 +2,7 @@
 
     python bench/bench_step.py --evidence [--steps 12]                         # the shapes miniature's step
     python bench/bench_step.py [--steps 30] [--batch-size 8] [--models tiny tiny_sdxl]   # Lightning's overhead
-    python bench/bench_step.py --evidence --smoke                              # a few steps, to check it runs
+    python bench/bench_step.py [--evidence] --smoke                            # two steps, to check it runs
 
 ``--evidence``: the evidence experiment's training step (configs/shapes_evidence.yaml: the shapes base, batch 16,
 cached latents and MiniLM features of verbose captions, EMA, clipping) at one thread, as its runs train, for
@@ -208,8 +208,10 @@ def main() -> None:
     parser.add_argument("--evidence", action="store_true", help="the shapes evidence recipe's step and its breakdown")
     parser.add_argument("--smoke", action="store_true", help="two timed steps: checks that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps = 2
     if args.evidence:
-        evidence_table(2 if args.smoke else args.steps, warmup=1 if args.smoke else 2)
+        evidence_table(args.steps, warmup=1 if args.smoke else 2)
         return
     table = []
     for model in args.models:

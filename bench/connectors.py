@@ -14,10 +14,8 @@ with a frozen UNet and with LoRA rank 32 in the UNet (LaVi-Bridge's recipe). Ste
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 

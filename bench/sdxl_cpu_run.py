@@ -24,7 +24,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def write_folders(workdir: Path) -> dict[str, float]:
@@ -50,7 +49,7 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     phases = write_folders(workdir)
-    command = [sys.executable, str(REPO / "train.py"), "--config", "configs/llm4gen_sdxl.yaml", "--quiet",
+    command = [sys.executable, "-m", "llm4gen.cli.train", "--config", "configs/llm4gen_sdxl.yaml", "--quiet",
                f"output_dir={workdir / 'run'}", "resume=never",
                f"model.base.pretrained={workdir / 'sdxl'}", "model.base.dtype=float32",
                f"model.llm.pretrained={workdir / 't5-xl'}", "model.llm.tokenizer=null",

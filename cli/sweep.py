@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--train-script", default=None, help="a training script to run instead of llm4gen.cli.train (train.py)"
     )
+    parser.add_argument("--no-preflight", action="store_true",
+                        help="skip train.py's checks of every run's config (for a --train-script that reads keys of "
+                             "its own, not llm4gen's)")
     return parser
 
 
@@ -82,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             config_file(spec.config)
         except ConfigError as error:
             raise SweepError(f"{args.sweep}: {error}") from None
-    if not args.summary:
-        check_run_configs(spec, pending, args.sweep, args.train_script)  # every run's config, before any starts or is submitted
+    if not args.summary and not args.no_preflight:
+        check_run_configs(spec, pending, args.sweep)  # every run's config, before any starts or is submitted
 
     if args.slurm:
         if not pending:

@@ -810,9 +810,8 @@ def train_runs(spec, sweep_file: str, jobs: int = 2, log=print) -> None:
     """Every run of the sweep checked, then trained here ``jobs`` at a time (finished ones skipped); a failed run
     stops the experiment, naming it."""
     runs = expand_runs(spec)
-    train_script = ROOT / "train.py"
-    check_run_configs(spec, runs, sweep_file, train_script)
-    outcome = run_locally(spec, runs, train_script, jobs=jobs, log=log)
+    check_run_configs(spec, runs, sweep_file)
+    outcome = run_locally(spec, runs, jobs=jobs, log=log)  # python -m llm4gen.cli.train: works from a wheel
     failed = [name for name, state in outcome.items() if state.startswith("failed")]
     if failed:
         raise ExperimentError(f"{len(failed)} runs failed ({', '.join(failed)}); see their train.log, then run "

@@ -231,13 +231,10 @@ def train_command(spec: SweepSpec, run: SweepRun, train_script: str | Path | Non
     ]
 
 
-def check_run_configs(spec: SweepSpec, runs: list[SweepRun], sweep_file: str | Path,
-                      train_script: str | Path | None = None) -> None:
+def check_run_configs(spec: SweepSpec, runs: list[SweepRun], sweep_file: str | Path) -> None:
     """Runs train.py's preflight on every run's config (schema, values, sources, paths, scheduler, cache,
-    resume file) before any run starts or is submitted, so one misspelt grid key costs seconds, not a sweep
-    of failed jobs. A custom ``--train-script`` has its own config rules and is not checked here."""
-    if train_script is not None:
-        return
+    resume file) before any run starts or is submitted, whatever script trains them, so one misspelt grid key
+    costs seconds, not a sweep of failed jobs."""
     for run in runs:
         overrides = [*spec.base_overrides, *run.override_args, f"output_dir={run.output_dir}"]
         try:

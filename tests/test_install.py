@@ -1,6 +1,7 @@
 """A non-editable install, used from another directory: one import name (``llm4gen``), every console
 script, the experiment YAMLs as package data, and no top-level module that shadows another project."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,52 @@ def test_import_and_every_console_script_work_from_another_directory(installed, 
                                        "--print-config"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "pretrained:" in result.stdout and "rankgen" in result.stdout.lower()
+
+
+def test_the_wheel_carries_the_one_version():
+    """setup.cfg reads the version from llm4gen.__version__: one number, in one place."""
+    import configparser
+
+    import llm4gen
+
+    metadata = configparser.ConfigParser()
+    metadata.read(ROOT / "setup.cfg")
+    assert metadata["metadata"]["version"] == "attr: llm4gen.__version__"
+    import re
+    tracked = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assignments = [name for name in tracked.split() if re.search(r"^__version__\s*=", (ROOT / name).read_text(), re.M)]
+    assert assignments == ["llm4gen/__init__.py"], assignments
+    assert llm4gen.__version__.count(".") == 2
+
+
+@pytest.mark.slow
+def test_the_wheel_versions_itself_from_the_package(installed):
+    import llm4gen
+
+    assert [p.name for p in installed.glob("llm4gen-*.dist-info")] == [f"llm4gen-{llm4gen.__version__}.dist-info"]
+
+
+def test_bench_scripts_import_the_installed_package_without_path_edits():
+    edits = [p.name for p in (ROOT / "bench").glob("*.py") if "sys.path" in p.read_text()]
+    assert not edits, f"bench scripts that edit sys.path (they must import the installed llm4gen): {edits}"
+
+
+@pytest.mark.slow
+def test_experiments_a_sweep_and_a_bench_run_from_the_wheel_in_another_directory(installed, tmp_path):
+    for experiment in ("shapes_evidence", "connectors", "real_llm"):
+        result = run_installed(installed, [sys.executable, "-m", f"llm4gen.experiments.{experiment}", "--help"], tmp_path)
+        assert result.returncode == 0 and "usage" in result.stdout, (experiment, result.stderr[-2000:])
+    # one run of a sweep: the shipped tiny experiment file by name, trained by `python -m llm4gen.cli.train`
+    (tmp_path / "sweep.yaml").write_text(
+        "config: configs/tiny.yaml\noutput_root: sweep-out\n"
+        "base_overrides: [trainer.max_steps=2, validation.every_n_steps=0, validation.at_start=false, data.batch_size=4,"
+        " model.optim.warmup_steps=0, trainer.enable_progress_bar=false]\nruns: [{seed: 0}]\n")
+    result = run_installed(installed, [str(installed / "bin" / "llm4gen-sweep"), "sweep.yaml"], tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "sweep-out" / "seed=0" / "final_metrics.json").read_text())
+    assert metrics["global_step"] == 2
+    # a benchmark from the checkout's bench/, importing the installed package (not the checkout)
+    result = run_installed(installed, [sys.executable, str(ROOT / "bench" / "bench_step.py"), "--smoke", "--models", "tiny"],
+                           tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ratio Lightning / plain" in result.stdout

@@ -96,6 +96,7 @@ def parse_only(script: str, args: list[str], monkeypatch) -> argparse.Namespace:
     for name in originals:
         monkeypatch.setattr(argparse.ArgumentParser, name, stop_after(name))
     monkeypatch.setattr(sys, "argv", [script, *args])
+    monkeypatch.syspath_prepend(str((ROOT / script).parent))  # as `python script` does: its folder first on the path
     try:
         runpy.run_path(str(ROOT / script), run_name="__main__")
     except ParsedOnly as parsed:

@@ -246,7 +246,7 @@ def test_local_sweep_runs_every_run_writes_summary_then_skips_finished_runs(tmp_
     sweep_file = write_sweep(tmp_path, write_base_config(tmp_path, counter_file=str(counter)), GRID_2X2)
     out = tmp_path / "out"
 
-    assert sweep_cli.main([str(sweep_file), "--train-script", str(fake_trainer)]) == 0
+    assert sweep_cli.main([str(sweep_file), "--train-script", str(fake_trainer), "--no-preflight"]) == 0
 
     names = [run.name for run in expand_runs(load_sweep(sweep_file))]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(names)
@@ -266,7 +266,7 @@ def test_local_sweep_runs_every_run_writes_summary_then_skips_finished_runs(tmp_
     assert "train/loss" in printed and names[3] in printed
 
     # Again: nothing runs.
-    assert sweep_cli.main([str(sweep_file), "--train-script", str(fake_trainer)]) == 0
+    assert sweep_cli.main([str(sweep_file), "--train-script", str(fake_trainer), "--no-preflight"]) == 0
     assert counter_lines(counter) == names
     assert capsys.readouterr().out.count("finished already, skipped") == 4
 
@@ -274,7 +274,7 @@ def test_local_sweep_runs_every_run_writes_summary_then_skips_finished_runs(tmp_
     interrupted = out / names[2]
     (interrupted / "final_metrics.json").unlink()
     (interrupted / "checkpoints" / "last.ckpt").write_text("1")
-    assert sweep_cli.main([str(sweep_file), "--train-script", str(fake_trainer)]) == 0
+    assert sweep_cli.main([str(sweep_file), "--train-script", str(fake_trainer), "--no-preflight"]) == 0
     assert counter_lines(counter) == names + [names[2]]
     assert json.loads((interrupted / "starts.log").read_text().splitlines()[-1])["start_step"] == 1
     assert (interrupted / "final_metrics.json").exists()
@@ -284,7 +284,7 @@ def test_jobs_run_side_by_side_with_the_cores_shared_and_output_in_each_run_fold
     import os
 
     sweep_file = write_sweep(tmp_path, write_base_config(tmp_path, step_seconds=0.3), GRID_2X2)
-    assert sweep_cli.main([str(sweep_file), "--train-script", str(fake_trainer), "--jobs", "2"]) == 0
+    assert sweep_cli.main([str(sweep_file), "--train-script", str(fake_trainer), "--no-preflight", "--jobs", "2"]) == 0
     runs = expand_runs(load_sweep(sweep_file))
     spans = []
     for run in runs:
@@ -296,14 +296,14 @@ def test_jobs_run_side_by_side_with_the_cores_shared_and_output_in_each_run_fold
     printed = capsys.readouterr().out
     assert printed.count(": finished") == 4 and "train.log" in printed
     (runs[0].output_dir / "final_metrics.json").unlink()
-    assert sweep_cli.main([str(sweep_file), "--jobs", "0", "--train-script", str(fake_trainer)]) == 2
+    assert sweep_cli.main([str(sweep_file), "--jobs", "0", "--train-script", str(fake_trainer), "--no-preflight"]) == 2
     assert "--jobs 0" in capsys.readouterr().err
 
 
 def test_failed_run_is_reported_as_missing_and_does_not_stop_the_others(tmp_path, fake_trainer, capsys):
     sweep_file = write_sweep(tmp_path, write_base_config(tmp_path), "runs: [{fake.fail: true}, {fake.fail: false}]\n")
 
-    assert sweep_cli.main([str(sweep_file), "--train-script", str(fake_trainer)]) == 1
+    assert sweep_cli.main([str(sweep_file), "--train-script", str(fake_trainer), "--no-preflight"]) == 1
 
     with (tmp_path / "out" / "summary.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -318,7 +318,7 @@ def test_summary_only_lists_unstarted_runs_as_missing_without_running_them(tmp_p
     counter = tmp_path / "invocations.txt"
     sweep_file = write_sweep(tmp_path, write_base_config(tmp_path, counter_file=str(counter)), GRID_2X2)
 
-    assert sweep_cli.main([str(sweep_file), "--summary", "--train-script", str(fake_trainer)]) == 0
+    assert sweep_cli.main([str(sweep_file), "--summary", "--train-script", str(fake_trainer), "--no-preflight"]) == 0
 
     with (tmp_path / "out" / "summary.csv").open() as handle:
         assert [row["status"] for row in csv.DictReader(handle)] == ["missing"] * 4
@@ -329,7 +329,7 @@ def test_dry_run_prints_commands_and_writes_nothing(tmp_path, fake_trainer, caps
     counter = tmp_path / "invocations.txt"
     sweep_file = write_sweep(tmp_path, write_base_config(tmp_path, counter_file=str(counter)), GRID_2X2)
 
-    assert sweep_cli.main([str(sweep_file), "--dry-run", "--train-script", str(fake_trainer)]) == 0
+    assert sweep_cli.main([str(sweep_file), "--dry-run", "--train-script", str(fake_trainer), "--no-preflight"]) == 0
 
     printed = capsys.readouterr().out
     assert "4 runs, 0 finished, 4 to run" in printed
@@ -354,7 +354,7 @@ def test_slurm_dry_run_renders_one_array_over_unfinished_runs(tmp_path, fake_tra
     finished.mkdir(parents=True)
     (finished / "final_metrics.json").write_text('{"global_step": 2}')
 
-    assert sweep_cli.main([str(sweep_file), "--slurm", "--dry-run", "--train-script", str(fake_trainer)]) == 0
+    assert sweep_cli.main([str(sweep_file), "--slurm", "--dry-run", "--train-script", str(fake_trainer), "--no-preflight"]) == 0
 
     printed = capsys.readouterr().out
     assert "#SBATCH --array=0-2%2" in printed
@@ -382,14 +382,16 @@ def test_array_task_i_gets_run_i_and_the_runs_file_name_follows_its_content(tmp_
         resolve_array_task(runs_file, None)
 
 
-def test_slurm_submission_refuses_a_config_the_run_schema_rejects(tmp_path, fake_trainer, capsys):
+@pytest.mark.parametrize("mode", [["--slurm"], []], ids=["slurm", "local"])
+def test_a_config_the_run_schema_rejects_is_refused_whatever_script_the_sweep_launches(tmp_path, fake_trainer, capsys,
+                                                                                        mode):
     sweep_file = write_sweep(tmp_path, write_schema_config(tmp_path, "optim: {lr: 0.1}\n"), GRID_2X2)
 
-    assert sweep_cli.main([str(sweep_file), "--slurm", "--train-script", str(fake_trainer)]) == 2
+    assert sweep_cli.main([str(sweep_file), *mode, "--train-script", str(fake_trainer)]) == 2
 
     err = capsys.readouterr().err
     assert "unknown config key 'optim'" in err and "Closest valid keys" in err, err
-    assert not list((tmp_path / "out").glob("*.sbatch"))  # nothing submitted
+    assert not (tmp_path / "out").exists()  # nothing submitted, nothing run
 
 
 # ---------------------------------------------------------------- real runs
