@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from huggingface_hub import try_to_load_from_cache
 from omegaconf import DictConfig, OmegaConf
 
 from llm4gen.configs import choices
@@ -210,7 +211,6 @@ def model_json(source: str, filename: str, revision: Optional[str] = None) -> Op
         path = Path(source).expanduser() / filename
     else:
         try:
-            from huggingface_hub import try_to_load_from_cache
 
             found = try_to_load_from_cache(source, filename, revision=revision)
         except Exception:  # an id the hub client refuses is reported by check_source later

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+import yaml
 
 from llm4gen.configs import choices
 from llm4gen.configs.checks import (
@@ -467,7 +468,6 @@ def config_file(config_path: str | Path) -> Path:
 def read_config_file(path: Path) -> DictConfig:
     """An experiment file's keys. Raises ConfigError naming the file, and the line and column of a YAML
     syntax error, or saying what the file holds when it is not a mapping of keys."""
-    import yaml
 
     try:
         layer = OmegaConf.load(path)

@@ -25,6 +25,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 import llm4gen
 from llm4gen.evaluation.prompts import PromptSet
 from llm4gen.evaluation.report import markdown_table
@@ -69,7 +71,6 @@ def missing_images(plan: dict[str, list[ImageRecord]]) -> int:
 def generate_missing(sampler, records: list[ImageRecord], batch_size: int, progress: bool = True, bar=None) -> int:
     """Generates the records whose image file is absent, ``batch_size`` at a time; returns how many.
     ``bar``: a progress bar over a larger run to advance (else one of its own)."""
-    from tqdm.auto import tqdm
 
     todo = [r for r in records if not r.path.is_file()]
     own = bar is None
@@ -140,7 +141,6 @@ class Evaluation:
 
     def generate(self, sampler, plan: dict[str, list[ImageRecord]]) -> int:
         """Every missing image of every set, under one progress bar."""
-        from tqdm.auto import tqdm
 
         self.check_output(sampler.description, sampler.settings)
         todo = missing_images(plan)

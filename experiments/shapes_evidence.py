@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Optional
 
 from omegaconf import OmegaConf
+from PIL import Image
 
 from llm4gen.configs.errors import UserError, entry_point
 from llm4gen.datamodules.synthetic import clip_tokenizer, ensure_synthetic_shards
@@ -633,7 +634,6 @@ def sample_grid(tasks: list[Task], path: Path, seed: int = 0, protocol: Protocol
                 labels: dict[str, str] = ARMS) -> Path:
     """Rows: prompts (short post-nominal ones, then verbose ones); columns: the arms at ``seed``, in the order
     and under the names of ``labels``."""
-    from PIL import Image
 
     picks = [("phrased_2", i) for i in (1, 4, 6, 9)] + [("verbose_2", i) for i in range(4)] + [("verbose_3", i) for i in range(4)]
     records = {name: prompt_set(name, protocol.prompts(name), protocol.scene_draw) for name in {name for name, _ in picks}}

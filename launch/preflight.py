@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from safetensors import SafetensorError, safe_open
 
 from llm4gen.adapters.connectors import CONNECTORS
 from llm4gen.adapters.cross_adapter import convert_released_state_dict
@@ -134,7 +135,6 @@ def check_adapter_folder(init_from: str, path: Path, widths: tuple[int | None, i
     config, weights = read_model_folder("model.adapter.init_from", init_from, path,
                                         "write the folder again with save_pretrained (export.py)")
     if weights.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(weights), "pt") as handle:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
@@ -144,7 +145,6 @@ class ValidationImages(L.Callback):
                       f"prompts: {cost_line(scores, base, prefix)}", flush=True)
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_image"):  # TensorBoard
-            import numpy as np
 
             experiment.add_image("validation", np.asarray(grid), trainer.global_step, dataformats="HWC")
         return path

@@ -32,6 +32,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import EMAModel, cast_training_params
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llm4gen.adapters.connectors import build_connector, load_connector
@@ -131,7 +132,6 @@ NONFINITE_KEY = "nonfinite_steps"  # a checkpoint's count of skipped non-finite 
 
 def save_llm_lora(model, directory: str | os.PathLike) -> Path:
     """The LLM's LoRA weights (``lora_`` parameters, named as in the LLM), safetensors."""
-    from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,6 @@ def save_llm_lora(model, directory: str | os.PathLike) -> Path:
 
 def load_llm_lora(model, directory: str | os.PathLike) -> None:
     """Loads :func:`save_llm_lora`'s weights into an LLM that has the same LoRA layers; every one must fit."""
-    from safetensors.torch import load_file
 
     weights = load_file(str(Path(directory) / LLM_LORA_FILE))
     expected = {k for k in model.state_dict() if "lora_" in k}
@@ -466,12 +465,15 @@ class LLM4GenModule(L.LightningModule):
                              f"context ({self.adapter.layout.value}) has none (configs/checks.py refuses this config)")
         return targets
 
+    def objective(self, terms: LossTerms) -> torch.Tensor:
+        """L = L_diffusion + lambda_entity * L_entity, the paper's objective, from ``compute_losses``' terms."""
+        return terms.diffusion + self.cfg.objective.lambda_entity * terms.entity
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         accumulate = self.trainer.accumulate_grad_batches
         generator = step_generator(self.seed, self.global_step, batch_idx % accumulate, self.global_rank, self.device)
         terms = self.compute_losses(batch, generator=generator)
-        lambda_entity = self.cfg.objective.lambda_entity
-        loss = terms.diffusion + lambda_entity * terms.entity  # L = L_diffusion + lambda_entity * L_entity
+        loss = self.objective(terms)
         logs = {"train/loss": loss.detach(), **{f"train/{k}": v for k, v in terms.logs().items()}}
         self._nonfinite_terms += nonfinite_terms(logs)  # such a step is skipped before the optimizer (nonfinite.py)
         self.log_dict({k: v for k, v in logs.items() if k not in self._nonfinite_terms}, prog_bar=True, sync_dist=False)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors.torch import save_file
 
 from llm4gen.configs.errors import UserError, entry_point
 
@@ -68,8 +69,6 @@ def load_gguf(path: Path):
 def save_folder(model, tokenizer, output: Path) -> Path:
     """``output`` as a plain transformers folder: config.json (no quantization_config), model.safetensors
     (tied weights once), the tokenizer's files."""
-    from safetensors.torch import save_file
-
     output.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
     config.pop("quantization_config", None)

@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
 
 from llm4gen.configs import choices
 from llm4gen.configs.errors import UserError, entry_point
@@ -964,7 +965,6 @@ def run_prepare(config: PrepareConfig, out=None) -> RunResult:
 
 
 def run_jobs(jobs: list[ChunkJob], workers: int, quiet: bool, out) -> None:
-    from tqdm import tqdm
 
     total = sum(len(job.items) for job in jobs)
     if workers > len(jobs) > 0 and not quiet:

@@ -16,7 +16,7 @@ from llm4gen.configs.schema import load_config
 from llm4gen.datamodules.webdataset_datamodule import parse_entities
 from llm4gen.encoders.llm import LLMFeatures
 from llm4gen.losses.entity import EntityTargets, drop_leading_tokens
-from tests.helpers.modules import PARSER, fixed_batch, fixed_inputs, make_module, objective_loss, run_steps
+from tests.helpers.modules import PARSER, fixed_batch, fixed_inputs, make_module, run_steps
 
 SMALL_ELLA = {"adapter.ella": {"num_latents": 8, "num_blocks": 2, "width": 64, "num_heads": 4, "time_channels": 32}}
 
@@ -42,7 +42,7 @@ def test_gradients_reach_every_connector_weight_and_nothing_frozen(tiny_model_co
     module.train()
     terms = module.compute_losses(batch, noise=noise, timesteps=timesteps, drop=torch.zeros(2, dtype=torch.bool),
                                   generator=torch.Generator().manual_seed(1))
-    objective_loss(module, terms).backward()
+    module.objective(terms).backward()
     connector = {f"adapter.{n}" for n, _ in module.adapter.named_parameters()}
     lora = {f"unet.{n}" for n, _ in module.unet.named_parameters() if "lora_" in n}
     trained = {n for n, p in module.named_parameters() if p.requires_grad}
@@ -229,7 +229,7 @@ def test_lavi_bridge_trains_with_the_entity_loss_on_llm_tokens(tiny_model_config
     module.train()
     terms = module.compute_losses(batch, noise=noise, timesteps=timesteps, drop=torch.zeros(2, dtype=torch.bool))
     assert terms.entity_parts is not None and terms.entity_parts.num_pairs > 0
-    objective_loss(module, terms).backward()
+    module.objective(terms).backward()
     assert module.adapter.proj_in.weight.grad.abs().sum() > 0
 
 
@@ -275,7 +275,7 @@ def test_every_kind_trains_and_samples_on_sdxl(kind):
     batch = fixed_batch(n=2)
     module.train()
     terms = module.compute_losses(batch, drop=torch.zeros(2, dtype=torch.bool), generator=torch.Generator().manual_seed(0))
-    objective_loss(module, terms).backward()
+    module.objective(terms).backward()
     assert all(p.grad is not None and p.grad.any() for p in module.adapter.parameters())
     images = module.generate(["a red circle"], seeds=[0], num_inference_steps=2, guidance_scale=3.0, output_type="np")
     assert images.shape[0] == 1 and torch.isfinite(torch.as_tensor(images)).all()

@@ -18,7 +18,6 @@ from tests.helpers.modules import (
     fixed_batch,
     fixed_inputs,
     make_module,
-    objective_loss,
     run_steps,
     unet_prediction,
 )
@@ -62,7 +61,7 @@ def test_the_first_step_trains_the_gates_then_the_llm_branch_and_the_connector_l
         module.zero_grad()
         terms = module.compute_losses(batch, noise=noise, timesteps=timesteps, drop=torch.zeros(2, dtype=torch.bool),
                                       generator=torch.Generator().manual_seed(1))
-        objective_loss(module, terms).backward()
+        module.objective(terms).backward()
         return {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
 
     grads = gradients()

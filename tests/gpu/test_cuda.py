@@ -9,7 +9,7 @@ import torch
 
 from llm4gen.lightning_modules.optimization import parameter_groups
 from llm4gen.lightning_modules.performance import build_optimizer
-from tests.helpers.modules import fixed_batch, fixed_inputs, make_module, objective_loss
+from tests.helpers.modules import fixed_batch, fixed_inputs, make_module
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -28,7 +28,7 @@ def loss_on_cuda(module, batch=None, autocast=False):
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         terms = module.compute_losses(batch, noise=noise.cuda(), timesteps=timesteps.cuda(), drop=drop,
                                       generator=torch.Generator("cuda").manual_seed(1))
-    return objective_loss(module, terms)
+    return module.objective(terms)
 
 
 def test_bf16_mixed_step_keeps_fp32_masters_and_a_finite_loss(tiny_model_config):

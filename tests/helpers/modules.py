@@ -1,4 +1,4 @@
-"""Tiny LLM4GenModules, fixed batches and the objective written out, for tests of the model."""
+"""Tiny LLM4GenModules and fixed batches, for tests of the model."""
 
 import copy
 import random
@@ -20,11 +20,6 @@ def make_module(model_config, **overrides):
             node = node[p]
         node[leaf] = value
     return LLM4GenModule(cfg)
-
-
-def objective_loss(module, terms):
-    """The training step's loss from ``compute_losses``' terms: L_diffusion + lambda_entity * L_entity."""
-    return terms.diffusion + module.cfg.objective.lambda_entity * terms.entity
 
 
 CAPTIONS = ["a red circle and a blue square", "a green triangle", "a yellow square on a black background",
@@ -68,7 +63,7 @@ def run_steps(module, steps, batch, lr=1e-3, stop_below=None):
     for _ in range(steps):
         g = torch.Generator().manual_seed(1)  # same posterior sample every step: one fixed batch
         loss = module.compute_losses(batch, noise=noise, timesteps=timesteps, drop=drop, generator=g)
-        loss = objective_loss(module, loss)
+        loss = module.objective(loss)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -12,7 +12,7 @@ import torch
 from llm4gen.datamodules.webdataset_datamodule import parse_entities
 from llm4gen.losses.entity import build_entity_targets_from_captions
 from llm4gen.losses.entity_parser import groups_from_json
-from tests.helpers.modules import PARSER, make_module, objective_loss, synthetic_captions
+from tests.helpers.modules import PARSER, make_module, synthetic_captions
 
 pytestmark = [pytest.mark.slow]
 
@@ -43,7 +43,7 @@ def step(module, batch, noise, timesteps, drop):
     module.zero_grad(set_to_none=True)
     losses = module.compute_losses(batch, noise=noise, timesteps=timesteps, drop=drop,
                                    generator=torch.Generator().manual_seed(1))
-    objective_loss(module, losses).backward()
+    module.objective(losses).backward()
     grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     return losses, grads
 
@@ -99,7 +99,7 @@ def test_lambda_zero_is_exactly_the_baseline(tiny_model_config, baseline):
     base_losses, base_grads = step(baseline, batch, noise, timesteps, drop)
     off_losses, off_grads = step(off, batch, noise, timesteps, drop)
     assert off_losses.entity_parts is None and off_losses.entity.item() == 0  # no entity work at all with lambda 0
-    assert torch.equal(objective_loss(off, off_losses), objective_loss(baseline, base_losses))
+    assert torch.equal(off.objective(off_losses), baseline.objective(base_losses))
     assert base_grads.keys() == off_grads.keys()
     assert all(torch.equal(off_grads[n], base_grads[n]) for n in base_grads)
 
@@ -113,7 +113,7 @@ def test_entity_on_keeps_the_diffusion_term_and_adds_lambda_times_entity(baselin
     # the capturing processor computes what the fused kernel does: same diffusion loss
     torch.testing.assert_close(losses.diffusion, base_losses.diffusion, atol=1e-5, rtol=0)
     assert losses.entity.item() > 0
-    torch.testing.assert_close(objective_loss(with_entity, losses), losses.diffusion + 0.5 * losses.entity, atol=1e-7, rtol=0)
+    torch.testing.assert_close(with_entity.objective(losses), losses.diffusion + 0.5 * losses.entity, atol=1e-7, rtol=0)
     torch.testing.assert_close(losses.entity, losses.entity_parts.positive + losses.entity_parts.negative)
     assert all(g.abs().sum() > 0 for g in grads.values())
 
@@ -162,7 +162,7 @@ def test_timestep_window_and_dropped_captions_mask_pairs(windowed):
     losses, grads = step(module, batch, noise, torch.tensor([0, 100, 700, 999]), none_dropped)
     assert losses.entity_parts.num_pairs == 0
     assert losses.entity.item() == 0.0
-    assert torch.equal(objective_loss(module, losses), losses.diffusion)
+    assert torch.equal(module.objective(losses), losses.diffusion)
 
     # the default window [0, 1000) takes every pair of every kept caption
     module.cfg.objective.entity_timesteps = [0, 1000]

@@ -11,7 +11,7 @@ from llm4gen.configs.schema import load_config
 from llm4gen.lightning_modules import performance
 from llm4gen.lightning_modules.performance import build_optimizer, set_tf32
 from llm4gen.losses.attention_capture import CapturingAttnProcessor
-from tests.helpers.modules import make_module, objective_loss
+from tests.helpers.modules import make_module
 
 CAPTIONS = ["a red circle and a blue square", "a green triangle"]
 
@@ -41,7 +41,7 @@ def adapter_grads(module, saved_bytes=None, **kwargs):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         losses = fixed_step(module, **kwargs)
-    objective_loss(module, losses).backward()
+    module.objective(losses).backward()
     if saved_bytes is not None:
         saved_bytes.append(sum(saved.values()))
     return losses, {n: p.grad.clone() for n, p in module.adapter.named_parameters()}
@@ -98,7 +98,7 @@ def test_gradient_checkpointing_gives_the_cam_the_same_gradients(tiny_model_conf
     losses_ckpt, grads_ckpt = adapter_grads(checkpointed, saved, entities=entities)
     assert losses.entity_parts.num_pairs > 0
     assert saved[1] < 0.8 * saved[0]  # it engaged: the frozen UNet kept fewer activations
-    torch.testing.assert_close(objective_loss(checkpointed, losses_ckpt), objective_loss(plain, losses))
+    torch.testing.assert_close(checkpointed.objective(losses_ckpt), plain.objective(losses))
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-7)
 
