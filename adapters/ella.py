@@ -17,7 +17,7 @@ every block sees plain LayerNorms). The published SD1.5 model: 64 queries, 6 blo
 
 ELLA replaces CLIP: the context is ``out`` alone. ``with_clip=True`` concatenates it after CLIP's tokens, as
 LLM4GEN does with its CAM. Only the connector depends on the timestep, so cached LLM features stay valid;
-the model calls it once per denoising step (lightning_modules/llm4gen.py), for the prompt and for the
+the pipeline calls it once per denoising step (pipelines/llm4gen_pipeline.py), for the prompt and for the
 null prompt of classifier-free guidance at the same timestep.
 """
 

@@ -48,18 +48,18 @@ def loader_rate(shards: str, resolution: int, batch_size: int, precomputed_keys:
         samples, wall, cpu = 0, time.perf_counter(), time.process_time()
         for batch in loader:
             dm.on_batch_consumed(batch)
-            samples += len(batch["keys"])
+            samples += len(batch)
         rates = (samples / (time.perf_counter() - wall), samples / (time.process_time() - cpu))
     return rates
 
 
-def first_batch(shards: str, resolution: int, batch_size: int, precomputed_keys: list[str]) -> dict:
+def first_batch(shards: str, resolution: int, batch_size: int, precomputed_keys: list[str]):
     dm = WebDatasetDataModule(shards, batch_size=batch_size, resolution=resolution, shuffle_buffer=0,
                               shuffle_shards=False, precomputed_keys=precomputed_keys)
     return next(iter(dm.train_dataloader()))
 
 
-def step_time(module, batch: dict, steps: int) -> tuple[float, float]:
+def step_time(module, batch, steps: int) -> tuple[float, float]:
     """Median (wall, CPU) seconds of compute_losses + backward + AdamW step on one batch."""
     optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-4)
     module.train()
@@ -67,7 +67,7 @@ def step_time(module, batch: dict, steps: int) -> tuple[float, float]:
     for step in range(steps + 1):
         wall, cpu = time.perf_counter(), time.process_time()
         terms = module.compute_losses(batch, generator=torch.Generator().manual_seed(step))
-        loss = terms.diffusion + module.cfg.objective.lambda_entity * terms.entity
+        loss = module.objective(terms)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -46,7 +46,7 @@ def time_loader(shards: str, workers: int, args: argparse.Namespace) -> tuple[fl
         start = time.perf_counter()
         for batch in loader:
             dm.on_batch_consumed(batch)
-            samples += len(batch["keys"])
+            samples += len(batch)
         rates.append(samples / (time.perf_counter() - start))
     return rates[-1], samples
 

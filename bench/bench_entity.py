@@ -24,17 +24,17 @@ from omegaconf import OmegaConf  # noqa: E402
 from bench_parser import DENSE, SHORT, captions_per_second  # noqa: E402  (a sibling: python puts bench/ on the path)
 from bench_step import make_batches, plain_loop  # noqa: E402
 from llm4gen.configs.schema import load_config  # noqa: E402
-from llm4gen.datamodules.webdataset_datamodule import parse_entities  # noqa: E402
+from llm4gen.datamodules.entity_targets import EntityTargetBuilder, TokenizerSources  # noqa: E402
+from llm4gen.datamodules.collate import with_entities  # noqa: E402
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule  # noqa: E402
 from llm4gen.losses.entity_parser import EntityParser  # noqa: E402
 
 
-def entity_batches(n: int, batch_size: int, resolution: int, parser_model: str) -> list[dict]:
-    """bench_step's batches with each caption's entity groups precomputed."""
-    batches = make_batches(n, batch_size, resolution)
-    for batch in batches:
-        batch["entities"] = parse_entities(parser_model, batch["captions"])
-    return batches
+def entity_batches(n: int, batch_size: int, resolution: int, model_cfg) -> list:
+    """bench_step's batches with each caption's entity groups and targets precomputed, as the data side does."""
+    builder = EntityTargetBuilder(TokenizerSources.from_model_config(model_cfg))
+    return [with_entities(batch, model_cfg.objective.entity_parser, builder)
+            for batch in make_batches(n, batch_size, resolution)]
 
 
 def step_times(cfg, batches, steps: int, layers: str) -> dict[str, float]:
@@ -70,8 +70,8 @@ def main() -> None:
     parser.add_argument("--n-dense", type=int, default=100)
     args = parser.parse_args()
     cfg = load_config(None, ["model.optim.warmup_steps=0"])
-    batches = entity_batches(8, args.batch_size, cfg.data.resolution, cfg.model.objective.entity_parser)
-    pairs = sum(len(g["attributes"]) for b in batches for caption in b["entities"] for g in caption)
+    batches = entity_batches(8, args.batch_size, cfg.data.resolution, cfg.model)
+    pairs = sum(len(g["attributes"]) for b in batches for caption in b.entities for g in caption)
     times = step_times(cfg, batches, args.steps, args.layers)
     rates = parser_rates(cfg.model.objective.entity_parser, args.n_short, args.n_dense)
     load = os.getloadavg()[0]

@@ -1,4 +1,4 @@
-"""CPU cost of each stage of the tiny-base pretraining (``embedded/pretrain.py``) and the projected
+"""CPU cost of each stage of the tiny-base pretraining (``tools/pretrain.py``) and the projected
 time of a full run, measured as process CPU time on one thread (honest on a shared machine, where
 wall time mostly measures the neighbours).
 

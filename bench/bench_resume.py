@@ -33,7 +33,7 @@ def state_at(shards: str, batches: int, args: argparse.Namespace) -> tuple[dict,
     dm = make_datamodule(shards, args)
     for index, batch in enumerate(dm.train_dataloader()):
         if index == batches:
-            return state, batch["keys"]
+            return state, batch.keys
         dm.on_batch_consumed(batch)
         if index == batches - 1:
             state = copy.deepcopy(dm.state_dict())
@@ -55,7 +55,7 @@ def time_resume(shards: str, state: dict, expected: list[str], args: argparse.Na
         dm.load_state_dict(state)
         batch = next(iter(dm.train_dataloader()))
         best = min(best, time.perf_counter() - start)
-        assert batch["keys"] == expected, "the resumed stream differs from the uninterrupted one"
+        assert batch.keys == expected, "the resumed stream differs from the uninterrupted one"
     return best
 
 

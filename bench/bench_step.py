@@ -32,6 +32,8 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
 from llm4gen.configs.schema import load_config
+from llm4gen.datamodules.batch import Batch
+from llm4gen.encoders.llm import LLMFeatures
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule
 
 MODELS = {"tiny": None, "tiny_sdxl": "configs/tiny_sdxl.yaml"}  # config files (None: the schema's defaults)
@@ -50,8 +52,8 @@ def make_batches(n: int, batch_size: int, resolution: int):
     g = torch.Generator().manual_seed(0)
     captions = ["a red circle and a blue square", "a green triangle on a yellow background",
                 "a white square, a black circle and a red triangle on a blue background"]
-    return [{"captions": [captions[(i + j) % 3] for j in range(batch_size)],
-             "pixel_values": torch.rand(batch_size, 3, resolution, resolution, generator=g) * 2 - 1}
+    return [Batch(captions=[captions[(i + j) % 3] for j in range(batch_size)],
+                  pixel_values=torch.rand(batch_size, 3, resolution, resolution, generator=g) * 2 - 1)
             for i in range(n)]
 
 
@@ -122,18 +124,19 @@ def evidence_batch(module: LLM4GenModule, batch_size: int, seed: int = 0) -> dic
     llm = module.llm(captions).trimmed()
     size = module.unet.config.sample_size
     moments = torch.randn(batch_size, 2 * module.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
-    return {"captions": captions, "latent_moments": moments, "llm_features": llm.features, "llm_mask": llm.mask}
+    return Batch(captions=captions, latent_moments=moments, llm_features=llm.features, llm_mask=llm.mask)
 
 
-def timed_step(module: LLM4GenModule, batch: dict, optimizer, generator) -> dict[str, float]:
+def timed_step(module: LLM4GenModule, batch: Batch, optimizer, generator) -> dict[str, float]:
     """One training step (the module's own functions, in compute_losses' order) with the time of each part."""
     times, clock = {}, time.perf_counter
     start = clock()
-    clip = module.clip(batch["captions"])
+    clip = module.clip(batch.captions)
     times["CLIP"] = clock() - start
     start = clock()
     latents = module.latents(batch, generator)
-    llm = module.context_tokens(module.encode_text(batch["captions"], module_llm(batch), clip.hidden)[1])
+    llm = module.context_tokens(module.encode_text(batch.captions, LLMFeatures(batch.llm_features, batch.llm_mask),
+                                                   clip.hidden)[1])
     timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
     context = module.fuse(clip.hidden, llm, timesteps)
@@ -158,12 +161,6 @@ def timed_step(module: LLM4GenModule, batch: dict, optimizer, generator) -> dict
     times["optimizer + EMA"] = clock() - start
     times["context tokens"] = context.shape[1]
     return times
-
-
-def module_llm(batch: dict):
-    from llm4gen.encoders.llm import LLMFeatures
-
-    return LLMFeatures(batch["llm_features"], batch["llm_mask"])
 
 
 def evidence_table(steps: int, warmup: int = 2) -> None:

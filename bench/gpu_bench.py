@@ -50,6 +50,9 @@ from omegaconf import OmegaConf  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 
 from llm4gen.configs.schema import load_config  # noqa: E402
+from llm4gen.datamodules.batch import Batch  # noqa: E402
+from llm4gen.datamodules.entity_targets import EntityTargetBuilder, TokenizerSources  # noqa: E402
+from llm4gen.datamodules.collate import with_entities  # noqa: E402
 from llm4gen.lightning_modules.flops import latent_size_for, module_step_flops  # noqa: E402
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule  # noqa: E402
 from llm4gen.lightning_modules.sharding import STRATEGY_NAME, ShardedStrategy  # noqa: E402
@@ -128,21 +131,21 @@ def make_batches(module: LLM4GenModule, batch_size: int, resolution: int, cached
     batches = []
     for i in range(count):
         captions = [CAPTIONS[(i + j) % len(CAPTIONS)] for j in range(batch_size)]
-        batch = {"captions": captions}
+        fields = {}
         if "latent_moments" in cached:
-            batch["latent_moments"] = torch.randn(batch_size, channels, latent, latent, generator=g)  # (B, 2C, h, w)
+            fields["latent_moments"] = torch.randn(batch_size, channels, latent, latent, generator=g)  # (B, 2C, h, w)
         else:
-            batch["pixel_values"] = torch.rand(batch_size, 3, resolution, resolution, generator=g) * 2 - 1
+            fields["pixel_values"] = torch.rand(batch_size, 3, resolution, resolution, generator=g) * 2 - 1
         if "llm_features" in cached:
             length = module.cfg.llm.max_length
-            batch["llm_features"] = torch.randn(batch_size, length, module.llm.hidden_size, generator=g)  # (B, L, D)
-            batch["llm_mask"] = torch.ones(batch_size, length, dtype=torch.bool)
-        if entities:
-            from llm4gen.datamodules.webdataset_datamodule import parse_entities
-
-            batch["entities"] = parse_entities(module.cfg.objective.entity_parser, captions)
+            fields["llm_features"] = torch.randn(batch_size, length, module.llm.hidden_size, generator=g)  # (B, L, D)
+            fields["llm_mask"] = torch.ones(batch_size, length, dtype=torch.bool)
+        batch = Batch(captions=captions, **fields)
+        if entities:  # parsed and aligned as the data workers do
+            builder = EntityTargetBuilder(TokenizerSources.from_model_config(module.cfg))
+            batch = with_entities(batch, module.cfg.objective.entity_parser, builder)
         if torch.cuda.is_available():
-            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batch = batch.pin_memory()
         batches.append(batch)
     return batches
 

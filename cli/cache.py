@@ -4,7 +4,7 @@
                     [--fields latent_moments,llm_features,clip_features,entities] [--dtype float16|float32]
 
 Train on the result with ``data.shards=DIR data.precomputed_keys=[latent_moments,llm_features]``.
-The logic lives in datamodules/feature_cache.py; this file only makes it a command.
+The logic lives in tools/feature_cache.py; this file only makes it a command.
 """
 
 import sys

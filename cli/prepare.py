@@ -1,6 +1,6 @@
 """Write WebDataset shards from a folder or table of (image, caption): `python prepare.py --help`.
 
-The logic lives in datamodules/prepare.py; this file only makes it a command.
+The logic lives in tools/prepare.py; this file only makes it a command.
 """
 
 import sys

@@ -227,7 +227,7 @@ class ModelConfig:
 
 @dataclass
 class BucketConfig:
-    """Aspect-ratio bucketing (datamodules/buckets.py): each image is resized to cover, and cropped to, the
+    """Aspect-ratio bucketing (configs/buckets.py): each image is resized to cover, and cropped to, the
     bucket of about resolution^2 pixels nearest its aspect ratio; a batch holds one bucket."""
     enabled: str = "auto"       # auto (on for model.base.family=sdxl, off for sd15) | true | false
     min_aspect: float = 0.5     # narrowest bucket, width / height (SDXL's own list reaches 0.25)

@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from llm4gen.configs import choices
 from llm4gen.configs.buckets import assign_bucket
 
-SKIP_REASONS: tuple[str, ...] = choices.SAMPLE_SKIP_REASONS  # index order of batch["skipped"]
+SKIP_REASONS: tuple[str, ...] = choices.SAMPLE_SKIP_REASONS  # index order of Batch.skipped
 IMAGE_EXTENSIONS: tuple[str, ...] = choices.IMAGE_EXTENSIONS
 DEFAULT_CAPTION_KEYS: tuple[str, ...] = choices.CAPTION_KEYS
 

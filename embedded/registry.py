@@ -22,7 +22,7 @@ from typing import Optional
 
 CLIP_TOKENIZER_DIR = Path(__file__).parent / "clip_tokenizer"
 TINY_SD_VERSION = "tiny-sd-v2"  # v2: the scheduler config says clip_sample false, as SD1.5's does
-# The tiny SD pretrained on the shapes world (embedded/pretrain.py), shipped in the repository: the
+# The tiny SD pretrained on the shapes world (tools/pretrain.py), shipped in the repository: the
 # default base. tiny-sd's VAE and text encoder; its UNet is 1.5x wider (SHAPES_UNET). Its weights draw
 # the benchmark's scenes.
 SHAPES_SD_DIR = Path(__file__).parent / "shapes_sd"

@@ -82,7 +82,8 @@ class ClipTextEncoder(nn.Module):
         hidden = self.text_encoder(ids).last_hidden_state
         return ClipText(hidden=hidden.reshape(len(prompts), self.context_length, -1))  # (batch, 77 * chunks, clip_dim)
 
-    def unet_kwargs(self, text: ClipText, batch: dict, target_size: tuple[int, int]) -> dict:
+    def unet_kwargs(self, text: ClipText, target_size: tuple[int, int], original_size: torch.Tensor | None = None,
+                    crop_top_left: torch.Tensor | None = None) -> dict:
         return {}  # SD1.5's UNet takes the context alone
 
     def pipeline(self, vae, unet, scheduler):

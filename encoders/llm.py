@@ -129,13 +129,34 @@ class LLMEncoder(nn.Module):
         if self.tokenizer.pad_token is None:  # Llama-family tokenizers ship without one
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"  # real tokens first: causal features do not see the padding
-        self.model = load_llm_model(pretrained, config, self.kind, dtype, revision, trust_remote_code)
-        layers = num_hidden_layers(self.model.config)
+        self._read_with(load_llm_model(pretrained, config, self.kind, dtype, revision, trust_remote_code), layer,
+                        layer_norm, max_length, prefix, zero_padding)
+        self.requires_grad_(False).eval()
+
+    def _read_with(self, model: nn.Module, layer: int | str, layer_norm: str, max_length: int, prefix: str,
+                   zero_padding: bool) -> None:
+        self.model = model
+        layers = num_hidden_layers(model.config)
         self.layer = hidden_state_index(layer, layers)
         self.normalize = normalizes(self.layer, layer_norm, self.kind, layers)
-        self.last_layer_run = last_layer_needed(self.model, self.layer, layers)
+        self.last_layer_run = last_layer_needed(model, self.layer, layers)
         self.max_length, self.prefix, self.zero_padding = max_length, prefix, zero_padding
-        self.requires_grad_(False).eval()
+
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer, kind: str, layer: int | str = -1, layer_norm: str = "auto",
+                   max_length: int = 256, prefix: str = "", zero_padding: bool = True) -> "LLMEncoder":
+        """A reader over an LLM and tokenizer already loaded (a pipeline's components, shared, not copied), by
+        the same rules as a loaded one: what a saved pipeline reads is what training read."""
+        if kind not in KINDS or kind == "auto":
+            raise ValueError(f"llm kind {kind!r}: a loaded model needs its kind, one of {KINDS[1:]}")
+        encoder = cls.__new__(cls)
+        nn.Module.__init__(encoder)
+        if tokenizer.pad_token is None:  # as a loaded reader sets them
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"
+        encoder.kind, encoder.tokenizer = kind, tokenizer
+        encoder._read_with(model, layer, layer_norm, max_length, prefix, zero_padding)
+        return encoder
 
     @classmethod
     def from_config(cls, cfg) -> "LLMEncoder":
@@ -174,12 +195,14 @@ class LLMEncoder(nn.Module):
         for name, parameter in self.model.named_parameters():
             parameter.requires_grad_("lora_" in name)
 
-    def forward(self, prompts: list[str]) -> LLMFeatures:
+    def forward(self, prompts: list[str], device: torch.device | str | None = None) -> LLMFeatures:
+        """(batch, max_length, llm_dim) features of ``prompts`` and their mask; the tokens go to ``device`` (default:
+        the model's; a pipeline with offloading gives its execution device)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trains):  # frozen: never a graph
-            return self._features(prompts)
+            return self._features(prompts, device)
 
-    def _features(self, prompts: list[str]) -> LLMFeatures:
-        tokens = self.tokenize(prompts).to(self.model.device)
+    def _features(self, prompts: list[str], device=None) -> LLMFeatures:
+        tokens = self.tokenize(prompts).to(device if device is not None else self.model.device)
         kwargs = dict(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
         if self.kind == "decoder":
             kwargs["use_cache"] = False

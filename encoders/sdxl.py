@@ -69,13 +69,14 @@ class SdxlTextEncoder(nn.Module):
         pooled = second.text_embeds.reshape(len(prompts), self.chunks, -1)[:, 0]  # (batch, projection_dim)
         return ClipText(hidden=hidden.reshape(len(prompts), self.context_length, -1), pooled=pooled)
 
-    def unet_kwargs(self, text: ClipText, batch: dict, target_size: tuple[int, int]) -> dict:
-        """The UNet's ``added_cond_kwargs``; sizes from the batch's ``original_size`` / ``crop_top_left``
-        (batch, 2) when the data recorded them."""
+    def unet_kwargs(self, text: ClipText, target_size: tuple[int, int], original_size: torch.Tensor | None = None,
+                    crop_top_left: torch.Tensor | None = None) -> dict:
+        """The UNet's ``added_cond_kwargs``; sizes from ``original_size`` / ``crop_top_left`` (batch, 2) when the
+        data recorded them, else the target size and no crop."""
         if text.pooled is None:
             raise ValueError("SDXL needs the pooled text embedding; cached CLIP features without 'clip_pooled'?")
-        time_ids = add_time_ids(target_size, text.pooled.shape[0], batch.get("original_size"),
-                                batch.get("crop_top_left"), dtype=text.pooled.dtype, device=text.pooled.device)
+        time_ids = add_time_ids(target_size, text.pooled.shape[0], original_size, crop_top_left,
+                                dtype=text.pooled.dtype, device=text.pooled.device)
         return {"added_cond_kwargs": {"text_embeds": text.pooled, "time_ids": time_ids}}
 
     def pipeline(self, vae, unet, scheduler):

@@ -15,7 +15,6 @@ evidence experiment's own functions (llm4gen.experiments.shapes_evidence).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -28,11 +27,14 @@ from omegaconf import OmegaConf
 
 from llm4gen.configs.choices import CONNECTOR_KINDS
 from llm4gen.configs.errors import entry_point
+from llm4gen.datamodules.batch import Batch
 from llm4gen.evaluation.paired import Difference
 from llm4gen.experiments import shapes_evidence as evidence
+from llm4gen.experiments.runner import ExperimentError, run_study, study_command, study_parser
 from llm4gen.launch.sweep import expand_runs, is_finished, load_sweep
 from llm4gen.lightning_modules.sampler import load_checkpoint_module
 
+MODULE = "llm4gen.experiments.connectors"
 PROTOCOLS = {"": "docs/connectors/protocol.md", "+lora": "docs/connectors/protocol_lora.md"}  # by variant
 UNET = {"": "UNet frozen", "+lora": "LoRA in the UNet"}
 FROZEN_RESULTS = evidence.ROOT / "docs" / "connectors" / "results.json.gz"  # the frozen variant's records
@@ -68,11 +70,11 @@ def sweep_arms(arms) -> tuple[list[str], str]:
     ``""`` (UNet frozen) or ``"+lora"``. One report reads one variant: a mix is refused."""
     variants = {split_arm(a)[1] for a in arms if a != "a"}
     if len(variants) > 1:
-        raise evidence.ExperimentError(f"one sweep, one UNet variant: these arms mix {sorted(variants)} "
+        raise ExperimentError(f"one sweep, one UNet variant: these arms mix {sorted(variants)} "
                                        f"({sorted(set(arms))}); report the frozen and LoRA sweeps apart")
     variant = variants.pop() if variants else ""
     if variant not in PROTOCOLS:
-        raise evidence.ExperimentError(f"no connector protocol for the variant {variant!r}; "
+        raise ExperimentError(f"no connector protocol for the variant {variant!r}; "
                                        f"the comparison runs {sorted(PROTOCOLS)}")
     order = ["a", *(kind + variant for kind in CONNECTOR_KINDS)]
     return [a for a in order if a in set(arms)], variant
@@ -216,8 +218,8 @@ def _size_and_step_time(checkpoint: str, batch_size: int, warmup: int, steps: in
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     size = module.unet.config.sample_size * 2 ** (len(module.vae.config.block_out_channels) - 1)
     g = torch.Generator().manual_seed(0)
-    batch = {"captions": ["a small red circle and a large blue square on a white background"] * batch_size,
-             "pixel_values": torch.rand(batch_size, 3, size, size, generator=g) * 2 - 1}
+    batch = Batch(captions=["a small red circle and a large blue square on a white background"] * batch_size,
+                  pixel_values=torch.rand(batch_size, 3, size, size, generator=g) * 2 - 1)
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
@@ -250,7 +252,7 @@ def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protoco
     cfg = evidence.load_experiment_config(spec.config, spec.base_overrides)
     tasks, unfinished = evaluation_tasks(spec, cfg.model.base.pretrained)
     if not any(t.arm != "a" for t in tasks):
-        raise evidence.ExperimentError(f"no finished run under {spec.output_root}; train the arms first: "
+        raise ExperimentError(f"no finished run under {spec.output_root}; train the arms first: "
                                        f"python -m llm4gen.experiments.connectors run {sweep_file}")
     arms, variant = sweep_arms([t.arm for t in tasks])
     reference = "cam" + variant
@@ -372,31 +374,20 @@ def lora_section(effects: Optional[dict]) -> list[str]:
 
 
 def run(sweep_file: str, jobs: int = 2, log=print, v3: bool = False) -> Path:
-    started = time.time()
-    spec = load_sweep(sweep_file)
-    evidence.write_data(spec, log=log)
-    evidence.train_runs(spec, sweep_file, jobs, log)
-    out = report(sweep_file, jobs, log=log, v3=v3)
-    minutes = (time.time() - started) / 60
-    (out / "wall_time.txt").write_text(f"{minutes:.1f} min for `python -m llm4gen.experiments.connectors run "
-                                       f"{sweep_file}{' --protocol v3' if v3 else ''}`\n")
-    log(f"the whole comparison: {minutes:.1f} min")
-    return out
+    flags = ["--protocol", "v3"] if v3 else []
+    return run_study(study_command(MODULE, "run", sweep_file, *flags), sweep_file,
+                     lambda spec: evidence.write_data(spec, log=log), lambda: report(sweep_file, jobs, log=log, v3=v3),
+                     jobs, log)
 
 
 @entry_point("python -m llm4gen.experiments.connectors")
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llm4gen.experiments.connectors", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("run", "report"))
-    parser.add_argument("sweep", help="the sweep file, e.g. configs/sweeps/connectors.yaml")
-    parser.add_argument("--jobs", type=int, default=2, help="training runs and evaluations at a time")
+    parser = study_parser(MODULE, __doc__, "configs/sweeps/connectors.yaml")
     parser.add_argument("--protocol", choices=("v2", "v3"), default="v2",
                         help="v2: the sweep's own protocol (protocol.md, protocol_lora.md); v3: protocol_v3.md's rules")
     args = parser.parse_args(argv)
     (run if args.command == "run" else report)(args.sweep, args.jobs, v3=args.protocol == "v3")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,6 @@ shapes analyzer, and compared with its own earlier steps. :func:`training_length
 
 from __future__ import annotations
 
-import argparse
 import csv
 import gzip
 import json
@@ -27,10 +26,12 @@ from llm4gen.configs.errors import entry_point
 from llm4gen.evaluation.paired import Difference
 from llm4gen.evaluation.prompt_sets import prompt_set
 from llm4gen.experiments import shapes_evidence as evidence
+from llm4gen.experiments.runner import ExperimentError, run_study, study_command, study_parser
 from llm4gen.launch.sweep import expand_runs, is_finished, load_experiment_config, load_sweep
 from llm4gen.lightning_modules.attention_split import attention_split
 from llm4gen.lightning_modules.sampler import load_checkpoint_module
 
+MODULE = "llm4gen.experiments.pilot"
 RULE = "docs/evidence/pilot_v3.md"
 STEPS = (0, 300, 1000, 1500, 2000)          # evaluated
 CANDIDATES = (300, 1000, 1500, 2000)        # training lengths the rule may pick
@@ -175,7 +176,7 @@ def report(sweep_file: str, jobs: int = 2, log=print) -> Path:
     cfg = load_experiment_config(spec.config, spec.base_overrides)
     runs, unfinished = runs_by_kind(spec)
     if not runs:
-        raise evidence.ExperimentError(f"no finished pilot run under {spec.output_root}; train them first: "
+        raise ExperimentError(f"no finished pilot run under {spec.output_root}; train them first: "
                                        f"python -m llm4gen.experiments.pilot run {sweep_file}")
     if unfinished:
         log(f"not finished, left out of the report: {', '.join(unfinished)}")
@@ -224,28 +225,15 @@ def report(sweep_file: str, jobs: int = 2, log=print) -> Path:
 
 
 def run(sweep_file: str, jobs: int = 2, log=print) -> Path:
-    started = time.time()
-    spec = load_sweep(sweep_file)
-    evidence.write_data(spec, log=log)
-    evidence.train_runs(spec, sweep_file, jobs, log)
-    out = report(sweep_file, jobs, log=log)
-    minutes = (time.time() - started) / 60
-    (out / "wall_time.txt").write_text(f"{minutes:.1f} min for `python -m llm4gen.experiments.pilot run {sweep_file}`\n")
-    log(f"the whole pilot: {minutes:.1f} min")
-    return out
+    return run_study(study_command(MODULE, "run", sweep_file), sweep_file, lambda spec: evidence.write_data(spec, log=log),
+                     lambda: report(sweep_file, jobs, log=log), jobs, log)
 
 
 @entry_point("python -m llm4gen.experiments.pilot")
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llm4gen.experiments.pilot", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("run", "report"))
-    parser.add_argument("sweep", help="the pilot's sweep file: configs/sweeps/pilot.yaml")
-    parser.add_argument("--jobs", type=int, default=2, help="runs and evaluations at a time")
-    args = parser.parse_args(argv)
+    args = study_parser(MODULE, __doc__, "configs/sweeps/pilot.yaml").parse_args(argv)
     (run if args.command == "run" else report)(args.sweep, args.jobs)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

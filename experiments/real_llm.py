@@ -13,7 +13,6 @@ sampling and the records are the evidence experiment's own functions.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -25,9 +24,11 @@ from typing import Optional
 from llm4gen.configs.errors import entry_point
 from llm4gen.experiments import connectors
 from llm4gen.experiments import shapes_evidence as evidence
+from llm4gen.experiments.runner import ExperimentError, run_study, study_command, study_parser
 from llm4gen.launch.sweep import load_sweep
 from llm4gen.tools import convert_gguf
 
+MODULE = "llm4gen.experiments.real_llm"
 PROTOCOL = "docs/evidence/protocol_smollm2.md"
 SHIPPED = evidence.ROOT / "docs" / "evidence" / "results.json.gz"  # the MiniLM experiment's records
 ARM = "d_smollm2"
@@ -95,7 +96,7 @@ def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protoco
     cfg = evidence.load_experiment_config(spec.config, spec.base_overrides)
     tasks, unfinished = evaluation_tasks(spec, cfg.model.base.pretrained)
     if not any(t.arm == ARM for t in tasks):
-        raise evidence.ExperimentError(f"no finished run under {spec.output_root}; train it first: "
+        raise ExperimentError(f"no finished run under {spec.output_root}; train it first: "
                                        f"python -m llm4gen.experiments.real_llm run {sweep_file}")
     if unfinished:
         log(f"not finished, left out of the report: {', '.join(unfinished)}")
@@ -146,29 +147,19 @@ def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protoco
 
 
 def run(sweep_file: str, jobs: int = 2, log=print) -> Path:
-    started = time.time()
-    spec = load_sweep(sweep_file)
-    ensure_llm(evidence.load_experiment_config(spec.config, spec.base_overrides), log)
-    evidence.write_data(spec, log=log)
-    evidence.train_runs(spec, sweep_file, jobs, log)
-    out = report(sweep_file, jobs, log=log)
-    minutes = (time.time() - started) / 60
-    (out / "wall_time.txt").write_text(f"{minutes:.1f} min for `python -m llm4gen.experiments.real_llm run {sweep_file}`\n")
-    log(f"the real-LLM arm: {minutes:.1f} min")
-    return out
+    def data(spec):
+        ensure_llm(evidence.load_experiment_config(spec.config, spec.base_overrides), log)
+        evidence.write_data(spec, log=log)
+
+    return run_study(study_command(MODULE, "run", sweep_file), sweep_file, data,
+                     lambda: report(sweep_file, jobs, log=log), jobs, log)
 
 
 @entry_point("python -m llm4gen.experiments.real_llm")
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llm4gen.experiments.real_llm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("run", "report"))
-    parser.add_argument("sweep", help="the sweep file, e.g. configs/sweeps/evidence_smollm2.yaml")
-    parser.add_argument("--jobs", type=int, default=2, help="training runs and evaluations at a time")
-    args = parser.parse_args(argv)
+    args = study_parser(MODULE, __doc__, "configs/sweeps/evidence_smollm2.yaml").parse_args(argv)
     (run if args.command == "run" else report)(args.sweep, args.jobs)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,7 +27,6 @@ Images already generated are kept, so a report run again only scores.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import contextlib
 import gzip
@@ -42,9 +41,9 @@ from typing import Optional
 from omegaconf import OmegaConf
 from PIL import Image
 
-from llm4gen.configs.errors import UserError, entry_point
+from llm4gen.configs.errors import entry_point
 from llm4gen.datamodules.synthetic import clip_tokenizer, ensure_synthetic_shards
-from llm4gen.datamodules.webdataset_datamodule import iter_tar_samples
+from llm4gen.datamodules.shards import iter_tar_samples
 from llm4gen.encoders.sources import load_pretrained
 from llm4gen.evaluation.grids import labelled_grid
 from llm4gen.evaluation.paired import Difference, Observation, paired_difference
@@ -58,18 +57,18 @@ from llm4gen.experiments.probes import (
     llm_attention_share,
     load_encoders,
 )
+from llm4gen.experiments.runner import ExperimentError, run_study, study_command, study_parser
 from llm4gen.launch.sweep import (
-    check_run_configs,
     expand_runs,
     is_finished,
     load_experiment_config,
     load_sweep,
-    run_locally,
 )
 from llm4gen.lightning_modules.sampler import SamplingSettings, initial_sampler, load_sampler
 from llm4gen.losses.token_alignment import mentions_in_clip_window
 from llm4gen.tools.feature_cache import run_cache
 
+MODULE = "llm4gen.experiments.shapes_evidence"
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL = "docs/evidence/protocol.md"
 
@@ -127,10 +126,6 @@ PROTOCOLS = {  # --protocol: what each study reads its rules and evaluation scen
     "v3": Protocol(document="docs/evidence/protocol_v3.md", damage=0.03),
     "v3-replication": Protocol(document="docs/evidence/protocol_v3.md", damage=0.03, scene_draw=1),
 }
-
-
-class ExperimentError(UserError, ValueError):
-    """The experiment cannot go on as asked (no finished run, a caption the LLM would truncate, ...)."""
 
 
 # ---------------------------------------------------------------- arms and runs
@@ -806,45 +801,23 @@ def replication_section(path: Path, protocol: Protocol = PROTOCOL_SETTINGS) -> l
     return lines + [""]
 
 
-def train_runs(spec, sweep_file: str, jobs: int = 2, log=print) -> None:
-    """Every run of the sweep checked, then trained here ``jobs`` at a time (finished ones skipped); a failed run
-    stops the experiment, naming it."""
-    runs = expand_runs(spec)
-    check_run_configs(spec, runs, sweep_file)
-    outcome = run_locally(spec, runs, jobs=jobs, log=log)  # python -m llm4gen.cli.train: works from a wheel
-    failed = [name for name, state in outcome.items() if state.startswith("failed")]
-    if failed:
-        raise ExperimentError(f"{len(failed)} runs failed ({', '.join(failed)}); see their train.log, then run "
-                              f"this command again to resume them")
-
-
 def run(sweep_file: str, jobs: int = 2, log=print, protocol: Protocol = PROTOCOL_SETTINGS, name: str = "v2",
         replication: Optional[str] = None) -> Path:
-    """Data (shards, feature cache), the sweep's runs, the report: the whole experiment."""
-    started = time.time()
-    spec = load_sweep(sweep_file)
-    write_data(spec, protocol, log=log)
-    run_probe(spec, spec.output_root / "probe.json", log)
-    train_runs(spec, sweep_file, jobs, log)
-    out = report(sweep_file, jobs, log=log, protocol=protocol, replication=replication)
-    minutes = (time.time() - started) / 60
-    flag = "" if name == "v2" else f" --protocol {name}"
-    (out / "wall_time.txt").write_text(f"{minutes:.1f} min for `python -m llm4gen.experiments.shapes_evidence run "
-                                       f"{sweep_file}{flag}`\n")
-    log(f"the whole experiment: {minutes:.1f} min")
-    return out
+    """Data (shards, feature cache, the probe), the sweep's runs, the report: the whole experiment."""
+    def data(spec):
+        write_data(spec, protocol, log=log)
+        run_probe(spec, spec.output_root / "probe.json", log)
+
+    flags = [] if name == "v2" else ["--protocol", name]
+    return run_study(study_command(MODULE, "run", sweep_file, *flags), sweep_file, data,
+                     lambda: report(sweep_file, jobs, log=log, protocol=protocol, replication=replication), jobs, log)
 
 
-@entry_point("python -m llm4gen.experiments.shapes_evidence")
+@entry_point(f"python -m {MODULE}")
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llm4gen.experiments.shapes_evidence", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("run", "data", "report", "replot"))
-    parser.add_argument("sweep", help="the sweep file, e.g. configs/sweeps/shapes_evidence.yaml (replot: a report's "
-                                      "results.json[.gz]; differences.png is written beside it)")
+    parser = study_parser(MODULE, __doc__, "configs/sweeps/shapes_evidence.yaml (replot: a report's results.json[.gz]; "
+                          "differences.png is written beside it)", ("run", "data", "report", "replot"))
     parser.add_argument("--base", help="report: evaluate this base for arm (a) (default: the config's)")
-    parser.add_argument("--jobs", type=int, default=2, help="training runs and evaluations at a time (2 single-thread "
-                                                            "processes use 2 cores best)")
     parser.add_argument("--protocol", choices=list(PROTOCOLS), default="v2",
                         help="whose rules and evaluation scenes: v2 (docs/evidence/protocol.md), v3 "
                              "(protocol_v3.md), v3-replication (v3 on freshly drawn scenes)")

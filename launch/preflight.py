@@ -27,7 +27,7 @@ from llm4gen.adapters.gated_fusion import FUSION_FOLDER, GatedFusion
 from llm4gen.adapters.release import RELEASED_PROJECTOR
 from llm4gen.configs.checks import check_scheduler_name, model_json
 from llm4gen.configs.errors import ConfigError
-from llm4gen.datamodules.webdataset_datamodule import resolve_shards
+from llm4gen.datamodules.shards import resolve_shards
 from llm4gen.encoders.sources import check_source, is_local
 from llm4gen.encoders.weight_files import WeightFileError, check_weights
 from llm4gen.lightning_modules import run_checkpoints

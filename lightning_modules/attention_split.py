@@ -97,7 +97,7 @@ def attention_split(module, prompts: Sequence[str], timesteps: Sequence[int] = (
         for t in timesteps:
             step = torch.full((len(prompts),), t, device=module.device)
             context = module.fuse(clip.hidden, llm, step)
-            kwargs = module.clip.unet_kwargs(clip, {}, module.image_size({}))
+            kwargs = module.clip.unet_kwargs(clip, module.image_size())
             mask = module.context_mask(clip.hidden, llm)
             if mask is not None:
                 kwargs["encoder_attention_mask"] = mask

@@ -42,9 +42,9 @@ from llm4gen.adapters.layout import ContextLayout
 from llm4gen.adapters.release import RELEASED_PROJECTOR, save_release
 from llm4gen.configs.errors import UserError
 from llm4gen.configs.schema import Config, ModelConfig, as_plain, model_config
-from llm4gen.datamodules.entity_targets import EntityTargetBuilder
+from llm4gen.datamodules.batch import Batch
 from llm4gen.encoders.clip import ClipText, where_text
-from llm4gen.encoders.llm import LLMEncoder, LLMFeatures, common_length
+from llm4gen.encoders.llm import LLMEncoder, LLMFeatures
 from llm4gen.encoders.stable_diffusion import load_base_model
 from llm4gen.lightning_modules.nonfinite import (
     NonFiniteSteps,
@@ -85,9 +85,9 @@ from llm4gen.losses.entity import (
 )
 from llm4gen.losses.terms import LossTerms
 from llm4gen.pipelines.llm4gen_pipeline import (
-    context_conditioning,
     guided_context_mask,
     masks_padding,
+    pipeline_from_module,
 )
 
 
@@ -204,7 +204,6 @@ class LLM4GenModule(L.LightningModule):
         self._nonfinite_terms: list[str] = []  # this optimizer step's loss terms that were not finite
         self._skip_step = False
         self._null_text: tuple | None = None
-        self._entity_targets: EntityTargetBuilder | None = None  # for batches that bring no targets
         self.performance = cfg.performance  # fast paths: channels_last, checkpointing, compile, TF32
         apply_performance(self, self.performance)
 
@@ -366,47 +365,49 @@ class LLM4GenModule(L.LightningModule):
         dtype = next(self.adapter.parameters()).dtype
         return self.adapter(clip_hidden.to(dtype), llm.features.to(dtype), llm.mask, timestep=timesteps)
 
-    def conditioning(self, batch: dict, drop: torch.Tensor | None = None,
+    def conditioning(self, batch: Batch, drop: torch.Tensor | None = None,
                      timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """UNet context and extra UNet inputs for a batch at ``timesteps``; rows where ``drop`` is True get the
         empty prompt's."""
-        captions = list(batch["captions"])
-        cached = LLMFeatures(batch["llm_features"], batch["llm_mask"]) if "llm_features" in batch else None
-        clip, llm = self.encode_text(captions, cached, batch.get("clip_features"), batch.get("clip_pooled"))
+        cached = LLMFeatures(batch.llm_features, batch.llm_mask) if batch.llm_features is not None else None
+        clip, llm = self.encode_text(list(batch.captions), cached, batch.clip_features, batch.clip_pooled)
         if drop is not None and drop.any():
             null_clip, null_llm = self.null_text()
             clip = where_text(~drop, clip, null_clip)
             llm = self.context_tokens(llm.where(~drop, null_llm))
-        unet_kwargs = self.clip.unet_kwargs(clip, batch, self.image_size(batch))
+        unet_kwargs = self.clip.unet_kwargs(clip, self.image_size(batch), batch.original_size, batch.crop_top_left)
         mask = self.context_mask(clip.hidden, llm)
         if mask is not None:
             unet_kwargs["encoder_attention_mask"] = mask
         return self.fuse(clip.hidden, llm, timesteps), unet_kwargs
 
-    def image_size(self, batch: dict) -> tuple[int, int]:
-        """(height, width) in pixels of the batch's images (SDXL's target size)."""
+    def image_size(self, batch: Batch | None = None) -> tuple[int, int]:
+        """(height, width) in pixels of the batch's images (SDXL's target size); the UNet's native size
+        without a batch."""
         scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        if "pixel_values" in batch:
-            return tuple(batch["pixel_values"].shape[-2:])
-        if "latent_moments" in batch:
-            return tuple(scale * s for s in batch["latent_moments"].shape[-2:])
+        if batch is not None and batch.pixel_values is not None:
+            return tuple(batch.pixel_values.shape[-2:])
+        if batch is not None and batch.latent_moments is not None:
+            return tuple(scale * s for s in batch.latent_moments.shape[-2:])
         return (scale * self.unet.config.sample_size,) * 2
 
-    def latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+    def latents(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
         """Scaled VAE latents (batch, 4, h, w): the posterior's mean, or a sample (``objective.latents``)."""
-        if "latent_moments" in batch:  # (batch, 2 * 4, h, w): the VAE encoder's mean and log-variance
-            moments = batch["latent_moments"].to(self.vae.dtype)
+        if batch.latent_moments is not None:  # (batch, 2 * 4, h, w): the VAE encoder's mean and log-variance
+            moments = batch.latent_moments.to(self.vae.dtype)
+        elif batch.pixel_values is None:
+            raise ValueError("a training batch needs pixel_values (batch, 3, H, W) or cached latent_moments")
         else:
             with torch.no_grad():
-                moments = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist.parameters
+                moments = self.vae.encode(batch.pixel_values.to(self.vae.dtype)).latent_dist.parameters
         posterior = DiagonalGaussianDistribution(moments.float())
         latents = posterior.mode() if self.cfg.objective.latents == "mean" else posterior.sample(generator)
         return latents * self.vae.config.scaling_factor
 
-    def compute_losses(self, batch: dict, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
+    def compute_losses(self, batch: Batch, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
                        drop: torch.Tensor | None = None, generator: torch.Generator | None = None) -> LossTerms:
-        """The objective's terms for one batch: L_diffusion, and L_entity when the batch carries entities
-        and the entity loss is on. ``noise``, ``timesteps`` and ``drop`` are drawn when not given."""
+        """The objective's terms for one batch: L_diffusion, and L_entity when the entity loss is on and the
+        batch carries its targets (the data side builds them). ``noise``, ``timesteps`` and ``drop`` are drawn when not given."""
         objective = self.cfg.objective
         latents = self.latents(batch, generator)                                # z0 (batch, 4, h, w)
         batch_size = latents.shape[0]
@@ -419,7 +420,7 @@ class LLM4GenModule(L.LightningModule):
                                       device=self.device, generator=generator)
         context, unet_kwargs = self.conditioning(batch, drop, timesteps)        # (batch, 77 + L, clip_dim)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)       # z_t
-        with_entity = self.attention_store is not None and ("entity_targets" in batch or "entities" in batch)
+        with_entity = self.attention_store is not None and batch.entity_targets is not None
         capture = self.attention_store.capturing() if with_entity else contextlib.nullcontext()
         with capture:
             prediction = self.unet(noisy.to(self.unet.dtype), timesteps, context.to(self.unet.dtype), **unet_kwargs).sample
@@ -437,18 +438,11 @@ class LLM4GenModule(L.LightningModule):
         entity = entity_loss(self.attention_store.maps(), targets.to(self.device), objective.entity_negative_weight)
         return LossTerms(diffusion=diffusion, entity=entity.total, entity_parts=entity)
 
-    def entity_targets(self, batch: dict, applies: torch.Tensor, context_tokens: int) -> EntityTargets:
-        """Word -> fused-sequence token positions and (attribute, entity) pairs for each caption: the batch's
-        own (built in the data worker, datamodules/entity_targets.py), or built here from its parsed entities
-        when it has none (a hand-made batch); pairs of samples where the loss does not apply (timestep window,
-        dropped caption) are masked out."""
-        targets = batch.get("entity_targets")
-        if targets is None:
-            if self._entity_targets is None:  # the same builder the data uses, over this module's tokenizers
-                self._entity_targets = EntityTargetBuilder(
-                    tokenizers=(self.clip.tokenizer, self.llm.tokenizer), llm_max_length=self.cfg.llm.max_length,
-                    llm_prefix=self.llm.prefix)
-            targets = self._entity_targets(list(batch["captions"]), batch["entities"])
+    def entity_targets(self, batch: Batch, applies: torch.Tensor, context_tokens: int) -> EntityTargets:
+        """Word -> fused-sequence token positions and (attribute, entity) pairs for each caption, as the data
+        worker built them (datamodules/entity_targets.py), fitted to this step's context; pairs of samples
+        where the loss does not apply (timestep window, dropped caption) are masked out."""
+        targets = batch.entity_targets
         expected = self.clip.tokenizer.model_max_length + self.cfg.llm.max_length
         if targets.num_tokens != expected:
             raise ValueError(f"the batch's entity targets index {targets.num_tokens} context tokens, this model's "
@@ -469,7 +463,7 @@ class LLM4GenModule(L.LightningModule):
         """L = L_diffusion + lambda_entity * L_entity, the paper's objective, from ``compute_losses``' terms."""
         return terms.diffusion + self.cfg.objective.lambda_entity * terms.entity
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         accumulate = self.trainer.accumulate_grad_batches
         generator = step_generator(self.seed, self.global_step, batch_idx % accumulate, self.global_rank, self.device)
         terms = self.compute_losses(batch, generator=generator)
@@ -606,7 +600,11 @@ class LLM4GenModule(L.LightningModule):
         """Images, one per prompt (PIL; ``output_type="np"``: float arrays in [0, 1]); each prompt's seed
         fixes its initial noise (CPU generator, so a seed gives the same image on any device). The negative
         prompt goes through CLIP, LLM and CAM. ``llm_prompts``: texts the LLM reads instead of the prompts
-        (CLIP still reads the prompts), e.g. another prompt's, to ask what the LLM's features carry."""
+        (CLIP still reads the prompts), e.g. another prompt's, to ask what the LLM's features carry.
+
+        Sampled by this module's own LLM4Gen pipeline (pipelines/llm4gen_pipeline.py, over these very components),
+        the one an export saves, with the texts read by this module's encoders; without a connector, by the
+        base's diffusers pipeline."""
         was_training = self.training
         self.eval()
         try:
@@ -616,31 +614,20 @@ class LLM4GenModule(L.LightningModule):
                     raise ValueError(f"{len(llm_prompts)} llm_prompts for {len(prompts)} prompts; give one each")
                 llm = self.encode_text(list(llm_prompts))[1]
             neg_clip, neg_llm = self.encode_text([negative_prompt] * len(prompts))
-            llm, neg_llm = common_length(llm, neg_llm)  # guidance concatenates the two halves
-            dtype = self.unet.dtype
-            pipe = self.pipeline(scheduler)
             generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-            # Every UNet call gets its context's padding mask, and a timestep-aware connector's context is
-            # recomputed inside it (per_step_context); the embeddings handed to the pipeline then only fix
-            # shapes and dtypes.
-            first = pipe.scheduler.config.num_train_timesteps - 1 if self.timestep_aware else None
-            with self.per_step_context(clip, llm, neg_clip, neg_llm):
-                return pipe(prompt_embeds=self.fuse(clip.hidden, llm, first).to(dtype),
-                            negative_prompt_embeds=self.fuse(neg_clip.hidden, neg_llm, first).to(dtype),
-                            **self.clip.pipeline_inputs(clip, neg_clip),
-                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                            generator=generators, output_type=output_type).images
+            sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                            generator=generators, output_type=output_type)
+            if not self.uses_cam:  # the base alone: its context is CLIP's
+                dtype = self.unet.dtype
+                return self.pipeline(scheduler)(prompt_embeds=clip.hidden.to(dtype),
+                                                negative_prompt_embeds=neg_clip.hidden.to(dtype),
+                                                **self.clip.pipeline_inputs(clip, neg_clip), **sampling).images
+            pipe = pipeline_from_module(self, scheduler, for_saving=False)
+            pipe.set_progress_bar_config(disable=True)
+            with pipe.texts_given(clip.hidden, neg_clip.hidden, llm, neg_llm, clip.pooled, neg_clip.pooled):
+                return pipe(list(prompts), negative_prompt=[negative_prompt] * len(prompts), **sampling).images
         finally:
             self.train(was_training)
-
-    def per_step_context(self, clip: ClipText, llm: LLMFeatures, neg_clip: ClipText, neg_llm: LLMFeatures):
-        """While active, every UNet call gets its context's padding mask and, from a timestep-aware connector,
-        its context at that call's timestep, for the prompts and for guidance's negative half
-        (pipelines/llm4gen_pipeline.py, the pipelines' own mechanism); nothing to add: a no-op."""
-        if not self.uses_cam:
-            return contextlib.nullcontext()
-        texts = (clip.hidden, llm, neg_clip.hidden, neg_llm)
-        return context_conditioning(self.unet, self.adapter, self.fuse, lambda: texts)
 
     def export_release(self, directory: str | os.PathLike, use_ema: bool = True) -> Path:
         """Writes the released LLM4GEN layout (adapters/release.py): ``projector.pth`` + ``unet/`` (the

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from llm4gen.datamodules.batch import Batch
 from llm4gen.lightning_modules.flops import StepFlops, module_step_flops
 
 # Dense bf16 tensor-core peak in TFLOP/s, from NVIDIA/AMD datasheets (sparsity figures halved).
@@ -61,8 +62,8 @@ def device_peak_flops(device: torch.device, override_tflops: Optional[float] = N
     return None
 
 
-def batch_size_of(batch: dict) -> int:
-    return len(batch["captions"])
+def batch_size_of(batch: Batch) -> int:
+    return len(batch)
 
 
 class TrainingThroughput(ThroughputMonitor):

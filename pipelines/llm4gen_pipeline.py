@@ -38,12 +38,8 @@ from llm4gen.encoders.llm import (
     LLMEncoder,
     LLMFeatures,
     common_length,
-    hidden_state_index,
     load_llm_config,
     load_llm_model,
-    normalizes,
-    num_hidden_layers,
-    read_hidden_states,
 )
 from llm4gen.encoders.sources import resolve_source
 
@@ -155,6 +151,7 @@ class LLMConditioning:
     ``from_pretrained`` reads the same folder without running any of its code."""
 
     _guided_text = None  # (clip, llm, clip_negative, llm_negative) while a pipeline call runs
+    _given_texts = None  # encodings to read the prompts from (texts_given)
 
     @classmethod
     def load_config(cls, *args, **kwargs):
@@ -172,37 +169,31 @@ class LLMConditioning:
         index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (Path(save_directory) / f"{SHIM_FILE}.py").write_text(SHIM.format(name=type(self).__name__))
 
-    # ---- the LLM's features, read as training read them (encoders/llm.py)
+    # ---- the LLM's features, read as training read them: by encoders/llm.py's reader over this pipeline's LLM
+
+    def llm_reader(self) -> LLMEncoder:
+        """An :class:`~llm4gen.encoders.llm.LLMEncoder` over ``self.llm`` and ``self.llm_tokenizer`` (shared) with the
+        reading rules this pipeline was saved with."""
+        c = self.config
+        return LLMEncoder.from_model(self.llm, self.llm_tokenizer, c.llm_kind, layer=c.llm_layer,
+                                     layer_norm=c.llm_layer_norm, max_length=c.llm_max_length, prefix=c.llm_prefix,
+                                     zero_padding=c.llm_zero_padding)
 
     @torch.no_grad()
     def encode_llm(self, prompts: list[str], device) -> LLMFeatures:
         """(batch, llm_max_length, llm_dim) features and their mask."""
-        c = self.config
-        tokens = self.llm_tokenizer([c.llm_prefix + p for p in prompts], max_length=c.llm_max_length,
-                                    padding="max_length", truncation=True, return_tensors="pt").to(device)
-        kwargs = dict(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-        if c.llm_kind == "decoder":
-            kwargs["use_cache"] = False
-        layers = num_hidden_layers(self.llm.config)
-        layer = hidden_state_index(c.llm_layer, layers)
-        normalize = normalizes(layer, c.llm_layer_norm, c.llm_kind, layers)
-        if layer == -1 and not normalize:
-            hidden = self.llm(**kwargs).last_hidden_state
-        else:
-            hidden = read_hidden_states(self.llm(**kwargs, output_hidden_states=True).hidden_states, layer, normalize)
-        mask = tokens["attention_mask"].bool()
-        if c.llm_zero_padding:
-            hidden = hidden * mask[..., None].to(hidden.dtype)
-        return LLMFeatures(features=hidden, mask=mask)
+        return self.llm_reader()(prompts, device)
 
     def connect(self, clip_hidden: torch.Tensor, llm: LLMFeatures, timestep=None) -> torch.Tensor:
         dtype = next(self.adapter.parameters()).dtype
         return self.adapter(clip_hidden.to(dtype), llm.features.to(dtype), llm.mask, timestep=timestep)
 
-    def connector_context(self, clip, clip_negative, prompts, negatives, num_images_per_prompt, device, guided: bool):
-        """The connector's context for prompts and negatives from their CLIP hidden states (batch, 77, clip_dim),
-        each repeated ``num_images_per_prompt`` times; for ELLA, kept for the per-step calls."""
-        llm, llm_negative = self.encode_llm(prompts, device), self.encode_llm(negatives, device)
+    def connector_context(self, clip, clip_negative, llm: LLMFeatures, llm_negative: LLMFeatures,
+                          num_images_per_prompt: int, guided: bool):
+        """The connector's context for prompts and negatives from their CLIP hidden states (batch, 77, clip_dim)
+        and LLM features, each repeated ``num_images_per_prompt`` times; kept for the per-step calls (padding
+        masks, ELLA's timestep). Every LLM4GEN image is sampled through here: a pipeline's own prompts, and a
+        training module's texts (:meth:`texts_given`)."""
         if masks_padding(self.adapter):  # padding leaves the context: each half cut to its longest, then one length
             llm, llm_negative = llm.trimmed(), llm_negative.trimmed()
         llm, llm_negative = common_length(llm, llm_negative)
@@ -218,6 +209,28 @@ class LLMConditioning:
         context = self.connect(clip, llm, first).to(self.unet.dtype)
         negative = self.connect(clip_negative, llm_negative, first).to(self.unet.dtype) if guided else None
         return context, negative
+
+    @contextlib.contextmanager
+    def texts_given(self, clip, clip_negative, llm: LLMFeatures, llm_negative: LLMFeatures, pooled=None,
+                    pooled_negative=None):
+        """While active, a call's prompts are read from these encodings (a training module's own encoders: its
+        CLIP windows, its LLM reader) instead of this pipeline's encoders; the rest of the call is the same."""
+        self._given_texts = (clip, clip_negative, llm, llm_negative, pooled, pooled_negative)
+        try:
+            yield self
+        finally:
+            self._given_texts = None
+
+    def prompt_texts(self, prompts: list[str], negatives: list[str], device, clip_texts):
+        """(clip, clip_negative, llm, llm_negative, *clip's extras): the given encodings, else ``clip_texts()``
+        (this pipeline's CLIP encoding) and its LLM reader's features."""
+        if self._given_texts is not None:
+            clip, clip_negative, llm, llm_negative, *extras = self._given_texts
+            if clip.shape[0] != len(prompts):
+                raise ValueError(f"{clip.shape[0]} encoded texts were given for {len(prompts)} prompts")
+            return (clip, clip_negative, llm, llm_negative, *extras)
+        clip, clip_negative, *extras = clip_texts()
+        return (clip, clip_negative, self.encode_llm(prompts, device), self.encode_llm(negatives, device), *extras)
 
     @staticmethod
     def prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:
@@ -273,9 +286,10 @@ class LLM4GenPipeline(LLMConditioning, StableDiffusionPipeline):
             return super().encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance,
                                          negative_prompt, prompt_embeds, negative_prompt_embeds, lora_scale, clip_skip)
         prompts, negatives = self.prompt_lists(prompt, negative_prompt)
-        clip, clip_negative = super().encode_prompt(prompts, device, 1, True, negatives, lora_scale=lora_scale,
-                                                    clip_skip=clip_skip)  # (batch, 77, clip_dim) each
-        return self.connector_context(clip, clip_negative, prompts, negatives, num_images_per_prompt, device,
+        clip, clip_negative, llm, llm_negative, *_ = self.prompt_texts(
+            prompts, negatives, device, lambda: super(LLM4GenPipeline, self).encode_prompt(
+                prompts, device, 1, True, negatives, lora_scale=lora_scale, clip_skip=clip_skip))  # (batch, 77, clip_dim)
+        return self.connector_context(clip, clip_negative, llm, llm_negative, num_images_per_prompt,
                                       do_classifier_free_guidance)
 
     @classmethod
@@ -342,25 +356,28 @@ class LLM4GenXLPipeline(LLMConditioning, StableDiffusionXLPipeline):
                                          negative_prompt, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
                                          pooled_prompt_embeds, negative_pooled_prompt_embeds, lora_scale, clip_skip)
         prompts, negatives = self.prompt_lists(prompt, negative_prompt)
-        clip, clip_negative, pooled, pooled_negative = super().encode_prompt(
-            prompts, None, device, 1, True, negatives, None, lora_scale=lora_scale, clip_skip=clip_skip)
-        context, negative = self.connector_context(clip, clip_negative, prompts, negatives, num_images_per_prompt,
-                                                   device, do_classifier_free_guidance)
+        clip, clip_negative, llm, llm_negative, pooled, pooled_negative = self.prompt_texts(
+            prompts, negatives, device, lambda: super(LLM4GenXLPipeline, self).encode_prompt(
+                prompts, None, device, 1, True, negatives, None, lora_scale=lora_scale, clip_skip=clip_skip))
+        context, negative = self.connector_context(clip, clip_negative, llm, llm_negative, num_images_per_prompt,
+                                                   do_classifier_free_guidance)
         pooled = pooled.repeat_interleave(num_images_per_prompt, dim=0)
         pooled_negative = pooled_negative.repeat_interleave(num_images_per_prompt, dim=0)
         return context, negative, pooled, pooled_negative
 
 
-def pipeline_from_module(module, scheduler: str = "DDIMScheduler"):
+def pipeline_from_module(module, scheduler: str = "DDIMScheduler", for_saving: bool = True):
     """An ``LLM4GenPipeline`` (SD1.5) or ``LLM4GenXLPipeline`` (SDXL) over a trained ``LLM4GenModule``'s
-    components (shared, not copied): save it with ``save_pretrained``. One CLIP window only."""
-    if module.clip.context_length != module.clip.tokenizer.model_max_length:
+    components (shared, not copied): save it with ``save_pretrained`` (one CLIP window only, a trained LLM LoRA
+    merged into a copy). ``for_saving=False``: the module's own sampling pipeline, which the module hands its
+    texts (``texts_given``): any number of CLIP windows, the LLM as it is."""
+    if for_saving and module.clip.context_length != module.clip.tokenizer.model_max_length:
         raise ValueError(f"a pipeline reads one 77-token CLIP window; this module has model.base.clip_chunks="
                          f"{module.cfg.base.clip_chunks}")
     if not module.uses_cam:
         raise ValueError("this module trains no connector (model.adapter.enabled=false): use StableDiffusionPipeline")
     llm, text = module.llm, module.clip
-    llm_model = merged_lora_copy(llm.model) if llm.trains else llm.model  # a trained LLM LoRA, merged in
+    llm_model = merged_lora_copy(llm.model) if llm.trains and for_saving else llm.model  # a trained LLM LoRA, merged
     common = dict(vae=module.vae, unet=module.unet,
                   scheduler=getattr(diffusers, scheduler).from_config(module.noise_scheduler.config),
                   text_encoder=text.text_encoder, tokenizer=text.tokenizer, llm=saveable_llm(llm_model),

@@ -298,7 +298,7 @@ def module_command(script: str, args: list[str]) -> tuple[str, list[str]]:
 def dry_run_module(ctx: Context, script: str, args: list[str]):
     """``[nice -n N] python -m MODULE ...``: the module's own parser runs on the arguments (and stops)."""
     module, module_args = module_command(script, args)
-    spec_file = Path(importlib.util.find_spec(module).origin)  # llm4gen.experiments.X -> experiments/X.py
+    spec_file = Path(importlib.util.find_spec(module).origin)  # llm4gen.experiments.<name> -> experiments/<name>.py
     parse_only(str(spec_file.relative_to(ROOT)), module_args, ctx.monkeypatch)
 
 

@@ -21,7 +21,7 @@ class BatchRecorder(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         # the datamodule took the keys out of the batch (bookkeeping) and keeps those of the batch consumed last
-        self.batches.append((tuple(trainer.datamodule.last_keys), tuple(batch["pixel_values"].shape[-2:])))
+        self.batches.append((tuple(trainer.datamodule.last_keys), tuple(batch.pixel_values.shape[-2:])))
 
 
 def fit(monkeypatch, out, shards, *extra):

@@ -61,7 +61,9 @@ from omegaconf import DictConfig, OmegaConf
 from llm4gen.configs.buckets import resolve_buckets
 from llm4gen.configs.errors import UserError, entry_point
 from llm4gen.configs.schema import load_config
+from llm4gen.datamodules.cache_codec import PRECOMPUTED_MEMBERS, encode_precomputed
 from llm4gen.datamodules.entity_targets import EntityTargetBuilder, TokenizerSources
+from llm4gen.datamodules.shards import iter_tar_samples, resolve_shards
 from llm4gen.datamodules.synthetic import ensure_synthetic_shards
 from llm4gen.datamodules.transforms import (
     IMAGE_EXTENSIONS,
@@ -72,12 +74,6 @@ from llm4gen.datamodules.transforms import (
     find_image_member,
     original_size,
     preprocess_image_with_geometry,
-)
-from llm4gen.datamodules.webdataset_datamodule import (
-    PRECOMPUTED_MEMBERS,
-    encode_precomputed,
-    iter_tar_samples,
-    resolve_shards,
 )
 from llm4gen.embedded import registry
 from llm4gen.encoders.llm import LLMEncoder

@@ -4,6 +4,8 @@ connector runs at the timestep of each step, in training and in every denoising 
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -13,10 +15,9 @@ from llm4gen.adapters.layout import ContextLayout
 from llm4gen.configs.choices import CONNECTOR_CLASS_NAMES, CONNECTOR_KINDS
 from llm4gen.configs.errors import ConfigError
 from llm4gen.configs.schema import load_config
-from llm4gen.datamodules.webdataset_datamodule import parse_entities
 from llm4gen.encoders.llm import LLMFeatures
 from llm4gen.losses.entity import EntityTargets, drop_leading_tokens
-from tests.helpers.modules import PARSER, fixed_batch, fixed_inputs, make_module, run_steps
+from tests.helpers.modules import PARSER, fixed_batch, fixed_inputs, make_module, run_steps, with_entity_targets
 
 SMALL_ELLA = {"adapter.ella": {"num_latents": 8, "num_blocks": 2, "width": 64, "num_heads": 4, "time_channels": 32}}
 
@@ -174,7 +175,7 @@ def test_sampling_runs_ella_once_per_denoising_step_at_that_steps_timestep(tiny_
     assert all(rows == 2 for rows, _ in setup)  # the shape-fixing calls before the loop
 
 
-def test_ella_context_is_recomputed_per_step_not_fixed_at_the_first(tiny_model_config):
+def test_ella_context_is_recomputed_per_step_not_fixed_at_the_first(tiny_model_config, monkeypatch):
     """Replacing the per-step hook by the fixed first-step context changes the image: the timestep matters."""
     module = kind_module(tiny_model_config, "ella")
     torch.manual_seed(0)
@@ -183,7 +184,9 @@ def test_ella_context_is_recomputed_per_step_not_fixed_at_the_first(tiny_model_c
             torch.nn.init.normal_(norm.modulation.weight, std=0.5)
     args = dict(prompts=["a red circle"], seeds=[0], num_inference_steps=3, guidance_scale=4.0, output_type="np")
     per_step = module.generate(**args)
-    module.per_step_context = lambda *a: __import__("contextlib").nullcontext()
+    from llm4gen.pipelines.llm4gen_pipeline import LLMConditioning
+
+    monkeypatch.setattr(LLMConditioning, "per_step_context", lambda self: contextlib.nullcontext())
     fixed = module.generate(**args)
     assert abs(per_step[0] - fixed[0]).max() > 1e-4
 
@@ -197,7 +200,7 @@ def test_cached_and_online_llm_features_give_the_same_ella_loss(tiny_model_confi
     common = dict(noise=noise, timesteps=timesteps, drop=drop)
     online = module.compute_losses(batch, generator=torch.Generator().manual_seed(1), **common)
     with torch.no_grad():
-        features = module.llm(batch["captions"])
+        features = module.llm(batch.captions)
     cached = {**batch, "llm_features": features.features, "llm_mask": features.mask}
     offline = module.compute_losses(cached, generator=torch.Generator().manual_seed(1), **common)
     torch.testing.assert_close(offline.diffusion, online.diffusion, atol=1e-5, rtol=0)
@@ -224,7 +227,7 @@ def test_lavi_bridge_trains_with_the_entity_loss_on_llm_tokens(tiny_model_config
     module = kind_module(tiny_model_config, "lavi_bridge", **{"objective.lambda_entity": 0.5,
                                                               "objective.entity_parser": PARSER})
     batch = fixed_batch(n=2)
-    batch["entities"] = parse_entities(PARSER, batch["captions"])
+    batch = with_entity_targets(module, batch)
     noise, timesteps = fixed_inputs(module, batch)
     module.train()
     terms = module.compute_losses(batch, noise=noise, timesteps=timesteps, drop=torch.zeros(2, dtype=torch.bool))

@@ -140,27 +140,27 @@ def run(dm, limit=None):
 
 def assert_bucket_pure(batches):
     for batch in batches:
-        height, width = batch["pixel_values"].shape[-2:]
-        assert {EXPECTED_BUCKET[key] for key in batch["keys"]} == {(width, height)}, batch["keys"]
-        assert len(batch["keys"]) == batch["pixel_values"].shape[0] == batch["original_size"].shape[0]
+        height, width = batch.pixel_values.shape[-2:]
+        assert {EXPECTED_BUCKET[key] for key in batch.keys} == {(width, height)}, batch.keys
+        assert len(batch.keys) == batch.pixel_values.shape[0] == batch.original_size.shape[0]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_one_epoch_uses_every_sample_once_in_bucket_pure_batches(mixed, num_workers):
     batches, _ = run(make(mixed, num_workers=num_workers))
-    keys = [key for batch in batches for key in batch["keys"]]
+    keys = [key for batch in batches for key in batch.keys]
     assert sorted(keys) == sorted(EXPECTED_BUCKET)  # every sample once: leftovers come as smaller batches
     assert_bucket_pure(batches)
-    assert len({tuple(b["pixel_values"].shape[-2:]) for b in batches}) == 3  # all three buckets met
+    assert len({tuple(b.pixel_values.shape[-2:]) for b in batches}) == 3  # all three buckets met
     # Only a worker's last batches of a bucket may be short: at most one per bucket and worker.
-    short = [b for b in batches if len(b["keys"]) < BATCH]
+    short = [b for b in batches if len(b.keys) < BATCH]
     assert len(short) <= 3 * max(num_workers, 1)
-    assert all(len(b["keys"]) == BATCH for b in batches[: len(batches) - len(short)])
+    assert all(len(b.keys) == BATCH for b in batches[: len(batches) - len(short)])
 
 
 def test_without_buckets_the_same_shards_give_square_batches(mixed):
     batches, _ = run(make(mixed, buckets=None))
-    assert {tuple(b["pixel_values"].shape[1:]) for b in batches} == {(3, 32, 32)}
+    assert {tuple(b.pixel_values.shape[1:]) for b in batches} == {(3, 32, 32)}
 
 
 @pytest.mark.parametrize("resampled", [False, True])
@@ -171,8 +171,8 @@ def test_two_ranks_with_epoch_batches_yield_equal_counts_of_full_bucket_pure_bat
         assert_bucket_pure(batches)
         per_rank.append(batches)
     assert [len(b) for b in per_rank] == [9, 9]
-    assert all(len(batch["keys"]) == BATCH for batches in per_rank for batch in batches)
-    keys = [{k for batch in batches for k in batch["keys"]} for batches in per_rank]
+    assert all(len(batch.keys) == BATCH for batches in per_rank for batch in batches)
+    keys = [{k for batch in batches for k in batch.keys} for batches in per_rank]
     if not resampled:
         assert not keys[0] & keys[1]  # ranks read disjoint shards
 
@@ -181,16 +181,16 @@ def test_two_ranks_with_epoch_batches_yield_equal_counts_of_full_bucket_pure_bat
                                       {"shuffle_buffer": 0}])
 def test_resume_after_any_batch_continues_exactly_with_the_bucket_contents(mixed, settings):
     batches, states = run(make(mixed, **settings))
-    keys = [b["keys"] for b in batches]
-    waiting = [len(b["position"]["snapshot"]["groups"]) for b in batches]
+    keys = [b.keys for b in batches]
+    waiting = [len(b.position["snapshot"]["groups"]) for b in batches]
     assert any(waiting), "no position held samples waiting in a bucket: the test would not test them"
     every = 3 if settings.get("num_workers") else 1  # worker processes start per resume: a sample of positions
     for k in range(0, len(batches) - 1, every):  # (after the last batch a resume starts the next epoch)
         dm = make(mixed, **settings)
         dm.load_state_dict(states[k])
         resumed, _ = run(dm)
-        assert [b["keys"] for b in resumed] == keys[k + 1:], k
-        assert all(a["pixel_values"].shape == b["pixel_values"].shape for a, b in zip(resumed, batches[k + 1:]))
+        assert [b.keys for b in resumed] == keys[k + 1:], k
+        assert all(a.pixel_values.shape == b.pixel_values.shape for a, b in zip(resumed, batches[k + 1:]))
 
 
 def test_a_position_saved_with_other_buckets_warns(mixed):

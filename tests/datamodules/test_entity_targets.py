@@ -12,7 +12,8 @@ from llm4gen.cli import cache
 from llm4gen.configs.schema import load_config
 from llm4gen.datamodules.entity_targets import EntityTargetBuilder, TokenizerSources
 from llm4gen.datamodules.synthetic import write_synthetic_shards
-from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule, parse_entities
+from llm4gen.datamodules.collate import parse_entities
+from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
 from llm4gen.losses.entity import build_entity_targets_from_captions
 from llm4gen.losses.entity_parser import groups_from_json
 from tests.helpers.modules import PARSER, fixed_inputs, make_module, synthetic_captions
@@ -102,8 +103,8 @@ def test_batches_from_the_cache_carry_the_targets_the_online_batches_carry(cache
                                 llm_max_length=builder.llm_max_length, llm_prefix=builder.llm_prefix)
     cached = first_batch(cached_shards / "cache", blind, FIELDS)
     online = first_batch(cached_shards / "source", builder)
-    assert cached["captions"] == online["captions"] and "entity_positions" not in cached
-    assert_same_targets(cached["entity_targets"], online["entity_targets"])
+    assert cached.captions == online.captions and cached.entity_positions is None
+    assert_same_targets(cached.entity_targets, online.entity_targets)
 
 
 def test_a_step_on_a_fully_cached_batch_runs_no_tokenizer(cached_shards, builder, tiny_model_config, monkeypatch):
@@ -111,7 +112,7 @@ def test_a_step_on_a_fully_cached_batch_runs_no_tokenizer(cached_shards, builder
     blind = EntityTargetBuilder(tokenizers=tuple(Refuse(t) for t in builder.tokenizers),
                                 llm_max_length=builder.llm_max_length, llm_prefix=builder.llm_prefix)
     batch = first_batch(cached_shards / "cache", blind, FIELDS)
-    batch = {k: v for k, v in batch.items() if k not in ("keys", "skipped", "position")}
+    batch = batch.for_model()
     monkeypatch.setattr(module.clip, "tokenizer", Refuse(module.clip.tokenizer))
     monkeypatch.setattr(module.llm, "tokenizer", Refuse(module.llm.tokenizer))
     noise, timesteps = fixed_inputs(module, batch)

@@ -11,7 +11,9 @@ import torch
 from llm4gen.cli import cache, train
 from llm4gen.configs.schema import load_config
 from llm4gen.datamodules.synthetic import write_synthetic_shards
-from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule, iter_tar_samples, parse_entities
+from llm4gen.datamodules.collate import parse_entities
+from llm4gen.datamodules.shards import iter_tar_samples
+from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
 from llm4gen.tools.feature_cache import (
     CACHE_KEY_FILE,
     STORAGE_REPORT_FILE,
@@ -168,14 +170,14 @@ def test_loss_from_the_cache_equals_the_online_loss(source_dir, cache_dir, cfg):
     online = first_batch(os.path.join(source_dir, "shard-000000.tar"), ())
     cached = first_batch(os.path.join(cache_dir, "shard-000000.tar"),
                          ["latent_moments", "llm_features", "clip_features"])
-    assert cached["keys"] == online["keys"] and cached["captions"] == online["captions"]
-    assert "pixel_values" not in cached and cached["llm_features"].shape[1] < module.cfg.llm.max_length
+    assert cached.keys == online.keys and cached.captions == online.captions
+    assert cached.pixel_values is None and cached.llm_features.shape[1] < module.cfg.llm.max_length
 
     with torch.no_grad():
-        moments = module.vae.encode(online["pixel_values"]).latent_dist.parameters
-        torch.testing.assert_close(cached["latent_moments"], moments, atol=1e-5, rtol=1e-5)
-        clip = module.clip(online["captions"]).hidden  # (4, 77, 64)
-        torch.testing.assert_close(cached["clip_features"], clip, atol=1e-5, rtol=1e-5)
+        moments = module.vae.encode(online.pixel_values).latent_dist.parameters
+        torch.testing.assert_close(cached.latent_moments, moments, atol=1e-5, rtol=1e-5)
+        clip = module.clip(online.captions).hidden  # (4, 77, 64)
+        torch.testing.assert_close(cached.clip_features, clip, atol=1e-5, rtol=1e-5)
 
     g = torch.Generator().manual_seed(1)
     noise, timesteps = torch.randn(4, 4, 16, 16, generator=g), torch.randint(100, 900, (4,), generator=g)
@@ -186,7 +188,7 @@ def test_loss_from_the_cache_equals_the_online_loss(source_dir, cache_dir, cfg):
         torch.testing.assert_close(latents[1], latents[0], atol=1e-5, rtol=1e-5)
         contexts = [module.conditioning(batch, drop)[0] for batch in (online, cached)]
         # the context ends at the batch's longest caption (padding masked), cached or online alike
-        longest = int(module.llm.tokenize(online["captions"])["attention_mask"].sum(1).max())
+        longest = int(module.llm.tokenize(online.captions)["attention_mask"].sum(1).max())
         assert longest < module.cfg.llm.max_length
         assert contexts[0].shape == contexts[1].shape == (4, 77 + longest, 64)
         torch.testing.assert_close(contexts[1], contexts[0], atol=1e-5, rtol=1e-5)
@@ -375,7 +377,7 @@ def test_a_rerun_skips_finished_shards_and_redoes_interrupted_ones(source_dir, c
     third = run_cache(cfg, shards, out, ["entities"], log=quiet)
     assert third["written"] == [] and third["skipped"] == shards
     keys = {k for b in WebDatasetDataModule(out, batch_size=4, precomputed_keys=["entities"], resolution=32)
-            .train_dataloader() for k in b["keys"]}
+            .train_dataloader() for k in b.keys}
     assert len(keys) == 10  # the stale tmp file is not a shard
     with pytest.raises(CacheKeyMismatch, match="--fields entities, this run has llm_features"):
         run_cache(cfg, shards, out, ["llm_features"], log=quiet)

@@ -13,7 +13,8 @@ import torch
 from llm4gen.cli import cache
 from llm4gen.configs.schema import load_config
 from llm4gen.datamodules.synthetic import write_synthetic_shards
-from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule, iter_tar_samples
+from llm4gen.datamodules.shards import iter_tar_samples
+from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
 from llm4gen.tools.feature_cache import (
     DEFAULT_FIELDS,
     CacheKeyMismatch,

@@ -48,12 +48,12 @@ def test_sdxl_loss_from_the_cache_equals_the_online_loss(sdxl_cache):
     module = make_module(OmegaConf.to_container(load_config("configs/tiny_sdxl.yaml").model, resolve=True)).eval()
     online = first_batch(os.path.join(source, "shard-000000.tar"), ())
     cached = first_batch(os.path.join(out, "shard-000000.tar"), ["latent_moments", "llm_features", "clip_features"])
-    assert "pixel_values" not in cached and cached["clip_features"].shape == (4, 77, 80)
-    assert cached["clip_pooled"].shape == (4, 48)
+    assert cached.pixel_values is None and cached.clip_features.shape == (4, 77, 80)
+    assert cached.clip_pooled.shape == (4, 48)
     for name in ("original_size", "crop_top_left"):
         assert torch.equal(cached[name], online[name])
-    assert online["original_size"].tolist() == [[32, 48], [40, 32], [32, 32], [480, 640]]
-    assert online["crop_top_left"].tolist() == [[0, 8], [4, 0], [0, 0], [0, 12]]  # 64 x 36 -> 57 x 32
+    assert online.original_size.tolist() == [[32, 48], [40, 32], [32, 32], [480, 640]]
+    assert online.crop_top_left.tolist() == [[0, 8], [4, 0], [0, 0], [0, 12]]  # 64 x 36 -> 57 x 32
     g = torch.Generator().manual_seed(1)
     noise, timesteps = torch.randn(4, 4, 16, 16, generator=g), torch.randint(100, 900, (4,), generator=g)
     drop = torch.tensor([False, True, False, False])
@@ -87,11 +87,11 @@ def test_bucketed_sdxl_cache_holds_latents_at_each_bucket_and_gives_the_online_l
     online = batches(os.path.join(source, "shard-000000.tar"), ())
     cached = batches(os.path.join(out, "shard-000000.tar"), ["latent_moments", "llm_features", "clip_features"])
     # 48 x 32 and 64 x 36 go to the 40 x 24 bucket, 32 x 40 and 32 x 32 to the square.
-    assert [b["keys"] for b in online] == [b["keys"] for b in cached] == [["s1", "s2"], ["s0", "s3"]]
+    assert [b.keys for b in online] == [b.keys for b in cached] == [["s1", "s2"], ["s0", "s3"]]
     module = make_module(OmegaConf.to_container(load_config("configs/tiny_sdxl.yaml").model, resolve=True)).eval()
     for on, off in zip(online, cached):
-        height, width = on["pixel_values"].shape[-2:]
-        assert off["latent_moments"].shape == (2, 8, height // 2, width // 2)  # the tiny VAE halves each side
+        height, width = on.pixel_values.shape[-2:]
+        assert off.latent_moments.shape == (2, 8, height // 2, width // 2)  # the tiny VAE halves each side
         for name in ("original_size", "crop_top_left"):
             assert torch.equal(off[name], on[name])
         g = torch.Generator().manual_seed(1)
@@ -101,6 +101,6 @@ def test_bucketed_sdxl_cache_holds_latents_at_each_bucket_and_gives_the_online_l
             losses = [module.compute_losses(batch, noise=noise, timesteps=timesteps, drop=drop,
                                             generator=torch.Generator().manual_seed(0)).diffusion for batch in (on, off)]
         assert abs(losses[0].item() - losses[1].item()) < 1e-5
-    assert online[1]["pixel_values"].shape[-2:] == (24, 40)
+    assert online[1].pixel_values.shape[-2:] == (24, 40)
     # Resized to cover 40 x 24, then centre-cropped: 48 x 32 -> 40 x 27 (top 1), 64 x 36 -> 43 x 24 (left 1).
-    assert online[1]["crop_top_left"].tolist() == [[1, 0], [0, 1]]
+    assert online[1].crop_top_left.tolist() == [[1, 0], [0, 1]]

@@ -63,11 +63,11 @@ def test_batches_carry_the_recorded_sizes_skip_the_failed_download_and_ignore_th
         warnings.simplefilter("always")
         batches = list(dm.train_dataloader())
     assert not [w for w in caught if "parquet" in str(w.message) or "stats" in str(w.message)]
-    keys = [k for b in batches for k in b["keys"]]
+    keys = [k for b in batches for k in b.keys]
     assert keys == ["000000000", "000000001", "000000003", "000000004"]
     for batch in batches:
-        assert batch["original_size"].tolist() == [list(RECORDED[batch["keys"][0]])]
-    assert [b["captions"][0] for b in batches][2] == "a white cross on a black background"  # from the json
+        assert batch.original_size.tolist() == [list(RECORDED[batch.keys[0]])]
+    assert [b.captions[0] for b in batches][2] == "a white cross on a black background"  # from the json
     assert dm.skipped_totals()["failed_download"] == 1 and sum(dm.skipped_totals().values()) == 1
 
 
@@ -81,9 +81,9 @@ def test_the_feature_cache_keeps_the_recorded_sizes_and_counts_the_failed_downlo
     dm = WebDatasetDataModule(str(out), batch_size=1, shuffle_buffer=0, shuffle_shards=False, resolution=32,
                               precomputed_keys=["latent_moments"], buckets=bucket_sizes(32))
     batches = list(dm.train_dataloader())
-    assert [b["keys"][0] for b in batches] == ["000000000", "000000001", "000000003", "000000004"]
+    assert [b.keys[0] for b in batches] == ["000000000", "000000001", "000000003", "000000004"]
     for batch in batches:
-        assert batch["original_size"].tolist() == [list(RECORDED[batch["keys"][0]])]
+        assert batch.original_size.tolist() == [list(RECORDED[batch.keys[0]])]
 
 
 @pytest.mark.slow

@@ -623,4 +623,4 @@ def test_an_img2dataset_folder_is_resharded_without_downloading(tmp_path, capsys
     dm = WebDatasetDataModule(str(output / "manifest.json"), batch_size=2, shuffle_buffer=0, shuffle_shards=False,
                               resolution=32)
     batch = next(iter(dm.train_dataloader()))
-    assert batch["original_size"].tolist() == [[1024, 1536], [640, 640]]
+    assert batch.original_size.tolist() == [[1024, 1536], [640, 640]]

@@ -59,6 +59,6 @@ def test_batches_carry_original_size_and_crop(tmp_path):
     dm = WebDatasetDataModule(str(tmp_path / "shard-000000.tar"), batch_size=2, shuffle_buffer=0,
                               shuffle_shards=False, resolution=32)
     batch = next(iter(dm.train_dataloader()))
-    assert batch["keys"] == ["wide", "tall"]
-    assert batch["original_size"].tolist() == [[32, 64], [480, 320]]
-    assert batch["crop_top_left"].tolist() == [[0, 16], [8, 0]]
+    assert batch.keys == ["wide", "tall"]
+    assert batch.original_size.tolist() == [[32, 64], [480, 320]]
+    assert batch.crop_top_left.tolist() == [[0, 16], [8, 0]]

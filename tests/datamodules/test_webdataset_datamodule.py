@@ -8,14 +8,11 @@ import pytest
 import torch
 
 from llm4gen.datamodules.synthetic import synthetic_sample, write_synthetic_shards
-from llm4gen.datamodules.webdataset_datamodule import (
-    PRECOMPUTED_MEMBERS,
-    SKIP_REASONS,
-    WebDatasetDataModule,
-    encode_precomputed,
-    pad_llm_features,
-    resolve_shards,
-)
+from llm4gen.datamodules.cache_codec import PRECOMPUTED_MEMBERS, encode_precomputed
+from llm4gen.datamodules.collate import pad_llm_features
+from llm4gen.datamodules.shards import resolve_shards
+from llm4gen.datamodules.transforms import SKIP_REASONS
+from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
 from tests.helpers.shards import png_bytes, write_tar
 
 NUM_SYNTHETIC = 44  # 6 shards of 8 (the last holds 4): uneven on purpose
@@ -82,13 +79,13 @@ def run_pass(dm, loader, limit=None):
 
 
 def keys_of(batches):
-    return [key for batch in batches for key in batch["keys"]]
+    return [key for batch in batches for key in batch.keys]
 
 
 def skips_of(batches):
     total = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
     for batch in batches:
-        total += batch["skipped"]
+        total += batch.skipped
     return dict(zip(SKIP_REASONS, total.tolist()))
 
 
@@ -129,13 +126,13 @@ def test_one_epoch_yields_every_sample_once_with_the_batch_contract(data_dir, nu
     keys = keys_of(batches)
     assert sorted(keys) == sorted(SYNTHETIC_KEYS)
     for batch in batches:
-        size = len(batch["keys"])
-        assert batch["pixel_values"].shape == (size, 3, 16, 16) and batch["pixel_values"].dtype == torch.float32
-        assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
-        assert batch["skipped"].dtype == torch.long and batch["skipped"].shape == (len(SKIP_REASONS),)
-        for key, caption in zip(batch["keys"], batch["captions"]):
+        size = len(batch.keys)
+        assert batch.pixel_values.shape == (size, 3, 16, 16) and batch.pixel_values.dtype == torch.float32
+        assert batch.pixel_values.min() >= -1 and batch.pixel_values.max() <= 1
+        assert batch.skipped.dtype == torch.long and batch.skipped.shape == (len(SKIP_REASONS),)
+        for key, caption in zip(batch.keys, batch.captions):
             assert caption == synthetic_sample(int(key.split("-")[1]), 16, 0)["txt"]
-    assert sum(len(b["keys"]) == 4 for b in batches) >= len(batches) - num_workers - 1  # partial: one per worker
+    assert sum(len(b.keys) == 4 for b in batches) >= len(batches) - num_workers - 1  # partial: one per worker
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -166,7 +163,7 @@ def test_random_flip_changes_with_epoch_but_not_with_workers(data_dir):
         loader = dm.train_dataloader()
         for epoch in (0, 1):
             for batch in run_pass(dm, loader):
-                for key, image in zip(batch["keys"], batch["pixel_values"]):
+                for key, image in zip(batch.keys, batch.pixel_values):
                     pixels[(num_workers, epoch, key)] = image
     for key in SYNTHETIC_KEYS:
         assert torch.equal(pixels[(0, 0, key)], pixels[(2, 0, key)])
@@ -222,17 +219,17 @@ def test_precomputed_members_travel_instead_of_pixels(tmp_path):
     assert keys_of(batches) == [f"cached-{i}" for i in range(6)]
     assert skips_of(batches)["bad_precomputed"] == 1 and skips_of(batches)["bad_image"] == 0
     for batch in batches:
-        assert "pixel_values" not in batch
-        lengths = [expected[k][1].shape[0] for k in batch["keys"]]
-        assert batch["latent_moments"].shape == (len(lengths), 4, 2, 2) and batch["latent_moments"].dtype == torch.float32
-        assert batch["llm_features"].shape == (len(lengths), max(lengths), 6)
-        assert batch["llm_mask"].sum(dim=1).tolist() == lengths
-        for row, key in enumerate(batch["keys"]):
+        assert batch.pixel_values is None
+        lengths = [expected[k][1].shape[0] for k in batch.keys]
+        assert batch.latent_moments.shape == (len(lengths), 4, 2, 2) and batch.latent_moments.dtype == torch.float32
+        assert batch.llm_features.shape == (len(lengths), max(lengths), 6)
+        assert batch.llm_mask.sum(dim=1).tolist() == lengths
+        for row, key in enumerate(batch.keys):
             latents, features, entities = expected[key]
-            torch.testing.assert_close(batch["latent_moments"][row], torch.from_numpy(latents.astype(np.float32)))
-            torch.testing.assert_close(batch["llm_features"][row, : len(features)], torch.from_numpy(features))
-            assert torch.all(batch["llm_features"][row, len(features) :] == 0)
-            assert batch["entities"][row] == entities
+            torch.testing.assert_close(batch.latent_moments[row], torch.from_numpy(latents.astype(np.float32)))
+            torch.testing.assert_close(batch.llm_features[row, : len(features)], torch.from_numpy(features))
+            assert torch.all(batch.llm_features[row, len(features) :] == 0)
+            assert batch.entities[row] == entities
 
 
 # ---------------------------------------------------------------- resume
@@ -247,7 +244,7 @@ def reference_run(data_dir, **settings):
 def same_batches(a, b):
     assert keys_of(a) == keys_of(b)
     for x, y in zip(a, b):
-        assert torch.equal(x["pixel_values"], y["pixel_values"])
+        assert torch.equal(x.pixel_values, y.pixel_values)
 
 
 @pytest.mark.parametrize(
@@ -334,7 +331,7 @@ def test_epoch_batches_gives_every_rank_the_same_number_of_full_batches(data_dir
         loader = dm.train_dataloader()
         assert len(loader) == 7
         batches = run_pass(dm, loader)
-        counts.append([len(b["keys"]) for b in batches])
+        counts.append([len(b.keys) for b in batches])
         keys.append(keys_of(batches))
     assert counts == [[3] * 7] * 3
     assert keys[0] != keys[1] != keys[2]
@@ -371,7 +368,7 @@ class KeyRecorder:
             def training_step(self, batch, batch_idx):
                 assert not {"keys", "position", "skipped"} & set(batch)  # the model sees only model input
                 self.seen.append(tuple(self.trainer.datamodule.last_keys))
-                return (self.weight * batch["pixel_values"].mean()).sum()
+                return (self.weight * batch.pixel_values.mean()).sum()
 
             def configure_optimizers(self):
                 return torch.optim.SGD(self.parameters(), lr=0.1)

@@ -6,6 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from llm4gen.configs.schema import load_config
+from llm4gen.datamodules.batch import Batch
 from llm4gen.encoders.clip import tokenize, tokenize_chunks
 from tests.helpers.modules import make_module
 
@@ -55,7 +56,7 @@ def test_the_first_chunk_equals_plain_clip_and_the_context_grows_by_a_window(mod
     torch.testing.assert_close(two[:, :77], one, rtol=0, atol=0)
     torch.testing.assert_close(two[0, 77:], plain.clip([""]).hidden[0])  # the short caption's second window is empty
     assert not torch.allclose(two[1, 77:], plain.clip([""]).hidden[0])  # the long one's holds its tail
-    context, _ = chunked.conditioning({"captions": prompts})
+    context, _ = chunked.conditioning(Batch(captions=prompts))
     assert context.shape == (2, 154 + chunked.cfg.llm.max_length, 64)
 
 
@@ -64,7 +65,7 @@ def test_generation_and_a_training_step_run_with_chunks(modules):
     _, chunked = modules
     images = chunked.generate([LONG, SHORT], [0, 1], num_inference_steps=2, guidance_scale=5.0)
     assert len(images) == 2 and images[0].size == (32, 32)
-    batch = {"captions": [LONG, SHORT], "pixel_values": torch.zeros(2, 3, 32, 32)}
+    batch = Batch(captions=[LONG, SHORT], pixel_values=torch.zeros(2, 3, 32, 32))
     loss = chunked.compute_losses(batch).diffusion
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in chunked.adapter.parameters())

@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from llm4gen.configs.schema import load_config
+from llm4gen.datamodules.batch import Batch
 from llm4gen.encoders.sdxl import add_time_ids
 from tests.helpers.modules import make_module
 
@@ -50,7 +51,7 @@ def test_tiny_sdxl_is_sdxl_shaped(module):
 
 
 def test_conditioning_matches_diffusers_encode_prompt_and_time_ids(module, pipe):
-    batch = {"captions": PROMPTS, "pixel_values": torch.zeros(2, 3, 32, 32)}
+    batch = Batch(captions=PROMPTS, pixel_values=torch.zeros(2, 3, 32, 32))
     context, unet_kwargs = module.conditioning(batch)
     embeds, pooled, time_ids = diffusers_conditioning(pipe, PROMPTS, [(32, 32)] * 2, [(0, 0)] * 2, (32, 32))
     longest = module.llm(PROMPTS).longest  # padding past the longest prompt is cut (the rest is masked)
@@ -64,8 +65,8 @@ def test_conditioning_matches_diffusers_encode_prompt_and_time_ids(module, pipe)
 
 def test_recorded_sizes_and_crops_become_the_time_ids(module, pipe):
     original, crop = [(480, 640), (1024, 768)], [(12, 0), (0, 100)]
-    batch = {"captions": PROMPTS, "pixel_values": torch.zeros(2, 3, 32, 32),
-             "original_size": torch.tensor(original), "crop_top_left": torch.tensor(crop)}
+    batch = Batch(captions=PROMPTS, pixel_values=torch.zeros(2, 3, 32, 32), original_size=torch.tensor(original),
+                  crop_top_left=torch.tensor(crop))
     _, unet_kwargs = module.conditioning(batch)
     _, _, time_ids = diffusers_conditioning(pipe, PROMPTS, original, crop, (32, 32))
     torch.testing.assert_close(unet_kwargs["added_cond_kwargs"]["time_ids"], time_ids, rtol=0, atol=0)
@@ -79,10 +80,10 @@ def test_add_time_ids_refuses_a_bad_shape():
 
 def test_caption_dropout_swaps_in_the_empty_prompt_everywhere(sdxl_config, pipe):
     module = make_module(sdxl_config).eval()  # LLM branch on: the dropped rows' CAM output must be the empty prompt's
-    batch = {"captions": PROMPTS, "pixel_values": torch.zeros(2, 3, 32, 32)}
+    batch = Batch(captions=PROMPTS, pixel_values=torch.zeros(2, 3, 32, 32))
     drop = torch.tensor([True, False])
     context, kwargs = module.conditioning(batch, drop)
-    empty, empty_kwargs = module.conditioning({"captions": ["", ""], "pixel_values": batch["pixel_values"]})
+    empty, empty_kwargs = module.conditioning(Batch(captions=["", ""], pixel_values=batch.pixel_values))
     kept, kept_kwargs = module.conditioning(batch)
     torch.testing.assert_close(context[0, :empty.shape[1]], empty[0])  # then the empty prompt's padding: zeros
     assert context[0, empty.shape[1]:].abs().max() == 0

@@ -1,4 +1,4 @@
-"""The noun-colour probe (evaluation/probes.py) on encoders whose answer is known: one that binds, one
+"""The noun-colour probe (experiments/probes.py) on encoders whose answer is known: one that binds, one
 that only knows which colours a caption holds, and one that truncates."""
 
 import pytest

@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+from lightning.fabric.utilities import move_data_to_device
 
 from llm4gen.lightning_modules.optimization import parameter_groups
 from llm4gen.lightning_modules.performance import build_optimizer
@@ -21,9 +22,9 @@ def needs(package: str):
 def loss_on_cuda(module, batch=None, autocast=False):
     module = module.to("cuda")
     batch = batch or fixed_batch()
-    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = move_data_to_device(batch, "cuda")  # as Lightning moves a batch
     noise, timesteps = fixed_inputs(module, batch)
-    drop = torch.zeros(len(batch["captions"]), dtype=torch.bool, device="cuda")
+    drop = torch.zeros(len(batch.captions), dtype=torch.bool, device="cuda")
     module.train()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         terms = module.compute_losses(batch, noise=noise.cuda(), timesteps=timesteps.cuda(), drop=drop,

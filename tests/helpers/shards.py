@@ -99,7 +99,7 @@ def write_latent_shards(directory, num_samples: int, samples_per_shard: int, poi
     (Path(directory) / CACHE_KEY_FILE).write_text(json.dumps(key))
 
     from llm4gen.datamodules.synthetic import random_scene
-    from llm4gen.datamodules.webdataset_datamodule import encode_precomputed
+    from llm4gen.datamodules.cache_codec import encode_precomputed
 
     rng, generator = random.Random(seed), np.random.default_rng(seed)
     paths = []

@@ -5,14 +5,15 @@ diffusion term when it is on, the timestep window and dropped captions, and that
 lower the loss on a fixed batch of synthetic captions.
 """
 
+import dataclasses
 
 import pytest
 import torch
 
-from llm4gen.datamodules.webdataset_datamodule import parse_entities
+from llm4gen.datamodules.batch import Batch
 from llm4gen.losses.entity import build_entity_targets_from_captions
 from llm4gen.losses.entity_parser import groups_from_json
-from tests.helpers.modules import PARSER, make_module, synthetic_captions
+from tests.helpers.modules import make_module, synthetic_captions, with_entity_targets
 
 pytestmark = [pytest.mark.slow]
 
@@ -23,11 +24,12 @@ LN2 = 0.6931471805599453
 
 
 
-def entity_batch(n: int = 4, seed: int = 0) -> dict:
+def entity_batch(module, n: int = 4, seed: int = 0) -> Batch:
+    """Synthetic captions with their parses and entity targets, as the data workers make them for ``module``'s
+    tokenizers (every module here has the tiny default's)."""
     captions = synthetic_captions(n, seed)
     g = torch.Generator().manual_seed(seed)
-    return {"captions": captions, "pixel_values": torch.rand(n, 3, 32, 32, generator=g) * 2 - 1,
-            "entities": parse_entities(PARSER, captions)}
+    return with_entity_targets(module, Batch(captions=captions, pixel_values=torch.rand(n, 3, 32, 32, generator=g) * 2 - 1))
 
 
 def fixed_inputs(n: int, seed: int = 0, timesteps: list[int] | None = None):
@@ -55,8 +57,8 @@ def build(tiny_model_config, **overrides):
 
 def pair_counts(module, batch) -> list[int]:
     """(attribute, entity) pairs of each caption, as the module's targets count them."""
-    captions = batch["captions"]
-    groups = [groups_from_json(parsed, caption) for parsed, caption in zip(batch["entities"], captions)]
+    captions = batch.captions
+    groups = [groups_from_json(parsed, caption) for parsed, caption in zip(batch.entities, captions)]
     targets = build_entity_targets_from_captions(
         captions, groups, module.clip.tokenizer, module.llm.tokenizer, clip_max_length=77,
         llm_max_length=module.cfg.llm.max_length, llm_prefix=module.cfg.llm.prefix)
@@ -75,7 +77,7 @@ def with_entity(tiny_model_config):
 
 def test_entity_gradient_reaches_the_cam_and_not_the_frozen_unet(tiny_model_config):
     module = build(tiny_model_config, **{"objective.lambda_entity": 1.0})
-    batch = entity_batch()
+    batch = entity_batch(module)
     noise, timesteps = fixed_inputs(4)
     module.train()
     losses = module.compute_losses(batch, noise=noise, timesteps=timesteps, drop=torch.zeros(4, dtype=torch.bool),
@@ -93,7 +95,7 @@ def test_entity_gradient_reaches_the_cam_and_not_the_frozen_unet(tiny_model_conf
 def test_lambda_zero_is_exactly_the_baseline(tiny_model_config, baseline):
     off = build(tiny_model_config, **{"objective.lambda_entity": 0.0})
     assert off.attention_store is None
-    batch = entity_batch()
+    batch = entity_batch(baseline)
     noise, timesteps = fixed_inputs(4)
     drop = torch.tensor([False, True, False, False])
     base_losses, base_grads = step(baseline, batch, noise, timesteps, drop)
@@ -105,7 +107,7 @@ def test_lambda_zero_is_exactly_the_baseline(tiny_model_config, baseline):
 
 
 def test_entity_on_keeps_the_diffusion_term_and_adds_lambda_times_entity(baseline, with_entity):
-    batch = entity_batch()
+    batch = entity_batch(with_entity)
     noise, timesteps = fixed_inputs(4)
     drop = torch.zeros(4, dtype=torch.bool)
     base_losses, _ = step(baseline, batch, noise, timesteps, drop)
@@ -119,12 +121,12 @@ def test_entity_on_keeps_the_diffusion_term_and_adds_lambda_times_entity(baselin
 
 
 def test_store_is_disabled_outside_the_step(with_entity):
-    batch = entity_batch(2)
+    batch = entity_batch(with_entity, 2)
     noise, timesteps = fixed_inputs(2)
     step(with_entity, batch, noise, timesteps, torch.zeros(2, dtype=torch.bool))
     assert not with_entity.attention_store.enabled
-    # a batch without parsed entities: no capture, no entity terms
-    plain = {k: v for k, v in batch.items() if k != "entities"}
+    # a batch without entity targets: no capture, no entity terms
+    plain = dataclasses.replace(batch, entities=None, entity_targets=None)
     losses, _ = step(with_entity, plain, noise, timesteps, torch.zeros(2, dtype=torch.bool))
     assert losses.entity_parts is None and losses.entity.item() == 0.0
     assert set(losses.logs()) == {"diffusion"}
@@ -143,7 +145,7 @@ def windowed(with_entity):
 
 def test_timestep_window_and_dropped_captions_mask_pairs(windowed):
     module = windowed
-    batch = entity_batch(4)
+    batch = entity_batch(module, 4)
     counts = pair_counts(module, batch)
     assert all(c > 0 for c in counts), counts
     noise, _ = fixed_inputs(4)
@@ -190,7 +192,7 @@ def test_optimizing_the_cam_against_the_entity_loss_binds_attributes(tiny_model_
     the separation from the other entities stays.
     """
     module = build(tiny_model_config, **{"objective.lambda_entity": 1.0})
-    batch = entity_batch(2)
+    batch = entity_batch(module, 2)
     noise, timesteps = fixed_inputs(2)
     drop = torch.zeros(2, dtype=torch.bool)
     module.train()
@@ -241,7 +243,7 @@ def test_the_logged_training_loss_is_diffusion_plus_lambda_times_entity(tiny_mod
     module = build(tiny_model_config, **{"objective.lambda_entity": 0.25, "objective.caption_dropout": 0.0})
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(module, DataLoader([entity_batch()], batch_size=None))
+    trainer.fit(module, DataLoader([entity_batch(module)], batch_size=None))
     logged = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
     assert logged["train/entity_pairs"] > 0 and logged["train/entity"] > 0
     assert logged["train/loss"] == pytest.approx(logged["train/diffusion"] + 0.25 * logged["train/entity"], abs=1e-6)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from llm4gen.datamodules.batch import Batch
 from llm4gen.encoders.llm import LLMFeatures
 from llm4gen.lightning_modules.llm4gen import CheckpointKeyError, check_checkpoint_keys
 from tests.helpers.modules import fixed_batch, fixed_inputs, make_module, run_steps
@@ -22,11 +23,11 @@ def test_only_the_adapter_trains_by_default(module):
 def test_context_shape_and_clip_passthrough(module):
     batch = fixed_batch()
     context, unet_kwargs = module.conditioning(batch)
-    real = module.llm(batch["captions"]).mask  # (4, max_length)
+    real = module.llm(batch.captions).mask  # (4, max_length)
     longest = int(real.sum(1).max())
     assert longest < module.cfg.llm.max_length
     assert context.shape == (4, 77 + longest, module.clip.hidden_size)  # padding past the longest caption: cut
-    torch.testing.assert_close(context[:, :77], module.clip(batch["captions"]).hidden)
+    torch.testing.assert_close(context[:, :77], module.clip(batch.captions).hidden)
     assert list(unet_kwargs) == ["encoder_attention_mask"]  # the rest of the padding: masked
     assert unet_kwargs["encoder_attention_mask"].tolist() == [[True] * 77 + row[:longest] for row in real.tolist()]
 
@@ -36,7 +37,7 @@ def test_caption_dropout_uses_the_empty_prompt(module):
     batch = fixed_batch()
     drop = torch.tensor([True, False, True, False])
     context, _ = module.conditioning(batch, drop)
-    empty, _ = module.conditioning({"captions": [""] * 4})
+    empty, _ = module.conditioning(Batch(captions=[""] * 4))
     kept, _ = module.conditioning(batch)
     length = context.shape[1]  # the longest caption left after the drop: the context is cut there
     assert empty.shape[1] < length <= kept.shape[1]
@@ -193,7 +194,7 @@ def test_without_the_cam_the_unet_sees_clip_alone_and_only_the_unet_trains(tiny_
     calls = []
     module.llm.register_forward_hook(lambda *args: calls.append(1))
     context, _ = module.conditioning(batch)
-    torch.testing.assert_close(context, module.clip(batch["captions"]).hidden)   # (4, 77, clip_dim)
+    torch.testing.assert_close(context, module.clip(batch.captions).hidden)   # (4, 77, clip_dim)
     dropped, _ = module.conditioning(batch, drop=torch.tensor([True, False, True, False]))  # CFG's empty prompt
     torch.testing.assert_close(dropped[0], module.clip([""]).hidden[0])
     assert calls == []  # nothing reads LLM features, so the LLM never runs
@@ -210,7 +211,7 @@ def test_without_the_cam_the_unet_sees_clip_alone_and_only_the_unet_trains(tiny_
 def test_latents_are_the_posterior_mean_or_a_sample_as_configured(module, tiny_model_config):
     batch = fixed_batch()
     with torch.no_grad():
-        mean = module.vae.encode(batch["pixel_values"]).latent_dist.mean * module.vae.config.scaling_factor
+        mean = module.vae.encode(batch.pixel_values).latent_dist.mean * module.vae.config.scaling_factor
         assert module.cfg.objective.latents == "sample"  # the default, as diffusers' SD training
         means = make_module(tiny_model_config, **{"objective.latents": "mean"})
         for seed in (0, 1):

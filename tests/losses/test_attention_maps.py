@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from llm4gen.cli import attention_maps
+from llm4gen.datamodules.batch import Batch
 from llm4gen.losses.attention_maps import (
     LABEL_HEIGHT,
     average_attention,
@@ -117,14 +118,13 @@ def checkpoint(tmp_path_factory, tiny_model_config):
     loaded module already has an attention store)."""
     import lightning as L
 
-    from llm4gen.datamodules.webdataset_datamodule import parse_entities
-    from tests.helpers.modules import make_module
+    from tests.helpers.modules import make_module, with_entity_targets
 
     torch.manual_seed(0)
     module = make_module(tiny_model_config, **{"objective.lambda_entity": 0.5, "optim.warmup_steps": 0})
     captions = [PROMPT, "a green triangle on a yellow background"]
-    batch = {"captions": captions, "pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1,
-             "entities": parse_entities(module.cfg.objective.entity_parser, captions)}
+    batch = with_entity_targets(module, Batch(captions=captions, pixel_values=torch.rand(2, 3, 32, 32) * 2 - 1),
+                                module.cfg.objective.entity_parser)
     trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, precision="32-true", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))

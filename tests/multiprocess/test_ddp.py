@@ -57,7 +57,7 @@ def test_epoch_batches_partition_an_epoch_over_ranks_even_with_a_large_shuffle_b
         dm = WebDatasetDataModule(str(tmp_path), batch_size=4, resolution=8, shuffle_buffer=64, seed=0,
                                   epoch_batches=4, rank=rank, world_size=2)
         dm.setup("fit")
-        keys[rank] = [key for batch in dm.train_dataloader() for key in batch["keys"]]
+        keys[rank] = [key for batch in dm.train_dataloader() for key in batch.keys]
     assert len(keys[0]) == len(set(keys[0])) == 16 and len(keys[1]) == len(set(keys[1])) == 16
     assert not set(keys[0]) & set(keys[1])
     assert set(keys[0]) | set(keys[1]) == shard_keys(tmp_path)

@@ -1,0 +1,188 @@
+"""Shard lists (directories, brace patterns, ``pipe:`` commands, manifests), their order per epoch, rank and
+worker, tar reading grouped by sample key, and the seeded shuffle buffer: the deterministic stages the stream
+(datamodules/stream.py) is built from."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import tarfile
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import braceexpand
+import webdataset as wds
+from webdataset.tariterators import base_plus_ext
+
+from llm4gen.datamodules.transforms import SampleError
+
+
+# ---------------------------------------------------------------- shard lists
+
+
+def resolve_shards(shards: Union[str, Sequence[str]]) -> list[str]:
+    """Shard spec -> ordered list of shard URLs.
+
+    Accepts a list (each item resolved), a brace pattern (``data/shard-{000000..000009}.tar``), a
+    ``pipe:`` command or remote URL (brace-expanded, not checked), a directory (its ``manifest.json``
+    if it has one, else all ``*.tar`` in it, sorted) or a ``*.json`` manifest: a list, or ``{"shards": [...]}``, of paths (relative to the
+    manifest) or of objects with a ``"url"`` or ``"path"``.
+    """
+    if not isinstance(shards, str):
+        resolved = [url for item in shards for url in resolve_shards(str(item))]
+        if not resolved:
+            raise ValueError("the shard list is empty; give at least one shard path, pattern or directory")
+        return resolved
+    spec = shards.strip()
+    if spec.startswith("pipe:") or "://" in spec:
+        return list(braceexpand.braceexpand(spec))
+    if os.path.isdir(spec):
+        if os.path.isfile(os.path.join(spec, "manifest.json")):  # a prepare.py output folder
+            return _read_manifest(os.path.join(spec, "manifest.json"))
+        found = sorted(glob.glob(os.path.join(spec, "*.tar")))
+        if not found:
+            raise FileNotFoundError(f"directory {spec!r} holds no *.tar shards and no manifest.json")
+        return found
+    if spec.endswith(".json"):
+        return _read_manifest(spec)
+    expanded = list(braceexpand.braceexpand(spec))
+    missing = [path for path in expanded if not os.path.exists(path)]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(expanded)} shards named by {spec!r} do not exist (first: {missing[0]!r})"
+        )
+    return expanded
+
+
+def _read_manifest(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as handle:
+        manifest = json.load(handle)
+    entries = manifest.get("shards") if isinstance(manifest, dict) else manifest
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"manifest {path!r} must be a non-empty list or an object with a 'shards' list")
+    base = os.path.dirname(os.path.abspath(path))
+    urls = []
+    for entry in entries:
+        url = entry if isinstance(entry, str) else (entry.get("url") or entry.get("path"))
+        if not isinstance(url, str):
+            raise ValueError(f"manifest {path!r}: entry {entry!r} is neither a path nor an object with 'url'/'path'")
+        is_local = not (url.startswith("pipe:") or "://" in url)
+        urls.append(os.path.normpath(os.path.join(base, url)) if is_local and not os.path.isabs(url) else url)
+    return urls
+
+
+def epoch_shard_order(shards: Sequence[str], seed: int, epoch: int, round_index: int = 0) -> list[str]:
+    """The shard order of one epoch (and repeat round): the same on every rank and worker."""
+    order = list(shards)
+    random.Random(f"shards/{seed}/{epoch}/{round_index}").shuffle(order)
+    return order
+
+
+def assign_shards(order: Sequence[str], rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
+    """The shards one (rank, worker) reads: rank-strided, then worker-strided, so disjoint and covering."""
+    return list(order[rank::world_size][worker::num_workers])
+
+
+# ---------------------------------------------------------------- raw samples
+
+
+def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
+    """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one tar, members grouped by key.
+
+    Raises ``SampleError("bad_shard")`` when the tar cannot be opened or breaks part-way; the
+    samples completed before the break have been yielded, the one being read is dropped.
+    """
+    try:
+        stream = wds.gopen(url, "rb")
+    except Exception as error:
+        raise SampleError("bad_shard", f"cannot open {url}: {error}") from error
+    current: Optional[dict[str, Any]] = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                key, extension = base_plus_ext(member.name)
+                if key is None or os.path.basename(key).startswith("__"):
+                    continue
+                if current is not None and key != current["__key__"]:
+                    yield current  # complete before the next member is read, so a break there keeps it
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                current[extension.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError, ValueError) as error:
+        raise SampleError("bad_shard", f"{url}: {type(error).__name__}: {error}") from error
+    finally:
+        try:
+            stream.close()
+        except Exception:  # a pipe: command stopped early reports a non-zero status; nothing to do
+            pass
+    if current is not None:
+        yield current
+
+
+# Marks the end of one round over a (rank, worker)'s shards in the raw stream: the shuffle buffer
+# empties before the next round's samples enter, so with ``epoch_batches`` a rank that holds exactly
+# epoch_batches * batch_size samples uses each once per epoch (a repeat round never leaks in early).
+ROUND_END = object()
+
+
+_END = object()
+
+
+class ShuffleBuffer:
+    """Approximate shuffle through a buffer of ``size`` items; size <= 1 keeps the order. A
+    ``ROUND_END`` item flushes the buffer (shuffled) and is not passed on.
+
+    An iterator object rather than a generator so that its state can be saved by *place*: with raw
+    samples tagged ``__place__`` = (shard number in the worker's shard stream, index in the shard),
+    :meth:`state` names the buffered samples and the RNG state, and a resumed worker refills the
+    buffer by reading just those samples (see ``ShardStream._restore``) instead of replaying the epoch.
+    """
+
+    def __init__(self, samples: Iterator[Any], size: int, rng: random.Random,
+                 buffer: Sequence[Any] = (), draining: Sequence[Any] = ()):
+        self.samples, self.size, self.rng = iter(samples), size, rng
+        self.buffer = list(buffer)
+        self.draining = list(draining)  # flushed items still to yield, last first (pop from the end)
+        self._exhausted = False
+
+    def __iter__(self) -> "ShuffleBuffer":
+        return self
+
+    def __next__(self) -> Any:
+        while True:
+            if self.draining:
+                return self.draining.pop()
+            if self._exhausted:
+                raise StopIteration
+            sample = next(self.samples, _END)
+            if sample is _END or sample is ROUND_END:
+                self._exhausted = sample is _END
+                if self.size > 1:
+                    self.rng.shuffle(self.buffer)
+                self.draining, self.buffer = self.buffer[::-1], []
+                continue
+            if self.size <= 1:
+                return sample
+            if len(self.buffer) < self.size:
+                self.buffer.append(sample)
+                continue
+            index = self.rng.randrange(self.size)
+            self.buffer[index], sample = sample, self.buffer[index]
+            return sample
+
+    def state(self) -> dict[str, Any]:
+        version, internal, gauss = self.rng.getstate()
+        return {"buffer": [list(s["__place__"]) for s in self.buffer],
+                "draining": [list(s["__place__"]) for s in self.draining],
+                "rng": [version, list(internal), gauss]}
+
+
+def shuffle_buffer(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Approximate shuffle through a buffer of ``size`` items (see :class:`ShuffleBuffer`)."""
+    return ShuffleBuffer(samples, size, rng)
+
+

@@ -1,0 +1,61 @@
+"""What every study on the shapes benchmark shares: its command line (``run`` or ``report`` a sweep file), and a
+``run`` that writes the data, trains the sweep's runs through ``python -m llm4gen.cli.train`` (each run's config
+checked first), writes the report and records the whole command's wall time beside it."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from llm4gen.configs.errors import UserError
+from llm4gen.launch.sweep import SweepSpec, check_run_configs, expand_runs, load_sweep, run_locally
+
+
+class ExperimentError(UserError, ValueError):
+    """A study cannot go on: what is wrong and what to do, in one line."""
+
+
+def train_runs(spec: SweepSpec, sweep_file: str, jobs: int = 2, log=print) -> None:
+    """Every run of the sweep checked, then trained here ``jobs`` at a time (finished ones skipped); a failed run
+    stops the study, naming it."""
+    runs = expand_runs(spec)
+    check_run_configs(spec, runs, sweep_file)
+    outcome = run_locally(spec, runs, jobs=jobs, log=log)  # python -m llm4gen.cli.train: works from a wheel
+    failed = [name for name, state in outcome.items() if state.startswith("failed")]
+    if failed:
+        raise ExperimentError(f"{len(failed)} runs failed ({', '.join(failed)}); see their train.log, then run "
+                              f"this command again to resume them")
+
+
+def run_study(command: str, sweep_file: str, data: Callable[[SweepSpec], object], report: Callable[[], Path],
+              jobs: int = 2, log=print) -> Path:
+    """``data(spec)``, the sweep's training runs, then ``report()`` (the report's folder); ``command`` (how the
+    study was started) and its wall time go into ``wall_time.txt`` there."""
+    started = time.time()
+    spec = load_sweep(sweep_file)
+    data(spec)
+    train_runs(spec, sweep_file, jobs, log)
+    out = report()
+    minutes = (time.time() - started) / 60
+    (out / "wall_time.txt").write_text(f"{minutes:.1f} min for `{command}`\n")
+    log(f"{command}: {minutes:.1f} min")
+    return out
+
+
+def study_parser(module: str, description: Optional[str], sweep_example: str,
+                 commands: tuple[str, ...] = ("run", "report")) -> argparse.ArgumentParser:
+    """``python -m MODULE {run,report} SWEEP [--jobs N]``, the arguments every study takes."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=commands)
+    parser.add_argument("sweep", help=f"the sweep file, e.g. {sweep_example}")
+    parser.add_argument("--jobs", type=int, default=2, help="training runs and evaluations at a time (2 single-thread "
+                                                            "processes use 2 cores best)")
+    return parser
+
+
+def study_command(module: str, command: str, sweep_file: str, *flags: str) -> str:
+    """How the study was started, as wall_time.txt records it."""
+    return " ".join(["python -m", module, command, sweep_file, *flags])
