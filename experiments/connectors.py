@@ -29,15 +29,15 @@ from llm4gen.configs.choices import CONNECTOR_KINDS
 from llm4gen.configs.errors import entry_point
 from llm4gen.datamodules.batch import Batch
 from llm4gen.evaluation.paired import Difference
-from llm4gen.experiments import shapes_evidence as evidence
+from llm4gen.experiments import evidence_data, evidence_protocol, evidence_report, evidence_rules, evidence_tasks
 from llm4gen.experiments.runner import ExperimentError, run_study, study_command, study_parser
-from llm4gen.launch.sweep import expand_runs, is_finished, load_sweep
+from llm4gen.launch.sweep import expand_runs, is_finished, load_experiment_config, load_sweep
 from llm4gen.lightning_modules.sampler import load_checkpoint_module
 
 MODULE = "llm4gen.experiments.connectors"
 PROTOCOLS = {"": "docs/connectors/protocol.md", "+lora": "docs/connectors/protocol_lora.md"}  # by variant
 UNET = {"": "UNet frozen", "+lora": "LoRA in the UNet"}
-FROZEN_RESULTS = evidence.ROOT / "docs" / "connectors" / "results.json.gz"  # the frozen variant's records
+FROZEN_RESULTS = evidence_protocol.ROOT / "docs" / "connectors" / "results.json.gz"  # the frozen variant's records
 SUBSETS = ("seen_1", "short", "outside", "inside")
 LABELS = {"a": "(a) base", "cam": "cam (LLM4GEN)", "mlp": "mlp", "lavi_bridge": "lavi_bridge", "ella": "ella"}
 
@@ -85,7 +85,7 @@ def label(arm: str) -> str:
     return LABELS.get(kind, kind) + variant
 
 
-def evaluation_tasks(spec, base: str) -> tuple[list[evidence.Task], list[str]]:
+def evaluation_tasks(spec, base: str) -> tuple[list[evidence_tasks.Task], list[str]]:
     """Every finished run's last checkpoint, and the base at each of their seeds."""
     tasks, unfinished, seeds = [], [], set()
     for run in expand_runs(spec):
@@ -95,9 +95,9 @@ def evaluation_tasks(spec, base: str) -> tuple[list[evidence.Task], list[str]]:
         cfg = OmegaConf.to_container(OmegaConf.load(run.output_dir / "config.yaml"), resolve=True)
         arm, seed = arm_of(cfg["model"]), int(cfg["seed"])
         seeds.add(seed)
-        tasks.append(evidence.Task(arm, seed, str(run.output_dir / "eval" / arm), evidence.SETS,
+        tasks.append(evidence_tasks.Task(arm, seed, str(run.output_dir / "eval" / arm), evidence_protocol.SETS,
                                    checkpoint=str(run.output_dir / "checkpoints" / "last.ckpt")))
-    tasks += [evidence.Task("a", seed, str(spec.output_root / f"base_seed={seed}" / "eval"), evidence.SETS, base=base)
+    tasks += [evidence_tasks.Task("a", seed, str(spec.output_root / f"base_seed={seed}" / "eval"), evidence_protocol.SETS, base=base)
               for seed in sorted(seeds)]
     return sorted(tasks, key=lambda t: (t.seed, t.arm)), unfinished
 
@@ -117,7 +117,7 @@ def classify(diff: Optional[Difference], rules: Rules = RULES) -> str:
 
 
 def damages_base(records, arm: str, rules: Rules = RULES) -> Optional[bool]:
-    own, base = evidence.rate(evidence.select(records, arm, "seen_1")), evidence.rate(evidence.select(records, "a", "seen_1"))
+    own, base = evidence_rules.rate(evidence_rules.select(records, arm, "seen_1")), evidence_rules.rate(evidence_rules.select(records, "a", "seen_1"))
     return None if own is None or base is None else own < base - rules.damage
 
 
@@ -130,7 +130,7 @@ def verdicts(records, arms: list[str], rules: Rules = RULES, reference: str = "c
         damaged = damages_base(records, arm, rules)
         out[arm] = {}
         for subset in SUBSETS:
-            diff = evidence.compare(records, arm, reference, subset)
+            diff = evidence_rules.compare(records, arm, reference, subset)
             label = classify(diff, rules)
             if label == "better" and damaged:
                 label = "better, but it damages the base (not called better)"
@@ -141,7 +141,7 @@ def verdicts(records, arms: list[str], rules: Rules = RULES, reference: str = "c
 def ella_ablation(records, rules: Rules = RULES, variant: str = "") -> dict:
     """ELLA's MLP -> timestep-aware resampler ablation, on short prompts: replicates / contradicted / not decided."""
     ella, mlp = "ella" + variant, "mlp" + variant
-    diff = evidence.compare(records, ella, mlp, "short")
+    diff = evidence_rules.compare(records, ella, mlp, "short")
     if diff is None:
         return {"outcome": "not measured"}
     damaged = [arm for arm in (ella, mlp) if damages_base(records, arm, rules)]
@@ -184,13 +184,13 @@ def lora_effects(records, frozen_records, arms: list[str], rules: Rules = RULES)
         pooled = [r for r in records if r.arm == arm] + [r for r in frozen_records if r.arm == kind]
         by_kind[kind] = {}
         for subset in SUBSETS:
-            diff = evidence.compare(pooled, arm, kind, subset)
+            diff = evidence_rules.compare(pooled, arm, kind, subset)
             label = classify(diff, rules)
             by_kind[kind][subset] = {"difference": diff.to_dict() if diff else None, "class": words.get(label, label)}
     return {"outcome": "measured", "by_kind": by_kind}
 
 
-load_records = evidence.load_object_records  # the per-object records of a report's results.json (gzipped or not)
+load_records = evidence_report.load_object_records  # the per-object records of a report's results.json (gzipped or not)
 
 
 # ---------------------------------------------------------------- size and speed
@@ -243,13 +243,13 @@ def difference_cell(diff: Optional[dict], label: str) -> str:
     return f"{diff['mean']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}] {label}".rstrip()
 
 
-def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protocol = evidence.PROTOCOL_SETTINGS,
+def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence_protocol.Protocol = evidence_protocol.PROTOCOL_SETTINGS,
            frozen_results: Optional[Path] = FROZEN_RESULTS, v3: bool = False) -> Path:
     """Evaluates every finished run and the base, applies the variant's protocol and writes ``report/``
     (report.md, results.json, differences.png, samples.png). A LoRA sweep is also paired with the frozen
     variant's records in ``frozen_results`` (protocol_lora.md, rule 4)."""
     spec = load_sweep(sweep_file)
-    cfg = evidence.load_experiment_config(spec.config, spec.base_overrides)
+    cfg = load_experiment_config(spec.config, spec.base_overrides)
     tasks, unfinished = evaluation_tasks(spec, cfg.model.base.pretrained)
     if not any(t.arm != "a" for t in tasks):
         raise ExperimentError(f"no finished run under {spec.output_root}; train the arms first: "
@@ -260,9 +260,9 @@ def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protoco
     if unfinished:
         log(f"not finished, left out of the report: {', '.join(unfinished)}")
     started = time.time()
-    evidence.run_tasks(tasks, jobs, log, protocol)
+    evidence_tasks.run_tasks(tasks, jobs, log, protocol)
     evaluation_seconds = time.time() - started
-    records = [r for task in tasks for r in evidence.object_records(task, protocol)]
+    records = [r for task in tasks for r in evidence_tasks.object_records(task, protocol)]
     seeds = sorted({t.seed for t in tasks})
     rules = verdicts(records, arms, thresholds, reference=reference)
     ablation = ella_ablation(records, thresholds, variant=variant)
@@ -280,7 +280,7 @@ def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protoco
     out = spec.output_root / "report"
     out.mkdir(parents=True, exist_ok=True)
     plot = difference_plot(rules, effects, reference, out / "differences.png")
-    grid = evidence.sample_grid(tasks, out / "samples.png", protocol=protocol, labels={a: label(a) for a in arms})
+    grid = evidence_report.sample_grid(tasks, out / "samples.png", protocol=protocol, labels={a: label(a) for a in arms})
     damage = {arm: damages_base(records, arm, thresholds) for arm in arms if arm != "a"}
     text = "\n".join([
         f"# Connector comparison ({UNET[variant]}): {len(tasks)} evaluations", "",
@@ -300,7 +300,7 @@ def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protoco
         "rules": asdict(thresholds), "verdicts": rules, "ella_ablation": ablation, "lora_effects": effects,
         "sizes": sizes, "damages_base": damage,
         "objects": [list(asdict(r).values()) for r in records],
-        "object_fields": list(evidence.ObjectRecord.__dataclass_fields__)}, indent=1))
+        "object_fields": list(evidence_tasks.ObjectRecord.__dataclass_fields__)}, indent=1))
     log(text)
     log(f"report: {out / 'report.md'}")
     return out
@@ -320,12 +320,12 @@ def plot_rows(by_arm: dict[str, dict[str, dict]], effects: Optional[dict], refer
 def difference_plot(by_arm: dict[str, dict[str, dict]], effects: Optional[dict], reference: str, path: Path) -> Path:
     """:func:`plot_rows` with their CIs and the protocol's +-effect lines."""
     lines = [(RULES.effect, f"+{RULES.effect}: better (CI above 0)"), (-RULES.effect, f"-{RULES.effect}: worse (CI below 0)")]
-    return evidence.difference_plot(plot_rows(by_arm, effects, reference), path, thresholds=lines)
+    return evidence_report.difference_plot(plot_rows(by_arm, effects, reference), path, thresholds=lines)
 
 
 def replot(results: Path, out: Path) -> Path:
     """``differences.png`` again from a report's results.json (or .json.gz)."""
-    recorded = evidence.read_results(results)
+    recorded = evidence_report.read_results(results)
     reference = recorded.get("reference", "cam")
     return difference_plot(recorded["verdicts"], recorded.get("lora_effects"), reference, out)
 
@@ -348,11 +348,11 @@ def rate_table(records, arms: list[str], sizes: dict, damage: dict) -> list[str]
 
 def rate_cell(records, arm: str, subset: str) -> str:
     """An arm's bound share on a subset, pooled over seeds, each seed's in brackets; "-" without records."""
-    chosen = evidence.select(records, arm, subset)
+    chosen = evidence_rules.select(records, arm, subset)
     if not chosen:
         return "-"
-    per_seed = evidence.per_seed_rates(chosen)
-    return f"{evidence.rate(chosen):.3f} ({' / '.join(f'{v:.2f}' for v in per_seed.values())})"
+    per_seed = evidence_rules.per_seed_rates(chosen)
+    return f"{evidence_rules.rate(chosen):.3f} ({' / '.join(f'{v:.2f}' for v in per_seed.values())})"
 
 
 def difference_table(by_arm: dict[str, dict[str, dict]], title: str) -> list[str]:
@@ -376,7 +376,7 @@ def lora_section(effects: Optional[dict]) -> list[str]:
 def run(sweep_file: str, jobs: int = 2, log=print, v3: bool = False) -> Path:
     flags = ["--protocol", "v3"] if v3 else []
     return run_study(study_command(MODULE, "run", sweep_file, *flags), sweep_file,
-                     lambda spec: evidence.write_data(spec, log=log), lambda: report(sweep_file, jobs, log=log, v3=v3),
+                     lambda spec: evidence_data.write_data(spec, log=log), lambda: report(sweep_file, jobs, log=log, v3=v3),
                      jobs, log)
 
 

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from llm4gen.configs.errors import entry_point
 from llm4gen.evaluation.paired import Difference
 from llm4gen.evaluation.prompt_sets import prompt_set
-from llm4gen.experiments import shapes_evidence as evidence
+from llm4gen.experiments import evidence_data, evidence_rules, evidence_tasks
 from llm4gen.experiments.runner import ExperimentError, run_study, study_command, study_parser
 from llm4gen.launch.sweep import expand_runs, is_finished, load_experiment_config, load_sweep
 from llm4gen.lightning_modules.attention_split import attention_split
@@ -74,7 +74,7 @@ def training_length(records, kind: str, candidates=CANDIDATES, steps=STEPS, subs
     candidate before the last is improved on, the last, and the arm had not stopped learning."""
     for s in candidates[:-1]:
         beaten = [f"step {t} on {subset}" for t in steps if t > s for subset in subsets
-                  if improves(evidence.compare(records, at(kind, t), at(kind, s), subset))]
+                  if improves(evidence_rules.compare(records, at(kind, t), at(kind, s), subset))]
         if not beaten:
             return Length(kind, s, True, f"no later step improves on step {s} ({' or '.join(subsets)})")
     return Length(kind, candidates[-1], False, f"every candidate before {candidates[-1]} is improved on by a later step")
@@ -94,17 +94,17 @@ def runs_by_kind(spec) -> tuple[dict[str, object], list[str]]:
     return runs, unfinished
 
 
-def evaluation_tasks(spec, base: str, runs: dict) -> list[evidence.Task]:
+def evaluation_tasks(spec, base: str, runs: dict) -> list[evidence_tasks.Task]:
     """Each kind at every evaluated step (step 0: its initial weights), and the base, at seed 0."""
-    tasks = [evidence.Task("a", 0, str(spec.output_root / "base" / "eval"), SETS, base=base)]
+    tasks = [evidence_tasks.Task("a", 0, str(spec.output_root / "base" / "eval"), SETS, base=base)]
     for kind, run in runs.items():
         for step in STEPS:
             out = str(run.output_dir / "eval" / f"step_{step:07d}")
             if step == 0:
-                tasks.append(evidence.Task(at(kind, 0), 0, out, SETS, initial=str(run.output_dir / "config.yaml")))
+                tasks.append(evidence_tasks.Task(at(kind, 0), 0, out, SETS, initial=str(run.output_dir / "config.yaml")))
             else:
-                tasks.append(evidence.Task(at(kind, step), 0, out, SETS,
-                                           checkpoint=str(evidence.checkpoint_at(run.output_dir, step))))
+                tasks.append(evidence_tasks.Task(at(kind, step), 0, out, SETS,
+                                           checkpoint=str(evidence_tasks.checkpoint_at(run.output_dir, step))))
     return tasks
 
 
@@ -134,14 +134,14 @@ def curves_plot(records, kinds: list[str], path: Path) -> Path:
 
     fig, axes = plt.subplots(1, len(REPORTED), figsize=(4 * len(REPORTED), 3.4), sharex=True)
     for ax, subset in zip(axes, REPORTED):
-        base = evidence.rate(evidence.select(records, "a", subset))
+        base = evidence_rules.rate(evidence_rules.select(records, "a", subset))
         if base is not None:
             ax.axhline(base, color="black", ls="--", lw=0.8, label="base (a)")
         for i, kind in enumerate(kinds):
-            points = [(s, evidence.rate(evidence.select(records, at(kind, s), subset))) for s in STEPS]
+            points = [(s, evidence_rules.rate(evidence_rules.select(records, at(kind, s), subset))) for s in STEPS]
             points = [(s, r) for s, r in points if r is not None]
             ax.plot([s for s, _ in points], [r for _, r in points], "o-", color=f"C{i}", label=kind, ms=4)
-        ax.set_title(evidence.SUBSETS[subset][0], fontsize=8)
+        ax.set_title(evidence_rules.SUBSETS[subset][0], fontsize=8)
         ax.set_xlabel("training step")
         ax.set_ylim(0, 1)
     axes[0].set_ylabel("share of objects drawn bound")
@@ -160,9 +160,9 @@ def kind_table(records, kind: str, run_dir: Path, splits: dict) -> str:
     lines = ["| step | loss | " + " | ".join(REPORTED) + " | vs the previous step: " + " / ".join(RULE_SUBSETS)
              + " | attention CLIP / LLM / padding |", "|---|---|" + "---|" * len(REPORTED) + "---|---|"]
     for i, step in enumerate(STEPS):
-        rates = [evidence.rate(evidence.select(records, at(kind, step), s)) for s in REPORTED]
+        rates = [evidence_rules.rate(evidence_rules.select(records, at(kind, step), s)) for s in REPORTED]
         loss = loss_before(run_dir, step)
-        previous = [evidence.compare(records, at(kind, step), at(kind, STEPS[i - 1]), s) for s in RULE_SUBSETS] if i else []
+        previous = [evidence_rules.compare(records, at(kind, step), at(kind, STEPS[i - 1]), s) for s in RULE_SUBSETS] if i else []
         split = splits.get(at(kind, step))
         lines.append(f"| {step} | {'-' if loss is None else f'{loss:.4f}'} | "
                      + " | ".join("-" if r is None else f"{r:.3f}" for r in rates) + " | "
@@ -183,22 +183,22 @@ def report(sweep_file: str, jobs: int = 2, log=print) -> Path:
     tasks = evaluation_tasks(spec, cfg.model.base.pretrained, runs)
     todo = sum(not (Path(t.out) / "scores.json").is_file() for t in tasks)
     started = time.time()
-    evidence.run_tasks(tasks, jobs, log)
+    evidence_tasks.run_tasks(tasks, jobs, log)
     evaluation_seconds = time.time() - started
-    records = [r for task in tasks for r in evidence.object_records(task)]
+    records = [r for task in tasks for r in evidence_tasks.object_records(task)]
     kinds = [k for k in KINDS if k in runs]
     verbose = [r.text for r in prompt_set("verbose_2")]
     splits = {}
     for kind in kinds:
         for step in STEPS[1:]:
-            module = load_checkpoint_module(evidence.checkpoint_at(runs[kind].output_dir, step))
+            module = load_checkpoint_module(evidence_tasks.checkpoint_at(runs[kind].output_dir, step))
             with module.ema_weights():
                 splits[at(kind, step)] = attention_split(module, verbose)
     lengths = {kind: training_length(records, kind) for kind in kinds}
     out = spec.output_root / "report"
     out.mkdir(parents=True, exist_ok=True)
     curves_plot(records, kinds, out / "curves.png")
-    base_rates = " | ".join(f"{evidence.rate(evidence.select(records, 'a', s)):.3f}" for s in REPORTED)
+    base_rates = " | ".join(f"{evidence_rules.rate(evidence_rules.select(records, 'a', s)):.3f}" for s in REPORTED)
     text = [f"# Pilot for protocol v3: {len(kinds)} connectors, seed 0, up to {STEPS[-1]} steps", "",
             f"Rule: `{RULE}` (committed before this pilot ran). Sweep `{sweep_file}`. Share of prompt objects drawn "
             f"bound (every attribute right); each step's paired difference against the arm's previous evaluated step "
@@ -225,7 +225,7 @@ def report(sweep_file: str, jobs: int = 2, log=print) -> Path:
 
 
 def run(sweep_file: str, jobs: int = 2, log=print) -> Path:
-    return run_study(study_command(MODULE, "run", sweep_file), sweep_file, lambda spec: evidence.write_data(spec, log=log),
+    return run_study(study_command(MODULE, "run", sweep_file), sweep_file, lambda spec: evidence_data.write_data(spec, log=log),
                      lambda: report(sweep_file, jobs, log=log), jobs, log)
 
 

@@ -22,15 +22,14 @@ from pathlib import Path
 from typing import Optional
 
 from llm4gen.configs.errors import entry_point
-from llm4gen.experiments import connectors
-from llm4gen.experiments import shapes_evidence as evidence
+from llm4gen.experiments import connectors, evidence_data, evidence_protocol, evidence_report, evidence_rules, evidence_tasks
 from llm4gen.experiments.runner import ExperimentError, run_study, study_command, study_parser
-from llm4gen.launch.sweep import load_sweep
+from llm4gen.launch.sweep import load_experiment_config, load_sweep
 from llm4gen.tools import convert_gguf
 
 MODULE = "llm4gen.experiments.real_llm"
 PROTOCOL = "docs/evidence/protocol_smollm2.md"
-SHIPPED = evidence.ROOT / "docs" / "evidence" / "results.json.gz"  # the MiniLM experiment's records
+SHIPPED = evidence_protocol.ROOT / "docs" / "evidence" / "results.json.gz"  # the MiniLM experiment's records
 ARM = "d_smollm2"
 SUBSETS = ("outside", "inside", "seen_1", "short", "post_nominal")
 LABELS = {"a": "(a) base", ARM: "(d) SmolLM2 layer 15"}
@@ -48,12 +47,12 @@ def against_minilm(records, shipped, rules: connectors.Rules = connectors.RULES)
     pooled = [r for r in records if r.arm == ARM] + [r for r in shipped if r.arm == "d"]
     out = {}
     for subset in SUBSETS:
-        diff = evidence.compare(pooled, ARM, "d", subset)
+        diff = evidence_rules.compare(pooled, ARM, "d", subset)
         out[subset] = {"difference": diff.to_dict() if diff else None, "class": connectors.classify(diff, rules)}
     return {"outcome": "measured", "by_subset": out}
 
 
-def effects(records, shipped, protocol: evidence.Protocol = evidence.PROTOCOL_SETTINGS) -> dict:
+def effects(records, shipped, protocol: evidence_protocol.Protocol = evidence_protocol.PROTOCOL_SETTINGS) -> dict:
     """Rule 2: the evidence protocol's two effect thresholds on (d_smollm2) - (b, shipped); its gate 1
     (on (b) and the base, the shipped records) failed, so neither claim is decided by them."""
     disagreement = connectors.base_agrees(records, shipped)
@@ -63,7 +62,7 @@ def effects(records, shipped, protocol: evidence.Protocol = evidence.PROTOCOL_SE
     out = {}
     for name, subset, threshold, all_seeds in (("primary", "outside", protocol.primary_effect, True),
                                                ("secondary", "post_nominal", protocol.secondary_effect, False)):
-        diff = evidence.compare(pooled, ARM, "b", subset)
+        diff = evidence_rules.compare(pooled, ARM, "b", subset)
         shown = (diff is not None and diff.mean >= threshold and diff.low > 0
                  and (not all_seeds or all(v > 0 for v in diff.per_seed.values())))
         out[name] = {"subset": subset, "threshold": threshold, "difference": diff.to_dict() if diff else None,
@@ -83,17 +82,17 @@ def ensure_llm(cfg, log=print) -> Path:
     return folder
 
 
-def evaluation_tasks(spec, base: str) -> tuple[list[evidence.Task], list[str]]:
+def evaluation_tasks(spec, base: str) -> tuple[list[evidence_tasks.Task], list[str]]:
     """The finished (d) runs' last checkpoints as ``d_smollm2``, and the base at their seeds."""
-    tasks, unfinished = evidence.evaluation_tasks(spec, base)
+    tasks, unfinished = evidence_tasks.evaluation_tasks(spec, base)
     kept = [dataclasses.replace(t, arm=ARM) if t.arm == "d" else t for t in tasks if t.arm in ("a", "d")]
     return kept, unfinished
 
 
-def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protocol = evidence.PROTOCOL_SETTINGS,
+def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence_protocol.Protocol = evidence_protocol.PROTOCOL_SETTINGS,
            shipped_results: Path = SHIPPED) -> Path:
     spec = load_sweep(sweep_file)
-    cfg = evidence.load_experiment_config(spec.config, spec.base_overrides)
+    cfg = load_experiment_config(spec.config, spec.base_overrides)
     tasks, unfinished = evaluation_tasks(spec, cfg.model.base.pretrained)
     if not any(t.arm == ARM for t in tasks):
         raise ExperimentError(f"no finished run under {spec.output_root}; train it first: "
@@ -101,15 +100,15 @@ def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protoco
     if unfinished:
         log(f"not finished, left out of the report: {', '.join(unfinished)}")
     started = time.time()
-    evidence.run_tasks(tasks, jobs, log, protocol)
+    evidence_tasks.run_tasks(tasks, jobs, log, protocol)
     evaluation_seconds = time.time() - started
-    records = [r for task in tasks for r in evidence.object_records(task, protocol)]
+    records = [r for task in tasks for r in evidence_tasks.object_records(task, protocol)]
     shipped = connectors.load_records(Path(shipped_results))
     minilm, thresholds = against_minilm(records, shipped), effects(records, shipped, protocol)
     damaged = connectors.damages_base(records, ARM)
     out = spec.output_root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    grid = evidence.sample_grid(tasks, out / "samples.png", protocol=protocol, labels=LABELS)
+    grid = evidence_report.sample_grid(tasks, out / "samples.png", protocol=protocol, labels=LABELS)
     seeds = sorted({t.seed for t in tasks})
     both = records + [r for r in shipped if r.arm in ("b", "d")]
     rows = ["| arm | " + " | ".join(SUBSETS) + " |", "|---|" + "---|" * len(SUBSETS)]
@@ -140,7 +139,7 @@ def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protoco
     (out / "results.json").write_text(json.dumps({
         "protocol": PROTOCOL, "against_minilm": minilm, "effects": thresholds, "damages_base": damaged,
         "objects": [list(asdict(r).values()) for r in records],
-        "object_fields": list(evidence.ObjectRecord.__dataclass_fields__)}, indent=1))
+        "object_fields": list(evidence_tasks.ObjectRecord.__dataclass_fields__)}, indent=1))
     log(text)
     log(f"report: {out / 'report.md'}")
     return out
@@ -148,8 +147,8 @@ def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence.Protoco
 
 def run(sweep_file: str, jobs: int = 2, log=print) -> Path:
     def data(spec):
-        ensure_llm(evidence.load_experiment_config(spec.config, spec.base_overrides), log)
-        evidence.write_data(spec, log=log)
+        ensure_llm(load_experiment_config(spec.config, spec.base_overrides), log)
+        evidence_data.write_data(spec, log=log)
 
     return run_study(study_command(MODULE, "run", sweep_file), sweep_file, data,
                      lambda: report(sweep_file, jobs, log=log), jobs, log)

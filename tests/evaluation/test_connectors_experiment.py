@@ -10,7 +10,7 @@ import random
 import pytest
 
 from llm4gen.experiments import connectors
-from llm4gen.experiments.shapes_evidence import ObjectRecord
+from llm4gen.experiments.evidence_tasks import ObjectRecord
 from llm4gen.launch.slurm import load_experiment_config
 from llm4gen.launch.sweep import expand_runs, load_sweep
 from tests.helpers.experiments import TINY_PROTOCOL, tiny_experiment_config
@@ -125,13 +125,13 @@ def test_the_shipped_frozen_records_load_with_their_base_and_every_kind():
 
 
 def test_the_shipped_lora_report_plots_every_difference_against_cam_lora_and_what_lora_does(tmp_path):
-    recorded = connectors.evidence.read_results(connectors.evidence.ROOT / "docs/connectors/lora/results.json.gz")
+    recorded = connectors.evidence_report.read_results(connectors.evidence_protocol.ROOT / "docs/connectors/lora/results.json.gz")
     rows = connectors.plot_rows(recorded["verdicts"], recorded["lora_effects"], recorded["reference"])
     assert len(rows) == 3 * 4 + 4 * 4  # three arms against cam+lora, four kinds against their frozen selves
     labels = dict(rows)
     assert labels["ella+lora - cam+lora, short"].mean == recorded["verdicts"]["ella+lora"]["short"]["difference"]["mean"]
     assert "lavi_bridge+lora - lavi_bridge (frozen), seen_1" in labels
-    out = connectors.replot(connectors.evidence.ROOT / "docs/connectors/lora/results.json.gz", tmp_path / "d.png")
+    out = connectors.replot(connectors.evidence_protocol.ROOT / "docs/connectors/lora/results.json.gz", tmp_path / "d.png")
     assert out.stat().st_size > 10_000
 
 
@@ -152,7 +152,7 @@ def test_the_lora_sweep_differs_from_the_frozen_one_in_the_unets_lora_alone():
 def test_a_tiny_comparison_runs_end_to_end(tmp_path, monkeypatch):
     """Data, cam and ella x one seed for two steps on the random tiny base, and the report."""
     from llm4gen.cli import sweep as sweep_entry
-    from llm4gen.experiments import shapes_evidence as evidence
+    from llm4gen.experiments import evidence_data
 
     monkeypatch.chdir(tmp_path)
     config = tiny_experiment_config(tmp_path)
@@ -164,7 +164,7 @@ def test_a_tiny_comparison_runs_end_to_end(tmp_path, monkeypatch):
                      " model.adapter.ella.num_latents: 8, model.adapter.ella.time_channels: 16}\n"
                      "grid: {seed: [0]}\n")
     tiny = TINY_PROTOCOL
-    evidence.write_data(load_sweep(str(sweep)), tiny, log=lambda *a: None)
+    evidence_data.write_data(load_sweep(str(sweep)), tiny, log=lambda *a: None)
     assert sweep_entry.main([str(sweep)]) == 0
     report = connectors.report(str(sweep), jobs=1, log=lambda *a: None, protocol=tiny)
     results = json.loads((report / "results.json").read_text())

@@ -6,7 +6,8 @@ import json
 
 from PIL import Image
 
-from llm4gen.experiments.shapes_evidence import ARMS, COMPARISONS, arm_tag, difference_label, replot
+from llm4gen.experiments.evidence_protocol import ARMS
+from llm4gen.experiments.evidence_report import COMPARISONS, arm_tag, difference_label, replot
 
 
 def test_every_compared_arm_has_its_own_tag():

@@ -8,21 +8,11 @@ import json
 import pytest
 
 from llm4gen.evaluation.paired import Difference, Observation, cluster_bootstrap, paired_difference
-from llm4gen.experiments.shapes_evidence import (
-    ARMS,
-    PROTOCOLS,
-    ObjectRecord,
-    arm_of,
-    compare,
-    damages_base,
-    decisions,
-    donor_prompts,
-    evaluation_tasks,
-    gates,
-    main,
-    rate_table,
-    replication_section,
-)
+from llm4gen.experiments.evidence_protocol import ARMS, PROTOCOLS
+from llm4gen.experiments.evidence_report import damages_base, rate_table, replication_section
+from llm4gen.experiments.evidence_rules import compare, decisions, gates
+from llm4gen.experiments.evidence_tasks import ObjectRecord, arm_of, donor_prompts, evaluation_tasks
+from llm4gen.experiments.shapes_evidence import main
 from tests.helpers.experiments import TINY_PROTOCOL, tiny_experiment_config
 
 

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from llm4gen.experiments import pilot
-from llm4gen.experiments.shapes_evidence import ObjectRecord
+from llm4gen.experiments.evidence_tasks import ObjectRecord
 from llm4gen.launch.sweep import expand_runs, load_experiment_config, load_sweep
 
 

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from llm4gen.experiments import real_llm
-from llm4gen.experiments.shapes_evidence import ObjectRecord
+from llm4gen.experiments.evidence_tasks import ObjectRecord
 from llm4gen.launch.slurm import load_experiment_config
 from llm4gen.launch.sweep import expand_runs, load_sweep
 from tests.helpers.experiments import TINY_PROTOCOL, tiny_experiment_config
@@ -85,7 +85,7 @@ def test_a_tiny_real_llm_arm_runs_end_to_end(tmp_path, monkeypatch):
     """A tiny random Llama in SmolLM2's place, the (d) arm for a few steps on the tiny base, and the report:
     against shipped records it cannot pair with (not measured), then against records that pair."""
     from llm4gen.cli import sweep as sweep_entry
-    from llm4gen.experiments import shapes_evidence as evidence
+    from llm4gen.experiments import evidence_data
 
     monkeypatch.chdir(tmp_path)
     llama = tmp_path / "llama"
@@ -103,8 +103,8 @@ def test_a_tiny_real_llm_arm_runs_end_to_end(tmp_path, monkeypatch):
                      "grid: {seed: [0]}\n")
     tiny = TINY_PROTOCOL
     spec = load_sweep(str(sweep))
-    assert real_llm.ensure_llm(evidence.load_experiment_config(spec.config, spec.base_overrides)) == llama
-    evidence.write_data(spec, tiny, log=lambda *a: None)
+    assert real_llm.ensure_llm(load_experiment_config(spec.config, spec.base_overrides)) == llama
+    evidence_data.write_data(spec, tiny, log=lambda *a: None)
     assert sweep_entry.main([str(sweep)]) == 0
 
     report = real_llm.report(str(sweep), jobs=1, log=lambda *a: None, protocol=tiny)  # the real shipped records

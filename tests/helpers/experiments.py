@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llm4gen.experiments.shapes_evidence import ROOT, Protocol
+from llm4gen.experiments.evidence_protocol import Protocol, ROOT
 
 TINY_PROTOCOL = Protocol(data_samples=16, samples_per_shard=8, sampling_steps=1, eval_batch=4, prompts_per_set=2)
 
