@@ -60,6 +60,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from llm4gen.configs.schema import DataConfig
 from llm4gen.datamodules.batch import Batch
 from llm4gen.datamodules.cache_codec import decode_precomputed
 from llm4gen.datamodules.collate import collate_samples, with_entities
@@ -108,18 +109,12 @@ class PassPlan:
 
 @dataclass
 class StreamConfig:
+    """What a worker's stream reads: the resolved shard list and the ``data`` section as it is."""
+
     shards: list[str]
-    batch_size: int
-    resolution: int
-    center_crop: bool
-    random_flip: bool
-    caption_keys: tuple[str, ...]
-    shuffle_buffer: int
-    shuffle_shards: bool
-    resampled: bool
+    data: DataConfig
     seed: int
-    epoch_batches: Optional[int]
-    precomputed_keys: tuple[str, ...]
+    shuffle_shards: bool = True
     entity_parser: Optional[str] = None  # spaCy model: parse captions in the worker (unless cached)
     buckets: Optional[list[tuple[int, int]]] = None  # (width, height) aspect-ratio buckets; None: square crops
     entity_targets: Optional[EntityTargetBuilder] = None  # builds each batch's entity-loss targets in the worker
@@ -134,9 +129,9 @@ class ShardStream(IterableDataset):
         self.plan: Optional[PassPlan] = None
 
     def __len__(self) -> int:
-        if self.config.epoch_batches is None:
+        if self.config.data.epoch_batches is None:
             raise TypeError("the number of batches is only known when epoch_batches is set")
-        return self.config.epoch_batches
+        return self.config.data.epoch_batches
 
     def __iter__(self) -> Iterator[Batch]:
         if self.plan is None:
@@ -150,7 +145,7 @@ class ShardStream(IterableDataset):
 
     def worker_quota(self, worker: int) -> Optional[int]:
         """Batches this logical worker makes per epoch under ``epoch_batches`` (None: until data ends)."""
-        total = self.config.epoch_batches
+        total = self.config.data.epoch_batches
         if total is None:
             return None
         workers = self.plan.num_workers
@@ -158,14 +153,14 @@ class ShardStream(IterableDataset):
 
     def _shard_stream(self, worker: int) -> Iterator[Any]:
         c, p = self.config, self.plan
-        if c.resampled:
+        if c.data.resampled:
             rng = random.Random(f"resample/{c.seed}/{p.epoch}/{p.rank}/{worker}")
             while True:
                 yield rng.choice(c.shards)
         for round_index in itertools.count():
             order = epoch_shard_order(c.shards, c.seed, p.epoch, round_index) if c.shuffle_shards else c.shards
             yield from assign_shards(order, p.rank, p.world_size, worker, p.num_workers)
-            if c.epoch_batches is None:
+            if c.data.epoch_batches is None:
                 return
             yield ROUND_END
 
@@ -228,13 +223,13 @@ class ShardStream(IterableDataset):
         snapshot = start.snapshot
         if snapshot is None or start.cursor == 0:
             place = {"shard": 0, "index": 0, "empty": 0}
-            raw = ShuffleBuffer(self._raw_samples(worker, counts, place), c.shuffle_buffer, rng)
+            raw = ShuffleBuffer(self._raw_samples(worker, counts, place), c.data.shuffle_buffer, rng)
             # Fast-forward without decoding: the skips in this prefix were counted by the earlier run.
             return raw, place, sum(1 for _ in itertools.islice(raw, start.cursor))
         version, internal, gauss = snapshot["rng"]
         rng.setstate((version, tuple(internal), gauss))
         place = dict(snapshot["place"])
-        raw = ShuffleBuffer(self._raw_samples(worker, counts, place), c.shuffle_buffer, rng,
+        raw = ShuffleBuffer(self._raw_samples(worker, counts, place), c.data.shuffle_buffer, rng,
                             buffer=self._fetch(worker, snapshot["buffer"]), draining=self._fetch(worker, snapshot["draining"]))
         return raw, place, start.cursor
 
@@ -242,13 +237,13 @@ class ShardStream(IterableDataset):
         c = self.config
         key = raw["__key__"]
         check_download_status(raw)
-        sample: dict[str, Any] = {"key": key, "caption": extract_caption(raw, c.caption_keys)}
-        if c.precomputed_keys:
-            sample.update(decode_precomputed(raw, c.precomputed_keys))
-        if "latent_moments" not in c.precomputed_keys:  # with cached latents the image is never decoded
+        sample: dict[str, Any] = {"key": key, "caption": extract_caption(raw, c.data.caption_keys)}
+        if c.data.precomputed_keys:
+            sample.update(decode_precomputed(raw, c.data.precomputed_keys))
+        if "latent_moments" not in c.data.precomputed_keys:  # with cached latents the image is never decoded
             rng = sample_rng(c.seed, self.plan.epoch, key)
             sample["pixel_values"], decoded_hw, sample["crop_top_left"] = preprocess_image_with_geometry(
-                find_image_member(raw), c.resolution, c.center_crop, c.random_flip, rng, c.buckets
+                find_image_member(raw), c.data.resolution, c.data.center_crop, c.data.random_flip, rng, c.buckets
             )  # (3, H, W), H x W the bucket's with buckets; SDXL's size/crop conditioning: (h, w) and (top, left) pixels
             sample["original_size"] = original_size(raw, decoded_hw)
         return sample
@@ -332,7 +327,7 @@ class ShardStream(IterableDataset):
                 if failures_in_a_row > _MAX_CONSECUTIVE_FAILURES:
                     raise RuntimeError(
                         f"{failures_in_a_row} samples in a row were unusable (counts {dict(zip(SKIP_REASONS, counts))}); "
-                        f"check caption_keys {list(c.caption_keys)} and precomputed_keys {list(c.precomputed_keys)}"
+                        f"check caption_keys {list(c.data.caption_keys)} and precomputed_keys {list(c.data.precomputed_keys)}"
                     ) from error
                 continue
             failures_in_a_row = 0
@@ -344,7 +339,7 @@ class ShardStream(IterableDataset):
             pending.append((raw_sample["__place__"], sample))
             cursor += 1
             counts_at_cursor = list(counts)
-            if len(pending) == c.batch_size:
+            if len(pending) == c.data.batch_size:
                 del groups[group]
                 batches += 1
                 if quota is not None and batches == quota:

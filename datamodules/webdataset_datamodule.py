@@ -4,6 +4,7 @@ position of every rank in the checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
@@ -45,7 +46,6 @@ class PassDataLoader(DataLoader):
 
 
 
-_SCHEMA = DataConfig()  # the schema's data defaults, which the keyword constructor shares
 
 
 class WebDatasetDataModule(L.LightningDataModule):
@@ -61,70 +61,50 @@ class WebDatasetDataModule(L.LightningDataModule):
     once per batch trained on.
     """
 
-    # Keyword defaults are the schema's (configs/schema.DataConfig), never restated: a datamodule built
-    # in a notebook batches like one built from a config.
-    def __init__(
-        self,
-        shards: Union[str, Sequence[str]],
-        batch_size: int = _SCHEMA.batch_size,
-        num_workers: int = _SCHEMA.num_workers,
-        resolution: int = _SCHEMA.resolution,
-        center_crop: bool = _SCHEMA.center_crop,
-        random_flip: bool = _SCHEMA.random_flip,
-        caption_keys: Sequence[str] = tuple(_SCHEMA.caption_keys),
-        shuffle_buffer: int = _SCHEMA.shuffle_buffer,
-        shuffle_shards: bool = True,
-        resampled: bool = _SCHEMA.resampled,
-        seed: int = Config.seed,
-        epoch_batches: Optional[int] = _SCHEMA.epoch_batches,
-        precomputed_keys: Sequence[str] = tuple(_SCHEMA.precomputed_keys),
-        entity_parser: Optional[str] = None,
-        entity_targets: Optional[EntityTargetBuilder] = None,
-        pin_memory: bool = _SCHEMA.pin_memory,
-        prefetch_factor: Optional[int] = _SCHEMA.prefetch_factor,
-        rank: Optional[int] = None,
-        world_size: Optional[int] = None,
-        buckets: Optional[Sequence[Sequence[int]]] = None,
-    ):
+    def __init__(self, shards: Union[str, Sequence[str]], *, seed: int = Config.seed, shuffle_shards: bool = True,
+                 entity_parser: Optional[str] = None, entity_targets: Optional[EntityTargetBuilder] = None,
+                 rank: Optional[int] = None, world_size: Optional[int] = None,
+                 buckets: Optional[Sequence[Sequence[int]]] = None, **data: Any):
+        """``data``: any field of the schema's ``data`` section (configs/schema.DataConfig: ``batch_size``,
+        ``resolution``, ``precomputed_keys``, ...), its defaults the schema's, so a datamodule built in a notebook
+        batches like one built from a config; an unknown keyword is refused. ``buckets``: the resolved (width,
+        height) sizes (configs.buckets.resolve_buckets), not the section's spec."""
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if epoch_batches is not None and epoch_batches < 1:
-            raise ValueError(f"epoch_batches must be a positive number of batches per rank or None, got {epoch_batches}")
-        if resampled and epoch_batches is None:
-            raise ValueError("resampled=True draws shards forever: set epoch_batches (batches per epoch per rank)")
-        unknown = sorted(set(precomputed_keys) - set(PRECOMPUTED_MEMBERS))
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(DataConfig)} - {"shards", "buckets"})
         if unknown:
-            raise ValueError(f"unknown precomputed_keys {unknown}; known: {sorted(PRECOMPUTED_MEMBERS)}")
-        if prefetch_factor is not None and (prefetch_factor < 1 or num_workers == 0):
-            raise ValueError(f"prefetch_factor={prefetch_factor} needs num_workers > 0 (got {num_workers}) and a value >= 1; "
-                             f"batches are only prefetched by worker processes")
+            raise TypeError(f"WebDatasetDataModule got unknown keywords {unknown}; it takes the fields of "
+                            f"configs.schema.DataConfig and seed, shuffle_shards, entity_parser, entity_targets, rank, "
+                            f"world_size, buckets")
+        if isinstance(data.get("caption_keys"), str):
+            data["caption_keys"] = [data["caption_keys"]]
+        self.data = dataclasses.replace(DataConfig(), shards=shards if isinstance(shards, str) else [str(s) for s in shards],
+                                        **{k: list(v) if isinstance(v, tuple) else v for k, v in data.items()})
+        d = self.data
+        if d.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {d.batch_size}")
+        if d.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {d.num_workers}")
+        if d.epoch_batches is not None and d.epoch_batches < 1:
+            raise ValueError(f"epoch_batches must be a positive number of batches per rank or None, got {d.epoch_batches}")
+        if d.resampled and d.epoch_batches is None:
+            raise ValueError("resampled=True draws shards forever: set epoch_batches (batches per epoch per rank)")
+        unknown_keys = sorted(set(d.precomputed_keys) - set(PRECOMPUTED_MEMBERS))
+        if unknown_keys:
+            raise ValueError(f"unknown precomputed_keys {unknown_keys}; known: {sorted(PRECOMPUTED_MEMBERS)}")
+        if d.prefetch_factor is not None and (d.prefetch_factor < 1 or d.num_workers == 0):
+            raise ValueError(f"prefetch_factor={d.prefetch_factor} needs num_workers > 0 (got {d.num_workers}) and a "
+                             f"value >= 1; batches are only prefetched by worker processes")
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither (then they come from the trainer)")
         if buckets is not None:
             buckets = [(int(w), int(h)) for w, h in buckets]
             if not buckets or any(w <= 0 or h <= 0 for w, h in buckets) or len(set(buckets)) != len(buckets):
                 raise ValueError(f"buckets must be distinct positive (width, height) sizes "
-                                 f"(datamodules.buckets.bucket_sizes), got {buckets}")
-        self.shards_spec = shards if isinstance(shards, str) else [str(s) for s in shards]
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
-        self.resolution = int(resolution)
-        self.center_crop = bool(center_crop)
-        self.random_flip = bool(random_flip)
-        self.caption_keys = (caption_keys,) if isinstance(caption_keys, str) else tuple(caption_keys)
-        self.shuffle_buffer = int(shuffle_buffer)
-        self.shuffle_shards = bool(shuffle_shards)
-        self.resampled = bool(resampled)
+                                 f"(configs.buckets.bucket_sizes), got {buckets}")
         self.seed = int(seed)
-        self.epoch_batches = None if epoch_batches is None else int(epoch_batches)
-        self.precomputed_keys = tuple(precomputed_keys)
+        self.shuffle_shards = bool(shuffle_shards)
         self.entity_parser = entity_parser
         self.entity_targets = entity_targets
-        self.pin_memory = bool(pin_memory)
-        self.prefetch_factor = prefetch_factor
         self._explicit_rank = None if rank is None else (int(rank), int(world_size))
         self.buckets: Optional[list[tuple[int, int]]] = buckets
         self._shards: Optional[list[str]] = None
@@ -144,14 +124,11 @@ class WebDatasetDataModule(L.LightningDataModule):
     def from_config(cls, data: DataConfig, *, seed: int, entity_parser: Optional[str] = None,
                     entity_targets: Optional[EntityTargetBuilder] = None,
                     buckets: Optional[Sequence[Sequence[int]]] = None) -> "WebDatasetDataModule":
-        """From the typed ``data`` section (``OmegaConf.to_object(cfg.data)``); ``buckets`` resolved from
+        """From the typed ``data`` section (``OmegaConf.to_object(cfg.data)``) as it is; ``buckets`` resolved from
         ``data.buckets`` by configs.buckets.resolve_buckets (None: square crops)."""
-        return cls(data.shards, batch_size=data.batch_size, num_workers=data.num_workers, resolution=data.resolution,
-                   center_crop=data.center_crop, random_flip=data.random_flip, caption_keys=data.caption_keys,
-                   shuffle_buffer=data.shuffle_buffer, resampled=data.resampled, seed=seed,
-                   epoch_batches=data.epoch_batches, precomputed_keys=data.precomputed_keys,
-                   entity_parser=entity_parser, entity_targets=entity_targets, pin_memory=data.pin_memory,
-                   prefetch_factor=data.prefetch_factor, buckets=buckets)
+        fields = {f.name: getattr(data, f.name) for f in dataclasses.fields(DataConfig) if f.name not in ("shards", "buckets")}
+        return cls(data.shards, seed=seed, entity_parser=entity_parser, entity_targets=entity_targets, buckets=buckets,
+                   **fields)
 
     # ---- Lightning hooks
 
@@ -166,48 +143,35 @@ class WebDatasetDataModule(L.LightningDataModule):
         return batch.for_model()
 
     def setup(self, stage: Optional[str] = None) -> None:
-        self._shards = resolve_shards(self.shards_spec)
+        self._shards = resolve_shards(self.data.shards)
         rank, world_size = self.distributed_context()
-        if self.epoch_batches is None and world_size > 1:
+        if self.data.epoch_batches is None and world_size > 1:
             warnings.warn(
                 "WebDatasetDataModule under DDP without epoch_batches: ranks may get different numbers of "
                 "batches and hang in a collective; set epoch_batches",
                 stacklevel=2,
             )
-        slots = world_size * max(self.num_workers, 1)
-        if self.epoch_batches is not None and not self.resampled and len(self._shards) < slots:
+        slots = world_size * max(self.data.num_workers, 1)
+        if self.data.epoch_batches is not None and not self.data.resampled and len(self._shards) < slots:
             raise ValueError(
                 f"epoch_batches needs at least one shard per (rank, worker): {len(self._shards)} shards for "
-                f"{world_size} ranks x {max(self.num_workers, 1)} workers; write smaller shards or use fewer workers"
+                f"{world_size} ranks x {max(self.data.num_workers, 1)} workers; write smaller shards or use fewer workers"
             )
 
     def train_dataloader(self) -> DataLoader:
         if self._shards is None:
             self.setup("fit")
-        config = StreamConfig(
-            shards=list(self._shards),
-            batch_size=self.batch_size,
-            resolution=self.resolution,
-            center_crop=self.center_crop,
-            random_flip=self.random_flip,
-            caption_keys=self.caption_keys,
-            shuffle_buffer=self.shuffle_buffer,
-            shuffle_shards=self.shuffle_shards,
-            resampled=self.resampled,
-            seed=self.seed,
-            epoch_batches=self.epoch_batches,
-            precomputed_keys=self.precomputed_keys,
-            entity_parser=self.entity_parser,
-            buckets=None if self.buckets is None else list(self.buckets),
-            entity_targets=self.entity_targets,
-        )
+        config = StreamConfig(shards=list(self._shards), data=self.data, seed=self.seed,
+                              shuffle_shards=self.shuffle_shards, entity_parser=self.entity_parser,
+                              entity_targets=self.entity_targets,
+                              buckets=None if self.buckets is None else list(self.buckets))
         return PassDataLoader(
             ShardStream(config),
             self,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            num_workers=self.data.num_workers,
+            pin_memory=self.data.pin_memory,
             persistent_workers=False,
-            **({"prefetch_factor": self.prefetch_factor} if self.prefetch_factor is not None else {}),
+            **({"prefetch_factor": self.data.prefetch_factor} if self.data.prefetch_factor is not None else {}),
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -220,17 +184,17 @@ class WebDatasetDataModule(L.LightningDataModule):
         if self._explicit_rank is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             ranks = [None] * dist.get_world_size()
             dist.all_gather_object(ranks, local)
-        return {"seed": self.seed, "batch_size": self.batch_size, "buckets": self._bucket_state(), "ranks": ranks}
+        return {"seed": self.seed, "batch_size": self.data.batch_size, "buckets": self._bucket_state(), "ranks": ranks}
 
     def _bucket_state(self) -> Optional[list[list[int]]]:
         return None if self.buckets is None else [list(b) for b in self.buckets]
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the position; it is applied when the train DataLoader is next iterated."""
-        if state_dict.get("seed") != self.seed or state_dict.get("batch_size") != self.batch_size:
+        if state_dict.get("seed") != self.seed or state_dict.get("batch_size") != self.data.batch_size:
             warnings.warn(
                 f"data position saved with seed={state_dict.get('seed')}, batch_size={state_dict.get('batch_size')} "
-                f"but configured seed={self.seed}, batch_size={self.batch_size}: the resumed stream will differ",
+                f"but configured seed={self.seed}, batch_size={self.data.batch_size}: the resumed stream will differ",
                 stacklevel=2,
             )
         if state_dict.get("buckets") != self._bucket_state():
@@ -297,7 +261,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         return 0, 1
 
     def _position_state(self) -> dict[str, Any]:
-        num_workers, world_size = self._layout or (max(self.num_workers, 1), self.distributed_context()[1])
+        num_workers, world_size = self._layout or (max(self.data.num_workers, 1), self.distributed_context()[1])
         if self._pass_finished:
             return {"epoch": self._epoch + 1, "batches": 0, "next_worker": 0, "workers": [],
                     "num_workers": num_workers, "world_size": world_size}
@@ -321,7 +285,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         layout = (max(loader_workers, 1), world_size)
         if self._loaded_ranks is not None:
             self._restore_position(rank, layout)
-        if self._pass_finished or (self.epoch_batches is not None and self._consumed >= self.epoch_batches):
+        if self._pass_finished or (self.data.epoch_batches is not None and self._consumed >= self.data.epoch_batches):
             self._start_epoch(self._epoch + 1, layout)
         elif self._layout != layout:
             if self._consumed:

@@ -3,7 +3,6 @@ alone, a mapping (a checkpoint's hyper_parameters) is checked and completed by i
 stores stays plain containers."""
 
 import dataclasses
-import inspect
 
 import pytest
 import torch
@@ -11,33 +10,31 @@ from omegaconf import OmegaConf
 
 from llm4gen.cli import train
 from llm4gen.configs.errors import ConfigError
-from llm4gen.configs.schema import Config, DataConfig, ModelConfig, as_plain, load_config, model_config
+from llm4gen.configs.schema import DataConfig, ModelConfig, as_plain, load_config, model_config
 from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule
 
 
-def test_every_datamodule_keyword_shared_with_the_schema_defaults_to_the_schemas_value():
-    schema = DataConfig()
-    parameters = inspect.signature(WebDatasetDataModule.__init__).parameters
-    # shards is required; buckets takes the resolved sizes (configs.buckets.resolve_buckets), not the section
-    shared = [f.name for f in dataclasses.fields(DataConfig) if f.name in parameters and f.name not in ("shards", "buckets")]
-    assert len(shared) >= 12  # the constructor takes nearly the whole section
-    for name in shared:
-        default = parameters[name].default
-        expected = getattr(schema, name)
-        assert (list(default) if isinstance(expected, list) else default) == expected, name
-    assert parameters["seed"].default == Config.seed
+def test_the_datamodule_holds_the_schemas_data_section_and_refuses_other_keywords(tmp_path):
+    """No default is restated: a keyword-built datamodule holds a DataConfig whose every field not given is the
+    schema's, and a keyword that is no field of the section is refused, naming it."""
+    dm = WebDatasetDataModule(str(tmp_path), batch_size=3, caption_keys="caption")
+    assert isinstance(dm.data, DataConfig)
+    expected = dataclasses.replace(DataConfig(), shards=str(tmp_path), batch_size=3, caption_keys=["caption"])
+    assert dm.data == expected
+    with pytest.raises(TypeError, match="unknown keywords \\['batchsize'\\].*configs.schema.DataConfig"):
+        WebDatasetDataModule(str(tmp_path), batchsize=3)
 
 
 def test_the_datamodule_takes_the_typed_section_as_loaded(tmp_path):
     cfg = load_config(None, [f"data.shards={tmp_path}", "data.batch_size=3", "data.shuffle_buffer=5",
                              "data.caption_keys=[caption]", "data.synthetic_if_missing=false", "seed=7"])
     dm = train.build_datamodule(cfg)
-    assert (dm.batch_size, dm.shuffle_buffer, dm.caption_keys, dm.seed, dm.resolution) == (3, 5, ("caption",), 7, 32)
+    assert (dm.data.batch_size, dm.data.shuffle_buffer, dm.data.caption_keys, dm.seed, dm.data.resolution) == (3, 5, ["caption"], 7, 32)
     typed = OmegaConf.to_object(cfg.data)
     assert isinstance(typed, DataConfig)
     again = WebDatasetDataModule.from_config(typed, seed=7)
-    assert (again.batch_size, again.shuffle_buffer, again.caption_keys) == (3, 5, ("caption",))
+    assert again.data == dataclasses.replace(typed, buckets=DataConfig().buckets)
 
 
 def test_model_config_completes_a_partial_mapping_and_refuses_an_unknown_key():
