@@ -32,7 +32,7 @@ from llm4gen.encoders.sources import check_source, is_local
 from llm4gen.encoders.weight_files import WeightFileError, check_weights
 from llm4gen.lightning_modules import run_checkpoints
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
-from llm4gen.tools.feature_cache import check_cache_key
+from llm4gen.tools.cache_key import check_cache_key
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
 PICKLE_MAGIC = b"\x80"     # torch's legacy format starts with a pickle protocol byte

@@ -68,18 +68,18 @@ def test_resolution_is_checked_against_a_local_vae_config(tmp_path):
 def test_choice_lists_have_one_home():
     from llm4gen.datamodules import transforms
     from llm4gen.encoders import llm, sources
-    from llm4gen.tools import prepare
+    from llm4gen.tools import prepare_sources
 
     assert transforms.SKIP_REASONS == choices.SAMPLE_SKIP_REASONS
-    assert prepare.SKIP_REASONS == choices.PREPARE_SKIP_REASONS
+    assert prepare_sources.SKIP_REASONS == choices.PREPARE_SKIP_REASONS
     # what prepare.py reads from a folder is what training finds as an image member
-    assert {extension.lstrip(".") for extension in prepare.IMAGE_EXTENSIONS} == set(transforms.IMAGE_EXTENSIONS)
+    assert {extension.lstrip(".") for extension in prepare_sources.IMAGE_EXTENSIONS} == set(transforms.IMAGE_EXTENSIONS)
     assert llm.KINDS == choices.LLM_KINDS
     assert tuple(sources.TORCH_DTYPES) == choices.DTYPES
 
 
 def test_cache_key_covers_every_model_setting_not_explicitly_ignored():
-    from llm4gen.tools.feature_cache import FIELD_DEPENDENCIES, field_key
+    from llm4gen.tools.cache_key import FIELD_DEPENDENCIES, field_key
 
     cfg = load_config()
     keys = {name: field_key(cfg, name) for name in FIELD_DEPENDENCIES}

@@ -14,16 +14,18 @@ from llm4gen.datamodules.synthetic import write_synthetic_shards
 from llm4gen.datamodules.collate import parse_entities
 from llm4gen.datamodules.shards import iter_tar_samples
 from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
-from llm4gen.tools.feature_cache import (
+from llm4gen.tools.cache_key import (
     CACHE_KEY_FILE,
-    STORAGE_REPORT_FILE,
     CacheError,
     CacheKeyMismatch,
+    STORAGE_REPORT_FILE,
     check_cache_key,
-    check_cacheable,
-    default_rank,
     folder_fingerprint,
     model_identity,
+)
+from llm4gen.tools.feature_cache import (
+    check_cacheable,
+    default_rank,
     npy_bytes,
     output_paths,
     run_cache,
@@ -266,7 +268,7 @@ def test_only_the_fields_the_run_reads_are_compared(cache_dir):
 def test_settings_a_field_does_not_depend_on_leave_its_cache_usable(cache_dir):
     # Chunked CLIP (model.base.clip_chunks) changes the CLIP features, not the latents or the LLM's.
     check_cache_key(cache_dir, with_overrides("model.base.clip_chunks=3"))
-    from llm4gen.tools.feature_cache import field_key
+    from llm4gen.tools.cache_key import field_key
 
     cfg, chunked = with_overrides(), with_overrides("model.base.clip_chunks=3")
     assert field_key(cfg, "clip_features") != field_key(chunked, "clip_features")

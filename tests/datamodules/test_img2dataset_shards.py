@@ -18,7 +18,7 @@ from llm4gen.datamodules.transforms import (
     original_size,
 )
 from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
-from llm4gen.tools.feature_cache import STORAGE_REPORT_FILE
+from llm4gen.tools.cache_key import STORAGE_REPORT_FILE
 from tests.helpers.shards import write_img2dataset_folder
 
 SAMPLES = [  # downloaded at about 48 px on the shorter side, as img2dataset --image_size 48 --resize_mode keep_ratio

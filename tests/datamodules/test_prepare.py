@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llm4gen.tools import prepare as prep
-from llm4gen.tools.prepare import main
+from llm4gen.cli import prepare as prepare_cli
+from llm4gen.cli.prepare import main
+from llm4gen.tools import prepare, prepare_images, prepare_sources, shard_writer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MIN_SIZE = 16
@@ -66,7 +67,7 @@ def odd_inputs() -> dict[str, tuple[bytes | None, bytes | None, str]]:
     good_jpeg = jpeg_bytes(noise_rgb(40, 30, 0))
     gray16 = Image.fromarray(np.full((24, 20), 257 * 200, dtype=np.uint16))  # 16-bit value -> 200
     exif = Image.Exif()
-    exif[prep.EXIF_ORIENTATION] = 6  # stored 40x20, displayed rotated 90 degrees clockwise: 20x40
+    exif[prepare_images.EXIF_ORIENTATION] = 6  # stored 40x20, displayed rotated 90 degrees clockwise: 20x40
     rotated = jpeg_bytes(left_red_right_blue(40, 20), exif=exif)
     la = Image.merge("LA", (Image.new("L", (20, 20), 0), Image.new("L", (20, 20), 0)))  # transparent black
     return {
@@ -220,12 +221,12 @@ def test_every_good_input_is_in_the_shards_with_its_caption(prepared_odd):
 def test_manifest_lists_shards_that_match_the_files(prepared_odd):
     output, _ = prepared_odd
     manifest = json.loads((output / "manifest.json").read_text())
-    assert manifest["format"] == prep.MANIFEST_FORMAT and manifest["members"] == ["jpg", "json", "txt"]
+    assert manifest["format"] == prepare.MANIFEST_FORMAT and manifest["members"] == ["jpg", "json", "txt"]
     assert [s["samples"] for s in manifest["shards"]] == [4, 4, 3]  # one chunk, 4 per shard
     assert manifest["totals"] == {"inputs": 20, "samples": 11, "skipped": 9, "shards": 3,
                                   "bytes": sum((output / s["path"]).stat().st_size for s in manifest["shards"])}
     for shard in manifest["shards"]:
-        assert prep.file_sha256(output / shard["path"]) == shard["sha256"]
+        assert shard_writer.file_sha256(output / shard["path"]) == shard["sha256"]
     assert manifest["settings"]["min_size"] == MIN_SIZE and manifest["settings"]["num_chunks"] == 1
     assert manifest["source"]["kind"] == "folder"
 
@@ -379,13 +380,13 @@ def test_resize_to_downscales_the_shorter_side_and_never_upscales(tmp_path, caps
 
 def test_resize_decodes_large_jpegs_at_a_dct_scale_with_the_same_result_size(tmp_path):
     exif = Image.Exif()
-    exif[prep.EXIF_ORIENTATION] = 8  # 90 degrees counter-clockwise: 401x300 is shown as 300x401
+    exif[prepare_images.EXIF_ORIENTATION] = 8  # 90 degrees counter-clockwise: 401x300 is shown as 300x401
     data = jpeg_bytes(left_red_right_blue(401, 300), exif=exif)
-    rendered = prep.render_image(data, prep.ShardSettings(resize_to=50))
+    rendered = prepare_images.render_image(data, prepare_images.ShardSettings(resize_to=50))
     assert rendered.original_size == (401, 300) and rendered.size == (50, 67) and rendered.reencoded
     image = Image.open(io.BytesIO(rendered.jpeg))
     assert close_to(image.getpixel((25, 5)), (0, 0, 255)) and close_to(image.getpixel((25, 60)), (255, 0, 0))
-    full = prep.render_image(jpeg_bytes(left_red_right_blue(401, 300)), prep.ShardSettings(resize_to=50))
+    full = prepare_images.render_image(jpeg_bytes(left_red_right_blue(401, 300)), prepare_images.ShardSettings(resize_to=50))
     assert full.size == (67, 50)
 
 
@@ -414,8 +415,8 @@ def test_rerun_resumes_and_gives_the_same_manifest(odd_folder, tmp_path, capsys)
     report = (output / "report.json").read_bytes()
     stamps = {p.name: p.stat().st_mtime_ns for p in (output / "shards").iterdir()}
 
-    config = prep.config_from_args(prep.build_parser().parse_args([str(a) for a in argv] + ["-q"]), {})
-    result = prep.run_prepare(config, out=io.StringIO())
+    config = prepare_cli.config_from_args(prepare_cli.build_parser().parse_args([str(a) for a in argv] + ["-q"]), {})
+    result = prepare.run_prepare(config, out=io.StringIO())
     assert result.processed_chunks == []  # nothing rewritten
     assert {p.name: p.stat().st_mtime_ns for p in (output / "shards").iterdir()} == stamps
     assert (output / "manifest.json").read_bytes() == manifest and (output / "report.json").read_bytes() == report
@@ -423,7 +424,7 @@ def test_rerun_resumes_and_gives_the_same_manifest(odd_folder, tmp_path, capsys)
     # an interrupted chunk (record missing, a half-written tar left behind) is redone, and only it
     (output / "chunks" / "000002.json").unlink()
     (output / "shards" / "000002-0009.tar.tmp").write_bytes(b"partial")
-    result = prep.run_prepare(config, out=io.StringIO())
+    result = prepare.run_prepare(config, out=io.StringIO())
     assert result.processed_chunks == [2]
     assert not list((output / "shards").glob("*.tmp"))
     assert (output / "manifest.json").read_bytes() == manifest
@@ -540,9 +541,9 @@ def test_entry_point_script_runs(tmp_path):
 
 
 def test_key_from_name_replaces_separators_and_rejects_empty():
-    assert prep.key_from_name("a.b/c\\d") == "a_b_c_d"
-    with pytest.raises(prep.SkipSample) as skip:
-        prep.key_from_name("  ")
+    assert prepare_sources.key_from_name("a.b/c\\d") == "a_b_c_d"
+    with pytest.raises(prepare_sources.SkipSample) as skip:
+        prepare_sources.key_from_name("  ")
     assert skip.value.reason == "bad_record"
 
 
@@ -551,13 +552,13 @@ def test_key_from_name_replaces_separators_and_rejects_empty():
     (b"line one\nline two\n", "line one\nline two"),
 ])
 def test_caption_from_bytes(raw, expected):
-    assert prep.caption_from_bytes(raw) == expected
+    assert prepare_sources.caption_from_bytes(raw) == expected
 
 
 @pytest.mark.parametrize("raw, reason", [(b"caf\xe9", "caption_not_utf8"), (b" \n ", "empty_caption"), (b"", "empty_caption")])
 def test_caption_from_bytes_skips(raw, reason):
-    with pytest.raises(prep.SkipSample) as skip:
-        prep.caption_from_bytes(raw)
+    with pytest.raises(prepare_sources.SkipSample) as skip:
+        prepare_sources.caption_from_bytes(raw)
     assert skip.value.reason == reason
 
 
@@ -566,32 +567,32 @@ def test_caption_from_bytes_skips(raw, reason):
     ((101, 100), 50, (50, 50)), ((100, 100), None, None),
 ])
 def test_resized_size(size, target, expected):
-    assert prep.resized_size(size, target) == expected
+    assert prepare_images.resized_size(size, target) == expected
 
 
 def test_chunk_bounds_cover_every_input_once():
-    bounds = prep.chunk_bounds(10, 3)
+    bounds = shard_writer.chunk_bounds(10, 3)
     assert bounds == [(0, 3), (3, 6), (6, 10)]
-    assert prep.chunk_bounds(2, 4) == [(0, 0), (0, 1), (1, 1), (1, 2)]
+    assert shard_writer.chunk_bounds(2, 4) == [(0, 0), (0, 1), (1, 1), (1, 2)]
 
 
 @pytest.mark.parametrize("text, expected", [("2000", 2000), ("1KiB", 1024), ("1.5MB", 1_500_000), ("1GiB", 2**30), ("3gb", 3 * 10**9)])
 def test_parse_bytes(text, expected):
-    assert prep.parse_bytes(text) == expected
+    assert prepare_cli.parse_bytes(text) == expected
 
 
 def test_to_rgb_of_16_bit_uses_the_full_range():
     image = Image.fromarray(np.array([[0, 257 * 128, 65535]], dtype=np.uint16))
-    assert [prep.to_rgb(image).getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (128, 128, 128), (255, 255, 255)]
+    assert [prepare_images.to_rgb(image).getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (128, 128, 128), (255, 255, 255)]
 
 
 def test_finished_tar_size_matches_tarfile(tmp_path):
     path = tmp_path / "x.tar"
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
         for size in (10, 600, 30_000):
-            tar.addfile(prep.member_info(f"k{size}.bin", size), io.BytesIO(b"x" * size))
+            tar.addfile(shard_writer.member_info(f"k{size}.bin", size), io.BytesIO(b"x" * size))
         offset = tar.offset
-    assert prep.finished_tar_size(offset) == path.stat().st_size
+    assert shard_writer.finished_tar_size(offset) == path.stat().st_size
 
 
 def test_an_img2dataset_folder_is_resharded_without_downloading(tmp_path, capsys):

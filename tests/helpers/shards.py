@@ -93,7 +93,7 @@ def write_latent_shards(directory, num_samples: int, samples_per_shard: int, poi
     import numpy as np
 
     from llm4gen.configs.schema import load_config
-    from llm4gen.tools.feature_cache import CACHE_KEY_FILE, cache_key
+    from llm4gen.tools.cache_key import CACHE_KEY_FILE, cache_key
 
     key = cache_key(load_config(overrides=list(overrides)), ["latent_moments"], "float32")
     (Path(directory) / CACHE_KEY_FILE).write_text(json.dumps(key))
