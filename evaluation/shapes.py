@@ -53,6 +53,9 @@ scenes give every object its own colour and a margin, a generator's images may n
 Command line (``evaluation/__main__.py``): ``python -m evaluation prompts DIR`` writes each prompt set
 as text, ``python -m evaluation render DIR`` writes ground truth for every prompt set, ``python -m
 evaluation score DIR`` scores the images a ``DIR/prompts.jsonl`` lists (``file``, ``text``, ``set``).
+
+Over 500 lines on purpose: the analyzer is one pipeline (palette, components, shape fit, matching, scores)
+whose stages share its thresholds; its tests hold it to ground truth as a whole.
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ The objective, per batch:
 
 Checkpoints hold only what trains (the CAM, any unfrozen UNet or LoRA weights), the EMA and the
 optimizer; loading rebuilds the frozen parts from their configured sources.
+
+Over 500 lines on purpose: one class, whose methods are the objective's steps in the order the paper writes
+them; everything that is not the objective lives beside it (optimization.py, nonfinite.py, sharding.py,
+checkpoint_files.py, callbacks.py, the pipeline for sampling).
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ prompt sets, rendering, caption parsing and the analyzer cannot drift apart.
   gives the exact (entity, attributes) spans; ``object_mentions`` the objects in text order with their
   spans (``llm4gen.losses.token_alignment.mentions_in_clip_window`` adds their last CLIP token).
 - ``random_scene(rng, resolution, verbose_share)``: a training sample, verbose with that probability.
+
+Over 500 lines on purpose: the world's vocabulary, its caption grammar and the parser that reads that grammar
+back are one definition; split apart, a change to a phrasing could reach the writer and not the reader.
 """
 
 from __future__ import annotations
