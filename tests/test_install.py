@@ -24,10 +24,24 @@ def installed(tmp_path_factory):
     return site
 
 
+def installed_env(site) -> dict:
+    return {"PYTHONPATH": str(site), "PATH": f"{site / 'bin'}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+            "PYTHONNOUSERSITE": "1"}
+
+
 def run_installed(site, args, cwd):
-    env = {"PYTHONPATH": str(site), "PATH": f"{site / 'bin'}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
-           "PYTHONNOUSERSITE": "1"}
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(args, cwd=cwd, env=installed_env(site), capture_output=True, text=True, timeout=300)
+
+
+def run_installed_side_by_side(site, commands, cwd) -> list[subprocess.CompletedProcess]:
+    """Each command in its own process, all started at once (each mostly waits on imports), in order."""
+    running = [subprocess.Popen(args, cwd=cwd, env=installed_env(site), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for args in commands]
+    finished = []
+    for args, process in zip(commands, running):
+        out, err = process.communicate(timeout=300)
+        finished.append(subprocess.CompletedProcess(args, process.returncode, out, err))
+    return finished
 
 
 @pytest.mark.slow
@@ -46,8 +60,8 @@ def test_import_and_every_console_script_work_from_another_directory(installed, 
     result = run_installed(installed, [sys.executable, "-c", code], tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith(str(installed)), result.stdout  # the installed copy, not the checkout
-    for script in SCRIPTS:
-        result = run_installed(installed, [str(installed / "bin" / script), "--help"], tmp_path)
+    helps = run_installed_side_by_side(installed, [[str(installed / "bin" / s), "--help"] for s in SCRIPTS], tmp_path)
+    for script, result in zip(SCRIPTS, helps):
         assert result.returncode == 0 and "usage" in result.stdout.lower(), (script, result.stderr[-2000:])
     # the shipped experiment file, by the name the README gives, from a directory that has no configs/
     result = run_installed(installed, [str(installed / "bin" / "llm4gen-train"), "--config", "configs/llm4gen_sd15.yaml",
@@ -86,8 +100,10 @@ def test_bench_scripts_import_the_installed_package_without_path_edits():
 
 @pytest.mark.slow
 def test_experiments_a_sweep_and_a_bench_run_from_the_wheel_in_another_directory(installed, tmp_path):
-    for experiment in ("shapes_evidence", "connectors", "real_llm"):
-        result = run_installed(installed, [sys.executable, "-m", f"llm4gen.experiments.{experiment}", "--help"], tmp_path)
+    experiments = ("shapes_evidence", "connectors", "real_llm")
+    helps = run_installed_side_by_side(installed, [[sys.executable, "-m", f"llm4gen.experiments.{e}", "--help"]
+                                                   for e in experiments], tmp_path)
+    for experiment, result in zip(experiments, helps):
         assert result.returncode == 0 and "usage" in result.stdout, (experiment, result.stderr[-2000:])
     # one run of a sweep: the shipped tiny experiment file by name, trained by `python -m llm4gen.cli.train`
     (tmp_path / "sweep.yaml").write_text(

@@ -5,6 +5,7 @@ connector runs at the timestep of each step, in training and in every denoising 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -201,7 +202,7 @@ def test_cached_and_online_llm_features_give_the_same_ella_loss(tiny_model_confi
     online = module.compute_losses(batch, generator=torch.Generator().manual_seed(1), **common)
     with torch.no_grad():
         features = module.llm(batch.captions)
-    cached = {**batch, "llm_features": features.features, "llm_mask": features.mask}
+    cached = dataclasses.replace(batch, llm_features=features.features, llm_mask=features.mask)
     offline = module.compute_losses(cached, generator=torch.Generator().manual_seed(1), **common)
     torch.testing.assert_close(offline.diffusion, online.diffusion, atol=1e-5, rtol=0)
 

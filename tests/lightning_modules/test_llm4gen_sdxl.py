@@ -87,25 +87,28 @@ def test_generate_through_the_sdxl_pipeline_is_deterministic_per_seed(module):
 
 
 def test_generation_uses_the_fused_prompt_and_negative(module, monkeypatch):
-    """What the SDXL pipeline receives: the CAM-fused contexts and both pooled embeddings."""
-    from diffusers import StableDiffusionXLPipeline
+    """What the SDXL pipeline conditions on when the module samples: the CAM-fused contexts and both pooled
+    embeddings of the module's own encoders."""
+    from llm4gen.pipelines.llm4gen_pipeline import LLM4GenXLPipeline
 
     seen = {}
+    encode = LLM4GenXLPipeline.encode_prompt
 
-    def record(self, **kwargs):
-        seen.update(kwargs)
+    def record(self, *args, **kwargs):
+        seen["conditioning"] = encode(self, *args, **kwargs)
         raise StopIteration
 
-    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", record)
+    monkeypatch.setattr(LLM4GenXLPipeline, "encode_prompt", record)
     with pytest.raises(StopIteration):
         module.generate(["a red circle"], [0], negative_prompt="blurry")
     clip, llm = module.encode_text(["a red circle"])
     neg_clip, neg_llm = module.encode_text(["blurry"])
     llm, neg_llm = common_length(llm, neg_llm)  # guidance's two halves: one length
-    torch.testing.assert_close(seen["prompt_embeds"], module.fuse(clip.hidden, llm))
-    torch.testing.assert_close(seen["negative_prompt_embeds"], module.fuse(neg_clip.hidden, neg_llm))
-    torch.testing.assert_close(seen["pooled_prompt_embeds"], clip.pooled)
-    torch.testing.assert_close(seen["negative_pooled_prompt_embeds"], neg_clip.pooled)
+    context, negative, pooled, negative_pooled = seen["conditioning"]
+    torch.testing.assert_close(context, module.fuse(clip.hidden, llm))
+    torch.testing.assert_close(negative, module.fuse(neg_clip.hidden, neg_llm))
+    torch.testing.assert_close(pooled, clip.pooled)
+    torch.testing.assert_close(negative_pooled, neg_clip.pooled)
 
 
 def test_export_loads_back_and_generates_the_same_image(module, sdxl_config, tmp_path):

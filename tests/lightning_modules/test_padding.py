@@ -5,6 +5,8 @@ unmasked context, where padding does change the output (so these tests can fail)
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -46,7 +48,7 @@ def test_what_sits_at_padding_changes_no_training_output(tiny_model_config, name
     online = unet_prediction(module, batch)
     for length, value in ((llm.longest, 0.0), (module.cfg.llm.max_length, 3.0), (module.cfg.llm.max_length, -50.0)):
         cached = with_padding(llm, length, value)  # cached features: another padding length, garbage at it
-        other = unet_prediction(module, {**batch, "llm_features": cached.features, "llm_mask": cached.mask})
+        other = unet_prediction(module, dataclasses.replace(batch, llm_features=cached.features, llm_mask=cached.mask))
         torch.testing.assert_close(other, online, atol=1e-6, rtol=0)
     assert online.abs().max() > 0
 
@@ -58,7 +60,7 @@ def test_the_release_setting_attends_to_padding(tiny_model_config, name):
     llm = module.llm(batch.captions)
     assert module.conditioning(batch)[0].shape[1] == 77 + module.cfg.llm.max_length  # every position, as published
     garbage = with_padding(llm, module.cfg.llm.max_length, 3.0)
-    other = unet_prediction(module, {**batch, "llm_features": garbage.features, "llm_mask": garbage.mask})
+    other = unet_prediction(module, dataclasses.replace(batch, llm_features=garbage.features, llm_mask=garbage.mask))
     assert (other - unet_prediction(module, batch)).abs().max() > 1e-3
 
 
