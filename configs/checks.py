@@ -12,20 +12,16 @@ from __future__ import annotations
 import datetime
 import difflib
 import json
-import os
 import typing
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
-from huggingface_hub import try_to_load_from_cache
 from omegaconf import DictConfig, OmegaConf
 
 from llm4gen.configs import choices
 from llm4gen.configs.buckets import bucket_sizes, buckets_enabled, default_step
 from llm4gen.configs.errors import ConfigError
-from llm4gen.embedded import registry
-
-# ---------------------------------------------------------------- ranges
+from llm4gen.configs.model_files import llm_layer_count, llm_length_limit, model_json, unet_cross_attention_sides
 
 
 def _at_least(minimum: int | float) -> tuple[Callable[[Any], bool], str]:
@@ -37,8 +33,13 @@ def _above(minimum: float) -> tuple[Callable[[Any], bool], str]:
 
 
 _SHARE = ((lambda v: 0.0 <= v < 1.0), "expected a probability in [0, 1)")
+
+
 _POSITIVE = _at_least(1)
+
+
 _NON_NEGATIVE = _at_least(0)
+
 
 # dotted key -> (predicate, what would be right); None values are allowed where the schema says Optional.
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -122,24 +123,6 @@ def entity_layer_sides(text: str) -> str | list[int]:
     return sides
 
 
-def unet_cross_attention_sides(unet_config: dict) -> list[int]:
-    """Feature-map sides (at the config's ``sample_size``) of a diffusers UNet2DConditionModel's cross-attention
-    layers, read from its config.json alone, largest first: down block i works at sample_size / 2^i (every
-    block but the last halves the map), the mid block at the deepest side, up block j mirrors down block
-    (n - 1 - j). losses.attention_capture.cross_attention_layer_sides finds the same on a built UNet."""
-    size = unet_config.get("sample_size")
-    down = list(unet_config.get("down_block_types") or ())
-    up = list(unet_config.get("up_block_types") or ())
-    if not isinstance(size, int) or not down:
-        return []
-    deepest = len(down) - 1
-    sides = {size // 2**i for i, kind in enumerate(down) if "CrossAttn" in kind}
-    sides |= {size // 2**(deepest - j) for j, kind in enumerate(up) if "CrossAttn" in kind}
-    if "CrossAttn" in str(unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn")):
-        sides.add(size // 2**deepest)
-    return sorted(sides, reverse=True)
-
-
 def check_buckets(cfg: DictConfig) -> None:
     """``data.buckets``: a known mode, and a range and step that leave at least one bucket."""
     buckets = cfg.data.buckets
@@ -194,62 +177,6 @@ def check_choices(cfg: DictConfig) -> None:
                           f"[low, high) with 0 <= low < high, e.g. [0, 1000].")
 
 
-# ---------------------------------------------------------------- what the model configs say
-
-
-def model_json(source: str, filename: str, revision: Optional[str] = None) -> Optional[dict]:
-    """A model's small JSON file (``unet/config.json``), from a local folder or the Hugging Face cache,
-    without downloading anything and without loading weights; None when it is not on this machine."""
-    if source.startswith("embedded:"):
-        if source not in registry.EMBEDDED_MODELS:
-            return None  # check_source names the unknown model
-        root = registry.local_path(source)
-        path = root / filename if root else None
-        if path is None or not path.is_file():  # a built model before its build: its configs are constants
-            return registry.config_json(source, filename)
-    elif source.startswith(("/", ".", "~")) or os.path.isdir(os.path.expanduser(source)):
-        path = Path(source).expanduser() / filename
-    else:
-        try:
-
-            found = try_to_load_from_cache(source, filename, revision=revision)
-        except Exception:  # an id the hub client refuses is reported by check_source later
-            return None
-        path = Path(found) if isinstance(found, str) else None
-    if path is None or not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def llm_width(config: dict) -> Optional[int]:
-    for key in ("hidden_size", "d_model", "n_embd", "dim"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    return None
-
-
-def llm_layer_count(config: dict) -> Optional[int]:
-    """Transformer layers in an LLM's config.json (an encoder-decoder's encoder layers)."""
-    for key in ("num_hidden_layers", "num_layers", "n_layer"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    return None
-
-
-def llm_length_limit(model_config: Optional[dict], tokenizer_config: Optional[dict]) -> Optional[tuple[int, str]]:
-    """The most tokens the LLM takes: the tokenizer's model_max_length, or the model's position table."""
-    limits = []
-    if tokenizer_config and isinstance(tokenizer_config.get("model_max_length"), int) \
-            and tokenizer_config["model_max_length"] < 1_000_000:
-        limits.append((tokenizer_config["model_max_length"], "the tokenizer's model_max_length"))
-    if model_config and isinstance(model_config.get("max_position_embeddings"), int):
-        limits.append((model_config["max_position_embeddings"], "the model's max_position_embeddings"))
-    return min(limits) if limits else None
-
-
 def check_llm_lora(cfg: DictConfig) -> None:
     """``model.llm.lora_rank``: a LoRA rank >= 0, and with it no cached LLM features."""
     llm = cfg.model.llm
@@ -268,6 +195,8 @@ def starts_with_clip(kind: str, with_clip) -> bool:
 
 
 SHARDED = "fsdp2"  # trainer.strategy of sharded data parallel (lightning_modules/sharding.py)
+
+
 SHARDED_PRECISIONS = ("32-true", "32", "bf16-mixed")
 
 
@@ -395,9 +324,6 @@ def check_scheduler_name(name: str, what: str) -> None:
         close = difflib.get_close_matches(name, schedulers, n=3) or ["DDIMScheduler", "EulerDiscreteScheduler"]
         raise ConfigError(f"{what} is {name!r}, which is not a diffusers scheduler class; closest valid: "
                           f"{', '.join(close)}.")
-
-
-# ---------------------------------------------------------------- trainer.* against Trainer's annotations
 
 
 def _matches(value: Any, annotation: Any) -> bool:

@@ -23,12 +23,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 import yaml
 
 from llm4gen.configs import choices
-from llm4gen.configs.checks import (
-    check_against_models,
-    check_choices,
-    check_ranges,
-    check_trainer_values,
-)
+from llm4gen.configs.checks import check_against_models, check_choices, check_ranges, check_trainer_values
 from llm4gen.configs.errors import ConfigError, SlurmError, UserError  # noqa: F401 (ConfigError re-exported)
 
 

@@ -23,7 +23,7 @@ from transformers import (
     UMT5EncoderModel,
 )
 
-from llm4gen.configs.checks import llm_layer_count
+from llm4gen.configs.model_files import llm_layer_count
 from llm4gen.configs.choices import LLM_KINDS
 from llm4gen.configs.schema import default_llm_prefix
 from llm4gen.encoders.sources import TORCH_DTYPES, ModelSourceError, load_pretrained

@@ -9,7 +9,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from llm4gen.configs import choices
-from llm4gen.configs.checks import check_trainer_values, llm_length_limit, model_json
+from llm4gen.configs.checks import check_trainer_values
+from llm4gen.configs.model_files import llm_length_limit, model_json
 from llm4gen.configs.schema import ConfigError, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -101,7 +102,7 @@ def test_cross_attention_sides_from_the_config_json_match_the_built_unet(which):
     """The preflight's entity-layer check reads sides from config.json; the capture finds them on the UNet."""
     import json
 
-    from llm4gen.configs.checks import unet_cross_attention_sides
+    from llm4gen.configs.model_files import unet_cross_attention_sides
     from llm4gen.embedded import full_size
     from llm4gen.embedded.tiny import tiny_sd_path
     from llm4gen.embedded.tiny_sdxl import tiny_sdxl_path
