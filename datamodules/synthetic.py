@@ -37,9 +37,11 @@ import webdataset as wds
 from PIL import Image
 
 from llm4gen.embedded.registry import CLIP_TOKENIZER_DIR
-from llm4gen.losses.token_alignment import mentions_in_clip_window
+from llm4gen.losses.entity_parser import Word
+from llm4gen.losses.token_alignment import word_token_positions
 from llm4gen.shapes.world import (  # noqa: F401 (COLORS, SHAPES re-exported)
     BACKGROUND_RGB,
+    CLIP_LAST_CONTENT_POSITION,
     COLORS,
     SHAPES,
     SHAPES_WORLD_VERSION,
@@ -199,3 +201,22 @@ def ensure_synthetic_shards(
     os.rmdir(partial)
     return final
 
+
+def mentions_in_clip_window(text: str, tokenizer) -> list[dict]:
+    """``llm4gen.shapes.world.object_mentions(text)``, each also with ``last_clip_token``: the largest token
+    index (BOS = 0) over the object's shape and attribute words in ``tokenizer``'s untruncated tokens,
+    and ``in_clip_window``: whether that is at most ``CLIP_LAST_CONTENT_POSITION`` (75: a CLIP encoder of
+    77 positions sees every word of the object)."""
+    mentions = object_mentions(text)
+    if not mentions:
+        return mentions
+    words = [Word(**w) for m in mentions for w in (m["entity"], *m["attributes"])]
+    length = len(tokenizer(text, verbose=False)["input_ids"])  # untruncated, BOS and EOS included
+    positions = iter(word_token_positions(text, words, tokenizer, max_length=length))
+    for m in mentions:
+        found = [next(positions) for _ in range(1 + len(m["attributes"]))]
+        if not all(found):
+            raise ValueError(f"tokenizer {type(tokenizer).__name__} lost a word of {m['entity']} in {text!r}")
+        m["last_clip_token"] = max(max(p) for p in found)
+        m["in_clip_window"] = m["last_clip_token"] <= CLIP_LAST_CONTENT_POSITION
+    return mentions

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from llm4gen.datamodules.synthetic import clip_tokenizer
-from llm4gen.losses.token_alignment import mentions_in_clip_window
+from llm4gen.datamodules.synthetic import mentions_in_clip_window
 from llm4gen.shapes.world import (
     VERBOSE,
     Scene,

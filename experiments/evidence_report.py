@@ -27,7 +27,7 @@ from llm4gen.launch.sweep import (
     load_experiment_config,
     load_sweep,
 )
-from llm4gen.losses.token_alignment import mentions_in_clip_window
+from llm4gen.datamodules.synthetic import mentions_in_clip_window
 
 
 # ---------------------------------------------------------------- pictures

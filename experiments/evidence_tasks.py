@@ -26,7 +26,7 @@ from llm4gen.launch.sweep import (
     is_finished,
 )
 from llm4gen.lightning_modules.sampler import SamplingSettings, initial_sampler, load_sampler
-from llm4gen.losses.token_alignment import mentions_in_clip_window
+from llm4gen.datamodules.synthetic import mentions_in_clip_window
 
 
 # ---------------------------------------------------------------- arms and runs

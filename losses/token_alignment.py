@@ -28,7 +28,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from llm4gen.losses.entity_parser import Word
-from llm4gen.shapes.world import CLIP_LAST_CONTENT_POSITION, object_mentions
 
 
 def word_token_positions(
@@ -145,23 +144,3 @@ def fused_word_token_positions(
         [clip_word + llm_word for clip_word, llm_word in zip(clip_sample, llm_sample)]
         for clip_sample, llm_sample in zip(clip, llm)
     ]
-
-
-def mentions_in_clip_window(text: str, tokenizer) -> list[dict]:
-    """``llm4gen.shapes.world.object_mentions(text)``, each also with ``last_clip_token``: the largest token
-    index (BOS = 0) over the object's shape and attribute words in ``tokenizer``'s untruncated tokens,
-    and ``in_clip_window``: whether that is at most ``CLIP_LAST_CONTENT_POSITION`` (75: a CLIP encoder of
-    77 positions sees every word of the object)."""
-    mentions = object_mentions(text)
-    if not mentions:
-        return mentions
-    words = [Word(**w) for m in mentions for w in (m["entity"], *m["attributes"])]
-    length = len(tokenizer(text, verbose=False)["input_ids"])  # untruncated, BOS and EOS included
-    positions = iter(word_token_positions(text, words, tokenizer, max_length=length))
-    for m in mentions:
-        found = [next(positions) for _ in range(1 + len(m["attributes"]))]
-        if not all(found):
-            raise ValueError(f"tokenizer {type(tokenizer).__name__} lost a word of {m['entity']} in {text!r}")
-        m["last_clip_token"] = max(max(p) for p in found)
-        m["in_clip_window"] = m["last_clip_token"] <= CLIP_LAST_CONTENT_POSITION
-    return mentions

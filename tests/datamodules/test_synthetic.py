@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from llm4gen.datamodules.synthetic import COLORS, Scene, ensure_synthetic_shards, write_synthetic_shards
-from llm4gen.losses.token_alignment import mentions_in_clip_window
+from llm4gen.datamodules.synthetic import mentions_in_clip_window
 from llm4gen.shapes.world import HELD_OUT, caption, parse_prompt
 
 

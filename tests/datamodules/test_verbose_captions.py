@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from llm4gen.losses.token_alignment import mentions_in_clip_window
+from llm4gen.datamodules.synthetic import mentions_in_clip_window
 from llm4gen.shapes import world as shapes
 from llm4gen.shapes.world import (
     CELL_NAMES,

@@ -8,11 +8,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import AutoTokenizer, CLIPTokenizer, PreTrainedTokenizerFast
 
 from llm4gen.losses.entity_parser import EntityParser, Word, entity_words
-from llm4gen.losses.token_alignment import (
-    batch_word_token_positions,
-    fused_word_token_positions,
-    word_token_positions,
-)
+from llm4gen.losses.token_alignment import batch_word_token_positions, fused_word_token_positions, word_token_positions
 
 CAPTION = "A red  Heart-shaped balloon, a teddybear and a polka-dot dress!"
 DENSE = (
