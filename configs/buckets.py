@@ -5,7 +5,9 @@ SDXL is trained on images of many shapes. A centre square crop throws away the s
 aspect ratio is nearest its own and cropped to it, and a batch only ever holds one bucket, so its pixels
 (or cached latents) stack into one tensor (NovelAI's scheme; SDXL report, Podell et al. 2023, 2.3).
 
-Pure functions, so the datamodule and the latent cache agree on them:
+Pure functions, so the datamodule and the latent cache agree on them; they live with the configs, on the
+ground floor, because the config checks compute a run's buckets before anything is built (a range or step that
+leaves no bucket is refused there):
 
 - :func:`bucket_sizes` -- the (width, height) buckets for a resolution: both sides multiples of ``step``,
   area at most ``resolution**2`` (the square's memory, never more) and as close to it as the step allows,
