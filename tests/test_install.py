@@ -100,22 +100,21 @@ def test_bench_scripts_import_the_installed_package_without_path_edits():
 
 @pytest.mark.slow
 def test_experiments_a_sweep_and_a_bench_run_from_the_wheel_in_another_directory(installed, tmp_path):
-    experiments = ("shapes_evidence", "connectors", "real_llm")
-    helps = run_installed_side_by_side(installed, [[sys.executable, "-m", f"llm4gen.experiments.{e}", "--help"]
-                                                   for e in experiments], tmp_path)
-    for experiment, result in zip(experiments, helps):
-        assert result.returncode == 0 and "usage" in result.stdout, (experiment, result.stderr[-2000:])
-    # one run of a sweep: the shipped tiny experiment file by name, trained by `python -m llm4gen.cli.train`
+    """The three experiments' command lines, one run of a sweep (the shipped tiny experiment file by name, trained
+    by ``python -m llm4gen.cli.train``) and a benchmark from the checkout's bench/ importing the installed
+    package, all from a directory that is not the checkout; started side by side."""
     (tmp_path / "sweep.yaml").write_text(
         "config: configs/tiny.yaml\noutput_root: sweep-out\n"
         "base_overrides: [trainer.max_steps=2, validation.every_n_steps=0, validation.at_start=false, data.batch_size=4,"
         " model.optim.warmup_steps=0, trainer.enable_progress_bar=false]\nruns: [{seed: 0}]\n")
-    result = run_installed(installed, [str(installed / "bin" / "llm4gen-sweep"), "sweep.yaml"], tmp_path)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "sweep-out" / "seed=0" / "final_metrics.json").read_text())
-    assert metrics["global_step"] == 2
-    # a benchmark from the checkout's bench/, importing the installed package (not the checkout)
-    result = run_installed(installed, [sys.executable, str(ROOT / "bench" / "bench_step.py"), "--smoke", "--models", "tiny"],
-                           tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "ratio Lightning / plain" in result.stdout
+    experiments = ("shapes_evidence", "connectors", "real_llm")
+    *helps, sweep, bench = run_installed_side_by_side(installed, [
+        *([sys.executable, "-m", f"llm4gen.experiments.{e}", "--help"] for e in experiments),
+        [str(installed / "bin" / "llm4gen-sweep"), "sweep.yaml"],
+        [sys.executable, str(ROOT / "bench" / "bench_step.py"), "--smoke", "--models", "tiny"]], tmp_path)
+    for experiment, result in zip(experiments, helps):
+        assert result.returncode == 0 and "usage" in result.stdout, (experiment, result.stderr[-2000:])
+    assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-3000:]
+    assert json.loads((tmp_path / "sweep-out" / "seed=0" / "final_metrics.json").read_text())["global_step"] == 2
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    assert "ratio Lightning / plain" in bench.stdout
