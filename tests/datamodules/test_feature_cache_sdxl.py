@@ -51,7 +51,7 @@ def test_sdxl_loss_from_the_cache_equals_the_online_loss(sdxl_cache):
     assert cached.pixel_values is None and cached.clip_features.shape == (4, 77, 80)
     assert cached.clip_pooled.shape == (4, 48)
     for name in ("original_size", "crop_top_left"):
-        assert torch.equal(cached[name], online[name])
+        assert torch.equal(getattr(cached, name), getattr(online, name))
     assert online.original_size.tolist() == [[32, 48], [40, 32], [32, 32], [480, 640]]
     assert online.crop_top_left.tolist() == [[0, 8], [4, 0], [0, 0], [0, 12]]  # 64 x 36 -> 57 x 32
     g = torch.Generator().manual_seed(1)
@@ -93,7 +93,7 @@ def test_bucketed_sdxl_cache_holds_latents_at_each_bucket_and_gives_the_online_l
         height, width = on.pixel_values.shape[-2:]
         assert off.latent_moments.shape == (2, 8, height // 2, width // 2)  # the tiny VAE halves each side
         for name in ("original_size", "crop_top_left"):
-            assert torch.equal(off[name], on[name])
+            assert torch.equal(getattr(off, name), getattr(on, name))
         g = torch.Generator().manual_seed(1)
         noise, timesteps = torch.randn(2, 4, height // 2, width // 2, generator=g), torch.randint(100, 900, (2,), generator=g)
         drop = torch.tensor([False, False])
