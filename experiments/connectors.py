@@ -23,15 +23,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
 
 from llm4gen.configs.choices import CONNECTOR_KINDS
 from llm4gen.configs.errors import entry_point
 from llm4gen.datamodules.batch import Batch
 from llm4gen.evaluation.paired import Difference
 from llm4gen.experiments import evidence_data, evidence_protocol, evidence_report, evidence_rules, evidence_tasks
-from llm4gen.experiments.runner import ExperimentError, run_study, study_command, study_parser
-from llm4gen.launch.sweep import expand_runs, is_finished, load_experiment_config, load_sweep
+from llm4gen.experiments.runner import ExperimentError, finished_runs, run_study, study_command, study_parser
+from llm4gen.launch.sweep import load_experiment_config, load_sweep
 from llm4gen.lightning_modules.sampler import load_checkpoint_module
 
 MODULE = "llm4gen.experiments.connectors"
@@ -87,18 +86,14 @@ def label(arm: str) -> str:
 
 def evaluation_tasks(spec, base: str) -> tuple[list[evidence_tasks.Task], list[str]]:
     """Every finished run's last checkpoint, and the base at each of their seeds."""
-    tasks, unfinished, seeds = [], [], set()
-    for run in expand_runs(spec):
-        if not is_finished(run):
-            unfinished.append(run.name)
-            continue
-        cfg = OmegaConf.to_container(OmegaConf.load(run.output_dir / "config.yaml"), resolve=True)
+    tasks, seeds = [], set()
+    finished, unfinished = finished_runs(spec)
+    for run, cfg in finished:
         arm, seed = arm_of(cfg["model"]), int(cfg["seed"])
         seeds.add(seed)
         tasks.append(evidence_tasks.Task(arm, seed, str(run.output_dir / "eval" / arm), evidence_protocol.SETS,
                                    checkpoint=str(run.output_dir / "checkpoints" / "last.ckpt")))
-    tasks += [evidence_tasks.Task("a", seed, str(spec.output_root / f"base_seed={seed}" / "eval"), evidence_protocol.SETS, base=base)
-              for seed in sorted(seeds)]
+    tasks += evidence_tasks.base_tasks(spec, seeds, base)
     return sorted(tasks, key=lambda t: (t.seed, t.arm)), unfinished
 
 

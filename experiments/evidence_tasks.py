@@ -12,21 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
-
-from llm4gen.datamodules.synthetic import clip_tokenizer
+from llm4gen.datamodules.synthetic import clip_tokenizer, mentions_in_clip_window
 from llm4gen.evaluation.prompt_sets import prompt_set
 from llm4gen.evaluation.prompts import shapes_sets
 from llm4gen.evaluation.runner import Evaluation
 from llm4gen.evaluation.shapes_scorer import ShapesScorer
 from llm4gen.experiments.evidence_protocol import ARMS, ARM_SETS, PROTOCOL_SETTINGS, Protocol, SETS
-from llm4gen.experiments.runner import ExperimentError
-from llm4gen.launch.sweep import (
-    expand_runs,
-    is_finished,
-)
+from llm4gen.experiments.runner import ExperimentError, finished_runs
 from llm4gen.lightning_modules.sampler import SamplingSettings, initial_sampler, load_sampler
-from llm4gen.datamodules.synthetic import mentions_in_clip_window
 
 
 # ---------------------------------------------------------------- arms and runs
@@ -61,14 +54,16 @@ def checkpoint_at(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step={step:07d}.ckpt"
 
 
+def base_tasks(spec, seeds, base: str) -> list[Task]:
+    """Arm (a), the base alone, at each of ``seeds``, on every set."""
+    return [Task("a", seed, str(spec.output_root / f"base_seed={seed}" / "eval"), SETS, base=base) for seed in sorted(seeds)]
+
+
 def evaluation_tasks(spec, base: str) -> tuple[list[Task], list[str]]:
     """Every arm x seed the finished runs allow, and the names of unfinished runs."""
-    tasks, unfinished, seeds = [], [], set()
-    for run in expand_runs(spec):
-        if not is_finished(run):
-            unfinished.append(run.name)
-            continue
-        cfg = OmegaConf.to_container(OmegaConf.load(run.output_dir / "config.yaml"), resolve=True)
+    tasks, seeds = [], set()
+    finished, unfinished = finished_runs(spec)
+    for run, cfg in finished:
         arm, seed = arm_of(cfg["model"]), int(cfg["seed"])
         seeds.add(seed)
         last = str(run.output_dir / "checkpoints" / "last.ckpt")
@@ -83,7 +78,7 @@ def evaluation_tasks(spec, base: str) -> tuple[list[Task], list[str]]:
         if arm == "d":
             tasks.append(Task("d_shuffled", seed, str(evaluated / "d_shuffled"), ARM_SETS["d_shuffled"],
                               checkpoint=last, shuffle_llm=True))
-    tasks += [Task("a", seed, str(spec.output_root / f"base_seed={seed}" / "eval"), SETS, base=base) for seed in sorted(seeds)]
+    tasks += base_tasks(spec, seeds, base)
     order = list(ARMS)
     return sorted(tasks, key=lambda t: (t.seed, order.index(t.arm))), unfinished
 

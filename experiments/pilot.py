@@ -20,14 +20,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
 
 from llm4gen.configs.errors import entry_point
 from llm4gen.evaluation.paired import Difference
 from llm4gen.evaluation.prompt_sets import prompt_set
 from llm4gen.experiments import evidence_data, evidence_rules, evidence_tasks
-from llm4gen.experiments.runner import ExperimentError, run_study, study_command, study_parser
-from llm4gen.launch.sweep import expand_runs, is_finished, load_experiment_config, load_sweep
+from llm4gen.experiments.runner import ExperimentError, finished_runs, run_study, study_command, study_parser
+from llm4gen.launch.sweep import load_experiment_config, load_sweep
 from llm4gen.lightning_modules.attention_split import attention_split
 from llm4gen.lightning_modules.sampler import load_checkpoint_module
 
@@ -84,14 +83,8 @@ def training_length(records, kind: str, candidates=CANDIDATES, steps=STEPS, subs
 
 
 def runs_by_kind(spec) -> tuple[dict[str, object], list[str]]:
-    runs, unfinished = {}, []
-    for run in expand_runs(spec):
-        if not is_finished(run):
-            unfinished.append(run.name)
-            continue
-        cfg = OmegaConf.to_container(OmegaConf.load(run.output_dir / "config.yaml"), resolve=True)
-        runs[kind_of(cfg["model"])] = run
-    return runs, unfinished
+    finished, unfinished = finished_runs(spec)
+    return {kind_of(cfg["model"]): run for run, cfg in finished}, unfinished
 
 
 def evaluation_tasks(spec, base: str, runs: dict) -> list[evidence_tasks.Task]:

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from llm4gen.configs.errors import UserError
-from llm4gen.launch.sweep import SweepSpec, check_run_configs, expand_runs, load_sweep, run_locally
+from omegaconf import OmegaConf
+
+from llm4gen.launch.sweep import SweepRun, SweepSpec, check_run_configs, expand_runs, is_finished, load_sweep, run_locally
 
 
 class ExperimentError(UserError, ValueError):
@@ -27,6 +29,18 @@ def train_runs(spec: SweepSpec, sweep_file: str, jobs: int = 2, log=print) -> No
     if failed:
         raise ExperimentError(f"{len(failed)} runs failed ({', '.join(failed)}); see their train.log, then run "
                               f"this command again to resume them")
+
+
+def finished_runs(spec: SweepSpec) -> tuple[list[tuple[SweepRun, dict]], list[str]]:
+    """The sweep's finished runs, each with its resolved ``config.yaml`` (plain containers), and the names of the
+    unfinished ones."""
+    finished, unfinished = [], []
+    for run in expand_runs(spec):
+        if not is_finished(run):
+            unfinished.append(run.name)
+            continue
+        finished.append((run, OmegaConf.to_container(OmegaConf.load(run.output_dir / "config.yaml"), resolve=True)))
+    return finished, unfinished
 
 
 def run_study(command: str, sweep_file: str, data: Callable[[SweepSpec], object], report: Callable[[], Path],
