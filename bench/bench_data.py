@@ -15,7 +15,6 @@ import os
 import tempfile
 import time
 
-
 from llm4gen.datamodules.synthetic import synthetic_sample, write_synthetic_shards  # noqa: E402
 from llm4gen.datamodules.transforms import preprocess_image, sample_rng  # noqa: E402
 from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule  # noqa: E402

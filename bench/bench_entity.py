@@ -24,8 +24,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from bench_parser import DENSE, SHORT, captions_per_second  # noqa: E402  (a sibling: python puts bench/ on the path)
 from bench_step import make_batches, plain_loop  # noqa: E402
 from llm4gen.configs.schema import load_config  # noqa: E402
-from llm4gen.datamodules.entity_targets import EntityTargetBuilder, TokenizerSources  # noqa: E402
 from llm4gen.datamodules.collate import with_entities  # noqa: E402
+from llm4gen.datamodules.entity_targets import EntityTargetBuilder, TokenizerSources  # noqa: E402
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule  # noqa: E402
 from llm4gen.losses.entity_parser import EntityParser  # noqa: E402
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import time
 
-
 from llm4gen.losses.entity_parser import EntityParser  # noqa: E402
 
 SHORT = [

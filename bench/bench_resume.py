@@ -18,7 +18,6 @@ import copy
 import tempfile
 import time
 
-
 from llm4gen.datamodules.synthetic import write_synthetic_shards  # noqa: E402
 from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule  # noqa: E402
 

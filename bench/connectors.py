@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
 import torch  # noqa: E402
 
 from llm4gen.adapters.connectors import build_connector  # noqa: E402

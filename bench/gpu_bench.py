@@ -51,8 +51,8 @@ from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 
 from llm4gen.configs.schema import load_config  # noqa: E402
 from llm4gen.datamodules.batch import Batch  # noqa: E402
-from llm4gen.datamodules.entity_targets import EntityTargetBuilder, TokenizerSources  # noqa: E402
 from llm4gen.datamodules.collate import with_entities  # noqa: E402
+from llm4gen.datamodules.entity_targets import EntityTargetBuilder, TokenizerSources  # noqa: E402
 from llm4gen.lightning_modules.flops import latent_size_for, module_step_flops  # noqa: E402
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule  # noqa: E402
 from llm4gen.lightning_modules.sharding import STRATEGY_NAME, ShardedStrategy  # noqa: E402

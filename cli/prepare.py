@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-
 from llm4gen.configs.errors import entry_point
 from llm4gen.tools.prepare import DEFAULT_CHUNK_SIZE, PrepareConfig, run_prepare
 from llm4gen.tools.prepare_images import DEFAULT_JPEG_QUALITY, DEFAULT_SAMPLES_PER_SHARD, ShardSettings

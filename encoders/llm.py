@@ -23,8 +23,8 @@ from transformers import (
     UMT5EncoderModel,
 )
 
-from llm4gen.configs.model_files import llm_layer_count
 from llm4gen.configs.choices import LLM_KINDS
+from llm4gen.configs.model_files import llm_layer_count
 from llm4gen.configs.schema import default_llm_prefix
 from llm4gen.encoders.sources import TORCH_DTYPES, ModelSourceError, load_pretrained
 from llm4gen.encoders.strict_loading import (

@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-
 from llm4gen.configs.choices import CONNECTOR_KINDS
 from llm4gen.configs.errors import entry_point
 from llm4gen.datamodules.batch import Batch

@@ -1,17 +1,17 @@
 """The evidence experiment's data step (rendered shards, every caption checked against the LLM's max_length,
 the feature cache), its text-feature probe, and the UNet's attention share on the connector's tokens."""
 
-
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-
-from llm4gen.datamodules.synthetic import ensure_synthetic_shards
 from llm4gen.datamodules.shards import iter_tar_samples
+from llm4gen.datamodules.synthetic import ensure_synthetic_shards
 from llm4gen.encoders.sources import load_pretrained
 from llm4gen.evaluation.prompt_sets import prompt_set
+from llm4gen.experiments.evidence_protocol import PROTOCOL_SETTINGS, Protocol, SETS
+from llm4gen.experiments.evidence_tasks import Task
 from llm4gen.experiments.probes import (
     ProbeSplits,
     layer_sweep,
@@ -23,8 +23,6 @@ from llm4gen.launch.sweep import (
     load_experiment_config,
 )
 from llm4gen.tools.feature_cache import run_cache
-from llm4gen.experiments.evidence_tasks import Task
-from llm4gen.experiments.evidence_protocol import PROTOCOL_SETTINGS, Protocol, SETS
 
 
 # ---------------------------------------------------------------- the data step

@@ -1,7 +1,6 @@
 """The evidence experiment's fixed settings: its arms, prompt sets and subsets, and each protocol's rules and
 evaluation scenes (docs/evidence/protocol.md, protocol_v3.md)."""
 
-
 from __future__ import annotations
 
 from dataclasses import dataclass

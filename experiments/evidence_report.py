@@ -1,7 +1,6 @@
 """The evidence experiment's report: tables, the differences plot, the sample grid, the replication section,
 and ``report()``, which samples and scores finished runs and writes ``report.md`` and ``results.json``."""
 
-
 from __future__ import annotations
 
 import gzip
@@ -14,20 +13,20 @@ from typing import Optional
 from PIL import Image
 
 from llm4gen.datamodules.synthetic import clip_tokenizer
+from llm4gen.datamodules.synthetic import mentions_in_clip_window
 from llm4gen.evaluation.grids import labelled_grid
 from llm4gen.evaluation.paired import Difference
 from llm4gen.evaluation.prompt_sets import prompt_set
 from llm4gen.evaluation.runner import image_path
+from llm4gen.experiments.evidence_data import attention_shares, caption_lengths, run_probe
 from llm4gen.experiments.evidence_protocol import ARMS, PROTOCOL_SETTINGS, Protocol
 from llm4gen.experiments.evidence_rules import SUBSETS, compare, decisions, fmt, gates, per_seed_rates, rate, select
 from llm4gen.experiments.evidence_tasks import ObjectRecord, Task, evaluation_tasks, object_records, run_tasks, swap_counts
-from llm4gen.experiments.evidence_data import attention_shares, caption_lengths, run_probe
 from llm4gen.experiments.runner import ExperimentError
 from llm4gen.launch.sweep import (
     load_experiment_config,
     load_sweep,
 )
-from llm4gen.datamodules.synthetic import mentions_in_clip_window
 
 
 # ---------------------------------------------------------------- pictures

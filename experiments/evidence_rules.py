@@ -1,12 +1,10 @@
 """The evidence experiment's statistics and rules, pure functions of the per-object records: subsets, rates,
 paired differences, the gates and the decision rules as the protocols write them."""
 
-
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Optional
-
 
 from llm4gen.evaluation.paired import Difference, Observation, paired_difference
 from llm4gen.experiments.evidence_protocol import ARMS, POST_NOMINAL, PRE_NOMINAL, PROTOCOL_SETTINGS, Protocol

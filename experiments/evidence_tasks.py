@@ -1,7 +1,6 @@
 """The evidence experiment's evaluation tasks: which checkpoint of which arm samples which prompt set, the
 sampling (one task per process), and each prompt object's outcome as the shapes analyzer scores it."""
 
-
 from __future__ import annotations
 
 import concurrent.futures

@@ -26,8 +26,8 @@ from llm4gen.adapters.cross_adapter import convert_released_state_dict
 from llm4gen.adapters.gated_fusion import FUSION_FOLDER, GatedFusion
 from llm4gen.adapters.release import RELEASED_PROJECTOR
 from llm4gen.configs.checks import check_scheduler_name
-from llm4gen.configs.model_files import model_json
 from llm4gen.configs.errors import ConfigError
+from llm4gen.configs.model_files import model_json
 from llm4gen.datamodules.shards import resolve_shards
 from llm4gen.encoders.sources import check_source, is_local
 from llm4gen.encoders.weight_files import WeightFileError, check_weights

@@ -64,12 +64,12 @@ from llm4gen.lightning_modules.optimization import (
     hold_back,
     parameter_groups,
 )
-from llm4gen.lightning_modules.run_checkpoints import CheckpointSaveError
-from llm4gen.lightning_modules.sharding import shard_module
 from llm4gen.lightning_modules.performance import (
     apply_performance,
     build_optimizer,
 )
+from llm4gen.lightning_modules.run_checkpoints import CheckpointSaveError
+from llm4gen.lightning_modules.sharding import shard_module
 from llm4gen.losses.attention_capture import (
     cross_attention_layer_names,
     install_attention_capture,

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-
 from llm4gen.configs import choices
 from llm4gen.configs.errors import UserError
 

@@ -10,9 +10,9 @@ import torch
 
 from llm4gen.cli import cache
 from llm4gen.configs.schema import load_config
+from llm4gen.datamodules.collate import parse_entities
 from llm4gen.datamodules.entity_targets import EntityTargetBuilder, TokenizerSources
 from llm4gen.datamodules.synthetic import write_synthetic_shards
-from llm4gen.datamodules.collate import parse_entities
 from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
 from llm4gen.losses.entity import build_entity_targets_from_captions
 from llm4gen.losses.entity_parser import groups_from_json

@@ -10,9 +10,9 @@ import torch
 
 from llm4gen.cli import cache, train
 from llm4gen.configs.schema import load_config
-from llm4gen.datamodules.synthetic import write_synthetic_shards
 from llm4gen.datamodules.collate import parse_entities
 from llm4gen.datamodules.shards import iter_tar_samples
+from llm4gen.datamodules.synthetic import write_synthetic_shards
 from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
 from llm4gen.tools.cache_key import (
     CACHE_KEY_FILE,

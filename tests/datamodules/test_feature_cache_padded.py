@@ -12,8 +12,8 @@ import torch
 
 from llm4gen.cli import cache
 from llm4gen.configs.schema import load_config
-from llm4gen.datamodules.synthetic import write_synthetic_shards
 from llm4gen.datamodules.shards import iter_tar_samples
+from llm4gen.datamodules.synthetic import write_synthetic_shards
 from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
 from llm4gen.tools.cache_key import DEFAULT_FIELDS, CacheKeyMismatch, check_cache_key
 from llm4gen.tools.feature_cache import check_cacheable, keeps_llm_padding, stored_llm_tokens

@@ -9,8 +9,8 @@ import pytest
 
 import llm4gen.datamodules.shards as shards_module
 import llm4gen.datamodules.stream as stream
-from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
 from llm4gen.datamodules.synthetic import write_synthetic_shards
+from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
 
 SHARDS, PER_SHARD, BATCH = 40, 6, 4
 

