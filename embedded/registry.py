@@ -26,7 +26,7 @@ TINY_SD_VERSION = "tiny-sd-v2"  # v2: the scheduler config says clip_sample fals
 # default base. tiny-sd's VAE and text encoder; its UNet is 1.5x wider (SHAPES_UNET). Its weights draw
 # the benchmark's scenes.
 SHAPES_SD_DIR = Path(__file__).parent / "shapes_sd"
-SHAPES_SD_COMMAND = "python -m llm4gen.tools.pretrain --output runs/pretrain --seed 0 --install-to embedded/shapes_sd"
+SHAPES_SD_COMMAND = "python -m llm4gen.cli.pretrain --output runs/pretrain --seed 0 --install-to embedded/shapes_sd"
 
 TINY_UNET = dict(
     sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),

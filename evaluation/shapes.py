@@ -50,8 +50,8 @@ Images may be PIL images, (H, W, 3) uint8 arrays, (H, W, 3) float arrays in [0, 
 at the image's resolution). Objects of one colour that touch merge into one component: the benchmark's
 scenes give every object its own colour and a margin, a generator's images may not.
 
-Command line (``evaluation/__main__.py``): ``python -m evaluation prompts DIR`` writes each prompt set
-as text, ``python -m evaluation render DIR`` writes ground truth for every prompt set, ``python -m
+Command line (``cli/shapes_benchmark.py``): ``python -m llm4gen.cli.shapes_benchmark prompts DIR`` writes each prompt set
+as text, ``python -m llm4gen.cli.shapes_benchmark render DIR`` writes ground truth for every prompt set, ``python -m
 evaluation score DIR`` scores the images a ``DIR/prompts.jsonl`` lists (``file``, ``text``, ``set``).
 
 Over 500 lines on purpose: the analyzer is one pipeline (palette, components, shape fit, matching, scores)

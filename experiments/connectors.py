@@ -1,8 +1,8 @@
 """The connector comparison (issue 21; protocol: docs/connectors/protocol.md).
 
-    python -m llm4gen.experiments.connectors run configs/sweeps/connectors.yaml      # data, runs, report
-    python -m llm4gen.experiments.connectors report configs/sweeps/connectors.yaml   # the report alone
-    python -m llm4gen.experiments.connectors run configs/sweeps/connectors_lora.yaml # the UNet-LoRA variant
+    python -m llm4gen.cli.connectors run configs/sweeps/connectors.yaml      # data, runs, report
+    python -m llm4gen.cli.connectors report configs/sweeps/connectors.yaml   # the report alone
+    python -m llm4gen.cli.connectors run configs/sweeps/connectors_lora.yaml # the UNet-LoRA variant
 
 Each kind of ``model.adapter.kind`` (cam, mlp, lavi_bridge, ella) trains on the evidence experiment's data
 and recipe, at each seed, with the UNet frozen (connectors.yaml) or with LoRA in it (connectors_lora.yaml,
@@ -17,22 +17,20 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 from llm4gen.configs.choices import CONNECTOR_KINDS
-from llm4gen.configs.errors import entry_point
 from llm4gen.datamodules.batch import Batch
 from llm4gen.evaluation.paired import Difference
 from llm4gen.experiments import evidence_data, evidence_protocol, evidence_report, evidence_rules, evidence_tasks
-from llm4gen.experiments.runner import ExperimentError, finished_runs, run_study, study_command, study_parser
+from llm4gen.experiments.runner import ExperimentError, finished_runs, run_study, study_command
 from llm4gen.launch.sweep import load_experiment_config, load_sweep
 from llm4gen.lightning_modules.sampler import load_checkpoint_module
 
-MODULE = "llm4gen.experiments.connectors"
+MODULE = "llm4gen.cli.connectors"  # the command line
 PROTOCOLS = {"": "docs/connectors/protocol.md", "+lora": "docs/connectors/protocol_lora.md"}  # by variant
 UNET = {"": "UNet frozen", "+lora": "LoRA in the UNet"}
 FROZEN_RESULTS = evidence_protocol.ROOT / "docs" / "connectors" / "results.json.gz"  # the frozen variant's records
@@ -247,7 +245,7 @@ def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence_protoco
     tasks, unfinished = evaluation_tasks(spec, cfg.model.base.pretrained)
     if not any(t.arm != "a" for t in tasks):
         raise ExperimentError(f"no finished run under {spec.output_root}; train the arms first: "
-                                       f"python -m llm4gen.experiments.connectors run {sweep_file}")
+                                       f"python -m llm4gen.cli.connectors run {sweep_file}")
     arms, variant = sweep_arms([t.arm for t in tasks])
     reference = "cam" + variant
     thresholds, document = (RULES_V3, V3_DOCUMENT) if v3 else (RULES, PROTOCOLS[variant])
@@ -372,16 +370,3 @@ def run(sweep_file: str, jobs: int = 2, log=print, v3: bool = False) -> Path:
     return run_study(study_command(MODULE, "run", sweep_file, *flags), sweep_file,
                      lambda spec: evidence_data.write_data(spec, log=log), lambda: report(sweep_file, jobs, log=log, v3=v3),
                      jobs, log)
-
-
-@entry_point("python -m llm4gen.experiments.connectors")
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = study_parser(MODULE, __doc__, "configs/sweeps/connectors.yaml")
-    parser.add_argument("--protocol", choices=("v2", "v3"), default="v2",
-                        help="v2: the sweep's own protocol (protocol.md, protocol_lora.md); v3: protocol_v3.md's rules")
-    args = parser.parse_args(argv)
-    (run if args.command == "run" else report)(args.sweep, args.jobs, v3=args.protocol == "v3")
-    return 0
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -187,7 +187,7 @@ def report(sweep_file: str, jobs: int = 2, base: Optional[str] = None, log=print
     tasks, unfinished = evaluation_tasks(spec, base)
     if not any(t.arm != "a" for t in tasks):
         raise ExperimentError(f"no finished run under {spec.output_root}; train the arms first: "
-                              f"python -m llm4gen.experiments.shapes_evidence run {sweep_file} (or python sweep.py {sweep_file})")
+                              f"python -m llm4gen.cli.shapes_evidence run {sweep_file} (or python sweep.py {sweep_file})")
     if unfinished:
         log(f"not finished, left out of the report: {', '.join(unfinished)}")
     started = time.time()

@@ -1,8 +1,8 @@
 """The pilot that fixes how long each connector trains in protocol v3 (issue 35; its rule was committed before
 it ran: docs/evidence/pilot_v3.md).
 
-    python -m llm4gen.experiments.pilot run configs/sweeps/pilot.yaml      # data, the five runs, the report
-    python -m llm4gen.experiments.pilot report configs/sweeps/pilot.yaml   # evaluate and report finished runs
+    python -m llm4gen.cli.pilot run configs/sweeps/pilot.yaml      # data, the five runs, the report
+    python -m llm4gen.cli.pilot report configs/sweeps/pilot.yaml   # evaluate and report finished runs
 
 Each connector (cam, cam with the gated fusion, mlp, lavi_bridge, ella) trains 2,000 steps at seed 0 on the
 evidence experiment's data and recipe with the UNet frozen; each is sampled at its initial weights and at
@@ -20,16 +20,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from llm4gen.configs.errors import entry_point
 from llm4gen.evaluation.paired import Difference
 from llm4gen.evaluation.prompt_sets import prompt_set
 from llm4gen.experiments import evidence_data, evidence_rules, evidence_tasks
-from llm4gen.experiments.runner import ExperimentError, finished_runs, run_study, study_command, study_parser
+from llm4gen.experiments.runner import ExperimentError, finished_runs, run_study, study_command
 from llm4gen.launch.sweep import load_experiment_config, load_sweep
 from llm4gen.lightning_modules.attention_split import attention_split
 from llm4gen.lightning_modules.sampler import load_checkpoint_module
 
-MODULE = "llm4gen.experiments.pilot"
+MODULE = "llm4gen.cli.pilot"  # the command line
 RULE = "docs/evidence/pilot_v3.md"
 STEPS = (0, 300, 1000, 1500, 2000)          # evaluated
 CANDIDATES = (300, 1000, 1500, 2000)        # training lengths the rule may pick
@@ -169,7 +168,7 @@ def report(sweep_file: str, jobs: int = 2, log=print) -> Path:
     runs, unfinished = runs_by_kind(spec)
     if not runs:
         raise ExperimentError(f"no finished pilot run under {spec.output_root}; train them first: "
-                                       f"python -m llm4gen.experiments.pilot run {sweep_file}")
+                                       f"python -m llm4gen.cli.pilot run {sweep_file}")
     if unfinished:
         log(f"not finished, left out of the report: {', '.join(unfinished)}")
     tasks = evaluation_tasks(spec, cfg.model.base.pretrained, runs)
@@ -219,13 +218,3 @@ def report(sweep_file: str, jobs: int = 2, log=print) -> Path:
 def run(sweep_file: str, jobs: int = 2, log=print) -> Path:
     return run_study(study_command(MODULE, "run", sweep_file), sweep_file, lambda spec: evidence_data.write_data(spec, log=log),
                      lambda: report(sweep_file, jobs, log=log), jobs, log)
-
-
-@entry_point("python -m llm4gen.experiments.pilot")
-def main(argv: Optional[list[str]] = None) -> int:
-    args = study_parser(MODULE, __doc__, "configs/sweeps/pilot.yaml").parse_args(argv)
-    (run if args.command == "run" else report)(args.sweep, args.jobs)
-    return 0
-
-if __name__ == "__main__":
-    raise SystemExit(main())

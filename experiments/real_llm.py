@@ -1,7 +1,7 @@
 """The evidence experiment's real-LLM arm (issue 20, item 5; protocol: docs/evidence/protocol_smollm2.md).
 
-    python -m llm4gen.experiments.real_llm run configs/sweeps/evidence_smollm2.yaml      # convert, data, runs, report
-    python -m llm4gen.experiments.real_llm report configs/sweeps/evidence_smollm2.yaml   # the report alone
+    python -m llm4gen.cli.real_llm run configs/sweeps/evidence_smollm2.yaml      # convert, data, runs, report
+    python -m llm4gen.cli.real_llm report configs/sweeps/evidence_smollm2.yaml   # the report alone
 
 Arm (d) of the evidence experiment (the CAM alone, then the CAM and the UNet) with SmolLM2-135M-Instruct's
 layer 15 in place of MiniLM, at each seed; it and the base (a) are sampled on the evidence protocol's sets
@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
-from llm4gen.configs.errors import entry_point
 from llm4gen.experiments import connectors, evidence_data, evidence_protocol, evidence_report, evidence_rules, evidence_tasks
-from llm4gen.experiments.runner import ExperimentError, run_study, study_command, study_parser
+from llm4gen.experiments.runner import ExperimentError, run_study, study_command
 from llm4gen.launch.sweep import load_experiment_config, load_sweep
 from llm4gen.tools import convert_gguf
 
-MODULE = "llm4gen.experiments.real_llm"
+MODULE = "llm4gen.cli.real_llm"  # the command line
 PROTOCOL = "docs/evidence/protocol_smollm2.md"
 SHIPPED = evidence_protocol.ROOT / "docs" / "evidence" / "results.json.gz"  # the MiniLM experiment's records
 ARM = "d_smollm2"
@@ -96,7 +93,7 @@ def report(sweep_file: str, jobs: int = 2, log=print, protocol: evidence_protoco
     tasks, unfinished = evaluation_tasks(spec, cfg.model.base.pretrained)
     if not any(t.arm == ARM for t in tasks):
         raise ExperimentError(f"no finished run under {spec.output_root}; train it first: "
-                                       f"python -m llm4gen.experiments.real_llm run {sweep_file}")
+                                       f"python -m llm4gen.cli.real_llm run {sweep_file}")
     if unfinished:
         log(f"not finished, left out of the report: {', '.join(unfinished)}")
     started = time.time()
@@ -152,13 +149,3 @@ def run(sweep_file: str, jobs: int = 2, log=print) -> Path:
 
     return run_study(study_command(MODULE, "run", sweep_file), sweep_file, data,
                      lambda: report(sweep_file, jobs, log=log), jobs, log)
-
-
-@entry_point("python -m llm4gen.experiments.real_llm")
-def main(argv: Optional[list[str]] = None) -> int:
-    args = study_parser(MODULE, __doc__, "configs/sweeps/evidence_smollm2.yaml").parse_args(argv)
-    (run if args.command == "run" else report)(args.sweep, args.jobs)
-    return 0
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,10 +4,9 @@ checked first), writes the report and records the whole command's wall time besi
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 from llm4gen.configs.errors import UserError
 from omegaconf import OmegaConf
@@ -56,18 +55,6 @@ def run_study(command: str, sweep_file: str, data: Callable[[SweepSpec], object]
     (out / "wall_time.txt").write_text(f"{minutes:.1f} min for `{command}`\n")
     log(f"{command}: {minutes:.1f} min")
     return out
-
-
-def study_parser(module: str, description: Optional[str], sweep_example: str,
-                 commands: tuple[str, ...] = ("run", "report")) -> argparse.ArgumentParser:
-    """``python -m MODULE {run,report} SWEEP [--jobs N]``, the arguments every study takes."""
-    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=commands)
-    parser.add_argument("sweep", help=f"the sweep file, e.g. {sweep_example}")
-    parser.add_argument("--jobs", type=int, default=2, help="training runs and evaluations at a time (2 single-thread "
-                                                            "processes use 2 cores best)")
-    return parser
 
 
 def study_command(module: str, command: str, sweep_file: str, *flags: str) -> str:

@@ -1,8 +1,8 @@
 """The miniature LLM4GEN experiment on the shapes benchmark, run as pre-registered in docs/evidence/protocol.md.
 
-    python -m llm4gen.experiments.shapes_evidence run configs/sweeps/shapes_evidence.yaml      # data, training, report
-    python -m llm4gen.experiments.shapes_evidence data configs/sweeps/shapes_evidence.yaml     # shards + feature cache only
-    python -m llm4gen.experiments.shapes_evidence report configs/sweeps/shapes_evidence.yaml   # evaluate finished runs
+    python -m llm4gen.cli.shapes_evidence run configs/sweeps/shapes_evidence.yaml      # data, training, report
+    python -m llm4gen.cli.shapes_evidence data configs/sweeps/shapes_evidence.yaml     # shards + feature cache only
+    python -m llm4gen.cli.shapes_evidence report configs/sweeps/shapes_evidence.yaml   # evaluate finished runs
 
 LLM4GEN claims two things: an LLM's features help with long, dense descriptions that CLIP's 77-token
 window cuts off, and they bind attributes to objects better. The arms, on the shipped shapes base, the
@@ -26,23 +26,21 @@ Images already generated are kept, so a report run again only scores.
 
 One job per file: evidence_protocol.py (arms, sets, each protocol's settings), evidence_data.py (shards, feature
 cache, probe), evidence_tasks.py (what is sampled, and each object's outcome), evidence_rules.py (statistics,
-gates, decisions), evidence_report.py (tables, plots, the report); this file is the command line.
+gates, decisions), evidence_report.py (tables, plots, the report); this file runs them in order as one study,
+and cli/shapes_evidence.py is its command line.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
-from llm4gen.configs.errors import entry_point
 from llm4gen.experiments.evidence_data import run_probe, write_data
-from llm4gen.experiments.evidence_protocol import PROTOCOL_SETTINGS, PROTOCOLS, Protocol
-from llm4gen.experiments.evidence_report import replot, report
-from llm4gen.experiments.runner import run_study, study_command, study_parser
-from llm4gen.launch.sweep import load_sweep
+from llm4gen.experiments.evidence_protocol import PROTOCOL_SETTINGS, Protocol
+from llm4gen.experiments.evidence_report import report
+from llm4gen.experiments.runner import run_study, study_command
 
-MODULE = "llm4gen.experiments.shapes_evidence"
+MODULE = "llm4gen.cli.shapes_evidence"  # the command line
 
 
 def run(sweep_file: str, jobs: int = 2, log=print, protocol: Protocol = PROTOCOL_SETTINGS, name: str = "v2",
@@ -55,32 +53,3 @@ def run(sweep_file: str, jobs: int = 2, log=print, protocol: Protocol = PROTOCOL
     flags = [] if name == "v2" else ["--protocol", name]
     return run_study(study_command(MODULE, "run", sweep_file, *flags), sweep_file, data,
                      lambda: report(sweep_file, jobs, log=log, protocol=protocol, replication=replication), jobs, log)
-
-
-@entry_point(f"python -m {MODULE}")
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = study_parser(MODULE, __doc__, "configs/sweeps/shapes_evidence.yaml (replot: a report's results.json[.gz]; "
-                          "differences.png is written beside it)", ("run", "data", "report", "replot"))
-    parser.add_argument("--base", help="report: evaluate this base for arm (a) (default: the config's)")
-    parser.add_argument("--protocol", choices=list(PROTOCOLS), default="v2",
-                        help="whose rules and evaluation scenes: v2 (docs/evidence/protocol.md), v3 "
-                             "(protocol_v3.md), v3-replication (v3 on freshly drawn scenes)")
-    parser.add_argument("--replication", help="report/run: a replication study's report folder, added as a section")
-    args = parser.parse_args(argv)
-    protocol = PROTOCOLS[args.protocol]
-
-    if args.command == "data":
-        spec = load_sweep(args.sweep)
-        write_data(spec, protocol)
-        run_probe(spec, spec.output_root / "probe.json")
-    elif args.command == "report":
-        report(args.sweep, args.jobs, args.base, protocol=protocol, replication=args.replication)
-    elif args.command == "replot":
-        print(replot(Path(args.sweep), Path(args.sweep).parent / "differences.png", protocol))
-    else:
-        run(args.sweep, args.jobs, protocol=protocol, name=args.protocol, replication=args.replication)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,7 @@ FLOORS: dict[str, int] = {
     "llm4gen.lightning_modules": 4,
     "llm4gen.launch": 5, "llm4gen.tools": 5,
     "llm4gen.experiments": 6,
-    "llm4gen.cli": 7, "llm4gen.evaluation.__main__": 7,
+    "llm4gen.cli": 7,
 }
 FLOOR_NAMES = ["facts", "models", "losses and runtime data", "evaluation", "the LightningModule", "launch and tools",
                "studies", "entry points"]
@@ -172,6 +172,16 @@ def test_no_circle():
 def test_function_level_imports_are_only_for_optional_or_heavy_dependencies():
     _, lazy, _ = graph()
     assert lazy == [], "\n".join(lazy)
+
+
+def test_command_lines_are_parsed_only_in_cli():
+    """One entry layer: argparse (and a module run as ``__main__``) only under cli/; the studies, tools and
+    evaluation keep their functions, and cli/ wires them to a command line."""
+    parsing = [m for m, path in modules().items() if not m.startswith("llm4gen.cli")
+               and any(name.split(".")[0] == "argparse" for name, _, _ in imports(path))]
+    run_as_main = [m for m, path in modules().items() if not m.startswith("llm4gen.cli")
+                   and ('if __name__ == "__main__"' in path.read_text() or path.stem == "__main__")]
+    assert parsing == [] and run_as_main == [], (parsing, run_as_main)
 
 
 def test_the_checker_sees_a_circle_and_an_upward_import():

@@ -55,7 +55,7 @@ def test_the_wheel_installs_one_import_name_and_no_shadowing_module(installed):
 
 @pytest.mark.slow
 def test_import_and_every_console_script_work_from_another_directory(installed, tmp_path):
-    code = ("import llm4gen, llm4gen.cli.train, llm4gen.experiments.shapes_evidence, llm4gen.tools.pretrain; "
+    code = ("import llm4gen, llm4gen.cli.train, llm4gen.cli.shapes_evidence, llm4gen.cli.pretrain; "
             "print(llm4gen.__file__)")
     result = run_installed(installed, [sys.executable, "-c", code], tmp_path)
     assert result.returncode == 0, result.stderr
@@ -109,7 +109,7 @@ def test_experiments_a_sweep_and_a_bench_run_from_the_wheel_in_another_directory
         " model.optim.warmup_steps=0, trainer.enable_progress_bar=false]\nruns: [{seed: 0}]\n")
     experiments = ("shapes_evidence", "connectors", "real_llm")
     *helps, sweep, bench = run_installed_side_by_side(installed, [
-        *([sys.executable, "-m", f"llm4gen.experiments.{e}", "--help"] for e in experiments),
+        *([sys.executable, "-m", f"llm4gen.cli.{e}", "--help"] for e in experiments),
         [str(installed / "bin" / "llm4gen-sweep"), "sweep.yaml"],
         [sys.executable, str(ROOT / "bench" / "bench_step.py"), "--smoke", "--models", "tiny"]], tmp_path)
     for experiment, result in zip(experiments, helps):

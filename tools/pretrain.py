@@ -24,12 +24,11 @@ the analyzer's score of the base's samples on single-object prompts. Finished st
 Each stage draws its random initialisation and its data order from a seed of its own (``stage_seed``), so
 a stage comes out the same whether the stages before it were trained in this process or reused.
 
-    nice -n 19 python -m llm4gen.tools.pretrain --output runs/pretrain --seed 0 [--install-to DIR]
+    nice -n 19 python -m llm4gen.cli.pretrain --output runs/pretrain --seed 0 [--install-to DIR]
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -38,7 +37,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -446,15 +445,3 @@ def install(output: Path, target: Path) -> None:
             shutil.copy2(output / extra, staging / extra)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
-
-
-def main(argv: Optional[list[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m llm4gen.tools.pretrain", description=__doc__.split("\n")[0])
-    for f in fields(PretrainConfig):
-        kind = {"int": int, "float": float, "str": str}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
-    return pretrain(PretrainConfig(**vars(parser.parse_args(argv))))
-
-
-if __name__ == "__main__":
-    main()

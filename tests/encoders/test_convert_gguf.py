@@ -11,6 +11,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from llm4gen.encoders.llm import LLMEncoder
+from llm4gen.cli import convert_gguf as convert_gguf_cli
 from llm4gen.tools import convert_gguf
 
 
@@ -62,5 +63,5 @@ def test_a_missing_package_or_file_says_what_to_install(monkeypatch, tmp_path):
 
 def test_the_command_wants_one_source(capsys):
     with pytest.raises(SystemExit) as exit_:
-        convert_gguf.main(["model.gguf", "--smollm2", "--output", "x"])
+        convert_gguf_cli.main(["model.gguf", "--smollm2", "--output", "x"])
     assert exit_.value.code == 2 and "one of the two" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from llm4gen.experiments.evidence_protocol import ARMS, PROTOCOLS
 from llm4gen.experiments.evidence_report import damages_base, rate_table, replication_section
 from llm4gen.experiments.evidence_rules import compare, decisions, gates
 from llm4gen.experiments.evidence_tasks import ObjectRecord, arm_of, donor_prompts, evaluation_tasks
-from llm4gen.experiments.shapes_evidence import main
+from llm4gen.cli.shapes_evidence import main
 from tests.helpers.experiments import TINY_PROTOCOL, tiny_experiment_config
 
 
@@ -223,7 +223,7 @@ def test_report_without_finished_runs_says_what_to_run(tmp_path, monkeypatch, ca
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(f"config: {config}\noutput_root: {tmp_path / 'runs'}\ngrid: {{seed: [0]}}\n")
     assert main(["report", str(sweep_file)]) == 2
-    assert "python -m llm4gen.experiments.shapes_evidence run" in capsys.readouterr().err
+    assert "python -m llm4gen.cli.shapes_evidence run" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- protocol v3 (docs/evidence/protocol_v3.md)

@@ -62,12 +62,13 @@ def test_bad_names_and_sizes_are_refused():
 
 
 def test_command_line_renders_ground_truth_and_scores_it_perfectly(tmp_path, capsys):
-    from llm4gen.evaluation.__main__ import main
+    from llm4gen.cli.shapes_benchmark import main
 
     main(["render", str(tmp_path), "--per-set", "4", "--resolution", "48"])
     rows = [json.loads(line) for line in (tmp_path / "prompts.jsonl").read_text().splitlines()]
     assert len(rows) == 4 * len(PROMPT_SETS) and all((tmp_path / r["file"]).exists() for r in rows)
-    results = main(["score", str(tmp_path)])
+    assert main(["score", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "scores.json").read_text())
     assert set(results) == set(PROMPT_SETS)
     assert all(r["exact"] == 1.0 and r["n_images"] == 4 for r in results.values())
     assert json.loads((tmp_path / "scores.json").read_text())["heldout_3"]["binding"] == 1.0
@@ -75,7 +76,7 @@ def test_command_line_renders_ground_truth_and_scores_it_perfectly(tmp_path, cap
 
 
 def test_prompt_files_hold_one_prompt_a_line_in_record_order(tmp_path):
-    from llm4gen.evaluation.__main__ import main
+    from llm4gen.cli.shapes_benchmark import main
 
     main(["prompts", str(tmp_path), "--per-set", "5", "--sets", "seen_2", "heldout_1"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heldout_1.jsonl", "heldout_1.txt", "seen_2.jsonl", "seen_2.txt"]

@@ -1,15 +1,11 @@
-"""Command line of the shapes benchmark: render ground truth for the prompt sets, score a folder.
+"""The shapes benchmark's files: ground truth and prompt lists for the prompt sets, and the scores of a folder
+of images (its command line: ``python -m llm4gen.cli.shapes_benchmark``).
 
-    python -m evaluation prompts DIR [--per-set N] [--sets ...]   # DIR/<set>.txt (a prompt a line) + <set>.jsonl
-    python -m evaluation render DIR [--resolution 32] [--per-set N] [--sets seen_1 heldout_2 ...]
-    python -m evaluation score DIR      # DIR/prompts.jsonl: one {"file", "text", "set"?} per image
-
-``score`` prints a markdown table per prompt set and writes DIR/scores.json (``aggregate`` per set).
+``score_directory`` reads DIR/prompts.jsonl (one {"file", "text", "set"?} per image) and aggregates per set.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Optional
@@ -67,38 +63,3 @@ def markdown_table(results: dict) -> str:
     for name, r in results.items():
         lines.append(f"| {name} | {r['n_images']} | " + " | ".join(f"{r[m]:.3f}" for m in TABLE_METRICS) + " |")
     return "\n".join(lines)
-
-
-def main(argv: Optional[list[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    render_cmd = commands.add_parser("render", help="write ground-truth images of the prompt sets and prompts.jsonl")
-    render_cmd.add_argument("directory")
-    render_cmd.add_argument("--resolution", type=int, default=32)
-    render_cmd.add_argument("--per-set", type=int, default=None, help="records per set (default: the full set)")
-    render_cmd.add_argument("--sets", nargs="*", default=None, choices=PROMPT_SETS)
-    prompts_cmd = commands.add_parser("prompts", help="write each prompt set as DIR/<set>.txt and DIR/<set>.jsonl")
-    prompts_cmd.add_argument("directory")
-    prompts_cmd.add_argument("--per-set", type=int, default=None)
-    prompts_cmd.add_argument("--sets", nargs="*", default=None, choices=PROMPT_SETS)
-    score_cmd = commands.add_parser("score", help="score the images listed in DIR/prompts.jsonl against their text")
-    score_cmd.add_argument("directory")
-    args = parser.parse_args(argv)
-    if args.command == "prompts":
-        for path in write_prompt_files(args.directory, args.per_set, args.sets):
-            print(path)
-        return {}
-    if args.command == "render":
-        path = render(args.directory, args.resolution, args.per_set, args.sets)
-        print(f"wrote ground truth at {args.resolution} px and {path}")
-        return {}
-    results = score_directory(args.directory)
-    print(markdown_table(results))
-    with open(os.path.join(args.directory, "scores.json"), "w") as handle:
-        json.dump(results, handle, indent=2)
-    print(f"wrote {os.path.join(args.directory, 'scores.json')}")
-    return results
-
-
-if __name__ == "__main__":
-    main()
