@@ -21,6 +21,7 @@ from pathlib import Path
 
 from llm4gen.cli.generate import check_checkpoint_sources, check_sampling_args
 from llm4gen.configs.errors import UserError, entry_point
+from llm4gen.datamodules.collate import entity_parser
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
 from llm4gen.lightning_modules.sampler import load_checkpoint_module
 from llm4gen.losses.attention_capture import (
@@ -35,7 +36,7 @@ from llm4gen.losses.attention_maps import (
     render_attention_panels,
     word_maps,
 )
-from llm4gen.losses.entity_parser import EntityParser, entity_words
+from llm4gen.losses.entity_parser import entity_words
 from llm4gen.losses.token_alignment import fused_word_token_positions
 
 
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
     except ValueError as error:  # sides the UNet has no cross-attention layer at
         raise UserError(f"--layers {args.layers!r}: {error}") from None
 
-    words = entity_words(EntityParser(module.cfg.objective.entity_parser).parse(args.prompt))
+    words = entity_words(entity_parser(module.cfg.objective.entity_parser).parse(args.prompt))
     positions = fused_word_token_positions(
         [args.prompt], [words], module.clip.tokenizer, module.llm.tokenizer,
         clip_max_length=module.clip.tokenizer.model_max_length, llm_max_length=module.cfg.llm.max_length,

@@ -31,6 +31,8 @@ LOGGERS: tuple[str, ...] = ("csv", "tensorboard", "wandb")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_fused", "adamw_8bit")  # model.performance.optimizer
 LR_SCHEDULERS: tuple[str, ...] = ("constant_with_warmup", "cosine", "linear", "constant")
 ENTITY_LAYER_PRESETS: tuple[str, ...] = ("lowest", "all")
+# model.objective.entity_parser: a spaCy pipeline's name, or this one, the shapes benchmark's own caption grammar
+SHAPES_GRAMMAR = "shapes"
 RESUME_MODES: tuple[str, ...] = ("auto", "never")  # or a checkpoint path
 # data.buckets.enabled (aspect-ratio bucketing): auto is on for SDXL, off for SD1.5.
 BUCKET_MODES: tuple[str, ...] = SWITCHES

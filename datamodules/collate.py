@@ -8,11 +8,13 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from llm4gen.configs.choices import SHAPES_GRAMMAR
 from llm4gen.datamodules.batch import Batch
 from llm4gen.datamodules.cache_codec import JSON_MEMBERS
 from llm4gen.datamodules.entity_targets import EntityTargetBuilder
 from llm4gen.losses.entity import EntityTargets
 from llm4gen.losses.entity_parser import EntityParser, groups_to_json
+from llm4gen.shapes.world import entity_groups
 
 
 
@@ -83,11 +85,17 @@ def with_entities(batch: Batch, parser: Optional[str], targets: Optional[EntityT
     return batch
 
 
+def entity_parser(model: str) -> EntityParser:
+    """The parser ``model.objective.entity_parser`` names: a spaCy pipeline, or ``"shapes"``, the shapes
+    benchmark's own caption grammar (shapes/world.py), exact on its captions."""
+    return EntityParser(grammar=entity_groups) if model == SHAPES_GRAMMAR else EntityParser(model)
+
+
 def parse_entities(model: str, captions: Sequence[str]) -> list[list[dict]]:
     """Entity groups of each caption as JSON, parsed in the worker that made the batch (one spaCy
     pipeline per process, loaded on first use): parsing never runs inside the training step."""
     if model not in _PARSERS:
-        _PARSERS[model] = EntityParser(model)
+        _PARSERS[model] = entity_parser(model)
     return [groups_to_json(groups) for groups in _PARSERS[model].parse_many(captions)]
 
 

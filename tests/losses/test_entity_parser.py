@@ -267,10 +267,10 @@ def test_entity_words_are_distinct_and_in_caption_order():
 def test_the_shapes_grammar_parser_reads_every_training_phrasing_exactly():
     import random
 
-    from llm4gen.losses.entity_parser import EntityParser
+    from llm4gen.datamodules.collate import entity_parser
     from llm4gen.shapes.world import random_scene
 
-    parser = EntityParser("shapes")
+    parser = entity_parser("shapes")
     rng = random.Random(0)
     for _ in range(200):
         record = random_scene(rng, 32)
