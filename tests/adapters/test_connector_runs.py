@@ -4,6 +4,9 @@ back (any kind) and samples the same images as its checkpoint; the FLOP count ru
 
 from __future__ import annotations
 
+import csv
+import shutil
+
 import pytest
 import torch
 
@@ -31,7 +34,9 @@ def runs(request, tmp_path_factory):
               f"model.adapter.kind={kind.split('_gated')[0]}", *KINDS[kind], "model.ema.enabled=true", "checkpoint.every_n_steps=2",
               "model.optim.lr=1e-3", "validation.at_start=false", *FAST]
     assert train.main([f"output_dir={root / 'straight'}", "trainer.max_steps=4", *common]) == 0
-    assert train.main([f"output_dir={root / 'resumed'}", "trainer.max_steps=2", *common]) == 0
+    interrupted = root / "resumed" / "checkpoints"  # the folder a run stopped after step 2 leaves behind
+    interrupted.mkdir(parents=True)
+    shutil.copy2(root / "straight" / "checkpoints" / "step=0000002.ckpt", interrupted)
     assert train.main([f"output_dir={root / 'resumed'}", "trainer.max_steps=4", *common]) == 0
     return kind, root
 
@@ -46,6 +51,8 @@ def test_a_resumed_run_reaches_the_uninterrupted_one_bitwise(runs):
     straight = load(root / "straight" / "checkpoints" / "last.ckpt")
     resumed = load(root / "resumed" / "checkpoints" / "last.ckpt")
     assert straight["global_step"] == resumed["global_step"] == 4
+    with (root / "resumed" / "logs" / "metrics.csv").open() as handle:  # it went on from step 2: two steps trained
+        assert sum(1 for row in csv.DictReader(handle) if row.get("train/loss")) == 2
     weights = straight["state_dict"]
     assert weights.keys() == resumed["state_dict"].keys() and any(k.startswith("adapter.") for k in weights)
     if kind == "lavi_bridge":
