@@ -1,6 +1,6 @@
 """Training-step time on this machine.
 
-    python bench/bench_step.py --evidence [--steps 12]                         # the shapes miniature's step
+    python bench/bench_step.py --evidence [--steps 12] [--fast-paths]          # the shapes miniature's step
     python bench/bench_step.py [--steps 30] [--batch-size 8] [--models tiny tiny_sdxl]   # Lightning's overhead
     python bench/bench_step.py [--evidence] --smoke                            # two steps, to check it runs
 
@@ -100,6 +100,10 @@ EVIDENCE_ARMS = {  # name -> overrides of configs/shapes_evidence.yaml
 }
 CONTEXTS = {"v2: 77 + 192, padding attended": ["model.adapter.use_llm_mask=false"],
             "v3: 77 + longest, padding masked": []}
+FAST_PATHS = {  # --fast-paths: more rows, each the v3 context with one of model.performance's CPU-relevant options
+    "channels_last": ["model.performance.channels_last=true"],
+    "compile (inductor)": ["model.performance.compile=true"],
+}
 
 
 def matmul_flops_per_second(size: int = 1024, repeats: int = 10) -> float:
@@ -163,7 +167,7 @@ def timed_step(module: LLM4GenModule, batch: Batch, optimizer, generator) -> dic
     return times
 
 
-def evidence_table(steps: int, warmup: int = 2) -> None:
+def evidence_table(steps: int, warmup: int = 2, fast_paths: bool = False) -> None:
     from llm4gen.lightning_modules.flops import trained_path_flops
 
     torch.set_num_threads(1)
@@ -171,10 +175,15 @@ def evidence_table(steps: int, warmup: int = 2) -> None:
     parts = ["CLIP", "connector", "UNet forward", "backward", "optimizer + EMA"]
     print(f"\nthe evidence recipe's step, batch 16, 1 thread, median of {steps} steps after {warmup}; "
           f"a 1024^3 fp32 matmul runs at {matmul / 1e9:.1f} GFLOP/s here")
-    print("| arm | context | tokens | ms/step | " + " | ".join(parts) + " | UNet path GFLOP/s | share of matmul |")
-    print("|---|---|---|---|" + "---|" * len(parts) + "---|---|")
+    print("| arm | context | tokens | ms/step | steps/hour vs v2 | " + " | ".join(parts) + " | UNet path GFLOP/s | share of matmul |")
+    print("|---|---|---|---|---|" + "---|" * len(parts) + "---|---|")
+    rows = dict(CONTEXTS)
+    if fast_paths:
+        rows.update({f"v3 + {name}": [*CONTEXTS["v3: 77 + longest, padding masked"], *overrides]
+                     for name, overrides in FAST_PATHS.items()})
     for arm, arm_overrides in EVIDENCE_ARMS.items():
-        for context_name, context_overrides in CONTEXTS.items():
+        baseline = None
+        for context_name, context_overrides in rows.items():
             cfg = load_config("configs/shapes_evidence.yaml", ["model.optim.warmup_steps=0", *arm_overrides,
                                                                *context_overrides])
             module = LLM4GenModule(OmegaConf.to_object(cfg.model), seed=0)
@@ -191,7 +200,8 @@ def evidence_table(steps: int, warmup: int = 2) -> None:
                 tokens - module.clip.context_length, module.fusion)
             path_seconds = median["connector"] + median["UNet forward"] + median["backward"]
             achieved = path_flops / path_seconds
-            print(f"| {arm} | {context_name} | {tokens} | {total * 1e3:.0f} | "
+            baseline = baseline or total  # the first row: the context protocol v2 trained with
+            print(f"| {arm} | {context_name} | {tokens} | {total * 1e3:.0f} | {baseline / total:.2f}x | "
                   + " | ".join(f"{median[k] * 1e3:.0f}" for k in parts)
                   + f" | {achieved / 1e9:.1f} | {achieved / matmul:.2f} |")
 
@@ -203,12 +213,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--overrides", nargs="*", default=[])
     parser.add_argument("--evidence", action="store_true", help="the shapes evidence recipe's step and its breakdown")
+    parser.add_argument("--fast-paths", action="store_true",
+                        help="--evidence: also the v3 context with channels_last, and with torch.compile")
     parser.add_argument("--smoke", action="store_true", help="two timed steps: checks that it runs")
     args = parser.parse_args()
     if args.smoke:
         args.steps = 2
     if args.evidence:
-        evidence_table(args.steps, warmup=1 if args.smoke else 2)
+        evidence_table(args.steps, warmup=1 if args.smoke else 2, fast_paths=args.fast_paths)
         return
     table = []
     for model in args.models:
