@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
+from llm4gen.datamodules.synthetic import ensure_synthetic_shards
 from llm4gen.evaluation.prompt_sets import prompt_set
 from llm4gen.lightning_modules.callbacks import GRID_COLUMNS, GRID_SIDE, ValidationImages
 from llm4gen.lightning_modules.console import StepProgressBar, parts_table
@@ -34,14 +35,23 @@ SCRIPT = textwrap.dedent(f"""
 """)
 
 
-def run_train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def run_train(tmp_path: Path, *levels: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+    """A 3-step default run per tuple of flags, side by side (each is mostly its imports: one core apiece)."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    name = "-".join(a.strip("-") for a in args) or "default"
-    return subprocess.run([sys.executable, str(script), *args, f"output_dir={tmp_path / name}",
-                           f"data.shards={tmp_path / 'data'}", "trainer.max_steps=3", "validation.every_n_steps=3",
-                           "validation.at_start=false", "checkpoint.every_n_steps=3"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    ensure_synthetic_shards(str(tmp_path / "data"))  # what train.py would write, once, before the runs share it
+    running = []
+    for args in levels:
+        name = "-".join(a.strip("-") for a in args) or "default"
+        running.append(subprocess.Popen(
+            [sys.executable, str(script), *args, f"output_dir={tmp_path / name}", f"data.shards={tmp_path / 'data'}",
+             "trainer.max_steps=3", "validation.every_n_steps=3", "validation.at_start=false",
+             "checkpoint.every_n_steps=3"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    finished = []
+    for process in running:
+        out, err = process.communicate(timeout=600)
+        finished.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return finished
 
 
 def noise_in(text: str) -> list[str]:
@@ -50,12 +60,11 @@ def noise_in(text: str) -> list[str]:
 
 @pytest.mark.slow
 def test_a_default_run_prints_no_known_noise_but_a_real_warning_and_reads_like_a_tool(tmp_path):
-    verbose = run_train(tmp_path, "--verbose")
+    verbose, result, quiet = run_train(tmp_path, ("--verbose",), (), ("--quiet",))
     assert verbose.returncode == 0, verbose.stderr[-3000:]
     # without the filter the notices are there (so the check below can fail): Lightning's eval-mode warning,
     # its cloud tip and diffusers' import-time torchvision notices
     assert len(noise_in(verbose.stderr + verbose.stdout)) >= 3, verbose.stderr
-    result = run_train(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert noise_in(result.stderr + result.stdout) == [], result.stderr
     assert DELIBERATE in result.stderr
@@ -66,7 +75,6 @@ def test_a_default_run_prints_no_known_noise_but_a_real_warning_and_reads_like_a
     assert "FLOPs" not in out and "Loading weights" not in result.stderr
     assert re.search(r"^validation at step 3: binding \d\.\d{3}, one object right \d\.\d{3}; seen: binding", out,
                      flags=re.M)
-    quiet = run_train(tmp_path, "--quiet")
     assert quiet.returncode == 0, quiet.stderr[-3000:]
     assert "model:" not in quiet.stdout and "validation at step" not in quiet.stdout and "━" not in quiet.stdout
     assert "GPU available" not in quiet.stderr and "run folder:" in quiet.stdout and DELIBERATE in quiet.stderr
