@@ -131,11 +131,13 @@ class TinyRuns:
         assert process.returncode == -signal.SIGKILL, (
             f"train.py ended by itself (code {process.returncode}) before the kill:\n{log.read_text()[-4000:]}")
 
-    def baseline(self, *overrides: str) -> Path:
-        """An uninterrupted run with these overrides (keys recorded to ``<run>/keys.jsonl``), run once."""
+    def baseline(self, *overrides: str, timeout_s: float = RUN_TIMEOUT_S) -> Path:
+        """An uninterrupted run with these overrides (keys recorded to ``<run>/keys.jsonl``, what it printed to
+        ``<run>/output.txt``), run once."""
         if overrides not in self._baselines:
             out = self.root / f"baseline-{len(self._baselines)}"
-            self.run(self.argv(out, *overrides), self.env(out / "keys.jsonl"))
+            output = self.run(self.argv(out, *overrides), self.env(out / "keys.jsonl"), timeout_s)
+            (out / "output.txt").write_text(output)
             self._baselines[overrides] = out
         return self._baselines[overrides]
 

@@ -7,6 +7,8 @@ the consolidated weights and trains on."""
 from __future__ import annotations
 
 import csv
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -50,15 +52,39 @@ def train(tiny_runs, out: Path, *overrides: str, devices: int = 2, config: str =
                          tiny_runs.env(), timeout_s=TIMEOUT_S)
 
 
+def side_by_side(*calls):
+    """Independent runs at once (each start is mostly a single-threaded import; 2 cores take two or three runs
+    of 2 processes with little loss); their results in order, the first failure raised."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [future.result() for future in [pool.submit(call) for call in calls]]
+
+
+def sharded_five_steps(tiny_runs) -> Path:
+    """The tiny SD1.5 run sharded on 2 processes for 5 steps, every step saved: made once for the session and
+    read by two tests (its losses against DDP's, its step-4 checkpoint against a resumed run's)."""
+    return tiny_runs.baseline(*SHARDED, "trainer.devices=2", "trainer.max_steps=5", timeout_s=TIMEOUT_S)
+
+
 @pytest.mark.parametrize("config", ["tiny.yaml", "tiny_sdxl.yaml"])
 def test_sharded_training_follows_ddp_and_saves_only_what_trains(tiny_runs, tmp_path, config):
-    train(tiny_runs, tmp_path / "ddp", "trainer.max_steps=5", "trainer.strategy=ddp", config=config)
-    output = train(tiny_runs, tmp_path / "fsdp2", "trainer.max_steps=5", config=config)
-    assert "MEMBER: 2/2" in output
-    ddp, sharded = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp2")
+    def sharded() -> Path:
+        if config == "tiny.yaml":
+            return sharded_five_steps(tiny_runs)
+        (tmp_path / "fsdp2" / "output.txt").write_text(train(tiny_runs, tmp_path / "fsdp2", "trainer.max_steps=5",
+                                                              config=config))
+        return tmp_path / "fsdp2"
+
+    # diffusers' gradient checkpointing recomputes under FSDP2 (tiny SD1.5): its losses are compared below
+    checkpointed = (lambda: train(tiny_runs, tmp_path / "checkpointed", "trainer.max_steps=5",
+                                  "model.performance.gradient_checkpointing=true")) if config == "tiny.yaml" else lambda: None
+    _, fsdp2, _ = side_by_side(
+        lambda: train(tiny_runs, tmp_path / "ddp", "trainer.max_steps=5", "trainer.strategy=ddp", config=config),
+        sharded, checkpointed)
+    assert "MEMBER: 2/2" in (fsdp2 / "output.txt").read_text()
+    ddp, sharded = losses(tmp_path / "ddp"), losses(fsdp2)
     assert len(ddp) == len(sharded) == 5
     torch.testing.assert_close(torch.tensor(sharded), torch.tensor(ddp), rtol=1e-4, atol=1e-5)
-    last = tmp_path / "fsdp2" / "checkpoints" / "last.ckpt"
+    last = fsdp2 / "checkpoints" / "last.ckpt"
     assert last.is_dir() and (last / "meta.pt").is_file() and len(list(last.glob("*.distcp"))) == 2  # a shard per rank
     stored = FileSystemReader(str(last)).read_metadata().state_dict_metadata
     weights = {k.removeprefix("state_dict.") for k in stored if k.startswith("state_dict.")}
@@ -67,9 +93,8 @@ def test_sharded_training_follows_ddp_and_saves_only_what_trains(tiny_runs, tmp_
     ddp_weights = trained(tmp_path / "ddp" / "checkpoints" / "last.ckpt")
     assert weights == set(ddp_weights)  # what DDP's checkpoint holds, no more
     assert_within_adamw_noise(trained(last), ddp_weights)
-    assert (tmp_path / "fsdp2" / "export" / "unet" / "config.json").is_file()  # exported from the consolidated weights
+    assert (fsdp2 / "export" / "unet" / "config.json").is_file()  # exported from the consolidated weights
     if config == "tiny.yaml":  # diffusers' gradient checkpointing recomputes under FSDP2: the same losses
-        train(tiny_runs, tmp_path / "checkpointed", "trainer.max_steps=5", "model.performance.gradient_checkpointing=true")
         torch.testing.assert_close(torch.tensor(losses(tmp_path / "checkpointed")), torch.tensor(sharded),
                                    rtol=1e-5, atol=1e-6)
     if config == "tiny.yaml":  # the entry points read the folder as they read a file
@@ -83,16 +108,20 @@ def test_sharded_training_follows_ddp_and_saves_only_what_trains(tiny_runs, tmp_
 
 
 def test_a_sharded_run_resumes_bitwise_and_across_world_sizes(tiny_runs, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(tiny_runs, straight, "trainer.max_steps=4")
-    train(tiny_runs, resumed, "trainer.max_steps=2")
-    output = train(tiny_runs, resumed, "trainer.max_steps=4")
-    assert "resuming from" in output and str(resumed / "checkpoints") in output
-    assert same(trained(resumed / "checkpoints" / "last.ckpt"), trained(straight / "checkpoints" / "last.ckpt"))
+    straight = sharded_five_steps(tiny_runs) / "checkpoints" / "step=0000004.ckpt"  # its steps 1-4: a 4-step run's
 
-    for saved_on, resumed_on in ((2, 1), (1, 2)):
-        run = tmp_path / f"{saved_on}-to-{resumed_on}"
-        train(tiny_runs, run, "trainer.max_steps=2", devices=saved_on)
+    def resumed_at_the_same_world_size() -> None:
+        resumed = tmp_path / "resumed"
+        train(tiny_runs, resumed, "trainer.max_steps=2")
+        shutil.copytree(resumed, tmp_path / "2-to-1")  # saved on 2 processes at step 2: resumed on 1 below
+        output = train(tiny_runs, resumed, "trainer.max_steps=4")
+        assert "resuming from" in output and str(resumed / "checkpoints") in output
+        assert same(trained(resumed / "checkpoints" / "last.ckpt"), trained(straight))
+        resumed_on_another_world_size(tmp_path / "2-to-1", 1)
+
+    def resumed_on_another_world_size(run: Path, resumed_on: int) -> None:
+        if not run.exists():
+            train(tiny_runs, run, "trainer.max_steps=2", devices=3 - resumed_on)
         saved = trained(run / "checkpoints" / "step=0000002.ckpt")
         train(tiny_runs, run, "trainer.max_steps=2", devices=resumed_on, *("resume=auto",))  # loads, trains nothing
         assert same(trained(run / "checkpoints" / "last.ckpt"), saved)  # resharded, written again: the same weights
@@ -101,13 +130,15 @@ def test_a_sharded_run_resumes_bitwise_and_across_world_sizes(tiny_runs, tmp_pat
         assert not same(after, saved) and all(torch.isfinite(v).all() for v in after.values())
         assert len(losses(run)) == 4 and all(loss == loss for loss in losses(run))
 
+    side_by_side(resumed_at_the_same_world_size, lambda: resumed_on_another_world_size(tmp_path / "1-to-2", 2))
+
 
 def test_unet_lora_trains_sharded_as_under_ddp(tiny_runs, tmp_path):
     """``model.unet_training=lora``: the UNet's blocks are sharded with their LoRA inside, only the LoRA and the
     connector train and are saved, and the losses follow DDP's."""
     lora = ("trainer.max_steps=3", "model.unet_training=lora", "model.ema.enabled=false")
-    train(tiny_runs, tmp_path / "ddp", *lora, "trainer.strategy=ddp")
-    train(tiny_runs, tmp_path / "fsdp2", *lora)
+    side_by_side(lambda: train(tiny_runs, tmp_path / "ddp", *lora, "trainer.strategy=ddp"),
+                 lambda: train(tiny_runs, tmp_path / "fsdp2", *lora))
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "fsdp2")), torch.tensor(losses(tmp_path / "ddp")),
                                rtol=1e-4, atol=1e-5)
     sharded, ddp = trained(tmp_path / "fsdp2" / "checkpoints" / "last.ckpt"), trained(tmp_path / "ddp" / "checkpoints" / "last.ckpt")
