@@ -24,10 +24,9 @@ from omegaconf import OmegaConf  # noqa: E402
 from bench_parser import DENSE, SHORT, captions_per_second  # noqa: E402  (a sibling: python puts bench/ on the path)
 from bench_step import make_batches, plain_loop  # noqa: E402
 from llm4gen.configs.schema import load_config  # noqa: E402
-from llm4gen.datamodules.collate import with_entities  # noqa: E402
+from llm4gen.datamodules.collate import entity_parser, with_entities  # noqa: E402
 from llm4gen.datamodules.entity_targets import EntityTargetBuilder, TokenizerSources  # noqa: E402
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule  # noqa: E402
-from llm4gen.losses.entity_parser import EntityParser  # noqa: E402
 
 
 def entity_batches(n: int, batch_size: int, resolution: int, model_cfg) -> list:
@@ -53,7 +52,7 @@ def parser_rates(model: str, n_short: int, n_dense: int) -> dict[str, float]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one data worker
     try:
-        parser = EntityParser(model)
+        parser = entity_parser(model)
         parser.parse_many(SHORT + DENSE)  # warm-up
         return {"short (4-10 words)": captions_per_second(parser.parse_many, [SHORT[i % len(SHORT)] for i in range(n_short)]),
                 "dense (~75 words)": captions_per_second(parser.parse_many, [DENSE[i % len(DENSE)] for i in range(n_dense)])}

@@ -55,6 +55,7 @@ import torch
 from omegaconf import DictConfig
 
 from llm4gen.datamodules.cache_codec import PRECOMPUTED_MEMBERS, encode_precomputed
+from llm4gen.datamodules.collate import entity_parser
 from llm4gen.datamodules.entity_targets import EntityTargetBuilder, TokenizerSources
 from llm4gen.datamodules.shards import iter_tar_samples, resolve_shards
 from llm4gen.datamodules.transforms import (
@@ -69,7 +70,7 @@ from llm4gen.datamodules.transforms import (
 )
 from llm4gen.encoders.llm import LLMEncoder
 from llm4gen.encoders.stable_diffusion import load_base_model
-from llm4gen.losses.entity_parser import EntityParser, groups_to_json
+from llm4gen.losses.entity_parser import groups_to_json
 from llm4gen.tools.cache_key import (
     CACHE_DTYPES,
     CACHE_FIELDS,
@@ -186,7 +187,7 @@ class FeatureEncoders:
         if "llm_features" in fields:
             self.llm = LLMEncoder.from_config(llm).to(self.device)
         if {"entities", "entity_positions"} & set(fields):
-            self.parser = EntityParser(entity_parser_name(cfg))
+            self.parser = entity_parser(entity_parser_name(cfg))
         self.entity_targets = (EntityTargetBuilder(TokenizerSources.from_model_config(cfg.model))
                                if "entity_positions" in fields else None)
 
