@@ -14,6 +14,7 @@ from llm4gen.configs.errors import entry_point
 from llm4gen.tools import convert_gguf
 from llm4gen.tools.convert_gguf import convert, smollm2_gguf
 
+
 @entry_point("python -m llm4gen.cli.convert_gguf")
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llm4gen.cli.convert_gguf", description=convert_gguf.__doc__,

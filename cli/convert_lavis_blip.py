@@ -12,8 +12,10 @@ from llm4gen.configs.errors import entry_point
 from llm4gen.tools import convert_lavis_blip
 from llm4gen.tools.convert_lavis_blip import convert
 
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m llm4gen.cli.convert_lavis_blip", description=convert_lavis_blip.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m llm4gen.cli.convert_lavis_blip", description=convert_lavis_blip.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="BLIP's model_base_vqa_capfilt_large.pth (LAVIS / the BLIP repository)")
     parser.add_argument("--output", required=True, help="the transformers folder to write")
     parser.add_argument("--reference", default="Salesforce/blip-vqa-capfilt-large",

@@ -13,6 +13,7 @@ from typing import Optional
 from llm4gen.tools import pretrain
 from llm4gen.tools.pretrain import PretrainConfig
 
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llm4gen.cli.pretrain", description=pretrain.__doc__.split("\n")[0])
     for f in fields(PretrainConfig):

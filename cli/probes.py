@@ -14,6 +14,7 @@ from llm4gen.experiments import probes
 from llm4gen.experiments.probes import (COLORS, ProbeSplits, layer_sweep, llm_attention_share, load_encoders,
                                         noun_examples, noun_features, probe_scores, score_row)
 
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llm4gen.cli.probes", description=probes.__doc__.split("\n")[0])
     parser.add_argument("--base", default="embedded:shapes-sd")
