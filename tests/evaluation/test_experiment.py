@@ -181,6 +181,7 @@ def test_the_sweep_gives_every_arm_and_c_from_ds_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_a_tiny_experiment_runs_end_to_end(tmp_path, monkeypatch):
     """The data step (render, length check, cache), (b) and (d) x one seed on the random tiny base, the report."""
+    import llm4gen.experiments.evidence_report as evidence_report
     import llm4gen.experiments.shapes_evidence as experiment
     from llm4gen.cli import sweep as sweep_entry
     from llm4gen.launch.sweep import load_sweep
@@ -195,7 +196,7 @@ def test_a_tiny_experiment_runs_end_to_end(tmp_path, monkeypatch):
                      "  - {model.unet_training: full, model.optim.unet_start_step: 1}\n"
                      "grid: {seed: [0]}\n")
     tiny = TINY_PROTOCOL
-    monkeypatch.setattr(experiment, "run_probe", lambda spec, path, log=print: PROBE)
+    monkeypatch.setattr(evidence_report, "run_probe", lambda spec, path, log=print: PROBE)  # the probe has its own tests
 
     experiment.write_data(load_sweep(str(sweep)), tiny, log=lambda *a: None)
     assert sorted(p.name for p in (tmp_path / "cache").glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]

@@ -14,6 +14,7 @@ tests/conftest.py and, where a test sets it, LLM4GEN_RECORD_KEYS (the sample key
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import json
@@ -187,6 +188,27 @@ def trainable_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
 
 
+@contextlib.contextmanager
+def uninterrupted_reference(training: list[str], run_dir: Path, keys: Path):
+    """The same run as the job's, trained alongside it outside SLURM (its environment has no SLURM_*),
+    through the job's waits for the scheduler. On leaving the block it is awaited and must have exited 0;
+    when the block raises it is killed, so a failing test leaves no training process behind."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["LLM4GEN_RECORD_KEYS"] = str(keys)
+    reference = subprocess.Popen(
+        [sys.executable, str(RECORDING_TRAIN_SCRIPT), "--config", str(TINY_CONFIG), *training, f"output_dir={run_dir}"],
+        env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        yield reference
+        output, _ = reference.communicate(timeout=JOB_TIMEOUT_S)
+    finally:
+        if reference.poll() is None:
+            reference.kill()
+            reference.wait()
+    assert reference.returncode == 0, output[-3000:]
+
+
 # ---------------------------------------------------------------- tests
 
 
@@ -199,25 +221,11 @@ def test_requeued_job_resumes_from_its_checkpoint_and_ends_with_the_uninterrupte
     monkeypatch.setenv("LLM4GEN_RECORD_KEYS", str(tmp_path / "job-keys.jsonl"))
     job_id = submit_tiny(capsys, *training, "slurm.time=00:10:00", "slurm.job_name=requeue-test", f"output_dir={run_dir}")
     log = run_dir / f"slurm-{job_id}.out"
-    # The uninterrupted reference, alongside the job (not under SLURM: its environment has no SLURM_*).
     baseline_dir = tmp_path / "runs" / "baseline"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env["LLM4GEN_RECORD_KEYS"] = str(tmp_path / "baseline-keys.jsonl")
-    baseline = subprocess.Popen(
-        [sys.executable, str(RECORDING_TRAIN_SCRIPT), "--config", str(TINY_CONFIG), *training,
-         f"output_dir={baseline_dir}"], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
-    )  # fmt: skip
-    try:
+    with uninterrupted_reference(training, baseline_dir, tmp_path / "baseline-keys.jsonl"):
         wait_until((run_dir / "checkpoints" / "step=0000004.ckpt").exists, JOB_TIMEOUT_S, job_id, "step 4", log)
         requeue_now(job_id, log)
         (record,) = wait_for_job(job_id, JOB_TIMEOUT_S, log)
-        baseline_output, _ = baseline.communicate(timeout=JOB_TIMEOUT_S)
-    finally:
-        if baseline.poll() is None:
-            baseline.kill()
-            baseline.wait()
-    assert baseline.returncode == 0, baseline_output[-3000:]
 
     assert record["JobState"] == "COMPLETED", record
     assert record["Restarts"] == "1"
@@ -345,17 +353,8 @@ def test_ddp_job_preempted_with_usr1_requeues_itself_and_ends_with_the_uninterru
                          "slurm.job_name=usr1-test", f"output_dir={run_dir}")
     log = run_dir / f"slurm-{job_id}.out"
     baseline_dir = tmp_path / "runs" / "baseline"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env["LLM4GEN_RECORD_KEYS"] = str(tmp_path / "baseline-keys.jsonl")
     rank0 = keys.with_name(f"{keys.name}.rank0")
-    # The uninterrupted reference trains alongside the job (not under SLURM: its environment has no SLURM_*),
-    # through the job's waits for the scheduler.
-    baseline = subprocess.Popen(
-        [sys.executable, str(RECORDING_TRAIN_SCRIPT), "--config", str(TINY_CONFIG), *training,
-         f"output_dir={baseline_dir}"], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
-    )  # fmt: skip
-    try:
+    with uninterrupted_reference(training, baseline_dir, tmp_path / "baseline-keys.jsonl"):
         seen = 0
         for restart in range(signals):
             wait_until(lambda: batch_lines(rank0) >= seen + 3, JOB_TIMEOUT_S, job_id, f"3 steps of start {restart}", log)
@@ -364,12 +363,6 @@ def test_ddp_job_preempted_with_usr1_requeues_itself_and_ends_with_the_uninterru
             wait_for_restart(job_id, restart + 1, log)
             seen = batch_lines(rank0)
         (record,) = wait_for_job(job_id, JOB_TIMEOUT_S, log)
-        baseline_output, _ = baseline.communicate(timeout=JOB_TIMEOUT_S)
-    finally:
-        if baseline.poll() is None:
-            baseline.kill()
-            baseline.wait()
-    assert baseline.returncode == 0, baseline_output[-3000:]
 
     text = log.read_text()
     assert record["JobState"] == "COMPLETED", (record, text[-3000:])
