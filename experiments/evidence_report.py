@@ -110,10 +110,11 @@ def prompt_label(record) -> str:
     return f"verbose, {len(record.text.split())} words: " + "; ".join(objects)
 
 
-def sample_grid(tasks: list[Task], path: Path, seed: int = 0, protocol: Protocol = PROTOCOL_SETTINGS,
+def sample_grid(tasks: list[Task], path: Path, seed: Optional[int] = None, protocol: Protocol = PROTOCOL_SETTINGS,
                 labels: dict[str, str] = ARMS) -> Path:
-    """Rows: prompts (short post-nominal ones, then verbose ones); columns: the arms at ``seed``, in the order
-    and under the names of ``labels``."""
+    """Rows: prompts (short post-nominal ones, then verbose ones); columns: the arms at ``seed`` (by default the
+    tasks' first seed, as the reports name it), in the order and under the names of ``labels``."""
+    seed = min(t.seed for t in tasks) if seed is None else seed
 
     picks = [("phrased_2", i) for i in (1, 4, 6, 9)] + [("verbose_2", i) for i in range(4)] + [("verbose_3", i) for i in range(4)]
     records = {name: prompt_set(name, protocol.prompts(name), protocol.scene_draw) for name in {name for name, _ in picks}}

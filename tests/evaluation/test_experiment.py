@@ -4,6 +4,7 @@ experiment (data, cache, two arms x one seed, the report) end to end."""
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -290,3 +291,30 @@ def test_the_v3_sweeps_train_the_pilots_lengths_with_padding_masked(sweep, seeds
         else:
             assert cfg.trainer.max_steps == 300
     assert arms == {arm: set(seeds) for arm in ("b", "b2", "d", "e", "d_gated")}
+
+
+def test_the_sample_grid_shows_the_first_seed_the_tasks_have(tmp_path):
+    """A replication's seeds start at 3: its grid shows seed 3 (as its report says), not an empty seed 0."""
+    from PIL import Image
+
+    from llm4gen.evaluation.runner import image_path
+    from llm4gen.experiments.evidence_report import sample_grid
+    from llm4gen.experiments.evidence_tasks import Task
+
+    sets = ("phrased_2", "verbose_2", "verbose_3")
+    colours = {3: (255, 0, 0), 4: (0, 0, 255)}
+    tasks = []
+    for seed, colour in colours.items():
+        for arm in ("a", "b"):
+            task = Task(arm, seed, str(tmp_path / f"{arm}-{seed}"), sets)
+            for name in sets:
+                for index in range(TINY_PROTOCOL.prompts_per_set):
+                    file = image_path(Path(task.out), name, index, 0)
+                    file.parent.mkdir(parents=True, exist_ok=True)
+                    Image.new("RGB", (32, 32), colour).save(file)
+            tasks.append(task)
+    grid = Image.open(sample_grid(tasks, tmp_path / "samples.png", protocol=TINY_PROTOCOL)).convert("RGB")
+    present = {colour for _, colour in grid.getcolors(1 << 20)}
+    assert colours[3] in present and colours[4] not in present
+    grid = Image.open(sample_grid(tasks, tmp_path / "seed4.png", seed=4, protocol=TINY_PROTOCOL)).convert("RGB")
+    assert colours[4] in {colour for _, colour in grid.getcolors(1 << 20)}
