@@ -191,6 +191,7 @@ def report(sweep_file: str, jobs: int = 2, base: Optional[str] = None, log=print
                               f"python -m llm4gen.cli.shapes_evidence run {sweep_file} (or python sweep.py {sweep_file})")
     if unfinished:
         log(f"not finished, left out of the report: {', '.join(unfinished)}")
+    evaluated_before = sum((Path(t.out) / "scores.json").is_file() for t in tasks)
     started = time.time()
     run_tasks(tasks, jobs, log, protocol)
     evaluation_seconds = time.time() - started
@@ -240,9 +241,11 @@ def report(sweep_file: str, jobs: int = 2, base: Optional[str] = None, log=print
             f"**{name}: {rule['outcome']}** (with every gate guarding it, the literal probe gate included: "
             f"{rule['literal']})", "",
             *[f"- {'pass' if c['passed'] else 'fail'}: {c['name']}: {c['detail']}" for c in rule["checks"]], "")],
-        *(replication_section(Path(replication), protocol) if replication else []),
         f"Plot: `{plot.name}`. Samples (seed {seeds[0]}; a row per prompt, a column per arm): `{grid.name}`.",
-        f"Evaluation (sampling and scoring, {len(tasks)} arm x seed tasks): {evaluation_seconds / 60:.1f} min.", ""])
+        f"Evaluation (sampling and scoring, {len(tasks) - evaluated_before} of {len(tasks)} arm x seed tasks; "
+        f"the others were evaluated by an earlier invocation): {evaluation_seconds / 60:.1f} min." if evaluated_before
+        else f"Evaluation (sampling and scoring, {len(tasks)} arm x seed tasks): {evaluation_seconds / 60:.1f} min.", "",
+        *(replication_section(Path(replication), protocol, rules) if replication else [])])
     (out / "report.md").write_text(text)
     (out / "results.json").write_text(json.dumps({
         "protocol": asdict(protocol), "probe": probe, "attention_share": attention,
@@ -268,8 +271,21 @@ REPLICATED = (("d", "b", "outside"), ("d", "b2", "outside"), ("d", "b", "post_no
               ("d_gated", "b", "post_nominal"), ("b", "a", "seen_1"))
 
 
-def replication_section(path: Path, protocol: Protocol = PROTOCOL_SETTINGS) -> list[str]:
-    """A replication study's outcome (its report folder or results.json): rates, gates, rules, key differences."""
+def replicated(study: dict[str, dict], replication: dict[str, dict]) -> list[str]:
+    """Per decision rule, whether the two studies reached the same outcome (the protocol's meaning of
+    "replicated"); neither outcome is preferred when they differ."""
+    lines = []
+    for name, rule in study.items():
+        first, second = rule["outcome"], replication[name]["outcome"]
+        verdict = "the same outcome: **replicated**" if first == second else "**the two disagree**"
+        lines.append(f"- {name}: this study {first}, the replication {second}: {verdict}")
+    return lines
+
+
+def replication_section(path: Path, protocol: Protocol = PROTOCOL_SETTINGS,
+                        study_rules: Optional[dict[str, dict]] = None) -> list[str]:
+    """A replication study's outcome (its report folder or results.json): rates, gates, rules, key differences,
+    and, given this study's ``study_rules``, whether each rule's outcome replicated."""
     results_file = path / "results.json" if path.is_dir() else path
     results = read_results(results_file)
     records = load_object_records(results_file)
@@ -284,6 +300,9 @@ def replication_section(path: Path, protocol: Protocol = PROTOCOL_SETTINGS) -> l
               "", "| comparison | difference [CI] |", "|---|---|"]
     lines += [f"| {difference_label(a, b, subset)} | {fmt(diff)} |" for a, b, subset in REPLICATED
               if (diff := compare(records, a, b, subset)) is not None]
+    if study_rules is not None:
+        lines += ["", "Replicated? (the same outcome under the rules in both studies):", "",
+                  *replicated(study_rules, results["decisions"])]
     return lines + [""]
 
 

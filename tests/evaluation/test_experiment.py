@@ -268,7 +268,14 @@ def test_the_replication_section_reads_a_report_and_applies_the_same_rules(tmp_p
         "object_fields": list(ObjectRecord.__dataclass_fields__)}))
     text = "\n".join(replication_section(tmp_path, PROTOCOLS["v3"]))
     assert "evaluation scenes of draw 1" in text and "**primary: shown**" in text
-    assert "(d) - (b), outside" in text
+    assert "(d) - (b), outside" in text and "Replicated?" not in text
+    # beside a first study: each rule replicates only where both studies reach the same outcome
+    study = {name: dict(rule) for name, rule in decisions(rows, checks).items()}
+    study["secondary"]["outcome"] = "inconclusive (a gate failed)" if study["secondary"]["outcome"] != \
+        "inconclusive (a gate failed)" else "shown"
+    lines = replication_section(tmp_path, PROTOCOLS["v3"], study)
+    assert "- primary: this study shown, the replication shown: the same outcome: **replicated**" in lines
+    assert [line for line in lines if line.startswith("- secondary:")][0].endswith("**the two disagree**")
 
 
 @pytest.mark.parametrize("sweep, seeds", [("configs/sweeps/evidence_v3.yaml", (0, 1, 2)),
