@@ -400,9 +400,9 @@ COVERAGE = [
     Entry(r"pip install torch-fidelity", optional_package_named_in_errors, "dry-run",
           "an optional package for the published Inception FID; it needs torchvision, which this CPU torch cannot import"),
     Entry(r"python -m llm4gen\.cli\.probes", run_probes, "run"),
-    Entry(r"python -m llm4gen\.cli\.shapes_evidence (run|data|report) configs/sweeps/(shapes_evidence|evidence_v3)\.yaml"
-          r"( --protocol v\d)?", dry_run_module,
-          "dry-run", "the whole experiment takes about 90 minutes on 2 cores; tests/evaluation/test_experiment.py "
+    Entry(r"python -m llm4gen\.cli\.shapes_evidence (run|data|report) configs/sweeps/(shapes_evidence|evidence_v3"
+          r"|evidence_v3_replication)\.yaml( --protocol v\d(-replication)?)?( --replication \S+)?", dry_run_module,
+          "dry-run", "each study takes two to three hours on 2 cores; tests/evaluation/test_experiment.py "
           "runs data, a 2-arm sweep and the report on the tiny model"),
     Entry(r"python -m llm4gen\.cli\.connectors (run|report) configs/sweeps/connectors(_lora|_v3)?\.yaml( --protocol v3)?",
           dry_run_module, "dry-run", "twelve training runs and fifteen evaluations (over an hour on 2 cores); "
