@@ -165,8 +165,8 @@ def test_a_tiny_comparison_runs_end_to_end(tmp_path, monkeypatch):
                      "grid: {seed: [0]}\n")
     tiny = TINY_PROTOCOL
     evidence_data.write_data(load_sweep(str(sweep)), tiny, log=lambda *a: None)
-    assert sweep_entry.main([str(sweep)]) == 0
-    report = connectors.report(str(sweep), jobs=1, log=lambda *a: None, protocol=tiny)
+    assert sweep_entry.main([str(sweep), "--jobs", "2"]) == 0
+    report = connectors.report(str(sweep), jobs=2, log=lambda *a: None, protocol=tiny)
     results = json.loads((report / "results.json").read_text())
     assert {row[0] for row in results["objects"]} == {"a", "cam", "ella"}
     assert set(results["verdicts"]) == {"ella"} and set(results["verdicts"]["ella"]) == set(connectors.SUBSETS)
@@ -179,8 +179,8 @@ def test_a_tiny_comparison_runs_end_to_end(tmp_path, monkeypatch):
     lora.write_text(sweep.read_text().replace(f"output_root: {tmp_path / 'runs'}", f"output_root: {tmp_path / 'lora'}")
                     .replace("trainer.max_steps=2]", "trainer.max_steps=2, model.unet_training=lora, "
                              "model.optim.unet_lr=1.0e-4]"))
-    assert sweep_entry.main([str(lora)]) == 0
-    lora_report = connectors.report(str(lora), jobs=1, log=lambda *a: None, protocol=tiny,
+    assert sweep_entry.main([str(lora), "--jobs", "2"]) == 0
+    lora_report = connectors.report(str(lora), jobs=2, log=lambda *a: None, protocol=tiny,
                                     frozen_results=report / "results.json")
     lora_results = json.loads((lora_report / "results.json").read_text())
     assert lora_results["reference"] == "cam+lora" and set(lora_results["verdicts"]) == {"ella+lora"}

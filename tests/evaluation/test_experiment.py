@@ -203,8 +203,8 @@ def test_a_tiny_experiment_runs_end_to_end(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "cache").glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
     assert json.loads((tmp_path / "cache" / "cache_key.json").read_text())["fields"].keys() == {
         "latent_moments", "llm_features", "entities"}
-    assert sweep_entry.main([str(sweep)]) == 0
-    report = experiment.report(str(sweep), jobs=1, log=lambda *a: None, protocol=tiny)
+    assert sweep_entry.main([str(sweep), "--jobs", "2"]) == 0
+    report = experiment.report(str(sweep), jobs=2, log=lambda *a: None, protocol=tiny)
     results = json.loads((report / "results.json").read_text())
     assert {row[0] for row in results["objects"]} == {"a", "b", "c", "d", "d_shuffled"}
     assert set(results["decisions"]) == {"primary", "secondary"}
@@ -214,7 +214,7 @@ def test_a_tiny_experiment_runs_end_to_end(tmp_path, monkeypatch):
 
     assert Image.open(report / "samples.png").size[0] > 600 and Image.open(report / "differences.png").size[0] > 500
     # a second report generates nothing new and gives the same numbers
-    again = experiment.report(str(sweep), jobs=1, log=lambda *a: None, protocol=tiny)
+    again = experiment.report(str(sweep), jobs=2, log=lambda *a: None, protocol=tiny)
     assert json.loads((again / "results.json").read_text())["differences"] == results["differences"]
 
 

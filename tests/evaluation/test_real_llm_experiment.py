@@ -105,9 +105,9 @@ def test_a_tiny_real_llm_arm_runs_end_to_end(tmp_path, monkeypatch):
     spec = load_sweep(str(sweep))
     assert real_llm.ensure_llm(load_experiment_config(spec.config, spec.base_overrides)) == llama
     evidence_data.write_data(spec, tiny, log=lambda *a: None)
-    assert sweep_entry.main([str(sweep)]) == 0
+    assert sweep_entry.main([str(sweep), "--jobs", "2"]) == 0
 
-    report = real_llm.report(str(sweep), jobs=1, log=lambda *a: None, protocol=tiny)  # the real shipped records
+    report = real_llm.report(str(sweep), jobs=2, log=lambda *a: None, protocol=tiny)  # the real shipped records
     results = json.loads((report / "results.json").read_text())
     assert {row[0] for row in results["objects"]} == {"a", "d_smollm2"}
     assert results["against_minilm"]["outcome"] == "not measured"  # the tiny base draws other images
@@ -118,7 +118,7 @@ def test_a_tiny_real_llm_arm_runs_end_to_end(tmp_path, monkeypatch):
     shipped = [row for row in results["objects"] if row[0] == "a"]
     shipped += [list({**o, "arm": arm}.values()) for o in ours if o["arm"] == "d_smollm2" for arm in ("b", "d")]
     (tmp_path / "shipped.json").write_text(json.dumps({"objects": shipped, "object_fields": fields}))
-    paired = real_llm.report(str(sweep), jobs=1, log=lambda *a: None, protocol=tiny,
+    paired = real_llm.report(str(sweep), jobs=2, log=lambda *a: None, protocol=tiny,
                              shipped_results=tmp_path / "shipped.json")
     rule = json.loads((paired / "results.json").read_text())["against_minilm"]
     assert rule["outcome"] == "measured"
