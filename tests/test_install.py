@@ -26,7 +26,7 @@ def installed(tmp_path_factory):
 
 def installed_env(site) -> dict:
     return {"PYTHONPATH": str(site), "PATH": f"{site / 'bin'}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
-            "PYTHONNOUSERSITE": "1"}
+            "PYTHONNOUSERSITE": "1", "OMP_NUM_THREADS": "1"}  # several run side by side: one thread each
 
 
 def run_installed(site, args, cwd):

@@ -219,6 +219,7 @@ def test_requeued_job_resumes_from_its_checkpoint_and_ends_with_the_uninterrupte
     training = [*fast(shards), f"trainer.max_steps={steps}", "checkpoint.every_n_steps=2"]
     run_dir = tmp_path / "runs" / "requeue"
     monkeypatch.setenv("LLM4GEN_RECORD_KEYS", str(tmp_path / "job-keys.jsonl"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job and its reference side by side: one thread each, not four
     job_id = submit_tiny(capsys, *training, "slurm.time=00:10:00", "slurm.job_name=requeue-test", f"output_dir={run_dir}")
     log = run_dir / f"slurm-{job_id}.out"
     baseline_dir = tmp_path / "runs" / "baseline"
@@ -292,7 +293,8 @@ REAL_GRID_2X2 = """
 """
 
 
-def test_sweep_as_a_job_array_runs_every_task_and_skips_them_once_finished(tmp_path, shards, capsys):
+def test_sweep_as_a_job_array_runs_every_task_and_skips_them_once_finished(tmp_path, shards, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two tasks at a time on the 2-CPU node: one thread each, not four
     body = REAL_GRID_2X2.format(fast=", ".join(fast(shards)))
     sweep_file = test_sweep.write_sweep(tmp_path, TINY_CONFIG, body)
     runs = expand_runs(load_sweep(sweep_file))

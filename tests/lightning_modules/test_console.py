@@ -2,6 +2,7 @@
 in the progress bar of a step-limited run, the parts table, one line per validation, and the quiet and
 verbose levels; grids in rows with each prompt and the analyzer's verdict under its image."""
 
+import os
 import re
 import subprocess
 import sys
@@ -52,7 +53,8 @@ def run_train(tmp_path: Path, *levels: tuple[str, ...]) -> list[subprocess.Compl
         running.append(subprocess.Popen(
             [sys.executable, str(script), *args, f"output_dir={tmp_path / name}", f"data.shards={tmp_path / 'data'}",
              "trainer.max_steps=3", "validation.every_n_steps=3", "validation.at_start=false", *ONE_PROMPT_EACH,
-             "checkpoint.every_n_steps=3"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+             "checkpoint.every_n_steps=3"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"}))  # three 2-thread processes on 2 cores take twice as long
     finished = []
     for process in running:
         out, err = process.communicate(timeout=600)
