@@ -48,8 +48,10 @@ def assert_within_adamw_noise(sharded: dict[str, torch.Tensor], ddp: dict[str, t
 
 def train(tiny_runs, out: Path, *overrides: str, devices: int = 2, config: str = "tiny.yaml") -> str:
     strategy = SHARDED if "trainer.strategy=ddp" not in overrides else tuple(o for o in SHARDED if "fsdp2" not in o)
+    # Lightning gives each of 2 processes one thread; a 1-process run here starts beside another run: one too.
+    env = tiny_runs.env() | ({"OMP_NUM_THREADS": "1"} if devices == 1 else {})
     return tiny_runs.run(tiny_runs.argv(out, *strategy, f"trainer.devices={devices}", *overrides, config=config),
-                         tiny_runs.env(), timeout_s=TIMEOUT_S)
+                         env, timeout_s=TIMEOUT_S)
 
 
 def side_by_side(*calls):
