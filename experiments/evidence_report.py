@@ -191,9 +191,8 @@ def report(sweep_file: str, jobs: int = 2, base: Optional[str] = None, log=print
                               f"python -m llm4gen.cli.shapes_evidence run {sweep_file} (or python sweep.py {sweep_file})")
     if unfinished:
         log(f"not finished, left out of the report: {', '.join(unfinished)}")
-    evaluated_before = sum((Path(t.out) / "scores.json").is_file() for t in tasks)
     started = time.time()
-    run_tasks(tasks, jobs, log, protocol)
+    evaluated = run_tasks(tasks, jobs, log, protocol)
     evaluation_seconds = time.time() - started
     records = [r for task in tasks for r in object_records(task, protocol)]
     out = spec.output_root / "report"
@@ -242,9 +241,9 @@ def report(sweep_file: str, jobs: int = 2, base: Optional[str] = None, log=print
             f"{rule['literal']})", "",
             *[f"- {'pass' if c['passed'] else 'fail'}: {c['name']}: {c['detail']}" for c in rule["checks"]], "")],
         f"Plot: `{plot.name}`. Samples (seed {seeds[0]}; a row per prompt, a column per arm): `{grid.name}`.",
-        f"Evaluation (sampling and scoring, {len(tasks) - evaluated_before} of {len(tasks)} arm x seed tasks; "
-        f"the others were evaluated by an earlier invocation): {evaluation_seconds / 60:.1f} min." if evaluated_before
-        else f"Evaluation (sampling and scoring, {len(tasks)} arm x seed tasks): {evaluation_seconds / 60:.1f} min.", "",
+        f"Evaluation (sampling and scoring, {len(tasks)} arm x seed tasks"
+        f"{'' if evaluated == len(tasks) else f'; {evaluated} here, the others by an earlier invocation'}): "
+        f"{evaluation_seconds / 60:.1f} min.", "",
         *(replication_section(Path(replication), protocol, rules) if replication else [])])
     (out / "report.md").write_text(text)
     (out / "results.json").write_text(json.dumps({

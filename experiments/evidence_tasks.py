@@ -132,13 +132,13 @@ def run_task(task: Task, protocol: Protocol = PROTOCOL_SETTINGS, threads: int = 
     return task.out
 
 
-def run_tasks(tasks: list[Task], jobs: int = 2, log=print, protocol: Protocol = PROTOCOL_SETTINGS) -> None:
-    """Each task in its own worker process, ``jobs`` at a time with one thread each (two one-thread
-    samplers use 2 cores better than one two-thread sampler)."""
+def run_tasks(tasks: list[Task], jobs: int = 2, log=print, protocol: Protocol = PROTOCOL_SETTINGS) -> int:
+    """Each task not evaluated yet in its own worker process, ``jobs`` at a time with one thread each (two
+    one-thread samplers use 2 cores better than one two-thread sampler); returns how many it evaluated."""
     todo = [t for t in tasks if not (Path(t.out) / "scores.json").is_file()]
     log(f"evaluating {len(todo)} of {len(tasks)} arm x seed tasks ({len(tasks) - len(todo)} done already)")
     if not todo:
-        return
+        return 0
     context = multiprocessing.get_context("spawn")  # torch's thread pools do not survive a fork
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = {pool.submit(run_task, task, protocol): task for task in todo}
@@ -146,6 +146,7 @@ def run_tasks(tasks: list[Task], jobs: int = 2, log=print, protocol: Protocol = 
             task = futures[future]
             future.result()
             log(f"  evaluated {ARMS.get(task.arm, task.arm)} seed {task.seed}: {task.out}")
+    return len(todo)
 
 
 # ---------------------------------------------------------------- per-object outcomes
