@@ -25,7 +25,8 @@ from llm4gen.configs.schema import as_plain
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
 from llm4gen.lightning_modules.llm4gen import fused_unet, save_unet_lora
 from llm4gen.lightning_modules.sampler import load_checkpoint_module
-from llm4gen.pipelines.llm4gen_pipeline import frozen_references, pipeline_from_module, save_by_reference
+from llm4gen.pipelines.llm4gen_pipeline import pipeline_from_module
+from llm4gen.pipelines.references import frozen_references, save_by_reference
 from llm4gen.pipelines.model_card import model_card, run_scores
 
 
