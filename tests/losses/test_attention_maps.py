@@ -9,12 +9,12 @@ from llm4gen.adapters.layout import ContextLayout
 from llm4gen.cli import attention_maps
 from llm4gen.datamodules.batch import Batch
 from llm4gen.losses.attention_maps import (
-    positions_in_context,
     LABEL_HEIGHT,
     average_attention,
     colorize,
     layer_grid,
     panel,
+    positions_in_context,
     render_attention_panels,
     word_maps,
 )
