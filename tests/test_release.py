@@ -24,6 +24,7 @@ from llm4gen.configs.schema import load_config
 from llm4gen.datamodules.synthetic import write_synthetic_shards
 from llm4gen.embedded.registry import TINY_UNET
 from llm4gen.embedded.tiny import tiny_sd_path
+from tests.helpers.tolerances import IMAGES
 
 pytestmark = pytest.mark.slow
 
@@ -175,14 +176,16 @@ def test_release_generation_matches_the_reference_then_trains_exports_and_reload
     ours = our_generate(module)
     expected = reference_generate(release_dir, t5_folder, base, PROMPTS, SEEDS)
     assert ours.shape == expected.shape == (2, 32, 32, 3)
-    assert np.abs(ours - expected).max() < 1e-5
+    # an independent implementation sums in its own order: rounding apart (IMAGES, 5e-5; measured up to 4.5e-6),
+    # where unmasked padding moves the images by 0.33 and two training steps by 0.44
+    assert np.abs(ours - expected).max() < IMAGES.atol
     assert np.abs(ours[0] - ours[1]).max() > 1e-3  # the images depend on prompt and seed at all
     # The same release with its padding masked, as every config but the release's reads it: the reference's
     # full-length context with a key mask equals ours, cut to the longest prompt; both differ from the unmasked.
     masked = our_generate(generate.load_release_module(str(release_dir), None,
                                                        model_overrides(t5_folder, base, masked=True)))
     masked_reference = reference_generate(release_dir, t5_folder, base, PROMPTS, SEEDS, masked=True)
-    assert np.abs(masked - masked_reference).max() < 1e-5
+    assert np.abs(masked - masked_reference).max() < IMAGES.atol
     assert np.abs(masked - ours).max() > 1e-3
 
     # The release as the starting point of training: CAM and UNet both trained, 3 steps.
@@ -218,7 +221,7 @@ def test_release_generation_matches_the_reference_then_trains_exports_and_reload
     np.testing.assert_allclose(piped, trained_images, rtol=0, atol=1e-5)
     # The exported CAM is the released layout: the reference implementation reads it too.
     np.testing.assert_allclose(reference_generate(tmp_path / "exported", t5_folder, base, PROMPTS, SEEDS),
-                               trained_images, rtol=0, atol=1e-5)
+                               trained_images, **IMAGES.close)  # rounding apart (measured up to 5.7e-6)
 
     # And from the command line: generate.py --release writes the images.
     assert generate.main(["--release", str(tmp_path / "exported"), *model_overrides(t5_folder, base), "--prompt", PROMPTS[0],

@@ -8,6 +8,7 @@ from llm4gen.adapters.cross_adapter import (
     count_parameters,
     released_parameter_count,
 )
+from tests.helpers.tolerances import ENCODER_OUTPUT
 
 
 class ReleasedBlock(nn.Module):
@@ -50,6 +51,7 @@ class ReleasedFusion(nn.Module):
         return self.CrossFusionModule[0](c, l)
 
 
+@pytest.mark.float_sensitive
 def test_released_layout_loads_and_matches_outputs(tmp_path):
     torch.manual_seed(0)
     released = ReleasedFusion(clip_dim=96, llm_dim=160, heads=8)
@@ -59,7 +61,9 @@ def test_released_layout_loads_and_matches_outputs(tmp_path):
     c, l = torch.randn(2, 77, 96), torch.randn(2, 256, 160)
     out = ours(c, l)
     assert out.shape == (2, 77 + 256, 96)
-    torch.testing.assert_close(out, released(c, l), atol=1e-6, rtol=0)
+    # rounding apart (ENCODER_OUTPUT: fused attention against the released written-out one); a released name read
+    # into the wrong place moves the output by >= 0.05 (4 heads for 8: 0.054, key and value swapped: 0.35)
+    torch.testing.assert_close(out, released(c, l), **ENCODER_OUTPUT.close)
     assert torch.equal(out[:, :77], c)  # CLIP passes through untouched
 
 

@@ -14,6 +14,7 @@ from llm4gen.configs.schema import load_config
 from tests.helpers.modules import make_module
 from tests.helpers.shards import first_batch, write_tar
 from tests.helpers.shards import gradient_png as image_bytes
+from tests.helpers.tolerances import DIFFUSION_LOSS
 
 CAPTIONS = [b"a red circle and a blue square", b"a green triangle", b"a yellow square on a black background",
             b"a white circle"]
@@ -64,7 +65,8 @@ def test_sdxl_loss_from_the_cache_equals_the_online_loss(sdxl_cache):
         losses = [module.compute_losses(batch, noise=noise, timesteps=timesteps, drop=drop,
                                         generator=torch.Generator().manual_seed(0)).diffusion for batch in (online, cached)]
     print(f"SDXL online {losses[0].item():.8f} cached {losses[1].item():.8f}")
-    assert abs(losses[0].item() - losses[1].item()) < 1e-5
+    # rounding apart (DIFFUSION_LOSS, 1e-5; measured up to 1.2e-7); another posterior sample moves it by 0.16
+    assert abs(losses[0].item() - losses[1].item()) < DIFFUSION_LOSS.atol
 
 
 @pytest.mark.slow
@@ -100,7 +102,7 @@ def test_bucketed_sdxl_cache_holds_latents_at_each_bucket_and_gives_the_online_l
         with torch.no_grad():
             losses = [module.compute_losses(batch, noise=noise, timesteps=timesteps, drop=drop,
                                             generator=torch.Generator().manual_seed(0)).diffusion for batch in (on, off)]
-        assert abs(losses[0].item() - losses[1].item()) < 1e-5
+        assert abs(losses[0].item() - losses[1].item()) < DIFFUSION_LOSS.atol  # rounding, as above
     assert online[1].pixel_values.shape[-2:] == (24, 40)
     # Resized to cover 40 x 24, then centre-cropped: 48 x 32 -> 40 x 27 (top 1), 64 x 36 -> 43 x 24 (left 1).
     assert online[1].crop_top_left.tolist() == [[1, 0], [0, 1]]

@@ -15,6 +15,7 @@ from llm4gen.experiments.probes import (
     probe_scores,
 )
 from llm4gen.shapes.world import COLORS, HELD_OUT, phrasings_for
+from tests.helpers.tolerances import ENCODER_OUTPUT
 
 
 def test_examples_name_each_objects_noun_and_colour():
@@ -84,6 +85,7 @@ def test_splits_cover_every_pair_and_every_phrasing():
     assert not {e.text for e in splits.train} & {e.text for e in splits.test}
 
 
+@pytest.mark.float_sensitive
 def test_every_layer_from_one_pass_equals_the_encoder_reading_that_layer():
     from llm4gen.encoders.llm import LLMEncoder
 
@@ -95,7 +97,9 @@ def test_every_layer_from_one_pass_equals_the_encoder_reading_that_layer():
         single = LLMEncoder("embedded:minilm", max_length=24, layer=layer)(texts)
         index = 7 if layer == "mean" else layer
         tokens = stacked.shape[2]
-        torch.testing.assert_close(stacked[index], single.features[:, :tokens], atol=1e-5, rtol=1e-4)
+        # one pass for every layer against one per layer: rounding (ENCODER_OUTPUT; measured 2.5e-6 at |x| 18), a
+        # neighbouring layer's states differ by O(1)
+        torch.testing.assert_close(stacked[index], single.features[:, :tokens], **ENCODER_OUTPUT.close)
 
 
 @pytest.mark.slow

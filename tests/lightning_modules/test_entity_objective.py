@@ -14,6 +14,7 @@ from llm4gen.datamodules.batch import Batch
 from llm4gen.losses.entity import build_entity_targets_from_captions
 from llm4gen.losses.entity_parser import groups_from_json
 from tests.helpers.modules import make_module, synthetic_captions, with_entity_targets
+from tests.helpers.tolerances import DIFFUSION_LOSS
 
 pytestmark = [pytest.mark.slow]
 
@@ -112,8 +113,9 @@ def test_entity_on_keeps_the_diffusion_term_and_adds_lambda_times_entity(baselin
     drop = torch.zeros(4, dtype=torch.bool)
     base_losses, _ = step(baseline, batch, noise, timesteps, drop)
     losses, grads = step(with_entity, batch, noise, timesteps, drop)
-    # the capturing processor computes what the fused kernel does: same diffusion loss
-    torch.testing.assert_close(losses.diffusion, base_losses.diffusion, atol=1e-5, rtol=0)
+    # the capturing processor computes what the fused kernel does: the same diffusion loss, rounding apart
+    # (DIFFUSION_LOSS, 1e-5; measured up to 1.2e-7), where a padded key let into the softmax moves the UNet by 6.8e-3
+    torch.testing.assert_close(losses.diffusion, base_losses.diffusion, **DIFFUSION_LOSS.close)
     assert losses.entity.item() > 0
     torch.testing.assert_close(with_entity.objective(losses), losses.diffusion + 0.5 * losses.entity, atol=1e-7, rtol=0)
     torch.testing.assert_close(losses.entity, losses.entity_parts.positive + losses.entity_parts.negative)

@@ -5,6 +5,7 @@ from llm4gen.datamodules.batch import Batch
 from llm4gen.encoders.llm import LLMFeatures
 from llm4gen.lightning_modules.llm4gen import CheckpointKeyError, check_checkpoint_keys
 from tests.helpers.modules import fixed_batch, fixed_inputs, make_module, run_steps
+from tests.helpers.tolerances import ENCODER_OUTPUT
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,7 @@ def test_context_shape_and_clip_passthrough(module):
 
 
 @pytest.mark.slow
+@pytest.mark.float_sensitive
 def test_caption_dropout_uses_the_empty_prompt(module):
     batch = fixed_batch()
     drop = torch.tensor([True, False, True, False])
@@ -41,9 +43,11 @@ def test_caption_dropout_uses_the_empty_prompt(module):
     kept, _ = module.conditioning(batch)
     length = context.shape[1]  # the longest caption left after the drop: the context is cut there
     assert empty.shape[1] < length <= kept.shape[1]
-    torch.testing.assert_close(context[drop][:, :empty.shape[1]], empty[drop])
+    # rows encoded beside other captions against a batch of empty ones: rounding apart (ENCODER_OUTPUT, measured
+    # up to 7.2e-7); a caption's features where the empty prompt's belong differ by O(1)
+    torch.testing.assert_close(context[drop][:, :empty.shape[1]], empty[drop], **ENCODER_OUTPUT.close)
     assert context[drop][:, empty.shape[1]:].abs().max() == 0  # the empty prompt's padding, zeroed (and masked)
-    torch.testing.assert_close(context[~drop], kept[~drop][:, :length])
+    torch.testing.assert_close(context[~drop], kept[~drop][:, :length], **ENCODER_OUTPUT.close)
     assert kept[~drop][:, length:].abs().max() == 0
 
 

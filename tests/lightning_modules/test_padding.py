@@ -15,6 +15,7 @@ from llm4gen.encoders.llm import LLMFeatures
 from llm4gen.lightning_modules.attention_split import attention_split
 from llm4gen.pipelines import pipeline_from_module
 from tests.helpers.modules import fixed_batch, make_module, unet_prediction
+from tests.helpers.tolerances import UNET_OUTPUT
 
 SMALL_ELLA = {"adapter.ella": {"num_latents": 8, "num_blocks": 2, "width": 64, "num_heads": 4, "time_channels": 32}}
 CONNECTORS = {"cam": {}, "cam_gated": {"adapter.fusion": "gated"}, "mlp": {}, "lavi_bridge": {},
@@ -40,7 +41,9 @@ def with_padding(features: LLMFeatures, length: int, value: float) -> LLMFeature
     return LLMFeatures(torch.where(padded.mask[..., None], padded.features, noise), padded.mask)
 
 
-@pytest.mark.parametrize("name", list(CONNECTORS))
+# the two connectors whose outputs moved most between kernel sets run again in the kernel-set tier (float_sensitive)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.float_sensitive) if n in ("cam", "cam_gated") else n
+                                  for n in CONNECTORS])
 def test_what_sits_at_padding_changes_no_training_output(tiny_model_config, name):
     module = connector_module(tiny_model_config, name)
     batch = fixed_batch()
@@ -49,7 +52,9 @@ def test_what_sits_at_padding_changes_no_training_output(tiny_model_config, name
     for length, value in ((llm.longest, 0.0), (module.cfg.llm.max_length, 3.0), (module.cfg.llm.max_length, -50.0)):
         cached = with_padding(llm, length, value)  # cached features: another padding length, garbage at it
         other = unet_prediction(module, dataclasses.replace(batch, llm_features=cached.features, llm_mask=cached.mask))
-        torch.testing.assert_close(other, online, atol=1e-6, rtol=0)
+        # float rounding apart (UNET_OUTPUT, 2e-5: features held at another length reach the connector's matmuls in
+        # another memory layout, summed in another order); padding left in the softmax moves the output by >= 0.06
+        torch.testing.assert_close(other, online, **UNET_OUTPUT.close)
     assert online.abs().max() > 0
 
 

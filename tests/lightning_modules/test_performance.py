@@ -13,6 +13,7 @@ from llm4gen.lightning_modules import performance
 from llm4gen.lightning_modules.performance import build_optimizer, set_tf32
 from llm4gen.losses.attention_capture import CapturingAttnProcessor
 from tests.helpers.modules import make_module, with_entity_targets
+from tests.helpers.tolerances import DIFFUSION_LOSS
 
 CAPTIONS = ["a red circle and a blue square", "a green triangle"]
 
@@ -81,7 +82,9 @@ def test_channels_last_changes_the_layout_not_the_loss(tiny_model_config):
     module = make_module(tiny_model_config, **{"performance.channels_last": True})
     conv = module.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    torch.testing.assert_close(fixed_step(module).diffusion, reference, rtol=1e-5, atol=1e-6)
+    # another convolution layout may sum in another order (DIFFUSION_LOSS, 1e-5; measured 0 on the three kernel
+    # sets, where oneDNN blocks both layouts alike); another posterior sample moves the loss by 0.16
+    torch.testing.assert_close(fixed_step(module).diffusion, reference, **DIFFUSION_LOSS.close)
 
 
 @pytest.mark.slow
@@ -112,8 +115,8 @@ def test_compiled_unet_and_cam_give_the_same_loss_and_gradients(tiny_model_confi
     assert module.unet._compiled_call_impl is not None and module.adapter._compiled_call_impl is not None
     assert set(module.state_dict()) == set(make_module(tiny_model_config).state_dict())  # checkpoint keys unchanged
     losses, grads = adapter_grads(module)
-    torch.testing.assert_close(losses.diffusion, reference.diffusion, rtol=1e-5, atol=1e-6)
-    for name in grads:
+    torch.testing.assert_close(losses.diffusion, reference.diffusion, **DIFFUSION_LOSS.close)  # measured 0
+    for name in grads:  # decomposed ops round otherwise: up to 8e-11 here, against gradients up to 4.6e-4
         torch.testing.assert_close(grads[name], reference_grads[name], rtol=1e-4, atol=1e-6)
 
 
@@ -127,6 +130,7 @@ def test_compile_fails_clearly_where_unsupported(tiny_model_config, monkeypatch)
         performance.check_compile_supported("inductor")
 
 
+@pytest.mark.float_sensitive
 def test_fused_adamw_takes_the_same_steps_as_adamw():
     optim = load_config().model.optim
     torch.manual_seed(0)
@@ -142,6 +146,8 @@ def test_fused_adamw_takes_the_same_steps_as_adamw():
                 p.grad = g.clone()
             optimizer.step()
         results[kind] = params
+    # the same update by another kernel: a few roundings of |p| <= 2.2 in 3 steps (allowed 2.3e-6, measured 0 on the
+    # three kernel sets); a step more or less moves p by ~lr = 1e-4
     for a, b in zip(results["adamw"], results["adamw_fused"]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 

@@ -18,6 +18,7 @@ from llm4gen.losses.attention_capture import (
 )
 from llm4gen.losses.entity import build_entity_targets, entity_loss
 from llm4gen.losses.entity_parser import EntityGroup, Word
+from tests.helpers.tolerances import UNET_OUTPUT, rounding_bound
 
 LLM_TOKENS = 8
 TOKENS = 77 + LLM_TOKENS
@@ -50,16 +51,20 @@ def run(unet, latents, timesteps, context, **kwargs):
 
 
 @pytest.mark.slow
+@pytest.mark.float_sensitive
 def test_captured_unet_output_equals_fused_output(unet):
     latents, timesteps, context = inputs()
     with torch.no_grad():
         fused = run(unet, latents, timesteps, context)
         install_attention_capture(unet, cross_attention_layer_names(unet, "all"))
         captured = run(unet, latents, timesteps, context)
-    torch.testing.assert_close(captured, fused, atol=1e-5, rtol=0)
+    # the written-out softmax rounds otherwise than the fused kernel (UNET_OUTPUT, 2e-5); a padded key let into the
+    # softmax moves the output by 6.8e-3
+    torch.testing.assert_close(captured, fused, **UNET_OUTPUT.close)
 
 
 @pytest.mark.slow
+@pytest.mark.float_sensitive
 def test_output_equal_and_masked_tokens_get_no_attention(unet):
     latents, timesteps, context = inputs()
     mask = torch.ones(2, TOKENS)
@@ -71,7 +76,7 @@ def test_output_equal_and_masked_tokens_get_no_attention(unet):
         captured = run(unet, latents, timesteps, context, encoder_attention_mask=mask)
         masked_maps = store.maps()
         unmasked = run(unet, latents, timesteps, context)
-    torch.testing.assert_close(captured, fused, atol=1e-5, rtol=0)
+    torch.testing.assert_close(captured, fused, **UNET_OUTPUT.close)  # rounding (2e-5) against 6.8e-3 for one key
     assert (captured - unmasked).abs().max() > 1e-3  # the mask changed something
     assert len(masked_maps) == 7
     for probs in masked_maps.values():
@@ -79,6 +84,7 @@ def test_output_equal_and_masked_tokens_get_no_attention(unet):
 
 
 @pytest.mark.slow
+@pytest.mark.float_sensitive
 def test_maps_have_one_row_per_pixel_summing_to_one(unet):
     store = install_attention_capture(unet, cross_attention_layer_names(unet, "all"))
     latents, timesteps, context = inputs()
@@ -100,9 +106,11 @@ def test_maps_have_one_row_per_pixel_summing_to_one(unet):
         assert probs.shape == (2, height * width, TOKENS)
         assert probs.dtype == torch.float32
         assert (probs >= 0).all()
-        torch.testing.assert_close(probs.sum(-1), torch.ones(2, height * width), atol=1e-5, rtol=0)
+        # a sum of TOKENS probabilities: rounding_bound(1, TOKENS) = 1e-5; an unnormalised row misses 1 by far more
+        torch.testing.assert_close(probs.sum(-1), torch.ones(2, height * width), atol=rounding_bound(1, TOKENS), rtol=0)
 
 
+@pytest.mark.float_sensitive
 def test_maps_are_the_head_average_of_softmax_qk(unet):
     name = "mid_block.attentions.0.transformer_blocks.0.attn2.processor"
     attn = unet.get_submodule(name.removesuffix(".processor"))
@@ -137,6 +145,7 @@ def test_a_disabled_store_leaves_the_unet_bitwise_as_it_was(unet, dtype):
     assert len(store) == len(cross_attention_layer_names(unet, "all")) and torch.isfinite(captured).all()
 
 
+@pytest.mark.float_sensitive
 def test_processor_matches_fused_one_with_every_option_of_the_attention_module():
     """Group norm, spatial norm, cross norm, 4-d input, residual and rescale: unused by SD's attn2, kept anyway."""
     torch.manual_seed(0)
@@ -150,7 +159,10 @@ def test_processor_matches_fused_one_with_every_option_of_the_attention_module()
     fused = attn(hidden, context, bias, temb=temb)
     store = AttentionStore()
     attn.set_processor(CapturingAttnProcessor(store, "layer"))
-    torch.testing.assert_close(attn(hidden, context, bias, temb=temb), fused, atol=1e-6, rtol=0)
+    # one attention written out against the fused kernel: its longest reduction is the group norm's 64 values, at
+    # |x| <= 1.8 (rounding_bound: 1.4e-5); a dropped option (residual, rescale, a norm) moves the output by O(1)
+    within = rounding_bound(fused.detach().abs().max(), terms=64)
+    torch.testing.assert_close(attn(hidden, context, bias, temb=temb), fused, atol=within, rtol=0)
     probs = store.maps()["layer"]
     assert probs.shape == (2, 16, 5) and probs[0, :, 3:].max() < 1e-6
 
@@ -224,6 +236,7 @@ def test_disabled_store_captures_nothing(unet):
 
 
 @pytest.mark.slow
+@pytest.mark.float_sensitive
 def test_store_holds_only_the_latest_forward(unet):
     store = install_attention_capture(unet, cross_attention_layer_names(unet, "lowest"))
     latents, timesteps, context = inputs()
@@ -317,6 +330,7 @@ def test_remove_restores_the_fused_processors(unet):
     install_attention_capture(unet, cross_attention_layer_names(unet, "lowest"))  # can be installed again
 
 
+@pytest.mark.float_sensitive
 def test_probabilities_match_sdpa_with_bool_and_additive_masks():
     generator = torch.Generator().manual_seed(0)
     query, key, value = (torch.randn(2, 4, 6, 8, generator=generator) for _ in range(3))
@@ -330,6 +344,7 @@ def test_probabilities_match_sdpa_with_bool_and_additive_masks():
     assert attention_probabilities(query, key, 8**-0.5, keep).masked_select(~keep).abs().max() == 0
 
 
+@pytest.mark.float_sensitive
 def test_probabilities_are_float32_under_bf16_autocast():
     query, key = torch.randn(1, 2, 5, 8).bfloat16(), torch.randn(1, 2, 7, 8).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):

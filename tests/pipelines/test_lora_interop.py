@@ -11,6 +11,7 @@ import torch
 from llm4gen.cli import train
 from llm4gen.encoders.sources import resolve_source
 from tests.helpers.training import FAST
+from tests.helpers.tolerances import IMAGES
 
 
 @pytest.mark.slow
@@ -35,9 +36,9 @@ def test_the_exported_lora_loads_into_a_stock_pipeline_and_fuses_to_the_same_ima
     stock = sample()
     pipe.load_lora_weights(str(out / "export" / "unet_lora"))
     with_lora = sample()
-    assert np.abs(with_lora - stock).max() > 1e-4  # the trained LoRA changes what the base draws
+    assert np.abs(with_lora - stock).max() > 100 * IMAGES.atol  # the trained LoRA changes what the base draws (0.43)
     pipe.fuse_lora()
-    np.testing.assert_allclose(sample(), with_lora, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(sample(), with_lora, **IMAGES.close)  # W + BA summed once: rounding (measured 3.7e-6)
 
 
 @pytest.mark.slow
