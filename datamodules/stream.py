@@ -102,6 +102,8 @@ class _ShardReader:
         self.next_index = 0
 
     def read(self, url: str, first: int, stop: Optional[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+        if stop is not None and first >= stop:  # resumed at the segment's end: nothing to read
+            return
         if url != self.url or self.samples is None or self.next_index > first:
             self.url, self.samples, self.next_index = url, iter_tar_samples(url), 0
         try:

@@ -353,7 +353,8 @@ class WebDatasetDataModule(L.LightningDataModule):
         ranks = state["ranks"]
         saved = ranks[rank] if rank < len(ranks) else ranks[0]
         saved_layout = (saved["num_workers"], saved["world_size"])
-        if saved_layout == layout and len(ranks) == layout[1] and self._same_order(state):
+        same_batches = self._sizes is None or state.get("batch_size", self.data.batch_size) == self.data.batch_size
+        if saved_layout == layout and len(ranks) == layout[1] and self._same_order(state) and same_batches:
             self._start_epoch(int(saved["epoch"]), layout, self._saved_samples(state))
             self._consumed = int(saved["batches"])
             self._next_worker = int(saved["next_worker"])
@@ -376,7 +377,8 @@ class WebDatasetDataModule(L.LightningDataModule):
         if self._sizes is not None and self._same_order(state) and same_epoch:
             spans = self._saved_samples(state) or [(0, sum(self._sizes))]
             order = epoch_shard_numbers(len(self._sizes), self.seed, self._epoch, self.shuffle_shards)
-            left = pass_remaining(ranks, spans, order, self._sizes, self.data.batch_size)
+            saved_batch_size = int(state.get("batch_size", self.data.batch_size))  # the slots were cut with it
+            left = pass_remaining(ranks, spans, order, self._sizes, saved_batch_size)
         if left is None:
             saved = (ranks[0]["num_workers"], ranks[0]["world_size"])
             warnings.warn(
@@ -391,8 +393,8 @@ class WebDatasetDataModule(L.LightningDataModule):
         if state.get("order") != "samples":
             return "the checkpoint predates sample-addressed positions or was saved with epoch_batches"
         if not self._same_order(state):
-            return (f"the shards changed: {state.get('epoch_samples')} samples in {state.get('num_shards')} shards "
-                    f"then, {sum(self._sizes)} in {len(self._sizes)} now")
+            return (f"the seed or the shards changed: seed {state.get('seed')}, {state.get('epoch_samples')} samples in "
+                    f"{state.get('num_shards')} shards then; seed {self.seed}, {sum(self._sizes)} in {len(self._sizes)} now")
         return "a worker's position has no snapshot, or the ranks were at different epochs"
 
     def _same_order(self, state: Mapping[str, Any]) -> bool:
@@ -400,8 +402,9 @@ class WebDatasetDataModule(L.LightningDataModule):
         order = state.get("order")
         if self._sizes is None:
             return order in (None, "shards")
-        if order == "samples":
-            return state.get("epoch_samples") == sum(self._sizes) and state.get("num_shards") == len(self._sizes)
+        if order == "samples":  # positions in an epoch order drawn from the seed, over these counts
+            return (state.get("epoch_samples") == sum(self._sizes) and state.get("num_shards") == len(self._sizes)
+                    and state.get("seed", self.seed) == self.seed)
         # Before sample addressing (no "order"), the one worker of a lone rank read whole shards in epoch order
         # too: the same stream, so such a checkpoint still resumes exactly.
         return order is None and all((int(r["num_workers"]), int(r["world_size"])) == (1, 1) for r in state["ranks"])
