@@ -15,6 +15,10 @@ same step) and restored on 3, each new rank timed to its first batch (the slowes
 reported): the remaining samples of the epoch are worked out from the saved positions and re-divided, and
 a new rank starts with the samples the old ranks still held in their shuffle buffers, named one by one.
 Also checks that no resumed first batch holds a sample the 2 ranks had trained on.
+
+Last, the one-time count pass that shards without a recorded count get before the first step (member headers
+only, datamodules/shard_counts.py): over the local files (seeking from header to header) and streamed through
+``pipe:cat`` as a remote shard is.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import copy
 import tempfile
 import time
 
+from llm4gen.datamodules.shard_counts import count_samples  # noqa: E402
+from llm4gen.datamodules.shards import resolve_shards  # noqa: E402
 from llm4gen.datamodules.synthetic import write_synthetic_shards  # noqa: E402
 from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule  # noqa: E402
 
@@ -95,6 +101,16 @@ def time_elastic(shards: str, state: dict, seen: set[str], args: argparse.Namesp
     return slowest
 
 
+def time_count_pass(urls: list[str], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        counts = count_samples(urls)
+        best = min(best, time.perf_counter() - start)
+        assert None not in counts
+    return best
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=200)
@@ -119,6 +135,8 @@ def main(argv=None) -> None:
                          time_resume(directory, without_snapshot(state), expected, args)))
             per_rank = int(total // (2 * args.batch_size) * share)
             elastic.append((share, per_rank, time_elastic(directory, *elastic_state(directory, per_rank, args), args)))
+        urls = resolve_shards(directory)
+        counting = (time_count_pass(urls, args.repeats), time_count_pass([f"pipe:cat {u}" for u in urls], args.repeats))
 
     print(f"{args.shards} shards x {args.samples_per_shard} samples ({args.source_resolution} px PNG), batch "
           f"{args.batch_size}, shuffle buffer {args.shuffle_buffer}, best of {args.repeats}; time to the first batch")
@@ -135,6 +153,10 @@ def main(argv=None) -> None:
     for share, batches, seconds in elastic:
         print(f"| {share:.0%} | {batches} | {seconds:.3f} |")
     print(f"90% / 10% elastic resume: {elastic[1][2] / elastic[0][2]:.2f}x")
+    print()
+    local, streamed = counting
+    print(f"count pass over {args.shards} shards ({total} samples, headers only): local {local:.3f} s "
+          f"({total / local:,.0f} samples/s); streamed through pipe:cat {streamed:.3f} s ({total / streamed:,.0f} samples/s)")
 
 
 if __name__ == "__main__":
