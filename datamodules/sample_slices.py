@@ -17,9 +17,12 @@ reads its shards sequentially, at most two of them partly). Two ways to cut:
   empty caption) are replaced by samples no other slot reads. A slot that still runs short reads its own slice
   again (the stream's repeat rounds), as ``epoch_batches`` always did: no rank can end an epoch alone.
   Why quotas per rank rather than per-slot floors: the remainder stays below one batch per rank, not one per
-  worker.
+  worker. Why a slot's own slice again rather than the epoch's order wrapped around: a repeat then stays on the
+  rank that was short and in shards it has just read, where a wrapped order would hand it another rank's
+  samples (the same sample on two GPUs in one epoch) from shards it has to open for one sample each.
 * exact (one rank): ``T`` cut into slices of whole batches (the first workers one more) with no quota: every
-  sample once, and only the epoch's last batch partial (a worker's last one too when it skipped samples).
+  sample once, and only the epoch's last batch partial (a worker's last one too when it skipped samples). A lone
+  rank waits on no one, so nothing is dropped and nothing repeated.
 
 What is left. A worker's position (``stream.WorkerPosition.snapshot``) names the next sample it would read (its
 *place*: segment number in its stream, index in the shard) and the samples it had taken but not yet trained on

@@ -23,8 +23,8 @@ deterministic:
                   with aspect-ratio ``buckets`` (``configs/buckets.py``) the worker keeps one waiting
                   list per bucket and a batch is one full list, so every batch is one bucket
 
-Epoch ends. One rank: each worker reads its slice to the end and its last batches may be partial (every
-sample once). Several ranks: every rank makes exactly ``samples // (world_size * batch_size)`` full
+Epoch ends. One rank: each worker reads its slice (whole batches of samples) to the end: every sample once,
+and only the epoch's last batch partial, or a worker's last one when it skipped samples. Several ranks: every rank makes exactly ``samples // (world_size * batch_size)`` full
 batches, whatever was skipped at read time, so no rank can end an epoch alone and leave the others
 waiting in a collective. A worker that is short of its quota (skipped samples, or samples waiting in a
 partly filled bucket) reads its piece of the epoch's remainder next, then its own slice again, each repeat

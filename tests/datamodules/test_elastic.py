@@ -12,6 +12,8 @@ import warnings
 import pytest
 import torch
 
+from llm4gen.datamodules.sample_slices import segments_of
+from llm4gen.datamodules.shards import epoch_shard_numbers
 from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
 from tests.helpers.shards import png_bytes, write_tar
 
@@ -141,6 +143,29 @@ def test_a_resume_on_other_ranks_and_workers_finishes_the_epoch_once(clean, befo
         assert len(keys) - len(seen) == left % (new_world * new_batch)
     else:  # one rank uses everything
         assert set(seen) == keys
+
+
+def test_what_was_left_is_read_in_one_pass_per_shard(clean, monkeypatch):
+    """The rest of an epoch holds single samples the old workers' shuffle buffers held, between runs of unread
+    ones: a shard is opened once and read forward, not once per run."""
+    import llm4gen.datamodules.stream as stream
+
+    shards, _ = clean
+    states = []
+    for rank in range(3):
+        dm = make(shards, rank, 3, num_workers=2)
+        consume(dm, limit=1)
+        states.append(dm.state_dict())
+    opened = []
+    real = stream.iter_tar_samples
+    monkeypatch.setattr(stream, "iter_tar_samples", lambda url: (opened.append(url), real(url))[1])
+    resumed = make(shards, 0, 1)
+    resumed.load_state_dict(gathered(states))
+    consume(resumed)
+    order = epoch_shard_numbers(len(SIZES), 7, 0)
+    runs = segments_of(resumed._samples, order, SIZES)
+    assert len(runs) > len({run.shard for run in runs})  # some shard holds several runs of what was left
+    assert sorted(opened) == sorted(set(opened))
 
 
 def test_a_position_from_epoch_batches_restarts_the_epoch_on_another_worker_count(clean):
