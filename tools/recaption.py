@@ -341,8 +341,9 @@ def caption_shards(plan: JobPlan, shards: Sequence[str], device: str, position: 
                 failed.append(url)
                 continue
             skips = ", ".join(f"{k} {v}" for k, v in record["skipped"].items() if v) or "none skipped"
+            rate = f", {record['read'] / record['seconds']:.1f} images/s" if record["seconds"] >= 0.05 else ""
             log(f"{record['shard']}: {record['read']} read, {record['captioned']} captioned ({skips}), "
-                f"{record['seconds']:.1f} s, {record['read'] / max(record['seconds'], 1e-9):.1f} images/s")
+                f"{record['seconds']:.1f} s{rate}")
     return failed
 
 

@@ -9,10 +9,11 @@ merged from the records.
     OUT/report.json         once every shard is done: read, captioned, skipped by reason, word counts
 
 Why companion shards rather than new shards holding the images again: at 1 M LAION images of ~100 KB, new shards
-copy ~100 GB; a companion holds ~2.5 KB per sample (a ~500-byte caption and a ~1 KB record, each padded to 512-byte
-tar blocks behind a 512-byte header), ~2.5 GB, and several models' captions can sit beside one copy of the
-images. Training reads both tars front to back, the companion adding ~2.5% to the bytes read and one file per
-shard, so read throughput is that of the images alone. ``datamodules.shards.LockstepShard`` reads them.
+copy ~100 GB; a companion holds 2-2.5 KB per sample (a ~95-word caption of ~480 bytes and a ~500-700-byte record,
+each padded to 512-byte tar blocks behind a 512-byte header), 2-2.5 GB, and several models' captions can sit
+beside one copy of the images. Training reads both tars front to back, the companion adding ~2% to the bytes read
+and one file open per shard, so read throughput is that of the images alone. ``datamodules.shards.LockstepShard``
+reads them.
 
 A shard is done when its record exists for this job and the companion on disk has the recorded size and sha256.
 The companion is written to ``NAME.tar.tmp-HOST-PID``, its record written, then the tar renamed into place, so a
