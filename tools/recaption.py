@@ -25,6 +25,7 @@ the same hardware), never on which process wrote it, so any split gives the same
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -236,7 +237,7 @@ def verdict(generated: Generated, min_words: int, max_words: int) -> tuple[str, 
 
 def batch_seed(seed: int, shard: str, batch: int) -> int:
     """The sampling seed of one batch: fixed by the job's seed and the batch's place, never by the process."""
-    return int.from_bytes(f"{seed}/{shard}/{batch}".encode(), "big") % (2**63)
+    return int.from_bytes(hashlib.sha256(f"{seed}/{shard}/{batch}".encode()).digest()[:8], "big") >> 1
 
 
 def caption_shard(url: str, companion: str, captioner: Any, plan: JobPlan,

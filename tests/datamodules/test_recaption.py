@@ -20,7 +20,7 @@ from llm4gen.cli import cache, recaption, train
 from llm4gen.datamodules.shards import LockstepShard, iter_tar_samples, resolve_shards
 from llm4gen.datamodules.synthetic import write_synthetic_shards
 from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
-from llm4gen.embedded.tiny_vlm import build_tiny_llava
+from llm4gen.embedded.tiny_vlm import build_tiny_florence2, build_tiny_llava
 from llm4gen.tools import recaption as recaption_tool
 from llm4gen.tools.recaption import verdict
 from llm4gen.tools.recaption_model import DEFAULT_PROMPT, Generated
@@ -161,6 +161,19 @@ def test_a_word_floor_above_the_captions_refuses_them_and_keeps_what_the_model_s
     assert report["skipped"]["too_short"] == 4 and report["captioned"] == 0 and report["word_counts"] == {"12": 4}
 
 
+def test_sampling_draws_from_the_jobs_seed_so_a_rerun_draws_the_same(vlm, source, tmp_path):
+    shard = str(source / "00002.tar")
+    runs = {}
+    for name, extra in (("a", ["--seed", "3"]), ("b", ["--seed", "3"]), ("c", ["--seed", "4"])):
+        assert recaption.main([shard, "--model", vlm, "--output", str(tmp_path / name), *SETTINGS, "--do-sample",
+                               "--temperature", "1.5", *extra]) == 0
+        runs[name] = [s.get("dense.txt") for s in samples(tmp_path / name / "00002.tar")]
+    assert runs["a"] == runs["b"] and runs["a"] != runs["c"]
+    record = json.loads(samples(tmp_path / "a" / "00002.tar")[0]["dense.json"])
+    assert record["generation"] == {"max_new_tokens": 12, "do_sample": True, "temperature": 1.5, "top_p": 1.0,
+                                    "repetition_penalty": 1.0, "seed": 3}
+
+
 # ---------------------------------------------------------------- resume, parts, processes
 
 
@@ -194,9 +207,13 @@ def test_parts_of_a_slurm_array_and_local_processes_write_the_same_files_as_one(
     assert recaption.main(args, environ={"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2"}) == 0
     assert sorted(p.name for p in out.glob("*.tar")) == ["00001.tar", "00002.tar"]  # part 1 of 2: the last shards
     assert not (out / "manifest.json").exists()  # the other part is not done
+    assert recaption.main(["--merge", "--output", str(out)]) == 2
     assert recaption.main(args, environ={"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2"}) == 0
     for name in ("00000.tar", "00001.tar", "00002.tar", "manifest.json", "report.json"):
         assert sha256(out / name) == sha256(reference / name), name
+    (out / "manifest.json").unlink()
+    assert recaption.main(["--merge", "--output", str(out)]) == 0  # the last part's merge, by hand
+    assert sha256(out / "manifest.json") == sha256(reference / "manifest.json")
 
     spawned = tmp_path / "processes"
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the spawned processes compute at the suite's thread count
@@ -292,3 +309,19 @@ def test_recaptioned_shards_train_online_and_through_the_feature_cache(reference
                               caption_mix={"dense.txt": 1.0}, precomputed_keys=["latent_moments", "llm_features"])
     keys = [k for batch in dm.train_dataloader() for k in batch.keys]
     assert len(keys) == 9  # every captioned sample, from the cache
+
+
+def test_a_florence2_style_model_captions_from_a_raw_task_prompt(source, tmp_path, capsys):
+    """The other kind the issue names: an encoder-decoder with no chat template, prompted by a task token; its
+    processor places the image itself, and its output holds no prompt to cut off."""
+    model = str(build_tiny_florence2(tmp_path / "tiny-florence2"))
+    out = tmp_path / "florence"
+    args = [str(source / "00001.tar"), "--model", model, "--output", str(out), *SETTINGS]
+    refused(capsys, [*args, "--prompt-format", "chat"], "has no chat template", "--prompt-format raw")
+    assert recaption.main([*args, "--prompt", "<MORE_DETAILED_CAPTION>"]) == 0  # auto: raw, no template
+    assert json.loads((out / "job.json").read_text())["prompt_format"] == "raw"
+    companion = samples(out / "00001.tar")
+    texts = [s["dense.txt"].decode() for s in companion]
+    assert len(texts) == 4 and all(3 <= len(t.split()) <= 12 for t in texts)
+    assert not any("Describe" in t or "paragraph" in t for t in texts)  # the task's prompt is not in the caption
+    assert {json.loads(s["dense.json"])["prompt"] for s in companion} == {"<MORE_DETAILED_CAPTION>"}
