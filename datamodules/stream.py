@@ -11,7 +11,7 @@ member naming), each of them deterministic:
   raw samples     tar members grouped by key; a tar that breaks counts one ``bad_shard`` and the
                   stream goes on with the next shard
   shuffle buffer  seeded from (seed, epoch, rank, worker)
-  decode          caption (datamodules/captions.py), then pixels (skipped when latents are precomputed) or cached members; a
+  decode          caption, then pixels (skipped when latents are precomputed) or cached members; a
                   bad sample raises ``SampleError`` and is counted, never fatal
   batch           batching happens inside the worker (cheap IPC: one pickled batch, not B samples);
                   with aspect-ratio ``buckets`` (``configs/buckets.py``) the worker keeps one waiting

@@ -199,7 +199,7 @@ def plan_job(job: RecaptionJob) -> JobPlan:
 
 
 @dataclass
-class Entry:
+class PendingSample:
     """One sample on its way into the companion: its image (None once it is known to be skipped)."""
 
     key: str
@@ -209,12 +209,12 @@ class Entry:
     generated: Optional[Generated] = None
 
 
-def read_entry(raw: dict[str, Any], caption_keys: Sequence[str]) -> Entry:
+def read_sample(raw: dict[str, Any], caption_keys: Sequence[str]) -> PendingSample:
     try:
         original = extract_caption(raw, caption_keys)
     except SampleError:
         original = None
-    entry = Entry(str(raw["__key__"]), original)
+    entry = PendingSample(str(raw["__key__"]), original)
     try:
         check_download_status(raw)
         entry.image = decode_image(find_image_member(raw))
@@ -254,7 +254,7 @@ def caption_shard(url: str, companion: str, captioner: Any, plan: JobPlan,
     words_seen: Counter = Counter()
     skipped_samples: list[dict[str, Any]] = []
     totals = {"read": 0, "captioned": 0, "truncated": 0, "batches": 0}
-    pending: list[Entry] = []
+    pending: list[PendingSample] = []
     shared = {"model": plan.document["model"], "prompt": job.prompt, "generation": plan.document["generation"]}
 
     def flush() -> None:
@@ -293,7 +293,7 @@ def caption_shard(url: str, companion: str, captioner: Any, plan: JobPlan,
         try:
             for raw in iter_tar_samples(url):
                 totals["read"] += 1
-                pending.append(read_entry(raw, job.caption_keys))
+                pending.append(read_sample(raw, job.caption_keys))
                 if sum(e.image is not None for e in pending) == job.batch_size:
                     flush()
         except SampleError as error:

@@ -218,9 +218,11 @@ class Captioner:
         self.processor = load_processor(source, revision, trust_remote_code)
         self.prompt = prompt  # the processor's text (prompt_text's result)
         self.device, self.dtype, self.generation = torch.device(device), TORCH_DTYPES[dtype], generation
+        # Straight onto the GPU: eight processes of a node staging a 7B model in host memory first would need 8 x 14 GB.
+        placement = {"device_map": {"": str(self.device)}} if self.device.type == "cuda" else {}
         self.model = AutoModelForImageTextToText.from_pretrained(
             resolve_model(source), revision=revision, local_files_only=True, trust_remote_code=trust_remote_code,
-            dtype=self.dtype).to(self.device).eval()
+            dtype=self.dtype, **placement).to(self.device).eval()
         self.decoder_only = not getattr(self.model.config, "is_encoder_decoder", False)
         eos = self.model.generation_config.eos_token_id
         self.end_tokens = set([eos] if isinstance(eos, int) else (eos or []))
