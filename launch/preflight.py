@@ -59,7 +59,7 @@ def check_shards(cfg: DictConfig) -> None:
                           f"to write synthetic ones there.") from None
     except (ValueError, OSError) as error:
         raise ConfigError(f"config key 'data.shards' is {spec!r}, which cannot be read: {error}.") from None
-    for url in urls:
+    for url in [u for shard in urls for u in (shard, *getattr(shard, "companions", ()))]:  # with lockstep companions
         if is_remote(url):
             continue
         if not os.path.isfile(url):
