@@ -123,6 +123,9 @@ def load_reference(reference: dict):
     if reference["library"] == "llm4gen":  # the LLM, read as training read it
         config = load_llm_config(source, None, False)
         return saveable_llm(load_llm_model(source, config, reference.get("kind", "encoder"), torch.float32))
+    if reference["library"] not in ("diffusers", "transformers"):  # the folder names what is imported: no other
+        raise ValueError(f"frozen_sources names library {reference['library']!r}; an export names diffusers, "
+                         f"transformers or llm4gen")
     loader = getattr(importlib.import_module(reference["library"]), reference["class"])
     return loader.from_pretrained(source, **({"subfolder": reference["subfolder"]} if reference.get("subfolder") else {}))
 
@@ -479,5 +482,6 @@ def pipeline_class(folder) -> type:
 
 
 def load_pipeline(folder, **kwargs):
-    """The LLM4GenPipeline or LLM4GenXLPipeline a folder's ``model_index.json`` names."""
-    return pipeline_class(folder).from_pretrained(folder, **kwargs)
+    """The LLM4GenPipeline or LLM4GenXLPipeline a folder's ``model_index.json`` names, its weights read from
+    safetensors files only (export.py writes no other kind)."""
+    return pipeline_class(folder).from_pretrained(folder, **{"use_safetensors": True, **kwargs})
