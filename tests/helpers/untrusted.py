@@ -4,7 +4,6 @@ attack does with os.system). A test gives one to a reader and checks the marker 
 from __future__ import annotations
 
 import pickle
-import shutil
 from pathlib import Path
 
 
@@ -78,8 +77,3 @@ def listing(root) -> list[str]:
     """Every path under ``root`` (relative), to compare before and after: a refusal writes nothing."""
     root = Path(root)
     return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
-
-
-def copy_run_folder(source, target) -> Path:
-    shutil.copytree(source, target)
-    return Path(target)
