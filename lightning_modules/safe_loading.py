@@ -117,8 +117,9 @@ def load_torch_file(source: str | os.PathLike | io.BytesIO, name: str | None = N
     options = {"map_location": map_location, "mmap": mmap and not isinstance(source, io.IOBase)}
     if _trusted:
         return torch.load(source, weights_only=False, **options)
-    try:
-        with torch.serialization.safe_globals(_checkpoint_globals()):
+    allowed = _checkpoint_globals()
+    try:  # safe_globals is torch >= 2.5; with nothing registered, 2.2's weights-only reader does the same
+        with torch.serialization.safe_globals(allowed) if allowed else contextlib.nullcontext():
             return torch.load(source, weights_only=True, **options)
     except pickle.UnpicklingError as error:
         if "Weights only load failed" not in str(error):
