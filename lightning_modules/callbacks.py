@@ -200,4 +200,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not Path(path).is_file():
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
         return load_torch_file(path, f"resume checkpoint {str(path)!r}", map_location=map_location)
-
