@@ -43,6 +43,7 @@ from llm4gen.evaluation.scorers import ScorerUnavailable
 from llm4gen.evaluation.shapes_scorer import ShapesScorer
 from llm4gen.evaluation.t2i_compbench import OFFICIAL_SPACY, PROTOCOLS, check_prompt_file, shipped_folder
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
+from llm4gen.lightning_modules.safe_loading import TRUST_FLAG, TRUST_HELP, trusted_checkpoints
 from llm4gen.lightning_modules.generation_cost import sampler_cost
 from llm4gen.lightning_modules.sampler import SamplingSettings, describe, load_sampler
 from llm4gen.pipelines.llm4gen_pipeline import pipeline_class
@@ -69,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     what.add_argument("--base", help="the base model (hub id or diffusers folder): alone, the baseline; with "
                                      "--adapter, replaces the base recorded in the export")
     what.add_argument("--no-ema", action="store_true", help="checkpoint: the trained weights, not their EMA")
+    what.add_argument(TRUST_FLAG, action="store_true", help=f"--checkpoint: {TRUST_HELP}")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS),
                    help="a T2I-CompBench protocol (evaluation/t2i_compbench.py): its shipped prompt files, noun-phrase "
                         "cap, seeds, steps, scheduler and guidance; t2i-compbench-2023 is the published tables'")
@@ -281,7 +283,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":
         return compare_main(argv[1:])
-    return evaluate(parse_args(argv))
+    args = parse_args(argv)
+    with trusted_checkpoints(args.trust_checkpoint):
+        return evaluate(args)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ paragraph naming what to fetch. ``score`` takes a prompt set's image records and
 from __future__ import annotations
 
 import importlib.util
+import io
+import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from llm4gen.datamodules.shards import iter_tar_samples, resolve_shards
+from llm4gen.datamodules.transforms import SampleError
 from llm4gen.encoders.sources import ModelSourceError, load_pretrained
 from llm4gen.evaluation.blip_vqa import (
     BlipYesProbability,
@@ -221,10 +226,31 @@ def reference_view(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return image.convert("RGB").crop(box).resize(size, Image.BICUBIC)
 
 
-def iter_reference_images(source: str, limit: int | None = None):
+REFERENCE_IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # a shard sample's image, the first of these it has
+
+
+def reference_member_image(sample: dict) -> Image.Image:
+    """A shard sample's image as FID reads it (RGB, no EXIF rotation: clean-fid's and torch-fidelity's reading),
+    decoded by PIL from its image member alone: no other member is decoded (webdataset's default decoders
+    unpickle ``.pyd`` and ``.pickle`` members, which can run code), or ``SampleError("bad_image")``."""
+    data = next((sample[k] for k in REFERENCE_IMAGE_MEMBERS if k in sample), None)
+    if data is None:
+        present = sorted(k for k in sample if not k.startswith("__"))
+        raise SampleError("bad_image", f"no image member (looked for {REFERENCE_IMAGE_MEMBERS}, found {present})")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image.convert("RGB")
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, DecompressionBomb...)
+        raise SampleError("bad_image", f"{type(error).__name__}: {error}") from error
+
+
+def iter_reference_images(source: str, limit: int | None = None, skipped: Counter | None = None):
     """PIL images from a folder (recursively, sorted), a ``.txt`` list of image paths (one per line,
     relative to the list's folder: a matched reference set), or WebDataset shards (a .tar, a folder of
-    .tar files or a brace pattern)."""
+    .tar files or a brace pattern). A shard sample without a readable image member, and a shard that breaks,
+    is skipped and counted in ``skipped`` by reason (``bad_image``, ``bad_shard``), as training counts them."""
+    skipped = Counter() if skipped is None else skipped
     path = Path(source)
     if path.suffix == ".txt" and path.is_file():
         files = [line.strip() for line in path.read_text().splitlines() if line.strip()]
@@ -242,17 +268,20 @@ def iter_reference_images(source: str, limit: int | None = None):
             yield Image.open(file).convert("RGB")
             count += 1
         return
-    import webdataset as wds
-
-    urls = [str(t) for t in tars] if tars else str(source)
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil"):
-        image = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
-        if image is None:
-            continue
-        if limit is not None and count >= limit:
-            return
-        yield image.convert("RGB")
-        count += 1
+    for url in [str(t) for t in tars] if tars else resolve_shards(str(source)):
+        try:
+            for sample in iter_tar_samples(url):
+                if limit is not None and count >= limit:
+                    return
+                try:
+                    image = reference_member_image(sample)
+                except SampleError as error:
+                    skipped[error.reason] += 1
+                    continue
+                yield image
+                count += 1
+        except SampleError as error:  # the shard broke: the samples before the break were read
+            skipped[error.reason] += 1
 
 
 class FIDScorer(Scorer):
@@ -328,8 +357,12 @@ class FIDScorer(Scorer):
             raise ValueError("FID needs generated images; the set has none")
         with Image.open(records[0].path) as first:
             size = first.size  # references are cropped and resized to the generated images' size
+        skipped = Counter()
         n_real = self._update(metric, (reference_view(im, size) for im in
-                                       iter_reference_images(reference, self.max_reference)), real=True)
+                                       iter_reference_images(reference, self.max_reference, skipped)), real=True)
+        if skipped:
+            print(f"fid: skipped reference samples of {reference!r} that hold no readable image: {dict(skipped)}",
+                  file=sys.stderr)
         n_fake = self._update(metric, (Image.open(r.path).convert("RGB") for r in records), real=False)
         if n_real < 2 or n_fake < 2:
             raise ValueError(f"FID needs at least 2 reference and 2 generated images; got {n_real} from "
