@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# How a metric's value is shown: T2I-CompBench and the paper give BLIP-VQA x100.
-DISPLAY_SCALE = {"blip_vqa": 100.0}
+# How a metric's value is shown: T2I-CompBench and the paper give BLIP-VQA x100, ELLA's table DPG-Bench x100.
+DISPLAY_SCALE = {"blip_vqa": 100.0, **{f"{vqa}_{column}": 100.0 for vqa in ("dpg", "dpg_blip", "dpg_shapes")
+                                     for column in ("score", "global", "entity", "attribute", "relation", "other")}}
 LOWER_IS_BETTER = {"fid"}
 
 
