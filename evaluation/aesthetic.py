@@ -58,7 +58,8 @@ def load_aesthetic_mlp(path: Optional[str | Path]) -> tuple[AestheticMLP, str]:
     if found != expected:
         missing = sorted(set(expected) - set(found))
         unexpected = sorted(set(found) - set(expected))
-        shapes = [f"{k}: {found[k]} (expected {expected[k]})" for k in expected if k in found and found[k] != expected[k]]
+        shapes = [f"{k}: {found[k]} (expected {expected[k]})" for k in expected
+                  if k in found and found[k] != expected[k]]
         raise ScorerUnavailable(
             f"--aesthetic-weights {str(path)!r} is not the LAION aesthetic predictor's MLP ({AESTHETIC_WEIGHTS}): "
             + "; ".join(p for p in (f"missing keys {missing}" if missing else "",

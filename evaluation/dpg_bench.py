@@ -38,7 +38,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from PIL import Image
 
@@ -69,8 +69,8 @@ class Protocol:
 
 PROTOCOL = Protocol()
 
-# ELLA's DPG-Bench table (arXiv 2403.05135), overall score x100, as cited in this project's method notes and
-# issue 45; see docs/evaluation.md for which of these were re-checked against a second source.
+# ELLA's DPG-Bench table (arXiv 2403.05135), overall score x100, as issue 45 cites it; only 74.91 was re-checked
+# against a second source here (docs/evaluation.md says which and how).
 PUBLISHED = {"SD1.5": 63.18, "SDXL": 74.65, "PixArt-alpha": 71.11, "ELLA-SD1.5": 74.91, "ELLA-SDXL": 80.23}
 
 

@@ -125,11 +125,11 @@ class DPGScorer(Scorer):
         parts = []
         for set_name, (prefix, result, published) in self.results.items():
             if prefix == "dpg" and not published:
-                note = (f"the question table is not ELLA's published dpg_bench.csv (git blob {D.QUESTIONS_BLOB[:12]}...): "
-                        f"not comparable with ELLA's published rows")
+                note = (f"the question table is not ELLA's published dpg_bench.csv (git blob "
+                        f"{D.QUESTIONS_BLOB[:12]}...): not comparable with ELLA's published rows")
             elif prefix == "dpg":
-                note = ("published rows (ELLA's table, overall x100): "
-                        + ", ".join(f"{k} {v:.2f}" for k, v in D.PUBLISHED.items()))
+                note = ("published rows (ELLA's table, overall x100, as cited; see docs/evaluation.md for which were "
+                        "re-checked): " + ", ".join(f"{k} {v:.2f}" for k, v in D.PUBLISHED.items()))
             elif prefix == "dpg_blip":
                 note = ("BLIP-VQA variant: NOT comparable with ELLA's published rows, which mPLUG-large answered; "
                         "compare it only with other dpg_blip runs")
@@ -140,5 +140,6 @@ class DPGScorer(Scorer):
 
     def record(self) -> dict:
         vqa = self.vqa.record() if self.vqa is not None else {"vqa": self.vqa_name, "model": self.model}
-        return {**vqa, "tiles": D.TILES, "question_tables": dict(self.tables), "answer_rule": "exactly 'yes'", "rules": f"ELLA compute_dpg_bench.py "
-                f"@{D.COMMIT[:7]} (first CSV row dropped, categories from the last tile before zeroing)"}
+        return {**vqa, "tiles": D.TILES, "question_tables": dict(self.tables), "answer_rule": "exactly 'yes'",
+                "rules": f"ELLA compute_dpg_bench.py @{D.COMMIT[:7]} (first CSV row dropped, categories from the last "
+                         f"tile before zeroing)"}

@@ -202,8 +202,8 @@ class ClipScoreScorer(Scorer):
         """(projection_dim,) unit vector: the mean of the prompt's window embeddings, normalised again."""
         tokenizer = self.processor.tokenizer
         content = tokenizer(prompt, add_special_tokens=False, truncation=False).input_ids
-        ids, mask = text_windows(content, tokenizer.bos_token_id, tokenizer.eos_token_id,
-                                 tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids, mask = text_windows(content, tokenizer.bos_token_id, tokenizer.eos_token_id, pad,
                                  self.model.config.text_config.max_position_embeddings)
         features = ProjectedClipFeatures._tensor(self.model.get_text_features(input_ids=ids.to(self.device),
                                                                               attention_mask=mask.to(self.device)))
@@ -413,8 +413,8 @@ class InceptionScoreScorer(Scorer):
 
     def __init__(self, inception_weights: str | None = None, splits: int = 10, batch_size: int = 64,
                  device: str = "cpu", feature: torch.nn.Module | None = None):
-        self.inception_weights, self.splits, self.batch_size, self.device = inception_weights, splits, batch_size, device
-        self.extractor = feature
+        self.inception_weights, self.splits, self.extractor = inception_weights, splits, feature
+        self.batch_size, self.device = batch_size, device
 
     def load(self) -> None:
         if self.extractor is not None:

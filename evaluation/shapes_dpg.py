@@ -49,7 +49,8 @@ def question_rows(record: PromptRecord) -> list[dict]:
         entity = len(rows) + 1
         rows.append((f"entity - whole ({o.shape})", f"Is there a {o.shape}?", "0"))
         colour = len(rows) + 1
-        rows.append((f"attribute - color ({o.shape}, {o.color})", f"Is there {_article(o.color)} {o.color} {o.shape}?", str(entity)))
+        rows.append((f"attribute - color ({o.shape}, {o.color})", f"Is there {_article(o.color)} {o.color} {o.shape}?",
+                     str(entity)))
         rows.append((f"attribute - size ({o.color} {o.shape}, {o.size})", f"Is the {o.color} {o.shape} {o.size}?",
                      str(colour)))
         rows.append((f"relation - spatial ({o.color} {o.shape}, {CELL_NAMES[o.cell]})",

@@ -19,8 +19,8 @@ def tiny(tmp_path_factory):
     from tests.helpers.scorer_models import build_aesthetic_weights, build_tiny_clip
 
     root = tmp_path_factory.mktemp("dense")
-    return {"clip768": build_tiny_clip(root / "clip768", projection_dim=768), "clip16": build_tiny_clip(root / "clip16", seed=1),
-            "weights": build_aesthetic_weights(root / "aesthetic.pth"), "root": root}
+    return {"clip768": build_tiny_clip(root / "clip768", projection_dim=768),
+            "clip16": build_tiny_clip(root / "clip16", seed=1), "weights": build_aesthetic_weights(root / "aesthetic.pth"), "root": root}
 
 
 def images(n, seed=0):
