@@ -20,6 +20,7 @@ from llm4gen.evaluation.report import DISPLAY_SCALE, read_run_record
 
 FIG6_Y = "aesthetic"
 FIG6_X = ("clip_score_long", "clip_score")     # the long-prompt CLIP score where the run has it
+MIN_PROMPTS_FOR_CI = 2   # resampling one prompt gives it back every time: no interval to speak of
 
 
 def _field_for(metric: str, scorer: str, row: dict):
@@ -74,9 +75,11 @@ def paired_rows(run_a: str | Path, run_b: str | Path, seed: int = 0) -> list[dic
         observe = lambda values: [Observation((set_name, p, j), (set_name, p), 0, v)  # noqa: E731
                                   for (p, j), v in sorted(values.items())]
         d = paired_difference(observe(a), observe(b), seed=seed)
+        interval = d.clusters >= MIN_PROMPTS_FOR_CI
         rows.append({"set": set_name, "metric": metric, "a": float(np.mean(list(a.values()))),
-                     "b": float(np.mean(list(b.values()))), "difference": d.mean, "low": d.low, "high": d.high,
-                     "prompts": d.clusters, "images": d.n, "excludes_zero": d.low > 0 or d.high < 0})
+                     "b": float(np.mean(list(b.values()))), "difference": d.mean,
+                     "low": d.low if interval else None, "high": d.high if interval else None,
+                     "prompts": d.clusters, "images": d.n, "excludes_zero": interval and (d.low > 0 or d.high < 0)})
     return rows
 
 
@@ -87,9 +90,11 @@ def paired_markdown(rows: list[dict], label_a: str, label_b: str) -> str:
              "| --- | --- | ---: | ---: | ---: | --- | ---: |"]
     for r in rows:
         k = DISPLAY_SCALE.get(r["metric"], 1.0)
+        interval = (f"[{r['low'] * k:+.3f}, {r['high'] * k:+.3f}]" if r["low"] is not None
+                    else f"none: {r['prompts']} prompt")
         lines.append(f"| {r['set']} | {r['metric']}{f' (x{k:g})' if k != 1 else ''} | {r['a'] * k:.3f} | "
                      f"{r['b'] * k:.3f} | {r['difference'] * k:+.3f}{' *' if r['excludes_zero'] else ''} | "
-                     f"[{r['low'] * k:+.3f}, {r['high'] * k:+.3f}] | {r['prompts']} |")
+                     f"{interval} | {r['prompts']} |")
     if not rows:
         lines.append("| (none: no metric both runs scored on the same prompts and seeds with per-image details) |"
                      " | | | | | |")
@@ -128,11 +133,13 @@ def fig6(run_dirs: list[str | Path], path: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for p in points:
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    runs = list(dict.fromkeys(p["run"] for p in points))
+    sets = list(dict.fromkeys(p["set"] for p in points))
+    for p in points:   # a colour per run, a marker per prompt set
         ax.errorbar(p["x"], p["y"], xerr=[[p["x"] - p["x_low"]], [p["x_high"] - p["x"]]],
-                    yerr=[[p["y"] - p["y_low"]], [p["y_high"] - p["y"]]], fmt="o", capsize=4,
-                    label=f"{p['run']} ({p['set']})")
+                    yerr=[[p["y"] - p["y_low"]], [p["y_high"] - p["y"]]], fmt="osD^v"[sets.index(p["set"]) % 5],
+                    color=f"C{runs.index(p['run'])}", capsize=4, markersize=7, label=f"{p['run']} ({p['set']})")
     x_metrics = sorted({p["x_metric"] for p in points})
     ax.set_xlabel(" / ".join(x_metrics) + " (CLIP score, 100 x cosine)")
     ax.set_ylabel("aesthetic score (LAION predictor)")

@@ -42,6 +42,20 @@ def test_paired_difference_is_over_the_same_draws_with_a_prompt_bootstrap(tmp_pa
     assert "| dense | clip_score_long | 28.167 | 28.500 | -0.333 |" in table
 
 
+def test_one_prompt_gives_a_difference_but_no_interval(tmp_path):
+    a = write_run(tmp_path, "a", [2.0] * 6, [1.0] * 6)
+    b = write_run(tmp_path, "b", [1.0] * 6, [1.0] * 6)
+    for run in (a, b):   # keep prompt 0 only
+        for path in (run / "details").glob("*.jsonl"):
+            path.write_text("".join(line + "\n" for line in path.read_text().splitlines()[:2]))
+        prompts = json.loads((run / "prompts" / "dense.json").read_text())
+        prompts["images"] = prompts["images"][:2]
+        (run / "prompts" / "dense.json").write_text(json.dumps(prompts))
+    aesthetic = {r["metric"]: r for r in paired_rows(a, b)}["aesthetic"]
+    assert aesthetic["difference"] == 1.0 and aesthetic["low"] is None and not aesthetic["excludes_zero"]
+    assert "| +1.000 | none: 1 prompt | 1 |" in paired_markdown([aesthetic], "a", "b")
+
+
 def test_runs_drawn_with_other_seeds_or_details_that_do_not_give_the_metric_are_not_paired(tmp_path):
     a = write_run(tmp_path, "a", [1.0] * 6, [2.0] * 6)
     b = write_run(tmp_path, "b", [1.0] * 6, [2.0] * 6, seeds=(7, 8))
