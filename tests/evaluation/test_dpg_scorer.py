@@ -103,10 +103,14 @@ class RecordedVQA:
 def test_published_set_reads_ellas_prompts_for_the_tables_items_and_labels_a_variant(tmp_path):
     import csv
 
-    from tests.evaluation.test_dpg_bench import ROWS
+    def row(item, qid, parents):
+        return {"item_id": item, "text": "", "keywords": "", "proposition_id": str(qid), "dependency": parents,
+                "category_broad": "", "category_detailed": "", "tuple": "entity - whole (x)",
+                "question_natural_language": "?"}
 
     prompts = D.prompts()
-    rows = [{**r, "item_id": {"A": "0", "B": "1", "C": "10"}[r["item_id"]]} for r in ROWS]
+    # ELLA drops the first row: item 0's second question then depends on a missing one, and item 0 is skipped
+    rows = [row("0", 1, "0"), row("0", 2, "1"), row("1", 1, "0"), row("1", 2, "1"), row("10", 1, "0")]
     path = tmp_path / "dpg_bench.csv"
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, D.CSV_COLUMNS)
