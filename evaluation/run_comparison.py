@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from llm4gen.evaluation.paired import Observation, cluster_bootstrap, paired_difference
-from llm4gen.evaluation.report import DISPLAY_SCALE, read_run_record
+from llm4gen.evaluation.report import DISPLAY_SCALE, read_run_record, save_figure
 
 FIG6_Y = "aesthetic"
 FIG6_X = ("clip_score_long", "clip_score")     # the long-prompt CLIP score where the run has it
@@ -146,9 +146,4 @@ def fig6(run_dirs: list[str | Path], path: str | Path) -> Path | None:
     ax.set_title("aesthetic vs CLIP score, 95% CI over prompts")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
