@@ -14,6 +14,7 @@ import pytest
 from llm4gen.cli import evaluate, train
 from llm4gen.datamodules.synthetic import write_synthetic_shards
 from llm4gen.evaluation import dpg_bench as D
+from tests.helpers.training import FAST
 
 pytestmark = pytest.mark.slow
 QUESTIONS = Path(__file__).resolve().parents[1] / "fixtures" / "dpg" / "questions.csv"
@@ -26,8 +27,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpg")
     write_synthetic_shards(root / "shards", num_samples=16, samples_per_shard=16, resolution=32)
     assert train.main([f"output_dir={root / 'run'}", f"data.shards={root / 'shards'}", "data.synthetic_if_missing=false",
-                       "trainer.max_steps=2", "data.batch_size=4", "model.optim.warmup_steps=0",
-                       "validation.every_n_steps=0", "trainer.enable_progress_bar=false"]) == 0
+                       "trainer.max_steps=2", *FAST]) == 0
     clip = build_tiny_clip(root / "clip", seed=1, projection_dim=768)
     return dict(root=root, checkpoint=root / "run" / "checkpoints" / "last.ckpt",
                 scorer_args=["--dpg-vqa", "blip", "--dpg-vqa-model", str(build_tiny_blip_vqa(root / "blip")),
