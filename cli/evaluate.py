@@ -30,7 +30,7 @@ from llm4gen.evaluation import scorers as S
 from llm4gen.evaluation.aesthetic import AestheticScorer
 from llm4gen.evaluation.blip_vqa import DEFAULT_BLIP_VQA
 from llm4gen.evaluation.dpg_bench import PROTOCOL as DPG_PROTOCOL
-from llm4gen.evaluation.dpg_bench import QUESTIONS_BLOB, TILES, UPSTREAM, is_published_table
+from llm4gen.evaluation.dpg_bench import QUESTIONS_BLOB, TILES, UPSTREAM
 from llm4gen.evaluation.dpg_scorer import VQA_CHOICES, DPGScorer, dpg_bench_set, shapes_dpg_set
 from llm4gen.evaluation.geneval import DEFAULT_CLIP as GENEVAL_CLIP
 from llm4gen.evaluation.geneval import DEFAULT_DETECTOR as GENEVAL_DETECTOR
@@ -189,7 +189,7 @@ def protocol_warnings(args, sets) -> list[str]:
     warnings += [f"{s.meta['path']} is not ELLA's published DPG-Bench question table (git blob "
                  f"{QUESTIONS_BLOB[:12]}..., this file {s.meta['questions_git_blob'][:12]}...): its scores are not "
                  f"comparable with published rows"
-                 for s in sets if s.name == "dpg_bench" and not is_published_table(Path(s.meta["path"]))]
+                 for s in sets if s.name == "dpg_bench" and not s.meta["published_table"]]
     if any(s.kind == "compbench" for s in sets):
         import spacy
 
