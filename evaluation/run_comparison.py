@@ -90,10 +90,11 @@ def paired_markdown(rows: list[dict], label_a: str, label_b: str) -> str:
              "| --- | --- | ---: | ---: | ---: | --- | ---: |"]
     for r in rows:
         k = DISPLAY_SCALE.get(r["metric"], 1.0)
-        interval = (f"[{r['low'] * k:+.3f}, {r['high'] * k:+.3f}]" if r["low"] is not None
+        # 4 significant digits: a difference far smaller than the values (a near-constant metric) still shows
+        interval = (f"[{r['low'] * k:+.4g}, {r['high'] * k:+.4g}]" if r["low"] is not None
                     else f"none: {r['prompts']} prompt")
-        lines.append(f"| {r['set']} | {r['metric']}{f' (x{k:g})' if k != 1 else ''} | {r['a'] * k:.3f} | "
-                     f"{r['b'] * k:.3f} | {r['difference'] * k:+.3f}{' *' if r['excludes_zero'] else ''} | "
+        lines.append(f"| {r['set']} | {r['metric']}{f' (x{k:g})' if k != 1 else ''} | {r['a'] * k:.4g} | "
+                     f"{r['b'] * k:.4g} | {r['difference'] * k:+.4g}{' *' if r['excludes_zero'] else ''} | "
                      f"{interval} | {r['prompts']} |")
     if not rows:
         lines.append("| (none: no metric both runs scored on the same prompts and seeds with per-image details) |"

@@ -1,7 +1,7 @@
-"""evaluate.py --protocol dpg-bench end to end on the CPU: a tiny-default checkpoint against its base, DPG-Bench's
-prompts with a question table in ELLA's schema answered by a tiny BLIP VQA (built from BLIP's config, loaded
-through from_pretrained like the real one), the shapes world's long prompts answered by the analyzer, the
-aesthetic and long-prompt CLIP scores; then evaluate.py compare's paired CIs and Fig. 6."""
+"""evaluate.py --protocol dpg-bench end to end on the CPU: a tiny-default checkpoint on DPG-Bench's prompts with a
+question table in ELLA's schema answered by a tiny BLIP VQA (built from BLIP's config, loaded through
+from_pretrained like the real one); the checkpoint and its base on the shapes world's long prompts answered by the
+analyzer, with the aesthetic and long-prompt CLIP scores; evaluate.py compare's paired CIs and Fig. 6 on them."""
 
 import contextlib
 import io
@@ -44,57 +44,77 @@ def run(argv):
 
 
 @pytest.fixture(scope="module")
-def runs(setup):
-    """The checkpoint and its base, each on 1 DPG-Bench item and 1 shapes prompt, 4 images each."""
+def protocol_run(setup):
+    """The checkpoint under --protocol dpg-bench (50 steps, seeds 1001 + j) on 1 DPG-Bench item, 4 images."""
+    out = setup["root"] / "protocol"
+    code, stdout, stderr = run(["--checkpoint", str(setup["checkpoint"]), "--protocol", "dpg-bench", "--dpg-questions",
+                                str(QUESTIONS), "--dpg-limit", "1", *setup["scorer_args"], "--output-dir", str(out),
+                                "--no-progress"])
+    assert code == 0, stderr
+    return out, stdout, stderr
+
+
+@pytest.fixture(scope="module")
+def shapes_runs(setup):
+    """The checkpoint and its base on 3 shapes prompts with analyzer questions, 4 images each (2 sampling steps)."""
     outputs = {}
     for label, model in (("ckpt", ["--checkpoint", str(setup["checkpoint"])]), ("base", ["--base", "embedded:shapes-sd"])):
         out = setup["root"] / label
-        code, stdout, stderr = run([*model, "--protocol", "dpg-bench", "--dpg-questions", str(QUESTIONS),
-                                    "--dpg-shapes", "verbose_2", "--dpg-limit", "1", *setup["scorer_args"],
-                                    "--output-dir", str(out), "--no-progress"])
+        code, _, stderr = run([*model, "--dpg-shapes", "verbose_2", "--dpg-limit", "3", "--steps", "2",
+                               *setup["scorer_args"], "--output-dir", str(out), "--no-progress"])
         assert code == 0, stderr
-        outputs[label] = (out, stdout, stderr)
+        outputs[label] = out
     return outputs
 
 
-def test_protocol_run_prints_the_category_table_and_scores_by_ellas_rules(runs):
-    out, stdout, stderr = runs["ckpt"]
+def rescored(out, set_name, items, prefix):
+    """The run's recorded answers scored again with ELLA's rules over the set's question table."""
+    details = [json.loads(line) for line in (out / "details" / f"{set_name}.dpg.jsonl").read_text().splitlines()]
+    tiles = defaultdict(list)
+    for d in details:
+        tiles[d["item_id"]].append({int(k): v for k, v in d["answers"].items()})
+    return D.aggregate(items, [D.score_item(items[i], t) for i, t in tiles.items()]).values(prefix)
+
+
+def test_protocol_run_prints_the_category_table_and_scores_by_ellas_rules(protocol_run):
+    out, stdout, stderr = protocol_run
     assert "dpg_bench (dpg_blip): DPG-Bench score" in stdout and "| L1 | entity |" in stdout
     assert "| L2 | attribute - color |" in stdout and "NOT comparable with ELLA's published rows" in stdout
-    assert "dpg_shapes_verbose_2 (dpg_shapes)" in stdout and (out / "dpg.md").is_file()
+    assert (out / "dpg.md").read_text().strip() in stdout
     assert "is not ELLA's published DPG-Bench question table" in stderr
     prompts = json.loads((out / "prompts" / "dpg_bench.json").read_text())
     assert prompts["prompts"] == [D.prompts()["0"]]
     assert [im["seed"] for im in prompts["images"]] == [1001, 1002, 1003, 1004]   # ELLA's inference.py seeds, pinned
     record = json.loads((out / "scores.json").read_text())
-    scores, protocol = record["scores"], record["protocol"]
+    scores, protocol = record["scores"]["dpg_bench"], record["protocol"]
     assert protocol["protocol"] == "dpg-bench" and protocol["generation"]["scheduler"] == "DPMSolverMultistepScheduler"
+    assert protocol["generation"]["num_inference_steps"] == 50 and protocol["generation"]["guidance_scale"] == 12
     assert protocol["scorers"]["dpg"]["vqa"] == "blip" and protocol["scorers"]["dpg"]["comparable_with_published"] is False
     assert protocol["scorers"]["clip_score_long"]["text"].startswith("mean of the L2-normalised")
-    # the recorded answers, scored again with ELLA's rules over each set's question table, give the run's numbers
+    again = rescored(out, "dpg_bench", D.read_question_table(QUESTIONS), "dpg_blip")
+    assert {k: scores[k] for k in again} == pytest.approx(again)
+    assert {"aesthetic", "clip_score_long"} <= set(scores)
+
+
+def test_shapes_runs_score_by_the_rules_and_compare_gives_paired_cis_and_fig6(shapes_runs, setup):
     from llm4gen.evaluation.dpg_scorer import shapes_dpg_set
 
-    for set_name, prefix, items in (("dpg_bench", "dpg_blip", D.read_question_table(QUESTIONS)),
-                                    ("dpg_shapes_verbose_2", "dpg_shapes", shapes_dpg_set("verbose_2", 1).meta["questions"])):
-        details = [json.loads(line) for line in (out / "details" / f"{set_name}.dpg.jsonl").read_text().splitlines()]
-        tiles = defaultdict(list)
-        for d in details:
-            tiles[d["item_id"]].append({int(k): v for k, v in d["answers"].items()})
-        again = D.aggregate(items, [D.score_item(items[i], t) for i, t in tiles.items()]).values(prefix)
-        assert {k: scores[set_name][k] for k in again} == pytest.approx(again)
-    assert {"aesthetic", "clip_score_long"} <= set(scores["dpg_bench"]) & set(scores["dpg_shapes_verbose_2"])
-
-
-def test_compare_gives_paired_cis_over_prompts_and_the_fig6_plot(runs, setup):
+    items = shapes_dpg_set("verbose_2", 3).meta["questions"]
+    for out in shapes_runs.values():
+        scores = json.loads((out / "scores.json").read_text())["scores"]["dpg_shapes_verbose_2"]
+        again = rescored(out, "dpg_shapes_verbose_2", items, "dpg_shapes")
+        assert {k: scores[k] for k in again} == pytest.approx(again)
     out = setup["root"] / "compare"
-    code, stdout, _ = run(["compare", str(runs["ckpt"][0]), str(runs["base"][0]), "--output-dir", str(out)])
-    assert code == 0
-    assert "Paired differences ckpt - base" in stdout and "95% CI" in stdout
-    paired = (out / "paired.md").read_text()
-    for set_name, metric in (("dpg_shapes_verbose_2", "dpg_shapes_score (x100)"), ("dpg_bench", "aesthetic"),
-                             ("dpg_bench", "clip_score_long")):
-        assert f"| {set_name} | {metric} |" in paired
-    assert (out / "fig6.png").read_bytes()[:4] == b"\x89PNG" and "Fig. 6" in stdout
+    code, stdout, _ = run(["compare", str(shapes_runs["ckpt"]), str(shapes_runs["base"]), "--output-dir", str(out)])
+    assert code == 0 and "Paired differences ckpt - base" in stdout and "Fig. 6" in stdout
+    rows = {line.split("|")[2].strip(): line for line in (out / "paired.md").read_text().splitlines()
+            if line.startswith("| dpg_shapes_verbose_2 |")}
+    assert set(rows) == {"dpg_shapes_score (x100)", "aesthetic", "clip_score_long"}
+    for line in rows.values():   # 3 prompts: a real interval around each difference
+        low, high = (float(x) for x in line.split("|")[6].strip(" []").split(","))
+        difference = float(line.split("|")[5].strip(" *"))
+        assert low <= difference <= high and line.rstrip(" |").endswith("| 3")
+    assert (out / "fig6.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -38,8 +38,8 @@ def test_paired_difference_is_over_the_same_draws_with_a_prompt_bootstrap(tmp_pa
     clip = rows["clip_score_long"]
     assert clip["difference"] == pytest.approx(np.mean([0, 1, -1, 0, -1, -1])) and not clip["excludes_zero"]
     table = paired_markdown(list(rows.values()), "ours", "base")
-    assert "| dense | aesthetic | 6.000 | 5.550 | +0.450 * |" in table
-    assert "| dense | clip_score_long | 28.167 | 28.500 | -0.333 |" in table
+    assert "| dense | aesthetic | 6 | 5.55 | +0.45 * |" in table
+    assert "| dense | clip_score_long | 28.17 | 28.5 | -0.3333 |" in table
 
 
 def test_one_prompt_gives_a_difference_but_no_interval(tmp_path):
@@ -53,7 +53,7 @@ def test_one_prompt_gives_a_difference_but_no_interval(tmp_path):
         (run / "prompts" / "dense.json").write_text(json.dumps(prompts))
     aesthetic = {r["metric"]: r for r in paired_rows(a, b)}["aesthetic"]
     assert aesthetic["difference"] == 1.0 and aesthetic["low"] is None and not aesthetic["excludes_zero"]
-    assert "| +1.000 | none: 1 prompt | 1 |" in paired_markdown([aesthetic], "a", "b")
+    assert "| +1 | none: 1 prompt | 1 |" in paired_markdown([aesthetic], "a", "b")
 
 
 def test_runs_drawn_with_other_seeds_or_details_that_do_not_give_the_metric_are_not_paired(tmp_path):
