@@ -260,6 +260,12 @@ CASES = [
     ("evaluate", ["--base", "embedded:tiny-sd", "--shapes", "seen_1", "--images-per-prompt", "0",
                   "--output-dir", "{tmp}/ev"], "--images-per-prompt 0"),
     ("evaluate", ["compare", "{tmp}/no-such-eval", "--output-dir", "{tmp}/cmp"], "no-such-eval"),
+    ("evaluate", ["--base", "embedded:tiny-sd", "--protocol", "dpg-bench", "--output-dir", "{tmp}/ev"],
+     "give --dpg-questions PATH to dpg_bench/dpg_bench.csv"),
+    ("evaluate", ["--base", "embedded:tiny-sd", "--dpg-questions", "{tmp}/no-table.csv", "--output-dir", "{tmp}/ev"],
+     "no-table.csv"),
+    ("evaluate", ["--base", "embedded:tiny-sd", "--dpg-shapes", "verbose_2", "--images-per-prompt", "2",
+                  "--output-dir", "{tmp}/ev"], "DPG-Bench scores 4 images per prompt"),
     ("generate", ["--release", "{bad_release}", "--config", "configs/tiny.yaml", "--prompt", "a",
                   "--output-dir", "{tmp}/gen"], "projector.pth', which is not a readable torch file"),
     # export.py

@@ -404,6 +404,8 @@ COVERAGE = [
           "compares two finished paper-scale evaluations; tests/evaluation/test_evaluate.py runs compare on two tiny runs"),
     Entry(r"pip install torch-fidelity", optional_package_named_in_errors, "dry-run",
           "an optional package for the published Inception FID; it needs torchvision, which this CPU torch cannot import"),
+    Entry(r"pip install 'llm4gen\[dpg\]'", optional_package_named_in_errors, "dry-run",
+          "the [dpg] extra (modelscope, DPG-Bench's mPLUG VQA); the models it runs are not installable offline"),
     Entry(r"python -m llm4gen\.cli\.probes", run_probes, "run"),
     Entry(r"python -m llm4gen\.cli\.shapes_evidence (run|data|report) configs/sweeps/(shapes_evidence|evidence_v3"
           r"|evidence_v3_replication)\.yaml( --protocol v\d(-replication)?)?( --replication \S+)?", dry_run_module,
