@@ -124,11 +124,6 @@ def unknown_llm_type_message(pretrained: str, model_type: Any) -> str:
             f"point at a standard checkpoint.")
 
 
-def _unet_config(base) -> Optional[dict]:
-    return (model_json(base.unet, "config.json") if base.unet else None) \
-        or model_json(base.pretrained, "unet/config.json", base.revision)
-
-
 def clip_width(base) -> Optional[int]:
     """The width of the context CLIP gives the UNet, from the text encoders' config files (SDXL: both, side by
     side); None when one is not on this machine."""
@@ -146,10 +141,16 @@ def check_setup(cfg: DictConfig) -> None:
     check_data_stream(data.resampled, data.epoch_batches, list(data.precomputed_keys), data.prefetch_factor,
                       data.num_workers)
     base = model.base
-    unet = _unet_config(base)
+    # The base's own UNet against its CLIP: a model.base.unet that does not fit the base is the preflight's
+    # to name (check_base_unet says which family it belongs to).
+    own_unet = model_json(base.pretrained, "unet/config.json", base.revision)
     width = clip_width(base)
-    if unet and isinstance(unet.get("cross_attention_dim"), int) and width is not None:
-        check_context_width(unet["cross_attention_dim"], width)
+    if own_unet and base.family == "sd15" and own_unet.get("addition_embed_type") == "text_time":
+        raise ConfigError(f"model.base.family=sd15 but {base.pretrained!r} has an SDXL UNet (addition_embed_type="
+                          f"'text_time', conditioned on a pooled embedding and time ids); set model.base.family=sdxl")
+    if own_unet and isinstance(own_unet.get("cross_attention_dim"), int) and width is not None:
+        check_context_width(own_unet["cross_attention_dim"], width)
+    unet = (model_json(base.unet, "config.json") if base.unet else None) or own_unet  # the UNet that loads
     if unet and base.family == "sdxl":
         check_sdxl_unet(base.unet or base.pretrained, unet.get("addition_embed_type"))
     scheduler = model_json(base.pretrained, "scheduler/scheduler_config.json", base.revision)

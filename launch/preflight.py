@@ -40,7 +40,7 @@ from llm4gen.datamodules.synthetic import synthetic_shards_plan
 from llm4gen.encoders.sources import check_source, is_local
 from llm4gen.encoders.weight_files import WeightFileError, check_weights
 from llm4gen.lightning_modules import run_checkpoints
-from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
+from llm4gen.lightning_modules.checkpoint_files import check_resume_layout, is_sharded_checkpoint, load_checkpoint_checked
 from llm4gen.lightning_modules.performance import check_compile_supported, check_optimizer_available
 from llm4gen.losses.entity_parser import spacy_model_missing_message, spacy_pipeline_installed
 from llm4gen.tools.cache_key import check_cache_key
@@ -344,12 +344,16 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     never, None; a path, that file once it is checked to be a checkpoint of this configuration."""
     if cfg.resume == "never":
         return None
+    strategy = cfg.trainer.get("strategy")
     if cfg.resume == "auto":
         found = run_checkpoints.find_resume_checkpoint(Path(cfg.output_dir))
+        if found:
+            check_resume_layout(found, strategy)  # a run folder of another strategy (ddp <-> fsdp2)
         return str(found) if found else None
-    if not Path(cfg.resume).is_file():
+    if not (Path(cfg.resume).is_file() or is_sharded_checkpoint(cfg.resume)):
         raise ConfigError(f"resume={cfg.resume!r} is not a checkpoint file; use 'auto', 'never' or a path")
     load_checkpoint_checked(cfg.resume, cfg.model, what="resume=")  # a checkpoint, and of this configuration
+    check_resume_layout(cfg.resume, strategy)
     return cfg.resume
 
 
