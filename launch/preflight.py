@@ -3,12 +3,15 @@ weights do. ``train.py`` runs it, and so do ``submit.py`` and ``sweep.py`` for e
 is queued, so a mistake fails in seconds on the login node instead of on a compute node after the wait.
 
 ``preflight(cfg)`` checks, in order: every model source exists (``check_sources``), the run's paths
-(the shards exist and can be read, ``output_dir`` can be written, ``model.adapter.init_from`` is a
-CrossAdapter folder or a torch file, every local model folder holds readable weights whose names fit its
-config: ``check_model_weights``), the validation scheduler is a diffusers class, a feature cache
-was made with this run's settings, and the file ``resume`` names is a checkpoint of this configuration.
-It returns the checkpoint to resume from, read and checked once. (The config itself, its keys, types,
-ranges and agreement with the models' config files, is ``llm4gen.configs.schema.load_config``'s job.)
+(the shards exist and can be read, or the synthetic ones can be written there, and with ``epoch_batches``
+there is one per rank and worker; ``output_dir`` can be written, ``model.adapter.init_from`` is a
+CrossAdapter folder or a torch file of this config's widths, every local model folder holds readable weights
+whose names fit its config: ``check_model_weights``), the LLM's model type and LoRA targets, the entity
+parser's spaCy pipeline, ``model.performance`` (compile backend; on the machine that trains, what compile and
+the optimizer need), the validation scheduler is a diffusers class, a feature cache was made with this run's
+settings, and the checkpoint ``resume`` names (or finds) is one of this configuration in the layout its
+strategy reads. It returns the checkpoint to resume from, read and checked once. (The config itself, its keys,
+types, ranges and agreement with the models' config files, is ``llm4gen.configs.schema.load_config``'s job.)
 """
 
 from __future__ import annotations
@@ -294,6 +297,8 @@ def check_sources(cfg: DictConfig) -> None:
         check_source(cfg.model.base.unet, "model.base.unet")
     if cfg.model.llm.tokenizer:
         check_source(cfg.model.llm.tokenizer, "model.llm.tokenizer")
+    if "clip_score" in cfg.validation.metrics and cfg.validation.every_n_steps > 0:  # loaded at the first grid
+        check_source(cfg.validation.clip_model, "validation.clip_model")
 
 
 def local_folder(source: str | None) -> Path | None:
