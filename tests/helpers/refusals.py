@@ -4,6 +4,7 @@ tests/test_refusal_parity.py holds the constructors' raises against them."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import string
 from pathlib import Path
@@ -11,34 +12,36 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from llm4gen.adapters.cross_adapter import CrossAdapter
 from llm4gen.configs import schema
 from llm4gen.configs.schema import load_config
+from llm4gen.datamodules.synthetic import MARKER
+from llm4gen.encoders.sources import resolve_source
+from llm4gen.lightning_modules import performance
 
 
 class Refusal(NamedTuple):
     overrides: list[str]  # $placeholders name the files fixture's paths
     message: str  # text of the paragraph every entry point prints ($placeholders too)
-    guard: Optional[tuple[str, str, str]] = None  # (file, function, the check it calls): the constructor's guard
+    # (file, function, the check it calls): the constructor's guard; None where a loader outside the scanned
+    # packages failed (evaluation/)
+    guard: Optional[tuple[str, str, str]] = None
     machine: bool = False  # what the machine that trains lacks: submit.py leaves it to train.py in the job
     setup: Optional[Callable] = None  # (monkeypatch) -> None: make this machine lack it
 
 
 def no_compiler(monkeypatch):
-    import llm4gen.lightning_modules.performance as performance
-
     monkeypatch.setattr(performance.shutil, "which", lambda name: None)
     monkeypatch.setattr(performance.torch.cuda, "is_available", lambda: False)
 
 
 def no_dynamo(monkeypatch):
-    import torch._dynamo
+    import torch._dynamo  # torch.compile's front end: imported when a test needs it (about a second)
 
     monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
 
 
 def no_bitsandbytes(monkeypatch):
-    import importlib.util
-
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
 
@@ -137,10 +140,6 @@ def mirror(source: Path, target: Path, edits: dict[str, dict]) -> str:
 def write_refusal_files(root: Path) -> dict[str, str]:
     """The model folders, checkpoints and shards REFUSALS and the guards point at, written under ``root``; returns
     the $placeholder -> path table."""
-    from llm4gen.adapters.cross_adapter import CrossAdapter
-    from llm4gen.datamodules.synthetic import MARKER
-    from llm4gen.encoders.sources import resolve_source
-
     sd, llm = Path(resolve_source("embedded:shapes-sd")), Path(resolve_source("embedded:minilm"))
     paths = {"files": str(root)}
     paths["sd_wide_clip"] = mirror(sd, root / "sd-wide-clip", {"text_encoder/config.json": {"hidden_size": 96}})
