@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     if not output_dir:
         raise SlurmError(f"{args.config} sets no output_dir; pass one, e.g. output_dir=runs/my-run")
 
-    with trusted_checkpoints(args.trust_checkpoint):  # train.py's own checks: fail here, not after a queue wait
-        preflight(load_experiment_config(args.config, args.overrides))
+    # train.py's own checks: fail here, not after a queue wait (what the node itself lacks, train.py checks there)
+    with trusted_checkpoints(args.trust_checkpoint):
+        preflight(load_experiment_config(args.config, args.overrides), on_this_machine=False)
     output_dir = Path(str(output_dir)).absolute()
     command = train_command(args.train_script, args.config, args.overrides, output_dir, args.trust_checkpoint)
     script = render_sbatch_script(slurm, command, output_dir)

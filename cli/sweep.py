@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as error:
             raise SweepError(f"{args.sweep}: {error}") from None
     if not args.summary and not args.no_preflight:
-        check_run_configs(spec, pending, args.sweep)  # every run's config, before any starts or is submitted
+        # every run's config, before any starts or is submitted
+        check_run_configs(spec, pending, args.sweep, on_this_machine=not args.slurm)
 
     if args.slurm:
         if not pending:

@@ -92,11 +92,17 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+def check_range(key: str, value: Any) -> None:
+    """``value`` of the dotted ``key`` within its range (``RANGES``); the constructors that take such a value
+    outside a config call this too, so both say the same."""
+    ok, right = RANGES[key]
+    if value is not None and not ok(value):
+        raise ConfigError(f"config key {key!r} is {value!r}: {right}.")
+
+
 def check_ranges(cfg: DictConfig) -> None:
-    for key, (ok, right) in RANGES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is not None and not ok(value):
-            raise ConfigError(f"config key {key!r} is {value!r}: {right}.")
+    for key in RANGES:
+        check_range(key, OmegaConf.select(cfg, key))
     betas = list(cfg.model.optim.betas)
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError(f"config key 'model.optim.betas' is {betas!r}: expected two numbers in [0, 1), "

@@ -53,6 +53,10 @@ VALIDATION_METRICS: tuple[str, ...] = ("shapes", "clip_score")
 # and cache.py look for as a sample's image member in a shard (prepare.py writes jpg).
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
+# data.precomputed_keys: the batch fields a feature cache can hold (datamodules/cache_codec.py names their tar members)
+PRECOMPUTED_KEYS: tuple[str, ...] = ("latent_moments", "llm_features", "clip_features", "clip_pooled", "original_size",
+                                     "crop_top_left", "entities", "entity_positions")
+
 # Why training (and cache.py) skips a sample. Order matters: it is the index order of batch["skipped"].
 SAMPLE_SKIP_REASONS: tuple[str, ...] = (
     "bad_image",  # image member missing, not an image, truncated or undecodable

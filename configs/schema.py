@@ -25,6 +25,7 @@ import yaml
 from llm4gen.configs import choices
 from llm4gen.configs.checks import check_against_models, check_choices, check_ranges, check_trainer_values
 from llm4gen.configs.errors import ConfigError, SlurmError, UserError  # noqa: F401 (ConfigError re-exported)
+from llm4gen.configs.setup_checks import check_setup
 
 
 @dataclass
@@ -430,6 +431,7 @@ def check_values(cfg: DictConfig) -> None:
     check_ranges(cfg)
     check_choices(cfg)
     check_against_models(cfg)
+    check_setup(cfg)  # what the constructors would refuse, before any of them runs
     unknown_metrics = [m for m in cfg.validation.metrics if m not in choices.VALIDATION_METRICS]
     if unknown_metrics:
         raise ConfigError(f"validation.metrics has {unknown_metrics}; expected any of {list(choices.VALIDATION_METRICS)}")

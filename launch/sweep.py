@@ -234,15 +234,16 @@ def train_command(spec: SweepSpec, run: SweepRun, train_script: str | Path | Non
     ]
 
 
-def check_run_configs(spec: SweepSpec, runs: list[SweepRun], sweep_file: str | Path) -> None:
+def check_run_configs(spec: SweepSpec, runs: list[SweepRun], sweep_file: str | Path,
+                      on_this_machine: bool = True) -> None:
     """Runs train.py's preflight on every run's config (schema, values, sources, paths, scheduler, cache,
     resume file) before any run starts or is submitted, whatever script trains them, so one misspelt grid key
-    costs seconds, not a sweep of failed jobs."""
+    costs seconds, not a sweep of failed jobs. ``on_this_machine``: the runs train here (not a job array)."""
     for run in runs:
         overrides = [*spec.base_overrides, *run.override_args, f"output_dir={run.output_dir}"]
         try:
             with trusted_checkpoints(spec.trust_checkpoint):
-                preflight(load_config(spec.config, overrides))
+                preflight(load_config(spec.config, overrides), on_this_machine)
         except UserError as error:  # a config, source, path or checkpoint error of this run
             raise SweepError(f"{sweep_file}: run {run.name!r} ({' '.join(run.override_args) or 'no overrides'}) has "
                              f"a bad config, so no run was started: {error}") from None

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from llm4gen.configs.checks import SHARDED
 from llm4gen.configs.errors import UserError
 from llm4gen.configs.schema import ModelConfig
 from llm4gen.lightning_modules.safe_loading import load_torch_file, read_dcp_index
@@ -69,6 +70,19 @@ META_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a distribut
 def is_sharded_checkpoint(path: str | Path) -> bool:
     """A sharded run's checkpoint (lightning_modules/sharding.py): a folder of DCP shards beside ``meta.pt``."""
     return Path(path).is_dir() and (Path(path) / META_FILE).is_file()
+
+
+def check_resume_layout(path: str | Path, strategy: Any) -> None:
+    """A run resumes from the layout its strategy writes: a sharded folder under ``trainer.strategy=fsdp2``, a
+    file under any other (the preflight checks the checkpoint it picks; the sharded strategy checks again)."""
+    sharded = is_sharded_checkpoint(path)
+    if strategy == SHARDED and not sharded:
+        raise CheckpointError(f"{path} is not a sharded checkpoint folder (a {META_FILE} beside DCP shards); a run "
+                              f"under trainer.strategy={SHARDED} resumes from the folders it writes")
+    if strategy != SHARDED and sharded:
+        raise CheckpointError(f"{path} is a sharded checkpoint folder, which a run resumes under "
+                              f"trainer.strategy={SHARDED} only (trainer.strategy is {strategy!r}); export.py and "
+                              f"generate.py read it under any")
 
 
 def checkpoint_metadata(path: str | Path) -> dict:

@@ -33,7 +33,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from llm4gen.configs.checks import SHARDED as STRATEGY_NAME  # the trainer.strategy value that selects it
-from llm4gen.lightning_modules.checkpoint_files import META_FILE, checkpoint_metadata, is_sharded_checkpoint
+from llm4gen.lightning_modules.checkpoint_files import META_FILE, check_resume_layout, checkpoint_metadata
 from llm4gen.lightning_modules.safe_loading import dcp_load, read_dcp_checkpoint
 
 
@@ -132,9 +132,7 @@ class ShardedStrategy(ModelParallelStrategy):
 
         path = Path(self.broadcast(str(checkpoint_path)))
         module = self.lightning_module
-        if not is_sharded_checkpoint(path):
-            raise ValueError(f"{path} is not a sharded checkpoint folder (a {META_FILE} beside DCP shards); a run under "
-                             f"trainer.strategy={STRATEGY_NAME} resumes from the folders it writes")
+        check_resume_layout(path, STRATEGY_NAME)  # the preflight refuses it first
         metadata = checkpoint_metadata(path)  # refused here, before any weight changes, if it would run code
         trainable = module.trainable_state_keys()
         state: dict[str, Any] = {"state_dict": {k: v for k, v in get_model_state_dict(self.model).items() if k in trainable}}
