@@ -174,3 +174,14 @@ def test_a_report_names_the_commit_of_its_protocol():
 
     assert protocol_commit("docs/evidence/protocol_v3.md").startswith("committed in ")
     assert protocol_commit("docs/evidence/no_such_protocol.md") == "not committed"
+
+
+def test_the_size_command_reproduces_the_protocols_table(capsys):
+    """docs/evidence/protocol_v4.md's sizing table comes from v3's shipped records by this command."""
+    from llm4gen.cli.shapes_evidence import main
+
+    assert main(["size", "docs/evidence/v3/results.json.gz", "--replication",
+                 "docs/evidence/v3/replication/results.json.gz", "--protocol", "v4"]) == 0
+    out = capsys.readouterr().out
+    assert "| (c) - (a), outside | docs/evidence/v3/results.json.gz | +0.173 | 128 | 0.0425 / 0.0419 | 145 | 192 | 0.0347 |" in out
+    assert "| (c) - (a), outside | docs/evidence/v3/replication/results.json.gz | +0.237 | 128 | 0.0432 / 0.0444 | 150 | 192 | 0.0353 |" in out
