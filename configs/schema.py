@@ -243,6 +243,9 @@ class DataConfig:
     center_crop: bool = True
     random_flip: bool = False
     caption_keys: list[str] = field(default_factory=lambda: list(choices.CAPTION_KEYS))
+    # Caption key -> weight, e.g. {dense.txt: 0.5, txt: 0.5}: each sample's caption drawn from the keys it holds
+    # (weights renormalised over them), per (seed, epoch, sample). Empty: the first of caption_keys present.
+    caption_mix: dict[str, float] = field(default_factory=dict)
     shuffle_buffer: int = 64
     resampled: bool = False
     epoch_batches: Optional[int] = None  # batches per epoch per rank: set it under DDP (equal counts)

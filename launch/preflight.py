@@ -33,6 +33,7 @@ from llm4gen.encoders.sources import check_source, is_local
 from llm4gen.encoders.weight_files import WeightFileError, check_weights
 from llm4gen.lightning_modules import run_checkpoints
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
+from llm4gen.lightning_modules.safe_loading import UntrustedCheckpointError, load_torch_file, trusted_checkpoints
 from llm4gen.tools.cache_key import check_cache_key
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
@@ -59,7 +60,7 @@ def check_shards(cfg: DictConfig) -> None:
                           f"to write synthetic ones there.") from None
     except (ValueError, OSError) as error:
         raise ConfigError(f"config key 'data.shards' is {spec!r}, which cannot be read: {error}.") from None
-    for url in urls:
+    for url in [u for shard in urls for u in (shard, *getattr(shard, "companions", ()))]:  # with lockstep companions
         if is_remote(url):
             continue
         if not os.path.isfile(url):
@@ -151,7 +152,13 @@ def check_adapter_folder(init_from: str, path: Path, widths: tuple[int | None, i
 def check_released_projector(init_from: str, path: Path, widths: tuple[int | None, int | None]) -> None:
     """A released-layout ``projector.pth``: it loads as a state dict of the release's CAM keys that fit."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with trusted_checkpoints(False):  # adapters/cross_adapter.py reads it with weights_only=True, whatever the flag
+            state = load_torch_file(path, f"config key 'model.adapter.init_from' {init_from!r}")
+    except UntrustedCheckpointError as err:
+        raise ConfigError(f"config key 'model.adapter.init_from' is {init_from!r}, a torch file that holds more than "
+                          f"tensors ({err.detail}): reading it would run code it names, so it was not read. The "
+                          f"released projector.pth is a state dict of tensors alone; get it again from the "
+                          f"release.") from None
     except Exception as err:  # the unpickler's and the zip reader's errors have no common class
         raise ConfigError(f"config key 'model.adapter.init_from' is {init_from!r}, which is not a readable torch "
                           f"file ({str(err).splitlines()[0].split('. ')[0] or type(err).__name__}): truncated or corrupt? Copy "

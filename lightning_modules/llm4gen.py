@@ -88,6 +88,7 @@ from llm4gen.losses.entity import (
     only_rows,
 )
 from llm4gen.losses.terms import LossTerms
+from llm4gen.pipelines.dtypes import sampling_dtypes
 from llm4gen.pipelines.llm4gen_pipeline import (
     guided_context_mask,
     masks_padding,
@@ -621,11 +622,11 @@ class LLM4GenModule(L.LightningModule):
             generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
             sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                             generator=generators, output_type=output_type)
-            if not self.uses_cam:  # the base alone: its context is CLIP's
-                dtype = self.unet.dtype
-                return self.pipeline(scheduler)(prompt_embeds=clip.hidden.to(dtype),
-                                                negative_prompt_embeds=neg_clip.hidden.to(dtype),
-                                                **self.clip.pipeline_inputs(clip, neg_clip), **sampling).images
+            if not self.uses_cam:  # the base alone: its context is CLIP's, float32 latents as the connector's
+                pipe = self.pipeline(scheduler)
+                with sampling_dtypes(pipe.unet, pipe.vae):
+                    return pipe(prompt_embeds=clip.hidden.float(), negative_prompt_embeds=neg_clip.hidden.float(),
+                                **self.clip.pipeline_inputs(clip, neg_clip), **sampling).images
             pipe = pipeline_from_module(self, scheduler, for_saving=False)
             pipe.set_progress_bar_config(disable=True)
             with pipe.texts_given(clip.hidden, neg_clip.hidden, llm, neg_llm, clip.pooled, neg_clip.pooled):
