@@ -30,3 +30,11 @@ def attention_probabilities(
             else:
                 scores = scores + attention_mask.float()
         return scores.softmax(dim=-1)
+
+
+def writes_out(store) -> bool:
+    """Whether a layer whose attention may be captured (``store``: losses/attention_capture.AttentionStore, or None)
+    computes the softmax written out: while the store keeps maps, and whenever gradients flow, so that gradient
+    checkpointing's recomputation (run in backward, after the store stopped keeping) takes the very path its forward
+    took. Sampling (no gradient, nothing kept) runs the fused kernel, bit for bit the layer without capture."""
+    return store is not None and (store.enabled or torch.is_grad_enabled())

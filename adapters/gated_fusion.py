@@ -33,7 +33,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from llm4gen.adapters.attention import attention_probabilities
+from llm4gen.adapters.attention import attention_probabilities, writes_out
 
 FUSION_FOLDER = "fusion"  # beside an exported connector: <export>/adapter/fusion/
 
@@ -60,6 +60,13 @@ class GatedLLMAttention(nn.Module):
     def forward(self, llm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of the LLM tokens (batch, tokens, context_dim) -> (batch, tokens, inner_dim) each."""
         return self.to_k(llm), self.to_v(llm)
+
+    def keys_values(self, llm: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` for a UNet stored in another dtype (a bf16 UNet's context, these fp32 layers, when sampling
+        outside autocast): the tokens read in this layer's dtype, keys and values handed back in the attention's
+        ``dtype`` (pipelines/dtypes.py). Called as a module, so a sharded layer gathers its weights."""
+        keys, values = self(llm.to(self.to_k.weight.dtype))
+        return keys.to(dtype), values.to(dtype)
 
     def openness(self) -> torch.Tensor:
         return torch.tanh(self.gate)
@@ -173,7 +180,7 @@ class GatedFusionProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        llm_key, llm_value = map(heads, self.layer(llm))  # called as a module: a sharded layer gathers its weights
+        llm_key, llm_value = map(heads, self.layer.keys_values(llm, query.dtype))
         if attn.norm_k is not None:
             llm_key = attn.norm_k(llm_key)
         real = (attention_mask[:, 0, clip_tokens:] > -1.0 if attention_mask is not None   # the UNet's bias: 0 or -10000
@@ -182,8 +189,7 @@ class GatedFusionProcessor:
         keep = real | ~has_tokens[:, None]  # a row without real tokens attends to all (then gets nothing)
         llm_mask = keep[:, None, None, :]
 
-        capturing = self.store is not None and self.store.enabled
-        if capturing:  # the softmaxes written out, for the entity loss
+        if writes_out(self.store):  # the softmaxes written out, for the entity loss (recorded while it keeps maps)
             probs = attention_probabilities(query, key, attn.scale)                        # (batch, heads, pixels, 77)
             llm_probs = attention_probabilities(query, llm_key, attn.scale, llm_mask)      # (batch, heads, pixels, L)
             self.store.record(self.name, torch.cat([probs, llm_probs], dim=-1).mean(dim=1))

@@ -23,6 +23,7 @@ from llm4gen.cli.generate import check_checkpoint_sources, check_sampling_args
 from llm4gen.configs.errors import UserError, entry_point
 from llm4gen.datamodules.collate import entity_parser
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
+from llm4gen.lightning_modules.safe_loading import TRUST_FLAG, TRUST_HELP, trusted_checkpoints
 from llm4gen.lightning_modules.sampler import load_checkpoint_module
 from llm4gen.losses.attention_capture import (
     captured_layers,
@@ -33,6 +34,7 @@ from llm4gen.losses.attention_capture import (
 )
 from llm4gen.losses.attention_maps import (
     average_attention,
+    positions_in_context,
     render_attention_panels,
     word_maps,
 )
@@ -56,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--panel-size", type=int, default=256, help="side of each panel in the PNG, pixels")
     parser.add_argument("--no-ema", action="store_true", help="use the trained weights, not their EMA")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(TRUST_FLAG, action="store_true", help=f"--checkpoint: {TRUST_HELP}")
     return parser.parse_args(argv)
 
 
@@ -112,9 +115,23 @@ def generate_with_maps(module, store, prompt: str, seed: int, steps: int, guidan
     return image, collected
 
 
+def check_word_positions(adapter: dict) -> None:
+    """A context with no word in it (ELLA's learned queries alone) has no word's map to show: refused before loading."""
+    if adapter.get("enabled", True) and adapter.get("kind") == "ella" and not adapter.get("with_clip"):
+        raise UserError("attention_maps.py shows where each word of the prompt attends; this checkpoint's connector "
+                        "(model.adapter.kind=ella) hands the UNet learned queries alone, which hold no word "
+                        "positions (the entity loss is refused for the same reason). Its queries' attention is not a "
+                        "word's; train with model.adapter.with_clip=true to see CLIP's words")
+
+
 @entry_point("attention_maps.py")
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with trusted_checkpoints(args.trust_checkpoint):
+        return attention_maps(args)
+
+
+def attention_maps(args: argparse.Namespace) -> int:
     if args.layers is not None:
         parse_layers(args.layers)
     if args.panel_size < 16:
@@ -124,6 +141,7 @@ def main(argv=None) -> int:
     checkpoint = load_checkpoint_checked(args.checkpoint)
     check_sampling_args(args)
     check_checkpoint_sources(checkpoint)
+    check_word_positions(checkpoint["hyper_parameters"]["model"]["adapter"])
 
     module = load_checkpoint_module(args.checkpoint, args.device or ("cuda" if _cuda() else "cpu"))
     try:
@@ -132,10 +150,12 @@ def main(argv=None) -> int:
         raise UserError(f"--layers {args.layers!r}: {error}") from None
 
     words = entity_words(entity_parser(module.cfg.objective.entity_parser).parse(args.prompt))
-    positions = fused_word_token_positions(
-        [args.prompt], [words], module.clip.tokenizer, module.llm.tokenizer,
-        clip_max_length=module.clip.tokenizer.model_max_length, llm_max_length=module.cfg.llm.max_length,
-        llm_prefix=module.llm.prefix)[0]
+    clip_tokens = module.clip.tokenizer.model_max_length
+    fused = fused_word_token_positions(
+        [args.prompt], [words], module.clip.tokenizer, module.llm.tokenizer, clip_max_length=clip_tokens,
+        llm_max_length=module.cfg.llm.max_length, llm_prefix=module.llm.prefix)[0]
+    layout = module.adapter.layout if module.uses_cam else None  # None: the base reads CLIP alone
+    positions = [positions_in_context(p, layout, clip_tokens) for p in fused]
     lost = [word.text for word, p in zip(words, positions) if not p]
     if lost:
         print(f"warning: no token left for {lost} after truncation; not shown", file=sys.stderr)

@@ -79,7 +79,7 @@ def attention_split(module, prompts: Sequence[str], timesteps: Sequence[int] = (
         if isinstance(processor, GatedFusionProcessor) and context.shape[1] > processor.clip_tokens:
             n = processor.clip_tokens
             llm_bias = None if bias is None else bias[:, None, :, n:]
-            llm_probs = attention_probabilities(query, heads(processor.layer(context[:, n:])[0]), attn.scale, llm_bias)
+            llm_probs = attention_probabilities(query, heads(processor.layer.keys_values(context[:, n:], query.dtype)[0]), attn.scale, llm_bias)
             within = layer_split(llm_probs, 0, real.to(llm_probs.device))[1:]  # (real, padding) of the LLM branch
             gate = float(processor.layer.openness().abs())
             shares.append(torch.cat([torch.ones(1), gate * within]) / (1 + gate))

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from llm4gen.adapters.attention import attention_probabilities
+from llm4gen.adapters.attention import attention_probabilities, writes_out
 from llm4gen.adapters.gated_fusion import GatedFusionProcessor
 
 _PROCESSOR_SUFFIX = ".processor"
@@ -48,7 +48,9 @@ class AttentionStore:
     Each map is (batch, pixels, tokens): softmax probabilities over the context tokens, averaged over
     heads, float32, still attached to the autograd graph. Pixels are the layer's feature map flattened
     row by row, so `map.view(batch, height, width, tokens)` restores the image layout.
-    Set `enabled = False` to run the UNet without keeping anything (validation, sampling).
+    Set `enabled = False` to run the UNet without keeping anything (validation, sampling): without gradients the
+    captured layers then run the fused processor they replaced, so a model that trained with the entity loss
+    samples bitwise as the same weights do without it (adapters/attention.writes_out).
     """
 
     def __init__(self, enabled: bool = True):
@@ -87,8 +89,8 @@ class CapturingAttnProcessor:
     Same steps as diffusers' processor (spatial norm, group norm, mask preparation, cross norm, q/k
     norms, output projection, residual connection, rescale_output_factor); only the fused kernel is
     replaced by `attention_probabilities` followed by `probs @ value`. Writes the head-averaged
-    probabilities into `store` under `name` while `store.enabled`. `replaced` is the processor it
-    stands in for, put back by `remove_attention_capture`.
+    probabilities into `store` under `name` while `store.enabled`; without gradients and with nothing to keep,
+    runs `replaced`, the processor it stands in for (put back by `remove_attention_capture`), unchanged.
     """
 
     def __init__(self, store: AttentionStore, name: str, replaced=None):
@@ -106,6 +108,9 @@ class CapturingAttnProcessor:
         *args,
         **kwargs,
     ) -> torch.Tensor:
+        if not writes_out(self.store):  # sampling: the processor it stands in for, bit for bit
+            fused = self.replaced if self.replaced is not None else AttnProcessor2_0()
+            return fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)

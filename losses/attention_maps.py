@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from llm4gen.adapters.layout import ContextLayout
 from llm4gen.losses.entity import word_attention_maps
 
 LABEL_HEIGHT = 18  # pixels of the label strip under each panel
@@ -79,12 +80,26 @@ def average_attention(
     return total / count
 
 
+def positions_in_context(positions: Sequence[int], layout: ContextLayout | None, clip_tokens: int) -> list[int]:
+    """A word's token positions in the fused sequence [CLIP's ``clip_tokens``, the LLM's] (``fused_word_token_positions``)
+    -> its positions in the context the UNet reads: the same for CLIP then LLM tokens (the CAM, the MLP); the
+    LLM's alone, shifted to the front, for an LLM-only context (LaVi-Bridge); CLIP's alone where the rest are
+    learned queries (ELLA after CLIP) or for the base (``layout`` None). An ELLA context of queries alone holds no
+    word positions: refused."""
+    if layout is ContextLayout.QUERIES:
+        raise ValueError("a context of learned queries alone (ELLA) holds no word positions")
+    if layout is ContextLayout.CLIP_THEN_LLM:
+        return list(positions)
+    if layout is ContextLayout.LLM:
+        return [p - clip_tokens for p in positions if p >= clip_tokens]
+    return [p for p in positions if p < clip_tokens]  # CLIP's tokens alone carry words
+
+
 def word_maps(attention: torch.Tensor, positions: Sequence[Sequence[int]]) -> torch.Tensor:
     """Each word's spatial map, as the entity loss computes it, for one image.
 
     attention (tokens, H, W) from `average_attention(...)[i]`; positions[w] are word w's token
-    positions in the fused [CLIP, LLM] sequence (`fused_word_token_positions`) -> (words, H, W),
-    each summing to 1 over pixels.
+    positions in the context (`positions_in_context`) -> (words, H, W), each summing to 1 over pixels.
     """
     tokens, height, width = attention.shape
     membership = torch.zeros(1, len(positions), tokens)  # (1, words, tokens)
@@ -94,7 +109,7 @@ def word_maps(attention: torch.Tensor, positions: Sequence[Sequence[int]]) -> to
         bad = [p for p in word_positions if not 0 <= p < tokens]
         if bad:
             raise ValueError(f"word {index} has token positions {bad} outside [0, {tokens}): the maps have "
-                             f"{tokens} tokens, positions must index the fused sequence (77 + LLM max length)")
+                             f"{tokens} tokens, positions must index the context (positions_in_context)")
         membership[0, index, list(word_positions)] = 1.0
     probs = attention.float().reshape(tokens, height * width).T.unsqueeze(0)  # (1, pixels, tokens)
     return word_attention_maps(probs, membership)[0].reshape(len(positions), height, width)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -34,14 +33,18 @@ import llm4gen.adapters.connectors  # noqa: F401
 from llm4gen.adapters.cross_adapter import CrossAdapter
 from llm4gen.adapters.gated_fusion import GatedFusion
 from llm4gen.adapters.release import RELEASED_PROJECTOR, RELEASED_UNET
-from llm4gen.encoders.llm import (
-    LLMEncoder,
-    LLMFeatures,
-    common_length,
-    load_llm_config,
-    load_llm_model,
-)
+from llm4gen.encoders.llm import LLMEncoder, LLMFeatures, common_length
 from llm4gen.encoders.sources import resolve_source
+from llm4gen.pipelines.dtypes import sampling_dtypes
+from llm4gen.pipelines.references import (
+    FROZEN,
+    DtypeRequest,
+    component_dtype,
+    loading_dtype,
+    resolve_frozen,
+    saveable_llm,
+    trained_dtypes,
+)
 
 
 def masks_padding(connector) -> bool:
@@ -106,7 +109,6 @@ def context_conditioning(unet, connector, connect, texts):
         handle.remove()
 
 
-FROZEN = ("vae", "text_encoder", "unet", "llm")  # the big frozen parts an export may name instead of copying
 SHIM_FILE = "pipeline"  # <folder>/pipeline.py: the class for DiffusionPipeline.from_pretrained(..., trust_remote_code=True)
 SHIM = """# The pipeline class of this folder, for diffusers' custom-pipeline loading:
 #     DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
@@ -115,30 +117,10 @@ from llm4gen.pipelines.llm4gen_pipeline import {name}  # noqa: F401
 """
 
 
-def load_reference(reference: dict):
-    """A frozen component an export names instead of copying (``frozen_sources`` in model_index.json):
-    ``{"library", "class", "source", "subfolder"}``; ``embedded:`` sources resolve on any machine with llm4gen;
-    the LLM goes through llm4gen's strict loader (RankGen's layout included)."""
-    source = resolve_source(reference["source"])
-    if reference["library"] == "llm4gen":  # the LLM, read as training read it
-        config = load_llm_config(source, None, False)
-        return saveable_llm(load_llm_model(source, config, reference.get("kind", "encoder"), torch.float32))
-    loader = getattr(importlib.import_module(reference["library"]), reference["class"])
-    return loader.from_pretrained(source, **({"subfolder": reference["subfolder"]} if reference.get("subfolder") else {}))
-
-
 def install_fusion(fusion: Optional[GatedFusion], unet) -> None:
     """A gated fusion's layers into the UNet's cross-attention (none: the UNet reads the context as it is)."""
     if fusion is not None and unet is not None:
         fusion.install(unet)
-
-
-def resolve_frozen(components: dict, frozen_sources: Optional[dict]) -> dict:
-    """``components`` with each one that is None and named in ``frozen_sources`` loaded from its reference."""
-    for name, reference in (frozen_sources or {}).items():
-        if components.get(name) is None:
-            components[name] = load_reference(reference)
-    return components
 
 
 class LLMConditioning:
@@ -152,6 +134,13 @@ class LLMConditioning:
 
     _guided_text = None  # (clip, llm, clip_negative, llm_negative) while a pipeline call runs
     _given_texts = None  # encodings to read the prompts from (texts_given)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``from_pretrained``; the frozen parts the folder references (``frozen_sources``) load in the dtype
+        asked for (``dtype=`` / ``torch_dtype=``, one or a dict by component) as the parts it holds do."""
+        with loading_dtype(kwargs.get("dtype", kwargs.get("torch_dtype"))):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def load_config(cls, *args, **kwargs):
@@ -206,8 +195,9 @@ class LLMConditioning:
         llm_negative = LLMFeatures(repeat(llm_negative.features), repeat(llm_negative.mask))
         first = self.scheduler.config.num_train_timesteps - 1 if self.adapter.timestep_aware else None
         self._guided_text = (clip, llm, clip_negative, llm_negative)
-        context = self.connect(clip, llm, first).to(self.unet.dtype)
-        negative = self.connect(clip_negative, llm_negative, first).to(self.unet.dtype) if guided else None
+        # float32: the latents take the context's dtype and stay float32; the UNet reads it in its own (dtypes.py)
+        context = self.connect(clip, llm, first).float()
+        negative = self.connect(clip_negative, llm_negative, first).float() if guided else None
         return context, negative
 
     @contextlib.contextmanager
@@ -247,8 +237,8 @@ class LLMConditioning:
 
     @torch.no_grad()
     def __call__(self, *args, **kwargs):
-        try:
-            with self.per_step_context():
+        try:  # the dtype casts innermost: they see the context the per-step hook hands the UNet
+            with self.per_step_context(), sampling_dtypes(self.unet, self.vae):
                 return super().__call__(*args, **kwargs)
         finally:
             self._guided_text = None
@@ -263,7 +253,7 @@ class LLM4GenPipeline(LLMConditioning, StableDiffusionPipeline):
                  safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker: bool = False,
                  llm_max_length: int = 32, llm_prefix: str = "", llm_layer: Any = -1, llm_layer_norm: str = "auto",
                  llm_zero_padding: bool = True, llm_kind: str = "encoder", frozen_sources: Optional[dict] = None,
-                 fusion: Optional[GatedFusion] = None):
+                 fusion: Optional[GatedFusion] = None, trained_dtypes: Optional[dict] = None):
         frozen = resolve_frozen(dict(vae=vae, text_encoder=text_encoder, unet=unet, llm=llm), frozen_sources)
         vae, text_encoder, unet, llm = (frozen[k] for k in ("vae", "text_encoder", "unet", "llm"))
         super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -273,7 +263,7 @@ class LLM4GenPipeline(LLMConditioning, StableDiffusionPipeline):
         install_fusion(fusion, unet)
         self.register_to_config(llm_max_length=llm_max_length, llm_prefix=llm_prefix, llm_layer=llm_layer,
                                 llm_layer_norm=llm_layer_norm, llm_zero_padding=llm_zero_padding, llm_kind=llm_kind,
-                                frozen_sources=frozen_sources)
+                                frozen_sources=frozen_sources, trained_dtypes=trained_dtypes)
 
     # ---- StableDiffusionPipeline's hook: the context the UNet reads
 
@@ -296,12 +286,14 @@ class LLM4GenPipeline(LLMConditioning, StableDiffusionPipeline):
     def from_release(cls, folder, base: str, llm: str, llm_tokenizer: Optional[str] = None, llm_max_length: int = 256,
                      llm_prefix: str = "pre ", llm_zero_padding: bool = False, num_heads: int = 8,
                      scheduler: str = "DDIMScheduler", torch_dtype: torch.dtype = torch.float32,
-                     mask_padding: bool = True) -> "LLM4GenPipeline":
+                     vae_dtype: torch.dtype = torch.float32, mask_padding: bool = True) -> "LLM4GenPipeline":
         """The authors' release (``projector.pth`` + optionally ``unet/``, adapters/release.py) over the base SD1.5
         folder or hub id ``base`` and the T5 encoder ``llm`` (the release's RankGen T5-XL; its tokenizer
         ``llm_tokenizer`` when elsewhere). The defaults are the release's: 256 tokens, "pre ", pad-token outputs
         kept, except that LLM padding is masked out of every attention; ``mask_padding=False`` runs the release
-        exactly as published (all 256 positions attended). ``generate.py --release`` samples the same images."""
+        exactly as published (all 256 positions attended). ``torch_dtype``: the UNet, CLIP and T5's (bfloat16 on a
+        GPU); the VAE takes ``vae_dtype`` and the CAM stays float32, as training keeps them (pipelines/dtypes.py).
+        ``generate.py --release`` samples the same images."""
         folder, base = Path(folder), resolve_source(base)
         unet_source = folder if (folder / RELEASED_UNET / "config.json").is_file() else base  # the release's own UNet
         unet = diffusers.UNet2DConditionModel.from_pretrained(unet_source, subfolder="unet", torch_dtype=torch_dtype)
@@ -309,13 +301,13 @@ class LLM4GenPipeline(LLMConditioning, StableDiffusionPipeline):
                              prefix=llm_prefix, zero_padding=llm_zero_padding, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(resolve_source(llm_tokenizer or llm))
         tokenizer.padding_side = "right"
-        return cls(vae=diffusers.AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch_dtype),
-                   text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=torch_dtype),
+        return cls(vae=diffusers.AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=vae_dtype),
+                   text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=torch_dtype),
                    tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"), unet=unet,
                    scheduler=getattr(diffusers, scheduler).from_pretrained(base, subfolder="scheduler", clip_sample=False),
                    llm=saveable_llm(encoder.model), llm_tokenizer=tokenizer,
                    adapter=CrossAdapter.from_released(folder / RELEASED_PROJECTOR, num_heads=num_heads,
-                                                      use_llm_mask=mask_padding).to(torch_dtype),
+                                                      use_llm_mask=mask_padding),
                    llm_max_length=llm_max_length, llm_prefix=llm_prefix, llm_layer=-1, llm_layer_norm="auto",
                    llm_zero_padding=llm_zero_padding, llm_kind="encoder-decoder")
 
@@ -332,7 +324,8 @@ class LLM4GenXLPipeline(LLMConditioning, StableDiffusionXLPipeline):
                  adapter, image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt: bool = False,
                  add_watermarker: Optional[bool] = False, llm_max_length: int = 32, llm_prefix: str = "",
                  llm_layer: Any = -1, llm_layer_norm: str = "auto", llm_zero_padding: bool = True,
-                 llm_kind: str = "encoder", frozen_sources: Optional[dict] = None, fusion: Optional[GatedFusion] = None):
+                 llm_kind: str = "encoder", frozen_sources: Optional[dict] = None, fusion: Optional[GatedFusion] = None,
+                 trained_dtypes: Optional[dict] = None):
         names = ("vae", "text_encoder", "text_encoder_2", "unet", "llm")
         frozen = resolve_frozen(dict(zip(names, (vae, text_encoder, text_encoder_2, unet, llm))), frozen_sources)
         vae, text_encoder, text_encoder_2, unet, llm = (frozen[k] for k in names)
@@ -344,7 +337,7 @@ class LLM4GenXLPipeline(LLMConditioning, StableDiffusionXLPipeline):
         install_fusion(fusion, unet)
         self.register_to_config(llm_max_length=llm_max_length, llm_prefix=llm_prefix, llm_layer=llm_layer,
                                 llm_layer_norm=llm_layer_norm, llm_zero_padding=llm_zero_padding, llm_kind=llm_kind,
-                                frozen_sources=frozen_sources)
+                                frozen_sources=frozen_sources, trained_dtypes=trained_dtypes)
 
     def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt: int = 1,
                       do_classifier_free_guidance: bool = True, negative_prompt=None, negative_prompt_2=None,
@@ -384,52 +377,10 @@ def pipeline_from_module(module, scheduler: str = "DDIMScheduler", for_saving: b
                   llm_tokenizer=llm.tokenizer, adapter=module.adapter, llm_max_length=module.cfg.llm.max_length,
                   llm_prefix=llm.prefix, llm_layer=module.cfg.llm.layer,
                   llm_layer_norm=str(module.cfg.llm.layer_norm), llm_zero_padding=llm.zero_padding,
-                  llm_kind=llm.kind, fusion=module.fusion)
+                  llm_kind=llm.kind, fusion=module.fusion, trained_dtypes=trained_dtypes(module))
     if module.cfg.base.family == "sdxl":
         return LLM4GenXLPipeline(text_encoder_2=text.text_encoder_2, tokenizer_2=text.tokenizer_2, **common)
     return LLM4GenPipeline(**common)
-
-
-def frozen_references(module) -> dict[str, dict]:
-    """Where a trained module's frozen parts come from (the VAE, CLIP, the LLM, and the UNet when it did not
-    train), as ``frozen_sources`` references: what an export names instead of copying."""
-    cfg = module.cfg
-
-    def source(path: str) -> str:
-        local = Path(path).expanduser()
-        return str(local.resolve()) if not path.startswith("embedded:") and local.exists() else path
-
-    base = source(cfg.base.pretrained)
-    references = {"vae": {"library": "diffusers", "class": "AutoencoderKL", "source": base, "subfolder": "vae"},
-                  "text_encoder": {"library": "transformers", "class": "CLIPTextModel", "source": base,
-                                   "subfolder": "text_encoder"},
-                  "llm": {"library": "llm4gen", "class": "LLMEncoder", "source": source(cfg.llm.pretrained),
-                          "kind": module.llm.kind}}
-    if cfg.llm.lora_rank > 0:
-        del references["llm"]  # its LoRA trained: the pipeline carries the merged LLM
-    if cfg.base.family == "sdxl":
-        references["text_encoder_2"] = {"library": "transformers", "class": "CLIPTextModelWithProjection",
-                                        "source": base, "subfolder": "text_encoder_2"}
-    if cfg.unet_training == "frozen":
-        references["unet"] = {"library": "diffusers", "class": "UNet2DConditionModel",
-                              "source": source(cfg.base.unet) if cfg.base.unet else base,
-                              "subfolder": None if cfg.base.unet else "unet"}
-    return references
-
-
-def save_by_reference(pipe, directory, frozen_sources: dict[str, dict]) -> Path:
-    """Saves ``pipe`` with the components named in ``frozen_sources`` recorded, not copied: null in
-    ``model_index.json``, loaded from their sources when the folder is loaded (``from_pretrained(folder,
-    vae=...)`` still replaces any of them)."""
-    kept = {name: getattr(pipe, name) for name in frozen_sources}
-    try:
-        pipe.register_modules(**{name: None for name in frozen_sources})
-        pipe.register_to_config(frozen_sources=frozen_sources)
-        pipe.save_pretrained(directory, safe_serialization=True)
-    finally:
-        pipe.register_modules(**kept)
-        pipe.register_to_config(frozen_sources=None)
-    return Path(directory)
 
 
 def merged_lora_copy(model):
@@ -443,20 +394,6 @@ def merged_lora_copy(model):
             layer.merge()
     recurse_remove_peft_layers(merged)
     return merged.requires_grad_(False)
-
-
-def saveable_llm(model):
-    """The LLM as a transformers model that saves and loads by itself: a T5 encoder stack (what the training
-    module reads) goes into a ``T5EncoderModel`` sharing its weights."""
-    from transformers import PreTrainedModel, T5EncoderModel
-
-    if type(model).__name__ == "T5Stack":  # a PreTrainedModel too, but not one from_pretrained can name
-        encoder = T5EncoderModel(model.config)
-        encoder.encoder, encoder.shared = model, model.embed_tokens
-        return encoder.to(next(model.parameters()).dtype)
-    if isinstance(model, PreTrainedModel):
-        return model
-    raise TypeError(f"cannot save an LLM of type {type(model).__name__} in a pipeline")
 
 
 PIPELINES = {"LLM4GenPipeline": LLM4GenPipeline, "LLM4GenXLPipeline": LLM4GenXLPipeline}
@@ -478,6 +415,18 @@ def pipeline_class(folder) -> type:
     return PIPELINES[name]
 
 
-def load_pipeline(folder, **kwargs):
-    """The LLM4GenPipeline or LLM4GenXLPipeline a folder's ``model_index.json`` names."""
-    return pipeline_class(folder).from_pretrained(folder, **kwargs)
+def load_pipeline(folder, dtype: DtypeRequest = None, **kwargs):
+    """The LLM4GenPipeline or LLM4GenXLPipeline a folder's ``model_index.json`` names, each component in the dtype
+    the run sampled it in (its recorded ``trained_dtypes``: e.g. a bf16 UNet and CLIP, an fp32 VAE and connector),
+    so that it samples what ``generate.py`` samples from the run's checkpoint; ``dtype`` (one, or a dict by
+    component) replaces them. A folder without the record loads in float32, as diffusers loads it. Weights are read
+    from safetensors files only (export.py writes no other kind)."""
+    pipe = pipeline_class(folder).from_pretrained(folder, **{"use_safetensors": True, **kwargs})
+    if dtype is None and not {"dtype", "torch_dtype"} & set(kwargs):
+        dtype = json.loads((Path(folder) / "model_index.json").read_text()).get("trained_dtypes")
+    # Cast after loading: the values from_pretrained(dtype=) gives, on every diffusers since the floor (a dict of
+    # dtypes needs 0.32). nn.Module's own .to: diffusers' override warns of fp32-kept modules where a model has none.
+    for name, component in pipe.components.items() if dtype else ():
+        if isinstance(component, torch.nn.Module):
+            torch.nn.Module.to(component, component_dtype(dtype, name))
+    return pipe

@@ -142,6 +142,28 @@ def test_the_release_loads_as_a_pipeline_that_samples_what_generate_release_samp
     np.testing.assert_allclose(piped, our_generate(module), rtol=0, atol=1e-6)
 
 
+def test_the_release_samples_in_the_shipped_configs_dtypes(release):
+    """UNet, CLIP and T5 in bf16, the VAE and the CAM in float32 (configs/sd15_t5xl.yaml's dtypes): from_release and
+    generate.py --release's module load the same mix and sample the same images."""
+    from llm4gen.pipelines import LLM4GenPipeline
+
+    release_dir, t5_folder, base = release
+    half = ["model.base.dtype=bfloat16", "model.llm.dtype=bfloat16"]
+    module = generate.load_release_module(str(release_dir), None, [*model_overrides(t5_folder, base, masked=True), *half])
+    pipe = LLM4GenPipeline.from_release(release_dir, base=str(base), llm=str(t5_folder), llm_max_length=LLM_TOKENS,
+                                        torch_dtype=torch.bfloat16)
+    for part in (pipe, module):
+        assert (part.unet.dtype, part.vae.dtype, next(part.adapter.parameters()).dtype) == \
+            (torch.bfloat16, torch.float32, torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in SEEDS]
+    piped = pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, negative_prompt=[""] * len(PROMPTS),
+                 generator=generators, output_type="np").images
+    ours = our_generate(module)
+    assert np.isfinite(piped).all() and piped.std() > 0.01
+    np.testing.assert_array_equal(piped, ours)
+
+
 def test_release_generation_matches_the_reference_then_trains_exports_and_reloads(release, tmp_path, capsys):
     release_dir, t5_folder, base = release
     module = generate.load_release_module(str(release_dir), None, model_overrides(t5_folder, base))

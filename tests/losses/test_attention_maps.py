@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from llm4gen.adapters.layout import ContextLayout
 from llm4gen.cli import attention_maps
 from llm4gen.datamodules.batch import Batch
 from llm4gen.losses.attention_maps import (
@@ -13,6 +14,7 @@ from llm4gen.losses.attention_maps import (
     colorize,
     layer_grid,
     panel,
+    positions_in_context,
     render_attention_panels,
     word_maps,
 )
@@ -165,3 +167,13 @@ def test_command_refuses_bad_arguments(checkpoint, tmp_path, capsys):
     assert attention_maps.main(["--checkpoint", str(checkpoint), *base, "--layers", "nope"]) == 2
     assert "--layers 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_word_positions_follow_the_connectors_context_layout():
+    fused = [5, 80, 81]  # a word's CLIP token and two LLM tokens in the fused [77 CLIP, LLM] sequence
+    assert positions_in_context(fused, ContextLayout.CLIP_THEN_LLM, 77) == [5, 80, 81]  # the CAM, the MLP
+    assert positions_in_context(fused, ContextLayout.LLM, 77) == [3, 4]  # LaVi-Bridge: LLM tokens from 0
+    assert positions_in_context(fused, ContextLayout.CLIP_THEN_QUERIES, 77) == [5]  # ELLA after CLIP
+    assert positions_in_context(fused, None, 77) == [5]  # the base: CLIP alone
+    with pytest.raises(ValueError, match="no word positions"):
+        positions_in_context(fused, ContextLayout.QUERIES, 77)
