@@ -5,7 +5,7 @@ An export holds what trained (megabytes); its VAE, CLIP, LLM and a frozen UNet a
 loaded from there when the folder is loaded, in the dtype the caller asked ``from_pretrained`` for, as diffusers
 loads the parts a folder does hold. The run's own dtypes (``trained_dtypes``: the frozen parts in
 ``model.base.dtype`` / ``vae_dtype`` / ``model.llm.dtype``, the connector in float32) are recorded beside them,
-so :func:`llm4gen.pipelines.load_pipeline` samples an export exactly as ``generate.py`` samples its checkpoint.
+so ``load_pipeline`` (pipelines/llm4gen_pipeline.py) samples an export exactly as ``generate.py`` samples its checkpoint.
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ def load_reference(name: str, reference: dict, dtype: torch.dtype = torch.float3
     if reference["library"] == "llm4gen":  # the LLM, read as training read it
         config = load_llm_config(source, None, False)
         return saveable_llm(load_llm_model(source, config, reference.get("kind", "encoder"), dtype))
+    if reference["library"] not in ("diffusers", "transformers"):  # the folder names what is imported: no other
+        raise ValueError(f"frozen_sources names library {reference['library']!r}; an export names diffusers, "
+                         f"transformers or llm4gen")
     loader = getattr(importlib.import_module(reference["library"]), reference["class"])
     subfolder = {"subfolder": reference["subfolder"]} if reference.get("subfolder") else {}
     dtype_argument = "dtype" if reference["library"] == "transformers" else "torch_dtype"  # each library's own name
