@@ -15,7 +15,7 @@ import torch
 from llm4gen.datamodules.sample_slices import segments_of
 from llm4gen.datamodules.shards import epoch_shard_numbers
 from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
-from tests.helpers.shards import png_bytes, write_tar
+from tests.helpers.shards import consume, keys_of, png_bytes, write_tar
 
 SIZES = [11, 3, 8, 1, 6, 9, 4]  # 42 samples in 7 shards of uneven size
 BATCH = 3
@@ -57,20 +57,6 @@ def make(shards, rank, world_size, num_workers=0, **overrides):
     settings = dict(batch_size=BATCH, resolution=8, shuffle_buffer=4, seed=7, rank=rank, world_size=world_size,
                     num_workers=num_workers)
     return WebDatasetDataModule(shards, **{**settings, **overrides})
-
-
-def consume(dm, limit=None, loader=None):
-    batches = []
-    for batch in dm.train_dataloader() if loader is None else loader:
-        dm.on_batch_consumed(batch)
-        batches.append(batch)
-        if limit is not None and len(batches) == limit:
-            break
-    return batches
-
-
-def keys_of(batches):
-    return [key for batch in batches for key in batch.keys]
 
 
 def gathered(states):

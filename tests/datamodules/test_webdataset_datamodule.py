@@ -13,7 +13,7 @@ from llm4gen.datamodules.shards import resolve_shards
 from llm4gen.datamodules.synthetic import synthetic_sample, write_synthetic_shards
 from llm4gen.datamodules.transforms import SKIP_REASONS
 from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
-from tests.helpers.shards import png_bytes, write_tar
+from tests.helpers.shards import consume, keys_of, png_bytes, write_tar
 
 NUM_SYNTHETIC = 44  # 6 shards of 8 (the last holds 4): uneven on purpose
 
@@ -67,21 +67,6 @@ def make(data_dir, **overrides):
     return WebDatasetDataModule(**settings)
 
 
-def run_pass(dm, loader, limit=None):
-    """Iterate one pass, reporting each batch as consumed; stop after ``limit`` batches."""
-    batches = []
-    for batch in loader:
-        dm.on_batch_consumed(batch)
-        batches.append(batch)
-        if limit is not None and len(batches) == limit:
-            break
-    return batches
-
-
-def keys_of(batches):
-    return [key for batch in batches for key in batch.keys]
-
-
 def skips_of(batches):
     total = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
     for batch in batches:
@@ -122,7 +107,7 @@ def test_resolve_shards_names_what_is_missing(tmp_path):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_one_epoch_yields_every_sample_once_with_the_batch_contract(data_dir, num_workers):
     dm = make(synthetic_only(data_dir), num_workers=num_workers, batch_size=4, resolution=16)
-    batches = run_pass(dm, dm.train_dataloader())
+    batches = consume(dm, loader=dm.train_dataloader())
     keys = keys_of(batches)
     assert sorted(keys) == sorted(SYNTHETIC_KEYS)
     for batch in batches:
@@ -138,7 +123,7 @@ def test_one_epoch_yields_every_sample_once_with_the_batch_contract(data_dir, nu
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_bad_samples_are_skipped_and_counted_by_reason(data_dir, num_workers):
     dm = make(data_dir, num_workers=num_workers)
-    batches = run_pass(dm, dm.train_dataloader())
+    batches = consume(dm, loader=dm.train_dataloader())
     keys = keys_of(batches)
     assert len(keys) == len(set(keys))
     assert set(keys) == EXPECTED_GOOD
@@ -149,11 +134,11 @@ def test_bad_samples_are_skipped_and_counted_by_reason(data_dir, num_workers):
 def test_epochs_reshuffle_and_advance(data_dir):
     dm = make(synthetic_only(data_dir))
     loader = dm.train_dataloader()
-    first, second = keys_of(run_pass(dm, loader)), keys_of(run_pass(dm, loader))
+    first, second = keys_of(consume(dm, loader=loader)), keys_of(consume(dm, loader=loader))
     assert sorted(first) == sorted(second) and first != second
     assert dm.epoch == 2
     again = make(synthetic_only(data_dir))
-    assert keys_of(run_pass(again, again.train_dataloader())) == first  # same seed, same order
+    assert keys_of(consume(again, loader=again.train_dataloader())) == first  # same seed, same order
 
 
 def test_random_flip_changes_with_epoch_but_not_with_workers(data_dir):
@@ -162,7 +147,7 @@ def test_random_flip_changes_with_epoch_but_not_with_workers(data_dir):
         dm = make(synthetic_only(data_dir), num_workers=num_workers, random_flip=True, center_crop=False)
         loader = dm.train_dataloader()
         for epoch in (0, 1):
-            for batch in run_pass(dm, loader):
+            for batch in consume(dm, loader=loader):
                 for key, image in zip(batch.keys, batch.pixel_values):
                     pixels[(num_workers, epoch, key)] = image
     for key in SYNTHETIC_KEYS:
@@ -215,7 +200,7 @@ def test_precomputed_members_travel_instead_of_pixels(tmp_path):
     dm = WebDatasetDataModule(
         str(tmp_path), batch_size=3, shuffle_buffer=0, precomputed_keys=["latent_moments", "llm_features", "entities"]
     )
-    batches = run_pass(dm, dm.train_dataloader())
+    batches = consume(dm, loader=dm.train_dataloader())
     assert keys_of(batches) == [f"cached-{i}" for i in range(6)]
     assert skips_of(batches)["bad_precomputed"] == 1 and skips_of(batches)["bad_image"] == 0
     for batch in batches:
@@ -238,7 +223,7 @@ def test_precomputed_members_travel_instead_of_pixels(tmp_path):
 def reference_run(data_dir, **settings):
     dm = make(data_dir, **settings)
     loader = dm.train_dataloader()
-    return run_pass(dm, loader), run_pass(dm, loader)
+    return consume(dm, loader=loader), consume(dm, loader=loader)
 
 
 def same_batches(a, b):
@@ -265,16 +250,16 @@ def test_resume_continues_the_uninterrupted_stream(data_dir, settings):
     exhaustive = not settings.get("epoch_batches")  # every stop where skips are countable exactly
     for stop in range(1, len(epoch0)) if exhaustive else sorted({1, 4, len(epoch0) // 2, len(epoch0) - 2}):
         interrupted = make(data_dir, **settings)
-        consumed = run_pass(interrupted, interrupted.train_dataloader(), limit=stop)
+        consumed = consume(interrupted, loader=interrupted.train_dataloader(), limit=stop)
         same_batches(consumed, epoch0[:stop])
         state = json.loads(json.dumps(interrupted.state_dict()))  # checkpoints need plain values
 
         resumed = make(data_dir, **settings)
         resumed.load_state_dict(state)
         loader = resumed.train_dataloader()
-        rest = run_pass(resumed, loader)
+        rest = consume(resumed, loader=loader)
         same_batches(rest, epoch0[stop:])
-        same_batches(run_pass(resumed, loader), epoch1)
+        same_batches(consume(resumed, loader=loader), epoch1)
         if not settings.get("resampled") and not settings.get("epoch_batches"):
             assert skips_of(consumed + rest) == EXPECTED_SKIPS  # every skip counted exactly once
 
@@ -282,32 +267,32 @@ def test_resume_continues_the_uninterrupted_stream(data_dir, settings):
 def test_state_after_a_finished_epoch_starts_the_next(data_dir):
     epoch0, epoch1 = reference_run(synthetic_only(data_dir), num_workers=2)
     dm = make(synthetic_only(data_dir), num_workers=2)
-    run_pass(dm, dm.train_dataloader())
+    consume(dm, loader=dm.train_dataloader())
     state = dm.state_dict()
     assert state["ranks"][0]["epoch"] == 1 and state["ranks"][0]["batches"] == 0
     resumed = make(synthetic_only(data_dir), num_workers=2)
     resumed.load_state_dict(state)
-    same_batches(run_pass(resumed, resumed.train_dataloader()), epoch1)
+    same_batches(consume(resumed, loader=resumed.train_dataloader()), epoch1)
 
 
 def test_a_pass_stopped_early_is_continued_by_the_next_pass(data_dir):
     (epoch0, _) = reference_run(synthetic_only(data_dir), num_workers=2)
     dm = make(synthetic_only(data_dir), num_workers=2)
     loader = dm.train_dataloader()
-    head = run_pass(dm, loader, limit=5)
+    head = consume(dm, loader=loader, limit=5)
     assert dm.epoch == 0 and dm.batches_consumed == 5
-    same_batches(head + run_pass(dm, loader), epoch0)
+    same_batches(head + consume(dm, loader=loader), epoch0)
 
 
 def test_changed_worker_count_finishes_the_saved_epoch_without_repeats(data_dir):
     dm = make(synthetic_only(data_dir), num_workers=2)
-    head = run_pass(dm, dm.train_dataloader(), limit=3)
+    head = consume(dm, loader=dm.train_dataloader(), limit=3)
     resumed = make(synthetic_only(data_dir), num_workers=0)
     resumed.load_state_dict(dm.state_dict())
     loader = resumed.train_dataloader()
-    rest = run_pass(resumed, loader)  # the samples the 2 workers had not used, read by one
+    rest = consume(resumed, loader=loader)  # the samples the 2 workers had not used, read by one
     assert sorted(keys_of(head) + keys_of(rest)) == sorted(SYNTHETIC_KEYS)
-    assert sorted(keys_of(run_pass(resumed, loader))) == sorted(SYNTHETIC_KEYS)  # then a whole epoch
+    assert sorted(keys_of(consume(resumed, loader=loader))) == sorted(SYNTHETIC_KEYS)  # then a whole epoch
 
 
 # ---------------------------------------------------------------- ranks
@@ -318,7 +303,7 @@ def test_two_ranks_read_disjoint_samples_that_cover_the_epoch_but_a_stated_remai
     per_rank = []
     for rank in (0, 1):
         dm = make(synthetic_only(data_dir), num_workers=num_workers, rank=rank, world_size=2)
-        per_rank.append(run_pass(dm, dm.train_dataloader()))
+        per_rank.append(consume(dm, loader=dm.train_dataloader()))
     assert [len(batches) for batches in per_rank] == [NUM_SYNTHETIC // (2 * 3)] * 2  # equal, full batches of 3
     keys = [keys_of(batches) for batches in per_rank]
     assert not set(keys[0]) & set(keys[1])
@@ -333,7 +318,7 @@ def test_epoch_batches_gives_every_rank_the_same_number_of_full_batches(data_dir
         dm = make(synthetic_only(data_dir), num_workers=2, rank=rank, world_size=3, epoch_batches=7, resampled=resampled)
         loader = dm.train_dataloader()
         assert len(loader) == 7
-        batches = run_pass(dm, loader)
+        batches = consume(dm, loader=loader)
         counts.append([len(b.keys) for b in batches])
         keys.append(keys_of(batches))
     assert counts == [[3] * 7] * 3
@@ -415,7 +400,7 @@ def _consume_under_gloo(rank, world_size, shards, init_file, out_file, stop):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         dm = WebDatasetDataModule(shards, batch_size=3, num_workers=0, resolution=8, shuffle_buffer=4, seed=2)
-        run_pass(dm, dm.train_dataloader(), limit=stop + rank)  # ranks at different positions
+        consume(dm, loader=dm.train_dataloader(), limit=stop + rank)  # ranks at different positions
         state = dm.state_dict()  # collective: every rank takes part, as in Trainer.save_checkpoint
         if rank == 0:
             with open(out_file, "w") as handle:
@@ -435,10 +420,10 @@ def test_state_dict_gathers_every_ranks_position_under_torch_distributed(data_di
     for rank in (0, 1):
         settings = dict(shards=shards, batch_size=3, resolution=8, shuffle_buffer=4, seed=2, rank=rank, world_size=2)
         reference = WebDatasetDataModule(**settings)
-        full = run_pass(reference, reference.train_dataloader())
+        full = consume(reference, loader=reference.train_dataloader())
         resumed = WebDatasetDataModule(**settings)
         resumed.load_state_dict(state)
-        assert keys_of(run_pass(resumed, resumed.train_dataloader())) == keys_of(full[2 + rank :])
+        assert keys_of(consume(resumed, loader=resumed.train_dataloader())) == keys_of(full[2 + rank :])
 
 
 def test_a_broken_shard_right_after_a_batch_is_counted_once_across_a_resume(tmp_path):
@@ -448,13 +433,13 @@ def test_a_broken_shard_right_after_a_batch_is_counted_once_across_a_resume(tmp_
     write_tar(tmp_path / "c.tar", good("c"))
     settings = dict(shards=str(tmp_path), batch_size=3, resolution=8, shuffle_buffer=0, shuffle_shards=False)
     full = WebDatasetDataModule(**settings)
-    batches = run_pass(full, full.train_dataloader())
+    batches = consume(full, loader=full.train_dataloader())
     assert keys_of(batches) == [f"{n}-{i}" for n in "ac" for i in range(3)]
     assert skips_of(batches)["bad_shard"] == 1
     first = WebDatasetDataModule(**settings)
-    consumed = run_pass(first, first.train_dataloader(), limit=1)
+    consumed = consume(first, loader=first.train_dataloader(), limit=1)
     resumed = WebDatasetDataModule(**settings)
     resumed.load_state_dict(first.state_dict())
-    rest = run_pass(resumed, resumed.train_dataloader())
+    rest = consume(resumed, loader=resumed.train_dataloader())
     assert keys_of(rest) == [f"c-{i}" for i in range(3)]
     assert skips_of(consumed)["bad_shard"] + skips_of(rest)["bad_shard"] == 1

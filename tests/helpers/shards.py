@@ -116,3 +116,20 @@ def write_latent_shards(directory, num_samples: int, samples_per_shard: int, poi
         write_tar(path, samples)
         paths.append(path)
     return paths
+
+
+def consume(dm, limit=None, loader=None):
+    """Iterate a datamodule's train loader (or ``loader``) as Lightning does, reporting each batch as consumed (the
+    position a checkpoint saves); stop after ``limit`` batches."""
+    batches = []
+    for batch in dm.train_dataloader() if loader is None else loader:
+        dm.on_batch_consumed(batch)
+        batches.append(batch)
+        if limit is not None and len(batches) == limit:
+            break
+    return batches
+
+
+def keys_of(batches):
+    """The sample keys of ``batches``, in order."""
+    return [key for batch in batches for key in batch.keys]
