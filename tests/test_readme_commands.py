@@ -345,6 +345,21 @@ def fast_tier_markers_registered(ctx: Context, script: str, args: list[str]):
         assert re.search(rf"^\s+{marker}:", registered, flags=re.M), marker
 
 
+def kernel_sets_in_ci(ctx: Context, script: str, args: list[str]):
+    """The kernel-set tier selects by marker: registered, carried by tests/test_kernel_sets.py, run by .ci/run."""
+    assert re.search(r"^\s+kernel_sets:", (ROOT / "setup.cfg").read_text(), flags=re.M)
+    assert "pytest.mark.kernel_sets" in (ROOT / "tests" / "test_kernel_sets.py").read_text()
+    assert "python -m pytest -m kernel_sets" in (ROOT / ".ci" / "run").read_text()
+
+
+def run_kernel_probe(ctx: Context, script: str, args: list[str]):
+    """``python -m tests.helpers.kernel_probe``: which kernels this process computes with."""
+    from tests.helpers.kernel_probe import probe
+
+    seen = probe(threads=1)
+    assert seen["capability"] in ("DEFAULT", "AVX2", "AVX512") and len(seen["fingerprints"]) == 4
+
+
 def gpu_marker_registered(ctx: Context, script: str, args: list[str]):
     """The GPU tier selects by marker: it must be registered and carried by the CUDA tests."""
     assert re.search(r"^\s+gpu:", (ROOT / "setup.cfg").read_text(), flags=re.M)
@@ -408,9 +423,11 @@ COVERAGE = [
           "the [dpg] extra (modelscope, DPG-Bench's mPLUG VQA); the models it runs are not installable offline"),
     Entry(r"python -m llm4gen\.cli\.probes", run_probes, "run"),
     Entry(r"python -m llm4gen\.cli\.shapes_evidence (run|data|report) configs/sweeps/(shapes_evidence|evidence_v3"
-          r"|evidence_v3_replication)\.yaml( --protocol v\d(-replication)?)?( --replication \S+)?", dry_run_module,
+          r"|evidence_v3_replication|evidence_v4)\.yaml( --protocol v\d(-replication)?)?( --replication \S+)?", dry_run_module,
           "dry-run", "each study takes two to three hours on 2 cores; tests/evaluation/test_experiment.py "
           "runs data, a 2-arm sweep and the report on the tiny model"),
+    Entry(r"python -m llm4gen\.cli\.shapes_evidence size \S+ --replication \S+ --protocol v4", dry_run_module, "dry-run",
+          "tests/evaluation/test_experiment_v4.py runs it and checks the protocol's table"),
     Entry(r"python -m llm4gen\.cli\.connectors (run|report) configs/sweeps/connectors(_lora|_v3)?\.yaml( --protocol v3)?",
           dry_run_module, "dry-run", "twelve training runs and fifteen evaluations (over an hour on 2 cores); "
           "tests/evaluation/test_connectors_experiment.py runs data, two kinds and the report on the tiny model"),
@@ -430,6 +447,9 @@ COVERAGE = [
           "layout and trains and caches on it"),
     Entry(r"python train\.py --config configs/llm4gen_sdxl\.yaml data\.shards=/data/\S+", dry_run, "dry-run",
           "trains full-size SDXL on a downloaded LAION part: parsed and its config loaded through the schema"),
+    Entry(r"python -m pytest -m kernel_sets", kernel_sets_in_ci, "dry-run",
+          "the float-sensitive tests again on two other kernel sets (3 minutes); .ci/run runs it"),
+    Entry(r"python -m tests\.helpers\.kernel_probe", run_kernel_probe, "run"),
     Entry(r"python -m pytest -m gpu", gpu_marker_registered, "dry-run",
           "needs CUDA (none here); bench/gpu_bench.py and these tests run where a GPU is lent"),
     Entry(r"python -m pytest -m 'not slow and not cluster'", fast_tier_markers_registered, "dry-run",
