@@ -44,7 +44,7 @@ from llm4gen.evaluation.shapes_scorer import ShapesScorer
 from llm4gen.evaluation.t2i_compbench import OFFICIAL_SPACY, PROTOCOLS, check_prompt_file, shipped_folder
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
 from llm4gen.lightning_modules.generation_cost import sampler_cost
-from llm4gen.lightning_modules.sampler import SamplingSettings, describe, load_sampler
+from llm4gen.lightning_modules.sampler import SamplingSettings, check_another_base, describe, load_sampler
 from llm4gen.pipelines.llm4gen_pipeline import pipeline_class
 
 
@@ -67,7 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     what.add_argument("--pipeline", help="an exported pipeline folder (export.py --format diffusers)")
     what.add_argument("--adapter", help="an exported run folder (<run>/export: model_config.yaml, adapter/)")
     what.add_argument("--base", help="the base model (hub id or diffusers folder): alone, the baseline; with "
-                                     "--adapter, replaces the base recorded in the export")
+                                     "--checkpoint, --pipeline or --adapter, another base of the connector's family "
+                                     "to evaluate it on (checked first; with --checkpoint/--pipeline also one "
+                                     ".safetensors/.ckpt file)")
+    what.add_argument("--base-config", help="with a single-file --base: a local diffusers folder of its family")
     what.add_argument("--no-ema", action="store_true", help="checkpoint: the trained weights, not their EMA")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS),
                    help="a T2I-CompBench protocol (evaluation/t2i_compbench.py): its shipped prompt files, noun-phrase "
@@ -231,6 +234,9 @@ def evaluate(args) -> int:
                              "--adapter (an export folder) or --base")
         if args.pipeline:
             pipeline_class(args.pipeline)  # a pipeline folder at all, before any scorer loads
+        if args.base and (args.checkpoint or args.pipeline or args.adapter):  # another base: it fits, before loading
+            model = args.checkpoint and load_checkpoint_checked(args.checkpoint)["hyper_parameters"]["model"]
+            check_another_base(args.base, args.base_config, model or None, args.pipeline, args.adapter)
         sets = prompt_sets(args)
         evaluation = Evaluation(Path(args.output_dir), sets, build_scorers(args, sets, device), args.images_per_prompt,
                                 args.seed, args.batch_size, progress=not args.no_progress,
@@ -245,7 +251,7 @@ def evaluate(args) -> int:
     for warning in protocol_warnings(args, sets):  # once everything is checked: a refusal stays one paragraph
         print(f"evaluate.py: warning: {warning}", file=sys.stderr)
     sampler = load_sampler(args.checkpoint, args.adapter, args.base, settings, device, use_ema=not args.no_ema,
-                           pipeline=args.pipeline)
+                           pipeline=args.pipeline, base_config=args.base_config)
     todo = missing_images(plan)
     if todo:
         print(f"cost: {sampler_cost(sampler, todo).summary(device_name(device))}", flush=True)

@@ -96,13 +96,18 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def unet_layers(unet_config: dict) -> tuple[tuple[str, int], ...]:
-    """The cross-attention layers of a UNet of this config, built on the meta device (no memory, no weights)."""
+def meta_unet(unet_config: dict):
+    """A UNet of this config on the meta device: its structure, no memory, no weights."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
-    return tuple(sorted((name, layer.to_k.out_features) for name, layer in cross_attention_layers(unet).items()))
+        return UNet2DConditionModel.from_config(unet_config)
+
+
+def unet_layers(unet_config: dict) -> tuple[tuple[str, int], ...]:
+    """The cross-attention layers of a UNet of this config."""
+    layers = cross_attention_layers(meta_unet(unet_config))
+    return tuple(sorted((name, layer.to_k.out_features) for name, layer in layers.items()))
 
 
 def tokenizer_shape(folder: Path) -> tuple[int, int]:
@@ -146,7 +151,15 @@ def single_file_shapes(path: Path, config: Path) -> BaseShapes:
         raise BaseMismatch(f"{str(path)!r} holds no Stable Diffusion text encoder under the original layout's names "
                            f"(cond_stage_model.transformer.* for SD1.5, conditioner.embedders.* for SDXL): not an "
                            f"SD1.5 or SDXL checkpoint in one file")
-    unet = convert_ldm_unet_checkpoint(shapes, read_json(config / "unet" / "config.json"))  # names -> shapes
+    unet_config = read_json(config / "unet" / "config.json")
+    unet = convert_ldm_unet_checkpoint(shapes, unet_config)  # diffusers' names -> the file's shapes
+    expected = {key: tuple(value.shape) for key, value in meta_unet(unet_config).state_dict().items()}
+    strange = [key for key in expected if unet.get(key) is not None and tuple(unet[key]) != expected[key]]
+    if strange or not set(expected) & set(unet):
+        key = strange[0] if strange else next(iter(expected))
+        raise BaseMismatch(f"the single file {str(path)!r} does not hold a UNet of the architecture of the configs it "
+                           f"is read with ({str(config)!r}): {key} is {unet.get(key)} in the file, {expected[key]} in "
+                           f"the configs. Give --base-config a local diffusers folder of the file's own architecture")
     layers = tuple(sorted((key.removesuffix(".to_k.weight"), shape[0]) for key, shape in unet.items()
                           if key.endswith("attn2.to_k.weight")))
     width = next(shape[1] for key, shape in unet.items() if key.endswith("attn2.to_k.weight"))
@@ -193,27 +206,26 @@ def base_shapes(base: str, config: Optional[str] = None) -> BaseShapes:
     return shapes_from_folders(diffusers_folders(local_folder(base, "the base")))
 
 
-def export_folders(folder: Path) -> dict[str, Path]:
-    """Where an exported pipeline folder's parts keep their configs: the folder itself, or the sources its
-    ``frozen_sources`` name."""
-    index = read_json(folder / "model_index.json")
-    references = index.get("frozen_sources") or {}
+def export_base(folder: Path) -> tuple[str, Optional[str], BaseShapes]:
+    """The base an exported pipeline folder was made for: its name, the local diffusers folder of its family (for
+    reading a single file), and its shapes, from the folder's own parts or the sources its ``frozen_sources``
+    name (a diffusers folder's subfolders, or a single file with its configs)."""
+    references = read_json(folder / "model_index.json").get("frozen_sources") or {}
+    reference = references.get("text_encoder") or references.get("unet")
+    if reference and reference.get("config"):  # exported for a single file
+        config = reference["config"]
+        return reference["source"], config, single_file_shapes(Path(reference["source"]),
+                                                               local_folder(config, "the export's base configs"))
     folders = {}
     for name in ("unet", "text_encoder", "text_encoder_2", "tokenizer"):
         if name in references:
-            reference = references[name]
-            source = Path(resolve_source(reference["source"]))
-            folders[name] = source / reference["subfolder"] if reference.get("subfolder") else source
+            source = Path(resolve_source(references[name]["source"]))
+            subfolder = references[name].get("subfolder")
+            folders[name] = source / subfolder if subfolder else source
         elif (folder / name).is_dir():
             folders[name] = folder / name
-    return folders
-
-
-def trained_base(folder: Path) -> Optional[str]:
-    """The base an export references (its UNet's or CLIP's source), if it references one."""
-    references = read_json(folder / "model_index.json").get("frozen_sources") or {}
-    reference = references.get("text_encoder") or references.get("unet")
-    return reference["source"] if reference else None
+    name = reference["source"] if reference else str(folder)
+    return name, reference["source"] if reference else None, shapes_from_folders(folders)
 
 
 def pipeline_shapes(pipe) -> BaseShapes:
@@ -253,18 +265,40 @@ def base_parts(loaded) -> dict:
 def check_export_base(folder, base: str, config: Optional[str] = None, what: str = "--base") -> BaseShapes:
     """Checks ``base`` against what the export in ``folder`` was trained on, reading configs and headers only;
     a single file's configs default to the export's own base. A UNet that trained with the connector is refused
-    (another base would drop it); a UNet LoRA is kept (it goes onto the new base's UNet)."""
+    (another base would drop it; a full export, which names no source, cannot say, and is let through); a UNet
+    LoRA is kept (it goes onto the new base's UNet)."""
     folder = Path(folder)
     index = read_json(folder / "model_index.json")
     references = index.get("frozen_sources") or {}
-    trained_name = trained_base(folder) or str(folder)
-    if "unet" not in references and not (folder / "unet_lora").is_dir():
+    trained_name, family_folder, trained = export_base(folder)
+    if references and "unet" not in references and not (folder / "unet_lora").is_dir():
         raise BaseMismatch(f"{what} {base!r}: the pipeline in {str(folder)!r} carries a UNet that trained with its "
                            f"connector (model.unet_training=full); another base would replace what it learned. "
                            f"Only a connector trained over a frozen UNet (or with a UNet LoRA) moves to another base")
     fusion = isinstance(index.get("fusion"), list) and index["fusion"][0] is not None
-    candidate = base_shapes(base, config or trained_base(folder))
-    check_base(shapes_from_folders(export_folders(folder)), candidate, trained_name, base, fusion=fusion, what=what)
+    candidate = base_shapes(base, config or family_folder)
+    check_base(trained, candidate, trained_name, base, fusion=fusion, what=what)
+    return candidate
+
+
+def check_model_base(model: dict, base: str, config: Optional[str] = None, what: str = "--base",
+                     unet_moves: bool = True) -> BaseShapes:
+    """Checks ``base`` against what a training run's connector (its resolved ``model`` config: a checkpoint's, an
+    export's ``model_config.yaml``) was trained on, reading configs and headers only. Where the base's UNet would
+    replace the run's (``unet_moves``), a run whose UNet trained (fully, or with a LoRA) is refused: export it
+    (export.py) and give the pipeline folder instead."""
+    if unet_moves and model.get("unet_training", "frozen") != "frozen":
+        raise BaseMismatch(f"{what} {base!r}: this run trained its UNet with the connector (model.unet_training="
+                           f"{model['unet_training']}); another base would replace what it learned. A connector "
+                           f"trained over a frozen UNet moves to another base; a UNet LoRA moves with an exported "
+                           f"pipeline (export.py, then --pipeline with --base)")
+    trained_name = model["base"]["pretrained"]
+    folders = diffusers_folders(local_folder(trained_name, "the run's model.base.pretrained"))
+    if model["base"].get("unet"):  # a UNet folder of its own (the release's)
+        folders["unet"] = local_folder(model["base"]["unet"], "the run's model.base.unet")
+    candidate = base_shapes(base, config or trained_name)
+    check_base(shapes_from_folders(folders), candidate, trained_name, base,
+               fusion=model["adapter"].get("fusion") == "gated", what=what)
     return candidate
 
 
@@ -274,7 +308,7 @@ def load_pipeline_on_base(folder, base: str, config: Optional[str] = None, dtype
     the dtypes the export records; a UNet LoRA the run trained goes onto the new UNet."""
     folder = Path(folder)
     candidate = check_export_base(folder, base, config)
-    loaded = load_base(base, candidate.family, config or trained_base(folder))
+    loaded = load_base(base, candidate.family, config or export_base(folder)[1])
     pipe = load_pipeline(folder, dtype, **base_parts(loaded), **kwargs)
     if (folder / "unet_lora").is_dir():
         pipe.load_lora_weights(str(folder / "unet_lora"))
@@ -293,3 +327,20 @@ def pipeline_on_base(pipe, base: str, config: Optional[str] = None, trained_name
     pipe.register_modules(**parts)
     install_fusion(pipe.fusion, pipe.unet)
     return pipe
+
+
+def base_references(references: dict[str, dict], base: str, family: str, config: Optional[str] = None) -> dict:
+    """An export's ``frozen_sources`` with the base's parts (VAE, CLIP, a frozen UNet) named from ``base`` instead:
+    a diffusers folder's subfolders, or a single file with the family folder whose configs it is read with."""
+    single = is_single_file(base)
+    source = str(Path(base).resolve()) if single or Path(base).exists() else base
+    moved = {}
+    for name, reference in references.items():
+        if name in BASE_PARTS:
+            reference = {"library": reference["library"], "class": reference["class"], "source": source,
+                         "subfolder": name}
+            if single:  # an embedded: name stays one (it resolves on any machine with llm4gen)
+                folder = config if config.startswith("embedded:") else str(local_folder(config, "--base-config"))
+                reference.update(config=folder, family=family)
+        moved[name] = reference
+    return moved
