@@ -12,7 +12,9 @@ UNet call at that call's timestep, for both halves of classifier-free guidance.
     pipe = LLM4GenPipeline.from_pretrained("runs/tiny/export/pipeline")
     image = pipe("a red circle and a blue square", generator=torch.Generator().manual_seed(0)).images[0]
 
-Build one from a training module with :func:`pipeline_from_module`.
+Build one from a training module with :func:`pipeline_from_module`. The same mixin sits in front of diffusers'
+ControlNet, T2I-Adapter, img2img and inpainting pipelines (pipelines/tools.py); another base of the family
+replaces the base's parts after a check of its shapes (pipelines/bases.py).
 """
 
 from __future__ import annotations
