@@ -173,3 +173,23 @@ def test_the_entry_points_take_another_base_and_refuse_one_of_another_family(tmp
     err = capsys.readouterr().err
     assert refusals == [2, 2, 2, 2] and err.count("cross-attention width 64 vs 80") == 4
     assert not any((tmp_path / d).exists() for d in "cdef")
+
+
+@pytest.mark.slow
+def test_a_unet_lora_moves_with_its_export_onto_another_base(tiny_model_config, tmp_path):
+    from llm4gen.cli.export import export_pipeline
+
+    torch.manual_seed(0)
+    module = make_module(tiny_model_config, **{"unet_training": "lora", "lora.rank": 4}).eval()
+    with torch.no_grad():  # a trained LoRA: its up projections away from their zero start
+        for name, p in module.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    folder = export_pipeline(module, tmp_path / "export", tmp_path / "run.ckpt", use_ema=False)
+    base_folder, single_file = community("embedded:tiny-sd", tmp_path, ".safetensors")
+    on_file = load_pipeline_on_base(folder, str(single_file), config="embedded:tiny-sd")
+    assert on_file.get_list_adapters().get("unet")  # the run's LoRA, on the new base's UNet
+    with_lora = images(on_file)
+    np.testing.assert_array_equal(with_lora, images(load_pipeline_on_base(folder, str(base_folder))))
+    on_file.disable_lora()
+    assert np.abs(with_lora - images(on_file)).max() > 1e-3
