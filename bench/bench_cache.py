@@ -31,7 +31,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from llm4gen.configs.schema import load_config  # noqa: E402
 from llm4gen.datamodules.synthetic import write_synthetic_shards  # noqa: E402
 from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule  # noqa: E402
-from llm4gen.tools.feature_cache import format_bytes, npy_bytes, run_cache, tar_member_bytes  # noqa: E402
+from llm4gen.tools.cache_storage import format_bytes, npy_bytes, tar_member_bytes  # noqa: E402
+from llm4gen.tools.feature_cache import run_cache  # noqa: E402
 
 CACHED_KEYS = ["latent_moments", "llm_features"]
 

@@ -23,6 +23,7 @@ from llm4gen.cli.generate import check_checkpoint_sources, check_sampling_args
 from llm4gen.configs.errors import UserError, entry_point
 from llm4gen.datamodules.collate import entity_parser
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
+from llm4gen.lightning_modules.safe_loading import TRUST_FLAG, TRUST_HELP, trusted_checkpoints
 from llm4gen.lightning_modules.sampler import load_checkpoint_module
 from llm4gen.losses.attention_capture import (
     captured_layers,
@@ -57,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--panel-size", type=int, default=256, help="side of each panel in the PNG, pixels")
     parser.add_argument("--no-ema", action="store_true", help="use the trained weights, not their EMA")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(TRUST_FLAG, action="store_true", help=f"--checkpoint: {TRUST_HELP}")
     return parser.parse_args(argv)
 
 
@@ -125,6 +127,11 @@ def check_word_positions(adapter: dict) -> None:
 @entry_point("attention_maps.py")
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with trusted_checkpoints(args.trust_checkpoint):
+        return attention_maps(args)
+
+
+def attention_maps(args: argparse.Namespace) -> int:
     if args.layers is not None:
         parse_layers(args.layers)
     if args.panel_size < 16:

@@ -9,6 +9,9 @@
     python evaluate.py --adapter runs/x/export --base /models/sd15 --coco-captions captions_val2014.json \
         --coco-images val2014/ --coco-limit 30000 --images-per-prompt 1 --output-dir eval/x-coco   # FID, CLIPScore
     python evaluate.py compare eval/sd15 eval/x --output-dir eval/compare    # one table + a bar plot
+    # DPG-Bench as ELLA scores it (4 images per prompt, mPLUG-large VQA; pip install 'llm4gen[dpg]')
+    python evaluate.py --checkpoint runs/x/checkpoints/last.ckpt --protocol dpg-bench --dpg-questions dpg_bench.csv \
+        --output-dir eval/x-dpg
 
 Every scorer's model loads before the first image is generated. Images already in --output-dir are
 kept, so an interrupted evaluation resumes; a rerun generates nothing new and scores again.
@@ -24,7 +27,11 @@ from pathlib import Path
 from llm4gen.cli.generate import check_checkpoint_sources
 from llm4gen.configs.errors import UserError, entry_point
 from llm4gen.evaluation import scorers as S
+from llm4gen.evaluation.aesthetic import AestheticScorer
 from llm4gen.evaluation.blip_vqa import DEFAULT_BLIP_VQA
+from llm4gen.evaluation.dpg_bench import PROTOCOL as DPG_PROTOCOL
+from llm4gen.evaluation.dpg_bench import QUESTIONS_BLOB, TILES, UPSTREAM
+from llm4gen.evaluation.dpg_scorer import VQA_CHOICES, DPGScorer, dpg_bench_set, shapes_dpg_set
 from llm4gen.evaluation.geneval import DEFAULT_CLIP as GENEVAL_CLIP
 from llm4gen.evaluation.geneval import DEFAULT_DETECTOR as GENEVAL_DETECTOR
 from llm4gen.evaluation.geneval import IMAGES_PER_PROMPT as GENEVAL_IMAGES
@@ -37,12 +44,14 @@ from llm4gen.evaluation.prompts import (
     read_prompt_file,
     shapes_sets,
 )
-from llm4gen.evaluation.report import MixedProtocols, compare
+from llm4gen.evaluation.report import MixedProtocols, compare, read_run
+from llm4gen.evaluation.run_comparison import fig6, paired_markdown, paired_rows
 from llm4gen.evaluation.runner import Evaluation, EvaluationError, missing_images
 from llm4gen.evaluation.scorers import ScorerUnavailable
 from llm4gen.evaluation.shapes_scorer import ShapesScorer
 from llm4gen.evaluation.t2i_compbench import OFFICIAL_SPACY, PROTOCOLS, check_prompt_file, shipped_folder
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
+from llm4gen.lightning_modules.safe_loading import TRUST_FLAG, TRUST_HELP, trusted_checkpoints
 from llm4gen.lightning_modules.generation_cost import sampler_cost
 from llm4gen.lightning_modules.sampler import SamplingSettings, check_another_base, describe, load_sampler
 from llm4gen.pipelines.llm4gen_pipeline import pipeline_class
@@ -72,9 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      ".safetensors/.ckpt file)")
     what.add_argument("--base-config", help="with a single-file --base: a local diffusers folder of its family")
     what.add_argument("--no-ema", action="store_true", help="checkpoint: the trained weights, not their EMA")
-    p.add_argument("--protocol", choices=sorted(PROTOCOLS),
+    what.add_argument(TRUST_FLAG, action="store_true", help=f"--checkpoint: {TRUST_HELP}")
+    p.add_argument("--protocol", choices=sorted([*PROTOCOLS, DPG_PROTOCOL.name]),
                    help="a T2I-CompBench protocol (evaluation/t2i_compbench.py): its shipped prompt files, noun-phrase "
-                        "cap, seeds, steps, scheduler and guidance; t2i-compbench-2023 is the published tables'")
+                        "cap, seeds, steps, scheduler and guidance; t2i-compbench-2023 is the published tables'; "
+                        "dpg-bench: ELLA's DPG-Bench (evaluation/dpg_bench.py), with --dpg-questions")
     sets = p.add_argument_group("prompt sets")
     sets.add_argument("--compbench", help="T2I-CompBench's examples/dataset folder (<category>_val.txt) or one file")
     sets.add_argument("--compbench-categories", default="color,shape,texture")
@@ -89,6 +100,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                        "heldout_1, heldout_2, heldout_3, or 'all'")
     sets.add_argument("--shapes-limit", type=int, default=None, help="prompts per shapes set (default: all 48)")
     sets.add_argument("--prompts", action="append", default=[], help="a plain prompt file, one per line (repeatable)")
+    sets.add_argument("--dpg-questions", help="DPG-Bench's question table: ELLA's dpg_bench/dpg_bench.csv (its prompts "
+                                              "ship here; the table is pinned by git blob id)")
+    sets.add_argument("--dpg-shapes", help="DPG-style questions, answered by the shapes analyzer, over shapes sets "
+                                           "(comma-separated, e.g. verbose_2,verbose_3)")
+    sets.add_argument("--dpg-limit", type=int, default=None, help="the first N DPG items of each DPG set (quick run)")
     gen = p.add_argument_group("generation")
     gen.add_argument("--output-dir", required=True)
     gen.add_argument("--images-per-prompt", type=int, default=None, help="default 10 (a protocol's own)")
@@ -103,8 +119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     gen.add_argument("--label", help="the run's name in tables (default: the output folder's name)")
     gen.add_argument("--no-progress", action="store_true")
     sc = p.add_argument_group("scorers")
-    sc.add_argument("--scorers", help="comma-separated from blip_vqa, clip_score, fid, shapes (default: blip_vqa for "
-                                      "T2I-CompBench, fid + clip_score for COCO, shapes for shapes sets)")
+    sc.add_argument("--scorers", help="comma-separated from aesthetic, blip_vqa, clip_score, clip_score_long, dpg, fid, "
+                                      "geneval, inception_score, shapes (default: blip_vqa for T2I-CompBench, fid + "
+                                      "clip_score for COCO, shapes for shapes sets, dpg for DPG sets)")
     sc.add_argument("--blip-model", default=None, help="default Salesforce/blip-vqa-capfilt-large")
     sc.add_argument("--blip-image-size", type=int, default=None, help="480 = the original BLIP's size (see "
                                                                       "evaluation/blip_vqa.py)")
@@ -122,6 +139,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     sc.add_argument("--fid-inception-weights", help="a local pt_inception-2015-12-05-6726825d.pth")
     sc.add_argument("--fid-reference", help="reference images for FID on sets without their own")
     sc.add_argument("--fid-max-reference", type=int, default=None)
+    sc.add_argument("--dpg-vqa", default="mplug", choices=VQA_CHOICES,
+                    help="DPG-Bench's VQA: mplug (the published scorer, needs modelscope) or blip (not comparable with "
+                         "published rows)")
+    sc.add_argument("--dpg-vqa-model", help="the VQA model (default: mPLUG-large's modelscope id; blip: "
+                                            f"{DEFAULT_BLIP_VQA})")
+    sc.add_argument("--aesthetic-weights", help="the LAION aesthetic predictor's sac+logos+ava1-l14-linearMSE.pth")
+    sc.add_argument("--aesthetic-clip", default=None, help="its CLIP ViT-L/14 (default openai/clip-vit-large-patch14)")
     return apply_protocol(p.parse_args(argv))
 
 
@@ -131,10 +155,17 @@ GENERATION_DEFAULTS = {"steps": 30, "scheduler": "DDIMScheduler", "guidance_scal
 
 def apply_protocol(args: argparse.Namespace) -> argparse.Namespace:
     """Fills what ``--protocol`` fixes (refusing a flag that contradicts it) and the defaults otherwise."""
-    protocol = PROTOCOLS.get(args.protocol) if args.protocol else None
+    compbench = PROTOCOLS.get(args.protocol) if args.protocol else None
+    protocol = DPG_PROTOCOL if args.protocol == DPG_PROTOCOL.name else compbench
     args.shared_seeds = protocol is not None
     if args.geneval and args.images_per_prompt is None and protocol is None and not args.compbench:
         args.images_per_prompt = GENEVAL_IMAGES  # GenEval's protocol: 4 images per prompt
+    if (args.dpg_questions or args.dpg_shapes) and args.images_per_prompt is None and protocol is None:
+        args.images_per_prompt = TILES  # DPG-Bench: a 2x2 grid per prompt
+    if protocol is DPG_PROTOCOL and not args.dpg_questions:
+        raise UserError(f"--protocol dpg-bench asks ELLA's questions, whose table is not shipped (it is too large for "
+                        f"this project's sources): give --dpg-questions PATH to dpg_bench/dpg_bench.csv of {UPSTREAM} "
+                        f"(git blob {QUESTIONS_BLOB}); its 1,065 prompts ship with llm4gen")
     for name, default in GENERATION_DEFAULTS.items():
         value, flag = getattr(args, name), "--" + name.replace("_", "-")
         if protocol is not None:
@@ -144,14 +175,14 @@ def apply_protocol(args: argparse.Namespace) -> argparse.Namespace:
                                 f"drop --protocol for a custom evaluation")
             value = wanted
         setattr(args, name, default if value is None else value)
-    cap = protocol.noun_phrase_cap if protocol else 8
-    if protocol is not None and args.noun_phrase_cap not in (None, cap):
-        raise UserError(f"--protocol {protocol.name} asks the first {cap} noun phrases; drop --noun-phrase-cap "
+    cap = compbench.noun_phrase_cap if compbench else 8
+    if compbench is not None and args.noun_phrase_cap not in (None, cap):
+        raise UserError(f"--protocol {compbench.name} asks the first {cap} noun phrases; drop --noun-phrase-cap "
                         f"{args.noun_phrase_cap}")
     args.noun_phrase_cap = cap if args.noun_phrase_cap is None else args.noun_phrase_cap
-    args.ignore_spatial = protocol.ignore_spatial if protocol else True
-    if protocol is not None and args.compbench is None:
-        args.compbench = str(shipped_folder(protocol.prompt_version))
+    args.ignore_spatial = compbench.ignore_spatial if compbench else True
+    if compbench is not None and args.compbench is None:
+        args.compbench = str(shipped_folder(compbench.prompt_version))
     return args
 
 
@@ -160,6 +191,10 @@ def protocol_warnings(args, sets) -> list[str]:
     protocol = PROTOCOLS.get(args.protocol) if args.protocol else None
     warnings = [w for s in sets if s.kind == "compbench" and "path" in s.meta
                 for w in [check_prompt_file(Path(s.meta["path"]), protocol)] if w]
+    warnings += [f"{s.meta['path']} is not ELLA's published DPG-Bench question table (git blob "
+                 f"{QUESTIONS_BLOB[:12]}..., this file {s.meta['questions_git_blob'][:12]}...): its scores are not "
+                 f"comparable with published rows"
+                 for s in sets if s.name == "dpg_bench" and not s.meta["published_table"]]
     if any(s.kind == "compbench" for s in sets):
         import spacy
 
@@ -187,9 +222,15 @@ def prompt_sets(args):
         sets += shapes_sets(args.shapes, args.shapes_limit)
     for path in args.prompts:
         sets.append(PromptSet(Path(path).stem, read_prompt_file(path)))
+    if args.dpg_questions:
+        sets.append(dpg_bench_set(args.dpg_questions, args.dpg_limit))
+    sets += [shapes_dpg_set(name, args.dpg_limit) for name in (args.dpg_shapes.split(",") if args.dpg_shapes else [])]
+    if any(s.kind == "dpg" for s in sets) and args.images_per_prompt != TILES:
+        raise ValueError(f"DPG-Bench scores {TILES} images per prompt (ELLA's 2x2 grid); drop --images-per-prompt "
+                         f"{args.images_per_prompt}")
     if not sets:
-        raise ValueError("no prompt set: give --compbench, --geneval, --coco-captions/--coco-images, --shapes or "
-                         "--prompts")
+        raise ValueError("no prompt set: give --compbench, --geneval, --coco-captions/--coco-images, --shapes, "
+                         "--dpg-questions, --dpg-shapes or --prompts")
     names = [s.name for s in sets]
     if len(set(names)) != len(names):
         raise ValueError(f"two prompt sets share a name: {names}")
@@ -197,7 +238,7 @@ def prompt_sets(args):
 
 
 DEFAULT_SCORERS = {"compbench": ["blip_vqa"], "coco": ["fid", "clip_score"], "shapes": ["shapes"], "prompts": [],
-                   "geneval": ["geneval"]}
+                   "geneval": ["geneval"], "dpg": ["dpg"]}
 
 
 def build_scorers(args, sets, device: str):
@@ -210,6 +251,12 @@ def build_scorers(args, sets, device: str):
         "clip_score": lambda: S.ClipScoreScorer(args.clip_model or S.DEFAULT_CLIP, device=device),
         "fid": lambda: S.FIDScorer(args.fid_features, args.fid_reference, args.fid_inception_weights,
                                    args.fid_max_reference, device=device),
+        "clip_score_long": lambda: S.ClipScoreScorer(args.clip_model or S.DEFAULT_CLIP, device=device, long_text=True),
+        "inception_score": lambda: S.InceptionScoreScorer(args.fid_inception_weights, device=device),
+        "aesthetic": lambda: AestheticScorer(args.aesthetic_weights, args.aesthetic_clip or S.DEFAULT_CLIP,
+                                             device=device),
+        "dpg": lambda: DPGScorer(args.dpg_vqa, args.dpg_vqa_model, device, needs_model=any(
+            s.kind == "dpg" and s.meta.get("vqa") != "shapes" for s in sets)),
     }
 
     factories["shapes"] = ShapesScorer
@@ -261,12 +308,20 @@ def evaluate(args) -> int:
     evaluation.write(scores, args.label, protocol=evaluation.protocol_record(sampler.description, settings,
                                                                              args.protocol))
     print((evaluation.out / "scores.md").read_text())
+    for scorer in evaluation.scorers:  # DPG-Bench's category table
+        summary = scorer.summary_markdown() if hasattr(scorer, "summary_markdown") else ""
+        if summary:
+            (evaluation.out / f"{scorer.name}.md").write_text(summary + "\n")
+            print(summary)
     print(f"scores: {evaluation.out / 'scores.json'}, {evaluation.out / 'scores.md'}")
     return 0
 
 
 def compare_main(argv) -> int:
-    p = argparse.ArgumentParser(prog="evaluate.py compare", description="One table and one bar plot over runs.")
+    p = argparse.ArgumentParser(prog="evaluate.py compare",
+                                description="One table and one bar plot over runs; for two runs the paired differences "
+                                            "with 95% bootstrap CIs over prompts; the aesthetic vs CLIP score plot "
+                                            "(LLM4GEN's Fig. 6) when the runs have both.")
     p.add_argument("runs", nargs="+", help="evaluate.py output folders (each with scores.json)")
     p.add_argument("--output-dir", default=".", help="where compare.md and compare.png go")
     p.add_argument("--allow-mixed-protocols", action="store_true",
@@ -279,6 +334,14 @@ def compare_main(argv) -> int:
         raise UserError(str(err)) from None
     print(table.read_text())
     print(f"table: {table}\nplot:  {plot}")
+    if len(args.runs) == 2:  # differences with their uncertainty: same prompts, same seeds
+        labels = [read_run(r)[0] for r in args.runs]
+        paired = paired_markdown(paired_rows(*args.runs), *labels)
+        (Path(args.output_dir) / "paired.md").write_text(paired + "\n")
+        print(paired)
+    figure = fig6(args.runs, Path(args.output_dir) / "fig6.png")
+    if figure:
+        print(f"aesthetic vs CLIP score (LLM4GEN's Fig. 6): {figure}")
     return 0
 
 
@@ -287,7 +350,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":
         return compare_main(argv[1:])
-    return evaluate(parse_args(argv))
+    args = parse_args(argv)
+    with trusted_checkpoints(args.trust_checkpoint):
+        return evaluate(args)
 
 
 if __name__ == "__main__":

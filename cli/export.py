@@ -27,6 +27,7 @@ from llm4gen.configs.errors import UserError, entry_point
 from llm4gen.configs.schema import as_plain
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
 from llm4gen.lightning_modules.llm4gen import fused_unet, save_unet_lora
+from llm4gen.lightning_modules.safe_loading import TRUST_FLAG, TRUST_HELP, trusted_checkpoints
 from llm4gen.lightning_modules.sampler import load_checkpoint_module
 from llm4gen.pipelines.bases import base_references, check_model_base, pipeline_on_base
 from llm4gen.pipelines.llm4gen_pipeline import pipeline_from_module
@@ -50,12 +51,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true",
                         help="diffusers: copy the frozen parts (VAE, CLIP, LLM, a frozen UNet) into the folder; by "
                              "default they are referenced by their sources and loaded from there")
+    parser.add_argument(TRUST_FLAG, action="store_true", help=f"--checkpoint: {TRUST_HELP}")
     return parser.parse_args(argv)
 
 
 @entry_point("export.py")
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with trusted_checkpoints(args.trust_checkpoint):
+        return export(args)
+
+
+def export(args: argparse.Namespace) -> int:
     checked = load_checkpoint_checked(args.checkpoint, what="--checkpoint")  # a file's or a sharded folder's index
     check_checkpoint_sources(checked)
     if args.base and args.format != "diffusers":

@@ -34,6 +34,7 @@ from llm4gen.evaluation.grids import captioned_grid
 from llm4gen.launch.preflight import check_init_from, check_sources, model_widths
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule
+from llm4gen.lightning_modules.safe_loading import TRUST_FLAG, TRUST_HELP, trusted_checkpoints
 from llm4gen.lightning_modules.sampler import Sampler, SamplingSettings, check_another_base, load_sampler
 
 
@@ -62,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--scheduler", default="DDIMScheduler", help="a diffusers scheduler class name")
     parser.add_argument("--no-ema", action="store_true", help="use the trained weights, not their EMA")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(TRUST_FLAG, action="store_true", help=f"--checkpoint: {TRUST_HELP}")
     return parser.parse_args(argv)
 
 
@@ -102,6 +104,11 @@ def load_release_module(release: str, config: str | None, overrides=()):
 @entry_point("generate.py")
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with trusted_checkpoints(args.trust_checkpoint):
+        return generate(args)
+
+
+def generate(args: argparse.Namespace) -> int:
     if not [p for p in args.prompt if p.strip()]:
         raise UserError("--prompt is empty: give at least one non-empty prompt")
     if (args.checkpoint or args.pipeline) and (args.config or args.overrides):
@@ -132,9 +139,10 @@ def main(argv=None) -> int:
     else:
         checkpoint = load_checkpoint_checked(args.checkpoint)
         check_checkpoint_sources(checkpoint)
-        if args.base:  # before the run's or the base's weights load
+        if args.base:  # before the run's module and the base's weights load
             try:
-                check_another_base(args.base, args.base_config, checkpoint_model=checkpoint["hyper_parameters"]["model"])
+                check_another_base(args.base, args.base_config,
+                                   checkpoint_model=checkpoint["hyper_parameters"]["model"])
             except (FileNotFoundError, ValueError) as err:
                 raise UserError(str(err)) from None
         sampler = load_sampler(checkpoint=args.checkpoint, settings=settings, device=device, use_ema=not args.no_ema,

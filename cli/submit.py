@@ -16,6 +16,7 @@ from pathlib import Path
 
 from llm4gen.configs.errors import entry_point
 from llm4gen.launch.preflight import preflight
+from llm4gen.lightning_modules.safe_loading import TRUST_FLAG, TRUST_HELP, trusted_checkpoints
 from llm4gen.launch.slurm import (
     SlurmError,
     load_experiment_config,
@@ -34,11 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--train-script", default=None, help="a training script to run instead of llm4gen.cli.train (train.py)"
     )
+    parser.add_argument(TRUST_FLAG, action="store_true", help=f"the run's resume checkpoints, here and in the job "
+                                                              f"(train.py {TRUST_FLAG}): {TRUST_HELP}")
     parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. trainer.max_steps=20")
     return parser
 
 
-def train_command(train_script: str | Path | None, config: str | Path, overrides: list[str], output_dir: Path) -> list[str]:
+def train_command(train_script: str | Path | None, config: str | Path, overrides: list[str], output_dir: Path,
+                  trust_checkpoint: bool = False) -> list[str]:
     """The job's command, with the run folder fixed at submission so a requeued job finds it again.
 
     `slurm.*` overrides shaped the sbatch script and are not passed on to training.
@@ -46,6 +50,7 @@ def train_command(train_script: str | Path | None, config: str | Path, overrides
     kept = [o for o in overrides if not o.startswith(("output_dir=", "slurm."))]
     return [
         *training_command(train_script),
+        *([TRUST_FLAG] if trust_checkpoint else []),
         "--config",
         str(Path(config).absolute()),
         *kept,
@@ -61,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     if not output_dir:
         raise SlurmError(f"{args.config} sets no output_dir; pass one, e.g. output_dir=runs/my-run")
 
-    preflight(load_experiment_config(args.config, args.overrides))  # train.py's own checks: fail here, not after a queue wait
+    # train.py's own checks: fail here, not after a queue wait (what the node itself lacks, train.py checks there)
+    with trusted_checkpoints(args.trust_checkpoint):
+        preflight(load_experiment_config(args.config, args.overrides), on_this_machine=False)
     output_dir = Path(str(output_dir)).absolute()
-    command = train_command(args.train_script, args.config, args.overrides, output_dir)
+    command = train_command(args.train_script, args.config, args.overrides, output_dir, args.trust_checkpoint)
     script = render_sbatch_script(slurm, command, output_dir)
     if args.dry_run:
         print(script)

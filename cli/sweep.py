@@ -15,6 +15,7 @@ from their own checkpoints. The sweep file format is described in launch/sweep.p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from llm4gen.launch.sweep import (
     write_array_runs_file,
     write_summary,
 )
+from llm4gen.lightning_modules.safe_loading import TRUST_FLAG, TRUST_HELP
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--train-script", default=None, help="a training script to run instead of llm4gen.cli.train (train.py)"
     )
+    parser.add_argument(TRUST_FLAG, action="store_true", help=f"every run's resume checkpoints (train.py "
+                                                              f"{TRUST_FLAG}): {TRUST_HELP}")
     parser.add_argument("--no-preflight", action="store_true",
                         help="skip train.py's checks of every run's config (for a --train-script that reads keys of "
                              "its own, not llm4gen's)")
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return exec_array_task(args.run_task)
     if not args.sweep:
         parser.error("give a sweep file: python sweep.py SWEEP.yaml")
-    spec = load_sweep(args.sweep)
+    spec = dataclasses.replace(load_sweep(args.sweep), trust_checkpoint=args.trust_checkpoint)
     runs = expand_runs(spec)
     pending = [run for run in runs if not is_finished(run)]
 
@@ -86,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as error:
             raise SweepError(f"{args.sweep}: {error}") from None
     if not args.summary and not args.no_preflight:
-        check_run_configs(spec, pending, args.sweep)  # every run's config, before any starts or is submitted
+        # every run's config, before any starts or is submitted
+        check_run_configs(spec, pending, args.sweep, on_this_machine=not args.slurm)
 
     if args.slurm:
         if not pending:

@@ -46,6 +46,7 @@ from llm4gen.lightning_modules.preemption import (
     signal_number,
     slurm_job_id,
 )
+from llm4gen.lightning_modules.safe_loading import TRUST_FLAG, TRUST_HELP, trusted_checkpoints
 from llm4gen.lightning_modules.sampler import load_checkpoint_module
 from llm4gen.lightning_modules.sharding import STRATEGY_NAME, ShardedStrategy
 from llm4gen.lightning_modules.run_checkpoints import (
@@ -65,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="no progress bar, model table or validation lines: warnings, errors and the final summary")
     level.add_argument("--verbose", "-v", action="store_true",
                        help="every library notice, Lightning's model summary and the loading bars")
+    parser.add_argument(TRUST_FLAG, action="store_true", help=f"resume= and resume=auto's checkpoints: {TRUST_HELP}")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     return parser.parse_args(argv)
 
@@ -212,6 +214,11 @@ def main(argv=None) -> int:
     if args.print_config:
         print(to_yaml(cfg))
         return 0
+    with trusted_checkpoints(args.trust_checkpoint):
+        return preflight_and_run(cfg, level)
+
+
+def preflight_and_run(cfg, level: str) -> int:
     ckpt_path = preflight(cfg)  # everything checked before any weights load
     try:
         run(cfg, ckpt_path, console_level=level)

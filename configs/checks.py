@@ -92,11 +92,17 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+def check_range(key: str, value: Any) -> None:
+    """``value`` of the dotted ``key`` within its range (``RANGES``); the constructors that take such a value
+    outside a config call this too, so both say the same."""
+    ok, right = RANGES[key]
+    if value is not None and not ok(value):
+        raise ConfigError(f"config key {key!r} is {value!r}: {right}.")
+
+
 def check_ranges(cfg: DictConfig) -> None:
-    for key, (ok, right) in RANGES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is not None and not ok(value):
-            raise ConfigError(f"config key {key!r} is {value!r}: {right}.")
+    for key in RANGES:
+        check_range(key, OmegaConf.select(cfg, key))
     betas = list(cfg.model.optim.betas)
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError(f"config key 'model.optim.betas' is {betas!r}: expected two numbers in [0, 1), "
@@ -164,6 +170,7 @@ def check_choices(cfg: DictConfig) -> None:
     if not cfg.model.adapter.enabled and cfg.model.objective.lambda_entity > 0:
         raise ConfigError("model.objective.lambda_entity > 0 needs the CAM (its targets include the fused LLM "
                           "tokens); set model.adapter.enabled=true or model.objective.lambda_entity=0")
+    check_caption_mix(cfg)
     check_connector(cfg)
     check_llm_lora(cfg)
     check_sharding(cfg)
@@ -175,6 +182,35 @@ def check_choices(cfg: DictConfig) -> None:
     if len(window) != 2 or window[0] < 0 or window[0] >= window[1]:
         raise ConfigError(f"config key 'model.objective.entity_timesteps' is {window!r}: expected a window "
                           f"[low, high) with 0 <= low < high, e.g. [0, 1000].")
+
+
+def check_caption_mix(cfg: DictConfig) -> None:
+    """``data.caption_mix``: member keys (or ``member:field`` of a json member) with finite weights >= 0, some above
+    0, whose cached members' names (``choices.caption_tag``) do not collide."""
+    mix = OmegaConf.to_container(cfg.data.caption_mix)
+    if not mix:
+        return
+    example = "e.g. data.caption_mix={dense.txt: 0.5, txt: 0.5}"
+    for key, weight in mix.items():
+        member, _, field = str(key).partition(":")
+        if not member.strip() or key != key.strip() or member.startswith(("_", ".")) or "/" in member \
+                or (":" in key and not field):
+            raise ConfigError(f"config key 'data.caption_mix' has the key {key!r}: expected a sample member such as "
+                              f"txt or dense.txt, or member:field of a json member such as json:caption ({example}).")
+        if not (weight >= 0 and weight != float("inf")):
+            raise ConfigError(f"config key 'data.caption_mix' gives {key!r} the weight {weight!r}: expected a finite "
+                              f"number >= 0 (0 keeps a key cached but never drawn; {example}).")
+    if sum(mix.values()) <= 0:
+        raise ConfigError(f"config key 'data.caption_mix' is {mix}: every weight is 0, so no caption could be drawn; "
+                          f"give at least one key a weight above 0 ({example}), or set data.caption_mix={{}} to read "
+                          f"data.caption_keys.")
+    tags: dict[str, str] = {}
+    for key in mix:
+        tag = choices.caption_tag(key)
+        if tag in tags:
+            raise ConfigError(f"config key 'data.caption_mix' names {tags[tag]!r} and {key!r}, whose cached features "
+                              f"would share one member name ({tag}); rename one of the members.")
+        tags[tag] = key
 
 
 def check_llm_lora(cfg: DictConfig) -> None:

@@ -27,6 +27,14 @@ LATENTS = ("mean", "sample")  # model.objective.latents: the VAE posterior's mea
 # data.caption_keys' default: the members a caption is read from, first present wins ("json:caption": that
 # field of the sample's .json, where img2dataset writes it)
 CAPTION_KEYS: tuple[str, ...] = ("txt", "caption", "json:caption")
+# recaption.py's default key for the caption it writes (KEY.dense.txt in a companion shard), and its json record's
+DENSE_CAPTION_KEY = "dense.txt"
+
+
+def caption_tag(caption_key: str) -> str:
+    """The name a caption key's cached members carry (``llm_features.dense_txt.npy`` for ``dense.txt``): the key
+    with every character but letters, digits, ``-`` and ``_`` made ``_`` (a member name splits at its dots)."""
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in caption_key)
 LOGGERS: tuple[str, ...] = ("csv", "tensorboard", "wandb")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_fused", "adamw_8bit")  # model.performance.optimizer
 LR_SCHEDULERS: tuple[str, ...] = ("constant_with_warmup", "cosine", "linear", "constant")
@@ -44,6 +52,10 @@ VALIDATION_METRICS: tuple[str, ...] = ("shapes", "clip_score")
 # Image file extensions, without the dot: what prepare.py reads from a source folder and what training
 # and cache.py look for as a sample's image member in a shard (prepare.py writes jpg).
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+# data.precomputed_keys: the batch fields a feature cache can hold (datamodules/cache_codec.py names their tar members)
+PRECOMPUTED_KEYS: tuple[str, ...] = ("latent_moments", "llm_features", "clip_features", "clip_pooled", "original_size",
+                                     "crop_top_left", "entities", "entity_positions")
 
 # Why training (and cache.py) skips a sample. Order matters: it is the index order of batch["skipped"].
 SAMPLE_SKIP_REASONS: tuple[str, ...] = (
@@ -70,4 +82,14 @@ PREPARE_SKIP_REASONS: dict[str, str] = {
     "unsupported_image_mode": "the image's pixel mode cannot be converted to RGB",
     "too_small": "the image's shorter side is below min_size",
     "failed_download": "a shard sample whose json status is not success (img2dataset)",
+}
+
+# Why recaption.py writes no new caption for a sample (its json record says which; report.json counts each).
+RECAPTION_SKIP_REASONS: dict[str, str] = {
+    "bad_image": "no image member, or the image does not decode",
+    "failed_download": "the json's status is not success (img2dataset)",
+    "empty_output": "the model wrote no words",
+    "too_short": "fewer words than --min-words",
+    "too_long": "more words than --max-words",
+    "bad_shard": "the tar broke part-way; its later samples are not read (counted once per break)",
 }

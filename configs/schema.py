@@ -25,6 +25,7 @@ import yaml
 from llm4gen.configs import choices
 from llm4gen.configs.checks import check_against_models, check_choices, check_ranges, check_trainer_values
 from llm4gen.configs.errors import ConfigError, SlurmError, UserError  # noqa: F401 (ConfigError re-exported)
+from llm4gen.configs.setup_checks import check_setup
 
 
 @dataclass
@@ -243,6 +244,9 @@ class DataConfig:
     center_crop: bool = True
     random_flip: bool = False
     caption_keys: list[str] = field(default_factory=lambda: list(choices.CAPTION_KEYS))
+    # Caption key -> weight, e.g. {dense.txt: 0.5, txt: 0.5}: each sample's caption drawn from the keys it holds
+    # (weights renormalised over them), per (seed, epoch, sample). Empty: the first of caption_keys present.
+    caption_mix: dict[str, float] = field(default_factory=dict)
     shuffle_buffer: int = 64
     resampled: bool = False
     epoch_batches: Optional[int] = None  # batches per epoch per rank: set it under DDP (equal counts)
@@ -427,6 +431,7 @@ def check_values(cfg: DictConfig) -> None:
     check_ranges(cfg)
     check_choices(cfg)
     check_against_models(cfg)
+    check_setup(cfg)  # what the constructors would refuse, before any of them runs
     unknown_metrics = [m for m in cfg.validation.metrics if m not in choices.VALIDATION_METRICS]
     if unknown_metrics:
         raise ConfigError(f"validation.metrics has {unknown_metrics}; expected any of {list(choices.VALIDATION_METRICS)}")

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from llm4gen.configs.choices import caption_tag
 from llm4gen.datamodules.transforms import SampleError
 
 
@@ -28,6 +29,19 @@ PRECOMPUTED_MEMBERS: dict[str, str] = {
     "entity_positions": "entity_positions.json",
 }
 JSON_MEMBERS = ("entities", "entity_positions")
+# The members that depend on the caption. With ``data.caption_mix`` a cache holds them once per caption key, named
+# with the key's tag (``llm_features.dense_txt.npy``); without, once, for the caption ``data.caption_keys`` picks.
+CAPTION_MEMBERS = ("llm_features", "clip_features", "clip_pooled", "entities", "entity_positions")
+
+
+def member_name(name: str, caption_key: Optional[str] = None) -> str:
+    """The tar member extension field ``name`` is stored under: :data:`PRECOMPUTED_MEMBERS`, with the caption key's
+    tag before the suffix for a caption member of a per-key cache (``caption_key`` given)."""
+    member = PRECOMPUTED_MEMBERS[name]
+    if caption_key is None or name not in CAPTION_MEMBERS:
+        return member
+    stem, suffix = member.rsplit(".", 1)
+    return f"{stem}.{caption_tag(caption_key)}.{suffix}"
 
 
 # ---------------------------------------------------------------- precomputed members
@@ -42,8 +56,10 @@ def encode_precomputed(
     original_size: Optional[Sequence[int]] = None,
     crop_top_left: Optional[Sequence[int]] = None,
     entity_positions: Optional[Mapping[str, Any]] = None,
+    caption_key: Optional[str] = None,
 ) -> dict[str, bytes]:
-    """Tar members for one sample's cached values, named by :data:`PRECOMPUTED_MEMBERS`.
+    """Tar members for one sample's cached values, named by :func:`member_name` (the caption members with
+    ``caption_key``'s tag when given: the values of that caption of a ``data.caption_mix``).
 
     Arrays keep their dtype (write float16 to halve the cache); the loader returns float32.
     ``llm_features`` is ``(tokens, dim)`` of the caption's real tokens only (no padding).
@@ -59,10 +75,10 @@ def encode_precomputed(
             raise ValueError(f"{name} must have {expected_ndim} dims per sample, got shape {array.shape}")
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
-        members[PRECOMPUTED_MEMBERS[name]] = buffer.getvalue()
+        members[member_name(name, caption_key)] = buffer.getvalue()
     for name, value in (("entities", entities), ("entity_positions", entity_positions)):
         if value is not None:
-            members[PRECOMPUTED_MEMBERS[name]] = json.dumps(value).encode("utf-8")
+            members[member_name(name, caption_key)] = json.dumps(value).encode("utf-8")
     return members
 
 
@@ -70,8 +86,8 @@ _EXPECTED_NDIM = {"latent_moments": 3, "clip_pooled": 1, "original_size": 1, "cr
 _GEOMETRY = ("original_size", "crop_top_left")
 
 
-def _load_array(sample: Mapping[str, Any], name: str) -> torch.Tensor:
-    extension = PRECOMPUTED_MEMBERS[name]
+def _load_array(sample: Mapping[str, Any], name: str, caption_key: Optional[str]) -> torch.Tensor:
+    extension = member_name(name, caption_key)
     torch_extension = extension.rsplit(".", 1)[0] + ".pt"
     if extension in sample:
         array = np.load(io.BytesIO(sample[extension]), allow_pickle=False)
@@ -81,24 +97,25 @@ def _load_array(sample: Mapping[str, Any], name: str) -> torch.Tensor:
     raise SampleError("bad_precomputed", f"member {extension!r} (or {torch_extension!r}) is missing")
 
 
-def decode_precomputed(sample: Mapping[str, Any], fields: Sequence[str]) -> dict[str, Any]:
-    """The requested cached fields of a raw sample, or ``SampleError("bad_precomputed")``."""
+def decode_precomputed(sample: Mapping[str, Any], fields: Sequence[str], caption_key: Optional[str] = None) -> dict[str, Any]:
+    """The requested cached fields of a raw sample, or ``SampleError("bad_precomputed")``; the caption members
+    those of ``caption_key`` (the caption this sample trains on, drawn from ``data.caption_mix``) when given."""
     out: dict[str, Any] = {}
     try:
         for name in fields:
             if name in JSON_MEMBERS:
-                raw = sample.get(PRECOMPUTED_MEMBERS[name])
+                raw = sample.get(member_name(name, caption_key))
                 if raw is None:
-                    raise SampleError("bad_precomputed", f"member {PRECOMPUTED_MEMBERS[name]!r} is missing")
+                    raise SampleError("bad_precomputed", f"member {member_name(name, caption_key)!r} is missing")
                 out[name] = json.loads(raw)
                 continue
             names = [name]
-            if name == "clip_features" and PRECOMPUTED_MEMBERS["clip_pooled"] in sample:
+            if name == "clip_features" and member_name("clip_pooled", caption_key) in sample:
                 names.append("clip_pooled")  # an SDXL cache: the pooled embedding comes with the hidden states
             if name == "latent_moments":
                 names += [g for g in _GEOMETRY if PRECOMPUTED_MEMBERS[g] in sample]
             for part in names:
-                tensor = _load_array(sample, part)
+                tensor = _load_array(sample, part, caption_key)
                 if tensor.ndim != _EXPECTED_NDIM.get(part, 2) or tensor.shape[0] == 0:
                     raise SampleError("bad_precomputed", f"{part} has shape {tuple(tensor.shape)}")
                 out[part] = tuple(int(v) for v in tensor.tolist()) if part in _GEOMETRY else tensor

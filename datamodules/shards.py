@@ -27,7 +27,8 @@ def resolve_shards(shards: Union[str, Sequence[str]]) -> list[str]:
     Accepts a list (each item resolved), a brace pattern (``data/shard-{000000..000009}.tar``), a
     ``pipe:`` command or remote URL (brace-expanded, not checked), a directory (its ``manifest.json``
     if it has one, else all ``*.tar`` in it, sorted) or a ``*.json`` manifest: a list, or ``{"shards": [...]}``, of paths (relative to the
-    manifest) or of objects with a ``"url"`` or ``"path"``.
+    manifest) or of objects with a ``"url"`` or ``"path"``, and optionally ``"companions"``: shards read in
+    lockstep with it (a :class:`LockstepShard`; recaption.py's output folders list their dense captions so).
     """
     if not isinstance(shards, str):
         resolved = [url for item in shards for url in resolve_shards(str(item))]
@@ -67,9 +68,40 @@ def _read_manifest(path: str) -> list[str]:
         url = entry if isinstance(entry, str) else (entry.get("url") or entry.get("path"))
         if not isinstance(url, str):
             raise ValueError(f"manifest {path!r}: entry {entry!r} is neither a path nor an object with 'url'/'path'")
-        is_local = not (url.startswith("pipe:") or "://" in url)
-        urls.append(os.path.normpath(os.path.join(base, url)) if is_local and not os.path.isabs(url) else url)
+        url = _relative_to(base, url)
+        companions = entry.get("companions") if isinstance(entry, dict) else None
+        if companions:
+            if not isinstance(companions, list) or not all(isinstance(c, str) and c for c in companions):
+                raise ValueError(f"manifest {path!r}: entry {entry!r} has 'companions' that are not a list of paths")
+            url = LockstepShard(url, [_relative_to(base, c) for c in companions])
+        urls.append(url)
     return urls
+
+
+def _relative_to(base: str, url: str) -> str:
+    is_local = not (url.startswith("pipe:") or "://" in url)
+    return os.path.normpath(os.path.join(base, url)) if is_local and not os.path.isabs(url) else url
+
+
+class LockstepShard(str):
+    """A shard read together with companion shards that hold more members of the same samples, in the same
+    order (recaption.py writes dense captions so: ``KEY.dense.txt`` beside the image shard's ``KEY.jpg``).
+
+    The string is the shard's own URL, so everything that lists, orders, splits or names shards treats it as
+    that shard; :func:`iter_tar_samples` reads ``companions`` beside it and merges each sample's members."""
+
+    companions: tuple[str, ...]
+
+    def __new__(cls, url: str, companions: Sequence[str]) -> "LockstepShard":
+        shard = super().__new__(cls, url)
+        shard.companions = tuple(str(c) for c in companions)
+        return shard
+
+    def __reduce__(self):  # into DataLoader workers and spawned processes with its companions
+        return LockstepShard, (str(self), self.companions)
+
+    def __repr__(self) -> str:
+        return f"LockstepShard({str(self)!r}, companions={list(self.companions)!r})"
 
 
 def epoch_shard_order(shards: Sequence[str], seed: int, epoch: int, round_index: int = 0) -> list[str]:
@@ -88,11 +120,48 @@ def assign_shards(order: Sequence[str], rank: int, world_size: int, worker: int,
 
 
 def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
-    """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one tar, members grouped by key.
+    """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one tar, members grouped by key; of a
+    :class:`LockstepShard`, each sample with its companions' members added.
 
     Raises ``SampleError("bad_shard")`` when the tar cannot be opened or breaks part-way; the
     samples completed before the break have been yielded, the one being read is dropped.
     """
+    companions = getattr(url, "companions", ())
+    if companions:
+        return _lockstep_samples(str(url), companions)
+    return _tar_samples(str(url))
+
+
+def _lockstep_samples(url: str, companions: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """The shard's samples with the members of the same sample in each companion: the companions must hold
+    the same keys in the same order (a companion out of step is a ``bad_shard``, never a silent mismatch)."""
+    readers = [_tar_samples(companion) for companion in companions]
+    try:
+        for index, sample in enumerate(_tar_samples(url)):
+            for companion, reader in zip(companions, readers):
+                extra = next(reader, None)
+                if extra is None or extra["__key__"] != sample["__key__"]:
+                    found = "its end" if extra is None else f"key {extra['__key__']!r}"
+                    raise SampleError("bad_shard", f"companion {companion} is out of step with {url} at sample {index}: "
+                                                   f"expected key {sample['__key__']!r}, found {found}; was it written "
+                                                   f"for another version of the shard?")
+                clash = sorted(set(extra) & set(sample) - {"__key__", "__url__"})
+                if clash:
+                    raise SampleError("bad_shard", f"companion {companion} repeats members {clash} of {url} "
+                                                   f"(sample {sample['__key__']!r})")
+                sample.update((name, value) for name, value in extra.items() if not name.startswith("__"))
+            yield sample
+        for companion, reader in zip(companions, readers):
+            extra = next(reader, None)
+            if extra is not None:
+                raise SampleError("bad_shard", f"companion {companion} holds sample {extra['__key__']!r} after the "
+                                               f"last sample of {url}; was it written for another version of the shard?")
+    finally:
+        for reader in readers:
+            reader.close()
+
+
+def _tar_samples(url: str) -> Iterator[dict[str, Any]]:
     try:
         stream = wds.gopen(url, "rb")
     except Exception as error:

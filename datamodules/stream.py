@@ -63,13 +63,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 from llm4gen.configs.schema import DataConfig
 from llm4gen.datamodules.batch import Batch
 from llm4gen.datamodules.cache_codec import decode_precomputed
+from llm4gen.datamodules.captions import training_caption
 from llm4gen.datamodules.collate import collate_samples, with_entities
 from llm4gen.datamodules.entity_targets import EntityTargetBuilder
 from llm4gen.datamodules.shards import ROUND_END, ShuffleBuffer, assign_shards, epoch_shard_order, iter_tar_samples
 from llm4gen.datamodules.transforms import (
     SKIP_REASONS,
     SampleError,
-    extract_caption,
     find_image_member,
     check_download_status,
     original_size,
@@ -237,9 +237,10 @@ class ShardStream(IterableDataset):
         c = self.config
         key = raw["__key__"]
         check_download_status(raw)
-        sample: dict[str, Any] = {"key": key, "caption": extract_caption(raw, c.data.caption_keys)}
+        caption_key, caption = training_caption(raw, c.data, c.seed, self.plan.epoch)  # data.caption_mix's draw
+        sample: dict[str, Any] = {"key": key, "caption": caption}
         if c.data.precomputed_keys:
-            sample.update(decode_precomputed(raw, c.data.precomputed_keys))
+            sample.update(decode_precomputed(raw, c.data.precomputed_keys, caption_key))
         if "latent_moments" not in c.data.precomputed_keys:  # with cached latents the image is never decoded
             rng = sample_rng(c.seed, self.plan.epoch, key)
             sample["pixel_values"], decoded_hw, sample["crop_top_left"] = preprocess_image_with_geometry(

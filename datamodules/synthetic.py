@@ -36,6 +36,7 @@ import braceexpand
 import webdataset as wds
 from PIL import Image
 
+from llm4gen.configs.errors import ConfigError
 from llm4gen.embedded.registry import CLIP_TOKENIZER_DIR
 from llm4gen.losses.entity_parser import Word
 from llm4gen.losses.token_alignment import word_token_positions
@@ -131,6 +132,53 @@ def write_synthetic_shards(
     return [pattern % i for i in range(num_shards)]
 
 
+def synthetic_shards_plan(pattern_or_dir: str, num_samples: int = 512, samples_per_shard: int = 128,
+                          verbose_share: float = 0.0) -> tuple[list[str], bool]:
+    """(the shard paths :func:`ensure_synthetic_shards` returns for these settings, whether it must write them),
+    read from the file system without writing anything; ConfigError when it would refuse the folder or pattern
+    (the preflight asks this before any model loads)."""
+    num_shards = -(-num_samples // samples_per_shard)
+    if pattern_or_dir.startswith("pipe:") or "://" in pattern_or_dir or os.path.isfile(pattern_or_dir):
+        return [pattern_or_dir], False  # remote shards, a manifest or one tar: read as they are, never written here
+    if "{" in pattern_or_dir:
+        wanted = list(braceexpand.braceexpand(pattern_or_dir))
+        directories = {os.path.dirname(path) or "." for path in wanted}
+        if len(directories) != 1:
+            raise ConfigError(f"pattern {pattern_or_dir!r} spans several directories {sorted(directories)}; use one")
+        if all(os.path.exists(path) for path in wanted):
+            return wanted, False
+        directory = directories.pop()
+        written = [os.path.join(directory, SHARD_PATTERN % i) for i in range(num_shards)]
+        planned = {os.path.normpath(path) for path in written}
+        missing = [path for path in wanted if not os.path.exists(path) and os.path.normpath(path) not in planned]
+        if missing:
+            raise ConfigError(
+                f"pattern {pattern_or_dir!r} names {len(wanted)} shards but the settings write {len(written)} "
+                f"({os.path.basename(written[0])} ...); missing e.g. {missing[0]}. "
+                f"Match num_samples / samples_per_shard to the pattern.")
+        return wanted, True
+    existing = sorted(glob.glob(os.path.join(pattern_or_dir, "*.tar")))
+    marker = os.path.join(pattern_or_dir, MARKER)
+    if existing and os.path.exists(marker):
+        with open(marker) as handle:
+            recorded = json.load(handle)
+        version = recorded.get("shapes_world")
+        if version != SHAPES_WORLD_VERSION:
+            raise ConfigError(
+                f"{pattern_or_dir} holds synthetic shards of shapes world version {version}, this code writes "
+                f"version {SHAPES_WORLD_VERSION} (other scenes, captions or held-out split); delete the folder "
+                f"to regenerate it")
+        share = float(recorded.get("verbose_share", 0.0))
+        if share != float(verbose_share):
+            raise ConfigError(
+                f"{pattern_or_dir} holds synthetic shards written with verbose_share={share}, asked for "
+                f"verbose_share={float(verbose_share)} (another share of verbose captions); delete the folder "
+                f"to regenerate it")
+    if existing:
+        return existing, False
+    return [os.path.join(pattern_or_dir, SHARD_PATTERN % i) for i in range(num_shards)], True
+
+
 def ensure_synthetic_shards(
     pattern_or_dir: str,
     num_samples: int = 512,
@@ -145,52 +193,24 @@ def ensure_synthetic_shards(
     other settings), unless its ``synthetic.json`` says another version of the shapes world wrote it,
     or another ``verbose_share`` (a marker without one: 0): that is refused (it may hold held-out
     combinations or other captions). A brace pattern must name files in one directory with the
-    ``shard-NNNNNN.tar`` names this module writes.
+    ``shard-NNNNNN.tar`` names this module writes (:func:`synthetic_shards_plan`).
     """
     if not 0.0 <= verbose_share <= 1.0:
         raise ValueError(f"verbose_share must be in [0, 1], got {verbose_share}")
+    shards, to_write = synthetic_shards_plan(pattern_or_dir, num_samples, samples_per_shard, verbose_share)
+    if not to_write:
+        return shards
     if "{" in pattern_or_dir:
-        wanted = list(braceexpand.braceexpand(pattern_or_dir))
-        directories = {os.path.dirname(path) or "." for path in wanted}
-        if len(directories) != 1:
-            raise ValueError(f"pattern {pattern_or_dir!r} spans several directories {sorted(directories)}; use one")
-        if all(os.path.exists(path) for path in wanted):
-            return wanted
-        written = write_synthetic_shards(directories.pop(), num_samples, samples_per_shard, resolution, seed,
-                                         verbose_share=verbose_share)
-        missing = [path for path in wanted if not os.path.exists(path)]
-        if missing:
-            raise ValueError(
-                f"pattern {pattern_or_dir!r} names {len(wanted)} shards but the settings wrote {len(written)} "
-                f"({os.path.basename(written[0])} ...); missing e.g. {missing[0]}. "
-                f"Match num_samples / samples_per_shard to the pattern."
-            )
-        return wanted
-    existing = sorted(glob.glob(os.path.join(pattern_or_dir, "*.tar")))
-    marker = os.path.join(pattern_or_dir, MARKER)
-    if existing and os.path.exists(marker):
-        with open(marker) as handle:
-            recorded = json.load(handle)
-        version = recorded.get("shapes_world")
-        if version != SHAPES_WORLD_VERSION:
-            raise ValueError(
-                f"{pattern_or_dir} holds synthetic shards of shapes world version {version}, this code writes "
-                f"version {SHAPES_WORLD_VERSION} (other scenes, captions or held-out split); delete the folder "
-                f"to regenerate it")
-        share = float(recorded.get("verbose_share", 0.0))
-        if share != float(verbose_share):
-            raise ValueError(
-                f"{pattern_or_dir} holds synthetic shards written with verbose_share={share}, asked for "
-                f"verbose_share={float(verbose_share)} (another share of verbose captions); delete the folder "
-                f"to regenerate it")
-    if existing:
-        return existing
+        write_synthetic_shards(os.path.dirname(shards[0]) or ".", num_samples, samples_per_shard, resolution, seed,
+                               verbose_share=verbose_share)
+        return shards
     # Write beside, then move in: an interrupted write never leaves a directory that looks complete.
     partial = os.path.join(pattern_or_dir, f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     written = write_synthetic_shards(partial, num_samples, samples_per_shard, resolution, seed,
                                      verbose_share=verbose_share)
     final = [os.path.join(pattern_or_dir, os.path.basename(path)) for path in written]
+    marker = os.path.join(pattern_or_dir, MARKER)
     with open(os.path.join(partial, MARKER), "w") as handle:
         json.dump({"shapes_world": SHAPES_WORLD_VERSION, "num_samples": num_samples,
                    "samples_per_shard": samples_per_shard, "resolution": resolution, "seed": seed,

@@ -13,9 +13,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from llm4gen.configs.checks import check_range
 from llm4gen.configs.schema import Config, DataConfig
+from llm4gen.configs.setup_checks import check_data_stream, check_shard_slots
 from llm4gen.datamodules.batch import Batch
-from llm4gen.datamodules.cache_codec import PRECOMPUTED_MEMBERS
 from llm4gen.datamodules.entity_targets import EntityTargetBuilder
 from llm4gen.datamodules.shards import resolve_shards
 from llm4gen.datamodules.stream import PassPlan, ShardStream, StreamConfig, WorkerPosition
@@ -80,20 +81,10 @@ class WebDatasetDataModule(L.LightningDataModule):
         self.data = dataclasses.replace(DataConfig(), shards=shards if isinstance(shards, str) else [str(s) for s in shards],
                                         **{k: list(v) if isinstance(v, tuple) else v for k, v in data.items()})
         d = self.data
-        if d.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {d.batch_size}")
-        if d.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {d.num_workers}")
-        if d.epoch_batches is not None and d.epoch_batches < 1:
-            raise ValueError(f"epoch_batches must be a positive number of batches per rank or None, got {d.epoch_batches}")
-        if d.resampled and d.epoch_batches is None:
-            raise ValueError("resampled=True draws shards forever: set epoch_batches (batches per epoch per rank)")
-        unknown_keys = sorted(set(d.precomputed_keys) - set(PRECOMPUTED_MEMBERS))
-        if unknown_keys:
-            raise ValueError(f"unknown precomputed_keys {unknown_keys}; known: {sorted(PRECOMPUTED_MEMBERS)}")
-        if d.prefetch_factor is not None and (d.prefetch_factor < 1 or d.num_workers == 0):
-            raise ValueError(f"prefetch_factor={d.prefetch_factor} needs num_workers > 0 (got {d.num_workers}) and a "
-                             f"value >= 1; batches are only prefetched by worker processes")
+        # load_config refuses these first; here they guard a datamodule built without a config
+        for key in ("batch_size", "num_workers", "epoch_batches"):
+            check_range(f"data.{key}", getattr(d, key))
+        check_data_stream(d.resampled, d.epoch_batches, d.precomputed_keys, d.prefetch_factor, d.num_workers)
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither (then they come from the trainer)")
         if buckets is not None:
@@ -151,12 +142,9 @@ class WebDatasetDataModule(L.LightningDataModule):
                 "batches and hang in a collective; set epoch_batches",
                 stacklevel=2,
             )
-        slots = world_size * max(self.data.num_workers, 1)
-        if self.data.epoch_batches is not None and not self.data.resampled and len(self._shards) < slots:
-            raise ValueError(
-                f"epoch_batches needs at least one shard per (rank, worker): {len(self._shards)} shards for "
-                f"{world_size} ranks x {max(self.data.num_workers, 1)} workers; write smaller shards or use fewer workers"
-            )
+        # the preflight refuses this first where it knows the world size; here it guards every other caller
+        check_shard_slots(len(self._shards), world_size, self.data.num_workers, self.data.epoch_batches,
+                          self.data.resampled)
 
     def train_dataloader(self) -> DataLoader:
         if self._shards is None:

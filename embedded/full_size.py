@@ -76,6 +76,18 @@ LLAMA2_7B = dict(
     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
 )
 LLAMA2_7B_SOURCES = ("meta-llama/Llama-2-7b-hf",)
+# llava-hf/llava-1.5-7b-hf's config.json (the recaptioner of the paper's LAION-refined): CLIP ViT-L/14 at 336 px
+# (576 patches; the penultimate layer's, CLS dropped), a two-layer GELU projector, Vicuna-7B v1.5 (Llama-2-7B's
+# shape, 32064 tokens with the image and pad tokens): 7.06B parameters
+LLAVA_15_VISION = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
+    patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+)
+LLAVA_15_7B = dict(
+    image_token_index=32000, pad_token_id=32001, projector_hidden_act="gelu", vision_feature_layer=-2,
+    vision_feature_select_strategy="default", image_seq_length=576, tie_word_embeddings=False,
+)
+LLAVA_15_TEXT = {**LLAMA2_7B, "vocab_size": 32064, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32001}
 
 
 def sd15_unet(device: str | torch.device = "meta"):
@@ -105,6 +117,16 @@ def llama2_7b(device: str | torch.device = "meta"):
 
     with torch.device(device):
         return LlamaModel(LlamaConfig(**LLAMA2_7B))
+
+
+def llava_15_7b(device: str | torch.device = "meta"):
+    """LLaVA-1.5-7B (``LlavaForConditionalGeneration``), from its published config."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**LLAVA_15_VISION), text_config=LlamaConfig(**LLAVA_15_TEXT),
+                         **LLAVA_15_7B)
+    with torch.device(device):
+        return LlavaForConditionalGeneration(config)
 
 
 def llm_architecture(source: str, trust_remote_code: bool = False, device: str | torch.device = "meta"):

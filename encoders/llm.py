@@ -24,8 +24,10 @@ from transformers import (
 )
 
 from llm4gen.configs.choices import LLM_KINDS
+from llm4gen.configs.errors import ConfigError
 from llm4gen.configs.model_files import llm_layer_count
 from llm4gen.configs.schema import default_llm_prefix
+from llm4gen.configs.setup_checks import is_t5_shaped, lora_targets_of, unknown_llm_type_message
 from llm4gen.encoders.sources import TORCH_DTYPES, ModelSourceError, load_pretrained
 from llm4gen.encoders.strict_loading import (
     RANKGEN_HEAD_KEYS,
@@ -219,19 +221,10 @@ class LLMEncoder(nn.Module):
         return LLMFeatures(features=hidden, mask=mask)  # (batch, max_length, llm_dim)
 
 
-LORA_TARGETS = {"t5": ["q", "v"], "mt5": ["q", "v"], "umt5": ["q", "v"], "bert": ["query", "value"],
-                "roberta": ["query", "value"], "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
-                "qwen2": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
-                "phi3": ["qkv_proj"]}
-
-
 def default_lora_targets(config) -> list[str]:
-    """The attention's query and value projections of an LLM family, for its LoRA."""
-    targets = LORA_TARGETS.get(getattr(config, "model_type", None))
-    if targets is None:
-        raise ValueError(f"no default LoRA targets for LLM model_type {getattr(config, 'model_type', None)!r}; set "
-                         f"model.llm.lora_target_modules (e.g. [q_proj, v_proj])")
-    return targets
+    """The attention's query and value projections of an LLM family, for its LoRA (the preflight refuses a
+    family without them first; this guards an encoder used without a config)."""
+    return lora_targets_of(getattr(config, "model_type", None))
 
 
 def num_hidden_layers(config) -> int:
@@ -344,11 +337,8 @@ def load_llm_config(pretrained: str, revision: str | None = None, trust_remote_c
         if trust_remote_code or isinstance(err, ModelSourceError):
             raise
         raw, _ = load_pretrained(T5Config.get_config_dict, pretrained, "model.llm.pretrained", revision=revision)
-        if not {"d_model", "num_heads", "num_layers", "d_kv"} <= set(raw):
-            raise ValueError(f"model.llm.pretrained={pretrained!r}: its config.json has model_type "
-                             f"{raw.get('model_type')!r}, which transformers does not know and which is not T5-shaped. "
-                             f"Read its code and set model.llm.trust_remote_code=true, or point at a standard "
-                             f"checkpoint.") from err
+        if not is_t5_shaped(raw):  # the preflight refuses it from config.json first
+            raise ConfigError(unknown_llm_type_message(pretrained, raw.get("model_type"))) from err
         return T5Config.from_dict({k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "architectures")})
 
 

@@ -13,6 +13,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from llm4gen.configs.setup_checks import check_sdxl_unet
 from llm4gen.encoders.clip import ClipTextEncoder
 from llm4gen.encoders.sdxl import SdxlTextEncoder
 from llm4gen.encoders.sources import TORCH_DTYPES, load_pretrained
@@ -77,10 +78,7 @@ def load_sdxl(source: str, revision: str | None, dtype: torch.dtype, vae_dtype: 
               unet_source: str | None = None, clip_chunks: int = 1) -> BaseModel:
     part, weights = _loaders(source, revision)
     unet = _load_unet(weights, dtype, unet_source)
-    if unet.config.addition_embed_type != "text_time":
-        raise ValueError(f"model.base.family=sdxl but {source!r} has a UNet with addition_embed_type="
-                         f"{unet.config.addition_embed_type!r}, not 'text_time': is it an SD1.5 folder? "
-                         f"Set model.base.family=sd15 for it, or point model.base.pretrained at an SDXL folder")
+    check_sdxl_unet(unet_source or source, unet.config.addition_embed_type)  # load_config refuses it first
     text = SdxlTextEncoder(part(CLIPTokenizer, "tokenizer"), part(CLIPTokenizer, "tokenizer_2"),
                            weights(CLIPTextModel, "text_encoder", dtype=dtype),
                            weights(CLIPTextModelWithProjection, "text_encoder_2", dtype=dtype), chunks=clip_chunks)

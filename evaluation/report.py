@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# How a metric's value is shown: T2I-CompBench and the paper give BLIP-VQA x100.
-DISPLAY_SCALE = {"blip_vqa": 100.0}
+# How a metric's value is shown: T2I-CompBench and the paper give BLIP-VQA x100, ELLA's table DPG-Bench x100.
+DISPLAY_SCALE = {"blip_vqa": 100.0, **{f"{vqa}_{column}": 100.0 for vqa in ("dpg", "dpg_blip", "dpg_shapes")
+                                     for column in ("score", "global", "entity", "attribute", "relation", "other")}}
 LOWER_IS_BETTER = {"fid"}
 
 
@@ -105,6 +106,13 @@ def bar_plot(runs: dict[str, dict[str, dict[str, float]]], path: str | Path) -> 
         ax.set_xticks([i + width * (len(runs) - 1) / 2 for i in range(len(sets))], sets)
         ax.set_title(header("", metric).strip())
     axes[0][0].legend(fontsize="small")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """A matplotlib figure written as a PNG (its folder made), then closed."""
+    import matplotlib.pyplot as plt  # optional: the [eval] extra
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

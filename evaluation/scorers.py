@@ -15,6 +15,9 @@ paragraph naming what to fetch. ``score`` takes a prompt set's image records and
 from __future__ import annotations
 
 import importlib.util
+import io
+import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from llm4gen.datamodules.shards import iter_tar_samples, resolve_shards
+from llm4gen.datamodules.transforms import SampleError
 from llm4gen.encoders.sources import ModelSourceError, load_pretrained
 from llm4gen.evaluation.blip_vqa import (
     BlipYesProbability,
@@ -142,11 +147,32 @@ class ProjectedClipFeatures(torch.nn.Module):
         return self._tensor(self.model.get_text_features(*args, **kwargs))
 
 
-class ClipScoreScorer(Scorer):
-    name = "clip_score"
+CLIP_CONTEXT = 77  # CLIP's text window: a start token, 75 content tokens, an end token
 
-    def __init__(self, model: str = DEFAULT_CLIP, batch_size: int = 64, device: str = "cpu"):
-        self.source, self.batch_size, self.device = model, batch_size, device
+
+def text_windows(content_ids: list[int], bos: int, eos: int, pad: int, context: int = CLIP_CONTEXT
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt's content tokens (no start/end) cut into consecutive windows of ``context - 2`` tokens, each wrapped
+    in start and end tokens and padded: (input_ids, attention_mask), each (windows, context)."""
+    step = context - 2
+    chunks = [content_ids[i:i + step] for i in range(0, max(1, len(content_ids)), step)]
+    ids = torch.full((len(chunks), context), pad, dtype=torch.long)
+    mask = torch.zeros((len(chunks), context), dtype=torch.long)
+    for row, chunk in enumerate(chunks):
+        tokens = [bos, *chunk, eos]
+        ids[row, :len(tokens)] = torch.tensor(tokens)
+        mask[row, :len(tokens)] = 1
+    return ids, mask
+
+
+class ClipScoreScorer(Scorer):
+    """``long_text``: the long-prompt variant (``clip_score_long``): the text embedding is the mean of the
+    L2-normalised embeddings of every 75-token window of the prompt, so every word counts; torchmetrics' CLIPScore
+    (``clip_score``) keeps the first 77 tokens of a longer prompt (no end token survives the cut)."""
+
+    def __init__(self, model: str = DEFAULT_CLIP, batch_size: int = 64, device: str = "cpu", long_text: bool = False):
+        self.source, self.batch_size, self.device, self.long_text = model, batch_size, device, long_text
+        self.name = "clip_score_long" if long_text else "clip_score"
         self.model = self.processor = None
 
     def load(self) -> None:
@@ -176,9 +202,41 @@ class ClipScoreScorer(Scorer):
                 per_image.append(float(single.compute()))
         return float(metric.compute()), per_image
 
+    @torch.no_grad()
+    def long_text_features(self, prompt: str) -> torch.Tensor:
+        """(projection_dim,) unit vector: the mean of the prompt's window embeddings, normalised again."""
+        tokenizer = self.processor.tokenizer
+        content = tokenizer(prompt, add_special_tokens=False, truncation=False).input_ids
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids, mask = text_windows(content, tokenizer.bos_token_id, tokenizer.eos_token_id, pad,
+                                 self.model.config.text_config.max_position_embeddings)
+        features = ProjectedClipFeatures._tensor(self.model.get_text_features(input_ids=ids.to(self.device),
+                                                                              attention_mask=mask.to(self.device)))
+        mean = torch.nn.functional.normalize(features.float(), dim=-1).mean(0)
+        return mean / mean.norm()
+
+    @torch.no_grad()
+    def score_images_long(self, images: list[Image.Image], prompts: list[str]) -> tuple[float, list[float]]:
+        """CLIPScore's formula (100 x cosine, floored at 0; the set's value the mean) with long-text features."""
+        per_image = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = self.processor.image_processor([im.convert("RGB") for im in images[start:start + self.batch_size]],
+                                                    return_tensors="pt").pixel_values.to(self.device)
+            image_features = torch.nn.functional.normalize(ProjectedClipFeatures._tensor(
+                self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)  # (n, projection_dim)
+            for features, prompt in zip(image_features, prompts[start:start + self.batch_size]):
+                per_image.append(float((100 * features @ self.long_text_features(prompt)).clamp(min=0)))
+        return sum(per_image) / len(per_image), per_image
+
     def score(self, prompt_set, records):
-        value, per_image = self.score_images(load_images(records), [r.prompt for r in records])
-        return {"clip_score": value}, [{"clip_score": v} for v in per_image]
+        images, prompts = load_images(records), [r.prompt for r in records]
+        value, per_image = (self.score_images_long if self.long_text else self.score_images)(images, prompts)
+        return {self.name: value}, [{self.name: v} for v in per_image]
+
+    def record(self) -> dict:
+        text = ("mean of the L2-normalised text embeddings of consecutive 75-token windows" if self.long_text else
+                "first 77 tokens (torchmetrics truncates a longer prompt; its end token is cut off)")
+        return {"model": self.source, "text": text}
 
 
 class HFImageFeatures(torch.nn.Module):
@@ -206,6 +264,19 @@ def inception_weights_cached() -> bool:
     return hub.is_file()
 
 
+def inception_problem(weights: str | None) -> str | None:
+    """Why torch-fidelity's InceptionV3 (FID's and the Inception Score's network) cannot run here, or None."""
+    if importlib.util.find_spec("torch_fidelity") is None:
+        return "the torch-fidelity package is not installed (pip install torch-fidelity; it needs torchvision)"
+    if weights and not Path(weights).is_file():
+        return f"--fid-inception-weights {weights!r} does not exist"
+    if not weights and not inception_weights_cached():
+        return (f"its weights file {INCEPTION_WEIGHTS} is neither given (--fid-inception-weights) nor in "
+                f"{Path(torch.hub.get_dir()) / 'checkpoints'}; torch-fidelity downloads it from "
+                f"github.com/toshas/torch-fidelity/releases, which needs network access")
+    return None
+
+
 def reference_view(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """A reference image as FID compares it with generated ``size`` (width, height) images: centre-cropped to
     their aspect ratio, then resized to their size (bicubic). Inception's own resize to 299 follows inside
@@ -221,10 +292,31 @@ def reference_view(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return image.convert("RGB").crop(box).resize(size, Image.BICUBIC)
 
 
-def iter_reference_images(source: str, limit: int | None = None):
+REFERENCE_IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # a shard sample's image, the first of these it has
+
+
+def reference_member_image(sample: dict) -> Image.Image:
+    """A shard sample's image as FID reads it (RGB, no EXIF rotation: clean-fid's and torch-fidelity's reading),
+    decoded by PIL from its image member alone: no other member is decoded (webdataset's default decoders
+    unpickle ``.pyd`` and ``.pickle`` members, which can run code), or ``SampleError("bad_image")``."""
+    data = next((sample[k] for k in REFERENCE_IMAGE_MEMBERS if k in sample), None)
+    if data is None:
+        present = sorted(k for k in sample if not k.startswith("__"))
+        raise SampleError("bad_image", f"no image member (looked for {REFERENCE_IMAGE_MEMBERS}, found {present})")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image.convert("RGB")
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, DecompressionBomb...)
+        raise SampleError("bad_image", f"{type(error).__name__}: {error}") from error
+
+
+def iter_reference_images(source: str, limit: int | None = None, skipped: Counter | None = None):
     """PIL images from a folder (recursively, sorted), a ``.txt`` list of image paths (one per line,
     relative to the list's folder: a matched reference set), or WebDataset shards (a .tar, a folder of
-    .tar files or a brace pattern)."""
+    .tar files or a brace pattern). A shard sample without a readable image member, and a shard that breaks,
+    is skipped and counted in ``skipped`` by reason (``bad_image``, ``bad_shard``), as training counts them."""
+    skipped = Counter() if skipped is None else skipped
     path = Path(source)
     if path.suffix == ".txt" and path.is_file():
         files = [line.strip() for line in path.read_text().splitlines() if line.strip()]
@@ -242,17 +334,20 @@ def iter_reference_images(source: str, limit: int | None = None):
             yield Image.open(file).convert("RGB")
             count += 1
         return
-    import webdataset as wds
-
-    urls = [str(t) for t in tars] if tars else str(source)
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil"):
-        image = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
-        if image is None:
-            continue
-        if limit is not None and count >= limit:
-            return
-        yield image.convert("RGB")
-        count += 1
+    for url in [str(t) for t in tars] if tars else resolve_shards(str(source)):
+        try:
+            for sample in iter_tar_samples(url):
+                if limit is not None and count >= limit:
+                    return
+                try:
+                    image = reference_member_image(sample)
+                except SampleError as error:
+                    skipped[error.reason] += 1
+                    continue
+                yield image
+                count += 1
+        except SampleError as error:  # the shard broke: the samples before the break were read
+            skipped[error.reason] += 1
 
 
 class FIDScorer(Scorer):
@@ -269,13 +364,7 @@ class FIDScorer(Scorer):
 
     def load(self) -> None:
         if self.features == INCEPTION:
-            problem = None
-            if importlib.util.find_spec("torch_fidelity") is None:
-                problem = "the torch-fidelity package is not installed (pip install torch-fidelity; it needs torchvision)"
-            elif not self.inception_weights and not inception_weights_cached():
-                problem = (f"its weights file {INCEPTION_WEIGHTS} is neither given (--fid-inception-weights) nor in "
-                           f"{Path(torch.hub.get_dir()) / 'checkpoints'}; torch-fidelity downloads it from "
-                           f"github.com/toshas/torch-fidelity/releases, which needs network access")
+            problem = inception_problem(self.inception_weights)
             if problem:
                 raise ScorerUnavailable(
                     f"FID with the published InceptionV3 feature extractor (torch-fidelity's "
@@ -328,8 +417,12 @@ class FIDScorer(Scorer):
             raise ValueError("FID needs generated images; the set has none")
         with Image.open(records[0].path) as first:
             size = first.size  # references are cropped and resized to the generated images' size
+        skipped = Counter()
         n_real = self._update(metric, (reference_view(im, size) for im in
-                                       iter_reference_images(reference, self.max_reference)), real=True)
+                                       iter_reference_images(reference, self.max_reference, skipped)), real=True)
+        if skipped:
+            print(f"fid: skipped reference samples of {reference!r} that hold no readable image: {dict(skipped)}",
+                  file=sys.stderr)
         n_fake = self._update(metric, (Image.open(r.path).convert("RGB") for r in records), real=False)
         if n_real < 2 or n_fake < 2:
             raise ValueError(f"FID needs at least 2 reference and 2 generated images; got {n_real} from "
@@ -342,3 +435,52 @@ class FIDScorer(Scorer):
                 "preprocessing": "references centre-cropped to the generated aspect and resized (bicubic) to the "
                                  "generated size; Inception resizes both to 299 inside (torchmetrics)"
                                  if self.extractor is None else "the feature model's own processor"}
+
+
+class InceptionScoreScorer(Scorer):
+    """torchmetrics' InceptionScore over a set's images with torch-fidelity's InceptionV3 (``logits_unbiased``, the
+    network and weights FID uses, ``--fid-inception-weights``): exp(E KL(p(y|x) || p(y))) over ``splits`` random
+    splits (torchmetrics' default 10; the split order is drawn with a fixed seed), mean and std over splits.
+    ``feature``: another classifier module (tests; not comparable with published Inception Scores)."""
+    name = "inception_score"
+
+    def __init__(self, inception_weights: str | None = None, splits: int = 10, batch_size: int = 64,
+                 device: str = "cpu", feature: torch.nn.Module | None = None):
+        self.inception_weights, self.splits, self.extractor = inception_weights, splits, feature
+        self.batch_size, self.device = batch_size, device
+
+    def load(self) -> None:
+        if self.extractor is not None:
+            return
+        problem = inception_problem(self.inception_weights)
+        if problem:
+            raise ScorerUnavailable(f"the Inception Score with the published InceptionV3 (torch-fidelity's "
+                                    f"'inception-v3-compat', FID's network) cannot run here: {problem}.")
+        from torchmetrics.image.fid import NoTrainInceptionV3  # needs torch-fidelity, checked above
+
+        try:
+            self.extractor = NoTrainInceptionV3(name="inception-v3-compat", features_list=["logits_unbiased"],
+                                                feature_extractor_weights_path=self.inception_weights)
+        except Exception as err:  # torch-fidelity's own loading: a wrong file fails inside it
+            raise ScorerUnavailable(f"InceptionV3 weights {self.inception_weights or INCEPTION_WEIGHTS!r} did not "
+                                    f"load into torch-fidelity's InceptionV3 ({err}); expected {INCEPTION_WEIGHTS}"
+                                    ) from None
+        self.extractor = self.extractor.to(self.device)
+
+    @torch.no_grad()
+    def score(self, prompt_set, records):
+        from torchmetrics.image.inception import InceptionScore
+
+        metric = InceptionScore(feature=self.extractor, splits=self.splits).to(self.device)
+        for start in range(0, len(records), self.batch_size):
+            images = load_images(records[start:start + self.batch_size])
+            metric.update(torch.stack([_uint8_chw(im) for im in images]).to(self.device))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # InceptionScore shuffles images into splits with torch's global generator
+            mean, std = metric.compute()
+        return {"inception_score": float(mean), "inception_score_std": float(std)}, []
+
+    def record(self) -> dict:
+        network = type(self.extractor).__name__
+        return {"network": "torch-fidelity inception-v3-compat, logits_unbiased" if network == "NoTrainInceptionV3"
+                else network, "weights": self.inception_weights or INCEPTION_WEIGHTS, "splits": self.splits}

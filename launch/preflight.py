@@ -3,12 +3,15 @@ weights do. ``train.py`` runs it, and so do ``submit.py`` and ``sweep.py`` for e
 is queued, so a mistake fails in seconds on the login node instead of on a compute node after the wait.
 
 ``preflight(cfg)`` checks, in order: every model source exists (``check_sources``), the run's paths
-(the shards exist and can be read, ``output_dir`` can be written, ``model.adapter.init_from`` is a
-CrossAdapter folder or a torch file, every local model folder holds readable weights whose names fit its
-config: ``check_model_weights``), the validation scheduler is a diffusers class, a feature cache
-was made with this run's settings, and the file ``resume`` names is a checkpoint of this configuration.
-It returns the checkpoint to resume from, read and checked once. (The config itself, its keys, types,
-ranges and agreement with the models' config files, is ``llm4gen.configs.schema.load_config``'s job.)
+(the shards exist and can be read, or the synthetic ones can be written there, and with ``epoch_batches``
+there is one per rank and worker; ``output_dir`` can be written, ``model.adapter.init_from`` is a
+CrossAdapter folder or a torch file of this config's widths, every local model folder holds readable weights
+whose names fit its config: ``check_model_weights``), the LLM's model type and LoRA targets, the entity
+parser's spaCy pipeline, ``model.performance`` (compile backend; on the machine that trains, what compile and
+the optimizer need), the validation scheduler is a diffusers class, a feature cache was made with this run's
+settings, and the checkpoint ``resume`` names (or finds) is one of this configuration in the layout its
+strategy reads. It returns the checkpoint to resume from, read and checked once. (The config itself, its keys,
+types, ranges and agreement with the models' config files, is ``llm4gen.configs.schema.load_config``'s job.)
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import os
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 
 from llm4gen.adapters.connectors import CONNECTORS
@@ -26,13 +29,24 @@ from llm4gen.adapters.cross_adapter import convert_released_state_dict
 from llm4gen.adapters.gated_fusion import FUSION_FOLDER, GatedFusion
 from llm4gen.adapters.release import RELEASED_PROJECTOR
 from llm4gen.configs.checks import check_scheduler_name
+from llm4gen.configs.choices import SHAPES_GRAMMAR
 from llm4gen.configs.errors import ConfigError
 from llm4gen.configs.model_files import model_json
+from llm4gen.configs.setup_checks import (
+    check_shard_slots,
+    connector_widths_message,
+    llm_model_type,
+    lora_targets_of,
+)
 from llm4gen.datamodules.shards import resolve_shards
+from llm4gen.datamodules.synthetic import synthetic_shards_plan
 from llm4gen.encoders.sources import check_source, is_local
 from llm4gen.encoders.weight_files import WeightFileError, check_weights
 from llm4gen.lightning_modules import run_checkpoints
-from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
+from llm4gen.lightning_modules.checkpoint_files import check_resume_layout, is_sharded_checkpoint, load_checkpoint_checked
+from llm4gen.lightning_modules.performance import check_compile_supported, check_optimizer_available
+from llm4gen.lightning_modules.safe_loading import UntrustedCheckpointError, load_torch_file, trusted_checkpoints
+from llm4gen.losses.entity_parser import spacy_model_missing_message, spacy_pipeline_installed
 from llm4gen.tools.cache_key import check_cache_key
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
@@ -43,13 +57,14 @@ def is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
 
 
-def check_shards(cfg: DictConfig) -> None:
-    """``data.shards`` names readable local shards (remote and pipe: shards are read as training goes)."""
+def check_shards(cfg: DictConfig) -> list[str]:
+    """``data.shards`` names readable local shards (remote and pipe: shards are read as training goes); returns
+    the shards training reads, the synthetic ones train.py is to write there included."""
     spec = cfg.data.shards
-    if cfg.data.synthetic_if_missing and isinstance(spec, str) and not is_remote(spec) \
-            and (not os.path.exists(spec) or (os.path.isdir(spec) and not any(Path(spec).glob("*.tar")))):
-        return  # train.py writes synthetic shards there
-
+    if cfg.data.synthetic_if_missing and isinstance(spec, str):
+        planned, to_write = synthetic_shards_plan(spec)  # what train.py's ensure_synthetic_shards would refuse
+        if to_write:
+            return planned  # train.py writes synthetic shards there
     try:
         urls = resolve_shards(spec if isinstance(spec, str) else list(spec))
     except FileNotFoundError as error:
@@ -59,7 +74,7 @@ def check_shards(cfg: DictConfig) -> None:
                           f"to write synthetic ones there.") from None
     except (ValueError, OSError) as error:
         raise ConfigError(f"config key 'data.shards' is {spec!r}, which cannot be read: {error}.") from None
-    for url in urls:
+    for url in [u for shard in urls for u in (shard, *getattr(shard, "companions", ()))]:  # with lockstep companions
         if is_remote(url):
             continue
         if not os.path.isfile(url):
@@ -68,6 +83,28 @@ def check_shards(cfg: DictConfig) -> None:
         if not os.access(url, os.R_OK):
             raise ConfigError(f"config key 'data.shards' is {spec!r}, which lists {url!r}: not readable by this "
                               f"user (check its permissions).")
+    return urls
+
+
+def world_size(trainer: DictConfig) -> int | None:
+    """The ranks a run trains on where ``trainer.devices`` and ``trainer.num_nodes`` fix them (a count or a list of
+    devices); None for "auto", -1 or a device string, which only the machine that trains resolves."""
+    devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1)
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        devices = len(devices)
+    elif isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1 or not isinstance(nodes, int):
+        return None
+    return devices * nodes
+
+
+def check_data_layout(cfg: DictConfig, shards: list[str]) -> None:
+    """With ``data.epoch_batches``, every (rank, worker) of the run needs a shard of its own (the datamodule's
+    setup refuses it too, after the models have loaded)."""
+    ranks = world_size(cfg.trainer)
+    if ranks is not None:
+        check_shard_slots(len(shards), ranks, cfg.data.num_workers, cfg.data.epoch_batches, cfg.data.resampled)
 
 
 def check_output_dir(output_dir: str) -> None:
@@ -111,9 +148,7 @@ def model_widths(cfg: DictConfig) -> tuple[int | None, int | None]:
 def _check_widths(init_from: str, found: tuple[int, int], widths: tuple[int | None, int | None]) -> None:
     expected = tuple(w if w is not None else f for w, f in zip(widths, found))
     if tuple(found) != expected:
-        raise ConfigError(f"config key 'model.adapter.init_from' is {init_from!r}, a connector between widths "
-                          f"{found[0]} (UNet context) and {found[1]} (LLM); this config's models need {expected[0]} "
-                          f"and {expected[1]}. Was it trained on another base model (model.base) or LLM (model.llm)?")
+        raise ConfigError(connector_widths_message(init_from, found, expected))
 
 
 def read_model_folder(key: str, value: str, folder: Path, remedy: str) -> tuple[dict, Path]:
@@ -151,7 +186,13 @@ def check_adapter_folder(init_from: str, path: Path, widths: tuple[int | None, i
 def check_released_projector(init_from: str, path: Path, widths: tuple[int | None, int | None]) -> None:
     """A released-layout ``projector.pth``: it loads as a state dict of the release's CAM keys that fit."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with trusted_checkpoints(False):  # adapters/cross_adapter.py reads it with weights_only=True, whatever the flag
+            state = load_torch_file(path, f"config key 'model.adapter.init_from' {init_from!r}")
+    except UntrustedCheckpointError as err:
+        raise ConfigError(f"config key 'model.adapter.init_from' is {init_from!r}, a torch file that holds more than "
+                          f"tensors ({err.detail}): reading it would run code it names, so it was not read. The "
+                          f"released projector.pth is a state dict of tensors alone; get it again from the "
+                          f"release.") from None
     except Exception as err:  # the unpickler's and the zip reader's errors have no common class
         raise ConfigError(f"config key 'model.adapter.init_from' is {init_from!r}, which is not a readable torch "
                           f"file ({str(err).splitlines()[0].split('. ')[0] or type(err).__name__}): truncated or corrupt? Copy "
@@ -216,7 +257,43 @@ def check_run_paths(cfg: DictConfig) -> None:
     check_base_unet(cfg)
     check_init_from(cfg.model.adapter.init_from, model_widths(cfg))
     check_model_weights(cfg)  # after the folders' configs: a mismatch there says more than a missing file
-    check_shards(cfg)
+    check_data_layout(cfg, check_shards(cfg))
+
+
+def check_llm_config(cfg: DictConfig) -> None:
+    """The LLM's config.json is of a model_type transformers can build (or T5-shaped, or trusted remote code),
+    and a LoRA in it without target modules has default ones for that type (encoders/llm.py)."""
+    # transformers' table of model types: imported here, where a check needs it (it imports torch, seconds)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    llm = cfg.model.llm
+    config = model_json(llm.pretrained, "config.json", llm.revision)
+    if not config or "model_type" not in config:  # not on this machine, or a type transformers infers by name
+        return
+    model_type = llm_model_type(llm.pretrained, config, llm.trust_remote_code, CONFIG_MAPPING_NAMES)
+    if llm.lora_rank > 0 and not llm.lora_target_modules:
+        lora_targets_of(model_type)
+
+
+def check_entity_parser(cfg: DictConfig) -> None:
+    """The spaCy pipeline that parses captions for the entity loss in the data workers is installed."""
+    objective = cfg.model.objective
+    if objective.lambda_entity <= 0 or objective.entity_parser == SHAPES_GRAMMAR \
+            or "entities" in cfg.data.precomputed_keys:
+        return
+    if not spacy_pipeline_installed(objective.entity_parser):
+        raise ConfigError(f"model.objective.entity_parser={objective.entity_parser!r}: "
+                          f"{spacy_model_missing_message(objective.entity_parser)}")
+
+
+def check_performance(cfg: DictConfig, on_this_machine: bool) -> None:
+    """``model.performance``: a torch.compile backend that exists and, where the run trains here, a Python and a
+    compiler that can run it, and the optimizer's package (a cluster node is checked by train.py in the job)."""
+    perf = cfg.model.performance
+    if perf.compile:
+        check_compile_supported(perf.compile_backend, on_this_machine)
+    if on_this_machine:
+        check_optimizer_available(perf.optimizer)
 
 
 def check_sources(cfg: DictConfig) -> None:
@@ -227,6 +304,8 @@ def check_sources(cfg: DictConfig) -> None:
         check_source(cfg.model.base.unet, "model.base.unet")
     if cfg.model.llm.tokenizer:
         check_source(cfg.model.llm.tokenizer, "model.llm.tokenizer")
+    if "clip_score" in cfg.validation.metrics and cfg.validation.every_n_steps > 0:  # loaded at the first grid
+        check_source(cfg.validation.clip_model, "validation.clip_model")
 
 
 def local_folder(source: str | None) -> Path | None:
@@ -277,20 +356,28 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     never, None; a path, that file once it is checked to be a checkpoint of this configuration."""
     if cfg.resume == "never":
         return None
+    strategy = cfg.trainer.get("strategy")
     if cfg.resume == "auto":
         found = run_checkpoints.find_resume_checkpoint(Path(cfg.output_dir))
+        if found:
+            check_resume_layout(found, strategy)  # a run folder of another strategy (ddp <-> fsdp2)
         return str(found) if found else None
-    if not Path(cfg.resume).is_file():
+    if not (Path(cfg.resume).is_file() or is_sharded_checkpoint(cfg.resume)):
         raise ConfigError(f"resume={cfg.resume!r} is not a checkpoint file; use 'auto', 'never' or a path")
     load_checkpoint_checked(cfg.resume, cfg.model, what="resume=")  # a checkpoint, and of this configuration
+    check_resume_layout(cfg.resume, strategy)
     return cfg.resume
 
 
-def preflight(cfg: DictConfig) -> str | None:
+def preflight(cfg: DictConfig, on_this_machine: bool = True) -> str | None:
     """Every check of a training run before weights load (see the module docstring); returns the
-    checkpoint to resume from, or None."""
+    checkpoint to resume from, or None. ``on_this_machine``: the run trains where this runs (train.py, a local
+    sweep), not on a cluster node (submit.py, sweep.py --slurm), so what this machine lacks counts too."""
     check_sources(cfg)
     check_run_paths(cfg)
+    check_llm_config(cfg)
+    check_entity_parser(cfg)
+    check_performance(cfg, on_this_machine)
     check_scheduler_name(cfg.validation.scheduler, "config key 'validation.scheduler'")
     if cfg.data.precomputed_keys:  # a cache made with other settings is refused before models load
         check_cache_key(cfg.data.shards, cfg)

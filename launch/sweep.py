@@ -50,6 +50,7 @@ from omegaconf.errors import OmegaConfBaseException
 from llm4gen.configs.errors import ConfigError, UserError
 from llm4gen.configs.schema import config_file, load_config
 from llm4gen.launch.preflight import preflight
+from llm4gen.lightning_modules.safe_loading import TRUST_FLAG, trusted_checkpoints
 from llm4gen.launch.slurm import (
     SlurmConfig,
     SlurmError,
@@ -81,6 +82,7 @@ class SweepSpec:
     runs: list[dict[str, Any]] = field(default_factory=list)
     slurm: dict[str, Any] = field(default_factory=dict)
     max_parallel: int | None = None
+    trust_checkpoint: bool = False  # sweep.py --trust-checkpoint, passed on to every run's train.py
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,7 @@ def train_command(spec: SweepSpec, run: SweepRun, train_script: str | Path | Non
     """`python train.py --config CFG base_overrides run_overrides output_dir=...`; later keys win."""
     return [
         *training_command(train_script, python),
+        *([TRUST_FLAG] if spec.trust_checkpoint else []),
         "--config",
         spec.config,
         *spec.base_overrides,
@@ -231,14 +234,16 @@ def train_command(spec: SweepSpec, run: SweepRun, train_script: str | Path | Non
     ]
 
 
-def check_run_configs(spec: SweepSpec, runs: list[SweepRun], sweep_file: str | Path) -> None:
+def check_run_configs(spec: SweepSpec, runs: list[SweepRun], sweep_file: str | Path,
+                      on_this_machine: bool = True) -> None:
     """Runs train.py's preflight on every run's config (schema, values, sources, paths, scheduler, cache,
     resume file) before any run starts or is submitted, whatever script trains them, so one misspelt grid key
-    costs seconds, not a sweep of failed jobs."""
+    costs seconds, not a sweep of failed jobs. ``on_this_machine``: the runs train here (not a job array)."""
     for run in runs:
         overrides = [*spec.base_overrides, *run.override_args, f"output_dir={run.output_dir}"]
         try:
-            preflight(load_config(spec.config, overrides))
+            with trusted_checkpoints(spec.trust_checkpoint):
+                preflight(load_config(spec.config, overrides), on_this_machine)
         except UserError as error:  # a config, source, path or checkpoint error of this run
             raise SweepError(f"{sweep_file}: run {run.name!r} ({' '.join(run.override_args) or 'no overrides'}) has "
                              f"a bad config, so no run was started: {error}") from None

@@ -20,6 +20,7 @@ from llm4gen.lightning_modules.run_checkpoints import (
     CheckpointSaveError,
     prune_signal_checkpoints,
 )
+from llm4gen.lightning_modules.safe_loading import load_torch_file
 
 
 class SkippedSamples(L.Callback):
@@ -171,7 +172,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     resuming ignores (it does not end in ``.ckpt``).
 
     With ``run_dir``, a checkpoint safely written at step N deletes the run's signal checkpoints
-    (``hpc_ckpt_*``) at steps <= N: they pile up with every requeue otherwise (Lightning issue 6204)."""
+    (``hpc_ckpt_*``) at steps <= N: they pile up with every requeue otherwise (Lightning issue 6204).
+
+    Reading (``trainer.fit(ckpt_path=...)``) goes through lightning_modules/safe_loading.py, whatever
+    ``weights_only`` Lightning passes: a resumed file cannot run code unless the user passed --trust-checkpoint."""
 
     def __init__(self, run_dir: str | os.PathLike | None = None):
         super().__init__()
@@ -192,3 +196,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if self.run_dir is not None and isinstance(checkpoint.get("global_step"), int):
             prune_signal_checkpoints(self.run_dir, checkpoint["global_step"], saved=path)
 
+    def load_checkpoint(self, path, map_location=lambda storage, location: storage, weights_only=None) -> dict:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return load_torch_file(path, f"resume checkpoint {str(path)!r}", map_location=map_location)

@@ -16,8 +16,10 @@ from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from llm4gen.configs.checks import SHARDED
 from llm4gen.configs.errors import UserError
 from llm4gen.configs.schema import ModelConfig
+from llm4gen.lightning_modules.safe_loading import load_torch_file, read_dcp_index
 
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -70,20 +72,29 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / META_FILE).is_file()
 
 
+def check_resume_layout(path: str | Path, strategy: Any) -> None:
+    """A run resumes from the layout its strategy writes: a sharded folder under ``trainer.strategy=fsdp2``, a
+    file under any other (the preflight checks the checkpoint it picks; the sharded strategy checks again)."""
+    sharded = is_sharded_checkpoint(path)
+    if strategy == SHARDED and not sharded:
+        raise CheckpointError(f"{path} is not a sharded checkpoint folder (a {META_FILE} beside DCP shards); a run "
+                              f"under trainer.strategy={SHARDED} resumes from the folders it writes")
+    if strategy != SHARDED and sharded:
+        raise CheckpointError(f"{path} is a sharded checkpoint folder, which a run resumes under "
+                              f"trainer.strategy={SHARDED} only (trainer.strategy is {strategy!r}); export.py and "
+                              f"generate.py read it under any")
+
+
 def checkpoint_metadata(path: str | Path) -> dict:
     """The non-tensor part of a sharded checkpoint (``global_step``, hyper-parameters, loops, callbacks)."""
-    import torch
-
-    return torch.load(Path(path) / META_FILE, map_location="cpu", weights_only=False)
+    return load_torch_file(Path(path) / META_FILE, f"sharded checkpoint {str(path)!r} (its {META_FILE})")
 
 
 def sharded_checkpoint_index(path: Path) -> dict[str, Any]:
     """A sharded checkpoint folder without its tensors: its metadata and its ``state_dict`` keys (from the DCP
     index; the values are None)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     checkpoint = checkpoint_metadata(path)
-    stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    stored = read_dcp_index(path).state_dict_metadata
     checkpoint["state_dict"] = {key.removeprefix("state_dict."): None for key in stored if key.startswith("state_dict.")}
     return checkpoint
 
@@ -94,6 +105,8 @@ def read_checkpoint(path: str | Path, what: str = "--checkpoint") -> dict[str, A
     if is_sharded_checkpoint(path):
         try:
             checkpoint = sharded_checkpoint_index(Path(path))
+        except UserError:  # a file that would run code when read: refused as such
+            raise
         except Exception as error:  # the DCP reader's errors share no class
             raise CheckpointError(f"{what} {str(path)!r} is a sharded checkpoint folder that cannot be read "
                                   f"({error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''}): "
@@ -103,10 +116,8 @@ def read_checkpoint(path: str | Path, what: str = "--checkpoint") -> dict[str, A
     if problem:
         raise CheckpointError(f"{what} {str(path)!r} {problem}.")
 
-    import torch
-
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = load_torch_file(path, f"{what} {str(path)!r}", mmap=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as error:
         raise CheckpointError(f"{what} {str(path)!r} is truncated or corrupt and cannot be read "
                               f"({error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''}).") from None

@@ -44,8 +44,9 @@ from llm4gen.adapters.cross_adapter import CrossAdapter
 from llm4gen.adapters.gated_fusion import FUSION_FOLDER, GatedFusion
 from llm4gen.adapters.layout import ContextLayout
 from llm4gen.adapters.release import RELEASED_PROJECTOR, save_release
-from llm4gen.configs.errors import UserError
+from llm4gen.configs.errors import ConfigError, UserError
 from llm4gen.configs.schema import Config, ModelConfig, as_plain, model_config
+from llm4gen.configs.setup_checks import check_context_width, check_full_unet_dtype, connector_widths_message
 from llm4gen.datamodules.batch import Batch
 from llm4gen.encoders.clip import ClipText, where_text
 from llm4gen.encoders.llm import LLMEncoder, LLMFeatures
@@ -179,10 +180,8 @@ class LLM4GenModule(L.LightningModule):
         self.vae, self.unet, self.clip = base.vae, base.unet, base.text
         self.noise_scheduler = base.noise_scheduler
         self.llm = LLMEncoder.from_config(dataclasses.replace(cfg.llm, lora_rank=0))  # its LoRA: below, seeded
-        context_dim = self.unet.config.cross_attention_dim
-        if context_dim != self.clip.hidden_size:
-            raise ValueError(f"UNet cross_attention_dim {context_dim} != CLIP width {self.clip.hidden_size}: "
-                             f"model.base.pretrained is not a consistent Stable Diffusion folder")
+        # load_config refuses this from the models' config files; here it guards a module built without a config
+        check_context_width(self.unet.config.cross_attention_dim, self.clip.hidden_size)
         # What trains starts from a function of the seed alone, whatever loading the frozen parts drew
         # from the global RNG (building an embedded model on first use does).
         with torch.random.fork_rng(devices=[]):
@@ -224,10 +223,9 @@ class LLM4GenModule(L.LightningModule):
             else:
                 adapter = CrossAdapter.from_released(path, num_heads=acfg.num_heads, llm_scale=acfg.llm_scale,
                                                      use_llm_mask=acfg.use_llm_mask)
-            if (adapter.config.clip_dim, adapter.config.llm_dim) != (self.clip.hidden_size, self.llm.hidden_size):
-                raise ValueError(f"model.adapter.init_from={acfg.init_from!r} has widths "
-                                 f"{adapter.config.clip_dim}/{adapter.config.llm_dim}, the models need "
-                                 f"{self.clip.hidden_size}/{self.llm.hidden_size}")
+            found, needed = (adapter.config.clip_dim, adapter.config.llm_dim), (self.clip.hidden_size, self.llm.hidden_size)
+            if found != needed:  # the preflight refuses it from the files; this guards a module built without one
+                raise ConfigError(connector_widths_message(acfg.init_from, found, needed))
             return adapter
         return build_connector(acfg, clip_dim=self.clip.hidden_size, llm_dim=self.llm.hidden_size)
 
@@ -246,9 +244,7 @@ class LLM4GenModule(L.LightningModule):
 
     def _setup_unet_training(self, cfg) -> None:
         if cfg.unet_training == "full":
-            if cfg.base.dtype != "float32":
-                raise ValueError(f"model.unet_training=full needs fp32 master weights, but model.base.dtype="
-                                 f"{cfg.base.dtype}; set model.base.dtype=float32 and train with bf16-mixed")
+            check_full_unet_dtype(cfg.unet_training, cfg.base.dtype)  # load_config refuses it first
             self.unet.requires_grad_(True)
         elif cfg.unet_training == "lora":
             from peft import LoraConfig

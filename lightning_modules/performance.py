@@ -26,23 +26,34 @@ import shutil
 
 import torch
 
+from llm4gen.configs.errors import ConfigError
+
 OPTIMIZERS = ("adamw", "adamw_fused", "adamw_8bit")
 
 
-def check_compile_supported(backend: str) -> None:
-    """Raises ValueError naming why ``torch.compile`` cannot run here."""
+def check_compile_supported(backend: str, on_this_machine: bool = True) -> None:
+    """Raises ConfigError naming why ``torch.compile`` with ``backend`` cannot run: an unknown backend, and with
+    ``on_this_machine`` (the run trains here, not on a cluster node) what this Python and PATH lack."""
     import torch._dynamo
 
-    if not torch._dynamo.is_dynamo_supported():
-        raise ValueError("model.performance.compile=true, but torch.compile is not supported on this Python/platform "
-                         f"(torch {torch.__version__}); set model.performance.compile=false")
+    if on_this_machine and not torch._dynamo.is_dynamo_supported():
+        raise ConfigError("model.performance.compile=true, but torch.compile is not supported on this Python/platform "
+                          f"(torch {torch.__version__}); set model.performance.compile=false")
     if backend not in torch._dynamo.list_backends(exclude_tags=()):
-        raise ValueError(f"model.performance.compile_backend={backend!r} is not a torch.compile backend; known: "
-                         f"{', '.join(sorted(torch._dynamo.list_backends(exclude_tags=())))}")
-    if backend == "inductor" and not torch.cuda.is_available():
+        raise ConfigError(f"model.performance.compile_backend={backend!r} is not a torch.compile backend; known: "
+                          f"{', '.join(sorted(torch._dynamo.list_backends(exclude_tags=())))}")
+    if on_this_machine and backend == "inductor" and not torch.cuda.is_available():
         if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
-            raise ValueError("model.performance.compile=true with the inductor backend on a CPU needs a C++ compiler "
-                             "(g++ or clang++) on the PATH; install one, use compile_backend=aot_eager, or set compile=false")
+            raise ConfigError("model.performance.compile=true with the inductor backend on a CPU needs a C++ compiler "
+                              "(g++ or clang++) on the PATH; install one, use compile_backend=aot_eager, or set "
+                              "compile=false")
+
+
+def check_optimizer_available(kind: str) -> None:
+    """The optimizer ``kind`` names can be built here (bitsandbytes' is a separate, GPU-only install)."""
+    if kind == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("model.performance.optimizer=adamw_8bit needs bitsandbytes (GPU only): pip install "
+                          "bitsandbytes on the GPU machine, or use adamw_fused")
 
 
 def set_tf32(enabled: bool) -> None:
@@ -66,7 +77,7 @@ def apply_performance(module, perf) -> None:
     if perf.gradient_checkpointing:
         module.unet.enable_gradient_checkpointing()
     if perf.compile:
-        check_compile_supported(perf.compile_backend)
+        check_compile_supported(perf.compile_backend)  # the preflight refuses it first where the run trains
         module.unet.compile(backend=perf.compile_backend)
         module.adapter.compile(backend=perf.compile_backend)
 
@@ -79,9 +90,7 @@ def build_optimizer(params, optim, kind: str) -> torch.optim.Optimizer:
     if kind == "adamw_fused":
         return torch.optim.AdamW(params, fused=True, **kwargs)
     if kind == "adamw_8bit":
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError("model.performance.optimizer=adamw_8bit needs bitsandbytes (GPU only): "
-                             "pip install bitsandbytes on the GPU machine, or use adamw_fused")
+        check_optimizer_available(kind)  # the preflight refuses it first where the run trains
         import bitsandbytes
 
         return bitsandbytes.optim.AdamW8bit(params, **kwargs)

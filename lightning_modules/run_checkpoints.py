@@ -13,10 +13,9 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
 from llm4gen.lightning_modules.nonfinite import nonfinite_tensors
 from llm4gen.lightning_modules.checkpoint_files import checkpoint_metadata, is_sharded_checkpoint
+from llm4gen.lightning_modules.safe_loading import UntrustedCheckpointError, load_torch_file
 from llm4gen.lightning_modules.sharding import consolidated_checkpoint
 
 KIND_ORDER = {"hpc": 0, "step": 1, "last": 2}  # at equal steps, the higher wins
@@ -34,7 +33,8 @@ def checkpoint_kind(path: Path) -> str:
 
 def checkpoint_step(path: str | Path) -> int | None:
     """The ``global_step`` a Lightning checkpoint holds (-1 for a readable one without it), or None
-    when the file is not a readable checkpoint.
+    when the file is not a readable checkpoint; :class:`UntrustedCheckpointError` for one that would run code
+    when read (lightning_modules/safe_loading.py): refused, not passed over.
 
     Cheap: the file is memory-mapped, so only the small pickled index is read, never the tensor data.
     """
@@ -42,7 +42,9 @@ def checkpoint_step(path: str | Path) -> int | None:
         if is_sharded_checkpoint(path):  # a sharded run's folder: the step is in its metadata
             checkpoint = checkpoint_metadata(path)
         else:
-            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            checkpoint = load_torch_file(path, f"checkpoint {str(path)!r}", mmap=True)
+    except UntrustedCheckpointError:
+        raise
     except Exception:  # truncated, not a zip, not a checkpoint: all mean "unreadable"
         return None
     if not isinstance(checkpoint, dict):
@@ -61,12 +63,14 @@ def nonfinite_in(path: str | Path) -> list[str]:
     [] for a good one."""
     if is_sharded_checkpoint(path):
         return nonfinite_tensors(consolidated_checkpoint(path))
-    return nonfinite_tensors(torch.load(path, map_location="cpu", mmap=True, weights_only=False))
+    return nonfinite_tensors(load_torch_file(path, f"checkpoint {str(path)!r}", mmap=True))
 
 
 def find_resume_checkpoint(output_dir: str | Path) -> Path | None:
     """The readable checkpoint of a run with the highest stored step (then kind, then file time) whose trained
-    state is finite: one holding NaN or inf (written by code that did not check) is passed over, with a warning."""
+    state is finite: one holding NaN or inf (written by code that did not check) is passed over, with a warning.
+    A file that would run code when read stops the search (UntrustedCheckpointError): a run folder someone else
+    can write to is not resumed around it."""
     ranked = []
     for path in run_checkpoints(output_dir):
         step = checkpoint_step(path)
@@ -90,7 +94,10 @@ def prune_signal_checkpoints(output_dir: str | Path, saved_step: int, saved: str
     for path in sorted(Path(output_dir).glob("hpc_ckpt_*.ckpt")):
         if path.resolve() == Path(saved).resolve():
             continue
-        step = checkpoint_step(path)
+        try:
+            step = checkpoint_step(path)
+        except UntrustedCheckpointError:  # not this run's: left where it is, for resume to refuse
+            continue
         if step is not None and step <= saved_step:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)  # a sharded one is a folder
             removed.append(path)

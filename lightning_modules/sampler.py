@@ -19,7 +19,8 @@ from llm4gen.configs.schema import as_plain, model_config
 from llm4gen.encoders.sources import load_pretrained
 from llm4gen.lightning_modules.checkpoint_files import is_sharded_checkpoint
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule, load_llm_lora
-from llm4gen.lightning_modules.sharding import checkpoint_buffer
+from llm4gen.lightning_modules.safe_loading import load_torch_file
+from llm4gen.lightning_modules.sharding import consolidated_checkpoint
 from llm4gen.pipelines.bases import check_export_base, check_model_base, load_pipeline_on_base, pipeline_on_base
 from llm4gen.pipelines.llm4gen_pipeline import load_pipeline, pipeline_from_module
 from llm4gen.pipelines.single_file import is_single_file
@@ -40,13 +41,26 @@ class SamplingSettings:
 
 def load_checkpoint_module(checkpoint: str | Path, device: str = "cpu"):
     """An ``LLM4GenModule`` from a training checkpoint (frozen parts rebuilt from their sources); a sharded run's
-    checkpoint folder is consolidated in this process first (lightning_modules/sharding.py)."""
+    checkpoint folder is consolidated in this process first (lightning_modules/sharding.py). The file is read
+    without running code (lightning_modules/safe_loading.py), then built as ``load_from_checkpoint`` builds it."""
     if is_sharded_checkpoint(checkpoint):
-        return LLM4GenModule.load_from_checkpoint(checkpoint_buffer(checkpoint), map_location="cpu").to(device)
-    if not Path(checkpoint).is_file():
+        contents = consolidated_checkpoint(checkpoint)
+    elif not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} is not a file; give a training checkpoint "
                                 f"such as runs/tiny/checkpoints/last.ckpt")
-    return LLM4GenModule.load_from_checkpoint(str(checkpoint), map_location="cpu").to(device)
+    else:
+        contents = load_torch_file(checkpoint, f"checkpoint {str(checkpoint)!r}")
+    return module_from_checkpoint(contents).to(device)
+
+
+def module_from_checkpoint(checkpoint: dict) -> LLM4GenModule:
+    """What Lightning's ``load_from_checkpoint`` does with a checkpoint's contents (whose own ``torch.load`` this
+    replaces): the module of its hyper-parameters, its ``on_load_checkpoint``, then its trained weights."""
+    hyper = checkpoint["hyper_parameters"]
+    module = LLM4GenModule(hyper["model"], **({"seed": hyper["seed"]} if "seed" in hyper else {}))
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module
 
 
 def load_exported_module(export_dir: str | Path, base: str | None = None, device: str = "cpu"):
@@ -67,9 +81,9 @@ def load_exported_module(export_dir: str | Path, base: str | None = None, device
     if (export_dir / "unet").is_dir():
         from diffusers import UNet2DConditionModel
 
-        module.unet = UNet2DConditionModel.from_pretrained(export_dir / "unet").to(device).eval()
+        module.unet = UNet2DConditionModel.from_pretrained(export_dir / "unet", use_safetensors=True).to(device).eval()
     elif (export_dir / "unet_lora").is_dir():
-        module.pipeline().load_lora_weights(str(export_dir / "unet_lora"))  # into module.unet, shared
+        module.pipeline().load_lora_weights(str(export_dir / "unet_lora"), use_safetensors=True)  # into module.unet, shared
     if (export_dir / "llm_lora").is_dir():  # the config built the LLM's LoRA layers; their trained weights
         load_llm_lora(module.llm.model, export_dir / "llm_lora")
     return module

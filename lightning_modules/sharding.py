@@ -17,12 +17,13 @@ and gathers a block's weights just before the block runs.
   checkpoint (DCP) shards holding only what trains (trained weights, optimizer state, EMA) plus the run's
   metadata (``meta.pt``: step, data position, counters), written to a temporary folder and renamed into place.
   DCP reshards on load: a run saved on N processes resumes on M. ``consolidated_checkpoint`` turns a folder
-  into an ordinary checkpoint in one process, which is how export, generation and evaluation read it.
+  into an ordinary checkpoint in one process, which is how export, generation and evaluation read it. Both read
+  the folder's index, its shards' non-tensor entries and ``meta.pt`` without running code
+  (lightning_modules/safe_loading.py).
 """
 
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -32,7 +33,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from llm4gen.configs.checks import SHARDED as STRATEGY_NAME  # the trainer.strategy value that selects it
-from llm4gen.lightning_modules.checkpoint_files import META_FILE, checkpoint_metadata, is_sharded_checkpoint
+from llm4gen.lightning_modules.checkpoint_files import META_FILE, check_resume_layout, checkpoint_metadata
+from llm4gen.lightning_modules.safe_loading import dcp_load, read_dcp_checkpoint
 
 
 def sharded_blocks(unet: nn.Module) -> list[nn.Module]:
@@ -66,23 +68,13 @@ def shard_module(module, mesh, param_dtype: Optional[torch.dtype] = None) -> Non
 def consolidated_checkpoint(path: str | Path) -> dict[str, Any]:
     """A sharded checkpoint folder read in one process, as the ordinary checkpoint dict an unsharded run writes
     (``state_dict`` of what trains, ``optimizer_states``, ``ema`` and the metadata): full tensors on the CPU."""
-    from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
-    tensors = _load_distributed_checkpoint(Path(path))
-    checkpoint = checkpoint_metadata(path)
+    checkpoint = checkpoint_metadata(path)  # first: the small file, refused before the shards are read
+    tensors = read_dcp_checkpoint(path)
     checkpoint["state_dict"] = tensors["state_dict"]
     checkpoint["optimizer_states"] = [tensors[k] for k in sorted(k for k in tensors if k.startswith("optimizer_"))]
     if "ema" in tensors:
         checkpoint["ema"] = tensors["ema"]
     return checkpoint
-
-
-def checkpoint_buffer(path: str | Path) -> io.BytesIO:
-    """A sharded checkpoint as the bytes of an ordinary one: what ``LightningModule.load_from_checkpoint`` reads."""
-    buffer = io.BytesIO()
-    torch.save(consolidated_checkpoint(path), buffer)
-    buffer.seek(0)
-    return buffer
 
 
 class ShardedStrategy(ModelParallelStrategy):
@@ -130,7 +122,6 @@ class ShardedStrategy(ModelParallelStrategy):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        from torch.distributed.checkpoint import load
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -141,20 +132,18 @@ class ShardedStrategy(ModelParallelStrategy):
 
         path = Path(self.broadcast(str(checkpoint_path)))
         module = self.lightning_module
-        if not is_sharded_checkpoint(path):
-            raise ValueError(f"{path} is not a sharded checkpoint folder (a {META_FILE} beside DCP shards); a run under "
-                             f"trainer.strategy={STRATEGY_NAME} resumes from the folders it writes")
+        check_resume_layout(path, STRATEGY_NAME)  # the preflight refuses it first
+        metadata = checkpoint_metadata(path)  # refused here, before any weight changes, if it would run code
         trainable = module.trainable_state_keys()
         state: dict[str, Any] = {"state_dict": {k: v for k, v in get_model_state_dict(self.model).items() if k in trainable}}
         for i, optimizer in enumerate(self.optimizers):
             state[f"optimizer_{i}"] = get_optimizer_state_dict(self.model, optimizer)
         if module.ema is not None:
             state["ema"] = module.ema.state_dict()
-        load(state, checkpoint_id=path)  # resharded to this run's processes
+        dcp_load(state, path)  # resharded to this run's processes
         set_model_state_dict(self.model, state["state_dict"], options=StateDictOptions(strict=False))
         for i, optimizer in enumerate(self.optimizers):
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state[f"optimizer_{i}"])
-        metadata = checkpoint_metadata(path)
         metadata["state_dict"] = state["state_dict"]
         if "ema" in state:
             metadata["ema"] = state["ema"]

@@ -6,17 +6,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llm4gen.configs.setup_checks import check_prediction_type
+
 
 def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
                      timesteps: torch.Tensor) -> torch.Tensor:
     """What the UNet is trained to predict, by the base model's prediction type."""
     kind = noise_scheduler.config.prediction_type
+    check_prediction_type(kind)  # load_config refuses an unsupported one from the scheduler's config first
     if kind == "epsilon":
         return noise
-    if kind == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"prediction_type {kind!r} of the base model's scheduler is not supported; "
-                     f"expected 'epsilon' or 'v_prediction'")
+    return noise_scheduler.get_velocity(latents, noise, timesteps)  # v_prediction
 
 
 def snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:

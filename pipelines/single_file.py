@@ -4,6 +4,7 @@ their tensors' shapes read without their weights, and the base loaded through di
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -25,7 +26,12 @@ def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as handle:
             return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    state = torch.load(path, map_location="meta", weights_only=True)
+    try:  # the pickle's tensors built on the meta device: names and shapes, no data read, no code run
+        state = torch.load(path, map_location="meta", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{str(path)!r} holds more than tensors and plain values, which reading it would build "
+                         f"by running code ({str(error).splitlines()[0]}); give the base as a .safetensors file "
+                         f"or a diffusers folder") from None
     while isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     return {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}

@@ -134,6 +134,10 @@ def write_case_files(root: Path) -> dict[str, str]:
     release.mkdir()
     (release / "projector.pth").write_bytes(data[: len(data) // 3])  # a torch file cut short in the copy
     paths["bad_release"] = str(release)
+    from llm4gen.datamodules.synthetic import write_synthetic_shards
+
+    write_synthetic_shards(str(root / "shards"), num_samples=2, samples_per_shard=2, resolution=16)
+    paths["shards"] = str(root / "shards")
     return paths
 
 
@@ -256,16 +260,28 @@ CASES = [
     ("evaluate", ["--base", "embedded:tiny-sd", "--shapes", "seen_1", "--images-per-prompt", "0",
                   "--output-dir", "{tmp}/ev"], "--images-per-prompt 0"),
     ("evaluate", ["compare", "{tmp}/no-such-eval", "--output-dir", "{tmp}/cmp"], "no-such-eval"),
+    ("evaluate", ["--base", "embedded:tiny-sd", "--protocol", "dpg-bench", "--output-dir", "{tmp}/ev"],
+     "give --dpg-questions PATH to dpg_bench/dpg_bench.csv"),
+    ("evaluate", ["--base", "embedded:tiny-sd", "--dpg-questions", "{tmp}/no-table.csv", "--output-dir", "{tmp}/ev"],
+     "no-table.csv"),
+    ("evaluate", ["--base", "embedded:tiny-sd", "--dpg-shapes", "verbose_2", "--images-per-prompt", "2",
+                  "--output-dir", "{tmp}/ev"], "DPG-Bench scores 4 images per prompt"),
     ("generate", ["--release", "{bad_release}", "--config", "configs/tiny.yaml", "--prompt", "a",
                   "--output-dir", "{tmp}/gen"], "projector.pth', which is not a readable torch file"),
     # export.py
     ("export", ["--checkpoint", "{garbage}", "--output", "{tmp}/release"], "{garbage}"),
     ("export", ["--checkpoint", "{empty_dir}", "--output", "{tmp}/release"], "{empty_dir}"),
+    # recaption.py (issue 44; every refusal on a tiny LLaVA: tests/datamodules/test_recaption.py)
+    ("recaption", ["/no/such/shards", "--model", "{llm_config_only}", "--output", "{tmp}/dense"], "/no/such/shards"),
+    ("recaption", ["{shards}", "--model", "{llm_config_only}", "--output", "{tmp}/dense"],
+     "is a 'bert' model (BertModel), not a vision-language model"),
+    ("recaption", ["{shards}", "--model", "{llm_config_only}", "--output", "{tmp}/dense", "--min-words", "9",
+                   "--max-words", "3"], "--min-words 9 --max-words 3"),
 ]
 
 # One per entry point (with issue 14's examples) as a real process: exit code, traceback, time.
 SUBPROCESS_CASES = [*range(7)] + [next(i for i, case in enumerate(CASES) if case[0] == entry)
-                                  for entry in ("prepare", "cache", "submit", "evaluate", "export")]
+                                  for entry in ("prepare", "cache", "submit", "evaluate", "export", "recaption")]
 
 
 def fill(items, files):
@@ -302,6 +318,8 @@ def tripwires(monkeypatch):
     monkeypatch.setattr(submit_cli, "submit", refuse)
     monkeypatch.setattr(feature_cache, "FeatureEncoders", refuse)
     monkeypatch.setattr(prepare, "run_prepare", refuse)
+    from llm4gen.tools import recaption
+    monkeypatch.setattr(recaption, "Captioner", refuse)
     import llm4gen.lightning_modules.sampler as evaluation_sampler
     monkeypatch.setattr(evaluation_sampler, "load_sampler", refuse)
 
@@ -315,7 +333,7 @@ def entry_main(entry: str):
 def test_the_table_is_big_enough_and_covers_every_entry_point():
     assert len(CASES) >= 40
     assert {entry for entry, _, _ in CASES} == {"train", "generate", "prepare", "cache", "submit", "sweep",
-                                                "attention_maps", "evaluate", "export"}
+                                                "attention_maps", "evaluate", "export", "recaption"}
     assert {CASES[i][0] for i in SUBPROCESS_CASES} == {entry for entry, _, _ in CASES}
 
 

@@ -42,6 +42,7 @@ LAZY_ALLOWED = {
     "wandb": "optional: [wandb] extra",
     "bitsandbytes": "optional: adamw_8bit, GPU only",
     "torch_fidelity": "optional: the published Inception FID",
+    "modelscope": "optional: [dpg] extra, DPG-Bench's published mPLUG VQA",
     "gguf": "optional: the GGUF conversion",
     "pyarrow": "optional: prepare.py's parquet input",
     "pandas": "optional: prepare.py's parquet input",

@@ -10,8 +10,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["llm4gen-train", "llm4gen-generate", "llm4gen-prepare", "llm4gen-submit", "llm4gen-sweep", "llm4gen-cache",
-           "llm4gen-attention-maps", "llm4gen-evaluate", "llm4gen-export", "llm4gen-experiment", "llm4gen-pretrain"]
-SHADOWING = ["evaluate", "adapters", "configs", "train", "cache", "export", "datamodules", "losses", "launch"]
+           "llm4gen-attention-maps", "llm4gen-evaluate", "llm4gen-export", "llm4gen-experiment", "llm4gen-pretrain",
+           "llm4gen-recaption"]
+SHADOWING = ["evaluate", "adapters", "configs", "train", "cache", "export", "datamodules", "losses", "launch", "recaption"]
 
 
 @pytest.fixture(scope="module")

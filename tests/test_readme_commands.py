@@ -377,6 +377,11 @@ COVERAGE = [
     Entry(r"python generate\.py --release /models/\S+ --config configs/\S+ .*", dry_run, "dry-run",
           "needs the authors' release and SD1.5; tests/test_release.py runs the same path on a tiny release"),
     Entry(r"python prepare\.py /data/my_images .*", run_prepare, "run"),
+    Entry(r"python recaption\.py /data/\S+ --model llava-hf/\S+ --output /data/\S+( --processes \d+)?( --batch-size \d+)?",
+          dry_run, "dry-run", "needs LLaVA-1.5-7B's weights and GPUs: parsed; tests/datamodules/test_recaption.py runs "
+          "the same command on a tiny LLaVA"),
+    Entry(r"python recaption\.py --preview \d+ --output /data/\S+", dry_run, "dry-run",
+          "previews a finished job at /data: parsed; tests/datamodules/test_recaption.py previews the tiny job"),
     Entry(r"python cache\.py --config configs/sd15_t5xl\.yaml .*", dry_run_cache, "dry-run",
           "needs SD1.5 and T5-XL: parsed, config loaded, its cache settings accepted"),
     Entry(r"python submit\.py --config configs/\S+ .*", run_submit_dry, "dry-run", "needs a SLURM cluster"),
@@ -402,6 +407,8 @@ COVERAGE = [
           "compares two finished paper-scale evaluations; tests/evaluation/test_evaluate.py runs compare on two tiny runs"),
     Entry(r"pip install torch-fidelity", optional_package_named_in_errors, "dry-run",
           "an optional package for the published Inception FID; it needs torchvision, which this CPU torch cannot import"),
+    Entry(r"pip install 'llm4gen\[dpg\]'", optional_package_named_in_errors, "dry-run",
+          "the [dpg] extra (modelscope, DPG-Bench's mPLUG VQA); the models it runs are not installable offline"),
     Entry(r"python -m llm4gen\.cli\.probes", run_probes, "run"),
     Entry(r"python -m llm4gen\.cli\.shapes_evidence (run|data|report) configs/sweeps/(shapes_evidence|evidence_v3"
           r"|evidence_v3_replication)\.yaml( --protocol v\d(-replication)?)?( --replication \S+)?", dry_run_module,

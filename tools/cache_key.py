@@ -122,7 +122,10 @@ def spacy_model_identity(model: str) -> str:
 
 # Data settings that decide which samples a run reads, not what any cached value is.
 DATA_NOT_IN_VALUES = ("shards", "synthetic_if_missing", "batch_size", "num_workers", "shuffle_buffer", "resampled",
-                      "epoch_batches", "precomputed_keys")
+                      "epoch_batches", "precomputed_keys", "caption_mix")
+# The fields whose values depend on the caption: with data.caption_mix, cached once per caption key of the mix,
+# and the keys recorded as cache.caption_keys (checked by check_cache_key: a run's keys must be among them).
+CAPTION_FIELDS = ("llm_features", "clip_features", "entities", "entity_positions")
 IMAGE_SETTINGS = ("resolution", "center_crop", "random_flip", "buckets")
 # What each cached field depends on: whole config sections minus the settings listed as not affecting it
 # (a dotted key names a single setting). A setting added to one of these sections later joins the key
@@ -180,6 +183,10 @@ def field_key(cfg: DictConfig, name: str, cache_dtype: Optional[str] = None) -> 
         key["model.adapter.use_llm_mask"] = True  # pad outputs not stored: they leave every attention
     if cache_dtype is not None and name not in ("entities", "entity_positions"):
         key["cache.dtype"] = cache_dtype
+    mix = list(OmegaConf.select(cfg, "data.caption_mix") or {})
+    if name in CAPTION_FIELDS and mix:  # one value per key of the mix: caption_keys does not pick the caption
+        key.pop("data.caption_keys", None)
+        key["cache.caption_keys"] = mix
     return key
 
 
@@ -261,6 +268,7 @@ def check_cache_key(shards_dir: Any, cfg: DictConfig | Mapping[str, Any]) -> Non
     expected = {name: field_key(cfg, name) for name in wanted}
     for directory in directories:
         cached = read_cache_key(directory).get("fields", {})
+        check_caption_keys(directory, cached, cfg)
         missing = [name for name in wanted if name not in cached]
         differences = [d for name in wanted if name in cached for d in key_differences(cached[name], expected[name])]
         differences = list(dict.fromkeys(differences))  # a setting shared by two fields is named once
@@ -271,3 +279,28 @@ def check_cache_key(shards_dir: Any, cfg: DictConfig | Mapping[str, Any]) -> Non
                 f"cache at {directory} " + ", and ".join(parts) +
                 ". Rewrite the cache with this run's config (python cache.py --config CFG [overrides] --output DIR), "
                 "or set these keys to the cache's values, or train online (data.precomputed_keys=[]).")
+
+
+def check_caption_keys(directory: str, cached: Mapping[str, Any], cfg: DictConfig) -> None:
+    """Refuses a cache whose caption fields cannot serve this run's captions: a run drawing ``data.caption_mix``
+    needs the fields cached per caption key, for every key it may draw (weight above 0); a run without a mix needs
+    them cached for the one caption ``data.caption_keys`` picks."""
+    mix = {key: float(weight) for key, weight in (OmegaConf.select(cfg, "data.caption_mix") or {}).items()}
+    for name in [n for n in cfg.data.precomputed_keys if n in CAPTION_FIELDS and n in cached]:
+        recorded = cached[name].get("cache.caption_keys")
+        rewrite = (f"Rewrite the cache with the mix set (python cache.py --config CFG data.caption_mix=... --output "
+                   f"{directory}), or train these fields online (drop them from data.precomputed_keys).")
+        if mix and recorded is None:
+            raise CacheKeyMismatch(
+                f"cache at {directory} holds {name} of one caption per sample (the first of data.caption_keys), but "
+                f"this run draws each sample's caption from data.caption_mix {mix}. {rewrite}")
+        if not mix and recorded is not None:
+            raise CacheKeyMismatch(
+                f"cache at {directory} holds {name} per caption key ({', '.join(recorded)}), written for a "
+                f"data.caption_mix, but this run sets none: set data.caption_mix, e.g. "
+                f"data.caption_mix={{{recorded[0]}: 1.0}}, to train on those captions.")
+        lacking = [key for key, weight in mix.items() if weight > 0 and key not in (recorded or [])]
+        if lacking:
+            raise CacheKeyMismatch(
+                f"cache at {directory} does not hold {name} of the caption keys {', '.join(lacking)} of this run's "
+                f"data.caption_mix (it holds: {', '.join(recorded)}). {rewrite}")

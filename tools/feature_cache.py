@@ -8,7 +8,8 @@ frozen models, so a run that sees every sample many times pays for them once.
 Layout. For every input shard ``.../NAME.tar`` the cache directory gets ``DIR/NAME.tar`` holding, per
 sample and under the same ``__key__``, the original members (caption ``txt``/``json``; the image unless
 ``drop_images``), so a cached shard is self-contained for training, plus the cached members named by
-:data:`datamodules.webdataset_datamodule.PRECOMPUTED_MEMBERS`:
+:data:`datamodules.cache_codec.PRECOMPUTED_MEMBERS` (with ``data.caption_mix``, the caption fields once per caption
+key, ``llm_features.dense_txt.npy``: ``cache_codec.member_name``):
 
   ``latent_moments.npy``  (2C, h, w) VAE posterior mean and log-variance at ``data.resolution``, centre crop;
                           with aspect-ratio buckets (``data.buckets``) at the image's bucket size instead
@@ -42,25 +43,23 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import tarfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from llm4gen.datamodules.cache_codec import PRECOMPUTED_MEMBERS, encode_precomputed
+from llm4gen.datamodules.captions import captions_held
 from llm4gen.datamodules.collate import entity_parser
 from llm4gen.datamodules.entity_targets import EntityTargetBuilder, TokenizerSources
 from llm4gen.datamodules.shards import iter_tar_samples, resolve_shards
 from llm4gen.datamodules.transforms import (
-    IMAGE_EXTENSIONS,
-    SKIP_REASONS,
     SampleError,
     check_download_status,
     extract_caption,
@@ -78,12 +77,19 @@ from llm4gen.tools.cache_key import (
     CacheError,
     CacheKeyMismatch,
     DEFAULT_FIELDS,
-    STATS_DIR,
     STORAGE_REPORT_FILE,
     cache_buckets,
     cache_key,
     entity_parser_name,
     key_differences,
+)
+from llm4gen.tools.cache_storage import (
+    ShardStats,
+    collect_stats,
+    format_storage_report,
+    member_group,
+    stats_path,
+    storage_report,
 )
 from llm4gen.tools.shard_writer import member_info, write_json
 
@@ -194,10 +200,18 @@ class FeatureEncoders:
     @torch.no_grad()
     def encode(self, captions: list[str], pixels: Optional[torch.Tensor]) -> dict[str, list[Any]]:
         """Per-sample cached values of a batch: field -> list (one numpy array or JSON value per sample)."""
+        return {**(self.encode_images(pixels) if self.vae is not None else {}), **self.encode_captions(captions)}
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> dict[str, list[Any]]:
+        """``latent_moments`` of a batch of images (B, 3, H, W), one (2C, h, w) array per image."""
+        moments = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.parameters  # (B, 2C, h, w)
+        return {"latent_moments": list(self._to_numpy(moments))}
+
+    @torch.no_grad()
+    def encode_captions(self, captions: list[str]) -> dict[str, list[Any]]:
+        """The caption fields of a batch of captions: field -> one value per caption."""
         out: dict[str, list[Any]] = {}
-        if self.vae is not None:
-            moments = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.parameters  # (B, 2C, h, w)
-            out["latent_moments"] = list(self._to_numpy(moments))
         if self.llm is not None:
             llm = self.llm(captions)  # features (B, max_length, D), mask (B, max_length)
             lengths = [stored_llm_tokens(row, self.keep_padding) for row in llm.mask]
@@ -225,42 +239,6 @@ class FeatureEncoders:
 # ---------------------------------------------------------------- one shard
 
 
-@dataclass
-class ShardStats:
-    """What one cached shard holds: counts, skip reasons, bytes per member group."""
-
-    shard: str
-    samples: int = 0
-    skipped: dict[str, int] = field(default_factory=lambda: {reason: 0 for reason in SKIP_REASONS})
-    payload_bytes: dict[str, int] = field(default_factory=dict)  # member group -> sum of member sizes
-    tar_bytes: dict[str, int] = field(default_factory=dict)  # the same with tar headers and block padding
-    llm_tokens: int = 0
-    seconds: float = 0.0
-
-    def add_member(self, group: str, size: int) -> None:
-        self.payload_bytes[group] = self.payload_bytes.get(group, 0) + size
-        self.tar_bytes[group] = self.tar_bytes.get(group, 0) + tar_member_bytes(size)
-
-
-def tar_member_bytes(size: int) -> int:
-    """Bytes a member of ``size`` takes in a tar: a 512-byte header plus data padded to 512-byte blocks."""
-    return 512 + 512 * math.ceil(size / 512)
-
-
-def npy_bytes(shape: Sequence[int], dtype: str) -> int:
-    """Size of an ``np.save`` file of this shape and dtype (header included)."""
-    buffer = io.BytesIO()
-    np.save(buffer, np.zeros(shape, dtype=np.dtype(dtype)), allow_pickle=False)
-    return len(buffer.getvalue())
-
-
-def member_group(extension: str) -> str:
-    for name, member in PRECOMPUTED_MEMBERS.items():
-        if extension == member:
-            return name
-    return "image" if extension in IMAGE_EXTENSIONS else "other members"
-
-
 class _TarOut:
     """Tar members written in order with fixed metadata (the same input gives the same bytes)."""
 
@@ -276,11 +254,15 @@ class _TarOut:
 
 def cache_shard(url: str, out_path: str, encoders: FeatureEncoders, *, caption_keys: Sequence[str], resolution: int,
                 batch_size: int = 32, drop_images: bool = False,
-                buckets: Optional[Sequence[Sequence[int]]] = None) -> ShardStats:
+                buckets: Optional[Sequence[Sequence[int]]] = None, caption_mix: Sequence[str] = ()) -> ShardStats:
     """Writes the cache of one shard (atomically: tmp file, then rename) and returns its statistics.
 
     With ``buckets`` each image's latents are at its aspect-ratio bucket's size (as training crops it), so
     latents differ in shape between buckets; the VAE encodes each bucket's images of a batch together.
+
+    With ``caption_mix`` (the keys of ``data.caption_mix``) the caption fields are cached once per key the sample
+    holds, under that key's member names (``cache_codec.member_name``), so a run drawing any of the keys reads
+    the values of the caption it drew; without, once, for the caption ``caption_keys`` picks.
 
     A shard that cannot be opened at all raises ``SampleError("bad_shard")`` and writes nothing (a rerun
     retries it); a shard that breaks part-way is cached up to the break and counts one ``bad_shard``.
@@ -289,25 +271,36 @@ def cache_shard(url: str, out_path: str, encoders: FeatureEncoders, *, caption_k
     stats = ShardStats(shard=os.path.basename(out_path))
     tmp = f"{out_path}.tmp-{os.getpid()}"
     writer = _TarOut(tmp)
-    pending: list[tuple[dict[str, Any], str, Optional[torch.Tensor], dict[str, Any]]] = []
+    # (raw sample, caption key -> caption (key None without a mix), pixels (3, H, W) or None, SDXL geometry)
+    pending: list[tuple[dict[str, Any], dict[Optional[str], str], Optional[torch.Tensor], dict[str, Any]]] = []
     read_any = False
 
     def flush() -> None:
-        # One encoder call per image size (one bucket; all samples without buckets), written in shard order.
-        sizes = [tuple(p.shape) if p is not None else () for _, _, p, _ in pending]
-        per_sample: list[dict[str, Any]] = [{} for _ in pending]
-        for size in dict.fromkeys(sizes):
-            members = [i for i, s in enumerate(sizes) if s == size]
-            pixels = torch.stack([pending[i][2] for i in members]) if encoders.vae is not None else None  # (B, 3, H, W)
-            cached = encoders.encode([pending[i][1] for i in members], pixels)
+        # Images: one encoder call per image size (one bucket; all samples without buckets). Captions: one call per
+        # caption key. Each sample's values by caption key (None: the image's, and without a mix the caption's).
+        values: list[dict[Optional[str], dict[str, Any]]] = [{None: dict(geometry)} for _, _, _, geometry in pending]
+        if encoders.vae is not None:
+            sizes = [tuple(pixels.shape) for _, _, pixels, _ in pending]
+            for size in dict.fromkeys(sizes):
+                members = [i for i, s in enumerate(sizes) if s == size]
+                cached = encoders.encode_images(torch.stack([pending[i][2] for i in members]))  # (B, 3, H, W)
+                for j, i in enumerate(members):
+                    values[i][None].update({name: cached[name][j] for name in cached})
+        for key in (caption_mix or [None]):
+            members = [i for i, (_, captions, _, _) in enumerate(pending) if key in captions]
+            if not members:
+                continue
+            cached = encoders.encode_captions([pending[i][1][key] for i in members])
             for j, i in enumerate(members):
-                per_sample[i] = {name: cached[name][j] for name in cached}
-        for i, (raw, _, _, geometry) in enumerate(pending):
-            values = per_sample[i]
-            values.update(geometry)  # with the latents: the original size and crop SDXL is conditioned on
-            if "llm_features" in values:
-                stats.llm_tokens += int(values["llm_features"].shape[0])
-            _write_sample(writer, raw, encode_precomputed(**values), stats, drop_images)
+                values[i].setdefault(key, {}).update({name: cached[name][j] for name in cached})
+        for i, (raw, _, _, _) in enumerate(pending):
+            members: dict[str, bytes] = {}
+            for key, fields in values[i].items():
+                if "llm_features" in fields:
+                    stats.llm_tokens += int(fields["llm_features"].shape[0])
+                    stats.llm_captions += 1
+                members.update(encode_precomputed(**fields, caption_key=key))
+            _write_sample(writer, raw, members, stats, drop_images)
         pending.clear()
 
     try:
@@ -316,7 +309,8 @@ def cache_shard(url: str, out_path: str, encoders: FeatureEncoders, *, caption_k
                 read_any = True
                 try:
                     check_download_status(raw)
-                    caption = extract_caption(raw, caption_keys)
+                    captions = (captions_held(raw, caption_mix) if caption_mix
+                                else {None: extract_caption(raw, caption_keys)})
                     pixels, geometry = None, {}
                     if encoders.vae is not None:
                         pixels, decoded_hw, crop = preprocess_image_with_geometry(
@@ -326,7 +320,7 @@ def cache_shard(url: str, out_path: str, encoders: FeatureEncoders, *, caption_k
                 except SampleError as error:
                     stats.skipped[error.reason] += 1
                     continue
-                pending.append((raw, caption, pixels, geometry))
+                pending.append((raw, captions, pixels, geometry))
                 if len(pending) == batch_size:
                     flush()
         except SampleError as error:
@@ -365,74 +359,6 @@ def _write_sample(writer: _TarOut, raw: Mapping[str, Any], cached: Mapping[str, 
     stats.samples += 1
 
 
-def stats_path(out_path: str) -> str:
-    return os.path.join(os.path.dirname(out_path), STATS_DIR, os.path.basename(out_path)[: -len(".tar")] + ".json")
-
-
-# ---------------------------------------------------------------- storage report
-
-
-def storage_report(stats: Iterable[Mapping[str, Any]], per: int = 1_000_000) -> dict[str, Any]:
-    """Mean bytes per sample per member group, and what ``per`` samples would take, from shard stats."""
-    stats = list(stats)
-    samples = sum(s["samples"] for s in stats)
-    groups = sorted({g for s in stats for g in s["payload_bytes"]})
-    fields = {}
-    for group in groups:
-        payload = sum(s["payload_bytes"].get(group, 0) for s in stats)
-        in_tar = sum(s["tar_bytes"].get(group, 0) for s in stats)
-        fields[group] = {
-            "bytes_per_sample": payload / max(samples, 1),
-            "tar_bytes_per_sample": in_tar / max(samples, 1),
-            "projected_bytes": in_tar / max(samples, 1) * per,
-        }
-    total = sum(f["tar_bytes_per_sample"] for f in fields.values())
-    tokens = sum(s.get("llm_tokens", 0) for s in stats)
-    return {
-        "shards": len(stats),
-        "samples": samples,
-        "skipped": {reason: sum(s["skipped"].get(reason, 0) for s in stats) for reason in SKIP_REASONS},
-        "fields": fields,
-        "mean_llm_tokens": tokens / samples if samples and tokens else None,
-        "tar_bytes_per_sample": total,
-        "projected_for": per,
-        "projected_bytes": total * per,
-    }
-
-
-def format_bytes(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(size) < 1000 or unit == "PB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} PB"
-
-
-def format_storage_report(report: Mapping[str, Any]) -> str:
-    per = report["projected_for"]
-    lines = [f"storage: {report['samples']} samples in {report['shards']} shards"
-             f" (skipped: {', '.join(f'{k} {v}' for k, v in report['skipped'].items() if v) or 'none'})"]
-    if report.get("mean_llm_tokens"):
-        lines.append(f"mean LLM tokens per caption: {report['mean_llm_tokens']:.1f}")
-    lines.append(f"{'member group':<24} {'bytes/sample':>13} {'in tar':>13} {f'per {per:,} samples':>22}")
-    for group, f in report["fields"].items():
-        lines.append(f"{group:<24} {f['bytes_per_sample']:>13,.0f} {f['tar_bytes_per_sample']:>13,.0f} "
-                     f"{format_bytes(f['projected_bytes']):>22}")
-    lines.append(f"{'total':<24} {'':>13} {report['tar_bytes_per_sample']:>13,.0f} "
-                 f"{format_bytes(report['projected_bytes']):>22}")
-    return "\n".join(lines)
-
-
-def collect_stats(directory: str) -> list[dict[str, Any]]:
-    """The statistics of every finished shard in a cache directory."""
-    found = []
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".tar") and os.path.isfile(stats_path(os.path.join(directory, name))):
-            with open(stats_path(os.path.join(directory, name)), encoding="utf-8") as handle:
-                found.append(json.load(handle))
-    return found
-
-
 # ---------------------------------------------------------------- the command
 
 
@@ -449,6 +375,10 @@ def write_cache_key(directory: str, key: Mapping[str, Any]) -> None:
             problems.append(f"--fields {','.join(existing.get('fields', {}))}, this run has {','.join(key['fields'])}")
         for name in set(existing.get("fields", {})) & set(key["fields"]):
             problems += key_differences(existing["fields"][name], key["fields"][name])
+            was, now = (fields.get("cache.caption_keys") for fields in (existing["fields"][name], key["fields"][name]))
+            if was != now:
+                problems.append(f"data.caption_mix keys {was or '[] (one caption per sample)'}, this run has "
+                                f"{now or '[] (one caption per sample)'}")
         if problems:
             raise CacheKeyMismatch(
                 f"{directory} already holds a cache made with " + "; ".join(dict.fromkeys(problems)) +
@@ -492,7 +422,7 @@ def run_cache(cfg: DictConfig, shards: Any, output: str, fields: Sequence[str] =
             try:
                 stats = cache_shard(url, paths[url], encoders, caption_keys=list(cfg.data.caption_keys),
                                     resolution=int(cfg.data.resolution), batch_size=batch_size, drop_images=drop_images,
-                                    buckets=cache_buckets(cfg))
+                                    buckets=cache_buckets(cfg), caption_mix=list(cfg.data.caption_mix))
             except SampleError as error:
                 log(f"[rank {rank}] {url}: not cached ({error}); a rerun retries it")
                 failed.append(url)

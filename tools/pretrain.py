@@ -49,6 +49,7 @@ from llm4gen.embedded.registry import CLIP_TOKENIZER_DIR, SD15_SCHEDULER, SHAPES
 from llm4gen.embedded.tiny import save_sd15_folder
 from llm4gen.evaluation import aggregate, prompt_set, score
 from llm4gen.evaluation.grids import captioned_grid
+from llm4gen.lightning_modules.safe_loading import load_torch_file
 from llm4gen.shapes.world import (
     Scene,
     caption,
@@ -263,6 +264,10 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
     return snr.clamp(max=gamma) / snr
 
 
+def partial_name(partial: Path) -> str:
+    return f"pretraining's partial stage {str(partial)!r}"
+
+
 def train_unet(latent_moments: torch.Tensor, token_ids: torch.Tensor, empty_ids: torch.Tensor, text_encoder,
                scaling_factor: float, cfg: PretrainConfig, generator: torch.Generator, partial: Optional[Path] = None,
                *, name: str = "unet", steps: Optional[int] = None, lr: Optional[float] = None,
@@ -286,7 +291,7 @@ def train_unet(latent_moments: torch.Tensor, token_ids: torch.Tensor, empty_ids:
     ema = EMAModel(unet.parameters(), decay=cfg.unet_ema_decay)
     first = 0
     if partial is not None and partial.exists():
-        state = torch.load(partial, weights_only=False)
+        state = load_torch_file(partial, partial_name(partial))
         unet.load_state_dict(state["unet"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -372,10 +377,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
     output = Path(cfg.output)
     stages = output / "stages"
+    for partial in sorted(stages.glob("*.partial.pt")):  # one that would run code is refused before any work
+        load_torch_file(partial, partial_name(partial), mmap=True)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
     stages.mkdir(parents=True, exist_ok=True)
     log_path = output / "pretrain_log.json"
     log = json.loads(log_path.read_text()) if log_path.exists() else {}

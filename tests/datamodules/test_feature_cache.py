@@ -23,14 +23,13 @@ from llm4gen.tools.cache_key import (
     folder_fingerprint,
     model_identity,
 )
+from llm4gen.tools.cache_storage import npy_bytes, tar_member_bytes
 from llm4gen.tools.feature_cache import (
     check_cacheable,
     default_rank,
-    npy_bytes,
     output_paths,
     run_cache,
     shards_for_rank,
-    tar_member_bytes,
 )
 from tests.helpers.modules import make_module
 

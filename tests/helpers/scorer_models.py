@@ -44,8 +44,9 @@ def build_tiny_blip_vqa(directory: Path, seed: int = 0) -> Path:
     return Path(directory)
 
 
-def build_tiny_clip(directory: Path, seed: int = 0) -> Path:
-    """CLIP (text and vision towers of width 32) with CLIP's real BPE tokenizer."""
+def build_tiny_clip(directory: Path, seed: int = 0, projection_dim: int = 16) -> Path:
+    """CLIP (text and vision towers of width 32) with CLIP's real BPE tokenizer; ``projection_dim`` 768 makes
+    embeddings as wide as ViT-L/14's (what the aesthetic MLP reads)."""
     from transformers import (
         CLIPConfig,
         CLIPImageProcessor,
@@ -59,7 +60,7 @@ def build_tiny_clip(directory: Path, seed: int = 0) -> Path:
                          num_attention_heads=2, max_position_embeddings=77),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            image_size=32, patch_size=16),
-        projection_dim=16)
+        projection_dim=projection_dim)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(config)
@@ -105,3 +106,13 @@ def build_tiny_mask2former(directory: Path, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     Processor(size={"height": 64, "width": 64}).save_pretrained(directory)
     return Path(directory)
+
+
+def build_aesthetic_weights(path: Path, seed: int = 0) -> Path:
+    """The LAION aesthetic predictor's MLP with random weights, saved as its published state dict is."""
+    from llm4gen.evaluation.aesthetic import AestheticMLP
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.save(AestheticMLP().state_dict(), path)
+    return Path(path)
