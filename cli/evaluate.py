@@ -237,8 +237,34 @@ def prompt_sets(args):
     return sets
 
 
-DEFAULT_SCORERS = {"compbench": ["blip_vqa"], "coco": ["fid", "clip_score"], "shapes": ["shapes"], "prompts": [],
+# a plain prompt file: the shapes analyzer when its lines are shapes-world captions; otherwise check_scorers asks
+# for --scorers (its table would be empty)
+DEFAULT_SCORERS = {"compbench": ["blip_vqa"], "coco": ["fid", "clip_score"], "shapes": ["shapes"], "prompts": ["shapes"],
                    "geneval": ["geneval"], "dpg": ["dpg"]}
+SET_FLAGS = {"compbench": "--compbench", "coco": "--coco-captions", "shapes": "--shapes", "prompts": "--prompts",
+             "geneval": "--geneval", "dpg": "--dpg-questions / --dpg-shapes"}
+
+
+def check_scorers(scorers, sets, requested: bool) -> None:
+    """Refuses (ValueError, one paragraph), before any model loads: a scorer asked for by --scorers that cannot
+    score a requested set, and a set that no scorer scores (by default each set gets its kind's scorers), whose
+    table would otherwise come out empty after every image was generated."""
+    def where(prompt_set) -> str:
+        return f"prompt set {prompt_set.name!r} ({SET_FLAGS.get(prompt_set.kind, prompt_set.kind)})"
+
+    if requested:
+        refused = [f"{scorer.name} cannot score {where(prompt_set)}: {reason}"
+                   for scorer in scorers for prompt_set in sets if (reason := scorer.cannot_score(prompt_set))]
+        if refused:
+            raise ValueError(f"--scorers {','.join(s.name for s in scorers)}: " + ". ".join(refused) +
+                             ". Nothing was generated; drop the scorer or the set, or pair each set with a scorer "
+                             "that reads it (clip_score and blip_vqa read any prompt)")
+    for prompt_set in sets:
+        if not any(scorer.applies(prompt_set) for scorer in scorers):
+            reasons = "; ".join(f"{s.name}: {s.cannot_score(prompt_set)}" for s in scorers) or "no scorer applies"
+            raise ValueError(f"no scorer scores {where(prompt_set)} ({reasons}), so its table would be empty; give "
+                             f"--scorers with one that reads it (clip_score or blip_vqa read any prompt). Nothing "
+                             f"was generated")
 
 
 def build_scorers(args, sets, device: str):
@@ -285,7 +311,9 @@ def evaluate(args) -> int:
             model = args.checkpoint and load_checkpoint_checked(args.checkpoint)["hyper_parameters"]["model"]
             check_another_base(args.base, args.base_config, model or None, args.pipeline, args.adapter)
         sets = prompt_sets(args)
-        evaluation = Evaluation(Path(args.output_dir), sets, build_scorers(args, sets, device), args.images_per_prompt,
+        scorers = build_scorers(args, sets, device)
+        check_scorers(scorers, sets, requested=bool(args.scorers))  # before any model loads or image is made
+        evaluation = Evaluation(Path(args.output_dir), sets, scorers, args.images_per_prompt,
                                 args.seed, args.batch_size, progress=not args.no_progress,
                                 shared_seeds=args.shared_seeds)
         settings = SamplingSettings(args.steps, args.guidance_scale, args.scheduler, args.negative_prompt)

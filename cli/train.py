@@ -87,7 +87,8 @@ def build_datamodule(cfg) -> WebDatasetDataModule:
     return WebDatasetDataModule.from_config(
         data, seed=cfg.seed, entity_parser=objective.entity_parser if with_entity else None,
         entity_targets=entity_targets,
-        buckets=resolve_buckets(data.buckets, data.resolution, cfg.model.base.family))  # None: square crops
+        buckets=resolve_buckets(data.buckets, data.resolution, cfg.model.base.family),  # None: square crops
+        counts_dir=str(cfg.output_dir))  # the shards' sample counts, where their folder is read-only or remote
 
 
 def build_module(cfg) -> LLM4GenModule:

@@ -249,7 +249,7 @@ class DataConfig:
     caption_mix: dict[str, float] = field(default_factory=dict)
     shuffle_buffer: int = 64
     resampled: bool = False
-    epoch_batches: Optional[int] = None  # batches per epoch per rank: set it under DDP (equal counts)
+    epoch_batches: Optional[int] = None  # batches per epoch per rank by hand; None: samples // (ranks x batch_size), equal
     # Cached fields read from the shards instead of being computed: latent_moments, llm_features, entities.
     precomputed_keys: list[str] = field(default_factory=list)
     pin_memory: bool = False        # page-locked batches: host-to-GPU copies run asynchronously (non_blocking)

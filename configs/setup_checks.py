@@ -63,6 +63,14 @@ def check_shard_slots(num_shards: int, world_size: int, num_workers: int, epoch_
                           f"workers")
 
 
+def check_samples_per_rank(total: int, world_size: int, batch_size: int) -> None:
+    """Several ranks share an epoch in equal full batches (datamodules/sample_slices.py): it must hold one per rank."""
+    if world_size > 1 and total < world_size * batch_size:
+        raise ConfigError(f"the shards hold {total} samples, fewer than one batch for each of the {world_size} ranks "
+                          f"({world_size} x data.batch_size {batch_size} = {world_size * batch_size}): add data, use "
+                          f"fewer GPUs or a smaller data.batch_size")
+
+
 def check_context_width(context_dim: int, clip_width: int) -> None:
     """The UNet's cross-attention reads CLIP's hidden states (both encoders' for SDXL): the widths agree."""
     if context_dim != clip_width:

@@ -57,13 +57,19 @@ def resolve_shards(shards: Union[str, Sequence[str]]) -> list[str]:
 
 
 def _read_manifest(path: str) -> list[str]:
+    return [url for url, _ in manifest_entries(path)]
+
+
+def manifest_entries(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """(url, the entry as written: ``{}`` for a bare path) per shard of a manifest, urls resolved as in
+    :func:`resolve_shards`; prepare.py's entries also record ``samples`` and ``bytes``."""
     with open(path, encoding="utf-8") as handle:
         manifest = json.load(handle)
     entries = manifest.get("shards") if isinstance(manifest, dict) else manifest
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"manifest {path!r} must be a non-empty list or an object with a 'shards' list")
     base = os.path.dirname(os.path.abspath(path))
-    urls = []
+    resolved = []
     for entry in entries:
         url = entry if isinstance(entry, str) else (entry.get("url") or entry.get("path"))
         if not isinstance(url, str):
@@ -74,8 +80,8 @@ def _read_manifest(path: str) -> list[str]:
             if not isinstance(companions, list) or not all(isinstance(c, str) and c for c in companions):
                 raise ValueError(f"manifest {path!r}: entry {entry!r} has 'companions' that are not a list of paths")
             url = LockstepShard(url, [_relative_to(base, c) for c in companions])
-        urls.append(url)
-    return urls
+        resolved.append((url, entry if isinstance(entry, dict) else {}))
+    return resolved
 
 
 def _relative_to(base: str, url: str) -> str:
@@ -109,6 +115,13 @@ def epoch_shard_order(shards: Sequence[str], seed: int, epoch: int, round_index:
     order = list(shards)
     random.Random(f"shards/{seed}/{epoch}/{round_index}").shuffle(order)
     return order
+
+
+def epoch_shard_numbers(num_shards: int, seed: int, epoch: int, shuffle: bool = True, round_index: int = 0) -> list[int]:
+    """Shard numbers (places in the resolved list) in the order of one epoch (and repeat round); the same
+    permutation :func:`epoch_shard_order` applies to the shard list."""
+    numbers = list(range(num_shards))
+    return epoch_shard_order(numbers, seed, epoch, round_index) if shuffle else numbers
 
 
 def assign_shards(order: Sequence[str], rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:

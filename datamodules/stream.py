@@ -1,21 +1,36 @@
 """The resumable stream: WebDataset shards -> batches (datamodules/batch.py), exact to the batch after a restart.
 
 Why not ``wds.WebDataset`` as is: an exact restart needs every stage to be a deterministic function
-of (seed, epoch, rank, worker) and a cheap way to fast-forward. So the stream is built here from
-small generator stages (webdataset supplies URL opening, ``pipe:`` commands, brace expansion and the
-member naming), each of them deterministic:
+of (seed, epoch, rank, worker) and a cheap way to fast-forward, and equal batch counts on every rank need
+to know what each rank will read before it reads. So the stream is built here from small generator stages
+(webdataset supplies URL opening, ``pipe:`` commands, brace expansion and the member naming), each of them
+deterministic:
 
-  shard order     ``random.Random(seed, epoch)`` shuffles the shard list, then rank ``r`` takes
-                  ``order[r::world_size]`` and logical worker ``w`` takes ``[w::num_workers]`` of that
-                  (resampled mode: each (rank, worker) draws shards with replacement from its own RNG)
-  raw samples     tar members grouped by key; a tar that breaks counts one ``bad_shard`` and the
-                  stream goes on with the next shard
+  samples         the epoch's global order is a function of (seed, epoch) only: the shard list shuffled by
+                  ``random.Random(seed, epoch)``, each shard's samples in file order, every sample addressed
+                  by its position through the shards' sample counts (shard_counts.py). Each (rank, worker)
+                  reads a contiguous slice of it, cut at sample granularity (sample_slices.py): a worker's
+                  *segments* are runs of one shard, and a slice that starts inside a shard reads the samples
+                  before it without decoding them. With ``epoch_batches`` (or ``resampled``) workers read
+                  whole shards instead, ``order[r::world_size][w::num_workers]`` (resampled: drawn with
+                  replacement from the (rank, worker)'s own RNG)
+  raw samples     tar members grouped by key; a tar that breaks (or ends before its counted samples)
+                  counts one ``bad_shard`` and the stream goes on with the next segment
   shuffle buffer  seeded from (seed, epoch, rank, worker)
   decode          caption, then pixels (skipped when latents are precomputed) or cached members; a
                   bad sample raises ``SampleError`` and is counted, never fatal
   batch           batching happens inside the worker (cheap IPC: one pickled batch, not B samples);
                   with aspect-ratio ``buckets`` (``configs/buckets.py``) the worker keeps one waiting
                   list per bucket and a batch is one full list, so every batch is one bucket
+
+Epoch ends. One rank: each worker reads its slice (whole batches of samples) to the end: every sample once,
+and only the epoch's last batch partial, or a worker's last one when it skipped samples. Several ranks: every rank makes exactly ``samples // (world_size * batch_size)`` full
+batches, whatever was skipped at read time, so no rank can end an epoch alone and leave the others
+waiting in a collective. A worker that is short of its quota (skipped samples, or samples waiting in a
+partly filled bucket) reads its piece of the epoch's remainder next, then its own slice again, each repeat
+round through the shuffle buffer on its own (``ROUND_END``), as ``epoch_batches`` does; samples still
+waiting in a bucket when the quota is reached are not used that epoch. What this costs (the remainder, fewer
+than world_size x batch_size samples, is not trained on unless skips draw on it) is in sample_slices.py.
 
 Position and resume. Every batch carries ``batch.position``: its epoch, the logical worker that
 made it, that worker's batch count and its *cursor* (how many shuffled raw samples it had used). The
@@ -26,28 +41,22 @@ restore each worker replays its raw stream up to its cursor *without decoding* (
 only) and continues, and the logical worker ids are rotated so that physical worker 0 is the one
 whose batch was due next. A DataLoader takes batches from its workers round-robin, dropping a
 worker once it is exhausted, so the resumed stream equals the uninterrupted one batch for batch.
-Requirements: the same shards, seed, batch size, shuffle buffer, num_workers and world size (a
-different num_workers or world size restarts the saved epoch from its beginning, with a warning),
-and ``persistent_workers`` off (the epoch and the resume position reach the workers when the
-DataLoader starts them, once per pass).
+Requirements: the same shards, seed, batch size, shuffle buffer, num_workers and world size, and
+``persistent_workers`` off (the epoch and the resume position reach the workers when the DataLoader starts
+them, once per pass). With another num_workers or world size the datamodule works out which samples of the
+epoch were not used yet (sample_slices.remaining_spans) and the new workers divide exactly those
+(``PassPlan.samples``): the epoch is finished, not repeated (with ``epoch_batches`` it restarts, with a warning).
 
 Buckets. Samples waiting in a partly filled bucket were taken from the stream before the cursor, so
 the snapshot also names them by place (``"groups"``); a resumed worker re-reads and re-decodes them
-(decoding is a pure function of seed, epoch and key). When a worker's data ends, its partly filled
-buckets are emitted as smaller batches, one per bucket in (height, width) order: an epoch without
-``epoch_batches`` uses every sample once. Under ``epoch_batches`` the stream repeats, so only full
-batches are made and samples still waiting when the quota is reached are not used that epoch. With
-cached latents the bucket of a sample is the size of its latents (``cache.py`` writes them at it).
+(decoding is a pure function of seed, epoch and key). When a worker's data ends (one rank, no
+``epoch_batches``), its partly filled buckets are emitted as smaller batches, one per bucket in (height,
+width) order: every sample once. Under a quota only full batches are made. With cached latents the bucket of a
+sample is the size of its latents (``cache.py`` writes them at it).
 
 Epochs. The data epoch is this module's own counter, not the trainer's: it advances when a pass
 over the train DataLoader runs to its end, so a pass stopped early (``limit_train_batches``, a
 ``break``) is continued by the next pass. No ``reload_dataloaders_every_n_epochs`` is needed.
-
-DDP. Set ``epoch_batches``: every rank then yields exactly that many full batches per epoch
-(shards repeat within the epoch if needed, each repeat round going through the shuffle buffer on
-its own, so a rank whose shards hold exactly epoch_batches x batch_size samples uses each sample once
-per epoch; with buckets, samples waiting in a partly filled bucket at the quota are not), so ranks with fewer samples never leave the others waiting in a collective. Without it, ranks get ``len(shards) / world_size`` shards each and may
-finish at different times.
 """
 
 from __future__ import annotations
@@ -66,7 +75,8 @@ from llm4gen.datamodules.cache_codec import decode_precomputed
 from llm4gen.datamodules.captions import training_caption
 from llm4gen.datamodules.collate import collate_samples, with_entities
 from llm4gen.datamodules.entity_targets import EntityTargetBuilder
-from llm4gen.datamodules.shards import ROUND_END, ShuffleBuffer, assign_shards, epoch_shard_order, iter_tar_samples
+from llm4gen.datamodules.sample_slices import Segment, SlotShare, Span, first_round, segments_of, slot_share
+from llm4gen.datamodules.shards import ROUND_END, ShuffleBuffer, assign_shards, epoch_shard_numbers, iter_tar_samples
 from llm4gen.datamodules.transforms import (
     SKIP_REASONS,
     SampleError,
@@ -79,6 +89,35 @@ from llm4gen.datamodules.transforms import (
 
 _REASON_INDEX = {reason: i for i, reason in enumerate(SKIP_REASONS)}
 _MAX_CONSECUTIVE_FAILURES = 10_000
+
+
+class _ShardReader:
+    """Reads samples ``first`` to ``stop`` of a shard, keeping it open for a following segment of the same shard
+    further on (a pass over the samples a checkpoint left holds many short runs of one shard: one sequential
+    read instead of one per run). The samples before ``first`` are read, never decoded."""
+
+    def __init__(self) -> None:
+        self.url: Optional[str] = None
+        self.samples: Optional[Iterator[dict[str, Any]]] = None
+        self.next_index = 0
+
+    def read(self, url: str, first: int, stop: Optional[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+        if stop is not None and first >= stop:  # resumed at the segment's end: nothing to read
+            return
+        if url != self.url or self.samples is None or self.next_index > first:
+            self.url, self.samples, self.next_index = url, iter_tar_samples(url), 0
+        try:
+            while stop is None or self.next_index < stop:
+                sample = next(self.samples, None)
+                if sample is None:
+                    self.samples = None
+                    return
+                index, self.next_index = self.next_index, self.next_index + 1
+                if index >= first:
+                    yield index, sample
+        except SampleError:
+            self.samples = None
+            raise
 
 
 # ---------------------------------------------------------------- the stream
@@ -105,6 +144,7 @@ class PassPlan:
     num_workers: int
     first_worker: int = 0  # logical id of physical worker 0 (rotation after a resume)
     workers: list[WorkerPosition] = field(default_factory=list)
+    samples: Optional[list[Span]] = None  # the pass's positions in the epoch's global order; None: all of them
 
 
 @dataclass
@@ -114,6 +154,7 @@ class StreamConfig:
     shards: list[str]
     data: DataConfig
     seed: int
+    sizes: Optional[list[int]] = None  # samples per shard (shard_counts.py); None: whole-shard streams (epoch_batches, resampled)
     shuffle_shards: bool = True
     entity_parser: Optional[str] = None  # spaCy model: parse captions in the worker (unless cached)
     buckets: Optional[list[tuple[int, int]]] = None  # (width, height) aspect-ratio buckets; None: square crops
@@ -144,47 +185,69 @@ class ShardStream(IterableDataset):
         return self._worker_batches(worker, self.plan.workers[worker])
 
     def worker_quota(self, worker: int) -> Optional[int]:
-        """Batches this logical worker makes per epoch under ``epoch_batches`` (None: until data ends)."""
+        """Batches this logical worker makes this pass: its share of ``epoch_batches``, or of the equal split
+        under several ranks (sample_slices.py); None: until its data ends."""
         total = self.config.data.epoch_batches
+        if self.config.sizes is not None:
+            return self.slot_share(worker).quota
         if total is None:
             return None
         workers = self.plan.num_workers
         return total // workers + (1 if worker < total % workers else 0)
 
+    def slot_share(self, worker: int) -> SlotShare:
+        c, p = self.config, self.plan
+        spans = p.samples if p.samples is not None else [(0, sum(c.sizes))]
+        return slot_share(spans, p.world_size, p.num_workers, c.data.batch_size, p.world_size > 1,
+                          p.rank * p.num_workers + worker)
+
     def _shard_stream(self, worker: int) -> Iterator[Any]:
+        """The worker's segments (sample_slices.Segment) in reading order; ``ROUND_END`` between repeat rounds."""
         c, p = self.config, self.plan
         if c.data.resampled:
             rng = random.Random(f"resample/{c.seed}/{p.epoch}/{p.rank}/{worker}")
             while True:
-                yield rng.choice(c.shards)
-        for round_index in itertools.count():
-            order = epoch_shard_order(c.shards, c.seed, p.epoch, round_index) if c.shuffle_shards else c.shards
-            yield from assign_shards(order, p.rank, p.world_size, worker, p.num_workers)
-            if c.data.epoch_batches is None:
-                return
+                yield Segment(rng.choice(range(len(c.shards))))
+        if c.sizes is None:  # epoch_batches: whole shards, rank- then worker-strided, repeated in rounds
+            for round_index in itertools.count():
+                order = epoch_shard_numbers(len(c.shards), c.seed, p.epoch, c.shuffle_shards, round_index)
+                yield from (Segment(shard) for shard in assign_shards(order, p.rank, p.world_size, worker, p.num_workers))
+                if c.data.epoch_batches is None:
+                    return
+                yield ROUND_END
+        share = self.slot_share(worker)
+        order = epoch_shard_numbers(len(c.shards), c.seed, p.epoch, c.shuffle_shards)
+        yield from first_round(share, order, c.sizes)
+        if share.quota is None:
+            return
+        repeat = segments_of(share.slice, order, c.sizes)  # a slot short of its quota reads its slice again
+        while True:
             yield ROUND_END
+            yield from repeat
 
     def _raw_samples(self, worker: int, counts: list[int], place: dict[str, int]) -> Iterator[dict[str, Any]]:
-        """The worker's raw samples, each tagged ``__place__`` = (shard number, index in the shard), from
-        ``place`` on (``{"shard", "index", "empty"}``; kept up to date: the next sample to read)."""
-        start_shard, start_index = place["shard"], place["index"]
-        shards = itertools.islice(enumerate(self._shard_stream(worker)), start_shard, None)  # skipped: no I/O
-        for number, url in shards:
-            if url is ROUND_END:
+        """The worker's raw samples, each tagged ``__place__`` = (segment number, index in its shard), from
+        ``place`` on (``{"shard": segment number, "index", "empty"}``; kept up to date: the next sample to read)."""
+        start_number, start_index = place["shard"], place["index"]
+        segments = itertools.islice(enumerate(self._shard_stream(worker)), start_number, None)  # skipped: no I/O
+        reader = _ShardReader()
+        for number, segment in segments:
+            if segment is ROUND_END:
                 place.update(shard=number + 1, index=0)
                 yield ROUND_END
                 continue
-            skip = start_index if number == start_shard else 0
-            produced = skip
+            url = self.config.shards[segment.shard]
+            first = max(segment.start, start_index) if number == start_number else segment.start
+            produced = first - segment.start
             try:
-                samples = iter_tar_samples(url)
-                for _ in itertools.islice(samples, skip):  # the partial shard: read, never decoded
-                    pass
-                for index, sample in enumerate(samples, start=skip):
+                for index, sample in reader.read(url, first, segment.stop):  # the samples before: read, never decoded
                     produced += 1
                     sample["__place__"] = (number, index)
                     place.update(shard=number, index=index + 1)
                     yield sample
+                if segment.stop is not None and segment.start + produced < segment.stop:
+                    raise SampleError("bad_shard", f"{url} ends before sample {segment.stop} of its counted samples; "
+                                                   f"was it changed after it was counted?")
             except SampleError as error:
                 counts[_REASON_INDEX[error.reason]] += 1
             place.update(shard=number + 1, index=0, empty=0 if produced else place["empty"] + 1)
@@ -194,16 +257,16 @@ class ShardStream(IterableDataset):
     def _fetch(self, worker: int, places: Sequence[Sequence[int]]) -> list[dict[str, Any]]:
         """The raw samples at these places (read from their shards only), in the order given."""
         wanted: dict[int, set[int]] = {}
-        for shard, index in places:
-            wanted.setdefault(int(shard), set()).add(int(index))
+        for number, index in places:
+            wanted.setdefault(int(number), set()).add(int(index))
         found: dict[tuple[int, int], dict[str, Any]] = {}
-        urls = dict(itertools.islice(enumerate(self._shard_stream(worker)), max(wanted, default=-1) + 1))
-        for shard, indices in wanted.items():
+        segments = dict(itertools.islice(enumerate(self._shard_stream(worker)), max(wanted, default=-1) + 1))
+        for number, indices in wanted.items():
             try:
-                for index, sample in enumerate(iter_tar_samples(urls[shard])):
+                for index, sample in enumerate(iter_tar_samples(self.config.shards[segments[number].shard])):
                     if index in indices:
-                        sample["__place__"] = (shard, index)
-                        found[shard, index] = sample
+                        sample["__place__"] = (number, index)
+                        found[number, index] = sample
                     if index >= max(indices):
                         break
             except SampleError:
@@ -212,7 +275,7 @@ class ShardStream(IterableDataset):
         if missing:
             raise RuntimeError(f"cannot resume the data position: samples {missing[:3]} of the saved shuffle buffer "
                                f"are no longer in their shards; were the shards changed?")
-        return [found[int(shard), int(index)] for shard, index in places]
+        return [found[int(number), int(index)] for number, index in places]
 
     def _stream(self, worker: int, counts: list[int], start: WorkerPosition) -> tuple[ShuffleBuffer, dict[str, int], int]:
         """The worker's shuffled raw stream positioned at ``start.cursor``: from the saved snapshot

@@ -20,6 +20,12 @@ class GenEvalScorer(Scorer):
         self.detector = self.detector_processor = self.clip = self.clip_processor = None
         self._classifiers: dict[str, torch.Tensor] = {}
 
+    def cannot_score(self, prompt_set) -> str | None:
+        if prompt_set.kind == "geneval":
+            return None
+        return ("GenEval checks each of its own prompts against its metadata (which objects, how many, what colour, "
+                "where); evaluate its 553 prompts with --geneval")
+
     def load(self) -> None:
         from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, Mask2FormerForUniversalSegmentation
 

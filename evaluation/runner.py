@@ -169,6 +169,8 @@ class Evaluation:
                 if not scorer.applies(prompt_set):
                     continue
                 values, details = scorer.score(prompt_set, records)
+                if not values:
+                    raise EvaluationError(f"scorer {scorer.name} returned no value for prompt set {prompt_set.name!r}")
                 scores[prompt_set.name].update(values)
                 if details:
                     path = self.out / "details" / f"{prompt_set.name}.{scorer.name}.jsonl"
@@ -176,6 +178,9 @@ class Evaluation:
                     path.write_text("".join(json.dumps({"prompt_index": r.prompt_index, "image_index": r.image_index,
                                                         "prompt": r.prompt, **d}) + "\n"
                                             for r, d in zip(records, details)))
+            if not scores[prompt_set.name]:  # never an empty table, silently
+                raise EvaluationError(f"no scorer scored prompt set {prompt_set.name!r} (scorers: "
+                                      f"{', '.join(s.name for s in self.scorers) or 'none'}); give one that reads it")
         return scores
 
     def protocol_record(self, sampler_description: dict, settings, protocol: str | None = None,

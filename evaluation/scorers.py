@@ -78,7 +78,14 @@ class Scorer:
         pass
 
     def applies(self, prompt_set) -> bool:
-        return self.kinds is None or prompt_set.kind in self.kinds
+        return self.cannot_score(prompt_set) is None
+
+    def cannot_score(self, prompt_set) -> str | None:
+        """Why this scorer cannot score ``prompt_set`` and what would (None: it can). Pure: no model is loaded,
+        so evaluate.py refuses an impossible scorer / set pair before any work."""
+        if self.kinds is None or prompt_set.kind in self.kinds:
+            return None
+        return f"it scores only {' or '.join(self.kinds)} sets"
 
     def score(self, prompt_set, records: list[ImageRecord]) -> tuple[dict[str, float], list[dict]]:
         raise NotImplementedError
@@ -359,8 +366,11 @@ class FIDScorer(Scorer):
         self.max_reference, self.batch_size, self.device = max_reference, batch_size, device
         self.extractor = None
 
-    def applies(self, prompt_set) -> bool:
-        return bool(prompt_set.reference_images or self.reference)
+    def cannot_score(self, prompt_set) -> str | None:
+        if prompt_set.reference_images or self.reference:
+            return None
+        return ("FID compares generated images with reference images, and this set has none: give --fid-reference "
+                "(a folder or shards of real images), or evaluate a COCO set (--coco-captions with --coco-images)")
 
     def load(self) -> None:
         if self.features == INCEPTION:

@@ -9,7 +9,12 @@ prompt objects, ``classify_objects``' shares ``shapes_bound``, ``shapes_wrong_si
 ``shapes_misdrawn_shape``, ``shapes_missing_object`` (summing to 1), and ``shapes_swap_rate``: pairs of
 drawn objects that took each other's colour, over all drawn pairs (None, JSON null, when no image of
 the set has two drawn objects). Each image's details carry its ``categories``, ``swapped_pairs`` and
-``drawn_pairs``."""
+``drawn_pairs``.
+
+It scores the benchmark's own sets (``--shapes``) and a plain prompt file (``--prompts``) whose every line the
+caption grammar reads (``shapes.world.parse_prompt``: "a red circle and a small blue square", any phrasing
+the benchmark writes); a file with a prompt it cannot read is refused before anything is generated
+(``cannot_score``), naming the lines."""
 
 from __future__ import annotations
 
@@ -18,15 +23,42 @@ from dataclasses import asdict
 
 from llm4gen.evaluation.scorers import Scorer, load_images
 from llm4gen.evaluation.shapes import OUTCOMES, aggregate, score
+from llm4gen.shapes.world import parse_prompt
 
 REPORTED = ("binding", "all_bound", "exact", "color", "shape", "size", "any_correct")
 # a set's values only (``score``): the validation logs of ``score_images`` keep REPORTED, all floats
 ERRORS = (*OUTCOMES, "swap_rate")
 
 
+def unreadable_prompts(prompts: list[str]) -> list[int]:
+    """The indices of the prompts the benchmark's caption grammar cannot read (no shape, a plural shape, ...)."""
+    unreadable = []
+    for i, prompt in enumerate(prompts):
+        try:
+            parse_prompt(prompt)
+        except ValueError:
+            unreadable.append(i)
+    return unreadable
+
+
 class ShapesScorer(Scorer):
     name = "shapes"
-    kinds = ("shapes",)
+    kinds = ("shapes", "prompts")
+
+    def cannot_score(self, prompt_set) -> str | None:
+        if prompt_set.kind == "shapes":
+            return None
+        if prompt_set.kind != "prompts":
+            return (f"the shapes analyzer scores shapes-world captions (--shapes sets, or a --prompts file of them), "
+                    f"not a {prompt_set.kind} set; use that set's own scorer")
+        unreadable = unreadable_prompts(prompt_set.prompts)
+        if not unreadable:
+            return None
+        shown = "; ".join(f"line {i + 1}: {prompt_set.prompts[i]!r}" for i in unreadable[:3])
+        return (f"{len(unreadable)} of its {len(prompt_set.prompts)} prompts are not shapes-world captions the "
+                f"caption grammar reads ({shown}{'; ...' if len(unreadable) > 3 else ''}); the analyzer scores prompts "
+                f"like 'a red circle and a small blue square' (shapes.world.parse_prompt): fix or drop those lines, "
+                f"or score the file with clip_score or blip_vqa")
 
     def load(self) -> None:
         importlib.import_module("llm4gen.evaluation.shapes")  # pure numpy: no model to fetch

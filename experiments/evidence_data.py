@@ -10,7 +10,7 @@ from llm4gen.datamodules.shards import iter_tar_samples
 from llm4gen.datamodules.synthetic import ensure_synthetic_shards
 from llm4gen.encoders.sources import load_pretrained
 from llm4gen.evaluation.prompt_sets import prompt_set
-from llm4gen.experiments.evidence_protocol import PROTOCOL_SETTINGS, Protocol, SETS
+from llm4gen.experiments.evidence_protocol import PROTOCOL_SETTINGS, Protocol
 from llm4gen.experiments.evidence_tasks import Task
 from llm4gen.experiments.probes import (
     ProbeSplits,
@@ -55,7 +55,8 @@ def caption_lengths(cfg, shards: list[str], protocol: Protocol = PROTOCOL_SETTIN
 
     tokenizer = load_pretrained(AutoTokenizer.from_pretrained, cfg.model.llm.tokenizer or cfg.model.llm.pretrained,
                                 "model.llm.tokenizer")
-    captions = [r.text for name in SETS for r in prompt_set(name, draw=protocol.scene_draw)]
+    captions = [r.text for name in protocol.sets
+                for r in prompt_set(name, protocol.set_size(name), draw=protocol.scene_draw)]
     for shard in shards:
         captions += [sample["txt"].decode() for sample in iter_tar_samples(shard) if "txt" in sample]
     lengths = [len(ids) for ids in tokenizer([cfg.model.llm.prefix + c for c in captions]).input_ids]

@@ -1,5 +1,5 @@
 """The evidence experiment's fixed settings: its arms, prompt sets and subsets, and each protocol's rules and
-evaluation scenes (docs/evidence/protocol.md, protocol_v3.md)."""
+evaluation scenes (docs/evidence/protocol.md, protocol_v3.md, protocol_v4.md)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-
-
-
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL = "docs/evidence/protocol.md"
 
 ARMS = {
     "a": "(a) base",
+    "a_chunked": "(a chunked) base, CLIP over 3 windows, untrained",
     "b": "(b) UNet ft",
     "b2": "(b2) UNet ft, chunked CLIP",
     "c": "(c) CAM, UNet frozen",
+    "c_shuffled": "(c), LLM features of another scene",
     "d": "(d) CAM, then CAM + UNet",
     "e": "(e) (d) + entity loss",
     "d_shuffled": "(d), LLM features of another prompt",
@@ -26,7 +25,9 @@ ARMS = {
 }
 SETS = ("seen_1", "heldout_2", "phrased_2", "phrased_3", "verbose_2", "verbose_3")
 # Arms that need fewer sets: (b2) differs from (b) only past CLIP's window; the ablation asks about verbose prompts.
-ARM_SETS = {"b2": ("seen_1", "verbose_2", "verbose_3"), "d_shuffled": ("verbose_2", "verbose_3")}
+ARM_SETS = {"b2": ("seen_1", "verbose_2", "verbose_3"), "d_shuffled": ("verbose_2", "verbose_3"),
+            "c_shuffled": ("verbose_2", "verbose_3"), "a_chunked": ("verbose_2", "verbose_3")}
+V4_SETS = ("seen_1", "phrased_2", "phrased_3", "verbose_2", "verbose_3")  # v4 decides nothing on heldout_2
 SET_LIMITS = {"heldout_2": 24}           # continuity only: its first half
 POST_NOMINAL = ("colored", "dense")      # "a circle colored red": CLIP's causal noun cannot see its colour
 PRE_NOMINAL = ("list", "beside")         # "a red circle": it can
@@ -35,7 +36,7 @@ PRE_NOMINAL = ("list", "beside")         # "a red circle": it can
 @dataclass(frozen=True)
 class Protocol:
     """The settings a protocol document fixes (the training recipe lives in the configs): protocol.md (v2)
-    by default, protocol_v3.md in ``PROTOCOLS["v3"]``."""
+    by default, protocol_v3.md in ``PROTOCOLS["v3"]``, protocol_v4.md in ``PROTOCOLS["v4"]``."""
     document: str = PROTOCOL
     data_samples: int = 4096
     data_seed: int = 2025               # pretraining drew from "pretrain/0": disjoint scenes
@@ -46,11 +47,22 @@ class Protocol:
     eval_batch: int = 48
     prompts_per_set: Optional[int] = None  # None: every prompt of a set (but SET_LIMITS); tests take a few
     scene_draw: int = 0                    # 0: the fixed evaluation scenes; > 0: freshly drawn ones (a replication)
+    sets: tuple[str, ...] = SETS           # what arms (a) and the connector arms sample
+    set_sizes: tuple[tuple[str, int], ...] = ()  # (set, prompts) where the protocol sizes a set itself (v4)
+    rules: str = "v2"                      # whose decision rules: "v2" (v2 and v3, gates first) or "v4"
+    shuffled_arm: str = "d"                # the arm whose checkpoint the shuffled-feature ablation samples
+    chunked_base: bool = False             # v4: arm (a chunked), the base on CLIP over three windows, untrained
+    training_jobs: Optional[int] = None    # training runs at a time (None: --jobs, as the evaluations)
 
     def prompts(self, name: str) -> Optional[int]:
         """How many of set ``name``'s prompts are sampled (the first ones)."""
-        limits = [n for n in (self.prompts_per_set, SET_LIMITS.get(name)) if n is not None]
+        sized = dict(self.set_sizes).get(name, SET_LIMITS.get(name))
+        limits = [n for n in (self.prompts_per_set, sized) if n is not None]
         return min(limits) if limits else None
+
+    def set_size(self, name: str) -> Optional[int]:
+        """The prompts the protocol itself gives set ``name`` (None: the set as it is), ignoring test limits."""
+        return dict(self.set_sizes).get(name)
     gate_base_drop: float = -0.03        # (b) - (a) on seen_1 and the short sets, at least
     gate_probe: float = 0.95             # the probe's own-colour accuracy at the chosen layer, at least
     primary_effect: float = 0.10         # (d) - (b) on outside-window objects, at least
@@ -66,6 +78,11 @@ PROTOCOLS = {  # --protocol: what each study reads its rules and evaluation scen
     "v2": PROTOCOL_SETTINGS,
     "v3": Protocol(document="docs/evidence/protocol_v3.md", damage=0.03),
     "v3-replication": Protocol(document="docs/evidence/protocol_v3.md", damage=0.03, scene_draw=1),
+    # the confirmatory study: arms (a), (a chunked), (c), (c shuffled); set sizes from v3's variance (the
+    # protocol's "Evaluation sets"); scenes of draw 3; the three 1500-step runs side by side on 2 cores
+    "v4": Protocol(document="docs/evidence/protocol_v4.md", damage=0.03, scene_draw=3, sets=V4_SETS,
+                   set_sizes=(("seen_1", 96), ("verbose_2", 96), ("verbose_3", 96)), rules="v4", shuffled_arm="c",
+                   chunked_base=True, training_jobs=3),
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,8 +20,19 @@ from llm4gen.evaluation.paired import Difference
 from llm4gen.evaluation.prompt_sets import prompt_set
 from llm4gen.evaluation.runner import image_path
 from llm4gen.experiments.evidence_data import attention_shares, caption_lengths, run_probe
-from llm4gen.experiments.evidence_protocol import ARMS, PROTOCOL_SETTINGS, Protocol
-from llm4gen.experiments.evidence_rules import SUBSETS, compare, decisions, fmt, gates, per_seed_rates, rate, select
+from llm4gen.experiments.evidence_protocol import ARMS, PROTOCOL_SETTINGS, ROOT, Protocol
+from llm4gen.experiments.evidence_rules import (
+    SUBSETS,
+    Check,
+    compare,
+    decisions,
+    decisions_v4,
+    fmt,
+    gates,
+    per_seed_rates,
+    rate,
+    select,
+)
 from llm4gen.experiments.evidence_tasks import ObjectRecord, Task, evaluation_tasks, object_records, run_tasks, swap_counts
 from llm4gen.experiments.runner import ExperimentError
 from llm4gen.launch.sweep import (
@@ -41,14 +53,32 @@ COMPARISONS = (  # (a, b, subset): what the plot and the table show, in order
     ("d_gated", "b", "outside"), ("d_gated", "d", "outside"), ("c_gated", "c", "outside"), ("d_gated", "b", "post_nominal"),
     ("c", "a", "seen_1"), ("c_gated", "a", "seen_1"), ("d_gated", "a", "seen_1"),
 )
+V4_COMPARISONS = (  # protocol v4: the rules' differences first, then what explains them
+    ("c", "a", "outside"), ("c_shuffled", "a", "outside"), ("c", "a_chunked", "outside"), ("c", "a", "seen_1"),
+    ("c", "a", "short"), ("c", "a", "post_nominal"), ("a_chunked", "a", "outside"), ("c", "a", "inside"),
+    ("a_chunked", "a", "inside"), ("c", "a", "pre_nominal"),
+)
 
 
 def arm_tag(arm: str) -> str:
-    """An arm's short name in the plot and the table: "(d)", "(d shuffled)" for the ablation of (d), "(d gated)"."""
-    if arm == "d_shuffled":
-        return "(d shuffled)"
-    letter = ARMS[arm].split(" ")[0]
-    return f"{letter[:-1]} gated)" if arm.endswith("_gated") else letter
+    """An arm's short name in the plot and the table: "(d)", "(b2)", and a variant of an arm after its letter:
+    "(d shuffled)" for the ablation of (d), "(d gated)", "(a chunked)"."""
+    letter, _, variant = arm.partition("_")
+    return f"({letter} {variant})" if variant else ARMS[arm].split(" ")[0]
+
+
+def protocol_commit(document: str) -> str:
+    """The commit that last changed the protocol document (and whether it has changed since), as a report names it."""
+    try:
+        commit = subprocess.run(["git", "log", "-1", "--format=%h %cd", "--date=iso", "--", document], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", document], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "no git history here"
+    if not commit:
+        return "not committed"
+    return f"committed in {commit}" + ("; **changed since**" if dirty else "")
 
 
 def difference_label(a: str, b: str, subset: str) -> str:
@@ -185,7 +215,7 @@ def report(sweep_file: str, jobs: int = 2, base: Optional[str] = None, log=print
     spec = load_sweep(sweep_file)
     cfg = load_experiment_config(spec.config, spec.base_overrides)
     base = base or cfg.model.base.pretrained
-    tasks, unfinished = evaluation_tasks(spec, base)
+    tasks, unfinished = evaluation_tasks(spec, base, protocol)
     if not any(t.arm != "a" for t in tasks):
         raise ExperimentError(f"no finished run under {spec.output_root}; train the arms first: "
                               f"python -m llm4gen.cli.shapes_evidence run {sweep_file} (or python sweep.py {sweep_file})")
@@ -200,11 +230,19 @@ def report(sweep_file: str, jobs: int = 2, base: Optional[str] = None, log=print
     probe = run_probe(spec, spec.output_root / "probe.json", log)
     _, truncated = caption_lengths(cfg, [], protocol)
     attention = attention_shares(tasks)
-    gate_checks = gates(records, probe, truncated, attention, protocol)
-    rules = decisions(records, gate_checks, protocol)
-    differences = [(difference_label(a, b, subset), diff) for a, b, subset in COMPARISONS
+    v4 = protocol.rules == "v4"
+    if v4:  # no gates: what v2's gates measured besides (b) is reported and guards nothing
+        gate_checks = preconditions(truncated, attention)
+        rules = decisions_v4(records, protocol)
+    else:
+        gate_checks = gates(records, probe, truncated, attention, protocol)
+        rules = decisions(records, gate_checks, protocol)
+    differences = [(difference_label(a, b, subset), diff) for a, b, subset in (V4_COMPARISONS if v4 else COMPARISONS)
                    if (diff := compare(records, a, b, subset)) is not None]
-    plot = difference_plot(differences, out / "differences.png", protocol)
+    thresholds = [(protocol.primary_effect, f"primary gain +{protocol.primary_effect}"),
+                  (protocol.keep_inside, f"no damage {protocol.keep_inside}"),
+                  (protocol.secondary_effect, f"secondary +{protocol.secondary_effect}")] if v4 else None
+    plot = difference_plot(differences, out / "differences.png", protocol, thresholds)
     grid = sample_grid(tasks, out / "samples.png", protocol=protocol)
     arms = [a for a in ARMS if any(t.arm == a for t in tasks)]
     seeds = sorted({t.seed for t in tasks})
@@ -216,7 +254,7 @@ def report(sweep_file: str, jobs: int = 2, base: Optional[str] = None, log=print
             swaps[arm] = (sum(c[0] for c in counts) / drawn if drawn else None, drawn)
     text = "\n".join([
         f"# The miniature LLM4GEN experiment: {len(tasks)} evaluations", "",
-        f"Protocol: `{protocol.document}`. Sweep `{sweep_file}`, base `{base}`, seeds {seeds}"
+        f"Protocol: `{protocol.document}` ({protocol_commit(protocol.document)}). Sweep `{sweep_file}`, base `{base}`, seeds {seeds}"
         f"{'' if not protocol.scene_draw else f', evaluation scenes of draw {protocol.scene_draw} (fresh)'}; DDIM "
         f"{protocol.sampling_steps} steps, guidance {protocol.guidance_scale}, one image per prompt, "
         f"every arm on the same noise per (prompt, seed). Share of prompt objects drawn with every attribute right "
@@ -232,11 +270,13 @@ def report(sweep_file: str, jobs: int = 2, base: Optional[str] = None, log=print
         "## Paired differences (95% CI over scenes, 2000 bootstrap resamples)", "",
         "| comparison | difference [CI] (per seed; objects, scenes) |", "|---|---|",
         *[f"| {label} | {fmt(diff)} |" for label, diff in differences], "",
+        "## Preconditions (reported; protocol v4 has no gates)" if v4 else
         "## Gates (any failure makes the result inconclusive)", "",
         *[f"- {'PASS' if c.passed else ('FAIL' if c.passed is False else 'NOT MEASURED')}: {c.name}: {c.detail}"
           for c in gate_checks], "",
         "## Decision rules", "",
         *[line for name, rule in rules.items() for line in (
+            f"**{name}: {rule['outcome']}** ({'; '.join(rule['because'])})" if v4 else
             f"**{name}: {rule['outcome']}** (with every gate guarding it, the literal probe gate included: "
             f"{rule['literal']})", "",
             *[f"- {'pass' if c['passed'] else 'fail'}: {c['name']}: {c['detail']}" for c in rule["checks"]], "")],
@@ -257,6 +297,15 @@ def report(sweep_file: str, jobs: int = 2, base: Optional[str] = None, log=print
     log(text)
     log(f"report: {out / 'report.md'}")
     return out
+
+
+def preconditions(truncated: int, attention: dict[str, dict[str, float]]) -> list[Check]:
+    """What protocol v4 reports beside its rules and decides nothing by: every caption whole in the LLM's
+    window (the data step refuses a study otherwise), and where the UNet's cross-attention goes."""
+    return [Check("no caption truncated by the LLM", truncated == 0, f"{truncated} captions over max_length", ()),
+            Check("cross-attention on CLIP / the CAM's tokens / LLM padding measured", bool(attention) or None,
+                  ", ".join(f"{ARMS[a]} {v['clip']:.2f} / {v['llm']:.2f} / {v['padding']:.2f}"
+                            for a, v in attention.items()) or "not measured", ())]
 
 
 def load_object_records(path: Path) -> list[ObjectRecord]:

@@ -163,6 +163,67 @@ def compare_categories(records: list[ObjectRecord], subset: str, categories: tup
     return share("b") - share("d")
 
 
+# ---------------------------------------------------------------- protocol v4 (docs/evidence/protocol_v4.md)
+
+
+def decisions_v4(records: list[ObjectRecord], protocol: Protocol) -> dict[str, dict]:
+    """Protocol v4's two rules, no gates: the primary (the CAM over the frozen base draws what CLIP's window
+    cuts off, from the description, beyond what chunked CLIP gives, and costs the base nothing) and the secondary
+    (binding on post-nominal short prompts). Each "shown", "refuted" or "inconclusive"; ``because`` says what
+    made it so."""
+    gain = compare(records, "c", "a", "outside")
+    shuffled = compare(records, "c_shuffled", "a", "outside")
+    chunked = compare(records, "c", "a_chunked", "outside")
+    damage = {subset: compare(records, "c", "a", subset) for subset in ("seen_1", "short")}
+    checks, refutations = [], []
+    if gain is not None:
+        checks.append(Check(f"gain: (c) - (a) on outside-window objects >= +{protocol.primary_effect}, CI above 0, "
+                            f"positive in every seed", gain.mean >= protocol.primary_effect and gain.low > 0
+                            and gain.positive_in_every_seed, fmt(gain)))
+        if gain.high < protocol.primary_refuted_below:
+            refutations.append(f"the gain's CI ends below +{protocol.primary_refuted_below} ({gain.high:+.3f})")
+    if shuffled is not None and gain is not None:
+        checks.append(Check("from the description: (c shuffled) - (a) on outside-window objects <= half of (c) - (a)",
+                            shuffled.mean <= gain.mean / 2, f"{fmt(shuffled)} vs half of {gain.mean:+.3f}"))
+    if chunked is not None:
+        checks.append(Check("beyond chunked CLIP: (c) - (a chunked) on outside-window objects > 0, CI above 0",
+                            chunked.mean > 0 and chunked.low > 0, fmt(chunked)))
+        if chunked.high < 0:
+            refutations.append(f"chunked CLIP draws more past the window: (c) - (a chunked) CI ends at {chunked.high:+.3f}")
+    for subset, diff in damage.items():
+        if diff is None:
+            continue
+        checks.append(Check(f"no damage: (c) - (a) on {subset} >= {protocol.keep_inside} (point estimate; the CI's "
+                            f"lower end reported)", diff.mean >= protocol.keep_inside, fmt(diff)))
+        if diff.mean < protocol.keep_inside and diff.high < 0:
+            refutations.append(f"(c) damages the base on {subset}: {diff.mean:+.3f}, CI ends at {diff.high:+.3f}")
+
+    post = compare(records, "c", "a", "post_nominal")
+    secondary_checks, secondary_refutations = [], []
+    if post is not None:
+        secondary_checks.append(Check(f"(c) - (a) on post-nominal short prompts >= +{protocol.secondary_effect}, CI above 0",
+                                      post.mean >= protocol.secondary_effect and post.low > 0, fmt(post)))
+        if post.high < protocol.secondary_refuted_below:
+            secondary_refutations.append(f"its CI ends below +{protocol.secondary_refuted_below} ({post.high:+.3f})")
+    return {"primary": outcome_v4(checks, refutations, expected=5),
+            "secondary": outcome_v4(secondary_checks, secondary_refutations, expected=1)}
+
+
+def outcome_v4(checks: list[Check], refutations: list[str], expected: int) -> dict:
+    """Shown when every check was measured and passed; refuted when any refutation holds; else inconclusive."""
+    failed = [c.name for c in checks if not c.passed]
+    if len(checks) == expected and not failed:
+        outcome, because = "shown", ["every check passed"]
+    elif refutations:
+        outcome, because = "refuted", refutations
+    else:
+        outcome = "inconclusive"
+        because = [f"failed: {name}" for name in failed] + (
+            [f"{expected - len(checks)} of {expected} checks not measured"] if len(checks) < expected else [])
+        because.append("no refutation holds")
+    return {"outcome": outcome, "because": because, "checks": [asdict(c) for c in checks]}
+
+
 def verdict(gates_pass: bool, checks: list[Check], refuted: bool, expected: int) -> dict:
     if not gates_pass:
         outcome = "inconclusive (a gate failed)"

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from omegaconf import OmegaConf
+
 from llm4gen.datamodules.synthetic import clip_tokenizer, mentions_in_clip_window
 from llm4gen.evaluation.prompt_sets import prompt_set
 from llm4gen.evaluation.prompts import shapes_sets
@@ -18,6 +20,7 @@ from llm4gen.evaluation.runner import Evaluation
 from llm4gen.evaluation.shapes_scorer import ShapesScorer
 from llm4gen.experiments.evidence_protocol import ARMS, ARM_SETS, PROTOCOL_SETTINGS, Protocol, SETS
 from llm4gen.experiments.runner import ExperimentError, finished_runs
+from llm4gen.launch.sweep import load_experiment_config
 from llm4gen.lightning_modules.sampler import SamplingSettings, initial_sampler, load_sampler
 
 
@@ -53,12 +56,33 @@ def checkpoint_at(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step={step:07d}.ckpt"
 
 
-def base_tasks(spec, seeds, base: str) -> list[Task]:
+def base_tasks(spec, seeds, base: str, sets: tuple[str, ...] = SETS) -> list[Task]:
     """Arm (a), the base alone, at each of ``seeds``, on every set."""
-    return [Task("a", seed, str(spec.output_root / f"base_seed={seed}" / "eval"), SETS, base=base) for seed in sorted(seeds)]
+    return [Task("a", seed, str(spec.output_root / f"base_seed={seed}" / "eval"), sets, base=base) for seed in sorted(seeds)]
 
 
-def evaluation_tasks(spec, base: str) -> tuple[list[Task], list[str]]:
+# Arm (a chunked): what (b2) trains from, at its initial weights (step 0): the base's UNet reading CLIP over three
+# 77-token windows, no connector, no training (initial_sampler builds exactly what a run's first step would train)
+CHUNKED_BASE = ("model.adapter.enabled=false", "model.unet_training=full", "model.base.clip_chunks=3")
+
+
+def chunked_base_tasks(spec, seeds) -> list[Task]:
+    """Arm (a chunked) at each of ``seeds``; its resolved config is written once to
+    ``<output_root>/base_chunked/config.yaml`` (the experiment config with ``CHUNKED_BASE``)."""
+    config = spec.output_root / "base_chunked" / "config.yaml"
+    if not config.is_file():
+        config.parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(load_experiment_config(spec.config, [*spec.base_overrides, *CHUNKED_BASE]), config, resolve=True)
+    return [Task("a_chunked", seed, str(config.parent / f"seed={seed}" / "eval"), ARM_SETS["a_chunked"],
+                 initial=str(config)) for seed in sorted(seeds)]
+
+
+def arm_sets(arm: str, protocol: Protocol) -> tuple[str, ...]:
+    """The sets an arm samples: fewer for the arms that ask only about some (ARM_SETS), else the protocol's."""
+    return ARM_SETS.get(arm, protocol.sets)
+
+
+def evaluation_tasks(spec, base: str, protocol: Protocol = PROTOCOL_SETTINGS) -> tuple[list[Task], list[str]]:
     """Every arm x seed the finished runs allow, and the names of unfinished runs."""
     tasks, seeds = [], set()
     finished, unfinished = finished_runs(spec)
@@ -67,17 +91,20 @@ def evaluation_tasks(spec, base: str) -> tuple[list[Task], list[str]]:
         seeds.add(seed)
         last = str(run.output_dir / "checkpoints" / "last.ckpt")
         evaluated = run.output_dir / "eval"
-        tasks.append(Task(arm, seed, str(evaluated / arm), ARM_SETS.get(arm, SETS), checkpoint=last))
+        tasks.append(Task(arm, seed, str(evaluated / arm), arm_sets(arm, protocol), checkpoint=last))
         if arm in ("d", "d_gated"):
             start = int(cfg["model"]["optim"].get("unet_start_step") or 0)
             frozen = arm.replace("d", "c", 1)  # (c): (d) at its start step, the CAM trained with the UNet frozen
             if start > 0:
-                tasks.append(Task(frozen, seed, str(evaluated / frozen), SETS,
+                tasks.append(Task(frozen, seed, str(evaluated / frozen), protocol.sets,
                                   checkpoint=str(checkpoint_at(run.output_dir, start))))
-        if arm == "d":
-            tasks.append(Task("d_shuffled", seed, str(evaluated / "d_shuffled"), ARM_SETS["d_shuffled"],
+        if arm == protocol.shuffled_arm:  # v2, v3: (d shuffled); v4: (c shuffled)
+            shuffled = f"{arm}_shuffled"
+            tasks.append(Task(shuffled, seed, str(evaluated / shuffled), ARM_SETS[shuffled],
                               checkpoint=last, shuffle_llm=True))
-    tasks += base_tasks(spec, seeds, base)
+    tasks += base_tasks(spec, seeds, base, protocol.sets)
+    if protocol.chunked_base and seeds:
+        tasks += chunked_base_tasks(spec, seeds)
     order = list(ARMS)
     return sorted(tasks, key=lambda t: (t.seed, order.index(t.arm))), unfinished
 
@@ -86,7 +113,8 @@ def evaluation_tasks(spec, base: str) -> tuple[list[Task], list[str]]:
 
 
 def donor_prompts(records) -> dict[str, str]:
-    """The shuffled-feature ablation's mapping: each prompt of a set to the next scene's prompt (cyclically)."""
+    """The shuffled-feature ablation's mapping: each prompt of a set to the next scene's prompt (cyclically; in a
+    verbose set every record is its own scene)."""
     texts = [r.text for r in records]
     return {text: texts[(i + 1) % len(texts)] for i, text in enumerate(texts)}
 

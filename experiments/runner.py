@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from llm4gen.configs.errors import UserError
 from omegaconf import OmegaConf
@@ -43,13 +43,13 @@ def finished_runs(spec: SweepSpec) -> tuple[list[tuple[SweepRun, dict]], list[st
 
 
 def run_study(command: str, sweep_file: str, data: Callable[[SweepSpec], object], report: Callable[[], Path],
-              jobs: int = 2, log=print) -> Path:
-    """``data(spec)``, the sweep's training runs, then ``report()`` (the report's folder); ``command`` (how the
-    study was started) and its wall time go into ``wall_time.txt`` there."""
+              jobs: int = 2, log=print, training_jobs: Optional[int] = None) -> Path:
+    """``data(spec)``, the sweep's training runs (``training_jobs`` at a time, by default ``jobs``), then ``report()``
+    (the report's folder); ``command`` (how the study was started) and its wall time go into ``wall_time.txt`` there."""
     started = time.time()
     spec = load_sweep(sweep_file)
     data(spec)
-    train_runs(spec, sweep_file, jobs, log)
+    train_runs(spec, sweep_file, training_jobs or jobs, log)
     out = report()
     minutes = (time.time() - started) / 60
     (out / "wall_time.txt").write_text(f"{minutes:.1f} min for `{command}`\n")

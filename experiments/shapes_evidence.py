@@ -4,6 +4,10 @@
     python -m llm4gen.cli.shapes_evidence data configs/sweeps/shapes_evidence.yaml     # shards + feature cache only
     python -m llm4gen.cli.shapes_evidence report configs/sweeps/shapes_evidence.yaml   # evaluate finished runs
 
+Protocol v4 (docs/evidence/protocol_v4.md, ``--protocol v4``) is a confirmatory study of one claim with its own
+arms: (a), (a chunked) the base on CLIP over three windows untrained, (c) the CAM over the frozen base, and (c
+shuffled); its rules are evidence_rules.decisions_v4.
+
 LLM4GEN claims two things: an LLM's features help with long, dense descriptions that CLIP's 77-token
 window cuts off, and they bind attributes to objects better. The arms, on the shipped shapes base, the
 same cached shards (75% verbose captions) and the same noise draws:
@@ -52,4 +56,5 @@ def run(sweep_file: str, jobs: int = 2, log=print, protocol: Protocol = PROTOCOL
 
     flags = [] if name == "v2" else ["--protocol", name]
     return run_study(study_command(MODULE, "run", sweep_file, *flags), sweep_file, data,
-                     lambda: report(sweep_file, jobs, log=log, protocol=protocol, replication=replication), jobs, log)
+                     lambda: report(sweep_file, jobs, log=log, protocol=protocol, replication=replication), jobs, log,
+                     training_jobs=protocol.training_jobs)

@@ -33,11 +33,13 @@ from llm4gen.configs.choices import SHAPES_GRAMMAR
 from llm4gen.configs.errors import ConfigError
 from llm4gen.configs.model_files import model_json
 from llm4gen.configs.setup_checks import (
+    check_samples_per_rank,
     check_shard_slots,
     connector_widths_message,
     llm_model_type,
     lora_targets_of,
 )
+from llm4gen.datamodules.shard_counts import known_counts
 from llm4gen.datamodules.shards import resolve_shards
 from llm4gen.datamodules.synthetic import synthetic_shards_plan
 from llm4gen.encoders.sources import check_source, is_local
@@ -100,11 +102,19 @@ def world_size(trainer: DictConfig) -> int | None:
 
 
 def check_data_layout(cfg: DictConfig, shards: list[str]) -> None:
-    """With ``data.epoch_batches``, every (rank, worker) of the run needs a shard of its own (the datamodule's
-    setup refuses it too, after the models have loaded)."""
+    """With ``data.epoch_batches``, every (rank, worker) of the run needs a shard of its own; without it, the
+    shards need one batch per rank, checked here where their sample counts are recorded or cached (the
+    datamodule's setup refuses both too, after the models have loaded and the shards have been counted)."""
     ranks = world_size(cfg.trainer)
-    if ranks is not None:
-        check_shard_slots(len(shards), ranks, cfg.data.num_workers, cfg.data.epoch_batches, cfg.data.resampled)
+    if ranks is None:
+        return
+    check_shard_slots(len(shards), ranks, cfg.data.num_workers, cfg.data.epoch_batches, cfg.data.resampled)
+    if ranks > 1 and cfg.data.epoch_batches is None and not cfg.data.resampled:
+        spec = cfg.data.shards if isinstance(cfg.data.shards, str) else list(cfg.data.shards)
+        written = all(is_remote(url) or os.path.exists(url) for url in shards)  # not synthetic ones still to write
+        counts = known_counts(spec, shards, str(cfg.output_dir)) if written else [None]
+        if None not in counts:  # no count pass here: the datamodule counts the rest
+            check_samples_per_rank(sum(counts), ranks, cfg.data.batch_size)
 
 
 def check_output_dir(output_dir: str) -> None:

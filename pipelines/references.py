@@ -5,7 +5,7 @@ An export holds what trained (megabytes); its VAE, CLIP, LLM and a frozen UNet a
 loaded from there when the folder is loaded, in the dtype the caller asked ``from_pretrained`` for, as diffusers
 loads the parts a folder does hold. The run's own dtypes (``trained_dtypes``: the frozen parts in
 ``model.base.dtype`` / ``vae_dtype`` / ``model.llm.dtype``, the connector in float32) are recorded beside them,
-so :func:`llm4gen.pipelines.load_pipeline` samples an export exactly as ``generate.py`` samples its checkpoint.
+so ``load_pipeline`` (pipelines/llm4gen_pipeline.py) samples an export exactly as ``generate.py`` samples its checkpoint.
 """
 
 from __future__ import annotations

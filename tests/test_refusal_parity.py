@@ -140,7 +140,7 @@ INVENTORY = {
     "datamodules/entity_targets.py::EntityTargetBuilder.__init__": Library("train.py always gives the sources"),
     "datamodules/entity_targets.py::EntityTargetBuilder.__call__": BATCH,
     "datamodules/shards.py::resolve_shards": Check("check_shards"),
-    "datamodules/shards.py::_read_manifest": Check("check_shards"),
+    "datamodules/shards.py::manifest_entries": Check("check_shards"),
     "datamodules/shards.py::_tar_samples": SAMPLE,
     "datamodules/shards.py::_lockstep_samples": SAMPLE,
     "datamodules/captions.py::draw_caption": SAMPLE,

@@ -42,7 +42,8 @@ BF16 = {"model.base.dtype": "bfloat16", "model.llm.dtype": "bfloat16", "trainer.
 EXTRA_ROWS = {
     "mlp-bf16-vae": {**BF16, "model.adapter.kind": "mlp", "model.base.vae_dtype": "bfloat16"},
     "cam-gated-bf16": {**BF16, "model.adapter.fusion": "gated"},
-    "sdxl-gated-bf16": {**BF16, "model.base.family": "sdxl", "model.adapter.fusion": "gated"},
+    "sdxl-gated-bf16": {**BF16, "model.base.family": "sdxl", "model.base.pretrained": TINY["sdxl"],
+                        "model.adapter.fusion": "gated"},
     # fp16 runs on this CPU (torch 2.13); an fp16 VAE overflows on real SD weights (diffusers #4820), not here
     "fp16": {"model.base.dtype": "float16", "model.base.vae_dtype": "float16", "model.llm.dtype": "float16"},
 }

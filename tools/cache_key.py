@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from llm4gen.configs.buckets import resolve_buckets
 from llm4gen.configs.choices import SHAPES_GRAMMAR
 from llm4gen.configs.errors import UserError
+from llm4gen.datamodules.shard_counts import CACHE_STATS_DIR
 from llm4gen.datamodules.shards import resolve_shards
 from llm4gen.embedded import registry
 from llm4gen.encoders.sources import is_local
@@ -30,7 +31,7 @@ DEFAULT_FIELDS: tuple[str, ...] = ("latent_moments", "llm_features", "entities")
 CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 CACHE_KEY_FILE = "cache_key.json"
 STORAGE_REPORT_FILE = "storage_report.json"
-STATS_DIR = ".cache_stats"
+STATS_DIR = CACHE_STATS_DIR  # per-shard records; the datamodule reads their sample counts
 CACHE_FORMAT = 1
 # Keys under this prefix describe the cache itself, not the run that reads it: recorded, never compared.
 UNCOMPARED_PREFIX = "cache."

@@ -177,6 +177,19 @@ def test_two_ranks_with_epoch_batches_yield_equal_counts_of_full_bucket_pure_bat
         assert not keys[0] & keys[1]  # ranks read disjoint shards
 
 
+def test_two_ranks_without_epoch_batches_yield_equal_counts_of_full_bucket_pure_batches(mixed):
+    per_rank = []
+    for rank in (0, 1):
+        batches, _ = run(make(mixed, rank=rank, world_size=2))
+        assert_bucket_pure(batches)
+        per_rank.append(batches)
+    # a worker fills the buckets its slice leaves partly filled from the epoch's remainder, then its own slice
+    assert [len(b) for b in per_rank] == [NUM // (2 * BATCH)] * 2
+    assert all(len(batch.keys) == BATCH for batches in per_rank for batch in batches)
+    keys = [{k for batch in batches for k in batch.keys} for batches in per_rank]
+    assert not keys[0] & keys[1]
+
+
 @pytest.mark.parametrize("settings", [{}, {"num_workers": 2}, {"num_workers": 2, "epoch_batches": 14},
                                       {"shuffle_buffer": 0}])
 def test_resume_after_any_batch_continues_exactly_with_the_bucket_contents(mixed, settings):

@@ -299,28 +299,31 @@ def test_a_pass_stopped_early_is_continued_by_the_next_pass(data_dir):
     same_batches(head + run_pass(dm, loader), epoch0)
 
 
-def test_changed_worker_count_restarts_the_saved_epoch_with_a_warning(data_dir):
-    epoch0, _ = reference_run(synthetic_only(data_dir), num_workers=0)
+def test_changed_worker_count_finishes_the_saved_epoch_without_repeats(data_dir):
     dm = make(synthetic_only(data_dir), num_workers=2)
-    run_pass(dm, dm.train_dataloader(), limit=3)
+    head = run_pass(dm, dm.train_dataloader(), limit=3)
     resumed = make(synthetic_only(data_dir), num_workers=0)
     resumed.load_state_dict(dm.state_dict())
-    with pytest.warns(UserWarning, match="restarting epoch 0"):
-        batches = run_pass(resumed, resumed.train_dataloader())
-    same_batches(batches, epoch0)
+    loader = resumed.train_dataloader()
+    rest = run_pass(resumed, loader)  # the samples the 2 workers had not used, read by one
+    assert sorted(keys_of(head) + keys_of(rest)) == sorted(SYNTHETIC_KEYS)
+    assert sorted(keys_of(run_pass(resumed, loader))) == sorted(SYNTHETIC_KEYS)  # then a whole epoch
 
 
 # ---------------------------------------------------------------- ranks
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_two_ranks_read_disjoint_samples_that_cover_the_epoch(data_dir, num_workers):
+def test_two_ranks_read_disjoint_samples_that_cover_the_epoch_but_a_stated_remainder(data_dir, num_workers):
     per_rank = []
     for rank in (0, 1):
         dm = make(synthetic_only(data_dir), num_workers=num_workers, rank=rank, world_size=2)
-        per_rank.append(keys_of(run_pass(dm, dm.train_dataloader())))
-    assert not set(per_rank[0]) & set(per_rank[1])
-    assert sorted(per_rank[0] + per_rank[1]) == sorted(SYNTHETIC_KEYS)
+        per_rank.append(run_pass(dm, dm.train_dataloader()))
+    assert [len(batches) for batches in per_rank] == [NUM_SYNTHETIC // (2 * 3)] * 2  # equal, full batches of 3
+    keys = [keys_of(batches) for batches in per_rank]
+    assert not set(keys[0]) & set(keys[1])
+    assert set(keys[0]) | set(keys[1]) <= SYNTHETIC_KEYS
+    assert len(keys[0] + keys[1]) == NUM_SYNTHETIC - NUM_SYNTHETIC % (2 * 3)  # fewer than one batch per rank unused
 
 
 @pytest.mark.parametrize("resampled", [False, True])

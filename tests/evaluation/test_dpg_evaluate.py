@@ -17,7 +17,7 @@ from llm4gen.evaluation import dpg_bench as D
 from tests.helpers.training import FAST
 
 pytestmark = pytest.mark.slow
-QUESTIONS = Path(__file__).resolve().parents[1] / "fixtures" / "dpg" / "questions.csv"
+QUESTIONS = Path(__file__).resolve().parents[1] / "inputs" / "dpg" / "questions.csv"  # an input, not a stored result
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,11 @@
-"""DDP on CPU with the real train.py: 2 processes (gloo), ``data.epoch_batches`` set.
+"""DDP on CPU with the real train.py: 2 processes (gloo), with ``data.epoch_batches`` and without it.
 
 Checked per rank through the key recorder (``LLM4GEN_RECORD_KEYS`` -> ``<path>.rank<R>``): the
 trainable weights end identical on both ranks (a SHA-256 each rank computes itself), one epoch of
-the non-resampled stream gives every sample to exactly one rank, and a shard count that does not
-divide among the ranks still finishes. The module tells DDP to ignore its frozen parameters, so DDP
-runs with ``find_unused_parameters`` off (Lightning's ``ddp`` default) without complaint.
+the non-resampled stream gives every sample to exactly one rank, a shard count that does not
+divide among the ranks still finishes, and without ``epoch_batches`` uneven, partly corrupt shards end
+every epoch on both ranks at the same step, without a warning. The module tells DDP to ignore its frozen
+parameters, so DDP runs with ``find_unused_parameters`` off (Lightning's ``ddp`` default) without complaint.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 
 from llm4gen.datamodules.synthetic import write_synthetic_shards
 from llm4gen.datamodules.webdataset_datamodule import WebDatasetDataModule
+from tests.helpers.shards import png_bytes, write_tar
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -95,3 +97,24 @@ def test_shard_count_not_divisible_by_ranks_finishes(tiny_runs, tmp_path):
     for rank in (0, 1):
         assert [r["global_step"] for r in records[rank] if "keys" in r] == [0, 1, 2, 3]
     assert_same_weights_on_both_ranks(records, steps=4)
+
+
+def test_without_epoch_batches_uneven_corrupt_shards_end_every_epoch_on_both_ranks(tiny_runs, tmp_path):
+    shards = tmp_path / "shards"  # 7 + 7 + 6 samples, and a shard of 3 of which 2 are unusable: 23 counted
+    write_synthetic_shards(str(shards), num_samples=20, samples_per_shard=7, resolution=32, seed=0)
+    write_tar(shards / "shard-corrupt.tar", [("broken", {"png": png_bytes(32)[:40], "txt": b"a cut png"}),
+                                             ("usable", {"png": png_bytes(32), "txt": b"a green square"}),
+                                             ("silent", {"png": png_bytes(32), "txt": b" "})])
+
+    # 23 // (2 ranks x batch 4) = 2 batches per rank per epoch: 6 steps cross two epoch ends
+    output, records = run_ddp(tiny_runs, tmp_path, shards, "trainer.max_steps=6")
+
+    assert "different numbers of batches" not in output and "warning" not in output.lower(), output[-3000:]
+    batches = {rank: [r for r in lines if "keys" in r] for rank, lines in records.items()}
+    for rank in (0, 1):
+        assert [r["global_step"] for r in batches[rank]] == list(range(6)), batches[rank]
+        assert all(len(r["keys"]) == 4 for r in batches[rank])
+    for epoch in range(3):  # within an epoch no sample goes to both ranks
+        keys = [{k for r in batches[rank][2 * epoch:2 * epoch + 2] for k in r["keys"]} for rank in (0, 1)]
+        assert not keys[0] & keys[1]
+    assert_same_weights_on_both_ranks(records, steps=6)
