@@ -97,20 +97,25 @@ def main(argv=None):
              dict(image=[control, second_control], controlnet_conditioning_scale=[0.5, 0.5]), PROMPTS),
             ("T2I-Adapter (untrained)", control,
              lambda: contextlib.nullcontext(pair(tools.LLM4GenAdapterPipeline, "StableDiffusionAdapterPipeline",
-                                                 adapter=adapter)), dict(image=control), PROMPTS),
+                                                 adapter=adapter)), dict(image=[control] * 2), PROMPTS),
             ("IP-Adapter (untrained)", init, ip_adapter, dict(ip_adapter_image=init), PROMPTS),
             ("img2img, strength 0.7", init,
              lambda: contextlib.nullcontext(pair(tools.LLM4GenImg2ImgPipeline, "StableDiffusionImg2ImgPipeline")),
-             dict(image=init, strength=0.7), PROMPTS),
+             dict(image=[init] * 2, strength=0.7), PROMPTS),
             ("inpainting, right half", Image.fromarray(np.where(mask[..., None] > 0, 255, np.asarray(init))
                                                        .astype(np.uint8)),
              lambda: contextlib.nullcontext(pair(tools.LLM4GenInpaintPipeline, "StableDiffusionInpaintPipeline")),
-             dict(image=init, mask_image=Image.fromarray(mask), height=resolution, width=resolution), PROMPTS)]
+             dict(image=[init] * 2, mask_image=[Image.fromarray(mask)] * 2, height=resolution, width=resolution),
+             PROMPTS)]
     if args.lora:
         rows.insert(5, ("LoRA \"zwx\" (trained on the base)", None, lora, {}, [f"zwx {p}" for p in PROMPTS]))
 
-    images, captions = [], []
-    print("| tool | connector vs base, mean abs. difference (grey levels) |\n|---|---|")
+    def distance(these, those) -> float:
+        return float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()
+                              for a, b in zip(these, those)]))
+
+    images, captions, untooled = [], [], None
+    print("| tool | connector vs base | base: tool vs no tool | connector: tool vs no tool |\n|---|---|---|---|")
     for name, shown, attach, inputs, prompts in rows:
         with attach() as (with_connector, base):
             outputs = []
@@ -119,9 +124,9 @@ def main(argv=None):
                 generators = [torch.Generator("cpu").manual_seed(s) for s in SEEDS]
                 outputs.append(pipe(prompts, generator=generators, num_inference_steps=args.steps, guidance_scale=7.5,
                                     output_type="pil", **inputs).images)
-        difference = np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()
-                              for a, b in zip(*outputs)])
-        print(f"| {name} | {difference:.1f} |")
+        untooled = untooled or outputs  # the first row: no tool
+        print(f"| {name} | {distance(*outputs):.1f} | {distance(outputs[0], untooled[0]):.1f} | "
+              f"{distance(outputs[1], untooled[1]):.1f} |")
         images.append(shown if shown is not None else Image.new("RGB", (resolution, resolution), "white"))
         captions.append(f"{name}: its input" if shown is not None else f"{name}")
         for i, prompt in enumerate(prompts):
