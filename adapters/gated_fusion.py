@@ -29,7 +29,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.image_processor import IPAdapterMaskProcessor
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IPAdapterAttnProcessor2_0
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
@@ -106,16 +107,39 @@ class GatedFusion(ModelMixin, ConfigMixin):
 
     def install(self, unet) -> None:
         """Points every cross-attention layer of ``unet`` at its gated attention (refused if the UNet's layers are
-        not the ones this fusion was made for)."""
+        not the ones this fusion was made for). A layer that runs IP-Adapter's decoupled attention gets one
+        processor doing both (:class:`GatedIPAdapterProcessor`)."""
         layers = cross_attention_layers(unet)
         names = [name for name, _ in self.config.layer_widths]
         if sorted(names) != sorted(layers):
             raise ValueError(f"this gated fusion was made for a UNet with cross-attention layers {names[:3]}... "
                              f"({len(names)}), this UNet has {list(layers)[:3]}... ({len(layers)}): another base?")
+        self._point(layers)
+
+    def install_in_controlnet(self, controlnet) -> None:
+        """The same for a ControlNet made from the UNet (its down and middle blocks, named as the UNet's): its
+        cross-attention layers read the context through the gated layers of the UNet's layers of the same name,
+        so that a closed gate leaves it the base's ControlNet too. Refused where a layer has no counterpart."""
+        layers = cross_attention_layers(controlnet)
+        widths = {name: int(inner) for name, inner in self.config.layer_widths}
+        strangers = [f"{name} ({module.to_k.out_features} wide)" for name, module in layers.items()
+                     if widths.get(name) != module.to_k.out_features]
+        if strangers:
+            raise ValueError(f"this ControlNet's cross-attention layers {', '.join(strangers[:3])} have no layer of the "
+                             f"same name and width in the UNet this gated fusion was made for: a ControlNet of another "
+                             f"base (the fusion's layers: {', '.join(list(widths)[:3])}...)")
+        self._point(layers)
+
+    def _point(self, layers: dict[str, Attention]) -> None:
         for name, module in layers.items():
             gated = self.layers[layer_key(name)]
-            if not (isinstance(module.processor, GatedFusionProcessor) and module.processor.layer is gated):
-                module.set_processor(GatedFusionProcessor(gated, self.config.clip_tokens))
+            current = module.processor
+            if getattr(current, "fusion_layer", None) is gated:
+                continue
+            fused = GatedFusionProcessor(gated, self.config.clip_tokens)
+            if isinstance(current, IPAdapterAttnProcessor2_0):  # loaded before the fusion: keep both
+                fused = GatedIPAdapterProcessor(current, fused)
+            module.set_processor(fused)
 
     def openness(self) -> torch.Tensor:
         """|tanh(gate)| of every layer, (layers,): how far each layer lets the LLM's attention in."""
@@ -146,13 +170,24 @@ class GatedFusionProcessor:
         self.clip_tokens = clip_tokens
         self.store, self.name = None, None
 
+    @property
+    def fusion_layer(self) -> GatedLLMAttention:
+        return self.layer
+
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
         if encoder_hidden_states is None:
             raise ValueError("the gated fusion sits in cross-attention layers; this call has no context")
-        clip_tokens = self.clip_tokens
-        if encoder_hidden_states.shape[1] <= clip_tokens:  # CLIP's context alone: the base's attention, nothing else
+        if encoder_hidden_states.shape[1] <= self.clip_tokens:  # CLIP's context alone: the base's attention
             return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return self.attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    def attend(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+               attention_mask: torch.Tensor | None, temb: torch.Tensor | None, added=None) -> torch.Tensor:
+        """The layer's output for a context of CLIP's tokens and the LLM's. ``added(query, attended)``, when given,
+        returns ``attended`` (batch, pixels, inner) with more attention added before the output projection (an
+        IP-Adapter's image tokens); ``query`` is (batch, heads, pixels, head_dim)."""
+        clip_tokens = self.clip_tokens
         clip = encoder_hidden_states[:, :clip_tokens].contiguous()  # as the base reads it
         llm = encoder_hidden_states[:, clip_tokens:]
         residual = hidden_states
@@ -203,6 +238,8 @@ class GatedFusionProcessor:
         hidden_states = hidden_states + gate * llm_hidden  # + 0 exactly while the gate is closed
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
+        if added is not None:
+            hidden_states = added(query, hidden_states)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:
@@ -210,6 +247,68 @@ class GatedFusionProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+class GatedIPAdapterProcessor(IPAdapterAttnProcessor2_0):
+    """IP-Adapter's decoupled cross-attention and the gated fusion in one layer (both replace the same ``attn2``
+    processors; loaded one after the other, the second would silently drop the first):
+
+        out = to_out(h_clip + tanh(g) h_llm + sum_i scale_i h_image_i)
+
+    ``h_clip + tanh(g) h_llm`` is :class:`GatedFusionProcessor`'s, ``h_image_i`` IP-Adapter's attention over its
+    image tokens with its own key and value projections, added as ``IPAdapterAttnProcessor2_0`` adds it (after
+    the text attention, before the output projection). So the gate closed gives IP-Adapter's processor over
+    CLIP's tokens bitwise, and the scale at 0 the gated fusion's bitwise. It is an ``IPAdapterAttnProcessor2_0``
+    (diffusers' ``set_ip_adapter_scale`` and ``unload_ip_adapter`` find it): its image projections are the ones
+    loaded, shared; the gated layer is held as a plain attribute, so the UNet's state dict never holds it."""
+
+    def __init__(self, ip_adapter: IPAdapterAttnProcessor2_0, fused: GatedFusionProcessor):
+        nn.Module.__init__(self)
+        self.hidden_size, self.cross_attention_dim = ip_adapter.hidden_size, ip_adapter.cross_attention_dim
+        self.num_tokens, self.scale = ip_adapter.num_tokens, ip_adapter.scale
+        self.to_k_ip, self.to_v_ip = ip_adapter.to_k_ip, ip_adapter.to_v_ip
+        self.fused = fused  # not a module: not registered
+
+    @property
+    def fusion_layer(self) -> GatedLLMAttention:
+        return self.fused.layer
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, scale: float = 1.0,
+                 ip_adapter_masks=None):
+        if not isinstance(encoder_hidden_states, tuple):
+            raise ValueError("IP-Adapter's layers read (text context, image tokens); this call has no image tokens "
+                             "(pass ip_adapter_image or ip_adapter_image_embeds, or unload_ip_adapter)")
+        text, images = encoder_hidden_states
+        if text.shape[1] <= self.fused.clip_tokens:  # CLIP's context alone: IP-Adapter's processor as it is
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, scale,
+                                    ip_adapter_masks)
+        masks = ip_adapter_masks if ip_adapter_masks is not None else [None] * len(self.scale)
+        if not isinstance(masks, list):
+            masks = list(masks.unsqueeze(1))  # [num_ip_adapters, 1, height, width], as diffusers accepts it
+        if not len(masks) == len(self.scale) == len(images):
+            raise ValueError(f"{len(images)} IP-Adapter image inputs for {len(self.scale)} loaded IP-Adapters and "
+                             f"{len(masks)} masks: give one each")
+
+        def add_images(query: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+            batch_size, heads, _, head_dim = query.shape
+            for tokens, weight, to_k, to_v, mask in zip(images, self.scale, self.to_k_ip, self.to_v_ip, masks):
+                weights = weight if isinstance(weight, list) else [weight] * (mask.shape[1] if mask is not None else 1)
+                if all(w == 0 for w in weights):
+                    continue
+                per_image = [tokens[:, i] for i in range(mask.shape[1])] if mask is not None else [tokens]
+                for i, image in enumerate(per_image):  # (batch, image tokens, context dim)
+                    key = to_k(image).view(batch_size, -1, heads, head_dim).transpose(1, 2)
+                    value = to_v(image).view(batch_size, -1, heads, head_dim).transpose(1, 2)
+                    seen = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+                    seen = seen.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(query.dtype)
+                    if mask is not None:  # where in the image this IP image applies (IPAdapterMaskProcessor's)
+                        region = IPAdapterMaskProcessor.downsample(mask[:, i], batch_size, seen.shape[1], seen.shape[2])
+                        seen = seen * region.to(dtype=query.dtype, device=query.device)
+                    attended = attended + weights[i] * seen
+            return attended
+
+        return self.fused.attend(attn, hidden_states, text, attention_mask, temb, added=add_images)
 
 
 @contextlib.contextmanager

@@ -53,7 +53,7 @@ from llm4gen.evaluation.t2i_compbench import OFFICIAL_SPACY, PROTOCOLS, check_pr
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
 from llm4gen.lightning_modules.safe_loading import TRUST_FLAG, TRUST_HELP, trusted_checkpoints
 from llm4gen.lightning_modules.generation_cost import sampler_cost
-from llm4gen.lightning_modules.sampler import SamplingSettings, describe, load_sampler
+from llm4gen.lightning_modules.sampler import SamplingSettings, check_another_base, describe, load_sampler
 from llm4gen.pipelines.llm4gen_pipeline import pipeline_class
 
 
@@ -76,7 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     what.add_argument("--pipeline", help="an exported pipeline folder (export.py --format diffusers)")
     what.add_argument("--adapter", help="an exported run folder (<run>/export: model_config.yaml, adapter/)")
     what.add_argument("--base", help="the base model (hub id or diffusers folder): alone, the baseline; with "
-                                     "--adapter, replaces the base recorded in the export")
+                                     "--checkpoint, --pipeline or --adapter, another base of the connector's family "
+                                     "to evaluate it on (checked first; with --checkpoint/--pipeline also one "
+                                     ".safetensors/.ckpt file)")
+    what.add_argument("--base-config", help="with a single-file --base: a local diffusers folder of its family")
     what.add_argument("--no-ema", action="store_true", help="checkpoint: the trained weights, not their EMA")
     what.add_argument(TRUST_FLAG, action="store_true", help=f"--checkpoint: {TRUST_HELP}")
     p.add_argument("--protocol", choices=sorted([*PROTOCOLS, DPG_PROTOCOL.name]),
@@ -304,6 +307,9 @@ def evaluate(args) -> int:
                              "--adapter (an export folder) or --base")
         if args.pipeline:
             pipeline_class(args.pipeline)  # a pipeline folder at all, before any scorer loads
+        if args.base and (args.checkpoint or args.pipeline or args.adapter):  # another base: it fits, before loading
+            model = args.checkpoint and load_checkpoint_checked(args.checkpoint)["hyper_parameters"]["model"]
+            check_another_base(args.base, args.base_config, model or None, args.pipeline, args.adapter)
         sets = prompt_sets(args)
         scorers = build_scorers(args, sets, device)
         check_scorers(scorers, sets, requested=bool(args.scorers))  # before any model loads or image is made
@@ -320,7 +326,7 @@ def evaluate(args) -> int:
     for warning in protocol_warnings(args, sets):  # once everything is checked: a refusal stays one paragraph
         print(f"evaluate.py: warning: {warning}", file=sys.stderr)
     sampler = load_sampler(args.checkpoint, args.adapter, args.base, settings, device, use_ema=not args.no_ema,
-                           pipeline=args.pipeline)
+                           pipeline=args.pipeline, base_config=args.base_config)
     todo = missing_images(plan)
     if todo:
         print(f"cost: {sampler_cost(sampler, todo).summary(device_name(device))}", flush=True)

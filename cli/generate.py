@@ -7,7 +7,10 @@
         --prompt "a red circle" --output-dir out/
 
 ``--pipeline`` takes a folder ``export.py`` wrote (an ``LLM4GenPipeline``, pipelines/llm4gen_pipeline.py) and
-samples through it: what a recipient of the folder gets. ``--release`` takes a folder in the authors' release layout (``projector.pth`` + ``unet/``, see
+samples through it: what a recipient of the folder gets. ``--base`` puts the connector of a checkpoint or a
+pipeline on another base of its family (a community checkpoint: a diffusers folder, or one ``.safetensors`` /
+``.ckpt`` file read with the configs of ``--base-config``), checked against the one it trained on first
+(pipelines/bases.py). ``--release`` takes a folder in the authors' release layout (``projector.pth`` + ``unet/``, see
 adapters/release.py; ``export.py`` writes one from a run); the base SD1.5 (VAE, CLIP, scheduler) and the
 LLM come from ``--config`` and its overrides. Prompt i is sampled with seed ``seed + i``, so the same command writes identical images. The negative
 prompt (default empty) goes through CLIP, the LLM and the CAM, as in training's caption dropout.
@@ -32,7 +35,7 @@ from llm4gen.launch.preflight import check_init_from, check_sources, model_width
 from llm4gen.lightning_modules.checkpoint_files import load_checkpoint_checked
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule
 from llm4gen.lightning_modules.safe_loading import TRUST_FLAG, TRUST_HELP, trusted_checkpoints
-from llm4gen.lightning_modules.sampler import Sampler, SamplingSettings, load_sampler
+from llm4gen.lightning_modules.sampler import Sampler, SamplingSettings, check_another_base, load_sampler
 
 
 def slug(text: str, length: int = 40) -> str:
@@ -46,6 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--release", help="a release-layout folder (projector.pth + unet/); needs --config")
     source.add_argument("--pipeline", help="an exported LLM4GenPipeline folder (export.py --format diffusers)")
     parser.add_argument("--config", help="with --release: the experiment YAML giving the base SD and the LLM")
+    parser.add_argument("--base", help="with --checkpoint or --pipeline: another base of the connector's family to "
+                                       "sample on, a diffusers folder or one .safetensors/.ckpt file (checked first)")
+    parser.add_argument("--base-config", help="with a single-file --base: a local diffusers folder of its family whose "
+                                              "configs it is read with (default: the base the connector trained on)")
     parser.add_argument("overrides", nargs="*", help="with --release: dotted.key=value config overrides")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--output-dir", required=True)
@@ -106,13 +113,20 @@ def generate(args: argparse.Namespace) -> int:
         raise UserError("--prompt is empty: give at least one non-empty prompt")
     if (args.checkpoint or args.pipeline) and (args.config or args.overrides):
         raise UserError("--config and overrides go with --release; a checkpoint or pipeline carries its own config")
+    if (args.base or args.base_config) and args.release:
+        raise UserError("--base goes with --checkpoint or --pipeline; --release takes its base from --config")
+    if args.base_config and not args.base:
+        raise UserError("--base-config goes with a single-file --base")
     check_sampling_args(args)
     device = args.device or ("cuda" if _cuda() else "cpu")
 
     settings = SamplingSettings(args.steps, args.guidance_scale, args.scheduler, args.negative_prompt)
     if args.pipeline:
         try:
-            sampler = load_sampler(pipeline=args.pipeline, settings=settings, device=device)
+            if args.base:  # before any weights load
+                check_another_base(args.base, args.base_config, pipeline=args.pipeline)
+            sampler = load_sampler(pipeline=args.pipeline, settings=settings, device=device, base=args.base,
+                                   base_config=args.base_config)
         except (FileNotFoundError, ValueError) as err:
             raise UserError(f"--pipeline: {err}") from None
     elif args.release:
@@ -125,7 +139,14 @@ def generate(args: argparse.Namespace) -> int:
     else:
         checkpoint = load_checkpoint_checked(args.checkpoint)
         check_checkpoint_sources(checkpoint)
-        sampler = load_sampler(checkpoint=args.checkpoint, settings=settings, device=device, use_ema=not args.no_ema)
+        if args.base:  # before the run's module and the base's weights load
+            try:
+                check_another_base(args.base, args.base_config,
+                                   checkpoint_model=checkpoint["hyper_parameters"]["model"])
+            except (FileNotFoundError, ValueError) as err:
+                raise UserError(str(err)) from None
+        sampler = load_sampler(checkpoint=args.checkpoint, settings=settings, device=device, use_ema=not args.no_ema,
+                               base=args.base, base_config=args.base_config)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     images = sampler.generate(args.prompt, [args.seed + i for i in range(len(args.prompt))])

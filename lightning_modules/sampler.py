@@ -15,13 +15,15 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from llm4gen.configs.schema import model_config
+from llm4gen.configs.schema import as_plain, model_config
 from llm4gen.encoders.sources import load_pretrained
 from llm4gen.lightning_modules.checkpoint_files import is_sharded_checkpoint
 from llm4gen.lightning_modules.llm4gen import LLM4GenModule, load_llm_lora
 from llm4gen.lightning_modules.safe_loading import load_torch_file
 from llm4gen.lightning_modules.sharding import consolidated_checkpoint
-from llm4gen.pipelines.llm4gen_pipeline import load_pipeline
+from llm4gen.pipelines.bases import check_export_base, check_model_base, load_pipeline_on_base, pipeline_on_base
+from llm4gen.pipelines.llm4gen_pipeline import load_pipeline, pipeline_from_module
+from llm4gen.pipelines.single_file import is_single_file
 
 DEFAULT_BASE = "embedded:tiny-sd"
 
@@ -100,14 +102,14 @@ class Sampler:
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int]):
         s = self.settings
-        if self.module is not None:
-            with (self.module.ema_weights() if self.use_ema else contextlib.nullcontext()):
+        with (self.module.ema_weights() if self.module is not None and self.use_ema else contextlib.nullcontext()):
+            if self.pipeline is None:
                 return self.module.generate(prompts, seeds, s.num_inference_steps, s.guidance_scale, s.scheduler,
                                             s.negative_prompt)
-        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
-        return self.pipeline(prompt=list(prompts), negative_prompt=[s.negative_prompt] * len(prompts),
-                             num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
-                             generator=generators, output_type="pil").images
+            generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+            return self.pipeline(prompt=list(prompts), negative_prompt=[s.negative_prompt] * len(prompts),
+                                 num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                                 generator=generators, output_type="pil").images
 
 
 def initial_sampler(config: str | Path, settings: SamplingSettings | None = None, device: str = "cpu") -> Sampler:
@@ -130,23 +132,46 @@ def load_base_pipeline(base: str, scheduler: str, device: str = "cpu"):
     return pipe.to(device)
 
 
-def load_pipeline_folder(folder: str, scheduler: str, device: str = "cpu"):
-    """An exported LLM4GenPipeline folder (export.py), with ``scheduler`` built from its own scheduler's config."""
+def load_pipeline_folder(folder: str, scheduler: str, device: str = "cpu", base: str | None = None,
+                         base_config: str | None = None):
+    """An exported LLM4GenPipeline folder (export.py), with ``scheduler`` built from its own scheduler's config; on
+    another ``base`` of its family when given (a folder or a single file read with ``base_config``'s configs)."""
+    pipe = load_pipeline_on_base(folder, base, base_config) if base else load_pipeline(folder)
+    return ready(pipe, scheduler, device)
+
+
+def ready(pipe, scheduler: str, device: str):
     import diffusers
 
-    pipe = load_pipeline(folder)  # LLM4GenPipeline or LLM4GenXLPipeline, as the folder says
     pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
+def check_another_base(base: str, base_config: str | None = None, checkpoint_model: dict | None = None,
+                       pipeline: str | None = None, adapter: str | None = None) -> None:
+    """``base`` checked against what the connector of a checkpoint (its ``model`` config), a pipeline folder or an
+    export folder was trained on, before any weights load (pipelines/bases.py); raises BaseMismatch."""
+    if pipeline:
+        check_export_base(pipeline, base, base_config)
+    elif checkpoint_model is not None:
+        check_model_base(checkpoint_model, base, base_config)
+    elif adapter:
+        if is_single_file(base):
+            raise ValueError(f"--adapter with a single-file --base {base!r}: export the run as a pipeline "
+                             f"(export.py) and give --pipeline with --base")
+        check_model_base(OmegaConf.to_container(OmegaConf.load(Path(adapter) / "model_config.yaml")), base,
+                         base_config, unet_moves=False)  # a trained UNet of the export is loaded over the base
+
+
 def describe(checkpoint: str | None = None, adapter: str | None = None, base: str | None = None,
              use_ema: bool = True, pipeline: str | None = None) -> dict:
     """What is sampled from, as recorded in the run's run.json."""
+    on_base = {"base": base} if base else {}
     if pipeline:
-        return {"kind": "pipeline", "pipeline": str(pipeline)}
+        return {"kind": "pipeline", "pipeline": str(pipeline), **on_base}
     if checkpoint:
-        return {"kind": "checkpoint", "checkpoint": str(checkpoint), "ema": use_ema}
+        return {"kind": "checkpoint", "checkpoint": str(checkpoint), "ema": use_ema, **on_base}
     if adapter:
         return {"kind": "adapter", "adapter": str(adapter), "base": base or "as exported"}
     return {"kind": "base", "base": base}
@@ -154,18 +179,26 @@ def describe(checkpoint: str | None = None, adapter: str | None = None, base: st
 
 def load_sampler(checkpoint: str | None = None, adapter: str | None = None, base: str | None = None,
                  settings: SamplingSettings | None = None, device: str = "cpu", use_ema: bool = True,
-                 pipeline: str | None = None) -> Sampler:
-    """Exactly one of: ``checkpoint``; ``pipeline`` (an exported pipeline folder); ``adapter`` (an export folder;
-    ``base`` optional); ``base`` alone. A pipeline is sampled as the base is: one CPU generator per prompt."""
+                 pipeline: str | None = None, base_config: str | None = None) -> Sampler:
+    """Exactly one of: ``checkpoint``; ``pipeline`` (an exported pipeline folder); ``adapter`` (an export folder);
+    ``base`` alone (the baseline). With one of the first three, ``base`` is another base of the connector's family
+    to sample on (checked first: :func:`check_another_base`); a single file reads ``base_config``'s configs.
+    A pipeline is sampled as the base is: one CPU generator per prompt."""
     settings = settings or SamplingSettings()
     if sum(bool(x) for x in (checkpoint, adapter, pipeline)) > 1:
         raise ValueError("give one of --checkpoint, --pipeline or --adapter")
     if pipeline:
-        return Sampler(describe(pipeline=pipeline), settings,
-                       pipeline=load_pipeline_folder(pipeline, settings.scheduler, device))
+        return Sampler(describe(pipeline=pipeline, base=base), settings,
+                       pipeline=load_pipeline_folder(pipeline, settings.scheduler, device, base, base_config))
     if checkpoint:
         module = load_checkpoint_module(checkpoint, device)
-        return Sampler(describe(checkpoint, use_ema=use_ema), settings, module=module, use_ema=use_ema)
+        if not base:
+            return Sampler(describe(checkpoint, use_ema=use_ema), settings, module=module, use_ema=use_ema)
+        check_model_base(as_plain(module.cfg), base, base_config)
+        pipe = pipeline_on_base(pipeline_from_module(module), base, base_config or module.cfg.base.pretrained,
+                                trained_name=module.cfg.base.pretrained)
+        return Sampler(describe(checkpoint, base=base, use_ema=use_ema), settings, module=module,
+                       pipeline=ready(pipe, settings.scheduler, device), use_ema=use_ema)
     if adapter:
         module = load_exported_module(adapter, base, device)
         return Sampler(describe(adapter=adapter, base=base), settings, module=module, use_ema=False)

@@ -13,8 +13,10 @@ Sampling casts explicitly at each module's door instead of running under autocas
 - **the latent trajectory stays in float32**: the UNet reads its inputs in its own dtype and hands back float32,
   so classifier-free guidance and the scheduler's update accumulate in float32 over all steps (a bf16
   trajectory rounds every latent at 2^-8 relative, 30 times over); the casts cost one copy of a latent per call;
-- **the same for every pipeline**: the hooks sit on the UNet and on the VAE's encoder and decoder, so diffusers'
-  own sampling loops (text-to-image, SDXL, img2img, inpainting) run unchanged.
+- **the same for every pipeline**: the hooks sit on the UNet, on the VAE's encoder and decoder and on a
+  ControlNet, so diffusers' own sampling loops (text-to-image, SDXL, img2img, inpainting, ControlNet,
+  T2I-Adapter, IP-Adapter) run unchanged: a T2I-Adapter's and an IP-Adapter's image encoder read their inputs
+  in their own dtype already (the pipelines cast them), and what they hand the UNet passes its door.
 
 A float32 model is untouched: every cast is then the identity and the images are bitwise those of before.
 The connector meets the UNet in two more places, each cast where it meets: its context is cast to the UNet's
@@ -83,12 +85,13 @@ def vae_doors(vae) -> list[torch.nn.Module]:
 
 
 @contextlib.contextmanager
-def sampling_dtypes(unet, vae=None, latents: torch.dtype = torch.float32):
+def sampling_dtypes(unet, vae=None, latents: torch.dtype = torch.float32, others=()):
     """While active, the UNet reads every floating input in its own dtype and returns ``latents``' dtype (float32),
-    and the VAE's encoder and decoder read theirs in the VAE's dtype. Install it innermost, after any hook that
-    puts tensors into the UNet's arguments, so that it sees what the UNet is finally given."""
+    and the VAE's encoder and decoder read theirs in the VAE's dtype, as does each of ``others`` (a ControlNet:
+    its residuals go to the UNet, whose door casts them). Install it innermost, after any hook that puts tensors
+    into the UNet's arguments, so that it sees what the UNet is finally given."""
     handles = reads_in_own_dtype(unet, returns=latents) if unet is not None else []
-    for door in vae_doors(vae) if vae is not None else []:
+    for door in [*(vae_doors(vae) if vae is not None else []), *others]:
         handles += reads_in_own_dtype(door)
     try:
         yield

@@ -12,7 +12,9 @@ UNet call at that call's timestep, for both halves of classifier-free guidance.
     pipe = LLM4GenPipeline.from_pretrained("runs/tiny/export/pipeline")
     image = pipe("a red circle and a blue square", generator=torch.Generator().manual_seed(0)).images[0]
 
-Build one from a training module with :func:`pipeline_from_module`.
+Build one from a training module with :func:`pipeline_from_module`. The same mixin sits in front of diffusers'
+ControlNet, T2I-Adapter, img2img and inpainting pipelines (pipelines/tools.py); another base of the family
+replaces the base's parts after a check of its shapes (pipelines/bases.py).
 """
 
 from __future__ import annotations
@@ -21,21 +23,36 @@ import contextlib
 import copy
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import diffusers
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from transformers import (
+    AutoTokenizer,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+    PreTrainedModel,
+)
 
 # diffusers loads a component only from a module already imported: every connector's module, here
-import llm4gen.adapters.connectors  # noqa: F401
+from llm4gen.adapters.connectors import CONNECTORS
 from llm4gen.adapters.cross_adapter import CrossAdapter
 from llm4gen.adapters.gated_fusion import GatedFusion
 from llm4gen.adapters.release import RELEASED_PROJECTOR, RELEASED_UNET
 from llm4gen.encoders.llm import LLMEncoder, LLMFeatures, common_length
 from llm4gen.encoders.sources import resolve_source
-from llm4gen.pipelines.dtypes import sampling_dtypes
+from llm4gen.pipelines.conditioning import (  # noqa: F401 (guided_context_mask: the training module's too)
+    context_conditioning,
+    guided_context_mask,
+    masks_padding,
+    processors_kept,
+    tool_parts,
+)
+from llm4gen.pipelines.dtypes import module_dtype, sampling_dtypes
 from llm4gen.pipelines.references import (
     FROZEN,
     DtypeRequest,
@@ -45,68 +62,6 @@ from llm4gen.pipelines.references import (
     saveable_llm,
     trained_dtypes,
 )
-
-
-def masks_padding(connector) -> bool:
-    """Whether LLM padding leaves the UNet's attention under this connector (its ``use_llm_mask``, saved with it)."""
-    return bool(getattr(connector.config, "use_llm_mask", False)) and connector.layout.has_word_positions
-
-
-def guided_context_mask(connector, clip: torch.Tensor, llm: LLMFeatures) -> torch.Tensor | None:
-    """(batch, context tokens) bool: the UNet's ``encoder_attention_mask`` for a context made of ``clip``
-    (batch, 77, dim) and ``llm``; None where nothing is masked."""
-    return connector.layout.context_mask(clip.shape[1], llm.mask) if masks_padding(connector) else None
-
-
-def needs_per_call_conditioning(connector) -> bool:
-    return connector.timestep_aware or masks_padding(connector)
-
-
-@contextlib.contextmanager
-def context_conditioning(unet, connector, connect, texts):
-    """While active, every call of ``unet`` is conditioned as training conditions it, for a batch of prompts or
-    ``[negative; prompts]`` (classifier-free guidance's doubled batch, in the order diffusers' Stable Diffusion
-    pipelines concatenate them):
-
-    - a timestep-aware connector (ELLA) gives the call its context, ``connect(clip_hidden, llm, timestep)`` at
-      the call's own timestep;
-    - a connector that masks LLM padding gives the call ``encoder_attention_mask`` (the pipelines pass the
-      context alone, and a zero key at a padded position would still score 0 in the softmax).
-
-    ``texts()`` gives ``(clip_hidden, llm, negative_clip_hidden, negative_llm)``, the two LLM halves padded to one
-    length, or None to leave the call as it is."""
-    if not needs_per_call_conditioning(connector):
-        yield
-        return
-
-    def hook(module, args, kwargs):
-        held = texts()
-        if held is None:
-            return args, kwargs
-        clip, llm, clip_negative, llm_negative = held
-        sample = args[0] if args else kwargs["sample"]
-        if sample.shape[0] == 2 * clip.shape[0]:
-            clip = torch.cat([clip_negative, clip])
-            llm = LLMFeatures(torch.cat([llm_negative.features, llm.features]), torch.cat([llm_negative.mask, llm.mask]))
-        elif sample.shape[0] != clip.shape[0]:
-            raise ValueError(f"the UNet was called on {sample.shape[0]} latents for {clip.shape[0]} prompts")
-        if connector.timestep_aware:
-            timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-            context = connect(clip, llm, timestep).to(module.dtype)
-            if len(args) > 2:
-                args = (*args[:2], context, *args[3:])
-            else:
-                kwargs["encoder_hidden_states"] = context
-        mask = guided_context_mask(connector, clip, llm)
-        if mask is not None:
-            kwargs["encoder_attention_mask"] = mask
-        return args, kwargs
-
-    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 SHIM_FILE = "pipeline"  # <folder>/pipeline.py: the class for DiffusionPipeline.from_pretrained(..., trust_remote_code=True)
@@ -134,6 +89,54 @@ class LLMConditioning:
 
     _guided_text = None  # (clip, llm, clip_negative, llm_negative) while a pipeline call runs
     _given_texts = None  # encodings to read the prompts from (texts_given)
+    connector_component = "adapter"  # the T2I-Adapter pipelines name theirs "adapter": there the connector is "connector"
+
+    def connector_model(self):
+        """The trained connector (``adapter``, or ``connector`` beside a T2I-Adapter)."""
+        return getattr(self, self.connector_component)
+
+    def register_llm(self, llm, llm_tokenizer, connector, fusion: Optional[GatedFusion], **reading_rules) -> None:
+        """What every LLM4Gen pipeline's ``__init__`` adds to its parent's: the LLM, its tokenizer, the connector,
+        the gated fusion (installed in the UNet) and the LLM's reading rules (config)."""
+        self.register_modules(llm=llm, llm_tokenizer=llm_tokenizer, fusion=fusion,
+                              **{self.connector_component: connector})
+        install_fusion(fusion, self.unet)
+        self.register_to_config(**reading_rules)
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """diffusers' ``from_pipe`` (``LLM4GenControlNetPipeline.from_pipe(pipe, controlnet=...)``): the same
+        components, shared; each keeps the dtype it has (diffusers' own casts every part to one dtype, float32
+        unless ``torch_dtype`` is given: a bf16 UNet beside an fp32 VAE would not stay so)."""
+        if isinstance(pipeline, LLMConditioning):
+            kwargs.setdefault(cls.connector_component, pipeline.connector_model())
+        if {"dtype", "torch_dtype"} & set(kwargs):
+            return super().from_pipe(pipeline, **kwargs)
+        kept = {id(part): module_dtype(part) for part in tool_parts({**pipeline.components, **kwargs}.values())}
+        verbosity = diffusers.utils.logging.get_verbosity()
+        diffusers.utils.logging.set_verbosity_error()  # its cast's notice on every model: undone right below
+        try:
+            made = super().from_pipe(pipeline, **kwargs)
+        finally:
+            diffusers.utils.logging.set_verbosity(verbosity)
+        for part in tool_parts(made.components.values()):
+            if id(part) in kept:
+                torch.nn.Module.to(part, kept[id(part)])
+        return made
+
+    def load_ip_adapter(self, *args, **kwargs):
+        """diffusers' ``load_ip_adapter``; under a gated fusion, each cross-attention layer then runs one processor
+        doing both (adapters/gated_fusion.py ``GatedIPAdapterProcessor``), not IP-Adapter's alone."""
+        super().load_ip_adapter(*args, **kwargs)
+        install_fusion(self.fusion, self.unet)
+
+    def unload_ip_adapter(self):
+        super().unload_ip_adapter()  # every cross-attention layer back to diffusers' default processor
+        install_fusion(self.fusion, self.unet)
+
+    def text_readers(self) -> list:
+        """The models besides the UNet that read the context (a pipeline's ControlNets)."""
+        return []
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -174,8 +177,9 @@ class LLMConditioning:
         return self.llm_reader()(prompts, device)
 
     def connect(self, clip_hidden: torch.Tensor, llm: LLMFeatures, timestep=None) -> torch.Tensor:
-        dtype = next(self.adapter.parameters()).dtype
-        return self.adapter(clip_hidden.to(dtype), llm.features.to(dtype), llm.mask, timestep=timestep)
+        connector = self.connector_model()
+        dtype = next(connector.parameters()).dtype
+        return connector(clip_hidden.to(dtype), llm.features.to(dtype), llm.mask, timestep=timestep)
 
     def connector_context(self, clip, clip_negative, llm: LLMFeatures, llm_negative: LLMFeatures,
                           num_images_per_prompt: int, guided: bool):
@@ -183,7 +187,7 @@ class LLMConditioning:
         and LLM features, each repeated ``num_images_per_prompt`` times; kept for the per-step calls (padding
         masks, ELLA's timestep). Every LLM4GEN image is sampled through here: a pipeline's own prompts, and a
         training module's texts (:meth:`texts_given`)."""
-        if masks_padding(self.adapter):  # padding leaves the context: each half cut to its longest, then one length
+        if masks_padding(self.connector_model()):  # padding leaves the context: each half cut to its longest, then one length
             llm, llm_negative = llm.trimmed(), llm_negative.trimmed()
         llm, llm_negative = common_length(llm, llm_negative)
 
@@ -193,7 +197,7 @@ class LLMConditioning:
         clip, clip_negative = repeat(clip), repeat(clip_negative)
         llm = LLMFeatures(repeat(llm.features), repeat(llm.mask))
         llm_negative = LLMFeatures(repeat(llm_negative.features), repeat(llm_negative.mask))
-        first = self.scheduler.config.num_train_timesteps - 1 if self.adapter.timestep_aware else None
+        first = self.scheduler.config.num_train_timesteps - 1 if self.connector_model().timestep_aware else None
         self._guided_text = (clip, llm, clip_negative, llm_negative)
         # float32: the latents take the context's dtype and stay float32; the UNet reads it in its own (dtypes.py)
         context = self.connect(clip, llm, first).float()
@@ -230,42 +234,30 @@ class LLMConditioning:
         return prompts, negatives
 
     def per_step_context(self):
-        """While active, every UNet call gets the padding mask of its context and, from a timestep-aware connector,
-        its context at that call's timestep (from the texts ``encode_prompt`` kept; none kept: the call is left
-        as it is, e.g. for ``prompt_embeds`` given by the caller)."""
-        return context_conditioning(self.unet, self.adapter, self.connect, lambda: self._guided_text)
+        """While active, every call of the UNet (and of a ControlNet) gets the padding mask of its context and, from
+        a timestep-aware connector, its context at that call's timestep (from the texts ``encode_prompt`` kept; none
+        kept: the call is left as it is, e.g. for ``prompt_embeds`` given by the caller); a gated fusion's layers
+        sit in the ControlNets' cross-attention too (pipelines/conditioning.py)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(context_conditioning(self.unet, self.connector_model(), self.connect,
+                                                 lambda: self._guided_text, self.text_readers()))
+        for reader in self.text_readers() if self.fusion is not None else ():
+            stack.enter_context(processors_kept(reader))
+            self.fusion.install_in_controlnet(reader)
+        return stack
 
     @torch.no_grad()
     def __call__(self, *args, **kwargs):
         try:  # the dtype casts innermost: they see the context the per-step hook hands the UNet
-            with self.per_step_context(), sampling_dtypes(self.unet, self.vae):
+            with self.per_step_context(), sampling_dtypes(self.unet, self.vae, others=self.text_readers()):
                 return super().__call__(*args, **kwargs)
         finally:
             self._guided_text = None
 
 
-class LLM4GenPipeline(LLMConditioning, StableDiffusionPipeline):
-    model_cpu_offload_seq = "llm->text_encoder->adapter->unet->vae"
-    # the frozen parts may be saved by reference (``frozen_sources``): null in model_index.json, loaded from there
-    _optional_components = [*StableDiffusionPipeline._optional_components, *FROZEN, "fusion"]
-
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, llm, llm_tokenizer, adapter,
-                 safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker: bool = False,
-                 llm_max_length: int = 32, llm_prefix: str = "", llm_layer: Any = -1, llm_layer_norm: str = "auto",
-                 llm_zero_padding: bool = True, llm_kind: str = "encoder", frozen_sources: Optional[dict] = None,
-                 fusion: Optional[GatedFusion] = None, trained_dtypes: Optional[dict] = None):
-        frozen = resolve_frozen(dict(vae=vae, text_encoder=text_encoder, unet=unet, llm=llm), frozen_sources)
-        vae, text_encoder, unet, llm = (frozen[k] for k in ("vae", "text_encoder", "unet", "llm"))
-        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                         safety_checker=safety_checker, feature_extractor=feature_extractor, image_encoder=image_encoder,
-                         requires_safety_checker=requires_safety_checker)
-        self.register_modules(llm=llm, llm_tokenizer=llm_tokenizer, adapter=adapter, fusion=fusion)
-        install_fusion(fusion, unet)
-        self.register_to_config(llm_max_length=llm_max_length, llm_prefix=llm_prefix, llm_layer=llm_layer,
-                                llm_layer_norm=llm_layer_norm, llm_zero_padding=llm_zero_padding, llm_kind=llm_kind,
-                                frozen_sources=frozen_sources, trained_dtypes=trained_dtypes)
-
-    # ---- StableDiffusionPipeline's hook: the context the UNet reads
+class SDPrompts(LLMConditioning):
+    """Stable Diffusion 1.5's ``encode_prompt`` (one signature across diffusers' SD1.5 pipelines: text-to-image,
+    img2img, inpainting, ControlNet, T2I-Adapter) giving the connector's context."""
 
     def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None,
                       prompt_embeds: Optional[torch.Tensor] = None, negative_prompt_embeds: Optional[torch.Tensor] = None,
@@ -277,10 +269,67 @@ class LLM4GenPipeline(LLMConditioning, StableDiffusionPipeline):
                                          negative_prompt, prompt_embeds, negative_prompt_embeds, lora_scale, clip_skip)
         prompts, negatives = self.prompt_lists(prompt, negative_prompt)
         clip, clip_negative, llm, llm_negative, *_ = self.prompt_texts(
-            prompts, negatives, device, lambda: super(LLM4GenPipeline, self).encode_prompt(
+            prompts, negatives, device, lambda: super(SDPrompts, self).encode_prompt(
                 prompts, device, 1, True, negatives, lora_scale=lora_scale, clip_skip=clip_skip))  # (batch, 77, clip_dim)
         return self.connector_context(clip, clip_negative, llm, llm_negative, num_images_per_prompt,
                                       do_classifier_free_guidance)
+
+
+class XLPrompts(LLMConditioning):
+    """SDXL's ``encode_prompt`` (one signature across diffusers' SDXL pipelines): both CLIP encoders'
+    penultimate states through the connector; the pooled embedding stays SDXL's own. The negative prompt goes
+    through the connector like the prompt (never zeros), as in training's caption dropout."""
+
+    def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt: int = 1,
+                      do_classifier_free_guidance: bool = True, negative_prompt=None, negative_prompt_2=None,
+                      prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
+                      negative_pooled_prompt_embeds=None, lora_scale=None, clip_skip=None):
+        """(context, negative context, pooled, negative pooled); given ``prompt_embeds`` are used as they are."""
+        if prompt_embeds is not None:
+            return super().encode_prompt(prompt, prompt_2, device, num_images_per_prompt, do_classifier_free_guidance,
+                                         negative_prompt, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
+                                         pooled_prompt_embeds, negative_pooled_prompt_embeds, lora_scale, clip_skip)
+        prompts, negatives = self.prompt_lists(prompt, negative_prompt)
+        clip, clip_negative, llm, llm_negative, pooled, pooled_negative = self.prompt_texts(
+            prompts, negatives, device, lambda: super(XLPrompts, self).encode_prompt(
+                prompts, None, device, 1, True, negatives, None, lora_scale=lora_scale, clip_skip=clip_skip))
+        context, negative = self.connector_context(clip, clip_negative, llm, llm_negative, num_images_per_prompt,
+                                                   do_classifier_free_guidance)
+        pooled = pooled.repeat_interleave(num_images_per_prompt, dim=0)
+        pooled_negative = pooled_negative.repeat_interleave(num_images_per_prompt, dim=0)
+        return context, negative, pooled, pooled_negative
+
+
+# The components' types, as diffusers' from_pipe reads them off __init__ (a model is handed over only where its
+# type is among its parameter's annotation).
+Connector = Union[tuple(CONNECTORS.values())]
+READING_RULES = ("llm_max_length", "llm_prefix", "llm_layer", "llm_layer_norm", "llm_zero_padding", "llm_kind",
+                 "frozen_sources", "trained_dtypes")
+
+
+def reading_rules(arguments: dict) -> dict:
+    """The LLM's reading rules among an ``__init__``'s arguments (its ``locals()``)."""
+    return {name: arguments[name] for name in READING_RULES}
+
+
+class LLM4GenPipeline(SDPrompts, StableDiffusionPipeline):
+    model_cpu_offload_seq = "llm->text_encoder->adapter->unet->vae"
+    # the frozen parts may be saved by reference (``frozen_sources``): null in model_index.json, loaded from there
+    _optional_components = [*StableDiffusionPipeline._optional_components, *FROZEN, "fusion"]
+
+    def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                 unet: UNet2DConditionModel, scheduler: KarrasDiffusionSchedulers, llm: PreTrainedModel, llm_tokenizer,
+                 adapter: Connector, safety_checker=None, feature_extractor=None,
+                 image_encoder: Optional[CLIPVisionModelWithProjection] = None, requires_safety_checker: bool = False,
+                 llm_max_length: int = 32, llm_prefix: str = "", llm_layer: Any = -1, llm_layer_norm: str = "auto",
+                 llm_zero_padding: bool = True, llm_kind: str = "encoder", frozen_sources: Optional[dict] = None,
+                 fusion: Optional[GatedFusion] = None, trained_dtypes: Optional[dict] = None):
+        frozen = resolve_frozen(dict(vae=vae, text_encoder=text_encoder, unet=unet, llm=llm), frozen_sources)
+        super().__init__(vae=frozen["vae"], text_encoder=frozen["text_encoder"], tokenizer=tokenizer,
+                         unet=frozen["unet"], scheduler=scheduler, safety_checker=safety_checker,
+                         feature_extractor=feature_extractor, image_encoder=image_encoder,
+                         requires_safety_checker=requires_safety_checker)
+        self.register_llm(frozen["llm"], llm_tokenizer, adapter, fusion, **reading_rules(locals()))
 
     @classmethod
     def from_release(cls, folder, base: str, llm: str, llm_tokenizer: Optional[str] = None, llm_max_length: int = 256,
@@ -312,51 +361,30 @@ class LLM4GenPipeline(LLMConditioning, StableDiffusionPipeline):
                    llm_zero_padding=llm_zero_padding, llm_kind="encoder-decoder")
 
 
-class LLM4GenXLPipeline(LLMConditioning, StableDiffusionXLPipeline):
+
+class LLM4GenXLPipeline(XLPrompts, StableDiffusionXLPipeline):
     """``LLM4GenPipeline`` for SDXL: both CLIP encoders' penultimate states through the connector; the pooled
-    embedding and the size/crop ids stay SDXL's own. The negative prompt goes through the connector like the
-    prompt (never zeros), as in training's caption dropout."""
+    embedding and the size/crop ids stay SDXL's own."""
 
     model_cpu_offload_seq = "llm->text_encoder->text_encoder_2->adapter->unet->vae"
     _optional_components = [*StableDiffusionXLPipeline._optional_components, *FROZEN, "text_encoder_2", "fusion"]
 
-    def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, llm, llm_tokenizer,
-                 adapter, image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt: bool = False,
-                 add_watermarker: Optional[bool] = False, llm_max_length: int = 32, llm_prefix: str = "",
-                 llm_layer: Any = -1, llm_layer_norm: str = "auto", llm_zero_padding: bool = True,
-                 llm_kind: str = "encoder", frozen_sources: Optional[dict] = None, fusion: Optional[GatedFusion] = None,
-                 trained_dtypes: Optional[dict] = None):
-        names = ("vae", "text_encoder", "text_encoder_2", "unet", "llm")
-        frozen = resolve_frozen(dict(zip(names, (vae, text_encoder, text_encoder_2, unet, llm))), frozen_sources)
-        vae, text_encoder, text_encoder_2, unet, llm = (frozen[k] for k in names)
-        super().__init__(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                         tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, image_encoder=image_encoder,
+    def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModelWithProjection,
+                 tokenizer: CLIPTokenizer, tokenizer_2: CLIPTokenizer, unet: UNet2DConditionModel,
+                 scheduler: KarrasDiffusionSchedulers, llm: PreTrainedModel, llm_tokenizer, adapter: Connector,
+                 image_encoder: Optional[CLIPVisionModelWithProjection] = None, feature_extractor=None,
+                 force_zeros_for_empty_prompt: bool = False, add_watermarker: Optional[bool] = False,
+                 llm_max_length: int = 32, llm_prefix: str = "", llm_layer: Any = -1, llm_layer_norm: str = "auto",
+                 llm_zero_padding: bool = True, llm_kind: str = "encoder", frozen_sources: Optional[dict] = None,
+                 fusion: Optional[GatedFusion] = None, trained_dtypes: Optional[dict] = None):
+        frozen = resolve_frozen(dict(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, unet=unet,
+                                     llm=llm), frozen_sources)
+        super().__init__(vae=frozen["vae"], text_encoder=frozen["text_encoder"],
+                         text_encoder_2=frozen["text_encoder_2"], tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                         unet=frozen["unet"], scheduler=scheduler, image_encoder=image_encoder,
                          feature_extractor=feature_extractor, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
                          add_watermarker=add_watermarker)
-        self.register_modules(llm=llm, llm_tokenizer=llm_tokenizer, adapter=adapter, fusion=fusion)
-        install_fusion(fusion, unet)
-        self.register_to_config(llm_max_length=llm_max_length, llm_prefix=llm_prefix, llm_layer=llm_layer,
-                                llm_layer_norm=llm_layer_norm, llm_zero_padding=llm_zero_padding, llm_kind=llm_kind,
-                                frozen_sources=frozen_sources, trained_dtypes=trained_dtypes)
-
-    def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt: int = 1,
-                      do_classifier_free_guidance: bool = True, negative_prompt=None, negative_prompt_2=None,
-                      prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
-                      negative_pooled_prompt_embeds=None, lora_scale=None, clip_skip=None):
-        """(context, negative context, pooled, negative pooled); given ``prompt_embeds`` are used as they are."""
-        if prompt_embeds is not None:
-            return super().encode_prompt(prompt, prompt_2, device, num_images_per_prompt, do_classifier_free_guidance,
-                                         negative_prompt, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
-                                         pooled_prompt_embeds, negative_pooled_prompt_embeds, lora_scale, clip_skip)
-        prompts, negatives = self.prompt_lists(prompt, negative_prompt)
-        clip, clip_negative, llm, llm_negative, pooled, pooled_negative = self.prompt_texts(
-            prompts, negatives, device, lambda: super(LLM4GenXLPipeline, self).encode_prompt(
-                prompts, None, device, 1, True, negatives, None, lora_scale=lora_scale, clip_skip=clip_skip))
-        context, negative = self.connector_context(clip, clip_negative, llm, llm_negative, num_images_per_prompt,
-                                                   do_classifier_free_guidance)
-        pooled = pooled.repeat_interleave(num_images_per_prompt, dim=0)
-        pooled_negative = pooled_negative.repeat_interleave(num_images_per_prompt, dim=0)
-        return context, negative, pooled, pooled_negative
+        self.register_llm(frozen["llm"], llm_tokenizer, adapter, fusion, **reading_rules(locals()))
 
 
 def pipeline_from_module(module, scheduler: str = "DDIMScheduler", for_saving: bool = True):

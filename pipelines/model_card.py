@@ -33,8 +33,10 @@ def run_scores(run_dir: Optional[Path]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def model_card(model: dict, steps: Optional[int], scores: dict[str, float], references: dict[str, str]) -> str:
-    """The card's text for a run's resolved ``model`` config section."""
+def model_card(model: dict, steps: Optional[int], scores: dict[str, float], references: dict[str, str],
+               bases: Optional[list[tuple[str, str]]] = None) -> str:
+    """The card's text for a run's resolved ``model`` config section; ``bases``: (base, how it was checked) of each
+    base the connector was checked with (default: the one it trained on)."""
     meta = card_metadata(model)
     kind = model["adapter"].get("kind", "cam")
     llm = model["llm"]
@@ -49,6 +51,12 @@ def model_card(model: dict, steps: Optional[int], scores: dict[str, float], refe
              f"- entity-guided loss weight: {model['objective']['lambda_entity']}"]
     if references:
         lines += ["- frozen parts not copied, loaded from: " + ", ".join(f"`{k}` = `{v}`" for k, v in references.items())]
+    bases = bases or [(meta["base_model"], "trained on")]
+    lines += ["", "## Bases checked with", "",
+              "A connector conditions any base of its family whose shapes are those it trained on "
+              "(llm4gen.pipelines.bases: `load_pipeline_on_base(folder, base)`, `generate.py --pipeline folder "
+              "--base ...`); a base of another shape is refused before its weights load.", "",
+              "| base | checked |", "|---|---|", *[f"| `{name}` | {how} |" for name, how in bases]]
     if scores:
         lines += ["", "## Scores of the run", "", "| metric | value |", "|---|---|",
                   *[f"| {k} | {v:.4g} |" for k, v in sorted(scores.items())]]

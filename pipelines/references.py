@@ -20,6 +20,7 @@ import torch
 
 from llm4gen.encoders.llm import load_llm_config, load_llm_model
 from llm4gen.encoders.sources import TORCH_DTYPES, resolve_source
+from llm4gen.pipelines.single_file import load_single_file_base
 
 FROZEN = ("vae", "text_encoder", "unet", "llm")  # the big frozen parts an export may name instead of copying
 DtypeRequest = Union[torch.dtype, dict, None]  # diffusers' ``dtype=``: one dtype, or {component: dtype, "default": ...}
@@ -47,10 +48,17 @@ def component_dtype(request: DtypeRequest, name: str) -> torch.dtype:
     return TORCH_DTYPES[chosen] if isinstance(chosen, str) else chosen
 
 
-def load_reference(name: str, reference: dict, dtype: torch.dtype = torch.float32):
+def load_reference(name: str, reference: dict, dtype: torch.dtype = torch.float32, single_files: dict | None = None):
     """The frozen component ``name`` from its reference, in ``dtype``; ``embedded:`` sources resolve on any machine
-    with llm4gen; the LLM goes through llm4gen's strict loader (RankGen's layout included)."""
+    with llm4gen; the LLM goes through llm4gen's strict loader (RankGen's layout included); a single-file base
+    (``config``: the local diffusers folder of its family) loads once per file into ``single_files``."""
     source = resolve_source(reference["source"])
+    if reference.get("config"):
+        single_files = {} if single_files is None else single_files
+        if source not in single_files:
+            single_files[source] = load_single_file_base(source, resolve_source(reference["config"]),
+                                                         reference["family"])
+        return torch.nn.Module.to(getattr(single_files[source], name), dtype)
     if reference["library"] == "llm4gen":  # the LLM, read as training read it
         config = load_llm_config(source, None, False)
         return saveable_llm(load_llm_model(source, config, reference.get("kind", "encoder"), dtype))
@@ -66,9 +74,11 @@ def load_reference(name: str, reference: dict, dtype: torch.dtype = torch.float3
 def resolve_frozen(components: dict, frozen_sources: Optional[dict]) -> dict:
     """``components`` with each one that is None and named in ``frozen_sources`` loaded from its reference, in the
     dtype the running ``from_pretrained`` was asked for."""
+    single_files = {}
     for name, reference in (frozen_sources or {}).items():
         if components.get(name) is None:
-            components[name] = load_reference(name, reference, component_dtype(_requested_dtype.get(), name))
+            components[name] = load_reference(name, reference, component_dtype(_requested_dtype.get(), name),
+                                              single_files)
     return components
 
 

@@ -415,6 +415,9 @@ COVERAGE = [
           "at toy scale, and tests/embedded/test_shapes_base.py checks the shipped result"),
     Entry(r"python evaluate\.py (--base|--checkpoint) \S+ .*", dry_run, "dry-run",
           "needs SD1.5 and BLIP/CLIP/Inception weights and the benchmark's data; tests/evaluation/test_evaluate.py runs the same paths on tiny models"),
+    Entry(r"python (generate|evaluate|export)\.py (--pipeline|--checkpoint) runs/\S+ --base /models/.*", dry_run,
+          "dry-run", "needs a community SD1.5 checkpoint; tests/pipelines/test_bases.py runs the same paths on the tiny "
+          "bases, one written as a single file in the original layout"),
     Entry(r"python evaluate\.py compare .*", dry_run, "dry-run",
           "compares two finished paper-scale evaluations; tests/evaluation/test_evaluate.py runs compare on two tiny runs"),
     Entry(r"pip install torch-fidelity", optional_package_named_in_errors, "dry-run",

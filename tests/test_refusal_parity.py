@@ -110,6 +110,9 @@ INVENTORY = {
     "adapters/gated_fusion.py::GatedFusion.__init__": Needs("the built UNet's cross-attention modules"),
     "adapters/gated_fusion.py::GatedFusion.install": Needs("the built UNet's module names against the fusion's"),
     "adapters/gated_fusion.py::GatedFusionProcessor.__call__": Needs("an attention call's inputs"),
+    "adapters/gated_fusion.py::GatedFusion.install_in_controlnet": Needs("a ControlNet's module names and widths"),
+    "adapters/gated_fusion.py::GatedIPAdapterProcessor.__call__": Needs("an attention call's inputs and the "
+                                                                        "IP-Adapters loaded"),
     "adapters/layout.py::check_widths": Needs("the features' widths at a forward call"),
     "adapters/release.py::release_overrides": Command("generate.py and evaluate.py --release: the folder given"),
     "encoders/llm.py::LLMFeatures.padded_to": BATCH,
