@@ -6,8 +6,8 @@ any LLM4Gen pipeline), for SD1.5 and SDXL, each tool built from published config
     plain LLM4Gen pipeline's latents bitwise (a scale of 0 adds exact zeros);
 (b) switched on, its images differ from the plain pipeline's and from the tool's over the base alone;
 (c) a prompt sampled beside a much longer one, with other values at its padded positions, gives its image alone:
-    padding reaches no attention, the ControlNet's and CFG's unconditional half included (1e-5: a longer key axis
-    of exact zeros and another batch size sum in another order);
+    padding reaches no attention, the ControlNet's and CFG's unconditional half included (tests/helpers/tolerances.py
+    IMAGES: a longer key axis of exact zeros and another batch size sum in another order);
 (d) a gated fusion with its gates closed, with the tool, samples the base with the tool, bitwise.
 """
 
@@ -23,6 +23,7 @@ from llm4gen.pipelines.conditioning import cross_attentions
 from llm4gen.pipelines.tools import ControlNetReaders, LLM4GenControlNetPipeline
 from tests.helpers.modules import make_module
 from tests.helpers.tool_checks import LONGER, PROMPT, TOOLS, sample
+from tests.helpers.tolerances import IMAGES
 from tests.helpers.tool_parts import control_image, tiny_controlnet
 
 SWITCHABLE = [name for name, tool in TOOLS.items() if tool.switchable]
@@ -98,7 +99,9 @@ def test_a_prompt_beside_a_much_longer_one_samples_its_image_alone(cam, name, tm
             beside = sample(tool.llm4gen, [PROMPT, LONGER], tool)
         finally:
             tool.llm4gen.register_to_config(llm_zero_padding=True)
-    np.testing.assert_allclose(beside[0], alone[0], atol=1e-5, rtol=0)
+    # rounding apart (IMAGES, 5e-5: a longer key axis of exact zeros and another batch size sum in another order);
+    # padding let into an attention moves the images by 0.3 and more
+    np.testing.assert_allclose(beside[0], alone[0], **IMAGES.close)
 
 
 @pytest.mark.parametrize("name", list(TOOLS))
