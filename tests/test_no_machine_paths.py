@@ -24,7 +24,7 @@ FOREIGN = {"evaluation/evaluate_images.py": "GenEval's own evaluation script (dj
 PACKAGES = ("adapters", "configs", "datamodules", "encoders", "lightning_modules", "losses", "launch", "embedded",
             "evaluation", "shapes", "tools", "experiments", "cli", "pipelines")
 REPO_PATH = re.compile(r"(?<![\w/.-])((?:%s|bench|tests)/[\w/]+\.py)\b" % "|".join(PACKAGES))
-MODULE_NAME = re.compile(r"(?<![/\w])llm4gen((?:\.[a-z_]\w*)+)")
+MODULE_NAME = re.compile(r"(?<![/\w.])llm4gen((?:\.[a-z_]\w*)+)")
 
 
 def is_module(parts: list[str]) -> bool:
